@@ -1,0 +1,13 @@
+"""vlmkit: build, train, evaluate and serve vision-language models from composable parts."""
+
+__version__ = "0.1.0"
+
+
+def load(path, device="cpu"):
+    """Load a checkpoint folder and return a :class:`vlmkit.pipeline.Pipeline`."""
+    from vlmkit.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(path, device=device)
+
+
+__all__ = ["load", "__version__"]

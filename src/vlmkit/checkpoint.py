@@ -1,0 +1,68 @@
+"""Checkpoint folders: config.json + model.safetensors + tokenizer.json + processor.json.
+
+Folders are written atomically (a temporary sibling renamed into place), so a crash mid-write never leaves
+a folder that looks complete. Only safetensors are read: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_model, save_model
+
+from vlmkit import __version__
+from vlmkit.config import ModelConfig, from_dict, to_dict
+from vlmkit.errors import CheckpointError
+from vlmkit.models import build_model
+from vlmkit.processing import Processor
+from vlmkit.utils import atomic_write_json
+
+REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "processor.json")
+
+
+def write_model_files(folder: Path, model, cfg: ModelConfig, processor: Processor, extra: dict | None = None):
+    """Write the model part of a checkpoint into an existing (temporary) folder."""
+    meta = {"format": "vlmkit", "vlmkit_version": __version__, "model": to_dict(cfg)}
+    meta.update(extra or {})
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    processor.save(folder)
+    atomic_write_json(folder / "config.json", meta)
+
+
+def check_folder(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete vlmkit checkpoint: missing {', '.join(missing)} "
+                              f"(a checkpoint folder holds {', '.join(REQUIRED)})")
+    return path
+
+
+def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
+    path = check_folder(path)
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    if "model" not in meta:
+        raise CheckpointError(f"{path / 'config.json'} has no 'model' section; is this a vlmkit checkpoint?")
+    return from_dict(ModelConfig, meta["model"], "config.json:model"), meta
+
+
+def load_checkpoint(path: str | Path, device="cpu"):
+    """Return (model in eval mode, processor, model config, metadata) from a checkpoint folder."""
+    cfg, meta = read_config(path)
+    path = Path(path)
+    processor = Processor.from_pretrained(path)
+    model = build_model(cfg, processor.image_token_id, init=False)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path / 'model.safetensors'} does not match config.json: missing "
+                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return model.to(device).eval(), processor, cfg, meta
+
+
+__all__ = ["write_model_files", "load_checkpoint", "read_config", "check_folder", "REQUIRED"]

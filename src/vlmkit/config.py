@@ -1,0 +1,209 @@
+"""Typed configuration dataclasses: the single source of truth for models and processors.
+
+YAML recipes and ``--set a.b=c`` are override layers applied with :func:`apply_overrides`; the resolved
+config is saved as JSON next to the weights and read back with :func:`from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from vlmkit.errors import ConfigError
+
+
+@dataclass
+class VisionConfig:
+    """A ViT image encoder (CLIP-ViT, SigLIP-ViT and from-scratch variants)."""
+
+    image_size: tuple[int, int] = (224, 224)  # (height, width)
+    patch_size: int = 16
+    channels: int = 3
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "gelu"  # gelu | gelu_tanh | quick_gelu | silu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    class_token: bool = False
+    pos_embed: str = "learned"  # learned | rope2d
+    rope_theta: float = 10000.0
+    pre_norm: bool = False  # CLIP's "pre_layrnorm" on the embeddings
+    post_norm: bool = True  # apply the final norm to the selected features
+    patch_bias: bool = True
+    qkv_bias: bool = True
+    feature_layer: int = -1  # index into hidden states (0 = embeddings); -2 = penultimate layer, as LLaVA
+    drop_class_token: bool = True
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+
+@dataclass
+class ConnectorConfig:
+    """Maps vision features [B, N, D_vision] to LM embeddings [B, M, D_lm]."""
+
+    kind: str = "mlp"  # linear | mlp | pixel_shuffle
+    scale_factor: int = 2  # pixel_shuffle only: M = N / scale_factor**2
+    layers: int = 2  # pixel_shuffle: 1 = linear (Idefics3), 2 = MLP
+    act: str = "gelu"
+    bias: bool = True
+
+
+@dataclass
+class LanguageConfig:
+    """A decoder-only transformer of the Llama / Qwen2 / SmolLM / Mistral family."""
+
+    vocab_size: int = 32000
+    width: int = 4096
+    depth: int = 32
+    heads: int = 32
+    kv_heads: int = 32
+    head_dim: int | None = None
+    mlp_dim: int = 11008
+    act: str = "silu"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """A vision-language model: encoder -> connector -> splice into the LM."""
+
+    family: str = "llava"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    lm: LanguageConfig = field(default_factory=LanguageConfig)
+    image_token: str = "<image>"
+
+
+@dataclass
+class ProcessorConfig:
+    """Image transform, placeholder and chat-template settings shared by train, eval and serve."""
+
+    image_size: tuple[int, int] = (224, 224)  # (height, width)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resample: str = "bicubic"  # nearest | bilinear | bicubic | lanczos
+    image_token: str = "<image>"
+    image_seq_len: int = 0  # tokens per image after the connector; filled in from the model
+    chat_template: str = "vlmkit"
+    max_length: int = 512
+
+
+# ----------------------------------------------------------------------------------------- dict <-> dataclass
+
+
+def to_dict(obj) -> dict:
+    """Dataclass -> plain JSON-able dict (tuples become lists)."""
+    return dataclasses.asdict(obj)
+
+
+def _type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0], where) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str | None = None):
+    """Build dataclass ``cls`` from a (nested) dict, refusing unknown keys by name."""
+    where = where or cls.__name__
+    hints = _type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]}. Valid keys of {where}: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_value(text: str):
+    """Parse a ``--set`` value the way YAML would (numbers, booleans, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(obj, overrides: dict[str, Any], root: str = ""):
+    """Return a copy of dataclass ``obj`` with dotted-key overrides applied, e.g. ``{"train.lr": 1e-3}``."""
+    obj = dataclasses.replace(obj)
+    for key, value in overrides.items():
+        obj = _set_path(obj, key.split("."), value, key, root)
+    return obj
+
+
+def _set_path(obj, parts: list[str], value, full_key: str, root: str):
+    hints = _type_hints(type(obj))
+    name = parts[0]
+    if name not in hints:
+        prefix = full_key[: len(full_key) - len(".".join(parts))].rstrip(".")
+        valid = ", ".join(sorted(f.name for f in dataclasses.fields(obj)))
+        where = ".".join(p for p in (root, prefix) if p) or "the top level"
+        raise ConfigError(f"unknown --set key {full_key!r}: no field {name!r} under {where}. Valid: {valid}")
+    current = getattr(obj, name)
+    if len(parts) > 1:
+        if dataclasses.is_dataclass(current):
+            new = _set_path(dataclasses.replace(current), parts[1:], value, full_key, root)
+        elif isinstance(current, dict):
+            new = dict(current)
+            new[".".join(parts[1:])] = value
+        else:
+            raise ConfigError(f"--set {full_key}: {name!r} is a {type(current).__name__}, not a section")
+    else:
+        new = _coerce(value, hints[name], f"--set {full_key}")
+    return dataclasses.replace(obj, **{name: new})

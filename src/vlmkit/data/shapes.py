@@ -1,0 +1,659 @@
+"""ShapesWorld: a deterministic generator of synthetic visual-QA scenes, vlmkit's built-in dataset.
+
+No dataset can be downloaded on the machines vlmkit is developed on, so every recipe is proven on these
+rendered scenes of coloured shapes. The generator is written by hand (PIL + stdlib) because the data must be
+*clean*: every question has exactly one correct answer that is clearly visible in the image, every
+referring expression ("the red circle") names exactly one object, and yes/no answers are balanced.
+
+Output formats are the ones real datasets use, so real data plugs in unchanged:
+LLaVA conversation JSON (one record per question), COCO captions, image-caption CSV, and a scene file with
+COCO-style boxes. Same arguments give byte-identical files: every image has its own ``random.Random``
+seeded from (seed, index), JSON keys keep insertion order and PNGs carry no metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from vlmkit.errors import ConfigError, DataError
+from vlmkit.utils import atomic_directory, atomic_write_json
+
+GENERATOR = "vlmkit.data.shapes"
+GENERATOR_VERSION = 1  # bump whenever the same arguments would give different files
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 30),
+}
+# Every object colour is >= 100 RGB units (Euclidean) away from every background.
+BACKGROUNDS = {
+    "white": (255, 255, 255),
+    "light gray": (190, 190, 190),
+    "dark gray": (60, 60, 60),
+    "black": (0, 0, 0),
+}
+SIZES = {"small": 0.09, "large": 0.15}  # radius as a fraction of min(width, height)
+QUESTION_TYPES = ("color", "shape", "count", "exist", "position", "relation")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+SPLITS = ("train", "val", "test")
+
+MAX_OBJECTS = 6
+MIN_SIDE, MAX_SIDE = 32, 1024
+POSITION_MARGIN = 0.08  # position questions: centre at least this fraction of the canvas from both mid-lines
+RELATION_MARGIN = 0.15  # relation questions: centres at least this fraction of the width apart
+CAPTIONS_PER_IMAGE = 3
+
+# Outlines in units of the radius r, y pointing down. Factors are chosen so the shapes have similar area.
+_OUTLINES = {
+    "square": ((-0.82, -0.82), (0.82, -0.82), (0.82, 0.82), (-0.82, 0.82)),
+    "diamond": ((0.0, -1.12), (1.12, 0.0), (0.0, 1.12), (-1.12, 0.0)),
+    "triangle": ((0.0, -1.05), (1.02, 0.8), (-1.02, 0.8)),
+    "star": tuple(
+        (
+            (1.2 if k % 2 == 0 else 0.54) * math.cos(math.radians(-90 + 36 * k)),
+            (1.2 if k % 2 == 0 else 0.54) * math.sin(math.radians(-90 + 36 * k)),
+        )
+        for k in range(10)
+    ),
+}
+_PLACE_TRIES = 60  # positions tried per object before giving up on this layout
+_LAYOUT_TRIES = 20  # layouts tried per object count before trying one object fewer
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object: centre (cx, cy) and nominal radius r in pixels; the drawn outline scales with r."""
+
+    shape: str
+    color: str
+    size: str  # "small" | "large"
+    cx: float
+    cy: float
+    r: float
+
+    def outline(self) -> list[tuple[float, float]]:
+        """Polygon vertices in pixels (for a circle: the two corners of its bounding box)."""
+        unit = _OUTLINES.get(self.shape, ((-1.0, -1.0), (1.0, 1.0)))
+        return [(self.cx + x * self.r, self.cy + y * self.r) for x, y in unit]
+
+    def reach(self) -> float:
+        """Largest distance from the centre to the outline, used to keep objects apart."""
+        if self.shape == "circle":
+            return self.r
+        return max(math.hypot(x, y) for x, y in _OUTLINES[self.shape]) * self.r
+
+    def bbox(self, width: float | None = None, height: float | None = None) -> list[float]:
+        """COCO box ``[x, y, w, h]`` of the drawn shape, clipped to the canvas (at 0, and at width/height
+        when given; objects lie inside the canvas by construction)."""
+        xs, ys = zip(*self.outline())
+        x0, y0 = max(0.0, min(xs)), max(0.0, min(ys))
+        x1 = max(xs) if width is None else min(float(width), max(xs))
+        y1 = max(ys) if height is None else min(float(height), max(ys))
+        return [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A canvas size, a background colour name and the objects in drawing order."""
+
+    width: int
+    height: int
+    background: str
+    objects: tuple[ShapeObject, ...]
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse ``--size``: ``"64"`` -> (64, 64), ``"96x64"`` -> (96, 64) (width x height)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
+    if not match:
+        raise ConfigError(f"--size must be N or WxH in pixels (e.g. 64 or 96x64), got {text!r}")
+    width = int(match.group(1))
+    return width, int(match.group(2) or width)
+
+
+def _resolve_size(size) -> tuple[int, int]:
+    if isinstance(size, str):
+        size = parse_size(size)
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size)):
+        raise ConfigError(f"--size must be an int or a (width, height) pair of ints, got {size!r}")
+    _check_canvas(*size)
+    return int(size[0]), int(size[1])
+
+
+def _check_canvas(width: int, height: int) -> None:
+    for side in (width, height):
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise ConfigError(
+                f"--size sides must be between {MIN_SIDE} and {MAX_SIDE} px, got {width}x{height}"
+            )
+
+
+def _check_object_range(min_objects: int, max_objects: int) -> None:
+    if not 1 <= min_objects <= MAX_OBJECTS:
+        raise ConfigError(f"--min-objects must be between 1 and {MAX_OBJECTS}, got {min_objects}")
+    if not min_objects <= max_objects <= MAX_OBJECTS:
+        raise ConfigError(
+            f"--max-objects must be between --min-objects ({min_objects}) and {MAX_OBJECTS}, "
+            f"got {max_objects}"
+        )
+
+
+def _check_splits(splits) -> tuple[float, float, float]:
+    splits = tuple(splits) if isinstance(splits, (tuple, list)) else (splits,)
+    if len(splits) != 3 or any(not isinstance(f, (int, float)) or f < 0 for f in splits):
+        raise ConfigError(f"--splits must be three non-negative fractions (train, val, test), got {splits!r}")
+    if abs(sum(splits) - 1.0) > 1e-6:
+        raise ConfigError(f"--splits must sum to 1, got {splits!r} (sum {sum(splits):g})")
+    return tuple(float(f) for f in splits)
+
+
+def split_ranges(n: int, splits: tuple[float, float, float]) -> dict[str, range]:
+    """Contiguous index ranges per split: first train, then val, then test. Every split with a non-zero
+    fraction gets at least one image when n allows; largest remainders round the rest."""
+    raw = [n * f for f in splits]
+    counts = [math.floor(x) for x in raw]
+    by_remainder = sorted(range(3), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    if n >= sum(f > 0 for f in splits):
+        for i in range(3):
+            if splits[i] > 0 and counts[i] == 0:
+                counts[max(range(3), key=lambda j: counts[j])] -= 1
+                counts[i] = 1
+    starts = [0, counts[0], counts[0] + counts[1]]
+    return {name: range(s, s + c) for name, s, c in zip(SPLITS, starts, counts)}
+
+
+# --------------------------------------------------------------------------------------------- scenes
+
+
+def sample_scene(
+    rng: random.Random,
+    width: int = 64,
+    height: int = 64,
+    min_objects: int = 1,
+    max_objects: int = 6,
+    allow_overlap: bool = False,
+) -> Scene:
+    """Sample a background and ``min_objects..max_objects`` objects lying fully inside the canvas.
+
+    Without overlap, objects keep a gap of a few pixels (rejection sampling). A large object that does not
+    fit is retried small; a layout that cannot fit is resampled, and after repeated failures one object
+    fewer is used (never below ``min_objects``). With overlap, centres stay far enough apart that no
+    object is hidden completely.
+    """
+    _check_canvas(width, height)
+    _check_object_range(min_objects, max_objects)
+    background = rng.choice(list(BACKGROUNDS))
+    count = rng.randint(min_objects, max_objects)
+    while True:
+        for _ in range(_LAYOUT_TRIES):
+            objects = _place_objects(rng, count, width, height, allow_overlap)
+            if objects is not None:
+                return Scene(width, height, background, tuple(objects))
+        if count == min_objects:
+            raise DataError(f"cannot fit {count} objects on a {width}x{height} canvas; lower --min-objects")
+        count -= 1
+
+
+def _place_objects(rng, count, width, height, allow_overlap) -> list[ShapeObject] | None:
+    placed: list[ShapeObject] = []
+    for _ in range(count):
+        shape, color, size = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES))
+        obj = _place_one(rng, shape, color, size, placed, width, height, allow_overlap)
+        if obj is None and size == "large":
+            obj = _place_one(rng, shape, color, "small", placed, width, height, allow_overlap)
+        if obj is None:
+            return None
+        placed.append(obj)
+    return placed
+
+
+def _place_one(rng, shape, color, size, placed, width, height, allow_overlap) -> ShapeObject | None:
+    r = round(SIZES[size] * min(width, height), 2)
+    probe = ShapeObject(shape, color, size, 0.0, 0.0, r)
+    xs, ys = zip(*probe.outline())
+    gap = max(2.0, 0.04 * min(width, height))
+    for _ in range(_PLACE_TRIES):
+        # 1 px margin so anti-aliasing never touches the border.
+        cx = round(rng.uniform(1 - min(xs), width - 1 - max(xs)), 2)
+        cy = round(rng.uniform(1 - min(ys), height - 1 - max(ys)), 2)
+        obj = ShapeObject(shape, color, size, cx, cy, r)
+        if all(_apart(obj, other, gap, allow_overlap) for other in placed):
+            return obj
+    return None
+
+
+def _apart(a: ShapeObject, b: ShapeObject, gap: float, allow_overlap: bool) -> bool:
+    distance = math.hypot(a.cx - b.cx, a.cy - b.cy)
+    if allow_overlap:
+        return distance >= 0.6 * (a.reach() + b.reach())
+    return distance >= a.reach() + b.reach() + gap
+
+
+def render_scene(scene: Scene, supersample: int = 4) -> Image.Image:
+    """Draw the scene as an RGB image, anti-aliased by drawing at ``supersample``x and box-downsampling."""
+    if not isinstance(supersample, int) or supersample < 1:
+        raise ConfigError(f"supersample must be an int >= 1, got {supersample!r}")
+    s = supersample
+    image = Image.new("RGB", (scene.width * s, scene.height * s), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        points = [(x * s, y * s) for x, y in obj.outline()]
+        if obj.shape == "circle":
+            draw.ellipse(points, fill=COLORS[obj.color])
+        else:
+            draw.polygon(points, fill=COLORS[obj.color])
+    return image.reduce(s) if s > 1 else image
+
+
+# ------------------------------------------------------------------------------------------- language
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _plural(word: str) -> str:
+    return word + "s"
+
+
+def _join(items: list[str], last: str = " and ") -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + last + items[-1]
+
+
+def _left_to_right(scene: Scene) -> list[ShapeObject]:
+    return sorted(scene.objects, key=lambda o: (o.cx, o.cy))
+
+
+def make_captions(scene: Scene, rng: random.Random, k: int = 3) -> list[str]:
+    """``k`` different captions, each describing every object, objects listed left to right."""
+    objects = _left_to_right(scene)
+    n, bg = len(objects), scene.background
+    sized = [_article(f"{o.size} {o.color} {o.shape}") for o in objects]
+    plain = [_article(f"{o.color} {o.shape}") for o in objects]
+    noun, be = ("shape", "is 1 object") if n == 1 else ("shapes", f"are {n} objects")
+    templates = [
+        f"{_join(sized)} on {_article(bg)} background",
+        f"{_NUMBER_WORDS[n]} {noun}: {_join(plain)}.",
+        f"There {be} in the picture: {_join(sized, ', ')}.",
+        f"{_article(bg).capitalize()} background with {_join(sized)}.",
+        f"From left to right: {_join(sized, ', ')}." if n > 1 else f"Just one shape: {sized[0]}.",
+    ]
+    if not 1 <= k <= len(templates):
+        raise ConfigError(f"captions per image must be between 1 and {len(templates)}, got {k}")
+    return [templates[i] for i in sorted(rng.sample(range(len(templates)), k))]
+
+
+# ------------------------------------------------------------------------------------------- questions
+
+
+def _count(scene: Scene, **attrs) -> int:
+    return sum(all(getattr(o, a) == v for a, v in attrs.items()) for o in scene.objects)
+
+
+def _unique_by(scene: Scene, obj: ShapeObject, attrs: tuple[str, ...]) -> bool:
+    return _count(scene, **{a: getattr(obj, a) for a in attrs}) == 1
+
+
+def _phrase(obj: ShapeObject, attrs: tuple[str, ...]) -> str:
+    """Referring phrase in fixed word order size, colour, shape; "object" when the shape is not named."""
+    words = [getattr(obj, a) for a in ("size", "color", "shape") if a in attrs]
+    return " ".join(words if "shape" in attrs else words + ["object"])
+
+
+def _referable(scene: Scene, options: tuple[tuple[str, ...], ...]) -> list[tuple[ShapeObject, str]]:
+    """(object, phrase) for objects that one of ``options`` (tried in order) describes uniquely."""
+    found = []
+    for obj in scene.objects:
+        attrs = next((a for a in options if _unique_by(scene, obj, a)), None)
+        if attrs is not None:
+            found.append((obj, _phrase(obj, attrs)))
+    return found
+
+
+def _q(question: str, answer: str, qtype: str) -> dict:
+    return {"question": question, "answer": answer, "type": qtype}
+
+
+def _color_questions(scene: Scene, rng: random.Random) -> list[dict]:
+    candidates = _referable(scene, (("shape",), ("size", "shape")))
+    if not candidates:
+        return []
+    obj, ref = rng.choice(candidates)
+    template = rng.choice(
+        ("What color is the {}?", "What is the color of the {}?", "Which color does the {} have?")
+    )
+    return [_q(template.format(ref), obj.color, "color")]
+
+
+def _shape_questions(scene: Scene, rng: random.Random) -> list[dict]:
+    candidates = _referable(scene, (("color",), ("size", "color")))
+    if not candidates:
+        return []
+    obj, ref = rng.choice(candidates)
+    template = rng.choice(("What shape is the {}?", "What is the shape of the {}?", "Which shape is the {}?"))
+    return [_q(template.format(ref), obj.shape, "shape")]
+
+
+def _count_questions(scene: Scene, rng: random.Random) -> list[dict]:
+    """One count question: all objects, one shape or one colour. Zero answers are kept to ~20%."""
+    kind = rng.choice(("total", "shape", "color"))
+    if kind == "total":
+        template = rng.choice(
+            (
+                "How many objects are there?",
+                "How many shapes are in the image?",
+                "How many objects can you see?",
+            )
+        )
+        return [_q(template, str(len(scene.objects)), "count")]
+    values = SHAPES if kind == "shape" else tuple(COLORS)
+    present = [v for v in values if _count(scene, **{kind: v})]
+    absent = [v for v in values if v not in present]
+    value = rng.choice(absent if absent and rng.random() < 0.2 else present)
+    noun = _plural(value) if kind == "shape" else f"{value} objects"
+    template = rng.choice(
+        ("How many {} are there?", "How many {} are in the image?", "How many {} can you see?")
+    )
+    return [_q(template.format(noun), str(_count(scene, **{kind: value})), "count")]
+
+
+def _exist_questions(scene: Scene, rng: random.Random) -> list[dict]:
+    """One yes and one no per image; half of the negatives are hard (colour or shape present elsewhere)."""
+    templates = ("Is there {}?", "Is there {} in the image?", "Does the image contain {}?")
+    pairs = {(o.color, o.shape) for o in scene.objects}
+    yes = rng.choice(scene.objects)
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in pairs]
+    colors, shapes = {c for c, _ in pairs}, {s for _, s in pairs}
+    hard = [(c, s) for c, s in absent if c in colors or s in shapes]
+    easy = [p for p in absent if p not in hard]
+    no = rng.choice(hard if (rng.random() < 0.5 and hard) or not easy else easy)
+    return [
+        _q(rng.choice(templates).format(_article(f"{yes.color} {yes.shape}")), "yes", "exist"),
+        _q(rng.choice(templates).format(_article(f"{no[0]} {no[1]}")), "no", "exist"),
+    ]
+
+
+def quadrant(scene: Scene, obj: ShapeObject) -> str:
+    """Quadrant of the object's centre: "top left", "top right", "bottom left" or "bottom right"."""
+    vertical = "top" if obj.cy < scene.height / 2 else "bottom"
+    return f"{vertical} {'left' if obj.cx < scene.width / 2 else 'right'}"
+
+
+def _position_questions(scene: Scene, rng: random.Random) -> list[dict]:
+    candidates = [
+        (obj, ref)
+        for obj, ref in _referable(scene, (("color", "shape"),))
+        if abs(obj.cx - scene.width / 2) >= POSITION_MARGIN * scene.width
+        and abs(obj.cy - scene.height / 2) >= POSITION_MARGIN * scene.height
+    ]
+    if not candidates:
+        return []
+    obj, ref = rng.choice(candidates)
+    template = rng.choice(
+        ("Where is the {}?", "In which part of the image is the {}?", "Where is the {} located?")
+    )
+    return [_q(template.format(ref), quadrant(scene, obj), "position")]
+
+
+def _relation_questions(scene: Scene, rng: random.Random) -> list[dict]:
+    """One yes and one no left/right question about uniquely described objects far enough apart in x."""
+    referable = _referable(scene, (("color", "shape"),))
+    pairs = [
+        (a, b)
+        for i, a in enumerate(referable)
+        for b in referable[i + 1 :]
+        if abs(a[0].cx - b[0].cx) >= RELATION_MARGIN * scene.width
+    ]
+    if not pairs:
+        return []
+    rng.shuffle(pairs)
+    templates = (
+        "Is the {} {} of the {}?",
+        "Is the {} to the {} of the {}?",
+        "Is the {} on the {} side of the {}?",
+    )
+    questions = []
+    for answer, pair in (("yes", pairs[0]), ("no", pairs[-1])):
+        (a, ref_a), (b, ref_b) = pair if rng.random() < 0.5 else pair[::-1]
+        truth = "left" if a.cx < b.cx else "right"
+        side = truth if answer == "yes" else {"left": "right", "right": "left"}[truth]
+        questions.append(_q(rng.choice(templates).format(ref_a, side, ref_b), answer, "relation"))
+    return questions
+
+
+_QUESTION_MAKERS = {
+    "color": _color_questions,
+    "shape": _shape_questions,
+    "count": _count_questions,
+    "exist": _exist_questions,
+    "position": _position_questions,
+    "relation": _relation_questions,
+}
+
+
+def make_questions(scene: Scene, rng: random.Random) -> list[dict]:
+    """Questions of every type the scene supports (~7-9), each ``{"question", "answer", "type"}``."""
+    questions, seen = [], set()
+    for qtype in QUESTION_TYPES:
+        for q in _QUESTION_MAKERS[qtype](scene, rng):
+            if q["question"] not in seen:
+                seen.add(q["question"])
+                questions.append(q)
+    return questions
+
+
+# ------------------------------------------------------------------------------------------- dataset
+
+
+def image_rng(seed: int, index: int) -> random.Random:
+    """The RNG of one image: depends only on (seed, index), so output never depends on generation order."""
+    return random.Random(f"shapesworld:{seed}:{index}")
+
+
+def _make_item(index, split, seed, width, height, min_objects, max_objects, allow_overlap) -> dict:
+    rng = image_rng(seed, index)
+    scene = sample_scene(rng, width, height, min_objects, max_objects, allow_overlap)
+    return {
+        "index": index,
+        "split": split,
+        "file_name": f"images/{index:06d}.png",
+        "scene": scene,
+        "captions": make_captions(scene, rng, CAPTIONS_PER_IMAGE),
+        "questions": make_questions(scene, rng),
+    }
+
+
+def _scene_record(item: dict) -> dict:
+    scene = item["scene"]
+    return {
+        "id": item["index"],
+        "file_name": item["file_name"],
+        "split": item["split"],
+        "width": scene.width,
+        "height": scene.height,
+        "background": scene.background,
+        "objects": [
+            {
+                "shape": o.shape,
+                "color": o.color,
+                "size": o.size,
+                "bbox": o.bbox(scene.width, scene.height),
+                "center": [o.cx, o.cy],
+            }
+            for o in scene.objects
+        ],
+    }
+
+
+def _conversation_records(item: dict) -> list[dict]:
+    return [
+        {
+            "id": f"{item['index']:06d}-{j}",
+            "image": item["file_name"],
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + q["question"]},
+                {"from": "gpt", "value": q["answer"]},
+            ],
+            "type": q["type"],
+        }
+        for j, q in enumerate(item["questions"])
+    ]
+
+
+def _coco_captions(items: list[dict], split: str) -> dict:
+    info = {
+        "description": f"ShapesWorld captions ({split})",
+        "version": str(GENERATOR_VERSION),
+        "contributor": GENERATOR,
+    }
+    images = [
+        {
+            "id": it["index"],
+            "file_name": it["file_name"],
+            "width": it["scene"].width,
+            "height": it["scene"].height,
+        }
+        for it in items
+    ]
+    annotations = [
+        {"id": it["index"] * CAPTIONS_PER_IMAGE + j, "image_id": it["index"], "caption": c}
+        for it in items
+        for j, c in enumerate(it["captions"])
+    ]
+    return {"info": info, "images": images, "annotations": annotations}
+
+
+def _write_rows(path: Path, rows: list) -> None:
+    """A JSON list with one row per line: valid JSON that also diffs and greps well."""
+    body = ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows)
+    path.write_text("[\n" + body + "\n]\n" if rows else "[]\n", encoding="utf-8")
+
+
+def _write_split(folder: Path, split: str, items: list[dict]) -> None:
+    _write_rows(folder / f"{split}.json", [r for it in items for r in _conversation_records(it)])
+    (folder / f"captions_{split}.json").write_text(
+        json.dumps(_coco_captions(items, split)) + "\n", encoding="utf-8"
+    )
+    with open(folder / f"pairs_{split}.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image", "caption"])
+        writer.writerows([it["file_name"], c] for it in items for c in it["captions"])
+
+
+def _summarize(items: list[dict]) -> dict:
+    questions = [q for it in items for q in it["questions"]]
+    yes_no = {}
+    for qtype in ("exist", "relation"):
+        answers = Counter(q["answer"] for q in questions if q["type"] == qtype)
+        total = answers["yes"] + answers["no"]
+        yes_no[qtype] = {
+            "yes": answers["yes"],
+            "no": answers["no"],
+            "yes_fraction": round(answers["yes"] / total, 4) if total else None,
+        }
+    return {
+        "images": {s: sum(it["split"] == s for it in items) for s in SPLITS},
+        "questions": {s: sum(len(it["questions"]) for it in items if it["split"] == s) for s in SPLITS},
+        "captions": {s: sum(len(it["captions"]) for it in items if it["split"] == s) for s in SPLITS},
+        "question_types": {t: sum(q["type"] == t for q in questions) for t in QUESTION_TYPES},
+        "yes_no": yes_no,
+    }
+
+
+def generate_shapes(
+    out,
+    n: int = 1000,
+    seed: int = 0,
+    size: int | tuple[int, int] = 64,
+    min_objects: int = 1,
+    max_objects: int = 6,
+    allow_overlap: bool = False,
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write a ShapesWorld dataset to ``out`` (see the module docstring) and return its summary.
+
+    Everything is written into a hidden sibling folder that replaces ``out`` in one rename at the end;
+    ``meta.json`` is written last.
+    """
+    width, height = _resolve_size(size)
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"--n must be an int >= 1, got {n!r}")
+    if not isinstance(seed, int):
+        raise ConfigError(f"--seed must be an int, got {seed!r}")
+    _check_object_range(min_objects, max_objects)
+    splits = _check_splits(splits)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise _exists_error(out)
+    arguments = {
+        "n": n,
+        "seed": seed,
+        "size": [width, height],
+        "min_objects": min_objects,
+        "max_objects": max_objects,
+        "allow_overlap": allow_overlap,
+        "splits": list(splits),
+    }
+    try:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            summary = _generate_into(Path(tmp), arguments, progress)
+    except FileExistsError as e:  # another process created `out` while we were generating
+        raise _exists_error(out) from e
+    return {"out": str(out), **summary}
+
+
+def _exists_error(out: Path) -> DataError:
+    return DataError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another folder")
+
+
+def _generate_into(folder: Path, arguments: dict, progress: bool) -> dict:
+    (folder / "images").mkdir()
+    a = arguments
+    items = []
+    with tqdm(total=a["n"], desc="ShapesWorld", unit="img", disable=not progress) as bar:
+        for split, indices in split_ranges(a["n"], tuple(a["splits"])).items():
+            for index in indices:
+                item = _make_item(
+                    index,
+                    split,
+                    a["seed"],
+                    *a["size"],
+                    a["min_objects"],
+                    a["max_objects"],
+                    a["allow_overlap"],
+                )
+                render_scene(item["scene"]).save(folder / item["file_name"], format="PNG")
+                items.append(item)
+                bar.update(1)
+    for split in SPLITS:
+        _write_split(folder, split, [it for it in items if it["split"] == split])
+    _write_rows(folder / "scenes.json", [_scene_record(it) for it in items])
+    summary = _summarize(items)
+    meta = {"generator": GENERATOR, "version": GENERATOR_VERSION, "arguments": arguments, **summary}
+    atomic_write_json(folder / "meta.json", meta)
+    return summary

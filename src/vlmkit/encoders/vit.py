@@ -1,0 +1,98 @@
+"""Vision Transformer image encoder (Dosovitskiy et al. 2020), configurable into CLIP-ViT and SigLIP-ViT.
+
+CLIP: class token, learned positions, ``pre_norm`` on the embeddings, quick-GELU, LLaVA reads layer -2.
+SigLIP: no class token, learned positions, tanh-GELU, final norm.  From scratch: any mix, e.g. 2D rotary.
+Returns patch features [B, N, D] from the selected layer (class token dropped unless asked otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmkit.config import VisionConfig
+from vlmkit.nn import MLP, Attention, Rotary2D, make_norm
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, act: str, norm: str, eps: float, qkv_bias: bool):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim, eps)
+        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, out_bias=qkv_bias)
+        self.norm2 = make_norm(norm, dim, eps)
+        self.mlp = MLP(dim, mlp_dim, act=act)
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope=rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding -> [class token] -> positions -> pre-norm blocks -> features of the chosen layer."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.image_size = tuple(cfg.image_size)
+        self.patch_size = cfg.patch_size
+        self.feature_layer = cfg.feature_layer
+        self.drop_class_token = cfg.drop_class_token
+        self.width = cfg.width
+        gh, gw = cfg.grid
+        self.grid = (gh, gw)
+        self.patch_embed = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
+        n_pos = gh * gw + (1 if cfg.class_token else 0)
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(1, n_pos, cfg.width) * 0.02)
+            self.rope = None
+        elif cfg.pos_embed == "rope2d":
+            self.pos_embed = None
+            self.rope = Rotary2D(cfg.width // cfg.heads, cfg.rope_theta)
+        else:
+            raise ValueError(f"vision.pos_embed must be 'learned' or 'rope2d', got {cfg.pos_embed!r}")
+        self.pre_norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cfg.pre_norm else None
+        n_run = self._layers_to_run(cfg.depth, cfg.feature_layer)
+        self.blocks = nn.ModuleList(
+            ViTBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm, cfg.norm_eps, cfg.qkv_bias)
+            for _ in range(n_run)
+        )
+        self.post_norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cfg.post_norm else None
+
+    @staticmethod
+    def _layers_to_run(depth: int, feature_layer: int) -> int:
+        """Blocks after the feature layer never influence the output, so they are not built at all."""
+        idx = feature_layer if feature_layer >= 0 else depth + 1 + feature_layer
+        if not 0 <= idx <= depth:
+            raise ValueError(f"vision.feature_layer {feature_layer} is outside 0..{depth} (or -1..-{depth + 1})")
+        return idx
+
+    @property
+    def num_tokens(self) -> int:
+        n = self.grid[0] * self.grid[1]
+        return n + (1 if self.class_token is not None and not self.drop_class_token else 0)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, C, H, W] -> features [B, N, D]."""
+        if tuple(pixel_values.shape[-2:]) != self.image_size:
+            raise ValueError(f"vision encoder expects images of {self.image_size} (H, W), "
+                             f"got {tuple(pixel_values.shape[-2:])}; check the processor's image_size")
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [B, D, gh, gw]
+        x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        prefix = 0
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1 + N, D]
+            prefix = 1
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        rope = self.rope(*self.grid, prefix=prefix, device=x.device) if self.rope is not None else None
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        for block in self.blocks:
+            x = block(x, rope=rope)
+        if self.post_norm is not None:
+            x = self.post_norm(x)
+        if prefix and self.drop_class_token:
+            x = x[:, prefix:]
+        return x

@@ -1,0 +1,74 @@
+"""Decoder-only language model of the Llama family (Llama, Qwen2, SmolLM, Mistral) by a few flags.
+
+Grouped-query attention (``kv_heads``), rotary theta, tied embeddings and qkv bias (Qwen2) are the flags.
+The model takes embeddings, not ids, so that fusion modules can splice images into the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmkit.config import LanguageConfig
+from vlmkit.nn import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias)
+        self.post_attn_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.width, cfg.mlp_dim, act=cfg.act)
+
+    def forward(self, x, mask, is_causal, rope, cache, layer):
+        x = x + self.attn(self.input_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class DecoderLM(nn.Module):
+    """Token embedding -> blocks -> final norm -> LM head."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.depth))
+        self.norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg.head_dim or cfg.width // cfg.heads, cfg.rope_theta)
+
+    @property
+    def head_dim(self) -> int:
+        return self.cfg.head_dim or self.cfg.width // self.cfg.heads
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
+        return KVCache(self.cfg.depth, batch, self.cfg.kv_heads, self.head_dim, max_len, device, dtype)
+
+    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """embeds [B, T, D] -> final hidden states [B, T, D].
+
+        ``attention_mask`` [B, T_cache + T] marks real tokens (1) and padding (0); ``mask`` overrides the
+        attention pattern completely ([B, 1, T, T_k] booleans). With neither, plain causal attention runs.
+        """
+        B, T, _ = embeds.shape
+        offset = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:offset + T]
+            else:
+                position_ids = torch.arange(offset, offset + T, device=embeds.device)[None].expand(B, T)
+        is_causal = mask is None and attention_mask is None and offset == 0
+        if mask is None and not is_causal:
+            mask = causal_mask(T, attention_mask, offset, device=embeds.device)
+        rope = self.rotary(position_ids, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, is_causal, rope, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)

@@ -1,0 +1,48 @@
+"""Model builders: typed configs -> composed modules."""
+
+from __future__ import annotations
+
+import torch
+
+from vlmkit.config import ModelConfig
+from vlmkit.connectors import build_connector
+from vlmkit.encoders.vit import ViTEncoder
+from vlmkit.lm.decoder import DecoderLM
+from vlmkit.models.vlm import ModelOutput, VisionLanguageModel
+from vlmkit.nn import init_linear_
+
+
+def build_model(cfg: ModelConfig, image_token_id: int, init: bool = True) -> VisionLanguageModel:
+    """Build a VisionLanguageModel from its config. ``init`` applies the from-scratch initialisation."""
+    encoder = ViTEncoder(cfg.vision)
+    lm = DecoderLM(cfg.lm)
+    connector = build_connector(cfg.connector, cfg.vision.width, cfg.lm.width)
+    model = VisionLanguageModel(encoder, connector, lm, image_token_id)
+    if init and not any(p.is_meta for p in model.parameters()):
+        init_linear_(model)
+        _scale_residual_outputs(model, cfg)
+    return model
+
+
+def _scale_residual_outputs(model: VisionLanguageModel, cfg: ModelConfig) -> None:
+    """GPT-2's 1/sqrt(2*depth) scaling of the projections that write into the residual stream."""
+    with torch.no_grad():
+        for block in model.lm.layers:
+            for lin in (block.attn.o_proj, block.mlp.down_proj):
+                lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
+        for block in model.encoder.blocks:
+            for lin in (block.attn.o_proj, block.mlp.fc2):
+                lin.weight.mul_((2 * cfg.vision.depth) ** -0.5)
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+__all__ = ["build_model", "count_parameters", "ModelOutput", "VisionLanguageModel"]

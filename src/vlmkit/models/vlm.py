@@ -1,0 +1,72 @@
+"""VisionLanguageModel: encoder -> connector -> splice into a decoder LM (the LLaVA / Idefics3 family).
+
+Composition, not inheritance: the model receives built parts; :func:`vlmkit.models.build_model` turns a
+:class:`~vlmkit.config.ModelConfig` into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.fusion.splice import splice_image_features
+from vlmkit.nn import KVCache
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    n_tokens: int = 0  # supervised tokens behind ``loss``
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, encoder: nn.Module, connector: nn.Module, lm: nn.Module, image_token_id: int):
+        super().__init__()
+        self.encoder = encoder
+        self.connector = connector
+        self.lm = lm
+        self.image_token_id = image_token_id
+
+    @property
+    def image_seq_len(self) -> int:
+        """Tokens each image occupies in the LM sequence (M)."""
+        return self.connector.num_tokens(self.encoder.num_tokens, self.encoder.grid)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [n_images, C, H, W] -> LM-space features [n_images, M, D_lm]."""
+        feats = self.encoder(pixel_values)  # [n, N, D_v]
+        return self.connector(feats, self.encoder.grid)  # [n, M, D_lm]
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.encode_images(pixel_values)
+        ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
+        embeds = self.lm.embed_tokens(ids)  # [B, T, D]
+        return splice_image_features(embeds, input_ids, self.image_token_id, image_features)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, image_features: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> ModelOutput:
+        """Run the model. With ``labels`` the loss is the mean next-token cross-entropy over labels != -100,
+        and logits are only computed at those positions (the LM head is the largest matmul for small
+        models)."""
+        embeds = self.embed(input_ids, pixel_values, image_features)
+        hidden = self.lm(embeds, position_ids=position_ids, attention_mask=attention_mask, mask=mask,
+                         cache=cache)  # [B, T, D]
+        if labels is not None:
+            targets = labels[:, 1:]
+            keep = targets != -100
+            h = hidden[:, :-1][keep]  # [n_supervised, D]
+            logits = self.lm.lm_head(h)
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="mean")
+            return ModelOutput(logits=None, loss=loss, n_tokens=int(keep.sum()))
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return ModelOutput(logits=self.lm.lm_head(hidden))

@@ -1,0 +1,95 @@
+"""Multi-head attention on ``F.scaled_dot_product_attention`` with grouped-query heads, masks and a KV cache.
+
+Masks are boolean and broadcast to [B, 1, Tq, Tk] with True = "may attend". :func:`causal_mask` combines
+causality with key padding and a cache offset; any custom mask (prefix-LM, block-diagonal packing) can be
+passed instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.nn.rope import apply_rope
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers: [B, H_kv, T_max, hd] each.
+
+    ``length`` is the number of positions filled so far; every layer writes the same slice during one forward.
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int, device=None,
+                 dtype=torch.float32):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, H_kv, T, hd] after the filled part; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def causal_mask(q_len: int, attention_mask: torch.Tensor | None = None, offset: int = 0,
+                device=None) -> torch.Tensor:
+    """Boolean [B or 1, 1, q_len, offset + q_len] mask: causal, minus padded keys.
+
+    ``attention_mask`` [B, offset + q_len] has 1 for real tokens. Query rows that are padding keep their own
+    diagonal so that no row is fully masked (SDPA would return NaN there).
+    """
+    k_len = offset + q_len
+    if attention_mask is not None:
+        device = attention_mask.device
+    q_pos = torch.arange(offset, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # [1, 1, Tq, Tk]
+    if attention_mask is not None:
+        keys = attention_mask[:, None, None, :k_len].bool()  # [B, 1, 1, Tk]
+        mask = (mask & keys) | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class Attention(nn.Module):
+    """Self-attention with optional grouped-query heads, rotary embeddings and a KV cache."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None,
+                 qkv_bias: bool = False, out_bias: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.kv_heads = kv_heads or heads
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        self.head_dim = head_dim or dim // heads
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=out_bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k = k.repeat_interleave(rep, dim=1)  # [B, H, Tk, hd]
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))

@@ -1,0 +1,60 @@
+"""Rotary position embeddings (Su et al. 2021) in the rotate-half layout that Llama/Qwen2 checkpoints use."""
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns position ids [B, T] into (cos, sin) of shape [B, T, head_dim]."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype=torch.float32):
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, hd]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k: [B, H, T, hd]; cos, sin: [B, T, hd]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rope_2d_positions(grid_h: int, grid_w: int, device=None) -> torch.Tensor:
+    """(row, col) ids of a patch grid, [grid_h * grid_w, 2], for 2D rotary embeddings in a ViT."""
+    rows = torch.arange(grid_h, device=device).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, device=device).repeat(grid_h)
+    return torch.stack([rows, cols], dim=-1)
+
+
+class Rotary2D(nn.Module):
+    """2D rotary embedding: half of each head's dimensions rotate with the row, half with the column."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2D rotary needs head_dim divisible by 4, got {head_dim}")
+        self.axis = RotaryEmbedding(head_dim // 2, theta)
+
+    def forward(self, grid_h: int, grid_w: int, prefix: int = 0, device=None):
+        pos = rope_2d_positions(grid_h, grid_w, device)  # [N, 2]
+        if prefix:  # class token(s) sit at position (0, 0)
+            pos = torch.cat([torch.zeros(prefix, 2, dtype=pos.dtype, device=device), pos])
+        cos_r, sin_r = self.axis(pos[None, :, 0])
+        cos_c, sin_c = self.axis(pos[None, :, 1])
+        # interleave the two axes in the rotate-half layout: [r_half1, c_half1, r_half2, c_half2]
+        def merge(a, b):
+            a1, a2 = a.chunk(2, -1)
+            b1, b2 = b.chunk(2, -1)
+            return torch.cat([a1, b1, a2, b2], dim=-1)
+
+        return merge(cos_r, cos_c), merge(sin_r, sin_c)  # [1, N, hd]

@@ -1,0 +1,96 @@
+"""Freezing, per-module AdamW parameter groups, warm-up + cosine schedule, and optimizer state I/O.
+
+Optimizer state is stored as safetensors + JSON (never pickled), so a resumed run restores it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmkit.train.recipe import MODULE_GROUPS, StageConfig
+
+
+def module_groups(model) -> dict[str, nn.Module]:
+    return {"vision": model.encoder, "connector": model.connector, "lm": model.lm}
+
+
+def freeze_for_stage(model, stage: StageConfig) -> list[dict]:
+    """Set requires_grad per module group; return a table of what trains and what is frozen."""
+    rows = []
+    for name, module in module_groups(model).items():
+        trains = name in stage.train
+        for p in module.parameters():
+            p.requires_grad_(trains)
+        n = sum(p.numel() for p in module.parameters())
+        rows.append({"module": name, "trainable": trains, "params": n,
+                     "lr": stage.lr * stage.lr_scale.get(name, 1.0) if trains else 0.0})
+    return rows
+
+
+def make_optimizer(model, stage: StageConfig) -> torch.optim.AdamW:
+    """AdamW with one group per trained module (its own lr) and no weight decay on norms/biases."""
+    groups = []
+    seen: set[int] = set()
+    for name, module in module_groups(model).items():
+        if name not in stage.train:
+            continue
+        lr = stage.lr * stage.lr_scale.get(name, 1.0)
+        decay, no_decay = [], []
+        for pname, p in module.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim < 2 or "norm" in pname else decay).append(p)
+        groups.append({"params": decay, "lr": lr, "base_lr": lr, "weight_decay": stage.weight_decay, "module": name})
+        groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0, "module": name})
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(stage.betas))
+
+
+def lr_factor(step: int, stage: StageConfig) -> float:
+    """Linear warm-up to 1, then cosine down to ``min_lr_ratio`` at the end of the stage."""
+    warm = max(1, int(round(stage.warmup * stage.steps)))
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, stage.steps - warm)
+    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
+
+
+def save_optimizer(opt: torch.optim.Optimizer, path) -> None:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"state.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"param_groups": json.dumps(groups)})
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    tensors = load_file(str(path))
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+__all__ = ["MODULE_GROUPS", "module_groups", "freeze_for_stage", "make_optimizer", "lr_factor", "set_lr",
+           "save_optimizer", "load_optimizer"]

@@ -1,0 +1,149 @@
+"""Recipes: what to train, on what data, in which stages. YAML files or built-in names, plus ``--set``.
+
+A stage names the modules that train (``vision``, ``connector``, ``lm``); everything else is frozen, as in
+LLaVA's stage 1 (connector only) and stage 2 (connector + LM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmkit.config import apply_overrides, from_dict, parse_value
+from vlmkit.errors import ConfigError
+
+MODULE_GROUPS = ("vision", "connector", "lm")
+
+
+@dataclass
+class StageConfig:
+    name: str = "main"
+    train: list[str] = field(default_factory=lambda: list(MODULE_GROUPS))
+    steps: int = 100
+    lr: float = 1e-3
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per-module multipliers, e.g. {vision: 0.5}
+    warmup: float = 0.05  # fraction of the stage's steps
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # folder holding the split files (a ShapesWorld folder, say)
+    train: str = "train.json"
+    val: str = "val.json"
+    image_root: str = ""  # image paths are relative to the JSON file unless this is set
+    group_turns: int = 8  # merge questions about one image into conversations of up to N turns; 0 = off
+    val_samples: int = 256
+    skip_bad_samples: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""  # an existing tokenizer.json; empty = train a byte-level BPE on the training text
+    vocab_size: int = 1024
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 500
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    preset: str = "tiny-llava"
+    model: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the preset's ModelConfig
+    processor: dict[str, Any] = field(default_factory=dict)  # dotted overrides of its ProcessorConfig
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
+    def validate(self) -> None:
+        if not self.stages:
+            raise ConfigError("a recipe needs at least one stage")
+        for i, st in enumerate(self.stages):
+            bad = [m for m in st.train if m not in MODULE_GROUPS]
+            if bad or not st.train:
+                raise ConfigError(f"stages[{i}].train: {bad or '[]'} is not a list of modules; "
+                                  f"valid: {', '.join(MODULE_GROUPS)}")
+            bad = [m for m in st.lr_scale if m not in MODULE_GROUPS]
+            if bad:
+                raise ConfigError(f"stages[{i}].lr_scale: unknown module {bad[0]!r}; valid: {', '.join(MODULE_GROUPS)}")
+            if st.steps < 1:
+                raise ConfigError(f"stages[{i}].steps must be >= 1, got {st.steps}")
+        if self.train.batch_size < 1 or self.train.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+def builtin_recipes() -> list[str]:
+    folder = resources.files("vlmkit") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe from a YAML path or a built-in name, then apply ``key=value`` overrides."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        text, name = path.read_text(), path.stem
+    else:
+        if name_or_path not in builtin_recipes():
+            raise ConfigError(f"Unknown recipe {name_or_path!r}. Built-in recipes: {', '.join(builtin_recipes())}; "
+                              f"or pass a path to a YAML file")
+        text = (resources.files("vlmkit") / "recipes" / f"{name_or_path}.yaml").read_text()
+        name = name_or_path
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {name_or_path} is not valid YAML: {e}") from e
+    raw.setdefault("name", name)
+    recipe = from_dict(Recipe, raw, "recipe")
+    recipe = _apply(recipe, parse_overrides(overrides or []))
+    recipe.validate()
+    return recipe
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set train.batch_size=16)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        out[key] = parse_value(value)
+    return out
+
+
+def _apply(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """Apply dotted overrides; ``stages.N.field`` addresses one stage."""
+    plain = {k: v for k, v in overrides.items() if not k.startswith("stages.")}
+    recipe = apply_overrides(recipe, plain)
+    recipe.stages = list(recipe.stages)
+    for key, value in overrides.items():
+        if not key.startswith("stages."):
+            continue
+        parts = key.split(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(recipe.stages):
+            raise ConfigError(f"--set {key}: address a stage as stages.N.field with N in 0..{len(recipe.stages) - 1}")
+        i = int(parts[1])
+        recipe.stages[i] = apply_overrides(recipe.stages[i], {parts[2]: value}, root=f"stages.{i}")
+    return recipe
