@@ -204,7 +204,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                 # right padding + causal attention: real tokens never see padding, so no mask is needed
                 res = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"])
                 (res.loss / recipe.train.grad_accum).backward()
-                loss_sum += float(res.loss) / recipe.train.grad_accum
+                loss_sum += float(res.loss.detach()) / recipe.train.grad_accum
                 n_samples += batch["input_ids"].shape[0]
                 n_tokens += int(batch["attention_mask"].sum())
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],

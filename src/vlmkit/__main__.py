@@ -1,0 +1,5 @@
+import sys
+
+from vlmkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""The ``vlmkit`` command line. Each subcommand's help text is its function's docstring."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vlmkit.errors import VlmkitError
+
+
+def cmd_demo(args) -> None:
+    """Generate ShapesWorld, train tiny-llava from scratch, evaluate it on held-out questions, answer one."""
+    from vlmkit.demo import run_demo
+
+    run_demo(args.out, data=args.data, overrides=args.set, n_images=args.n, progress=not args.quiet)
+
+
+def cmd_train(args) -> None:
+    """Train from a recipe (YAML file or built-in name) with optional --set overrides."""
+    from vlmkit.train.loop import train
+    from vlmkit.train.recipe import load_recipe
+
+    overrides = list(args.set)
+    if args.skip_bad_samples:
+        overrides.append("data.skip_bad_samples=true")
+    recipe = load_recipe(args.recipe, overrides)
+    out = args.out or f"runs/{recipe.name}"
+    res = train(recipe, out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps({"checkpoint": str(res.checkpoint), "steps": res.steps, "train_seconds": res.train_seconds,
+                      "samples_per_second": res.samples_per_second, "val_loss": res.val_loss}))
+
+
+def cmd_data_shapes(args) -> None:
+    """Generate a ShapesWorld dataset (LLaVA JSON, COCO captions, CSV pairs, scene annotations)."""
+    from vlmkit.data.shapes import generate_shapes, parse_size
+
+    summary = generate_shapes(args.out, n=args.n, seed=args.seed, size=parse_size(args.size),
+                              min_objects=args.min_objects, max_objects=args.max_objects,
+                              allow_overlap=args.allow_overlap, overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_chat(args) -> None:
+    """Answer a question about one or more images with a trained checkpoint."""
+    import vlmkit
+
+    pipe = vlmkit.load(args.model)
+    print(pipe.chat(args.image or [], args.question, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+
+
+def cmd_presets(args) -> None:
+    """List model presets with their parameter counts and tokens per image."""
+    import torch
+
+    from vlmkit.models import build_model, count_parameters
+    from vlmkit.presets import PRESETS
+
+    print(f"{'preset':<16} {'params':>15} {'img tokens':>10}  description")
+    for name in PRESETS.names():
+        preset = PRESETS.build(name)
+        with torch.device("meta"):
+            model = build_model(preset.model, image_token_id=0)
+        print(f"{name:<16} {count_parameters(model):>15,} {model.image_seq_len:>10}  {PRESETS.describe(name)}")
+
+
+def cmd_recipes(args) -> None:
+    """List built-in training recipes."""
+    from vlmkit.train.recipe import builtin_recipes, load_recipe
+
+    for name in builtin_recipes():
+        r = load_recipe(name)
+        stages = ", ".join(f"{s.name} ({'+'.join(s.train)}, {s.steps} steps)" for s in r.stages)
+        print(f"{name:<16} preset {r.preset}; {stages}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmkit", description="Build, train, evaluate and serve vision-language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
+    d.add_argument("--out", default="vlmkit-demo", help="output folder (default: vlmkit-demo)")
+    d.add_argument("--data", help="ShapesWorld folder (default: OUT/data; generated if absent)")
+    d.add_argument("--n", type=int, default=6000, help="images to generate when the data is absent")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    t.add_argument("recipe", help="a YAML file or a built-in recipe name (see `vlmkit recipes`)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. train.batch_size=16 or stages.0.steps=50")
+    t.add_argument("--out", help="run folder (default: runs/RECIPE)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.add_argument("--skip-bad-samples", action="store_true", help="skip and count bad rows instead of failing")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    s = data.add_parser("shapes", help=cmd_data_shapes.__doc__, description=cmd_data_shapes.__doc__)
+    s.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    s.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", default="64", help="canvas size: PX or WIDTHxHEIGHT (default 64)")
+    s.add_argument("--min-objects", type=int, default=1)
+    s.add_argument("--max-objects", type=int, default=6)
+    s.add_argument("--allow-overlap", action="store_true", help="let objects overlap partially")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_data_shapes)
+
+    c = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
+    c.add_argument("--model", required=True, help="checkpoint folder")
+    c.add_argument("--image", action="append", help="image file (repeat for several)")
+    c.add_argument("question")
+    c.add_argument("--max-new-tokens", type=int, default=32)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int)
+    c.set_defaults(fn=cmd_chat)
+
+    sub.add_parser("presets", help=cmd_presets.__doc__).set_defaults(fn=cmd_presets)
+    sub.add_parser("recipes", help=cmd_recipes.__doc__).set_defaults(fn=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except VlmkitError as e:
+        print(f"vlmkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlmkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
