@@ -37,6 +37,7 @@ class VisionConfig:
     pre_norm: bool = False  # CLIP's "pre_layrnorm" on the embeddings
     post_norm: bool = True  # apply the final norm to the selected features
     patch_bias: bool = True
+    stem: str = "patch"  # patch (one strided conv) | conv (stacked 3x3 stride-2 convs, Xiao et al. 2021)
     qkv_bias: bool = True
     feature_layer: int = -1  # index into hidden states (0 = embeddings); -2 = penultimate layer, as LLaVA
     drop_class_token: bool = True
@@ -150,6 +151,11 @@ def _coerce(value, tp, where: str):
         return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else dict(value)
     if tp is Any:
         return value
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, float) and value.is_integer():
@@ -205,5 +211,5 @@ def _set_path(obj, parts: list[str], value, full_key: str, root: str):
         else:
             raise ConfigError(f"--set {full_key}: {name!r} is a {type(current).__name__}, not a section")
     else:
-        new = _coerce(value, hints[name], f"--set {full_key}")
+        new = _coerce(value, hints[name], f"--set {'.'.join(p for p in (root, full_key) if p)}")
     return dataclasses.replace(obj, **{name: new})

@@ -39,9 +39,12 @@ class ReadReport:
     reasons: list[str] = field(default_factory=list)
 
 
+CAPTION_PROMPT = "Describe the image."
+
+
 def read_conversations(path: str | Path, image_root: str | Path | None = None, skip_bad: bool = False,
                        check_images: bool = True, report: ReadReport | None = None) -> list[Sample]:
-    """Read and validate a LLaVA-format JSON file."""
+    """Read and validate a LLaVA-format JSON file, or a COCO-captions file (as caption conversations)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
@@ -49,8 +52,11 @@ def read_conversations(path: str | Path, image_root: str | Path | None = None, s
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from e
+    if isinstance(rows, dict) and "annotations" in rows and "images" in rows:
+        rows = coco_captions_to_conversations(rows, path)
     if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+        raise DataError(f"{path}: expected a JSON list of LLaVA records or a COCO captions object, "
+                        f"got {type(rows).__name__}")
     root = Path(image_root) if image_root else path.parent
     report = report if report is not None else ReadReport()
     samples = []
@@ -65,6 +71,18 @@ def read_conversations(path: str | Path, image_root: str | Path | None = None, s
             report.skipped += 1
             report.reasons.append(str(e))
     return samples
+
+
+def coco_captions_to_conversations(coco: dict, path: Path) -> list[dict]:
+    """COCO captions ({"images": [...], "annotations": [...]}) -> one caption conversation per annotation."""
+    try:
+        files = {im["id"]: im["file_name"] for im in coco["images"]}
+        return [{"id": f"caption-{a['id']}", "image": files[a["image_id"]], "type": "caption",
+                 "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+                                   {"from": "gpt", "value": a["caption"]}]} for a in coco["annotations"]]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a COCO captions file (images need id and file_name; annotations need "
+                        f"image_id and caption): missing {e}") from e
 
 
 def _parse_row(row, i: int, root: Path, where: str, check_images: bool) -> Sample:
@@ -106,8 +124,10 @@ def group_by_image(samples: list[Sample], max_turns: int = 8, seed: int = 0) -> 
             out.append(s)
     for image, members in groups.items():
         rng.shuffle(members)
-        for start in range(0, len(members), max_turns):
-            chunk = members[start:start + max_turns]
+        n_chunks = -(-len(members) // max_turns)
+        bounds = [round(k * len(members) / n_chunks) for k in range(n_chunks + 1)]  # even sizes: less padding
+        for start, stop in zip(bounds, bounds[1:]):
+            chunk = members[start:stop]
             turns = []
             for k, s in enumerate(chunk):
                 human, gpt = s.conversations

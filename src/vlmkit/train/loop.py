@@ -114,14 +114,15 @@ def load_data(recipe: Recipe, processor: Processor | None = None, log=print):
     root = Path(recipe.data.path) if recipe.data.path else Path(".")
     image_root = recipe.data.image_root or None
     report = ReadReport()
-    train = read_conversations(root / recipe.data.train, image_root, recipe.data.skip_bad_samples, report=report)
+    train = [s for f in recipe.data.train
+             for s in read_conversations(root / f, image_root, recipe.data.skip_bad_samples, report=report)]
     val_path = root / recipe.data.val
     val = read_conversations(val_path, image_root, recipe.data.skip_bad_samples, report=report) \
         if recipe.data.val and val_path.exists() else []
     if report.skipped:
         log(f"skipped {report.skipped} of {report.rows} rows (--skip-bad-samples); first: {report.reasons[0]}")
     if not train:
-        raise ConfigError(f"no training samples in {root / recipe.data.train}")
+        raise ConfigError(f"no training samples in {root}: {recipe.data.train}")
     return train, val[: recipe.data.val_samples], report
 
 
@@ -148,8 +149,13 @@ def save_training_checkpoint(folder: Path, model, cfg, processor, opt, state: di
         atomic_write_json(tmp / "trainer_state.json", state, indent=None)
 
 
-def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True, log=None) -> TrainResult:
-    """Run every stage of ``recipe``; the last checkpoint is ``out/checkpoint``."""
+def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True, log=None,
+          stop_at_step: int | None = None) -> TrainResult:
+    """Run every stage of ``recipe``; the last checkpoint is ``out/checkpoint``.
+
+    ``stop_at_step`` ends the run abruptly after that global step, without a final save, as an interruption
+    would (the run can be continued with ``resume=True`` from the last periodic checkpoint).
+    """
     log = log or (lambda msg: tqdm.write(msg))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +236,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                       "step_in_stage": 0 if last_of_stage else s + 1, "stream_position": stream.position,
                       "train_seconds": elapsed, "samples_seen": n_samples, "tokens_seen": n_tokens}
                 save_training_checkpoint(ckpt, model, cfg, processor, None if last_of_stage else opt, st, recipe)
+            if stop_at_step is not None and step >= stop_at_step:
+                break
+        if stop_at_step is not None and step >= stop_at_step:
+            break
     pbar.close()
     model.eval()
     return TrainResult(ckpt, step, elapsed, n_samples / max(elapsed, 1e-9), n_tokens / max(elapsed, 1e-9),

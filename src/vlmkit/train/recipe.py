@@ -35,7 +35,7 @@ class StageConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # folder holding the split files (a ShapesWorld folder, say)
-    train: str = "train.json"
+    train: list[str] = field(default_factory=lambda: ["train.json"])  # LLaVA JSON or COCO captions files
     val: str = "val.json"
     image_root: str = ""  # image paths are relative to the JSON file unless this is set
     group_turns: int = 8  # merge questions about one image into conversations of up to N turns; 0 = off
