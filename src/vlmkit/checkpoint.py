@@ -58,7 +58,11 @@ def load_checkpoint(path: str | Path, device="cpu"):
     path = Path(path)
     processor = Processor.from_pretrained(path)
     model = build_model(cfg, processor.image_token_id, init=False)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except RuntimeError as e:  # load_state_dict raises on shape mismatches even with strict=False
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e))
+        raise CheckpointError(f"{path / 'model.safetensors'} does not match config.json: {detail}") from e
     if missing or unexpected:
         raise CheckpointError(f"{path / 'model.safetensors'} does not match config.json: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")

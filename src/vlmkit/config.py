@@ -158,6 +158,8 @@ def _coerce(value, tp, where: str):
             pass
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
@@ -200,7 +202,8 @@ def _set_path(obj, parts: list[str], value, full_key: str, root: str):
         prefix = full_key[: len(full_key) - len(".".join(parts))].rstrip(".")
         valid = ", ".join(sorted(f.name for f in dataclasses.fields(obj)))
         where = ".".join(p for p in (root, prefix) if p) or "the top level"
-        raise ConfigError(f"unknown --set key {full_key!r}: no field {name!r} under {where}. Valid: {valid}")
+        shown = ".".join(p for p in (root, full_key) if p)
+        raise ConfigError(f"unknown --set key {shown!r}: no field {name!r} under {where}. Valid: {valid}")
     current = getattr(obj, name)
     if len(parts) > 1:
         if dataclasses.is_dataclass(current):

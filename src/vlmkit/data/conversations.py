@@ -100,7 +100,7 @@ def _parse_row(row, i: int, root: Path, where: str, check_images: bool) -> Sampl
                 raise DataError(f"{where}: image file not found: {p}")
     convs = row.get("conversations")
     messages = normalize_messages(convs, where)
-    n_ph = sum(m["content"].count("<image>") for m in messages if m["role"] != "assistant")
+    n_ph = sum(m["content"].count("<image>") for m in messages)
     if n_ph != len(paths):
         raise DataError(f"image placeholder count {n_ph} != images {len(paths)} in {where}")
     return Sample(id=str(row.get("id", i)), images=paths, conversations=convs, type=str(row.get("type", "")),

@@ -107,7 +107,8 @@ class ViTEncoder(nn.Module):
         if tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(f"vision encoder expects images of {self.image_size} (H, W), "
                              f"got {tuple(pixel_values.shape[-2:])}; check the processor's image_size")
-        x = self.patch_embed(pixel_values)  # [B, D, gh, gw]
+        dtype = next(self.patch_embed.parameters()).dtype
+        x = self.patch_embed(pixel_values.to(dtype))  # [B, D, gh, gw]
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
         prefix = 0
         if self.class_token is not None:

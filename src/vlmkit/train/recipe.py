@@ -73,6 +73,9 @@ class Recipe:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
     def validate(self) -> None:
+        from vlmkit.presets import PRESETS
+
+        PRESETS.get(self.preset)  # an unknown preset fails before any data is read
         if not self.stages:
             raise ConfigError("a recipe needs at least one stage")
         for i, st in enumerate(self.stages):

@@ -1,0 +1,60 @@
+"""Shared fixtures: a byte-level BPE trained on a few sentences, tiny model configs, processors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmkit.config import ConnectorConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
+from vlmkit.processing import Processor, TextTokenizer, train_bpe
+
+SENTENCES = [
+    "what shape is in the image?",
+    "a red circle and a blue square.",
+    "how many triangles are there? two.",
+    "the green square is left of the yellow circle.",
+    "describe the picture in one sentence.",
+    "there are three objects: a circle, a square and a triangle.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> TextTokenizer:
+    return TextTokenizer(train_bpe(SENTENCES, vocab_size=320))
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tokenizer):
+    """Factory: a ModelConfig with 16x16 images (4x4 patches of 4 px), width 32 ViT and a 2-layer GQA LM."""
+
+    def make(connector: str = "mlp", layers: int = 2, tie: bool = True, class_token: bool = False,
+             pre_norm: bool = False, qkv_bias: bool = False) -> ModelConfig:
+        vision = VisionConfig(image_size=(16, 16), patch_size=4, width=32, depth=1, heads=2, mlp_dim=64,
+                              class_token=class_token, pre_norm=pre_norm)
+        lm = LanguageConfig(vocab_size=tokenizer.vocab_size, width=32, depth=2, heads=4, kv_heads=2,
+                            mlp_dim=64, max_seq_len=256, tie_embeddings=tie, qkv_bias=qkv_bias)
+        conn = ConnectorConfig(kind=connector, scale_factor=2, layers=layers)
+        return ModelConfig(vision=vision, connector=conn, lm=lm)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_processor(tokenizer):
+    """Factory: a Processor for 16x16 images with ``image_seq_len`` tokens per image."""
+
+    def make(image_seq_len: int = 4, max_length: int = 512) -> Processor:
+        cfg = ProcessorConfig(image_size=(16, 16), image_seq_len=image_seq_len, max_length=max_length)
+        return Processor(cfg, tokenizer)
+
+    return make
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: tiny tensors gain nothing from a pool, and on a busy 2-core machine every op of a
+    2-thread pool waits a scheduler tick for its second thread (15 ms per 32-wide matmul measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

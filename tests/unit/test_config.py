@@ -1,0 +1,148 @@
+"""Typed configs: JSON round trips, unknown keys, --set overrides with coercion, recipes and validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmkit.config import ModelConfig, ProcessorConfig, apply_overrides, from_dict, parse_value, to_dict
+from vlmkit.errors import ConfigError
+from vlmkit.presets import PRESETS, get_preset
+from vlmkit.train.recipe import Recipe, StageConfig, builtin_recipes, load_recipe
+
+
+@pytest.mark.parametrize("name", PRESETS.names())
+def test_preset_configs_round_trip_through_json(name):
+    preset = get_preset(name)
+    for cls, cfg in ((ModelConfig, preset.model), (ProcessorConfig, preset.processor)):
+        back = from_dict(cls, json.loads(json.dumps(to_dict(cfg))))  # tuples come back from JSON lists
+        assert back == cfg
+        assert isinstance(back.image_size if cls is ProcessorConfig else back.vision.image_size, tuple)
+
+
+def test_from_dict_unknown_key_names_it_and_lists_valid_keys():
+    match = r"unknown key ModelConfig\.lm\.widht\. Valid keys of ModelConfig\.lm: .*width"
+    with pytest.raises(ConfigError, match=match):
+        from_dict(ModelConfig, {"lm": {"widht": 64}})
+    with pytest.raises(ConfigError, match=r"unknown key ModelConfig\.visoin"):
+        from_dict(ModelConfig, {"visoin": {}})
+
+
+def test_from_dict_wrong_types_are_refused():
+    with pytest.raises(ConfigError, match=r"ModelConfig\.lm\.depth: expected int"):
+        from_dict(ModelConfig, {"lm": {"depth": "two"}})
+    with pytest.raises(ConfigError, match=r"expected 2 values"):
+        from_dict(ModelConfig, {"vision": {"image_size": [1, 2, 3]}})
+    with pytest.raises(ConfigError, match=r"expected a mapping"):
+        from_dict(ModelConfig, {"lm": 3})
+
+
+def test_apply_overrides_nested_returns_a_copy():
+    cfg = get_preset("tiny-llava").model
+    new = apply_overrides(cfg, {"lm.depth": 2, "vision.image_size": [32, 48], "connector.kind": "linear"})
+    assert (new.lm.depth, new.vision.image_size, new.connector.kind) == (2, (32, 48), "linear")
+    assert new.lm.width == cfg.lm.width
+    assert cfg.lm.depth == 4 and cfg.vision.image_size == (64, 64), "the original must not change"
+
+
+def test_apply_overrides_coerces_int_to_float():
+    cfg = get_preset("tiny-llava").model
+    new = apply_overrides(cfg, {"lm.norm_eps": 1, "lm.rope_theta": parse_value("500000")})
+    assert new.lm.norm_eps == 1.0 and type(new.lm.norm_eps) is float
+    assert new.lm.rope_theta == 500000.0 and type(new.lm.rope_theta) is float
+    assert apply_overrides(new, {"lm.head_dim": None}).lm.head_dim is None
+    assert apply_overrides(new, {"lm.head_dim": 16}).lm.head_dim == 16
+
+
+def test_apply_overrides_unknown_key_names_it():
+    with pytest.raises(ConfigError, match=r"'lm\.widht'.*no field 'widht' under lm.*width"):
+        apply_overrides(get_preset("tiny-llava").model, {"lm.widht": 3})
+    with pytest.raises(ConfigError, match=r"lm\.width\.x.*not a section"):
+        apply_overrides(get_preset("tiny-llava").model, {"lm.width.x": 3})
+    with pytest.raises(ConfigError, match=r"expected int, got 2\.5"):
+        apply_overrides(get_preset("tiny-llava").model, {"lm.depth": 2.5})
+
+
+def test_bool_is_not_accepted_for_an_int_field():
+    with pytest.raises(ConfigError, match="expected int"):
+        apply_overrides(get_preset("tiny-llava").model, {"lm.depth": True})
+
+
+def test_set_accepts_exponent_notation_without_a_dot():
+    # PyYAML (YAML 1.1) reads "1e-3" as a string; float fields must still accept it
+    assert load_recipe("tiny-llava", ["stages.0.lr=1e-3"]).stages[0].lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match=r"stages\.0\.lr.*expected float"):
+        load_recipe("tiny-llava", ["stages.0.lr=fast"])
+
+
+def test_parse_value_reads_yaml_scalars():
+    assert parse_value("8") == 8 and parse_value("2.0e-3") == 0.002 and parse_value("true") is True
+    assert parse_value("[vision, lm]") == ["vision", "lm"] and parse_value("abc") == "abc"
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def test_builtin_recipes_include_tiny_llava():
+    assert "tiny-llava" in builtin_recipes()
+
+
+def test_load_recipe_applies_plain_and_stage_overrides():
+    base = load_recipe("tiny-llava")
+    r = load_recipe("tiny-llava", ["train.batch_size=8", "stages.1.steps=3", "stages.0.train=[connector, lm]",
+                                   "model.lm.depth=2"])
+    assert r.train.batch_size == 8 and base.train.batch_size == 32
+    assert r.stages[1].steps == 3 and r.stages[0].steps == base.stages[0].steps
+    assert r.stages[0].train == ["connector", "lm"]
+    assert r.model == {"lm.depth": 2}
+    assert r.total_steps == base.stages[0].steps + 3
+    assert r.name == "tiny-llava" and r.preset == "tiny-llava"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("stages.9.steps=1", r"stages\.9\.steps: address a stage as stages\.N\.field with N in 0\.\.1"),
+    ("stages.x.steps=1", r"stages\.N\.field"),
+    ("stages.0.bogus=1", r"no field 'bogus' under stages\.0\. Valid: .*steps"),
+    ("train.bogus=1", r"'train\.bogus'.*Valid: .*batch_size"),
+    ("train.batch_size", r"key=value"),
+])
+def test_bad_overrides_raise_config_error(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_recipe("tiny-llava", [override])
+
+
+def test_unknown_stage_key_error_quotes_the_full_key():
+    with pytest.raises(ConfigError, match=r"unknown --set key 'stages\.0\.bogus'"):
+        load_recipe("tiny-llava", ["stages.0.bogus=1"])
+
+
+def test_unknown_recipe_lists_builtins():
+    with pytest.raises(ConfigError, match=r"Unknown recipe 'nope'\. Built-in recipes: .*tiny-llava"):
+        load_recipe("nope")
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe("missing.yaml")
+
+
+@pytest.mark.parametrize("override,match", [
+    ("stages.0.train=[vision, decoder]", r"stages\[0\]\.train: \['decoder'\].*valid: vision, connector, lm"),
+    ("stages.1.train=[]", r"stages\[1\]\.train"),
+    ("stages.1.lr_scale={vison: 0.5}", r"stages\[1\]\.lr_scale: unknown module 'vison'"),
+    ("stages.0.steps=0", r"stages\[0\]\.steps must be >= 1"),
+    ("train.batch_size=0", "batch_size"),
+])
+def test_recipe_validation_rejects_bad_stages(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_recipe("tiny-llava", [override])
+
+
+def test_recipe_yaml_file_with_unknown_section_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("preset: tiny-llava\ntrian:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown key recipe\.trian"):
+        load_recipe(str(path))
+    path.write_text("preset: tiny-llava\nstages:\n  - {name: a, steps: 2}\n"
+                    "  - {name: b, steps: 1, train: [lm]}\n")
+    r = load_recipe(str(path))
+    assert r.name == "r" and [s.name for s in r.stages] == ["a", "b"] and r.total_steps == 3
+    assert isinstance(r.stages[0], StageConfig) and r.stages[0].train == list(Recipe().stages[0].train)

@@ -1,0 +1,289 @@
+"""Processor, label masks, image transform and loading, conversation files, grouping, collate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmkit.data.conversations import ReadReport, Sample, collate, group_by_image, read_conversations
+from vlmkit.errors import DataError
+from vlmkit.processing import IGNORE, ImageTransform, load_image
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def runs(ids: list[int], value: int) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of ``value`` in ``ids``."""
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i] == value:
+            j = i
+            while j < len(ids) and ids[j] == value:
+                j += 1
+            out.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def labelled_spans(labels: list[int]) -> list[list[int]]:
+    """Maximal runs of supervised (!= IGNORE) label ids."""
+    spans, cur = [], []
+    for t in labels + [IGNORE]:
+        if t != IGNORE:
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    return spans
+
+
+# -------------------------------------------------------------------------------------------- placeholders
+
+
+def test_each_placeholder_expands_to_image_seq_len_tokens(make_processor):
+    proc = make_processor(image_seq_len=4)
+    img = proc.image_token_id
+    ids = proc.encode_prompt("look <image> here", 1)
+    assert runs(ids, img) == [(ids.index(img), 4)]
+    ids = proc.encode_prompt("<image> left and <image> right", 2)
+    assert [n for _, n in runs(ids, img)] == [4, 4]
+    assert ids.count(img) == 8
+    assert proc.decode([t for t in ids if t != img]) == " left and  right"
+
+
+def test_chat_prompt_ends_with_generation_prompt(make_processor, tokenizer):
+    proc = make_processor()
+    ids = proc.encode_chat_prompt("<image>\nwhat shape?", 1)
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<|user|>\n")
+    assert text.endswith("what shape?<|end|>\n<|assistant|>\n")
+
+
+@pytest.mark.parametrize("text,n_images,n_ph", [("<image> and <image>", 1, 2), ("no image here", 1, 0),
+                                                 ("<image>", 0, 1)])
+def test_placeholder_count_mismatch_is_refused_with_counts(make_processor, text, n_images, n_ph):
+    proc = make_processor()
+    with pytest.raises(DataError, match=rf"placeholder count {n_ph} != images {n_images} in row 7"):
+        proc.encode_prompt(text, n_images, where="row 7")
+    conv = [{"from": "human", "value": text}, {"from": "gpt", "value": "ok"}]
+    with pytest.raises(DataError, match=rf"placeholder count {n_ph} != images {n_images}"):
+        proc.encode_conversation(conv, n_images)
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+
+def test_labels_cover_only_assistant_replies_and_their_end_marker(make_processor, tokenizer):
+    proc = make_processor(image_seq_len=4)
+    conv = [
+        {"from": "human", "value": "<image>\nwhat shape is it?"},
+        {"from": "gpt", "value": "a red circle."},
+        {"from": "human", "value": "how many?"},
+        {"from": "gpt", "value": "two"},
+    ]
+    ids, labels = proc.encode_conversation(conv, 1)
+    assert len(ids) == len(labels)
+    assert all(label in (IGNORE, t) for t, label in zip(ids, labels))
+    spans = [tokenizer.decode(s, skip_special_tokens=False) for s in labelled_spans(labels)]
+    assert spans == ["a red circle.<|end|>", "two<|end|>"]
+    # everything else is the template and the user turns, never trained
+    untrained = [t for t, lab in zip(ids, labels) if lab == IGNORE and t != proc.image_token_id]
+    assert tokenizer.decode(untrained, skip_special_tokens=False) == (
+        "<|user|>\n\nwhat shape is it?<|end|>\n<|assistant|>\n\n"
+        "<|user|>\nhow many?<|end|>\n<|assistant|>\n\n")
+
+
+def test_system_turn_and_openai_style_roles_are_not_trained(make_processor, tokenizer):
+    proc = make_processor()
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}]
+    _, labels = proc.encode_conversation(conv, 0)
+    spans = [tokenizer.decode(s, skip_special_tokens=False) for s in labelled_spans(labels)]
+    assert spans == ["hello<|end|>"]
+
+
+@pytest.mark.parametrize("conv,match", [
+    ([], "non-empty list"),
+    ([{"from": "human", "value": "hi"}], "no assistant"),
+    ([{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}], "turn 0 has role 'robot'"),
+    ([{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}], "turn 0 needs a text"),
+])
+def test_unusable_conversations_raise_data_error(make_processor, conv, match):
+    with pytest.raises(DataError, match=match):
+        make_processor().encode_conversation(conv, 0, where="row 3 of x.json")
+
+
+def test_max_length_exceeded_raises(make_processor):
+    proc = make_processor(image_seq_len=4, max_length=10)
+    conv = [{"from": "human", "value": "<image>\ndescribe"}, {"from": "gpt", "value": "a circle"}]
+    with pytest.raises(DataError, match=r"exceed max_length 10"):
+        proc.encode_conversation(conv, 1)
+
+
+def test_processor_requires_image_seq_len(tokenizer):
+    from vlmkit.config import ProcessorConfig
+    from vlmkit.processing import Processor
+
+    with pytest.raises(ValueError, match="image_seq_len"):
+        Processor(ProcessorConfig(image_size=(16, 16)), tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def test_image_transform_shape_dtype_and_normalisation():
+    colour = (255, 51, 102)
+    mean, std = (0.5, 0.4, 0.3), (0.5, 0.25, 0.2)
+    t = ImageTransform((16, 24), mean, std, resample="bicubic")
+    x = t(Image.new("RGB", (40, 10), colour))  # PIL sizes are (width, height)
+    assert x.shape == (3, 16, 24) and x.dtype == torch.float32
+    for c in range(3):
+        expected = (colour[c] / 255 - mean[c]) / std[c]
+        torch.testing.assert_close(x[c], torch.full((16, 24), expected), atol=1e-5, rtol=0)
+
+
+def test_image_transform_keeps_orientation():
+    im = Image.new("RGB", (24, 16), (0, 0, 0))
+    im.paste((255, 255, 255), (0, 0, 24, 8))  # top half white
+    x = ImageTransform((16, 24), (0, 0, 0), (1, 1, 1))(im)
+    assert torch.allclose(x[:, :8], torch.ones(3, 8, 24)) and torch.allclose(x[:, 8:], torch.zeros(3, 8, 24))
+
+
+def test_image_transform_rejects_unknown_resample():
+    with pytest.raises(ValueError, match="resample"):
+        ImageTransform((8, 8), (0, 0, 0), (1, 1, 1), resample="cubic")
+
+
+def test_load_image_missing_and_corrupt_files_name_the_path(tmp_path):
+    missing = tmp_path / "nope.png"
+    with pytest.raises(DataError, match=str(missing)):
+        load_image(missing)
+    corrupt = tmp_path / "x.png"
+    corrupt.write_bytes(b"this is not a png at all" * 10)
+    with pytest.raises(DataError, match=str(corrupt)):
+        load_image(corrupt, where="row 4 of train.json")
+    truncated = tmp_path / "t.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with pytest.raises(DataError, match=str(truncated)):
+        load_image(truncated)
+
+
+def test_load_image_converts_to_rgb(tmp_path):
+    path = tmp_path / "g.png"
+    Image.new("L", (5, 4), 7).save(path)
+    im = load_image(path)
+    assert im.mode == "RGB" and im.size == (5, 4)
+
+
+def test_preprocess_images_stacks_and_handles_none(make_processor, tmp_path):
+    proc = make_processor()
+    path = tmp_path / "a.png"
+    Image.new("RGB", (20, 20), (10, 20, 30)).save(path)
+    assert proc.preprocess_images([path, Image.new("RGB", (8, 8))]).shape == (2, 3, 16, 16)
+    assert proc.preprocess_images([]).shape == (0, 3, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def write_dataset(folder, rows) -> object:
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(folder / "a.png")
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(folder / "b.png")
+    path = folder / "train.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+GOOD = {"id": "g", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq?"},
+                                                       {"from": "gpt", "value": "a."}]}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"image": "a.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     "placeholder count 0 != images 1"),
+    ({"image": "missing.png", "conversations": GOOD["conversations"]}, "image file not found"),
+    ({"image": "a.png"}, "conversations"),
+    ("not an object", "expected an object"),
+])
+def test_read_conversations_bad_row_names_row_and_file(tmp_path, bad, match):
+    path = write_dataset(tmp_path, [GOOD, bad, GOOD])
+    with pytest.raises(DataError, match=match) as e:
+        read_conversations(path)
+    assert "row 1 of" in str(e.value) and str(path) in str(e.value)
+
+    report = ReadReport()
+    samples = read_conversations(path, skip_bad=True, report=report)
+    assert len(samples) == 2 and [s.source for s in samples] == [f"row 0 of {path}", f"row 2 of {path}"]
+    assert (report.rows, report.skipped) == (3, 1)
+    assert "row 1 of" in report.reasons[0]
+
+
+def test_read_conversations_resolves_images_relative_to_file(tmp_path):
+    two = {"id": "two", "images": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image><image> same?"}, {"from": "gpt", "value": "no"}]}
+    path = write_dataset(tmp_path, [GOOD, two])
+    samples = read_conversations(path)
+    assert samples[0].images == [tmp_path / "a.png"]
+    assert samples[1].images == [tmp_path / "a.png", tmp_path / "b.png"]
+
+
+def test_read_conversations_invalid_json_names_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("[{")
+    with pytest.raises(DataError, match="broken.json is not valid JSON"):
+        read_conversations(path)
+
+
+def qa(i: int, image: str) -> Sample:
+    return Sample(id=f"{image}{i}", images=[image], conversations=[
+        {"from": "human", "value": f"<image>\nquestion {i} about {image}?"},
+        {"from": "gpt", "value": f"answer {i}"},
+    ])
+
+
+def test_group_by_image_merges_turns_with_one_placeholder(make_processor):
+    multi = Sample(id="m", images=["A", "B"], conversations=[
+        {"from": "human", "value": "<image><image> diff?"}, {"from": "gpt", "value": "yes"}])
+    samples = [qa(i, "A") for i in range(5)] + [qa(i, "B") for i in range(2)] + [multi]
+    out = group_by_image(samples, max_turns=2, seed=0)
+
+    assert multi in out
+    grouped = [s for s in out if s is not multi]
+    assert sorted(len(s.conversations) // 2 for s in grouped if s.images == ["A"]) == [1, 2, 2]
+    assert [len(s.conversations) // 2 for s in grouped if s.images == ["B"]] == [2]
+    pairs = set()
+    for s in grouped:
+        humans = [t["value"] for t in s.conversations[0::2]]
+        assert [t["from"] for t in s.conversations] == ["human", "gpt"] * (len(s.conversations) // 2)
+        assert humans[0].count("<image>") == 1 and all("<image>" not in h for h in humans[1:])
+        assert len(s.conversations) // 2 <= 2
+        pairs |= {(h.replace("<image>\n", ""), g["value"]) for h, g in zip(humans, s.conversations[1::2])}
+        make_processor().encode_conversation(s.conversations, 1)  # a valid one-image conversation
+    expected = {(f"question {i} about {im}?", f"answer {i}") for im, n in (("A", 5), ("B", 2))
+                for i in range(n)}
+    assert pairs == expected
+
+
+def test_group_by_image_is_deterministic_per_seed():
+    samples = [qa(i, "A") for i in range(6)]
+    ids = lambda seed: [s.id for s in group_by_image(samples, max_turns=3, seed=seed)]  # noqa: E731
+    assert ids(0) == ids(0)
+    assert ids(0) != ids(1) or ids(0) != ids(2)
+
+
+def test_collate_right_pads_ids_labels_and_concatenates_images():
+    a = {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),
+         "pixel_values": torch.ones(1, 3, 4, 4)}
+    b = {"input_ids": torch.tensor([8, 9, 10, 11, 12]), "labels": torch.tensor([-100, -100, 10, 11, 12]),
+         "pixel_values": torch.zeros(0, 3, 4, 4)}
+    batch = collate([a, b], pad_id=0)
+    assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]))
+    assert torch.equal(batch["labels"], torch.tensor([[-100, 6, 7, -100, -100], [-100, -100, 10, 11, 12]]))
+    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    assert batch["pixel_values"].shape == (1, 3, 4, 4)
