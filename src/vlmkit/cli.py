@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     d.add_argument("--out", default="vlmkit-demo", help="output folder (default: vlmkit-demo)")
     d.add_argument("--data", help="ShapesWorld folder (default: OUT/data; generated if absent)")
-    d.add_argument("--n", type=int, default=6000, help="images to generate when the data is absent")
+    d.add_argument("--n", type=int, help="images to generate when the data is absent (default 4000)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_demo)

@@ -20,13 +20,14 @@ from vlmkit.train.recipe import load_recipe
 from vlmkit.train.report import plot_loss
 from vlmkit.utils import atomic_write_json, atomic_write_text
 
-DEMO_IMAGES = 6000
+DEMO_IMAGES = 4000
 
 
 def run_demo(out: str | Path = "vlmkit-demo", data: str | Path | None = None, overrides: list[str] | None = None,
-             n_images: int = DEMO_IMAGES, progress: bool = True, log=print) -> dict:
+             n_images: int | None = None, progress: bool = True, log=print) -> dict:
     out = Path(out)
     data = Path(data) if data else out / "data"
+    n_images = n_images or DEMO_IMAGES
     t_start = time.perf_counter()
     if not (data / "meta.json").exists():
         log(f"generating ShapesWorld ({n_images} images) in {data}")
