@@ -10,4 +10,4 @@ def load(path, device="cpu"):
     return Pipeline.from_pretrained(path, device=device)
 
 
-__all__ = ["load", "__version__"]
+__all__ = ["__version__", "load"]

@@ -69,4 +69,4 @@ def load_checkpoint(path: str | Path, device="cpu"):
     return model.to(device).eval(), processor, cfg, meta
 
 
-__all__ = ["write_model_files", "load_checkpoint", "read_config", "check_folder", "REQUIRED"]
+__all__ = ["REQUIRED", "check_folder", "load_checkpoint", "read_config", "write_model_files"]

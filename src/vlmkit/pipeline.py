@@ -32,7 +32,7 @@ class Pipeline:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu") -> "Pipeline":
+    def from_pretrained(cls, path: str | Path, device="cpu") -> Pipeline:
         model, processor, cfg, meta = load_checkpoint(path, device)
         return cls(model, processor, cfg, meta)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from vlmkit.errors import ConfigError
 
@@ -22,7 +23,8 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             self._items[name] = fn
-            self._docs[name] = (doc or (fn.__doc__ or "").strip().splitlines() or [""])[0] if doc is None else doc
+            first_line = ((fn.__doc__ or "").strip().splitlines() or [""])[0]
+            self._docs[name] = doc if doc is not None else first_line
             return fn
 
         return deco

@@ -272,7 +272,7 @@ def test_group_by_image_merges_turns_with_one_placeholder(make_processor):
 
 def test_group_by_image_is_deterministic_per_seed():
     samples = [qa(i, "A") for i in range(6)]
-    ids = lambda seed: [s.id for s in group_by_image(samples, max_turns=3, seed=seed)]  # noqa: E731
+    ids = lambda seed: [s.id for s in group_by_image(samples, max_turns=3, seed=seed)]
     assert ids(0) == ids(0)
     assert ids(0) != ids(1) or ids(0) != ids(2)
 

@@ -28,5 +28,11 @@ def build_connector(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module
     return CONNECTORS.build(cfg.kind, cfg, d_vision, d_lm)
 
 
-__all__ = ["CONNECTORS", "build_connector", "LinearConnector", "MLPConnector", "PixelShuffleConnector",
-           "pixel_shuffle"]
+__all__ = [
+    "CONNECTORS",
+    "LinearConnector",
+    "MLPConnector",
+    "PixelShuffleConnector",
+    "build_connector",
+    "pixel_shuffle",
+]

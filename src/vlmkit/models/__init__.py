@@ -45,4 +45,4 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> i
     return total
 
 
-__all__ = ["build_model", "count_parameters", "ModelOutput", "VisionLanguageModel"]
+__all__ = ["ModelOutput", "VisionLanguageModel", "build_model", "count_parameters"]

@@ -3,7 +3,19 @@
 from vlmkit.nn.attention import Attention, KVCache, causal_mask
 from vlmkit.nn.mlp import MLP, SwiGLU, activation, init_linear_
 from vlmkit.nn.norm import RMSNorm, make_norm
-from vlmkit.nn.rope import RotaryEmbedding, Rotary2D, apply_rope
+from vlmkit.nn.rope import Rotary2D, RotaryEmbedding, apply_rope
 
-__all__ = ["Attention", "KVCache", "causal_mask", "MLP", "SwiGLU", "activation", "init_linear_", "RMSNorm",
-           "make_norm", "RotaryEmbedding", "Rotary2D", "apply_rope"]
+__all__ = [
+           "MLP",
+           "Attention",
+           "KVCache",
+           "RMSNorm",
+           "Rotary2D",
+           "RotaryEmbedding",
+           "SwiGLU",
+           "activation",
+           "apply_rope",
+           "causal_mask",
+           "init_linear_",
+           "make_norm",
+]

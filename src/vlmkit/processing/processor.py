@@ -39,12 +39,12 @@ class Processor:
         self.tokenizer.save(Path(folder) / "tokenizer.json")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "Processor":
+    def from_pretrained(cls, folder: str | Path) -> Processor:
         folder = Path(folder)
         cfg = from_dict(ProcessorConfig, json.loads((folder / "processor.json").read_text()))
         return cls(cfg, TextTokenizer.from_file(folder / "tokenizer.json"))
 
-    def with_image_seq_len(self, n: int) -> "Processor":
+    def with_image_seq_len(self, n: int) -> Processor:
         return Processor(dataclasses.replace(self.cfg, image_seq_len=n), self.tokenizer)
 
     # ------------------------------------------------------------------ images

@@ -6,8 +6,8 @@ markers of the vlmkit template (``<|user|>``, ``<|assistant|>``, ``<|end|>``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -40,7 +40,7 @@ class TextTokenizer:
         self.bos_id = self.token_id(bos_token) if bos_token else None
 
     @classmethod
-    def from_file(cls, path: str | Path, **kwargs) -> "TextTokenizer":
+    def from_file(cls, path: str | Path, **kwargs) -> TextTokenizer:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"tokenizer file not found: {path}")

@@ -19,12 +19,25 @@ from tqdm.auto import tqdm
 
 from vlmkit.checkpoint import check_folder, write_model_files
 from vlmkit.config import ProcessorConfig, apply_overrides, to_dict
-from vlmkit.data.conversations import ConversationDataset, ReadReport, collate, group_by_image, read_conversations
+from vlmkit.data.conversations import (
+    ConversationDataset,
+    ReadReport,
+    collate,
+    group_by_image,
+    read_conversations,
+)
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
-from vlmkit.train.optim import freeze_for_stage, load_optimizer, lr_factor, make_optimizer, save_optimizer, set_lr
+from vlmkit.train.optim import (
+    freeze_for_stage,
+    load_optimizer,
+    lr_factor,
+    make_optimizer,
+    save_optimizer,
+    set_lr,
+)
 from vlmkit.train.recipe import Recipe
 from vlmkit.utils import atomic_directory, atomic_write_json, seed_everything
 

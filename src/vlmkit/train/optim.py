@@ -92,5 +92,13 @@ def load_optimizer(opt: torch.optim.Optimizer, path) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-__all__ = ["MODULE_GROUPS", "module_groups", "freeze_for_stage", "make_optimizer", "lr_factor", "set_lr",
-           "save_optimizer", "load_optimizer"]
+__all__ = [
+    "MODULE_GROUPS",
+    "freeze_for_stage",
+    "load_optimizer",
+    "lr_factor",
+    "make_optimizer",
+    "module_groups",
+    "save_optimizer",
+    "set_lr",
+]
