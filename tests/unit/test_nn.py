@@ -228,6 +228,7 @@ def test_rotary2d_shapes_and_prefix():
     cos_p, sin_p = rot(3, 4, prefix=1)
     assert cos_p.shape == (1, 13, 16)
     torch.testing.assert_close(cos_p[:, 1:], cos)
+    torch.testing.assert_close(sin_p[:, 1:], sin)
     torch.testing.assert_close(cos_p[0, 0], torch.ones(16))  # class token sits at (0, 0): no rotation
     with pytest.raises(ValueError, match="divisible by 4"):
         Rotary2D(10)
