@@ -71,6 +71,3 @@ def atomic_directory(final: str | Path, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,7 +19,7 @@ from vlmkit.presets import PRESETS, get_preset
 
 
 def vit_config(**kw) -> VisionConfig:
-    base = dict(image_size=(16, 32), patch_size=8, width=32, depth=2, heads=2, mlp_dim=64)
+    base = {"image_size": (16, 32), "patch_size": 8, "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64}
     return VisionConfig(**{**base, **kw})
 
 
@@ -90,7 +90,7 @@ def test_vit_feature_layer_out_of_range_raises():
 def test_vit_penultimate_layer_equals_hidden_state_after_penultimate_block(post_norm):
     """LLaVA's layer -2 is the output of the full encoder's block depth-1 (CLIP: class token, pre-norm)."""
     torch.manual_seed(0)
-    kw = dict(class_token=True, pre_norm=True, post_norm=post_norm)
+    kw = {"class_token": True, "pre_norm": True, "post_norm": post_norm}
     full = ViTEncoder(vit_config(feature_layer=-1, **kw)).eval()
     penult = ViTEncoder(vit_config(feature_layer=-2, **kw)).eval()
     missing, unexpected = penult.load_state_dict(full.state_dict(), strict=False)
@@ -128,7 +128,7 @@ def test_vit_wrong_image_size_names_the_processor():
 
 
 def lm_config(**kw) -> LanguageConfig:
-    base = dict(vocab_size=50, width=32, depth=2, heads=4, kv_heads=2, mlp_dim=64, max_seq_len=64)
+    base = {"vocab_size": 50, "width": 32, "depth": 2, "heads": 4, "kv_heads": 2, "mlp_dim": 64, "max_seq_len": 64}
     return LanguageConfig(**{**base, **kw})
 
 

@@ -78,6 +78,6 @@ class PixelShuffleConnector(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         if grid is None:
-            side = int(round(x.shape[1] ** 0.5))
+            side = round(x.shape[1] ** 0.5)
             grid = (side, side)
         return self.proj(pixel_shuffle(x, grid, self.scale))  # [B, N/s^2, D_lm]

@@ -12,6 +12,7 @@ import json
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -126,7 +127,7 @@ def group_by_image(samples: list[Sample], max_turns: int = 8, seed: int = 0) -> 
         rng.shuffle(members)
         n_chunks = -(-len(members) // max_turns)
         bounds = [round(k * len(members) / n_chunks) for k in range(n_chunks + 1)]  # even sizes: less padding
-        for start, stop in zip(bounds, bounds[1:]):
+        for start, stop in pairwise(bounds):
             chunk = members[start:stop]
             turns = []
             for k, s in enumerate(chunk):

@@ -7,7 +7,6 @@ assistant tokens are trained. Placeholder/image mismatches are refused here, bef
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -43,9 +42,6 @@ class Processor:
         folder = Path(folder)
         cfg = from_dict(ProcessorConfig, json.loads((folder / "processor.json").read_text()))
         return cls(cfg, TextTokenizer.from_file(folder / "tokenizer.json"))
-
-    def with_image_seq_len(self, n: int) -> Processor:
-        return Processor(dataclasses.replace(self.cfg, image_seq_len=n), self.tokenizer)
 
     # ------------------------------------------------------------------ images
     def preprocess_images(self, images, where: str = "") -> torch.Tensor:

@@ -53,7 +53,7 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.AdamW:
 
 def lr_factor(step: int, stage: StageConfig) -> float:
     """Linear warm-up to 1, then cosine down to ``min_lr_ratio`` at the end of the stage."""
-    warm = max(1, int(round(stage.warmup * stage.steps)))
+    warm = max(1, round(stage.warmup * stage.steps))
     if step < warm:
         return (step + 1) / warm
     t = (step - warm) / max(1, stage.steps - warm)
