@@ -51,7 +51,7 @@ def pixel_shuffle(x: torch.Tensor, grid: tuple[int, int], s: int) -> torch.Tenso
     h, w = grid
     if h % s or w % s or h * w != N:
         raise ValueError(f"pixel shuffle needs a patch grid divisible by {s}, got {h}x{w} for {N} tokens")
-    x = x.view(B, h, w // s, D * s)  # merge s neighbours along a row
+    x = x.reshape(B, h, w // s, D * s)  # merge s neighbours along a row (reshape: x may be a strided view)
     x = x.permute(0, 2, 1, 3)  # [B, w/s, h, D*s]
     x = x.reshape(B, w // s, h // s, D * s * s)  # merge s neighbours along a column
     x = x.permute(0, 2, 1, 3)  # [B, h/s, w/s, D*s*s]
