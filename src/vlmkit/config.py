@@ -32,7 +32,7 @@ class VisionConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     class_token: bool = False
-    pos_embed: str = "learned"  # learned | rope2d
+    pos_embed: str = "learned"  # learned | sincos2d (fixed) | rope2d
     rope_theta: float = 10000.0
     pre_norm: bool = False  # CLIP's "pre_layrnorm" on the embeddings
     post_norm: bool = True  # apply the final norm to the selected features

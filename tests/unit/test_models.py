@@ -28,9 +28,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # ------------------------------------------------------------------------------------------------ ViT
 
 
-@pytest.mark.parametrize("pos_embed", ["learned", "rope2d"])
+@pytest.mark.parametrize("pos_embed", ["learned", "rope2d", "sincos2d"])
 @pytest.mark.parametrize("class_token,drop_class_token", [(False, True), (True, True), (True, False)])
 def test_vit_output_shapes_on_non_square_images(pos_embed, class_token, drop_class_token):
+    if pos_embed == "sincos2d" and class_token:
+        pytest.skip("sincos2d refuses a class token (tested below)")
     cfg = vit_config(pos_embed=pos_embed, class_token=class_token, drop_class_token=drop_class_token)
     enc = ViTEncoder(cfg)
     out = enc(torch.randn(3, 3, 16, 32))
@@ -70,6 +72,39 @@ def test_vit_rope2d_has_no_learned_positions_and_depends_on_patch_position():
     a, b = enc(img), enc(swapped)
     # with no positions attention is permutation-equivariant: patch 0 of `swapped` would be patch 1 of `img`
     assert not torch.allclose(a[:, 1], b[:, 0], atol=1e-4)
+
+
+def test_sincos2d_positions_are_fixed_unit_scale_and_encode_row_and_column():
+    from vlmkit.nn import sincos_2d
+
+    pe = sincos_2d(3, 5, 16)  # rows 0..2, columns 0..4
+    assert pe.shape == (15, 16)
+    # each (sin, cos) pair has unit norm, so every position vector has norm sqrt(dim / 2)
+    torch.testing.assert_close(pe.norm(dim=1), torch.full((15,), 8**0.5))
+    rows, cols = pe[:, :8], pe[:, 8:]
+    assert torch.equal(rows[0], rows[4]) and not torch.equal(rows[0], rows[5])  # same row, next row
+    assert torch.equal(cols[0], cols[5]) and not torch.equal(cols[0], cols[1])  # same column, next column
+    torch.testing.assert_close(rows[5, :4], torch.sin(torch.tensor(1.0) / 10000 ** (torch.arange(4) / 4)))
+
+    enc = ViTEncoder(vit_config(pos_embed="sincos2d"))
+    assert "pos_embed" not in enc.state_dict() and all(p is not enc.pos_embed for p in enc.parameters())
+    torch.testing.assert_close(enc.pos_embed[0], sincos_2d(2, 4, 32))
+    with pytest.raises(ValueError, match="sincos2d.*class token"):
+        ViTEncoder(vit_config(pos_embed="sincos2d", class_token=True))
+    with pytest.raises(ValueError, match="learned', 'sincos2d' or 'rope2d'"):
+        ViTEncoder(vit_config(pos_embed="absolute"))
+
+
+def test_vit_without_final_norm_feeds_pixel_shuffle():
+    """Regression: without post_norm the ViT returned a strided view of its patch embedding and the
+    pixel-shuffle connector's ``view`` raised. Both sides are fixed; both are checked."""
+    cfg = vit_config(image_size=(16, 16), post_norm=False)
+    enc = ViTEncoder(cfg)
+    feats = enc(torch.randn(2, 3, 16, 16))
+    conn = build_connector(ConnectorConfig(kind="pixel_shuffle", scale_factor=2, layers=1), 32, 24)
+    assert conn(feats, enc.grid).shape == (2, 1, 24)
+    strided = torch.randn(2, 32, 16).transpose(1, 2)  # [B, N=16, D=32], not contiguous
+    torch.testing.assert_close(pixel_shuffle(strided, (4, 4), 2), pixel_shuffle(strided.contiguous(), (4, 4), 2))
 
 
 @pytest.mark.parametrize("feature_layer,built", [(-1, 2), (-2, 1), (0, 0), (2, 2), (1, 1)])

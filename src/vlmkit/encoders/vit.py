@@ -1,7 +1,9 @@
 """Vision Transformer image encoder (Dosovitskiy et al. 2020), configurable into CLIP-ViT and SigLIP-ViT.
 
 CLIP: class token, learned positions, ``pre_norm`` on the embeddings, quick-GELU, LLaVA reads layer -2.
-SigLIP: no class token, learned positions, tanh-GELU, final norm.  From scratch: any mix, e.g. 2D rotary.
+SigLIP: no class token, learned positions, tanh-GELU, final norm.  From scratch: any mix, e.g. fixed 2D
+sine-cosine positions (the tiny-llava default: unit-scale position information from the first step) or 2D
+rotary.
 Returns patch features [B, N, D] from the selected layer (class token dropped unless asked otherwise).
 """
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import VisionConfig
-from vlmkit.nn import MLP, Attention, Rotary2D, make_norm
+from vlmkit.nn import MLP, Attention, Rotary2D, make_norm, sincos_2d
 
 
 class ConvStem(nn.Module):
@@ -76,11 +78,18 @@ class ViTEncoder(nn.Module):
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.randn(1, n_pos, cfg.width) * 0.02)
             self.rope = None
+        elif cfg.pos_embed == "sincos2d":
+            if cfg.class_token:
+                raise ValueError("vision.pos_embed 'sincos2d' has no position for a class token; "
+                                 "use class_token: false (pooling) or pos_embed: learned")
+            # a buffer, not a parameter: fixed, and kept out of checkpoints (rebuilt from the config)
+            self.register_buffer("pos_embed", sincos_2d(gh, gw, cfg.width)[None], persistent=False)
+            self.rope = None
         elif cfg.pos_embed == "rope2d":
             self.pos_embed = None
             self.rope = Rotary2D(cfg.width // cfg.heads, cfg.rope_theta)
         else:
-            raise ValueError(f"vision.pos_embed must be 'learned' or 'rope2d', got {cfg.pos_embed!r}")
+            raise ValueError(f"vision.pos_embed must be 'learned', 'sincos2d' or 'rope2d', got {cfg.pos_embed!r}")
         self.pre_norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cfg.pre_norm else None
         n_run = self._layers_to_run(cfg.depth, cfg.feature_layer)
         self.blocks = nn.ModuleList(
@@ -109,7 +118,7 @@ class ViTEncoder(nn.Module):
                              f"got {tuple(pixel_values.shape[-2:])}; check the processor's image_size")
         dtype = next(self.patch_embed.parameters()).dtype
         x = self.patch_embed(pixel_values.to(dtype))  # [B, D, gh, gw]
-        x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        x = x.flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
         prefix = 0
         if self.class_token is not None:
             x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1 + N, D]

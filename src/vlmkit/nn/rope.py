@@ -58,3 +58,15 @@ class Rotary2D(nn.Module):
             return torch.cat([a1, b1, a2, b2], dim=-1)
 
         return merge(cos_r, cos_c), merge(sin_r, sin_c)  # [1, N, hd]
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embeddings [grid_h * grid_w, dim] (MAE; Beyer et al. 2022, "Better plain
+    ViT baselines"): a quarter of the channels each for sin/cos of the row and of the column. Unit-scale from
+    the first step, so a from-scratch ViT knows where every patch is before it has learned anything."""
+    if dim % 4:
+        raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {dim}")
+    pos = rope_2d_positions(grid_h, grid_w).float()  # [N, 2] (row, col)
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    rows, cols = pos[:, 0:1] * omega, pos[:, 1:2] * omega  # [N, dim/4] each
+    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)
