@@ -270,6 +270,18 @@ def test_group_by_image_merges_turns_with_one_placeholder(make_processor):
     assert pairs == expected
 
 
+def test_group_by_image_never_merges_captions():
+    """A caption states the answers, so in the same sequence the questions after it could be copied."""
+    caption = lambda i: Sample(id=f"c{i}", images=["A"], type="caption", conversations=[
+        {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"caption {i}"}])
+    caps = [caption(i) for i in range(3)]
+    out = group_by_image([qa(0, "A"), caps[0], qa(1, "A"), caps[1], caps[2]], max_turns=8, seed=0)
+    assert [s for s in out if s.type == "caption"] == caps
+    merged = [s for s in out if s.type != "caption"]
+    assert len(merged) == 1 and len(merged[0].conversations) == 4
+    assert all("caption" not in t["value"] for t in merged[0].conversations)
+
+
 def test_group_by_image_is_deterministic_per_seed():
     samples = [qa(i, "A") for i in range(6)]
     ids = lambda seed: [s.id for s in group_by_image(samples, max_turns=3, seed=seed)]

@@ -113,13 +113,15 @@ def group_by_image(samples: list[Sample], max_turns: int = 8, seed: int = 0) -> 
 
     The image is encoded once for all its questions, which makes from-scratch training several times more
     sample-efficient per second. Question order is shuffled deterministically; groups hold at most
-    ``max_turns`` question-answer pairs. Multi-image or multi-turn samples are kept as they are.
+    ``max_turns`` question-answer pairs. Multi-image or multi-turn samples are kept as they are, and so are
+    captions (type ``caption``): a caption in the same sequence states the answers to the questions after it
+    (and the next caption), so the model would learn to copy from the text instead of looking at the image.
     """
     rng = random.Random(seed)
     groups: OrderedDict[Path, list[Sample]] = OrderedDict()
     out: list[Sample] = []
     for s in samples:
-        if len(s.images) == 1 and len(s.conversations) == 2:
+        if len(s.images) == 1 and len(s.conversations) == 2 and s.type != "caption":
             groups.setdefault(s.images[0], []).append(s)
         else:
             out.append(s)
