@@ -433,3 +433,19 @@ def test_tiny_llava_preset_runs(tokenizer):
     M = model.image_seq_len
     ids = torch.tensor([[10] + [tokenizer.token_id("<image>")] * M + [11, 12]])
     assert model(ids, torch.randn(1, 3, 64, 64)).logits.shape == (1, M + 3, tokenizer.vocab_size)
+
+
+@pytest.mark.parametrize("connector,layers", [("mlp", 2), ("linear", 2), ("pixel_shuffle", 1), ("pixel_shuffle", 2)])
+def test_from_scratch_connector_emits_image_tokens_near_unit_scale(tiny_config, tokenizer, connector, layers):
+    """Fan-in init: image tokens start at RMS ~0.3-1.5, not the ~0.02*sqrt(fan_in) of GPT-2's std-0.02 init."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_config(connector=connector, layers=layers),
+                              vision=dataclasses.replace(tiny_config().vision, width=128),
+                              lm=dataclasses.replace(tiny_config().lm, width=256, heads=4, kv_heads=2))
+    model = build_model(cfg, tokenizer.token_id("<image>"))
+    feats = torch.randn(64, model.encoder.num_tokens, 128)  # unit-scale, like the ViT's normed output
+    with torch.no_grad():
+        rms = model.connector(feats, model.encoder.grid).pow(2).mean().sqrt()
+    assert 0.3 < float(rms) < 1.5, float(rms)
+    assert all(abs(float(m.weight.std()) * m.in_features**0.5 - 1) < 0.1
+               for m in model.connector.modules() if isinstance(m, torch.nn.Linear))

@@ -20,8 +20,23 @@ def build_model(cfg: ModelConfig, image_token_id: int, init: bool = True) -> Vis
     model = VisionLanguageModel(encoder, connector, lm, image_token_id)
     if init and not any(p.is_meta for p in model.parameters()):
         init_linear_(model)
+        _init_connector_fan_in(model.connector)
         _scale_residual_outputs(model, cfg)
     return model
+
+
+def _init_connector_fan_in(connector: torch.nn.Module) -> None:
+    """LeCun (fan-in) init for the connector, so image tokens enter the LM at about unit scale.
+
+    With GPT-2's std 0.02 a from-scratch connector emits image tokens of RMS ~0.08, and the LM is slow to
+    read them: in a controlled test (the LM alone, fed fixed random "image" vectors that carry the answer to
+    ShapesWorld colour questions) vectors of RMS 1 were read within 30 steps and vectors of RMS 0.08 needed
+    ~150. This init gives image tokens of RMS ~0.6 from the first step.
+    """
+    with torch.no_grad():
+        for m in connector.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=m.in_features**-0.5)
 
 
 def _scale_residual_outputs(model: VisionLanguageModel, cfg: ModelConfig) -> None:
