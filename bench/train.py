@@ -1,0 +1,96 @@
+"""Training-step throughput of a preset on ShapesWorld, with and without turn grouping, as one JSON line.
+
+    python bench/train.py [--preset tiny-llava] [--batch-size 32] [--steps 20] [--threads 2]
+
+Both settings run in the same process on the same data, so their ratio is meaningful on a noisy machine;
+absolute figures are not. ``gflops`` uses the standard 6 * parameters * tokens estimate (forward + backward)
+for the ViT over its patches and the LM over its tokens; ``peak_fraction`` divides it by 175 GFLOP/s, the fp32
+matmul peak measured on 2 threads of the development machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vlmkit.data.conversations import ConversationDataset, collate, group_by_image, read_conversations
+from vlmkit.data.shapes import generate_shapes
+from vlmkit.models import count_parameters
+from vlmkit.train.loop import BatchStream, build_for_recipe, prepare_tokenizer
+from vlmkit.train.optim import make_optimizer
+from vlmkit.train.recipe import load_recipe
+
+PEAK_GFLOPS = 175.0
+
+
+def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3) -> dict:
+    opt = make_optimizer(model, stage)
+    stream = BatchStream(len(ds), batch_size, seed=0)
+    n_vit = count_parameters(model.encoder)
+    n_lm = count_parameters(model.lm) - model.lm.embed_tokens.weight.numel()
+    patches = model.encoder.num_tokens
+    seqs = tokens = answers = images = 0
+    flops = 0.0
+    elapsed = 0.0
+    for step in range(warmup + steps):
+        batch = collate([ds[i] for i in stream.next()], pad_id)
+        t0 = time.perf_counter()
+        out = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step < warmup:
+            continue
+        elapsed += time.perf_counter() - t0
+        n_tok = int(batch["attention_mask"].sum())
+        n_img = batch["pixel_values"].shape[0]
+        seqs += batch["input_ids"].shape[0]
+        tokens += n_tok
+        images += n_img
+        # an answer ends at each supervised end-of-turn: count label runs
+        lab = batch["labels"] != -100
+        answers += int((lab[:, 1:] & ~lab[:, :-1]).sum() + lab[:, 0].sum())
+        flops += 6.0 * (n_lm * n_tok + n_vit * patches * n_img)
+    gflops = flops / elapsed / 1e9
+    return {"sequences_per_s": round(seqs / elapsed, 2), "tokens_per_s": round(tokens / elapsed),
+            "answers_per_s": round(answers / elapsed, 1), "images_per_s": round(images / elapsed, 1),
+            "mean_tokens": round(tokens / seqs, 1), "gflops": round(gflops, 1),
+            "peak_fraction": round(gflops / PEAK_GFLOPS, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny-llava")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--images", type=int, default=400)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "shapes"
+        generate_shapes(data, n=args.images, seed=0, progress=False)
+        recipe = load_recipe("tiny-llava", [f"data.path={data}", f"preset={args.preset}"])
+        samples = read_conversations(data / "train.json")
+        tokenizer = prepare_tokenizer(recipe, samples, None)
+        _, model, processor = build_for_recipe(recipe, tokenizer)
+        model.train()
+        results = {}
+        for name, group in (("grouped", recipe.data.group_turns), ("single_turn", 0)):
+            rows = group_by_image(samples, group, 0) if group else samples
+            ds = ConversationDataset(rows, processor)
+            results[name] = run(model, ds, tokenizer.pad_id, recipe.stages[0], args.batch_size, args.steps)
+    ratio = results["grouped"]["answers_per_s"] / results["single_turn"]["answers_per_s"]
+    print(json.dumps({"bench": "train", "config": {**vars(args), "group_turns": recipe.data.group_turns,
+                                                   "parameters": count_parameters(model)},
+                      **results, "grouped_vs_single_answers_ratio": round(ratio, 2)}))
+
+
+if __name__ == "__main__":
+    main()
