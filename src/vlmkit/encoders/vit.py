@@ -2,8 +2,7 @@
 
 CLIP: class token, learned positions, ``pre_norm`` on the embeddings, quick-GELU, LLaVA reads layer -2.
 SigLIP: no class token, learned positions, tanh-GELU, final norm.  From scratch: any mix, e.g. fixed 2D
-sine-cosine positions (the tiny-llava default: unit-scale position information from the first step) or 2D
-rotary.
+sine-cosine positions (unit-scale position information from the first step) or 2D rotary.
 Returns patch features [B, N, D] from the selected layer (class token dropped unless asked otherwise).
 """
 
