@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "shapes"
+        print(f"generating {args.images} ShapesWorld images ...", file=sys.stderr, flush=True)
         generate_shapes(data, n=args.images, seed=0, progress=False)
         recipe = load_recipe("tiny-llava", [f"data.path={data}", f"preset={args.preset}"])
         samples = read_conversations(data / "train.json")
@@ -83,6 +85,7 @@ def main() -> None:
         model.train()
         results = {}
         for name, group in (("grouped", recipe.data.group_turns), ("single_turn", 0)):
+            print(f"timing {name}: {args.steps} steps of {args.batch_size} ...", file=sys.stderr, flush=True)
             rows = group_by_image(samples, group, 0) if group else samples
             ds = ConversationDataset(rows, processor)
             results[name] = run(model, ds, tokenizer.pad_id, recipe.stages[0], args.batch_size, args.steps)

@@ -91,6 +91,8 @@ def test_sincos2d_positions_are_fixed_unit_scale_and_encode_row_and_column():
     torch.testing.assert_close(enc.pos_embed[0], sincos_2d(2, 4, 32))
     with pytest.raises(ValueError, match="sincos2d.*class token"):
         ViTEncoder(vit_config(pos_embed="sincos2d", class_token=True))
+    with pytest.raises(ValueError, match="width divisible by 4, got 30"):
+        sincos_2d(2, 2, 30)
     with pytest.raises(ValueError, match="learned', 'sincos2d' or 'rope2d'"):
         ViTEncoder(vit_config(pos_embed="absolute"))
 
