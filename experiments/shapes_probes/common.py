@@ -1,0 +1,78 @@
+"""Shared pieces of the ShapesWorld probes: cell labels from scenes.json, batches, teacher-forced accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vlmkit.data.conversations import ConversationDataset, collate
+from vlmkit.data.shapes import COLORS, SHAPES
+from vlmkit.train.optim import lr_factor, set_lr
+
+GRID = 8  # cells per side: the tiny ViT's 8x8 patch grid
+
+
+def cell_labels(scene: dict, grid: int = GRID) -> torch.Tensor:
+    """[2, grid, grid] long: colour id and shape id (1-based, 0 = nothing) of the object over each cell centre.
+
+    "Over" means within half the larger bbox side of the object's centre (the nearest object wins), a disk
+    that approximates every outline in ShapesWorld.
+    """
+    y = torch.zeros(2, grid, grid, dtype=torch.long)
+    for gy in range(grid):
+        for gx in range(grid):
+            cx, cy = (gx + 0.5) * scene["width"] / grid, (gy + 0.5) * scene["height"] / grid
+            best = None
+            for o in scene["objects"]:
+                d = ((o["center"][0] - cx) ** 2 + (o["center"][1] - cy) ** 2) ** 0.5
+                if d < max(o["bbox"][2], o["bbox"][3]) / 2 and (best is None or d < best[0]):
+                    best = (d, o)
+            if best:
+                y[0, gy, gx] = 1 + list(COLORS).index(best[1]["color"])
+                y[1, gy, gx] = 1 + SHAPES.index(best[1]["shape"])
+    return y
+
+
+def scenes(data: Path) -> list[dict]:
+    return json.loads((data / "scenes.json").read_text())
+
+
+@torch.no_grad()
+def answer_accuracy(model, ds: ConversationDataset, samples, pad_id: int, batch: int = 128):
+    """Teacher-forced exact match: a question counts when every supervised token is the argmax."""
+    model.eval()
+    hit = n = 0
+    per: dict[str, list[int]] = {}
+    for st in range(0, len(ds), batch):
+        b = collate([ds[i] for i in range(st, min(len(ds), st + batch))], pad_id)
+        logits = model(b["input_ids"], b["pixel_values"]).logits[:, :-1]
+        target = b["labels"][:, 1:]
+        ok = ((logits.argmax(-1) == target) | (target == -100)).all(1)
+        hit += int(ok.sum())
+        n += len(ok)
+        for j, o in enumerate(ok.tolist()):
+            t = samples[st + j].type
+            per.setdefault(t, [0, 0])
+            per[t][0] += o
+            per[t][1] += 1
+    model.train()
+    return round(hit / n, 3), {k: round(v[0] / v[1], 2) for k, v in sorted(per.items())}
+
+
+def train_vlm(model, opt, stage, ds, stream, pad_id, steps, evaluate, evals: int = 6):
+    """The demo's inner loop (clip 1.0, warm-up + cosine) with ``evals`` accuracy checkpoints."""
+    hist = []
+    for s in range(steps):
+        set_lr(opt, lr_factor(s, stage))
+        b = collate([ds[i] for i in stream.next()], pad_id)
+        loss = model(b["input_ids"], b["pixel_values"], labels=b["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (s + 1) % max(1, steps // evals) == 0 or s + 1 == steps:
+            hist.append((s + 1, round(float(loss.detach()), 3), evaluate()))
+            print(*hist[-1], flush=True)
+    return hist
