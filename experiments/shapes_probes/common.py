@@ -15,7 +15,7 @@ GRID = 8  # cells per side: the tiny ViT's 8x8 patch grid
 
 
 def cell_labels(scene: dict, grid: int = GRID) -> torch.Tensor:
-    """[2, grid, grid] long: colour id and shape id (1-based, 0 = nothing) of the object over each cell centre.
+    """[2, grid, grid] long: colour and shape ids (1-based, 0 = nothing) of the object over each cell centre.
 
     "Over" means within half the larger bbox side of the object's centre (the nearest object wins), a disk
     that approximates every outline in ShapesWorld.
@@ -76,3 +76,14 @@ def train_vlm(model, opt, stage, ds, stream, pad_id, steps, evaluate, evals: int
             hist.append((s + 1, round(float(loss.detach()), 3), evaluate()))
             print(*hist[-1], flush=True)
     return hist
+
+
+def lecun_init_lm(lm: torch.nn.Module, depth: int) -> None:
+    """Re-initialise the LM's linears with std 1/sqrt(fan_in); residual outputs (o_proj, down_proj) are
+    further scaled by 1/sqrt(2 * depth). Embeddings keep their init."""
+    for name, m in lm.named_modules():
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in name:
+            std = m.in_features**-0.5
+            if name.endswith(("o_proj", "down_proj")):
+                std /= (2 * depth) ** 0.5
+            torch.nn.init.normal_(m.weight, std=std)

@@ -31,7 +31,7 @@ from vlmkit.train.recipe import load_recipe
 
 
 class ConvTower(nn.Module):
-    """(3x3 conv, norm, ReLU, 2x2 max pool) x 3, then a 3x3 conv: 64x64 image -> 8x8 grid of ``width`` features."""
+    """(3x3 conv, norm, ReLU, 2x2 max pool) x 3, then a 3x3 conv: 64x64 image -> 8x8 grid of features."""
 
     def __init__(self, width: int, norm: str):
         super().__init__()
@@ -39,7 +39,8 @@ class ConvTower(nn.Module):
         self.frozen = False  # frozen: BatchNorm keeps using its running statistics under model.train()
 
         def block(i, o):
-            n = {"bn": lambda: nn.BatchNorm2d(o), "gn": lambda: nn.GroupNorm(8, o), "none": nn.Identity}[norm]()
+            norms = {"bn": lambda: nn.BatchNorm2d(o), "gn": lambda: nn.GroupNorm(8, o), "none": nn.Identity}
+            n = norms[norm]()
             return [nn.Conv2d(i, o, 3, padding=1), n, nn.ReLU()]
 
         self.net = nn.Sequential(*block(3, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
@@ -64,7 +65,8 @@ def main():
     ap.add_argument("set", nargs="*", help="recipe overrides key=value")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
-    recipe = load_recipe("tiny-llava", [f"data.path={a.data}", f"stages.0.steps={max(1, a.vlm_steps)}"] + a.set)
+    steps = max(1, a.vlm_steps)
+    recipe = load_recipe("tiny-llava", [f"data.path={a.data}", f"stages.0.steps={steps}"] + a.set)
     train = read_conversations(a.data / "train.json")
     tok = L.prepare_tokenizer(recipe, train, None)
     _, model, proc = L.build_for_recipe(recipe, tok)
