@@ -112,8 +112,8 @@ def main():
     stream = L.BatchStream(len(ds), a.bs, a.seed)
     hist = train_vlm(model, opt, stage, ds, stream, tok.pad_id, a.steps,
                      lambda: answer_accuracy(model, eds, evalset, tok.pad_id))
-    print("RESULT", json.dumps({"probe": "oracle_features", "args": {**vars(a), "data": str(a.data)},
-                                "seconds": round(time.time() - t0), "final": hist[-1]}))
+    print("RESULT", json.dumps({"probe": "oracle_features", "args": vars(a),
+                                "seconds": round(time.time() - t0), "final": hist[-1]}, default=str))
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def main():
         opt.zero_grad()
         if (s + 1) % 50 == 0 or s + 1 == a.steps:
             print("tower", s + 1, round(loss.item(), 4), "cell accuracy", cell_accuracy(), flush=True)
-    result = {"probe": "pretrain_tower", "args": {**vars(a), "data": str(a.data)},
+    result = {"probe": "pretrain_tower", "args": vars(a),
               "tower_seconds": round(time.time() - t0), "cell_accuracy": cell_accuracy()}
     if a.vlm_steps:
         tower.frozen = True
@@ -121,7 +121,7 @@ def main():
         hist = train_vlm(model, opt, stage, ds, L.BatchStream(len(ds), a.bs, a.seed), tok.pad_id, a.vlm_steps,
                          lambda: answer_accuracy(model, eds, test, tok.pad_id))
         result.update(vlm_seconds=round(time.time() - t0), final=hist[-1])
-    print("RESULT", json.dumps(result))
+    print("RESULT", json.dumps(result, default=str))
 
 
 if __name__ == "__main__":
