@@ -449,5 +449,6 @@ def test_from_scratch_connector_emits_image_tokens_near_unit_scale(tiny_config, 
     with torch.no_grad():
         rms = model.connector(feats, model.encoder.grid).pow(2).mean().sqrt()
     assert 0.3 < float(rms) < 1.5, float(rms)
-    assert all(abs(float(m.weight.detach().std()) * m.in_features**0.5 - 1) < 0.1
-               for m in model.connector.modules() if isinstance(m, torch.nn.Linear))
+    linears = [m for m in model.connector.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(abs(float(m.weight.detach().std()) * m.in_features**0.5 - 1) < 0.1 for m in linears)
+    assert all(not m.bias.any() for m in linears if m.bias is not None)

@@ -19,8 +19,9 @@ def build_model(cfg: ModelConfig, image_token_id: int, init: bool = True) -> Vis
     connector = build_connector(cfg.connector, cfg.vision.width, cfg.lm.width)
     model = VisionLanguageModel(encoder, connector, lm, image_token_id)
     if init and not any(p.is_meta for p in model.parameters()):
-        init_linear_(model)
+        init_linear_(model.encoder)
         _init_connector_fan_in(model.connector)
+        init_linear_(model.lm)
         _scale_residual_outputs(model, cfg)
     return model
 
@@ -37,6 +38,8 @@ def _init_connector_fan_in(connector: torch.nn.Module) -> None:
         for m in connector.modules():
             if isinstance(m, torch.nn.Linear):
                 torch.nn.init.normal_(m.weight, std=m.in_features**-0.5)
+                if m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
 
 
 def _scale_residual_outputs(model: VisionLanguageModel, cfg: ModelConfig) -> None:
