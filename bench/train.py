@@ -81,10 +81,11 @@ def main() -> None:
         recipe = load_recipe("tiny-llava", [f"data.path={data}", f"preset={args.preset}"])
         samples = read_conversations(data / "train.json")
         tokenizer = prepare_tokenizer(recipe, samples, None)
-        _, model, processor = build_for_recipe(recipe, tokenizer)
-        model.train()
         results = {}
         for name, group in (("grouped", recipe.data.group_turns), ("single_turn", 0)):
+            torch.manual_seed(0)
+            _, model, processor = build_for_recipe(recipe, tokenizer)  # a fresh model for each setting
+            model.train()
             print(f"timing {name}: {args.steps} steps of {args.batch_size} ...", file=sys.stderr, flush=True)
             rows = group_by_image(samples, group, 0) if group else samples
             ds = ConversationDataset(rows, processor)

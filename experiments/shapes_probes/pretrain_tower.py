@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -26,8 +25,8 @@ from common import GRID, answer_accuracy, cell_labels, scenes, train_vlm
 from vlmkit.data.conversations import ConversationDataset, group_by_image, read_conversations
 from vlmkit.processing.image import load_image
 from vlmkit.train import loop as L
-from vlmkit.train.optim import freeze_for_stage, make_optimizer
-from vlmkit.train.recipe import load_recipe
+from vlmkit.train.optim import freeze_for_stage, lr_factor, make_optimizer
+from vlmkit.train.recipe import StageConfig, load_recipe
 
 
 class ConvTower(nn.Module):
@@ -94,10 +93,11 @@ def main():
         return round(right[c > 0].float().mean().item(), 3)
 
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=a.lr, weight_decay=0.0)
+    tower_stage = StageConfig(steps=a.steps, warmup=10 / a.steps)  # 10 warm-up steps, cosine to 0.1
     t0 = time.time()
     for s in range(a.steps):
-        for g in opt.param_groups:  # 10 warm-up steps, cosine to 0.1
-            g["lr"] = a.lr * min(1, (s + 1) / 10) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / a.steps)))
+        for g in opt.param_groups:
+            g["lr"] = a.lr * lr_factor(s, tower_stage)
         i = torch.randint(0, len(xtr), (64,))
         loss = loss_fn(xtr[i], ytr[i])
         loss.backward()
