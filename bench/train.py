@@ -1,6 +1,6 @@
 """Training-step throughput of a preset on ShapesWorld, with and without turn grouping, as one JSON line.
 
-    python bench/train.py [--preset tiny-llava] [--batch-size 32] [--steps 20] [--threads 2]
+    python bench/train.py [--preset tiny-llava] [--batch-size 32] [--steps 20] [--threads 2] [--set K=V ...]
 
 Both settings run in the same process on the same data, so their ratio is meaningful on a noisy machine;
 absolute figures are not. ``gflops`` uses the standard 6 * parameters * tokens estimate (forward + backward)
@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="recipe overrides, as `vlmkit train --set` (e.g. model.lm.width=128)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -78,7 +80,7 @@ def main() -> None:
         data = Path(tmp) / "shapes"
         print(f"generating {args.images} ShapesWorld images ...", file=sys.stderr, flush=True)
         generate_shapes(data, n=args.images, seed=0, progress=False)
-        recipe = load_recipe("tiny-llava", [f"data.path={data}", f"preset={args.preset}"])
+        recipe = load_recipe("tiny-llava", [f"data.path={data}", f"preset={args.preset}", *args.set])
         samples = read_conversations(data / "train.json")
         tokenizer = prepare_tokenizer(recipe, samples, None)
         results = {}

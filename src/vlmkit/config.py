@@ -38,6 +38,7 @@ class VisionConfig:
     post_norm: bool = True  # apply the final norm to the selected features
     patch_bias: bool = True
     stem: str = "patch"  # patch (one strided conv) | conv (stacked 3x3 stride-2 convs, Xiao et al. 2021)
+    stem_norm: str = "group"  # conv stem only: group (GroupNorm, 1 group) | batch (BatchNorm, as Xiao et al.)
     qkv_bias: bool = True
     feature_layer: int = -1  # index into hidden states (0 = embeddings); -2 = penultimate layer, as LLaVA
     drop_class_token: bool = True

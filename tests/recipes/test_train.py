@@ -47,8 +47,12 @@ def test_loss_goes_down(shapes, tmp_path):
     assert res.val_loss is not None and res.val_loss < first
 
 
-def test_stage_freezing_keeps_vision_fixed(shapes, tmp_path):
-    r = recipe(shapes, "stages.0.steps=3", "stages.1.steps=4", "train.save_every=3")
+@pytest.mark.parametrize("stem", [[], ["model.vision.stem=conv", "model.vision.stem_norm=batch"]],
+                         ids=["patch", "batchnorm-conv"])
+def test_stage_freezing_keeps_vision_fixed(shapes, tmp_path, stem):
+    # with a BatchNorm stem the frozen tower must also keep its running statistics (eval mode), including
+    # across the periodic validation (eval_every=2), which switches the model to eval and back
+    r = recipe(shapes, "stages.0.steps=3", "stages.1.steps=4", "train.save_every=3", "train.eval_every=2", *stem)
     train(r, tmp_path / "run", progress=False, log=lambda m: None, stop_at_step=3)
     after_stage0 = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
     train(r, tmp_path / "run", resume=True, progress=False, log=lambda m: None)

@@ -53,6 +53,8 @@ def test_vit_unknown_stem_or_bad_conv_stem_patch_raises():
         ViTEncoder(vit_config(stem="resnet"))
     with pytest.raises(ValueError, match="power-of-two patch_size"):
         ViTEncoder(vit_config(stem="conv", image_size=(12, 24), patch_size=6))
+    with pytest.raises(ValueError, match="vision.stem_norm must be 'group' or 'batch'"):
+        ViTEncoder(vit_config(stem="conv", stem_norm="layer"))
 
 
 @pytest.mark.parametrize("stem", ["patch", "conv"])

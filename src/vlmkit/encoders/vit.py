@@ -18,19 +18,24 @@ from vlmkit.nn import MLP, Attention, Rotary2D, make_norm, sincos_2d
 class ConvStem(nn.Module):
     """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better").
 
-    log2(patch) stride-2 3x3 convs with GroupNorm + GELU, then a 1x1 conv to the width: the same token grid
-    as a patch embedding, with a locality prior that makes from-scratch training far faster on small data.
+    log2(patch) stride-2 3x3 convs with a norm + GELU, then a 1x1 conv to the width: the same token grid as a
+    patch embedding, with a locality prior that makes from-scratch training far faster on small data. The
+    paper's norm is BatchNorm (``norm="batch"``; batch statistics in training, running averages in eval);
+    ``"group"`` (GroupNorm with one group) keeps every image independent of its batch.
     """
 
-    def __init__(self, channels: int, width: int, patch_size: int):
+    def __init__(self, channels: int, width: int, patch_size: int, norm: str = "group"):
         super().__init__()
         n = patch_size.bit_length() - 1
         if 2**n != patch_size or n < 1:
             raise ValueError(f"vision.stem 'conv' needs a power-of-two patch_size, got {patch_size}")
+        norms = {"group": lambda c: nn.GroupNorm(1, c), "batch": nn.BatchNorm2d}
+        if norm not in norms:
+            raise ValueError(f"vision.stem_norm must be 'group' or 'batch', got {norm!r}")
         layers, c_in = [], channels
         for i in range(n):
             c_out = max(16, width // 2 ** (n - i))
-            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.GroupNorm(1, c_out), nn.GELU()]
+            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), norms[norm](c_out), nn.GELU()]
             c_in = c_out
         layers.append(nn.Conv2d(c_in, width, 1))
         self.net = nn.Sequential(*layers)
@@ -69,7 +74,7 @@ class ViTEncoder(nn.Module):
         if cfg.stem == "patch":
             self.patch_embed = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         elif cfg.stem == "conv":
-            self.patch_embed = ConvStem(cfg.channels, cfg.width, cfg.patch_size)
+            self.patch_embed = ConvStem(cfg.channels, cfg.width, cfg.patch_size, cfg.stem_norm)
         else:
             raise ValueError(f"vision.stem must be 'patch' or 'conv', got {cfg.stem!r}")
         self.class_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None

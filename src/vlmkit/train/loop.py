@@ -37,6 +37,7 @@ from vlmkit.train.optim import (
     make_optimizer,
     save_optimizer,
     set_lr,
+    set_train_mode,
 )
 from vlmkit.train.recipe import Recipe
 from vlmkit.utils import atomic_directory, atomic_write_json, seed_everything
@@ -141,6 +142,7 @@ def load_data(recipe: Recipe, processor: Processor | None = None, log=print):
 
 @torch.no_grad()
 def evaluate_loss(model, ds: ConversationDataset, pad_id: int, batch_size: int = 64) -> float:
+    modes = {m: m.training for m in model.modules()}  # restored after: frozen modules stay in eval mode
     model.eval()
     total, n = 0.0, 0
     for start in range(0, len(ds), batch_size):
@@ -148,7 +150,8 @@ def evaluate_loss(model, ds: ConversationDataset, pad_id: int, batch_size: int =
         out = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"])
         total += float(out.loss) * out.n_tokens
         n += out.n_tokens
-    model.train()
+    for m, training in modes.items():
+        m.train(training)
     return total / max(n, 1)
 
 
@@ -206,6 +209,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         if state and si < state["stage"]:
             continue
         table = freeze_for_stage(model, stage)
+        set_train_mode(model, stage)
         _log_stage(log, si, stage, table, model)
         metrics.write(event="stage", step=step, stage=stage.name, modules=table)
         opt = make_optimizer(model, stage)

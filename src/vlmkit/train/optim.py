@@ -32,6 +32,15 @@ def freeze_for_stage(model, stage: StageConfig) -> list[dict]:
     return rows
 
 
+def set_train_mode(model, stage: StageConfig) -> None:
+    """Training mode for the modules a stage trains, eval mode for the frozen ones: a frozen module must not
+    change at all, and BatchNorm running statistics would otherwise keep moving in a frozen tower."""
+    model.train()
+    for name, module in module_groups(model).items():
+        if name not in stage.train:
+            module.eval()
+
+
 def make_optimizer(model, stage: StageConfig) -> torch.optim.AdamW:
     """AdamW with one group per trained module (its own lr) and no weight decay on norms/biases."""
     groups = []
@@ -101,4 +110,5 @@ __all__ = [
     "module_groups",
     "save_optimizer",
     "set_lr",
+    "set_train_mode",
 ]
