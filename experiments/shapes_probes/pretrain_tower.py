@@ -6,7 +6,7 @@ the cell centre, or none; two linear heads) and reports cell accuracy on the tes
 the questions for N steps (the demo's recipe otherwise). Prints checkpoints and one ``RESULT`` JSON line.
 
     python experiments/shapes_probes/pretrain_tower.py --data DIR [--norm bn|gn|none] [--lr 3e-3] \
-        [--steps 200] [--vlm-steps 300]
+        [--steps 200] [--vlm-steps 300] [--pos sincos2d] [model.lm.depth=2 ...]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 
 from common import GRID, answer_accuracy, cell_labels, scenes, train_vlm
 from vlmkit.data.conversations import ConversationDataset, group_by_image, read_conversations
+from vlmkit.nn.rope import sincos_2d
 from vlmkit.processing.image import load_image
 from vlmkit.train import loop as L
 from vlmkit.train.optim import freeze_for_stage, lr_factor, make_optimizer
@@ -32,7 +33,7 @@ from vlmkit.train.recipe import StageConfig, load_recipe
 class ConvTower(nn.Module):
     """(3x3 conv, norm, ReLU, 2x2 max pool) x 3, then a 3x3 conv: 64x64 image -> 8x8 grid of features."""
 
-    def __init__(self, width: int, norm: str):
+    def __init__(self, width: int, norm: str, pos: str = "none"):
         super().__init__()
         self.width, self.grid = width, (GRID, GRID)
         self.frozen = False  # frozen: BatchNorm keeps using its running statistics under model.train()
@@ -44,12 +45,16 @@ class ConvTower(nn.Module):
 
         self.net = nn.Sequential(*block(3, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
                                  *block(64, width), nn.MaxPool2d(2), *block(width, width))
+        # "sincos2d": fixed unit-scale 2D positions added to the output features (the LM's own rotary
+        # positions are 1D and relative, so where a token sits in the image is otherwise only implicit)
+        pe = sincos_2d(GRID, GRID, width)[None] if pos == "sincos2d" else torch.zeros(1, 1, width)
+        self.register_buffer("pos", pe, persistent=False)
 
     def train(self, mode: bool = True):
         return super().train(mode and not self.frozen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten(2).transpose(1, 2).contiguous()  # [B, 64, width]
+        return self.net(x).flatten(2).transpose(1, 2) + self.pos  # [B, 64, width]
 
 
 def main():
@@ -59,6 +64,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--vlm-steps", type=int, default=0)
+    ap.add_argument("--pos", choices=["none", "sincos2d"], default="none",
+                    help="fixed 2D positions added to the tower's features")
     ap.add_argument("--bs", type=int, default=32, help="VLM batch (the tower trains on 64 images a step)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("set", nargs="*", help="recipe overrides key=value")
@@ -75,7 +82,7 @@ def main():
             split[sc["split"]][0].append(proc.transform(load_image(a.data / sc["file_name"])))
             split[sc["split"]][1].append(cell_labels(sc))
     (xtr, ytr), (xte, yte) = [(torch.stack(x), torch.stack(y)) for x, y in split.values()]
-    tower = ConvTower(model.encoder.width, a.norm)
+    tower = ConvTower(model.encoder.width, a.norm, a.pos)
     head = nn.Linear(tower.width, 7 + 6)
 
     def loss_fn(x, y):

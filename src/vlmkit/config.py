@@ -19,8 +19,9 @@ from vlmkit.errors import ConfigError
 
 @dataclass
 class VisionConfig:
-    """A ViT image encoder (CLIP-ViT, SigLIP-ViT and from-scratch variants)."""
+    """An image encoder: a ViT (CLIP-ViT, SigLIP-ViT and from-scratch variants) or a small CNN."""
 
+    arch: str = "vit"  # vit | cnn (encoders/cnn.py: conv-BN-ReLU-maxpool stages; uses width, patch_size)
     image_size: tuple[int, int] = (224, 224)  # (height, width)
     patch_size: int = 16
     channels: int = 3

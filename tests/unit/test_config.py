@@ -40,10 +40,10 @@ def test_from_dict_wrong_types_are_refused():
 
 def test_apply_overrides_nested_returns_a_copy():
     cfg = get_preset("tiny-llava").model
-    new = apply_overrides(cfg, {"lm.depth": 2, "vision.image_size": [32, 48], "connector.kind": "linear"})
-    assert (new.lm.depth, new.vision.image_size, new.connector.kind) == (2, (32, 48), "linear")
+    new = apply_overrides(cfg, {"lm.depth": 3, "vision.image_size": [32, 48], "connector.kind": "linear"})
+    assert (new.lm.depth, new.vision.image_size, new.connector.kind) == (3, (32, 48), "linear")
     assert new.lm.width == cfg.lm.width
-    assert cfg.lm.depth == 4 and cfg.vision.image_size == (64, 64), "the original must not change"
+    assert cfg.lm.depth == 2 and cfg.vision.image_size == (64, 64), "the original must not change"
 
 
 def test_apply_overrides_coerces_int_to_float():
@@ -90,11 +90,11 @@ def test_builtin_recipes_include_tiny_llava():
 
 def test_load_recipe_applies_plain_and_stage_overrides():
     base = load_recipe("tiny-llava")
-    r = load_recipe("tiny-llava", ["train.batch_size=8", "stages.1.steps=3", "stages.0.train=[connector, lm]",
+    r = load_recipe("tiny-llava", ["train.batch_size=8", "stages.1.steps=3", "stages.1.train=[vision, lm]",
                                    "model.lm.depth=2"])
     assert r.train.batch_size == 8 and base.train.batch_size == 32
     assert r.stages[1].steps == 3 and r.stages[0].steps == base.stages[0].steps
-    assert r.stages[0].train == ["connector", "lm"]
+    assert r.stages[1].train == ["vision", "lm"]
     assert r.model == {"lm.depth": 2}
     assert r.total_steps == base.stages[0].steps + 3
     assert r.name == "tiny-llava" and r.preset == "tiny-llava"
@@ -129,6 +129,9 @@ def test_unknown_recipe_lists_builtins():
     ("stages.1.train=[]", r"stages\[1\]\.train"),
     ("stages.1.lr_scale={vison: 0.5}", r"stages\[1\]\.lr_scale: unknown module 'vison'"),
     ("stages.0.steps=0", r"stages\[0\]\.steps must be >= 1"),
+    ("stages.1.objective=vqa", r"stages\[1\]\.objective: 'vqa'; valid: lm, cell_labels"),
+    ("stages.0.train=[vision, lm]", r"stages\[0\]: the cell_labels objective trains the vision tower alone"),
+    ("stages.1.batch_size=16", r"stages\[1\]\.batch_size: 16; it is for cell_labels stages"),
     ("train.batch_size=0", "batch_size"),
 ])
 def test_recipe_validation_rejects_bad_stages(override, match):

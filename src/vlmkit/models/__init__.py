@@ -6,6 +6,7 @@ import torch
 
 from vlmkit.config import ModelConfig
 from vlmkit.connectors import build_connector
+from vlmkit.encoders.cnn import ConvEncoder
 from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models.vlm import ModelOutput, VisionLanguageModel
@@ -14,7 +15,10 @@ from vlmkit.nn import init_linear_
 
 def build_model(cfg: ModelConfig, image_token_id: int, init: bool = True) -> VisionLanguageModel:
     """Build a VisionLanguageModel from its config. ``init`` applies the from-scratch initialisation."""
-    encoder = ViTEncoder(cfg.vision)
+    encoders = {"vit": ViTEncoder, "cnn": ConvEncoder}
+    if cfg.vision.arch not in encoders:
+        raise ValueError(f"vision.arch must be one of {sorted(encoders)}, got {cfg.vision.arch!r}")
+    encoder = encoders[cfg.vision.arch](cfg.vision)
     lm = DecoderLM(cfg.lm)
     connector = build_connector(cfg.connector, cfg.vision.width, cfg.lm.width)
     model = VisionLanguageModel(encoder, connector, lm, image_token_id)
@@ -48,7 +52,7 @@ def _scale_residual_outputs(model: VisionLanguageModel, cfg: ModelConfig) -> Non
         for block in model.lm.layers:
             for lin in (block.attn.o_proj, block.mlp.down_proj):
                 lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
-        for block in model.encoder.blocks:
+        for block in getattr(model.encoder, "blocks", ()):
             for lin in (block.attn.o_proj, block.mlp.fc2):
                 lin.weight.mul_((2 * cfg.vision.depth) ** -0.5)
 

@@ -30,6 +30,7 @@ from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
+from vlmkit.train.cell_labels import run_cell_label_stage
 from vlmkit.train.optim import (
     freeze_for_stage,
     load_optimizer,
@@ -212,6 +213,21 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         set_train_mode(model, stage)
         _log_stage(log, si, stage, table, model)
         metrics.write(event="stage", step=step, stage=stage.name, modules=table)
+        if stage.objective == "cell_labels":  # never checkpointed midway: an interrupted one reruns whole
+            first_step = step
+            step, seconds = run_cell_label_stage(
+                model, processor, stage, stage.batch_size or recipe.train.batch_size, Path(recipe.data.path or "."),
+                recipe.train.seed + si, BatchStream, metrics, pbar, step, recipe.train.max_grad_norm, log,
+                stop_at_step)
+            elapsed += seconds
+            if step < first_step + stage.steps:
+                break  # stopped inside the stage (stop_at_step): nothing of it is saved
+            st = {"global_step": step, "stage": si + 1, "step_in_stage": 0, "stream_position": stream.position,
+                  "train_seconds": elapsed, "samples_seen": n_samples, "tokens_seen": n_tokens}
+            save_training_checkpoint(ckpt, model, cfg, processor, None, st, recipe)
+            if stop_at_step is not None and step >= stop_at_step:
+                break
+            continue
         opt = make_optimizer(model, stage)
         first = 0
         if state and si == state["stage"]:

@@ -30,6 +30,13 @@ class StageConfig:
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
+    # lm: next-token loss on the assistant turns; cell_labels: the vision tower alone learns the colour and
+    # shape under each cell of its grid from ShapesWorld's scenes.json (train/cell_labels.py)
+    objective: str = "lm"
+    batch_size: int = 0  # cell_labels stages only; 0 = train.batch_size
+
+
+OBJECTIVES = ("lm", "cell_labels")
 
 
 @dataclass
@@ -88,6 +95,14 @@ class Recipe:
                 raise ConfigError(f"stages[{i}].lr_scale: unknown module {bad[0]!r}; valid: {', '.join(MODULE_GROUPS)}")
             if st.steps < 1:
                 raise ConfigError(f"stages[{i}].steps must be >= 1, got {st.steps}")
+            if st.objective not in OBJECTIVES:
+                raise ConfigError(f"stages[{i}].objective: {st.objective!r}; valid: {', '.join(OBJECTIVES)}")
+            if st.objective == "cell_labels" and st.train != ["vision"]:
+                raise ConfigError(f"stages[{i}]: the cell_labels objective trains the vision tower alone; "
+                                  f"set train: [vision], got {st.train}")
+            if st.batch_size < 0 or (st.batch_size and st.objective != "cell_labels"):
+                raise ConfigError(f"stages[{i}].batch_size: {st.batch_size}; it is for cell_labels stages (>= 1, or "
+                                  f"0 for train.batch_size); lm stages use train.batch_size")
         if self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
 
