@@ -11,7 +11,12 @@ from vlmkit.data.conversations import ConversationDataset, collate
 from vlmkit.data.shapes import COLORS, SHAPES
 from vlmkit.train.optim import lr_factor, set_lr
 
-GRID = 8  # cells per side: the tiny ViT's 8x8 patch grid
+GRID = 8  # cells per side: the tiny-llava tower's 8x8 grid
+
+
+def lm_stage(recipe) -> int:
+    """Index of the recipe's first language-model stage (the demo recipe starts with a vision stage)."""
+    return next(i for i, st in enumerate(recipe.stages) if st.objective == "lm")
 
 
 def cell_labels(scene: dict, grid: int = GRID) -> torch.Tensor:

@@ -6,7 +6,7 @@ the true colour and shape of the object there (from scenes.json) plus a learned 
 one ``RESULT`` JSON line.
 
     python experiments/shapes_probes/oracle_features.py --data DIR [--steps 300] [--eval-on train] \
-        [stages.0.lr=3e-3 ...]
+        [stages.1.lr=3e-3 ...]
 
 DIR is a ShapesWorld folder (``vlmkit data shapes --out DIR --n 4000``).
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import GRID, answer_accuracy, cell_labels, lecun_init_lm, scenes, train_vlm
+from common import GRID, answer_accuracy, cell_labels, lecun_init_lm, lm_stage, scenes, train_vlm
 from vlmkit.data.conversations import ConversationDataset, group_by_image, read_conversations
 from vlmkit.nn.rope import sincos_2d
 from vlmkit.train import loop as L
@@ -76,10 +76,13 @@ def main():
                     help="cell positions: learned (std 0.02, as the ViT) or fixed sine-cosine at unit scale")
     ap.add_argument("--lm-init", choices=["gpt2", "lecun"], default="gpt2",
                     help="gpt2: the build's std 0.02; lecun: std 1/sqrt(fan_in) (see common.lecun_init_lm)")
+    ap.add_argument("--head-std", type=float, default=None,
+                    help="re-initialise the (untied: model.lm.tie_embeddings=false) LM head with this std")
     ap.add_argument("set", nargs="*", help="recipe overrides key=value")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
-    recipe = load_recipe("tiny-llava", [f"data.path={a.data}", f"stages.0.steps={a.steps}"] + a.set)
+    k = lm_stage(load_recipe("tiny-llava"))
+    recipe = load_recipe("tiny-llava", [f"data.path={a.data}", f"stages.{k}.steps={a.steps}"] + a.set)
     train = read_conversations(a.data / "train.json")
     pool = train if a.eval_on == "train" else read_conversations(a.data / "test.json")
     evalset = random.Random(a.seed).sample(pool, min(900, len(pool)))
@@ -93,11 +96,15 @@ def main():
             x[:2, :GRID, :GRID] = cell_labels(sc).float()
             ids[(folder / sc["file_name"]).resolve()] = x
     model.encoder = OracleTower(model.encoder.width, a.pos)
+    if a.head_std is not None:
+        if model.lm.lm_head.weight is model.lm.embed_tokens.weight:
+            raise SystemExit("--head-std needs untied embeddings: add model.lm.tie_embeddings=false")
+        torch.nn.init.normal_(model.lm.lm_head.weight, std=a.head_std)
     if a.lm_init == "lecun":
         lecun_init_lm(model.lm, len(model.lm.layers))
     ds = OracleDataset(group_by_image(train, a.group, a.seed) if a.group else train, proc, ids)
     eds = OracleDataset(evalset, proc, ids)
-    stage = recipe.stages[0]
+    stage = recipe.stages[k]
     freeze_for_stage(model, stage)
     t0 = time.time()
     if a.pre_data and a.pre_steps:

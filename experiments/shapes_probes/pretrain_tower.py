@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import GRID, answer_accuracy, cell_labels, scenes, train_vlm
+from common import GRID, answer_accuracy, cell_labels, lm_stage, scenes, train_vlm
 from vlmkit.data.conversations import ConversationDataset, group_by_image, read_conversations
 from vlmkit.nn.rope import sincos_2d
 from vlmkit.processing.image import load_image
@@ -72,7 +72,8 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     steps = max(1, a.vlm_steps)
-    recipe = load_recipe("tiny-llava", [f"data.path={a.data}", f"stages.0.steps={steps}"] + a.set)
+    k = lm_stage(load_recipe("tiny-llava"))
+    recipe = load_recipe("tiny-llava", [f"data.path={a.data}", f"stages.{k}.steps={steps}"] + a.set)
     train = read_conversations(a.data / "train.json")
     tok = L.prepare_tokenizer(recipe, train, None)
     _, model, proc = L.build_for_recipe(recipe, tok)
@@ -120,7 +121,7 @@ def main():
         test = random.Random(a.seed).sample(read_conversations(a.data / "test.json"), 900)
         ds = ConversationDataset(group_by_image(train, 8, a.seed), proc)
         eds = ConversationDataset(test, proc)
-        stage = recipe.stages[0]
+        stage = recipe.stages[k]
         stage.train = ["connector", "lm"]
         freeze_for_stage(model, stage)
         opt = make_optimizer(model, stage)

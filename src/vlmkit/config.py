@@ -81,6 +81,9 @@ class LanguageConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    # from-scratch init of an untied LM head; None = GPT-2's 0.02 like every other linear. A larger head
+    # makes a small LM learn much faster (docs/design.md: 0.02 -> 0.25 on ShapesWorld)
+    head_init_std: float | None = None
     qkv_bias: bool = False
 
 

@@ -15,6 +15,9 @@ from vlmkit.nn import init_linear_
 
 def build_model(cfg: ModelConfig, image_token_id: int, init: bool = True) -> VisionLanguageModel:
     """Build a VisionLanguageModel from its config. ``init`` applies the from-scratch initialisation."""
+    if cfg.lm.head_init_std is not None and cfg.lm.tie_embeddings:
+        raise ValueError("lm.head_init_std initialises an untied LM head; with lm.tie_embeddings: true the head "
+                         "is the token embedding (set tie_embeddings: false, or leave head_init_std unset)")
     encoders = {"vit": ViTEncoder, "cnn": ConvEncoder}
     if cfg.vision.arch not in encoders:
         raise ValueError(f"vision.arch must be one of {sorted(encoders)}, got {cfg.vision.arch!r}")
@@ -26,6 +29,8 @@ def build_model(cfg: ModelConfig, image_token_id: int, init: bool = True) -> Vis
         init_linear_(model.encoder)
         _init_connector_fan_in(model.connector)
         init_linear_(model.lm)
+        if cfg.lm.head_init_std is not None:
+            torch.nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
         _scale_residual_outputs(model, cfg)
     return model
 
