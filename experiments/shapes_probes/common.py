@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.data.conversations import ConversationDataset, collate
-from vlmkit.data.shapes import COLORS, SHAPES
+from vlmkit.train.cell_labels import cell_labels as _cell_labels
 from vlmkit.train.optim import lr_factor, set_lr
 
 GRID = 8  # cells per side: the tiny-llava tower's 8x8 grid
@@ -20,24 +20,9 @@ def lm_stage(recipe) -> int:
 
 
 def cell_labels(scene: dict, grid: int = GRID) -> torch.Tensor:
-    """[2, grid, grid] long: colour and shape ids (1-based, 0 = nothing) of the object over each cell centre.
-
-    "Over" means within half the larger bbox side of the object's centre (the nearest object wins), a disk
-    that approximates every outline in ShapesWorld.
-    """
-    y = torch.zeros(2, grid, grid, dtype=torch.long)
-    for gy in range(grid):
-        for gx in range(grid):
-            cx, cy = (gx + 0.5) * scene["width"] / grid, (gy + 0.5) * scene["height"] / grid
-            best = None
-            for o in scene["objects"]:
-                d = ((o["center"][0] - cx) ** 2 + (o["center"][1] - cy) ** 2) ** 0.5
-                if d < max(o["bbox"][2], o["bbox"][3]) / 2 and (best is None or d < best[0]):
-                    best = (d, o)
-            if best:
-                y[0, gy, gx] = 1 + list(COLORS).index(best[1]["color"])
-                y[1, gy, gx] = 1 + SHAPES.index(best[1]["shape"])
-    return y
+    """[2, grid, grid] long: colour and shape ids (1-based, 0 = nothing) of the object over each cell centre
+    (the labels of vlmkit's ``cell_labels`` stage objective)."""
+    return _cell_labels(scene, (grid, grid))
 
 
 def scenes(data: Path) -> list[dict]:

@@ -20,7 +20,7 @@ from vlmkit.train.recipe import load_recipe
 from vlmkit.train.report import plot_loss
 from vlmkit.utils import atomic_write_json, atomic_write_text
 
-DEMO_IMAGES = 4000
+DEMO_IMAGES = 20000
 
 
 def run_demo(out: str | Path = "vlmkit-demo", data: str | Path | None = None, overrides: list[str] | None = None,

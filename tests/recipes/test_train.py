@@ -60,6 +60,8 @@ def test_cell_label_stage_teaches_the_tower(tmp_path):
     # fraction of object cells (training batches) with both colour and shape right: ~0 at the start
     acc = [x["cell_accuracy"] for x in rows(tmp_path / "run") if "cell_accuracy" in x]
     assert len(acc) == 8 and acc[0] < 0.1 and acc[-1] > 0.4, acc
+    held_out = [x["val_cell_accuracy"] for x in rows(tmp_path / "run") if "val_cell_accuracy" in x]
+    assert len(held_out) == 1 and held_out[0] > 0.3, held_out  # the validation images, BatchNorm in eval mode
     assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from vlmkit.config import ConnectorConfig, LanguageConfig, VisionConfig
 from vlmkit.connectors import CONNECTORS, build_connector, pixel_shuffle
+from vlmkit.encoders.cnn import ConvEncoder
 from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.errors import ConfigError
 from vlmkit.fusion.splice import splice_image_features
@@ -24,6 +25,54 @@ def vit_config(**kw) -> VisionConfig:
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+# ------------------------------------------------------------------------------------------------ CNN
+
+
+@pytest.mark.parametrize("pos", ["sincos2d", "learned", "none"])
+def test_cnn_tower_gives_the_vit_token_grid(pos):
+    cfg = vit_config(arch="cnn", pos_embed=pos)
+    enc = ConvEncoder(cfg)
+    x = torch.randn(3, 3, 16, 32)
+    out = enc(x)
+    assert out.shape == (3, enc.num_tokens, 32) and enc.grid == cfg.grid == (2, 4)
+    assert enc.num_tokens == ViTEncoder(vit_config()).num_tokens
+    # each token sees its own region: changing the right half of the image leaves the far-left tokens alone
+    enc.eval()
+    y = x.clone()
+    y[..., 24:] = torch.randn_like(y[..., 24:])
+    a, b = enc(x).view(3, 2, 4, 32), enc(y).view(3, 2, 4, 32)
+    assert torch.allclose(a[:, :, 0], b[:, :, 0]) and not torch.allclose(a[:, :, 3], b[:, :, 3])
+
+
+def test_cnn_tower_positions_tell_tokens_apart():
+    enc = ConvEncoder(vit_config(arch="cnn", pos_embed="sincos2d")).eval()
+    out = enc(torch.zeros(1, 3, 16, 32))  # a blank image: only the positions differ
+    assert torch.cdist(out[0], out[0]).add(torch.eye(8) * 1e3).min() > 0.1
+
+
+def test_cnn_tower_bad_configs_raise():
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        ConvEncoder(vit_config(arch="cnn", image_size=(12, 24), patch_size=6))
+    with pytest.raises(ValueError, match="no class token"):
+        ConvEncoder(vit_config(arch="cnn", class_token=True))
+    with pytest.raises(ValueError, match="arch 'cnn' must be 'sincos2d', 'learned' or 'none'"):
+        ConvEncoder(vit_config(arch="cnn", pos_embed="rope2d"))
+    cfg = get_preset("tiny-llava").model
+    with pytest.raises(ValueError, match="vision.arch must be one of"):
+        build_model(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, arch="resnet")), 3)
+
+
+def test_head_init_std_needs_an_untied_head():
+    cfg = get_preset("tiny-llava").model
+    model = build_model(cfg, 3)
+    assert cfg.lm.head_init_std == 0.25 and not cfg.lm.tie_embeddings
+    assert model.lm.lm_head.weight.std().item() == pytest.approx(0.25, rel=0.05)
+    assert model.lm.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    tied = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, tie_embeddings=True))
+    with pytest.raises(ValueError, match="head_init_std initialises an untied LM head"):
+        build_model(tied, 3)
+
 
 # ------------------------------------------------------------------------------------------------ ViT
 

@@ -48,15 +48,18 @@ def cell_labels(scene: dict, grid: tuple[int, int]) -> torch.Tensor:
     return out
 
 
-def read_scenes(root: Path, split: str = "train") -> list[dict]:
+def read_scenes(root: Path) -> dict[str, list[dict]]:
+    """scenes.json grouped by split; refuses a folder without one, or without training scenes."""
     path = root / "scenes.json"
     if not path.exists():
         raise ConfigError(f"the cell_labels objective needs ShapesWorld's object annotations, {path}, which does "
                           f"not exist; point data.path at a folder written by `vlmkit data shapes`")
-    scenes = [s for s in json.loads(path.read_text()) if s.get("split") == split]
-    if not scenes:
-        raise ConfigError(f"{path} has no scenes in the {split!r} split")
-    return scenes
+    by_split: dict[str, list[dict]] = {}
+    for s in json.loads(path.read_text()):
+        by_split.setdefault(s.get("split", ""), []).append(s)
+    if not by_split.get("train"):
+        raise ConfigError(f"{path} has no scenes in the 'train' split")
+    return by_split
 
 
 class CellLabelHeads(nn.Module):
@@ -82,7 +85,8 @@ def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, s
     """Train ``model.encoder`` for ``stage.steps`` steps (or until global step ``stop_at_step``, as an
     interruption would); return (global step, seconds spent)."""
     encoder = model.encoder
-    scenes = read_scenes(root)
+    by_split = read_scenes(root)
+    scenes, held_out = by_split["train"], by_split.get("val", [])[:256]
     grid = encoder.grid
     labels = [cell_labels(s, grid) for s in scenes]
     heads = CellLabelHeads(encoder.width)
@@ -96,7 +100,7 @@ def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, s
         t0 = time.perf_counter()
         set_lr(opt, lr_factor(s, stage))
         idx = stream.next()
-        pixels = torch.stack([processor.transform(load_image(root / scenes[i]["file_name"])) for i in idx])
+        pixels = _pixels(processor, root, [scenes[i] for i in idx])
         loss, h, n = heads.loss_and_hits(encoder(pixels), torch.stack([labels[i] for i in idx]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -113,5 +117,27 @@ def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, s
                           cell_accuracy=hits / max(total, 1), elapsed=elapsed)
             hits, total = 0, 0
         if stop_at_step is not None and step >= stop_at_step:
-            break
+            return step, elapsed
+    if held_out:
+        acc = _held_out_accuracy(encoder, heads, processor, root, held_out)
+        metrics.write(step=step, stage=stage.name, val_cell_accuracy=acc)
+        log(f"  cell accuracy on {len(held_out)} validation images: {acc:.3f} (object cells, colour and shape)")
     return step, elapsed
+
+
+def _pixels(processor, root: Path, scenes: list[dict]) -> torch.Tensor:
+    return torch.stack([processor.transform(load_image(root / s["file_name"])) for s in scenes])
+
+
+@torch.no_grad()
+def _held_out_accuracy(encoder, heads, processor, root: Path, scenes: list[dict]) -> float:
+    was_training = encoder.training
+    encoder.eval()
+    hits = total = 0
+    for start in range(0, len(scenes), 64):
+        chunk = scenes[start:start + 64]
+        labels = torch.stack([cell_labels(s, encoder.grid) for s in chunk])
+        _, h, n = heads.loss_and_hits(encoder(_pixels(processor, root, chunk)), labels)
+        hits, total = hits + h, total + n
+    encoder.train(was_training)
+    return hits / max(total, 1)
