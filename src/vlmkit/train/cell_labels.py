@@ -91,8 +91,10 @@ def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, s
     labels = [cell_labels(s, grid) for s in scenes]
     heads = CellLabelHeads(encoder.width)
     params = [p for p in encoder.parameters() if p.requires_grad] + list(heads.parameters())
-    opt = torch.optim.AdamW([{"params": params, "lr": stage.lr, "base_lr": stage.lr}], betas=tuple(stage.betas),
-                            weight_decay=stage.weight_decay)
+    # as make_optimizer: no weight decay on norms and biases
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": stage.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([dict(g, lr=stage.lr, base_lr=stage.lr) for g in groups], betas=tuple(stage.betas))
     stream = stream_cls(len(scenes), batch_size, seed)
     log(f"  cell labels: {len(scenes)} training images, {grid[0]}x{grid[1]} cells, batch {batch_size}")
     elapsed, hits, total = 0.0, 0, 0
