@@ -2,10 +2,12 @@
 
     python bench/train.py [--preset tiny-llava] [--batch-size 32] [--steps 20] [--threads 2] [--set K=V ...]
 
-Both settings run in the same process on the same data, so their ratio is meaningful on a noisy machine;
-absolute figures are not. ``gflops`` uses the standard 6 * parameters * tokens estimate (forward + backward)
-for the ViT over its patches and the LM over its tokens; ``peak_fraction`` divides it by 175 GFLOP/s, the fp32
-matmul peak measured on 2 threads of the development machines.
+It times the recipe's language-model stage as the demo runs it (modules that stage freezes are frozen and in
+eval mode, e.g. tiny-llava's pretrained tower). Both settings run in the same process on the same data, so
+their ratio is meaningful on a noisy machine; absolute figures are not. ``gflops`` counts the LM as 6 *
+parameters * tokens (forward + backward) and the vision tower by its measured forward FLOPs per image
+(torch's FlopCounterMode), times 3 if the stage trains it; ``peak_fraction`` divides it by 175 GFLOP/s, the
+fp32 matmul peak measured on 2 threads of the development machines.
 """
 
 from __future__ import annotations
@@ -18,23 +20,34 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from vlmkit.data.conversations import ConversationDataset, collate, group_by_image, read_conversations
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.models import count_parameters
-from vlmkit.train.loop import BatchStream, build_for_recipe, prepare_tokenizer
-from vlmkit.train.optim import make_optimizer
+from vlmkit.train.loop import build_for_recipe, prepare_tokenizer
+from vlmkit.train.optim import freeze_for_stage, make_optimizer, set_train_mode
 from vlmkit.train.recipe import load_recipe
+from vlmkit.train.stream import BatchStream
 
 PEAK_GFLOPS = 175.0
 
 
+def tower_forward_flops(model) -> float:
+    """Forward FLOPs of the vision tower for one image."""
+    x = torch.zeros(1, 3, *model.encoder.image_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.encoder.eval()(x)
+    return float(counter.get_total_flops())
+
+
 def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3) -> dict:
+    tower = tower_forward_flops(model) * (3 if "vision" in stage.train else 1)  # before the modes are set
+    n_lm = count_parameters(model.lm) - model.lm.embed_tokens.weight.numel()
+    freeze_for_stage(model, stage)
+    set_train_mode(model, stage)
     opt = make_optimizer(model, stage)
     stream = BatchStream(len(ds), batch_size, seed=0)
-    n_vit = count_parameters(model.encoder)
-    n_lm = count_parameters(model.lm) - model.lm.embed_tokens.weight.numel()
-    patches = model.encoder.num_tokens
     seqs = tokens = answers = images = 0
     flops = 0.0
     elapsed = 0.0
@@ -56,7 +69,7 @@ def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3) 
         # an answer ends at each supervised end-of-turn: count label runs
         lab = batch["labels"] != -100
         answers += int((lab[:, 1:] & ~lab[:, :-1]).sum() + lab[:, 0].sum())
-        flops += 6.0 * (n_lm * n_tok + n_vit * patches * n_img)
+        flops += 6.0 * n_lm * n_tok + tower * n_img
     gflops = flops / elapsed / 1e9
     return {"sequences_per_s": round(seqs / elapsed, 2), "tokens_per_s": round(tokens / elapsed),
             "answers_per_s": round(answers / elapsed, 1), "images_per_s": round(images / elapsed, 1),
@@ -87,11 +100,11 @@ def main() -> None:
         for name, group in (("grouped", recipe.data.group_turns), ("single_turn", 0)):
             torch.manual_seed(0)
             _, model, processor = build_for_recipe(recipe, tokenizer)  # a fresh model for each setting
-            model.train()
             print(f"timing {name}: {args.steps} steps of {args.batch_size} ...", file=sys.stderr, flush=True)
             rows = group_by_image(samples, group, 0) if group else samples
             ds = ConversationDataset(rows, processor)
-            results[name] = run(model, ds, tokenizer.pad_id, recipe.stages[0], args.batch_size, args.steps)
+            stage = recipe.stages[recipe.stage_index("lm")]
+            results[name] = run(model, ds, tokenizer.pad_id, stage, args.batch_size, args.steps)
     ratio = results["grouped"]["answers_per_s"] / results["single_turn"]["answers_per_s"]
     print(json.dumps({"bench": "train", "config": {**vars(args), "group_turns": recipe.data.group_turns,
                                                    "parameters": count_parameters(model)},

@@ -14,11 +14,6 @@ from vlmkit.train.optim import lr_factor, set_lr
 GRID = 8  # cells per side: the tiny-llava tower's 8x8 grid
 
 
-def lm_stage(recipe) -> int:
-    """Index of the recipe's first language-model stage (the demo recipe starts with a vision stage)."""
-    return next(i for i, st in enumerate(recipe.stages) if st.objective == "lm")
-
-
 def cell_labels(scene: dict, grid: int = GRID) -> torch.Tensor:
     """[2, grid, grid] long: colour and shape ids (1-based, 0 = nothing) of the object over each cell centre
     (the labels of vlmkit's ``cell_labels`` stage objective)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import GRID, answer_accuracy, cell_labels, lecun_init_lm, lm_stage, scenes, train_vlm
+from common import GRID, answer_accuracy, cell_labels, lecun_init_lm, scenes, train_vlm
 from vlmkit.data.conversations import ConversationDataset, group_by_image, read_conversations
 from vlmkit.nn.rope import sincos_2d
 from vlmkit.train import loop as L
@@ -81,7 +81,7 @@ def main():
     ap.add_argument("set", nargs="*", help="recipe overrides key=value")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
-    k = lm_stage(load_recipe("tiny-llava"))
+    k = load_recipe("tiny-llava").stage_index("lm")
     recipe = load_recipe("tiny-llava", [f"data.path={a.data}", f"stages.{k}.steps={a.steps}"] + a.set)
     train = read_conversations(a.data / "train.json")
     pool = train if a.eval_on == "train" else read_conversations(a.data / "test.json")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import GRID, answer_accuracy, cell_labels, lm_stage, scenes, train_vlm
+from common import GRID, answer_accuracy, cell_labels, scenes, train_vlm
 from vlmkit.data.conversations import ConversationDataset, group_by_image, read_conversations
 from vlmkit.nn.rope import sincos_2d
 from vlmkit.processing.image import load_image
@@ -72,7 +72,7 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     steps = max(1, a.vlm_steps)
-    k = lm_stage(load_recipe("tiny-llava"))
+    k = load_recipe("tiny-llava").stage_index("lm")
     recipe = load_recipe("tiny-llava", [f"data.path={a.data}", f"stages.{k}.steps={steps}"] + a.set)
     train = read_conversations(a.data / "train.json")
     tok = L.prepare_tokenizer(recipe, train, None)

@@ -149,3 +149,10 @@ def test_recipe_yaml_file_with_unknown_section_is_refused(tmp_path):
     r = load_recipe(str(path))
     assert r.name == "r" and [s.name for s in r.stages] == ["a", "b"] and r.total_steps == 3
     assert isinstance(r.stages[0], StageConfig) and r.stages[0].train == list(Recipe().stages[0].train)
+
+
+def test_stage_index_finds_the_first_stage_with_an_objective():
+    r = load_recipe("tiny-llava")
+    assert (r.stage_index("cell_labels"), r.stage_index("lm")) == (0, 1)
+    with pytest.raises(ConfigError, match="has no stage with objective 'lm'"):
+        load_recipe("tiny-llava", ["stages.1.objective=cell_labels", "stages.1.train=[vision]"]).stage_index("lm")

@@ -23,6 +23,7 @@ from vlmkit.data.shapes import COLORS, SHAPES
 from vlmkit.errors import ConfigError
 from vlmkit.processing.image import load_image
 from vlmkit.train.optim import lr_factor, set_lr
+from vlmkit.train.stream import BatchStream
 
 
 def cell_labels(scene: dict, grid: tuple[int, int]) -> torch.Tensor:
@@ -79,7 +80,7 @@ class CellLabelHeads(nn.Module):
         return loss, int(right[c > 0].sum()), int((c > 0).sum())
 
 
-def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, seed: int, stream_cls,
+def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, seed: int,
                          metrics, pbar, step: int, max_grad_norm: float, log,
                          stop_at_step: int | None = None) -> tuple[int, float]:
     """Train ``model.encoder`` for ``stage.steps`` steps (or until global step ``stop_at_step``, as an
@@ -95,7 +96,7 @@ def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, s
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": stage.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     opt = torch.optim.AdamW([dict(g, lr=stage.lr, base_lr=stage.lr) for g in groups], betas=tuple(stage.betas))
-    stream = stream_cls(len(scenes), batch_size, seed)
+    stream = BatchStream(len(scenes), batch_size, seed)
     log(f"  cell labels: {len(scenes)} training images, {grid[0]}x{grid[1]} cells, batch {batch_size}")
     elapsed, hits, total = 0.0, 0, 0
     for s in range(stage.steps):

@@ -41,31 +41,8 @@ from vlmkit.train.optim import (
     set_train_mode,
 )
 from vlmkit.train.recipe import Recipe
+from vlmkit.train.stream import BatchStream
 from vlmkit.utils import atomic_directory, atomic_write_json, seed_everything
-
-
-class BatchStream:
-    """An endless, reproducible stream of index batches: epoch e is a permutation seeded by (seed, e)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, position: int = 0):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.position = position  # batches handed out so far
-        self._epoch, self._order = -1, None
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
-
-    def next(self) -> list[int]:
-        out = []
-        start = self.position * self.batch_size
-        for k in range(start, start + self.batch_size):
-            epoch, i = divmod(k, self.n)
-            if self._epoch != epoch:
-                self._epoch, self._order = epoch, self._perm(epoch)
-            out.append(int(self._order[i]))
-        self.position += 1
-        return out
 
 
 @dataclass
@@ -217,8 +194,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             first_step = step
             step, seconds = run_cell_label_stage(
                 model, processor, stage, stage.batch_size or recipe.train.batch_size, Path(recipe.data.path or "."),
-                recipe.train.seed + si, BatchStream, metrics, pbar, step, recipe.train.max_grad_norm, log,
-                stop_at_step)
+                recipe.train.seed + si, metrics, pbar, step, recipe.train.max_grad_norm, log, stop_at_step)
             elapsed += seconds
             if step < first_step + stage.steps:
                 break  # stopped inside the stage (stop_at_step): nothing of it is saved

@@ -106,6 +106,13 @@ class Recipe:
         if self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
 
+    def stage_index(self, objective: str = "lm") -> int:
+        """Index of the first stage with this objective (the demo recipe starts with a vision stage)."""
+        for i, st in enumerate(self.stages):
+            if st.objective == objective:
+                return i
+        raise ConfigError(f"recipe {self.name!r} has no stage with objective {objective!r}")
+
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
