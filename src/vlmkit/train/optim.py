@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlmkit.train.muon import MuonAdamW
 from vlmkit.train.recipe import MODULE_GROUPS, StageConfig
 
 
@@ -41,23 +42,41 @@ def set_train_mode(model, stage: StageConfig) -> None:
             module.eval()
 
 
-def make_optimizer(model, stage: StageConfig) -> torch.optim.AdamW:
-    """AdamW with one group per trained module (its own lr) and no weight decay on norms/biases."""
+def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
+    """One group per trained module (its own lr), no weight decay on norms/biases.
+
+    ``stage.optimizer``: ``adamw`` for everything, or ``muon``: Muon for the 2D hidden weight matrices
+    (attention, MLP, connector), AdamW for embeddings, the LM's output head, norms, biases and conv kernels
+    (train/muon.py)."""
+    use_muon = stage.optimizer == "muon"
     groups = []
     seen: set[int] = set()
     for name, module in module_groups(model).items():
         if name not in stage.train:
             continue
         lr = stage.lr * stage.lr_scale.get(name, 1.0)
-        decay, no_decay = [], []
+        embeddings = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        decay, no_decay, hidden = [], [], []
         for pname, p in module.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if p.ndim < 2 or "norm" in pname else decay).append(p)
-        groups.append({"params": decay, "lr": lr, "base_lr": lr, "weight_decay": stage.weight_decay, "module": name})
-        groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0, "module": name})
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(stage.betas))
+            if p.ndim < 2 or "norm" in pname:
+                no_decay.append(p)
+            elif use_muon and p.ndim == 2 and id(p) not in embeddings and not pname.endswith("lm_head.weight"):
+                hidden.append(p)
+            else:
+                decay.append(p)
+        base = {"lr": lr, "base_lr": lr, "module": name, "use_muon": False}
+        groups.append({**base, "params": decay, "weight_decay": stage.weight_decay})
+        groups.append({**base, "params": no_decay, "weight_decay": 0.0})
+        groups.append({**base, "params": hidden, "weight_decay": stage.weight_decay, "use_muon": True})
+    groups = [g for g in groups if g["params"]]
+    if use_muon:
+        return MuonAdamW(groups, betas=tuple(stage.betas))
+    for g in groups:
+        del g["use_muon"]
+    return torch.optim.AdamW(groups, betas=tuple(stage.betas))
 
 
 def lr_factor(step: int, stage: StageConfig) -> float:
