@@ -92,10 +92,14 @@ def test_stage_freezing_keeps_vision_fixed(shapes, tmp_path, tower):
     assert any(not torch.equal(after_stage0[k], final[k]) for k in lm)  # trained in stage 2
 
 
-# mid-way through the tower stage (never checkpointed: resume starts over), just after it, and late in stage 1
-@pytest.mark.parametrize("stop, saved", [(2, None), (5, 3), (10, 9)])
-def test_resume_equals_uninterrupted(shapes, tmp_path, stop, saved):
-    r = recipe(shapes, "stages.0.steps=3", "stages.1.steps=8", "train.save_every=3")
+# mid-way through the tower stage (never checkpointed: resume starts over), just after it, and late in stage 1;
+# with the frozen tower's features precomputed (recomputed on resume) and with Muon's state to restore
+@pytest.mark.parametrize("stop, saved, extra", [
+    (2, None, []), (5, 3, []), (10, 9, []),
+    (8, 6, ["train.precompute_frozen_vision=true", "stages.1.optimizer=muon"]),
+])
+def test_resume_equals_uninterrupted(shapes, tmp_path, stop, saved, extra):
+    r = recipe(shapes, "stages.0.steps=3", "stages.1.steps=8", "train.save_every=3", *extra)
     train(r, tmp_path / "full", progress=False, log=lambda m: None)
     # interrupted after step `stop`; the last checkpoint is at step `saved`, so resume replays the rest
     train(r, tmp_path / "cut", progress=False, log=lambda m: None, stop_at_step=stop)
@@ -109,6 +113,23 @@ def test_resume_equals_uninterrupted(shapes, tmp_path, stop, saved):
         assert torch.equal(a[k], b[k]), k
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
     assert losses(tmp_path / "full", "vision") == losses(tmp_path / "cut", "vision")
+
+
+def test_precomputed_frozen_vision_trains_as_the_tower_would(shapes, tmp_path):
+    common = ["stages.0.steps=2", "stages.1.steps=6", "train.eval_every=3"]
+    train(recipe(shapes, *common), tmp_path / "live", progress=False, log=lambda m: None)
+    said = []
+    train(recipe(shapes, *common, "train.precompute_frozen_vision=true"), tmp_path / "pre", progress=False,
+          log=said.append)
+    assert any("vision features of 48 images precomputed" in m for m in said), said  # the train split
+    # same computation, tower run in other batch groupings: equal up to float rounding
+    assert losses(tmp_path / "pre") == pytest.approx(losses(tmp_path / "live"), rel=1e-4)
+    val = [[r["val_loss"] for r in rows(tmp_path / run) if "val_loss" in r] for run in ("live", "pre")]
+    assert len(val[0]) == 3 and val[1] == pytest.approx(val[0], rel=1e-4)
+    a = load_file(tmp_path / "live" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "pre" / "checkpoint" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_checkpoint_loads_into_pipeline(shapes, tmp_path):

@@ -143,11 +143,15 @@ def group_by_image(samples: list[Sample], max_turns: int = 8, seed: int = 0) -> 
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Tokenised samples with their images; image tensors are cached after first use (small datasets)."""
+    """Tokenised samples with their images; image tensors are cached after first use (small datasets).
+
+    Items carry the image paths too; with ``load_images = False`` they carry only the paths (the training
+    loop looks up precomputed features of a frozen tower, train/frozen_features.py)."""
 
     def __init__(self, samples: list[Sample], processor: Processor, cache_images: bool = True):
         self.samples = samples
         self.processor = processor
+        self.load_images = True
         self.cache: dict[Path, torch.Tensor] | None = {} if cache_images else None
         self.encoded = [processor.encode_conversation(s.conversations, len(s.images), s.source) for s in samples]
 
@@ -165,17 +169,20 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
         ids, labels = self.encoded[i]
-        pixels = [self._image(p, s.source) for p in s.images]
-        h, w = self.processor.cfg.image_size
-        return {
+        item = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, h, w),
+            "image_paths": list(s.images),
         }
+        if self.load_images:
+            pixels = [self._image(p, s.source) for p in s.images]
+            h, w = self.processor.cfg.image_size
+            item["pixel_values"] = torch.stack(pixels) if pixels else torch.zeros(0, 3, h, w)
+        return item
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
-    """Right-pad ids (pad_id) and labels (-100); concatenate images in reading order."""
+    """Right-pad ids (pad_id) and labels (-100); concatenate images (and their paths) in reading order."""
     T = max(len(b["input_ids"]) for b in batch)
     B = len(batch)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -186,5 +193,9 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         ids[i, :n] = b["input_ids"]
         labels[i, :n] = b["labels"]
         attn[i, :n] = 1
-    pixels = torch.cat([b["pixel_values"] for b in batch])
-    return {"input_ids": ids, "labels": labels, "attention_mask": attn, "pixel_values": pixels}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    if all("pixel_values" in b for b in batch):
+        out["pixel_values"] = torch.cat([b["pixel_values"] for b in batch])
+    if all("image_paths" in b for b in batch):
+        out["image_paths"] = [p for b in batch for p in b["image_paths"]]
+    return out

@@ -31,6 +31,7 @@ from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
 from vlmkit.train.cell_labels import run_cell_label_stage
+from vlmkit.train.frozen_features import FrozenVisionFeatures
 from vlmkit.train.optim import (
     freeze_for_stage,
     load_optimizer,
@@ -205,6 +206,16 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                 break
             continue
         opt = make_optimizer(model, stage)
+        features = None
+        train_ds.load_images = True
+        if recipe.train.precompute_frozen_vision and "vision" not in stage.train:
+            t0 = time.perf_counter()
+            features = FrozenVisionFeatures(model.encoder, processor, [p for x in samples for p in x.images],
+                                            progress=progress)
+            train_ds.load_images = False
+            elapsed += time.perf_counter() - t0
+            log(f"  vision features of {len(features):,} images precomputed in {time.perf_counter() - t0:.1f} s "
+                f"({features.nbytes / 2**20:,.0f} MiB)")
         first = 0
         if state and si == state["stage"]:
             first = state["step_in_stage"]
@@ -217,7 +228,11 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             for _ in range(recipe.train.grad_accum):
                 batch = collate([train_ds[i] for i in stream.next()], tokenizer.pad_id)
                 # right padding + causal attention: real tokens never see padding, so no mask is needed
-                res = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"])
+                if features is not None:
+                    image_features = model.connector(features.lookup(batch["image_paths"]), model.encoder.grid)
+                    res = model(batch["input_ids"], labels=batch["labels"], image_features=image_features)
+                else:
+                    res = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"])
                 (res.loss / recipe.train.grad_accum).backward()
                 loss_sum += float(res.loss.detach()) / recipe.train.grad_accum
                 n_samples += batch["input_ids"].shape[0]

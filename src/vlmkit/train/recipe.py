@@ -34,9 +34,11 @@ class StageConfig:
     # shape under each cell of its grid from ShapesWorld's scenes.json (train/cell_labels.py)
     objective: str = "lm"
     batch_size: int = 0  # cell_labels stages only; 0 = train.batch_size
+    optimizer: str = "adamw"  # adamw, or muon: Muon on the hidden weight matrices, AdamW on the rest
 
 
 OBJECTIVES = ("lm", "cell_labels")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -66,6 +68,9 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 500
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # lm stages with the vision tower frozen: run the tower once over every training image at the stage's
+    # start and look its features up afterwards (train/frozen_features.py); needs them to fit in RAM
+    precompute_frozen_vision: bool = False
 
 
 @dataclass
@@ -97,6 +102,10 @@ class Recipe:
                 raise ConfigError(f"stages[{i}].steps must be >= 1, got {st.steps}")
             if st.objective not in OBJECTIVES:
                 raise ConfigError(f"stages[{i}].objective: {st.objective!r}; valid: {', '.join(OBJECTIVES)}")
+            if st.optimizer not in OPTIMIZERS:
+                raise ConfigError(f"stages[{i}].optimizer: {st.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+            if st.optimizer != "adamw" and st.objective == "cell_labels":
+                raise ConfigError(f"stages[{i}].optimizer: {st.optimizer} is for lm stages; cell_labels stages use adamw")
             if st.objective == "cell_labels" and st.train != ["vision"]:
                 raise ConfigError(f"stages[{i}]: the cell_labels objective trains the vision tower alone; "
                                   f"set train: [vision], got {st.train}")
