@@ -16,8 +16,8 @@ GRID = 8  # cells per side: the tiny-llava tower's 8x8 grid
 
 def cell_labels(scene: dict, grid: int = GRID) -> torch.Tensor:
     """[2, grid, grid] long: colour and shape ids (1-based, 0 = nothing) of the object over each cell centre
-    (the labels of vlmkit's ``cell_labels`` stage objective)."""
-    return _cell_labels(scene, (grid, grid))
+    (the first two rows of vlmkit's ``cell_labels`` targets; the third, size, is not used here)."""
+    return _cell_labels(scene, (grid, grid))[:2]
 
 
 def scenes(data: Path) -> list[dict]:
@@ -32,7 +32,7 @@ def answer_accuracy(model, ds: ConversationDataset, samples, pad_id: int, batch:
     per: dict[str, list[int]] = {}
     for st in range(0, len(ds), batch):
         b = collate([ds[i] for i in range(st, min(len(ds), st + batch))], pad_id)
-        logits = model(b["input_ids"], b["pixel_values"]).logits[:, :-1]
+        logits = model(b["input_ids"], b["pixel_values"], position_ids=b["position_ids"], mask=b["mask"]).logits[:, :-1]
         target = b["labels"][:, 1:]
         ok = ((logits.argmax(-1) == target) | (target == -100)).all(1)
         hit += int(ok.sum())
@@ -52,7 +52,8 @@ def train_vlm(model, opt, stage, ds, stream, pad_id, steps, evaluate, evals: int
     for s in range(steps):
         set_lr(opt, lr_factor(s, stage))
         b = collate([ds[i] for i in stream.next()], pad_id)
-        loss = model(b["input_ids"], b["pixel_values"], labels=b["labels"]).loss
+        loss = model(b["input_ids"], b["pixel_values"], labels=b["labels"], position_ids=b["position_ids"],
+                     mask=b["mask"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

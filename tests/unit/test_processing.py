@@ -299,3 +299,40 @@ def test_collate_right_pads_ids_labels_and_concatenates_images():
     assert torch.equal(batch["labels"], torch.tensor([[-100, 6, 7, -100, -100], [-100, -100, 10, 11, 12]]))
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
     assert batch["pixel_values"].shape == (1, 3, 4, 4)
+
+
+def test_grouped_questions_train_exactly_as_single_turn_samples(tiny_config, make_processor, tokenizer, tmp_path):
+    """Each grouped question sees the image and itself only, at its single-turn positions: same loss per
+    token as the separate samples, and one question cannot give away another's answer."""
+    from vlmkit.data.conversations import ConversationDataset
+    from vlmkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(connector="pixel_shuffle"), tokenizer.token_id("<image>")).eval()
+    processor = make_processor(image_seq_len=model.image_seq_len)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "a.png")
+    questions = [("is the red circle left of the blue square?", "yes"),
+                 ("is the blue square left of the red circle?", "no"), ("how many objects?", "2")]
+    singles = [Sample(id=str(i), images=[tmp_path / "a.png"], conversations=[
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]) for i, (q, a) in enumerate(questions)]
+    (grouped,) = group_by_image(singles, max_turns=8, seed=0)
+    assert grouped.independent_turns
+
+    def token_losses(samples):
+        batch = collate([ConversationDataset(samples, processor)[i] for i in range(len(samples))], pad_id=0)
+        h = model.lm(model.embed(batch["input_ids"], batch["pixel_values"]), position_ids=batch["position_ids"],
+                     mask=batch["mask"])
+        logits = model.lm.lm_head(h)[:, :-1]
+        keep = batch["labels"][:, 1:] != IGNORE
+        nll = torch.nn.functional.cross_entropy(logits[keep], batch["labels"][:, 1:][keep], reduction="none")
+        return sorted(nll.tolist()), batch
+
+    alone, batch = token_losses(singles)
+    together, gbatch = token_losses([grouped])
+    assert batch["mask"] is None and gbatch["mask"] is not None  # plain samples keep the fast causal path
+    assert len(together) == len(alone) > 3  # answer tokens and end markers of the three questions
+    assert together == pytest.approx(alone, abs=1e-5)  # so no answer can be read from another question
+    # the shared prefix holds the image once; the layout is shorter than the three samples end to end
+    ids = gbatch["input_ids"][0].tolist()
+    assert ids.count(tokenizer.token_id("<image>")) == model.image_seq_len
+    assert len(ids) < sum(int(m.sum()) for m in batch["attention_mask"])

@@ -31,6 +31,8 @@ class Sample:
     conversations: list[dict]
     type: str = ""
     source: str = ""  # "file row N" for error messages
+    # group_by_image's merged questions: each turn sees the image and itself only (see share_prefix)
+    independent_turns: bool = False
 
 
 @dataclass
@@ -109,13 +111,17 @@ def _parse_row(row, i: int, root: Path, where: str, check_images: bool) -> Sampl
 
 
 def group_by_image(samples: list[Sample], max_turns: int = 8, seed: int = 0) -> list[Sample]:
-    """Merge single-image, single-question samples about the same image into multi-turn conversations.
+    """Merge single-image, single-question samples about the same image into one sequence each.
 
-    The image is encoded once for all its questions, which makes from-scratch training several times more
-    sample-efficient per second. Question order is shuffled deterministically; groups hold at most
-    ``max_turns`` question-answer pairs. Multi-image or multi-turn samples are kept as they are, and so are
-    captions (type ``caption``): a caption in the same sequence states the answers to the questions after it
-    (and the next caption), so the model would learn to copy from the text instead of looking at the image.
+    The image and the prompt before the question are encoded once for all its questions, which makes
+    from-scratch training several times more sample-efficient per second. The merged turns are
+    *independent* (``Sample.independent_turns``): ConversationDataset lays them out with :func:`share_prefix`,
+    so each question attends only to the shared prefix and to itself, at the positions it would have alone,
+    and the loss is exactly that of the single-turn samples. Were they ordinary turns, questions would give
+    each other away: ShapesWorld asks "is A left of B?" next to "is B left of A?", and a model trained on
+    such conversations answers the second from the first and the first at chance (docs/design.md).
+    Question order is shuffled deterministically; groups hold at most ``max_turns`` questions.
+    Multi-image or multi-turn samples are kept as they are, and so are captions (type ``caption``).
     """
     rng = random.Random(seed)
     groups: OrderedDict[Path, list[Sample]] = OrderedDict()
@@ -138,8 +144,43 @@ def group_by_image(samples: list[Sample], max_turns: int = 8, seed: int = 0) -> 
                 turns.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})
                 turns.append({"from": "gpt", "value": gpt.get("value", gpt.get("content", ""))})
             out.append(Sample(id="+".join(s.id for s in chunk), images=[image], conversations=turns,
-                              source=chunk[0].source))
+                              source=chunk[0].source, independent_turns=True))
     return out
+
+
+def single_turns(sample: Sample) -> list[list[dict]]:
+    """A grouped sample's questions as the single-turn conversations they came from (image in each)."""
+    out = []
+    for human, gpt in zip(sample.conversations[::2], sample.conversations[1::2]):
+        q = human.get("value", "").replace("<image>\n", "").replace("<image>", "")
+        out.append([{"from": "human", "value": "<image>\n" + q}, gpt])
+    return out
+
+
+def share_prefix(encoded: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Lay out single-turn encodings that share a prefix (the same image and template) as one sequence.
+
+    Returns (ids, labels, position_ids, segment_ids): the longest common unsupervised prefix once (segment
+    0), then each sample's remainder (segment k = 1, 2, ...) at the positions it has on its own. A token may
+    attend to earlier tokens of segment 0 and of its own segment (:func:`collate` builds that mask), so every
+    remainder sees exactly what it would see alone and the losses are those of the separate samples. The
+    first token of each remainder is unsupervised (the prefix stops before any label), so the one-token
+    shift of the loss never crosses from one remainder into the next.
+    """
+    first = encoded[0][0]
+    n = min(len(ids) for ids, _ in encoded)
+    for ids, labels in encoded:
+        k = next((i for i, t in enumerate(labels) if t != IGNORE), len(labels))
+        n = min(n, k - 1)  # the token before the first label stays in the remainder too
+        n = next((i for i in range(n) if ids[i] != first[i]), n)
+    n = max(n, 0)
+    ids, labels, pos, seg = list(first[:n]), [IGNORE] * n, list(range(n)), [0] * n
+    for k, (sid, slab) in enumerate(encoded, start=1):
+        ids += sid[n:]
+        labels += slab[n:]
+        pos += range(n, len(sid))
+        seg += [k] * (len(sid) - n)
+    return ids, labels, pos, seg
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -153,10 +194,19 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.load_images = True
         self.cache: dict[Path, torch.Tensor] | None = {} if cache_images else None
-        self.encoded = [processor.encode_conversation(s.conversations, len(s.images), s.source) for s in samples]
+        self.encoded = [self._encode(s) for s in samples]
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def _encode(self, s: Sample) -> tuple[list[int], list[int], list[int], list[int]]:
+        if s.independent_turns:
+            out = share_prefix([self.processor.encode_conversation(c, 1, s.source) for c in single_turns(s)])
+            if out[0].count(self.processor.image_token_id) != self.processor.cfg.image_seq_len:
+                raise DataError(f"{s.source}: the grouped questions do not share their image prefix")
+            return out
+        ids, labels = self.processor.encode_conversation(s.conversations, len(s.images), s.source)
+        return ids, labels, list(range(len(ids))), [0] * len(ids)
 
     def _image(self, path: Path, where: str) -> torch.Tensor:
         if self.cache is not None and path in self.cache:
@@ -168,10 +218,12 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
-        ids, labels = self.encoded[i]
+        ids, labels, pos, seg = self.encoded[i]
         item = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(pos, dtype=torch.long),
+            "segment_ids": torch.tensor(seg, dtype=torch.long),
             "image_paths": list(s.images),
         }
         if self.load_images:
@@ -182,7 +234,11 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
-    """Right-pad ids (pad_id) and labels (-100); concatenate images (and their paths) in reading order."""
+    """Right-pad ids (pad_id) and labels (-100); concatenate images (and their paths) in reading order.
+
+    When a sample has independent turns (segment ids > 0, :func:`share_prefix`) the batch also gets their
+    ``position_ids`` and the boolean attention ``mask`` [B, 1, T, T]; otherwise both are None (right padding
+    plus the causal mask is all a batch needs)."""
     T = max(len(b["input_ids"]) for b in batch)
     B = len(batch)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -193,7 +249,19 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         ids[i, :n] = b["input_ids"]
         labels[i, :n] = b["labels"]
         attn[i, :n] = 1
-    out = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": attn, "position_ids": None, "mask": None}
+    if any("segment_ids" in b and bool((b["segment_ids"] > 0).any()) for b in batch):
+        pos = torch.zeros(B, T, dtype=torch.long)
+        seg = torch.full((B, T), -1, dtype=torch.long)  # padding: a segment of its own
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            pos[i, :n] = b["position_ids"]
+            seg[i, :n] = b["segment_ids"]
+        q, k = seg[:, :, None], seg[:, None, :]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        mask = causal & (k >= 0) & ((k == 0) | (k == q))
+        out["mask"] = (mask | torch.eye(T, dtype=torch.bool))[:, None]  # padding rows keep their diagonal
+        out["position_ids"] = pos
     if all("pixel_values" in b for b in batch):
         out["pixel_values"] = torch.cat([b["pixel_values"] for b in batch])
     if all("image_paths" in b for b in batch):

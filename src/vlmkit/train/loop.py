@@ -126,7 +126,8 @@ def evaluate_loss(model, ds: ConversationDataset, pad_id: int, batch_size: int =
     total, n = 0.0, 0
     for start in range(0, len(ds), batch_size):
         batch = collate([ds[i] for i in range(start, min(len(ds), start + batch_size))], pad_id)
-        out = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"])
+        out = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"],
+                    position_ids=batch["position_ids"], mask=batch["mask"])
         total += float(out.loss) * out.n_tokens
         n += out.n_tokens
     for m, training in modes.items():
@@ -227,12 +228,14 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             loss_sum = 0.0
             for _ in range(recipe.train.grad_accum):
                 batch = collate([train_ds[i] for i in stream.next()], tokenizer.pad_id)
-                # right padding + causal attention: real tokens never see padding, so no mask is needed
+                # right padding + causal attention: real tokens never see padding, so no padding mask
                 if features is not None:
                     image_features = model.connector(features.lookup(batch["image_paths"]), model.encoder.grid)
-                    res = model(batch["input_ids"], labels=batch["labels"], image_features=image_features)
                 else:
-                    res = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"])
+                    image_features = None
+                # independent turns of one image (group_by_image) come with their positions and mask
+                res = model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
+                            image_features=image_features, position_ids=batch["position_ids"], mask=batch["mask"])
                 (res.loss / recipe.train.grad_accum).backward()
                 loss_sum += float(res.loss.detach()) / recipe.train.grad_accum
                 n_samples += batch["input_ids"].shape[0]
