@@ -34,6 +34,7 @@ class VisionConfig:
     norm_eps: float = 1e-5
     class_token: bool = False
     pos_embed: str = "learned"  # learned | sincos2d (fixed) | rope2d
+    pos_scale: float = 1.0  # cnn with sincos2d only: multiplier on the fixed positions (RMS 0.71 at 1.0)
     rope_theta: float = 10000.0
     pre_norm: bool = False  # CLIP's "pre_layrnorm" on the embeddings
     post_norm: bool = True  # apply the final norm to the selected features

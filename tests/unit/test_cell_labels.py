@@ -6,20 +6,21 @@ import json
 
 import pytest
 
-from vlmkit.data.shapes import COLORS, SHAPES
+from vlmkit.data.shapes import COLORS, SHAPES, SIZES
 from vlmkit.errors import ConfigError
 from vlmkit.train.cell_labels import cell_labels, read_scenes
 
 
-def obj(color, shape, cx, cy, side):
-    return {"color": color, "shape": shape, "center": [cx, cy], "bbox": [cx - side / 2, cy - side / 2, side, side]}
+def obj(color, shape, cx, cy, side, size="small"):
+    return {"color": color, "shape": shape, "size": size, "center": [cx, cy],
+            "bbox": [cx - side / 2, cy - side / 2, side, side]}
 
 
 def test_cell_labels_mark_the_cells_under_each_object_and_the_nearest_wins():
     # 64x32 canvas, 4x2 grid of 16px cells with centres x = 8, 24, 40, 56 and y = 8, 24
     scene = {"width": 64, "height": 32, "objects": [
         obj("red", "circle", 8, 8, 12),       # reach 6: covers only the cell centred at (8, 8)
-        obj("blue", "star", 40, 24, 40),      # reach 20: (24, 24), (40, 24), (56, 24), (40, 8); not the
+        obj("blue", "star", 40, 24, 40, "large"),  # reach 20: (24, 24), (40, 24), (56, 24), (40, 8); not the
                                               # diagonal (24, 8) and (56, 8), 22.6 away
         obj("green", "square", 30, 24, 4),    # reach 2: covers no cell centre; nearer to (24, 24) but too small
     ]}
@@ -28,6 +29,8 @@ def test_cell_labels_mark_the_cells_under_each_object_and_the_nearest_wins():
     circle, star = 1 + SHAPES.index("circle"), 1 + SHAPES.index("star")
     assert y[0].tolist() == [[red, 0, blue, 0], [0, blue, blue, blue]]
     assert y[1].tolist() == [[circle, 0, star, 0], [0, star, star, star]]
+    small, large = 1 + list(SIZES).index("small"), 1 + list(SIZES).index("large")
+    assert y[2].tolist() == [[small, 0, large, 0], [0, large, large, large]]
     # overlapping disks: (56, 24) is 6 from a new circle at (50, 24) and 16 from the star, so the circle wins
     scene["objects"].append(obj("red", "circle", 50, 24, 20))
     y = cell_labels(scene, (2, 4))

@@ -58,6 +58,13 @@ def test_cnn_tower_bad_configs_raise():
         ConvEncoder(vit_config(arch="cnn", class_token=True))
     with pytest.raises(ValueError, match="arch 'cnn' must be 'sincos2d', 'learned' or 'none'"):
         ConvEncoder(vit_config(arch="cnn", pos_embed="rope2d"))
+    with pytest.raises(ValueError, match="pos_scale scales fixed sincos2d positions; pos_embed is 'learned'"):
+        ConvEncoder(vit_config(arch="cnn", pos_embed="learned", pos_scale=2.0))
+    with pytest.raises(ValueError, match="pos_scale is for arch 'cnn'"):
+        ViTEncoder(vit_config(pos_scale=2.0))
+    loud = ConvEncoder(vit_config(arch="cnn", image_size=(32, 32), patch_size=8, pos_embed="sincos2d", pos_scale=2.0))
+    quiet = ConvEncoder(vit_config(arch="cnn", image_size=(32, 32), patch_size=8, pos_embed="sincos2d"))
+    torch.testing.assert_close(loud.pos_embed, 2 * quiet.pos_embed)
     cfg = get_preset("tiny-llava").model
     with pytest.raises(ValueError, match="vision.arch must be one of"):
         build_model(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, arch="resnet")), 3)

@@ -5,8 +5,9 @@ FastViT). Here the point is learning speed from scratch on small data: on Shapes
 colour and shape under each cell of its 8x8 grid to 0.95 accuracy in 200 steps of 64 images, where tiny ViTs
 (patch or convolutional stem, any positions) reach 0.3-0.4 (docs/design.md). Output: the same
 ``[B, N, D]`` token grid as a ViT with ``patch_size`` equal to the total stride, so every connector works
-unchanged. Positions are added after the convolutions (``sincos2d``: fixed, unit scale), because the LM's
-own rotary positions are 1D and relative and cannot tell it where a token sits in the image.
+unchanged. Positions are added after the convolutions (``sincos2d``: fixed, times ``pos_scale``), because the
+LM's own rotary positions are 1D and relative and cannot tell it where a token sits in the image; they must
+be about as loud as the content features for the LM to read them quickly (docs/design.md).
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ class ConvEncoder(nn.Module):
         layers += _block(c_in, cfg.width)
         self.net = nn.Sequential(*layers)
         gh, gw = self.grid
+        if cfg.pos_scale != 1.0 and cfg.pos_embed != "sincos2d":
+            raise ValueError(f"vision.pos_scale scales fixed sincos2d positions; pos_embed is {cfg.pos_embed!r}")
         if cfg.pos_embed == "sincos2d":
-            self.register_buffer("pos_embed", sincos_2d(gh, gw, cfg.width)[None], persistent=False)
+            pos = sincos_2d(gh, gw, cfg.width) * cfg.pos_scale
+            self.register_buffer("pos_embed", pos[None], persistent=False)
         elif cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw, cfg.width))
         elif cfg.pos_embed == "none":

@@ -71,6 +71,9 @@ class ViTEncoder(nn.Module):
         self.width = cfg.width
         gh, gw = cfg.grid
         self.grid = (gh, gw)
+        if cfg.pos_scale != 1.0:
+            raise ValueError("vision.pos_scale is for arch 'cnn' (its fixed positions); the ViT's are learned or "
+                             "rotary, or added before its blocks")
         if cfg.stem == "patch":
             self.patch_embed = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         elif cfg.stem == "conv":

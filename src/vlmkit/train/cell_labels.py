@@ -4,7 +4,7 @@ LLaVA starts from a vision tower that already sees (CLIP). From scratch, a tower
 from dense labels than through a language model's answers: trained only through the LM, the tiny towers'
 gradient collapses once the LM has learned the text-only answer prior, and shapes are never learned in the
 demo's budget (docs/design.md). This stage trains the tower alone, with temporary linear heads that predict,
-for every cell of its token grid, the colour and the shape of the object over the cell centre (or none),
+for every cell of its token grid, the colour, shape and size of the object over the cell centre (or none),
 taken from ShapesWorld's ``scenes.json`` (training split only). The heads are dropped after the stage;
 a later stage can then freeze the tower and train connector + LM on it, as LLaVA does.
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.data.shapes import COLORS, SHAPES
+from vlmkit.data.shapes import COLORS, SHAPES, SIZES
 from vlmkit.errors import ConfigError
 from vlmkit.processing.image import load_image
 from vlmkit.train.optim import lr_factor, set_lr
@@ -27,14 +27,14 @@ from vlmkit.train.stream import BatchStream
 
 
 def cell_labels(scene: dict, grid: tuple[int, int]) -> torch.Tensor:
-    """[2, gh, gw] long: 1-based colour and shape ids of the object over each cell centre, 0 for none.
+    """[3, gh, gw] long: 1-based colour, shape and size ids of the object over each cell centre, 0 for none.
 
     "Over" means within half the larger bbox side of the object's centre (a disk that approximates every
     ShapesWorld outline); where objects overlap, the nearest centre wins.
     """
     gh, gw = grid
-    out = torch.zeros(2, gh, gw, dtype=torch.long)
-    colors, shapes = list(COLORS), list(SHAPES)
+    out = torch.zeros(3, gh, gw, dtype=torch.long)
+    colors, shapes, sizes = list(COLORS), list(SHAPES), list(SIZES)
     for gy in range(gh):
         for gx in range(gw):
             cx, cy = (gx + 0.5) * scene["width"] / gw, (gy + 0.5) * scene["height"] / gh
@@ -46,6 +46,7 @@ def cell_labels(scene: dict, grid: tuple[int, int]) -> torch.Tensor:
             if best:
                 out[0, gy, gx] = 1 + colors.index(best[1]["color"])
                 out[1, gy, gx] = 1 + shapes.index(best[1]["shape"])
+                out[2, gy, gx] = 1 + sizes.index(best[1]["size"])
     return out
 
 
@@ -64,20 +65,26 @@ def read_scenes(root: Path) -> dict[str, list[dict]]:
 
 
 class CellLabelHeads(nn.Module):
-    """Two linear heads on the tower's tokens: colour (none + colours) and shape (none + shapes)."""
+    """Linear heads on the tower's tokens: colour, shape and size, each with a "none" class.
+
+    Size matters downstream: questions name an object by its size when another of the same shape or
+    colour is in the scene ("what colour is the small circle?")."""
 
     def __init__(self, width: int):
         super().__init__()
         self.color = nn.Linear(width, 1 + len(COLORS))
         self.shape = nn.Linear(width, 1 + len(SHAPES))
+        self.size = nn.Linear(width, 1 + len(SIZES))
 
     def loss_and_hits(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """feats [B, N, D], labels [B, 2, gh, gw] -> (loss, cells with both right, object cells)."""
-        c, s = labels[:, 0].flatten(1), labels[:, 1].flatten(1)
-        oc, os_ = self.color(feats), self.shape(feats)
-        loss = F.cross_entropy(oc.flatten(0, 1), c.flatten()) + F.cross_entropy(os_.flatten(0, 1), s.flatten())
-        right = (oc.argmax(-1) == c) & (os_.argmax(-1) == s)
-        return loss, int(right[c > 0].sum()), int((c > 0).sum())
+        """feats [B, N, D], labels [B, 3, gh, gw] -> (loss, object cells with all three right, object cells)."""
+        loss, right = 0.0, True
+        for k, head in enumerate((self.color, self.shape, self.size)):
+            target, logits = labels[:, k].flatten(1), head(feats)  # [B, N], [B, N, classes]
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            right = right & (logits.argmax(-1) == target)
+        objects = labels[:, 0].flatten(1) > 0
+        return loss, int(right[objects].sum()), int(objects.sum())
 
 
 def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, seed: int,
@@ -115,7 +122,7 @@ def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, s
         pbar.update(1)
         pbar.set_postfix(stage=stage.name, loss=f"{float(loss.detach()):.3f}", cell_acc=f"{h / max(n, 1):.2f}")
         if (s + 1) % 10 == 0 or s == stage.steps - 1:
-            # training-batch accuracy over the last logging window: object cells with colour and shape right
+            # training-batch accuracy over the last logging window: object cells with colour, shape and size right
             metrics.write(step=step, stage=stage.name, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"],
                           cell_accuracy=hits / max(total, 1), elapsed=elapsed)
             hits, total = 0, 0
@@ -124,7 +131,7 @@ def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, s
     if held_out:
         acc = _held_out_accuracy(encoder, heads, processor, root, held_out)
         metrics.write(step=step, stage=stage.name, val_cell_accuracy=acc)
-        log(f"  cell accuracy on {len(held_out)} validation images: {acc:.3f} (object cells, colour and shape)")
+        log(f"  cell accuracy on {len(held_out)} validation images: {acc:.3f} (object cells: colour, shape and size right)")
     return step, elapsed
 
 
