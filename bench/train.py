@@ -1,10 +1,14 @@
-"""Training-step throughput of a preset on ShapesWorld, with and without turn grouping, as one JSON line.
+"""Training-step throughput of a preset on ShapesWorld: turn grouping, single turns, and (when the stage
+freezes the tower) grouping on precomputed tower features, as one JSON line.
 
     python bench/train.py [--preset tiny-llava] [--batch-size 32] [--steps 20] [--threads 2] [--set K=V ...]
 
 It times the recipe's language-model stage as the demo runs it (modules that stage freezes are frozen and in
 eval mode, e.g. tiny-llava's pretrained tower). Both settings run in the same process on the same data, so
-their ratio is meaningful on a noisy machine; absolute figures are not. ``gflops`` counts the LM as 6 *
+their ratios are meaningful on a noisy machine; absolute figures are not. ``optimizer_fraction`` is the share of
+step time spent in ``opt.step()`` (``--set stages.1.optimizer=muon`` shows Muon's cost); the precomputed
+setting excludes the one-off feature pass, reported separately as ``precompute_seconds``, and the others
+the one-off image decoding. Step time includes building the batch. ``gflops`` counts the LM as 6 *
 parameters * tokens (forward + backward) and the vision tower by its measured forward FLOPs per image
 (torch's FlopCounterMode), times 3 if the stage trains it; ``peak_fraction`` divides it by 175 GFLOP/s, the
 fp32 matmul peak measured on 2 threads of the development machines.
@@ -26,6 +30,7 @@ from vlmkit.data.conversations import ConversationDataset, collate, group_by_ima
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.models import count_parameters
 from vlmkit.train.loop import build_for_recipe, prepare_tokenizer
+from vlmkit.train.frozen_features import FrozenVisionFeatures
 from vlmkit.train.optim import freeze_for_stage, make_optimizer, set_train_mode
 from vlmkit.train.recipe import load_recipe
 from vlmkit.train.stream import BatchStream
@@ -41,28 +46,47 @@ def tower_forward_flops(model) -> float:
     return float(counter.get_total_flops())
 
 
-def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3) -> dict:
+def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3, precompute: bool = False) -> dict:
     tower = tower_forward_flops(model) * (3 if "vision" in stage.train else 1)  # before the modes are set
     n_lm = count_parameters(model.lm) - model.lm.embed_tokens.weight.numel()
     freeze_for_stage(model, stage)
     set_train_mode(model, stage)
     opt = make_optimizer(model, stage)
+    features, extra = None, {}
+    if precompute:
+        t0 = time.perf_counter()
+        features = FrozenVisionFeatures(model.encoder, ds.processor, [p for s in ds.samples for p in s.images],
+                                        progress=False)
+        extra = {"precompute_seconds": round(time.perf_counter() - t0, 2), "precomputed_images": len(features)}
+        ds.load_images = False
+        tower = 0.0  # the tower no longer runs per step
+    else:
+        for i in range(len(ds)):  # decode every image once, as in every epoch after the first
+            ds[i]
     stream = BatchStream(len(ds), batch_size, seed=0)
     seqs = tokens = answers = images = 0
     flops = 0.0
-    elapsed = 0.0
+    elapsed = opt_time = 0.0
     for step in range(warmup + steps):
-        batch = collate([ds[i] for i in stream.next()], pad_id)
         t0 = time.perf_counter()
-        out = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"])
+        batch = collate([ds[i] for i in stream.next()], pad_id)
+        if features is not None:
+            image_features = model.connector(features.lookup(batch["image_paths"]), model.encoder.grid)
+        else:
+            image_features = None
+        out = model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
+                    image_features=image_features, position_ids=batch["position_ids"], mask=batch["mask"])
         out.loss.backward()
+        t1 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step < warmup:
             continue
-        elapsed += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        elapsed += t2 - t0
+        opt_time += t2 - t1
         n_tok = int(batch["attention_mask"].sum())
-        n_img = batch["pixel_values"].shape[0]
+        n_img = len(batch["image_paths"])
         seqs += batch["input_ids"].shape[0]
         tokens += n_tok
         images += n_img
@@ -74,7 +98,8 @@ def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3) 
     return {"sequences_per_s": round(seqs / elapsed, 2), "tokens_per_s": round(tokens / elapsed),
             "answers_per_s": round(answers / elapsed, 1), "images_per_s": round(images / elapsed, 1),
             "mean_tokens": round(tokens / seqs, 1), "gflops": round(gflops, 1),
-            "peak_fraction": round(gflops / PEAK_GFLOPS, 3)}
+            "peak_fraction": round(gflops / PEAK_GFLOPS, 3), "optimizer_fraction": round(opt_time / elapsed, 3),
+            **extra}
 
 
 def main() -> None:
@@ -97,15 +122,22 @@ def main() -> None:
         samples = read_conversations(data / "train.json")
         tokenizer = prepare_tokenizer(recipe, samples, None)
         results = {}
-        for name, group in (("grouped", recipe.data.group_turns), ("single_turn", 0)):
+        stage = recipe.stages[recipe.stage_index("lm")]
+        settings = [("grouped", recipe.data.group_turns, False), ("single_turn", 0, False)]
+        if "vision" not in stage.train:
+            settings.append(("grouped_precomputed", recipe.data.group_turns, True))
+        for name, group, precompute in settings:
             torch.manual_seed(0)
             _, model, processor = build_for_recipe(recipe, tokenizer)  # a fresh model for each setting
             print(f"timing {name}: {args.steps} steps of {args.batch_size} ...", file=sys.stderr, flush=True)
             rows = group_by_image(samples, group, 0) if group else samples
             ds = ConversationDataset(rows, processor)
-            stage = recipe.stages[recipe.stage_index("lm")]
-            results[name] = run(model, ds, tokenizer.pad_id, stage, args.batch_size, args.steps)
+            results[name] = run(model, ds, tokenizer.pad_id, stage, args.batch_size, args.steps,
+                                precompute=precompute)
     ratio = results["grouped"]["answers_per_s"] / results["single_turn"]["answers_per_s"]
+    if "grouped_precomputed" in results:
+        results["precomputed_vs_grouped_answers_ratio"] = round(
+            results["grouped_precomputed"]["answers_per_s"] / results["grouped"]["answers_per_s"], 2)
     print(json.dumps({"bench": "train", "config": {**vars(args), "group_turns": recipe.data.group_turns,
                                                    "parameters": count_parameters(model)},
                       **results, "grouped_vs_single_answers_ratio": round(ratio, 2)}))

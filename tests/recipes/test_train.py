@@ -75,7 +75,7 @@ def test_cell_label_stage_needs_scene_annotations(shapes, tmp_path):
         train(r, tmp_path / "run", progress=False, log=lambda m: None)
 
 
-@pytest.mark.parametrize("tower", [[], ["model.vision.arch=vit", "model.vision.pos_embed=learned",
+@pytest.mark.parametrize("tower", [[], ["model.vision.arch=vit", "model.vision.pos_embed=learned", "model.vision.pos_scale=1",
                                         "model.vision.stem=conv", "model.vision.stem_norm=batch"]],
                          ids=["cnn", "vit-batchnorm-stem"])
 def test_stage_freezing_keeps_vision_fixed(shapes, tmp_path, tower):

@@ -40,10 +40,10 @@ def test_from_dict_wrong_types_are_refused():
 
 def test_apply_overrides_nested_returns_a_copy():
     cfg = get_preset("tiny-llava").model
-    new = apply_overrides(cfg, {"lm.depth": 3, "vision.image_size": [32, 48], "connector.kind": "linear"})
-    assert (new.lm.depth, new.vision.image_size, new.connector.kind) == (3, (32, 48), "linear")
+    new = apply_overrides(cfg, {"lm.depth": 5, "vision.image_size": [32, 48], "connector.kind": "linear"})
+    assert (new.lm.depth, new.vision.image_size, new.connector.kind) == (5, (32, 48), "linear")
     assert new.lm.width == cfg.lm.width
-    assert cfg.lm.depth == 2 and cfg.vision.image_size == (64, 64), "the original must not change"
+    assert cfg.lm.depth == 3 and cfg.vision.image_size == (64, 64), "the original must not change"
 
 
 def test_apply_overrides_coerces_int_to_float():
@@ -157,4 +157,5 @@ def test_stage_index_finds_the_first_stage_with_an_objective():
     r = load_recipe("tiny-llava")
     assert (r.stage_index("cell_labels"), r.stage_index("lm")) == (0, 1)
     with pytest.raises(ConfigError, match="has no stage with objective 'lm'"):
-        load_recipe("tiny-llava", ["stages.1.objective=cell_labels", "stages.1.train=[vision]"]).stage_index("lm")
+        load_recipe("tiny-llava", ["stages.1.objective=cell_labels", "stages.1.train=[vision]",
+                                    "stages.1.optimizer=adamw"]).stage_index("lm")
