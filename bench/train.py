@@ -4,9 +4,9 @@ freezes the tower) grouping on precomputed tower features, as one JSON line.
     python bench/train.py [--preset tiny-llava] [--batch-size 32] [--steps 20] [--threads 2] [--set K=V ...]
 
 It times the recipe's language-model stage as the demo runs it (modules that stage freezes are frozen and in
-eval mode, e.g. tiny-llava's pretrained tower). Both settings run in the same process on the same data, so
+eval mode, e.g. tiny-llava's pretrained tower). All settings run in the same process on the same data, so
 their ratios are meaningful on a noisy machine; absolute figures are not. ``optimizer_fraction`` is the share of
-step time spent in ``opt.step()`` (``--set stages.1.optimizer=muon`` shows Muon's cost); the precomputed
+step time spent in ``opt.step()`` (tiny-llava uses Muon; ``--set stages.1.optimizer=adamw`` to compare); the precomputed
 setting excludes the one-off feature pass, reported separately as ``precompute_seconds``, and the others
 the one-off image decoding. Step time includes building the batch. ``gflops`` counts the LM as 6 *
 parameters * tokens (forward + backward) and the vision tower by its measured forward FLOPs per image

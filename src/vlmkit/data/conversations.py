@@ -167,6 +167,8 @@ def share_prefix(encoded: list[tuple[list[int], list[int]]]) -> tuple[list[int],
     first token of each remainder is unsupervised (the prefix stops before any label), so the one-token
     shift of the loss never crosses from one remainder into the next.
     """
+    if any(labels and labels[0] != IGNORE for _, labels in encoded):
+        raise ValueError("share_prefix: a sample is supervised from its first token, so it has no prompt to share")
     first = encoded[0][0]
     n = min(len(ids) for ids, _ in encoded)
     for ids, labels in encoded:
