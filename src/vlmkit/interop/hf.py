@@ -1,0 +1,176 @@
+"""Hugging Face checkpoint folders: reading them safely, and importing the Llama-family text LMs.
+
+A folder is ``config.json`` plus weights in ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``. Pickled weights (``*.bin``, ``*.pt``) are never loaded: unpickling runs
+arbitrary code. Every weight mapping is an explicit table; keys the table does not expect, and keys it
+expects but the folder lacks, are reported by name, as are shape mismatches.
+
+This module is the first part of the interop issue: the text LMs vlmkit's ``DecoderLM`` already covers
+(Llama, Qwen2, Mistral). The vision families, tokenizers/processors, ``vlmkit convert`` and export build
+on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from vlmkit.config import LanguageConfig
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.lm.decoder import DecoderLM
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+LM_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class HFCheckpoint:
+    folder: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a Hugging Face checkpoint folder: {path.name} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards its index lists; refuses pickled weights."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: expected JSON with a 'weight_map' of tensor name -> shard file") from e
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = folder / shard
+            if not path.is_file():
+                raise CheckpointError(f"{index} lists shard {shard!r}, which is not in {folder}")
+            tensors.update(load_file(str(path)))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(f"{index}: tensors listed but absent from their shards: {missing[:5]}")
+        return tensors
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} has only pickled weights ({', '.join(pickles)}); vlmkit never unpickles (it can run "
+            f"arbitrary code). Re-save them as safetensors, e.g. with transformers: "
+            f"model.save_pretrained(out, safe_serialization=True)")
+    raise CheckpointError(f"{folder} has no weights: expected model.safetensors or model.safetensors.index.json")
+
+
+def read_checkpoint(folder: str | Path) -> HFCheckpoint:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder")
+    return HFCheckpoint(folder, read_config(folder), read_weights(folder))
+
+
+def _rope_theta(cfg: dict, where: str) -> float:
+    """rope theta from ``rope_parameters`` (transformers 5) or ``rope_theta`` (4.x); only unscaled RoPE."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        raise ConfigError(f"{where}: rope_type {kind!r} (RoPE scaling) is not implemented in vlmkit; "
+                          f"supported: default")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
+    """config.json of a Llama / Qwen2 / Mistral causal LM -> LanguageConfig."""
+    kind = cfg.get("model_type")
+    if kind not in LM_TYPES:
+        raise ConfigError(f"{where}: model_type {kind!r} is not a text LM vlmkit imports; supported: "
+                          f"{', '.join(LM_TYPES)}")
+    try:
+        width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{where}: hidden_act {act!r} is not implemented for {kind}; supported: silu")
+        if cfg.get("mlp_bias"):
+            raise ConfigError(f"{where}: mlp_bias: true is not implemented in vlmkit's SwiGLU")
+        if kind == "mistral" and cfg.get("sliding_window") not in (None, 0):
+            # within the window sliding-window attention is full causal attention: cap the length there
+            max_len = min(int(cfg.get("max_position_embeddings", 4096)), int(cfg["sliding_window"]))
+        else:
+            max_len = int(cfg.get("max_position_embeddings", 4096))
+        if kind == "qwen2" and cfg.get("use_sliding_window"):
+            raise ConfigError(f"{where}: use_sliding_window: true is not implemented for qwen2")
+        return LanguageConfig(
+            vocab_size=int(cfg["vocab_size"]), width=width, depth=int(cfg["num_hidden_layers"]), heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=cfg.get("head_dim") or None,
+            mlp_dim=int(cfg["intermediate_size"]), act="silu", norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=_rope_theta(cfg, where), max_seq_len=max_len,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)))
+    except KeyError as e:
+        raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type {kind!r}") from e
+
+
+def lm_key_map(cfg: LanguageConfig, prefix: str = "model.") -> dict[str, str]:
+    """vlmkit DecoderLM parameter name -> transformers *ForCausalLM tensor name (the explicit table)."""
+    table = {"embed_tokens.weight": f"{prefix}embed_tokens.weight", "norm.weight": f"{prefix}norm.weight"}
+    if not cfg.tie_embeddings:
+        table["lm_head.weight"] = "lm_head.weight"
+    for i in range(cfg.depth):
+        ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
+        table[ours + "input_norm.weight"] = theirs + "input_layernorm.weight"
+        table[ours + "post_attn_norm.weight"] = theirs + "post_attention_layernorm.weight"
+        for p in ("q", "k", "v", "o"):
+            table[f"{ours}attn.{p}_proj.weight"] = f"{theirs}self_attn.{p}_proj.weight"
+            if cfg.qkv_bias and p != "o":
+                table[f"{ours}attn.{p}_proj.bias"] = f"{theirs}self_attn.{p}_proj.bias"
+        for p in ("gate", "up", "down"):
+            table[f"{ours}mlp.{p}_proj.weight"] = f"{theirs}mlp.{p}_proj.weight"
+    return table
+
+
+def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], table: dict[str, str], where: str,
+               ignore: tuple[str, ...] = ()) -> None:
+    """Copy ``tensors`` into ``module`` through ``table``; missing, unexpected and mis-shaped keys are errors."""
+    missing = sorted(theirs for theirs in table.values() if theirs not in tensors)
+    unexpected = sorted(k for k in set(tensors) - set(table.values()) if not (ignore and k.endswith(ignore)))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not match the config: missing {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                              f"{' ...' if len(unexpected) > 8 else ''}")
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for ours, theirs in table.items():
+            src, dst = tensors[theirs], params[ours]
+            if src.shape != dst.shape:
+                raise CheckpointError(f"{where}: {theirs} has shape {tuple(src.shape)}, the config implies "
+                                      f"{tuple(dst.shape)}")
+            dst.copy_(src.to(dst.dtype))
+
+
+def load_hf_lm(folder: str | Path) -> DecoderLM:
+    """A transformers LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM folder -> DecoderLM (fp32)."""
+    ckpt = read_checkpoint(folder)
+    where = str(ckpt.folder / "config.json")
+    cfg = lm_config_from_hf(ckpt.config, where)
+    with torch.device("meta"):
+        lm = DecoderLM(cfg)
+    lm = lm.to_empty(device="cpu")
+    lm.rotary = type(lm.rotary)(lm.head_dim, cfg.rope_theta)  # buffers are not weights: rebuild them
+    if cfg.tie_embeddings:
+        lm.lm_head.weight = lm.embed_tokens.weight
+    # a tied checkpoint may still carry lm_head.weight (a copy of the embeddings): not an error
+    load_state(lm, ckpt.tensors, lm_key_map(cfg), str(ckpt.folder),
+               ignore=("lm_head.weight",) if cfg.tie_embeddings else ())
+    return lm.eval()

@@ -1,0 +1,126 @@
+"""Llama / Qwen2 / Mistral import: logits and greedy tokens equal transformers' on tiny random checkpoints
+that transformers builds here (offline), and bad folders get errors that name the file and key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.interop.hf import load_hf_lm, read_weights
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# small but not default-shaped: grouped-query attention, head_dim not width/heads, non-default theta and eps
+COMMON = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=128)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=50000.0, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1e6, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rope_theta=20000.0, sliding_window=None)),
+}
+
+
+def make_checkpoint(family: str, folder, **extra):
+    conf_cls, model_cls, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, conf_cls)(**{**COMMON, **kw, **extra})
+    model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # random (not zero) biases and norm weights, so a dropped one shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0, 0.5 if "norm" in name else 0.1).add_(1.0 if "norm" in name else 0.0)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_and_greedy_tokens_match_transformers(family, tmp_path):
+    ref = make_checkpoint(family, tmp_path)
+    lm = load_hf_lm(tmp_path)
+    assert lm.cfg.qkv_bias == (family == "qwen2") and lm.cfg.tie_embeddings == (family == "qwen2")
+    ids = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = ref(ids).logits
+        ours = lm.lm_head(lm(lm.embed_tokens(ids)))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    # 8 greedy steps from the same prompt
+    seq_ref = ref.generate(ids[:1], max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 13:].tolist()
+    seq = ids[:1]
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = lm.lm_head(lm(lm.embed_tokens(seq)))[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert seq[0, 13:].tolist() == seq_ref
+
+
+def test_sharded_weights_are_read_through_the_index(tmp_path):
+    make_checkpoint("llama", tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    names = sorted(tensors)
+    half = len(names) // 2
+    save_file({k: tensors[k] for k in names[:half]}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({k: tensors[k] for k in names[half:]}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    weight_map = {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert read_weights(tmp_path).keys() == tensors.keys()
+    load_hf_lm(tmp_path)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="lists shard 'model-00002-of-00002.safetensors', which is not in"):
+        load_hf_lm(tmp_path)
+
+
+def test_pickled_weights_are_refused_never_loaded(tmp_path):
+    make_checkpoint("llama", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not even read")
+    with pytest.raises(CheckpointError, match=r"only pickled weights \(pytorch_model.bin\); vlmkit never unpickles"):
+        load_hf_lm(tmp_path)
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    ({"model_type": "gpt2"}, ConfigError, r"config.json: model_type 'gpt2' is not a text LM vlmkit imports; "
+                                          r"supported: llama, qwen2, mistral"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, ConfigError,
+     r"config.json: rope_type 'llama3' \(RoPE scaling\) is not implemented"),
+    ({"hidden_act": "gelu"}, ConfigError, r"hidden_act 'gelu' is not implemented for llama"),
+    ({"intermediate_size": 64}, CheckpointError, r"layers.0.mlp.gate_proj.weight has shape \(80, 48\), the "
+                                                 r"config implies \(64, 48\)"),
+    ({"num_hidden_layers": 3}, CheckpointError, r"missing \['model.layers.2"),
+    ({"hidden_size": None}, ConfigError, r"config.json: missing key 'hidden_size' for model_type 'llama'"),
+])
+def test_bad_config_names_the_file_and_key(tmp_path, changes, error, match):
+    make_checkpoint("llama", tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(error, match=match):
+        load_hf_lm(tmp_path)
+
+
+def test_unexpected_weights_are_named(tmp_path):
+    make_checkpoint("llama", tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected \['model.layers.0.self_attn.q_norm.weight'\]"):
+        load_hf_lm(tmp_path)
+
+
+def test_a_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_hf_lm(tmp_path)
