@@ -86,6 +86,8 @@ class LanguageConfig:
     # makes a small LM learn much faster (docs/design.md: 0.02 -> 0.25 on ShapesWorld)
     head_init_std: float | None = None
     qkv_bias: bool = False
+    norm_offset: bool = False  # Gemma: RMSNorm scales by 1 + weight
+    embed_scale: bool = False  # Gemma: token embeddings are multiplied by sqrt(width)
 
 
 @dataclass

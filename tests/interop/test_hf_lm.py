@@ -1,4 +1,4 @@
-"""Llama / Qwen2 / Mistral import: logits and greedy tokens equal transformers' on tiny random checkpoints
+"""Llama / Qwen2 / Mistral / Gemma import: logits and greedy tokens equal transformers' on tiny random checkpoints
 that transformers builds here (offline), and bad folders get errors that name the file and key."""
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=50000.0, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1e6, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(rope_theta=20000.0, sliding_window=None)),
+    # Gemma: norms scale by 1 + weight, embeddings by sqrt(width), GELU-gated MLP, tied head
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh")),
 }
 
 
@@ -43,7 +45,8 @@ def make_checkpoint(family: str, folder, **extra):
 def test_logits_and_greedy_tokens_match_transformers(family, tmp_path):
     ref = make_checkpoint(family, tmp_path)
     lm = load_hf_lm(tmp_path)
-    assert lm.cfg.qkv_bias == (family == "qwen2") and lm.cfg.tie_embeddings == (family == "qwen2")
+    assert lm.cfg.qkv_bias == (family == "qwen2") and lm.cfg.tie_embeddings == (family in ("qwen2", "gemma"))
+    assert lm.cfg.norm_offset == lm.cfg.embed_scale == (family == "gemma")
     ids = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs = ref(ids).logits
@@ -96,7 +99,7 @@ def _edit_config(folder, **changes):
 
 @pytest.mark.parametrize("changes, error, match", [
     ({"model_type": "gpt2"}, ConfigError, r"config.json: model_type 'gpt2' is not a text LM vlmkit imports; "
-                                          r"supported: llama, qwen2, mistral"),
+                                          r"supported: llama, qwen2, mistral, gemma"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, ConfigError,
      r"config.json: rope_type 'llama3' \(RoPE scaling\) is not implemented"),
     ({"hidden_act": "gelu"}, ConfigError, r"hidden_act 'gelu' is not implemented for llama"),

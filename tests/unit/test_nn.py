@@ -255,3 +255,13 @@ def test_rotary2d_scores_depend_only_on_row_and_column_offsets():
 
     assert score((0, 0), (1, 2)) == pytest.approx(score((2, 1), (3, 3)), abs=1e-4)
     assert score((0, 0), (1, 2)) != pytest.approx(score((0, 0), (2, 1)), abs=1e-3)
+
+
+def test_rmsnorm_offset_scales_by_one_plus_weight():
+    x = torch.randn(2, 5, 8)
+    plain, gemma = RMSNorm(8), RMSNorm(8, offset=True)
+    torch.testing.assert_close(gemma(x), plain(x))  # initialised at weight 0: the identity scale
+    with torch.no_grad():
+        gemma.weight.fill_(0.5)
+        plain.weight.fill_(1.5)
+    torch.testing.assert_close(gemma(x), plain(x))

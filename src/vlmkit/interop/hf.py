@@ -5,8 +5,8 @@ A folder is ``config.json`` plus weights in ``model.safetensors`` or shards list
 arbitrary code. Every weight mapping is an explicit table; keys the table does not expect, and keys it
 expects but the folder lacks, are reported by name, as are shape mismatches.
 
-This module is the first part of the interop issue: the text LMs vlmkit's ``DecoderLM`` already covers
-(Llama, Qwen2, Mistral) and the CLIP and SigLIP vision towers (``ViTEncoder``). The composite families,
+This module is the first part of the interop issue: the text LMs vlmkit's ``DecoderLM`` covers
+(Llama, Qwen2, Mistral, Gemma) and the CLIP and SigLIP vision towers (``ViTEncoder``). The composite families,
 tokenizers/processors, ``vlmkit convert`` and export build on it.
 """
 
@@ -25,7 +25,8 @@ from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.lm.decoder import DecoderLM
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-LM_TYPES = ("llama", "qwen2", "mistral")
+LM_TYPES = ("llama", "qwen2", "mistral", "gemma")
+LM_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 @dataclass
@@ -93,16 +94,17 @@ def _rope_theta(cfg: dict, where: str) -> float:
 
 
 def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
-    """config.json of a Llama / Qwen2 / Mistral causal LM -> LanguageConfig."""
+    """config.json of a Llama / Qwen2 / Mistral / Gemma causal LM -> LanguageConfig."""
     kind = cfg.get("model_type")
     if kind not in LM_TYPES:
         raise ConfigError(f"{where}: model_type {kind!r} is not a text LM vlmkit imports; supported: "
                           f"{', '.join(LM_TYPES)}")
     try:
         width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"{where}: hidden_act {act!r} is not implemented for {kind}; supported: silu")
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")  # Gemma 1 writes both
+        if act not in LM_ACTS:
+            raise ConfigError(f"{where}: hidden_act {act!r} is not implemented for {kind}; supported: "
+                              f"{', '.join(LM_ACTS)}")
         if cfg.get("mlp_bias"):
             raise ConfigError(f"{where}: mlp_bias: true is not implemented in vlmkit's SwiGLU")
         if kind == "mistral" and cfg.get("sliding_window") not in (None, 0):
@@ -115,10 +117,11 @@ def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
         return LanguageConfig(
             vocab_size=int(cfg["vocab_size"]), width=width, depth=int(cfg["num_hidden_layers"]), heads=heads,
             kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=cfg.get("head_dim") or None,
-            mlp_dim=int(cfg["intermediate_size"]), act="silu", norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            mlp_dim=int(cfg["intermediate_size"]), act=LM_ACTS[act], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(cfg, where), max_seq_len=max_len,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)))
+            qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
+            norm_offset=kind == "gemma", embed_scale=kind == "gemma")
     except KeyError as e:
         raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type {kind!r}") from e
 
@@ -161,7 +164,7 @@ def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], table:
 
 
 def load_hf_lm(folder: str | Path) -> DecoderLM:
-    """A transformers LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM folder -> DecoderLM (fp32)."""
+    """A transformers Llama / Qwen2 / Mistral / Gemma ``*ForCausalLM`` folder -> DecoderLM (fp32)."""
     ckpt = read_checkpoint(folder)
     where = str(ckpt.folder / "config.json")
     cfg = lm_config_from_hf(ckpt.config, where)

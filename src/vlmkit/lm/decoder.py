@@ -1,6 +1,7 @@
-"""Decoder-only language model of the Llama family (Llama, Qwen2, SmolLM, Mistral) by a few flags.
+"""Decoder-only language model of the Llama family (Llama, Qwen2, SmolLM, Mistral, Gemma) by a few flags.
 
-Grouped-query attention (``kv_heads``), rotary theta, tied embeddings and qkv bias (Qwen2) are the flags.
+Grouped-query attention (``kv_heads``), rotary theta, tied embeddings, qkv bias (Qwen2), and Gemma's
+``1 + weight`` norms, embedding scaling and GELU-gated MLP (``act: gelu_tanh``) are the flags.
 The model takes embeddings, not ids, so that fusion modules can splice images into the sequence.
 """
 
@@ -13,12 +14,20 @@ from vlmkit.config import LanguageConfig
 from vlmkit.nn import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Token embeddings times sqrt(width), in the weight's dtype (Gemma). A tied head reads the unscaled
+    weight, and image features spliced in after the lookup are not scaled."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype)
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
-        self.input_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.input_norm = RMSNorm(cfg.width, cfg.norm_eps, cfg.norm_offset)
         self.attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias)
-        self.post_attn_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.post_attn_norm = RMSNorm(cfg.width, cfg.norm_eps, cfg.norm_offset)
         self.mlp = SwiGLU(cfg.width, cfg.mlp_dim, act=cfg.act)
 
     def forward(self, x, mask, is_causal, rope, cache, layer):
@@ -32,9 +41,9 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.embed_tokens = (ScaledEmbedding if cfg.embed_scale else nn.Embedding)(cfg.vocab_size, cfg.width)
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.depth))
-        self.norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.width, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

@@ -5,17 +5,23 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Llama): computed in fp32, scaled by a learned weight."""
+    """Root-mean-square norm (Llama): computed in fp32, scaled by a learned weight.
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    ``offset=True`` is Gemma's variant: the scale is ``1 + weight`` (weight initialised at zero), applied in
+    fp32 before casting back (Llama casts first, then scales)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
