@@ -6,12 +6,14 @@ arbitrary code. Every weight mapping is an explicit table; keys the table does n
 expects but the folder lacks, are reported by name, as are shape mismatches.
 
 This module is the first part of the interop issue: the text LMs vlmkit's ``DecoderLM`` covers
-(Llama, Qwen2, Mistral, Gemma) and the CLIP and SigLIP vision towers (``ViTEncoder``). The composite families,
-tokenizers/processors, ``vlmkit convert`` and export build on it.
+(Llama, Qwen2, Mistral, Gemma), the CLIP and SigLIP vision towers (``ViTEncoder``) and LLaVA-1.5's weights
+(``VisionLanguageModel``). The other composite families, tokenizers/processors, ``vlmkit convert`` and export
+build on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from vlmkit.config import LanguageConfig, VisionConfig
+from vlmkit.config import ConnectorConfig, LanguageConfig, ModelConfig, VisionConfig
 from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.lm.decoder import DecoderLM
+from vlmkit.models import build_model
+from vlmkit.models.vlm import VisionLanguageModel
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LM_TYPES = ("llama", "qwen2", "mistral", "gemma")
@@ -126,11 +130,11 @@ def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
         raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type {kind!r}") from e
 
 
-def lm_key_map(cfg: LanguageConfig, prefix: str = "model.") -> dict[str, str]:
+def lm_key_map(cfg: LanguageConfig, prefix: str = "model.", head: str = "lm_head.weight") -> dict[str, str]:
     """vlmkit DecoderLM parameter name -> transformers *ForCausalLM tensor name (the explicit table)."""
     table = {"embed_tokens.weight": f"{prefix}embed_tokens.weight", "norm.weight": f"{prefix}norm.weight"}
     if not cfg.tie_embeddings:
-        table["lm_head.weight"] = "lm_head.weight"
+        table["lm_head.weight"] = head
     for i in range(cfg.depth):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
         table[ours + "input_norm.weight"] = theirs + "input_layernorm.weight"
@@ -266,3 +270,75 @@ def load_hf_vision(folder: str | Path, feature_layer: int = -1) -> ViTEncoder:
         and k not in table.values())
     load_state(enc, {k: v for k, v in tensors.items() if k not in unused}, table, str(ckpt.folder))
     return enc.eval()
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA(-1.5)
+
+
+def llava_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, int]:
+    """A LlavaForConditionalGeneration config -> (ModelConfig, image token id)."""
+    if cfg.get("model_type") != "llava":
+        raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not 'llava'")
+    layer = cfg.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ConfigError(f"{where}: vision_feature_layer {layer!r}: concatenating several layers is not "
+                          f"implemented; give one layer index")
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ConfigError(f"{where}: vision_feature_select_strategy {strategy!r}; supported: default, full")
+    vision = vision_config_from_hf(cfg.get("vision_config") or {}, layer, f"{where} (vision_config)")
+    if strategy == "default" and not vision.class_token:
+        raise ConfigError(f"{where}: vision_feature_select_strategy 'default' drops a class token this tower "
+                          f"does not have; use 'full'")
+    vision = dataclasses.replace(vision, drop_class_token=strategy == "default")
+    text = dict(cfg.get("text_config") or {})
+    text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    lm = lm_config_from_hf(text, f"{where} (text_config)")
+    act = cfg.get("projector_hidden_act", "gelu")
+    if act not in ("gelu", "gelu_pytorch_tanh", "silu"):
+        raise ConfigError(f"{where}: projector_hidden_act {act!r} is not implemented; supported: gelu, silu")
+    connector = ConnectorConfig(kind="mlp", act={"gelu_pytorch_tanh": "gelu_tanh"}.get(act, act),
+                                bias=bool(cfg.get("multimodal_projector_bias", True)))
+    token = cfg.get("image_token_index", cfg.get("image_token_id"))
+    if token is None:
+        raise ConfigError(f"{where}: missing key 'image_token_index'")
+    return ModelConfig(family="llava", vision=vision, connector=connector, lm=lm), int(token)
+
+
+def _prefix(tensors: dict, *candidates: str) -> str:
+    """The first candidate prefix that some tensor name starts with (checkpoint layouts differ by version)."""
+    return next((c for c in candidates if any(k.startswith(c) for k in tensors)), candidates[0])
+
+
+def load_hf_llava(folder: str | Path) -> VisionLanguageModel:
+    """A transformers LlavaForConditionalGeneration folder (LLaVA-1.5 layout) -> VisionLanguageModel."""
+    ckpt = read_checkpoint(folder)
+    where = str(ckpt.folder / "config.json")
+    cfg, image_token = llava_config_from_hf(ckpt.config, where)
+    t = ckpt.tensors
+    vp = _prefix(t, "vision_tower.", "model.vision_tower.")
+    vp = _prefix(t, vp + "vision_model.", vp)
+    lp = _prefix(t, "language_model.model.", "model.language_model.")
+    head = _prefix(t, "language_model.lm_head.", "lm_head.") + "weight"
+    pp = _prefix(t, "multi_modal_projector.", "model.multi_modal_projector.")
+    model = build_model(cfg, image_token, init=False)
+    table = {f"encoder.{k}": v for k, v in vision_key_map(cfg.vision, vp).items()}
+    table |= {f"lm.{k}": v for k, v in lm_key_map(cfg.lm, lp, head).items()}
+    for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
+        table[f"connector.{ours}.weight"] = f"{pp}{theirs}.weight"
+        if cfg.connector.bias:
+            table[f"connector.{ours}.bias"] = f"{pp}{theirs}.bias"
+    tensors = dict(t)
+    for ours, dims in (("encoder.class_token", 1), ("encoder.pos_embed", 2)):
+        x = tensors.get(table.get(ours, ""))
+        if x is not None and x.ndim == dims:
+            tensors[table[ours]] = x.reshape(1, -1, x.shape[-1])
+    # known but unused: tower layers after the feature layer (never built) and its final norm
+    built = ViTEncoder._layers_to_run(cfg.vision.depth, cfg.vision.feature_layer)
+    unused = [k for k in tensors if k not in table.values() and (k.startswith(f"{vp}post_layernorm.") or (
+        k.startswith(f"{vp}encoder.layers.") and int(k[len(f"{vp}encoder.layers."):].split(".")[0]) >= built))]
+    ignore = ("lm_head.weight",) if cfg.lm.tie_embeddings else ()
+    load_state(model, {k: v for k, v in tensors.items() if k not in unused}, table, str(ckpt.folder), ignore)
+    if cfg.lm.tie_embeddings:
+        model.lm.lm_head.weight = model.lm.embed_tokens.weight
+    return model.eval()
