@@ -75,8 +75,9 @@ def test_cell_label_stage_needs_scene_annotations(shapes, tmp_path):
         train(r, tmp_path / "run", progress=False, log=lambda m: None)
 
 
-@pytest.mark.parametrize("tower", [[], ["model.vision.arch=vit", "model.vision.pos_embed=learned", "model.vision.pos_scale=1",
-                                        "model.vision.stem=conv", "model.vision.stem_norm=batch"]],
+@pytest.mark.parametrize("tower", [[], ["model.vision.arch=vit", "model.vision.pos_embed=learned",
+                                        "model.vision.pos_scale=1", "model.vision.stem=conv",
+                                        "model.vision.stem_norm=batch"]],
                          ids=["cnn", "vit-batchnorm-stem"])
 def test_stage_freezing_keeps_vision_fixed(shapes, tmp_path, tower):
     # a BatchNorm tower frozen in stage 1 must also keep its running statistics (eval mode), including across

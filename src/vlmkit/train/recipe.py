@@ -105,7 +105,8 @@ class Recipe:
             if st.optimizer not in OPTIMIZERS:
                 raise ConfigError(f"stages[{i}].optimizer: {st.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
             if st.optimizer != "adamw" and st.objective == "cell_labels":
-                raise ConfigError(f"stages[{i}].optimizer: {st.optimizer} is for lm stages; cell_labels stages use adamw")
+                raise ConfigError(f"stages[{i}].optimizer: {st.optimizer} is for lm stages; "
+                                  f"cell_labels stages use adamw")
             if st.objective == "cell_labels" and st.train != ["vision"]:
                 raise ConfigError(f"stages[{i}]: the cell_labels objective trains the vision tower alone; "
                                   f"set train: [vision], got {st.train}")
