@@ -83,3 +83,15 @@ def test_unknown_vision_type_and_activation_are_named(tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"patch_embedding.weight has shape \(32, 3, 8, 8\), the config implies \(40, 3, 8, 8\)"):
         load_hf_vision(tmp_path)
+
+
+def test_unknown_tensors_in_built_layers_are_reported_not_skipped(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    build("clip", tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["encoder.layers.0.self_attn.q_norm.weight"] = torch.ones(8)  # in a layer vlmkit builds
+    tensors["encoder.layers.2.self_attn.q_norm.weight"] = torch.ones(8)  # after feature layer -2: not built
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected \['encoder.layers.0.self_attn.q_norm.weight'\]"):
+        load_hf_vision(tmp_path, feature_layer=-2)

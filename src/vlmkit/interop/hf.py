@@ -262,14 +262,27 @@ def load_hf_vision(folder: str | Path, feature_layer: int = -1) -> ViTEncoder:
         t = tensors.get(table.get(ours, ""))
         if t is not None and t.ndim == dims:  # anything else fails load_state's shape check by name
             tensors[table[ours]] = t.reshape(1, -1, t.shape[-1])
-    # known but unused: layers after the feature layer (never built), the final norm where the features do
-    # not pass through it, the pooling head (SigLIP), the text tower and projections of a dual encoder,
-    # and the non-persistent position ids some versions save
-    unused = tuple(k for k in tensors if not k.startswith(prefix) or k.startswith(
-        (f"{prefix}encoder.layers.", f"{prefix}post_layernorm.", f"{prefix}head.", f"{prefix}embeddings.position_ids"))
-        and k not in table.values())
+    unused = set(_unused_vision_keys(tensors, table, prefix, cfg))
+    unused |= {k for k in tensors if not k.startswith(prefix)}  # a dual encoder's text half
     load_state(enc, {k: v for k, v in tensors.items() if k not in unused}, table, str(ckpt.folder))
     return enc.eval()
+
+
+def _unused_vision_keys(tensors: dict, table: dict[str, str], prefix: str, cfg: VisionConfig) -> list[str]:
+    """Tower tensors that are known but not used: layers after the feature layer (never built), a final
+    norm the features do not pass through, SigLIP's pooling head, saved position ids."""
+    built, layers = ViTEncoder._layers_to_run(cfg.depth, cfg.feature_layer), f"{prefix}encoder.layers."
+    mapped = set(table.values())
+    out = []
+    for k in tensors:
+        if k in mapped:
+            continue
+        if k.startswith(layers) and k[len(layers):].split(".")[0].isdigit():
+            if int(k[len(layers):].split(".")[0]) >= built:
+                out.append(k)
+        elif k.startswith((f"{prefix}post_layernorm.", f"{prefix}head.", f"{prefix}embeddings.position_ids")):
+            out.append(k)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- LLaVA(-1.5)
@@ -333,10 +346,7 @@ def load_hf_llava(folder: str | Path) -> VisionLanguageModel:
         x = tensors.get(table.get(ours, ""))
         if x is not None and x.ndim == dims:
             tensors[table[ours]] = x.reshape(1, -1, x.shape[-1])
-    # known but unused: tower layers after the feature layer (never built) and its final norm
-    built = ViTEncoder._layers_to_run(cfg.vision.depth, cfg.vision.feature_layer)
-    unused = [k for k in tensors if k not in table.values() and (k.startswith(f"{vp}post_layernorm.") or (
-        k.startswith(f"{vp}encoder.layers.") and int(k[len(f"{vp}encoder.layers."):].split(".")[0]) >= built))]
+    unused = set(_unused_vision_keys(tensors, table, vp, cfg.vision))
     ignore = ("lm_head.weight",) if cfg.lm.tie_embeddings else ()
     load_state(model, {k: v for k, v in tensors.items() if k not in unused}, table, str(ckpt.folder), ignore)
     if cfg.lm.tie_embeddings:
