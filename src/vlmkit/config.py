@@ -109,6 +109,9 @@ class ProcessorConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resample: str = "bicubic"  # nearest | bilinear | bicubic | lanczos
+    # 0: resize straight to image_size; N: resize the shorter side to N (aspect kept), then center-crop to
+    # image_size (CLIP's image processor)
+    shortest_edge: int = 0
     image_token: str = "<image>"
     image_seq_len: int = 0  # tokens per image after the connector; filled in from the model
     chat_template: str = "vlmkit"

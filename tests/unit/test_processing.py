@@ -336,3 +336,10 @@ def test_grouped_questions_train_exactly_as_single_turn_samples(tiny_config, mak
     ids = gbatch["input_ids"][0].tolist()
     assert ids.count(tokenizer.token_id("<image>")) == model.image_seq_len
     assert len(ids) < sum(int(m.sum()) for m in batch["attention_mask"])
+
+
+def test_shortest_edge_smaller_than_the_crop_is_refused():
+    with pytest.raises(ValueError, match=r"shortest_edge 20 is smaller than the crop \(24, 24\)"):
+        ImageTransform((24, 24), (0.5,) * 3, (0.5,) * 3, shortest_edge=20)
+    t = ImageTransform((24, 16), (0.5,) * 3, (0.5,) * 3, shortest_edge=32)
+    assert t(Image.new("RGB", (80, 40))).shape == (3, 24, 16)  # 80x40 -> 64x32, centre 16 wide, 24 high

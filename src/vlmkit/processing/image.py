@@ -43,11 +43,19 @@ def load_image(source, where: str = "") -> Image.Image:
 
 
 class ImageTransform:
-    """PIL image -> normalised float tensor [C, H, W] of a fixed (height, width)."""
+    """PIL image -> normalised float tensor [C, H, W] of a fixed (height, width).
 
-    def __init__(self, size: tuple[int, int], mean, std, resample: str = "bicubic"):
+    With ``shortest_edge`` the shorter side is resized to it first (the longer one to
+    ``int(shortest_edge * long / short)``), then the centre is cropped to (height, width) with the top-left
+    corner at ``((H' - height) // 2, (W' - width) // 2)``: CLIP's image processor, to the pixel."""
+
+    def __init__(self, size: tuple[int, int], mean, std, resample: str = "bicubic", shortest_edge: int = 0):
         if resample not in RESAMPLE:
             raise ValueError(f"resample must be one of {', '.join(RESAMPLE)}, got {resample!r}")
+        if shortest_edge and shortest_edge < max(size):
+            raise ValueError(f"shortest_edge {shortest_edge} is smaller than the crop {tuple(size)}: the crop "
+                             f"would need padding; use shortest_edge >= {max(size)}")
+        self.shortest_edge = int(shortest_edge)
         self.size = (int(size[0]), int(size[1]))
         self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
@@ -55,7 +63,16 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         h, w = self.size
-        if image.size != (w, h):
+        if self.shortest_edge:
+            iw, ih = image.size
+            short, long = min(iw, ih), max(iw, ih)
+            s, l = self.shortest_edge, int(self.shortest_edge * long / short)
+            rw, rh = (s, l) if iw <= ih else (l, s)
+            if (rw, rh) != (iw, ih):
+                image = image.resize((rw, rh), self.resample)
+            top, left = (rh - h) // 2, (rw - w) // 2
+            image = image.crop((left, top, left + w, top + h))
+        elif image.size != (w, h):
             image = image.resize((w, h), self.resample)
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         return (x - self.mean) / self.std  # [3, H, W]

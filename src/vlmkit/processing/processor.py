@@ -29,7 +29,7 @@ class Processor:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.template = TEMPLATES.build(cfg.chat_template)
-        self.transform = ImageTransform(cfg.image_size, cfg.mean, cfg.std, cfg.resample)
+        self.transform = ImageTransform(cfg.image_size, cfg.mean, cfg.std, cfg.resample, cfg.shortest_edge)
         self.image_token_id = tokenizer.token_id(cfg.image_token)
 
     # ------------------------------------------------------------------ persistence
