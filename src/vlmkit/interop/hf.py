@@ -7,8 +7,9 @@ expects but the folder lacks, are reported by name, as are shape mismatches.
 
 This module is the first part of the interop issue: the text LMs vlmkit's ``DecoderLM`` covers
 (Llama, Qwen2, Mistral, Gemma), the CLIP and SigLIP vision towers (``ViTEncoder``) and LLaVA-1.5's weights
-(``VisionLanguageModel``), and CLIP/SigLIP-style image processors (``ImageTransform``; both config layouts).
-The other composite families, tokenizers, ``vlmkit convert`` and export build on it.
+(``VisionLanguageModel``), CLIP/SigLIP-style image processors (``ImageTransform``; both config layouts) and
+``tokenizer.json`` tokenizers. The other composite families, chat templates, ``vlmkit.load`` on a folder,
+``vlmkit convert`` and export build on it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models import build_model
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.image import ImageTransform
+from vlmkit.processing.tokenizer import TextTokenizer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LM_TYPES = ("llama", "qwen2", "mistral", "gemma")
@@ -426,3 +428,40 @@ def load_hf_image_transform(folder: str | Path) -> ImageTransform:
     cfg, path = read_image_processor(folder)
     f = image_processor_from_hf(cfg, str(path))
     return ImageTransform(f["image_size"], f["mean"], f["std"], f["resample"], f.get("shortest_edge", 0))
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+
+
+def _token_str(v) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or {"content": ...}."""
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def load_hf_tokenizer(folder: str | Path) -> TextTokenizer:
+    """``tokenizer.json`` (+ the special tokens named in ``tokenizer_config.json`` or
+    ``special_tokens_map.json``) -> TextTokenizer. ``encode`` gives transformers' ids for the same text with
+    ``add_special_tokens=False``; the BOS id is there for templates that start with it. Without a pad token
+    the EOS token pads (right padding never reaches a loss or an attention key)."""
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        legacy = [p.name for p in folder.glob("*.model")] + [p.name for p in folder.glob("vocab.*")]
+        hint = (f" (found {', '.join(sorted(legacy))}: re-save with transformers' fast tokenizer, "
+                f"tokenizer.save_pretrained(out), which writes tokenizer.json)") if legacy else ""
+        raise CheckpointError(f"{folder} has no tokenizer.json{hint}")
+    special: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        p = folder / name
+        if p.is_file():
+            try:
+                special |= {k: v for k, v in json.loads(p.read_text()).items() if k.endswith("_token")}
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{p}: not valid JSON ({e})") from e
+    eos = _token_str(special.get("eos_token"))
+    if eos is None:
+        raise CheckpointError(f"{folder}: no eos_token in tokenizer_config.json or special_tokens_map.json")
+    pad = _token_str(special.get("pad_token")) or eos
+    return TextTokenizer.from_file(path, pad_token=pad, eos_token=eos, bos_token=_token_str(special.get("bos_token")))
