@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vlmkit.data.conversations import ConversationDataset, collate, group_by_image, read_conversations
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.models import count_parameters
-from vlmkit.train.loop import build_for_recipe, prepare_tokenizer
+from vlmkit.train.loop import build_for_recipe, forward_batch, prepare_tokenizer
 from vlmkit.train.frozen_features import FrozenVisionFeatures
 from vlmkit.train.optim import freeze_for_stage, make_optimizer, set_train_mode
 from vlmkit.train.recipe import load_recipe
@@ -70,12 +70,7 @@ def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3, 
     for step in range(warmup + steps):
         t0 = time.perf_counter()
         batch = collate([ds[i] for i in stream.next()], pad_id)
-        if features is not None:
-            image_features = model.connector(features.lookup(batch["image_paths"]), model.encoder.grid)
-        else:
-            image_features = None
-        out = model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
-                    image_features=image_features, position_ids=batch["position_ids"], mask=batch["mask"])
+        out = forward_batch(model, batch, features)
         out.loss.backward()
         t1 = time.perf_counter()
         opt.step()

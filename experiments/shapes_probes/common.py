@@ -9,6 +9,7 @@ import torch
 
 from vlmkit.data.conversations import ConversationDataset, collate
 from vlmkit.train.cell_labels import cell_labels as _cell_labels
+from vlmkit.train.loop import forward_batch
 from vlmkit.train.optim import lr_factor, set_lr
 
 GRID = 8  # cells per side: the tiny-llava tower's 8x8 grid
@@ -32,7 +33,7 @@ def answer_accuracy(model, ds: ConversationDataset, samples, pad_id: int, batch:
     per: dict[str, list[int]] = {}
     for st in range(0, len(ds), batch):
         b = collate([ds[i] for i in range(st, min(len(ds), st + batch))], pad_id)
-        logits = model(b["input_ids"], b["pixel_values"], position_ids=b["position_ids"], mask=b["mask"]).logits[:, :-1]
+        logits = forward_batch(model, b, labels=False).logits[:, :-1]
         target = b["labels"][:, 1:]
         ok = ((logits.argmax(-1) == target) | (target == -100)).all(1)
         hit += int(ok.sum())
@@ -52,8 +53,7 @@ def train_vlm(model, opt, stage, ds, stream, pad_id, steps, evaluate, evals: int
     for s in range(steps):
         set_lr(opt, lr_factor(s, stage))
         b = collate([ds[i] for i in stream.next()], pad_id)
-        loss = model(b["input_ids"], b["pixel_values"], labels=b["labels"], position_ids=b["position_ids"],
-                     mask=b["mask"]).loss
+        loss = forward_batch(model, b).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -119,6 +119,18 @@ def load_data(recipe: Recipe, processor: Processor | None = None, log=print):
     return train, val[: recipe.data.val_samples], report
 
 
+def forward_batch(model, batch: dict, features: FrozenVisionFeatures | None = None, labels: bool = True):
+    """The model on a collated batch: images through the tower, or the tower's precomputed ``features``
+    looked up by path; grouped questions (group_by_image) with their positions and mask. Right padding +
+    causal attention needs no padding mask: real tokens never see padding."""
+    image_features = None
+    if features is not None:
+        image_features = model.connector(features.lookup(batch["image_paths"]), model.encoder.grid)
+    return model(batch["input_ids"], None if features is not None else batch["pixel_values"],
+                 labels=batch["labels"] if labels else None, image_features=image_features,
+                 position_ids=batch["position_ids"], mask=batch["mask"])
+
+
 @torch.no_grad()
 def evaluate_loss(model, ds: ConversationDataset, pad_id: int, batch_size: int = 64) -> float:
     modes = {m: m.training for m in model.modules()}  # restored after: frozen modules stay in eval mode
@@ -126,8 +138,7 @@ def evaluate_loss(model, ds: ConversationDataset, pad_id: int, batch_size: int =
     total, n = 0.0, 0
     for start in range(0, len(ds), batch_size):
         batch = collate([ds[i] for i in range(start, min(len(ds), start + batch_size))], pad_id)
-        out = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"],
-                    position_ids=batch["position_ids"], mask=batch["mask"])
+        out = forward_batch(model, batch)
         total += float(out.loss) * out.n_tokens
         n += out.n_tokens
     for m, training in modes.items():
@@ -228,14 +239,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             loss_sum = 0.0
             for _ in range(recipe.train.grad_accum):
                 batch = collate([train_ds[i] for i in stream.next()], tokenizer.pad_id)
-                # right padding + causal attention: real tokens never see padding, so no padding mask
-                if features is not None:
-                    image_features = model.connector(features.lookup(batch["image_paths"]), model.encoder.grid)
-                else:
-                    image_features = None
-                # independent turns of one image (group_by_image) come with their positions and mask
-                res = model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
-                            image_features=image_features, position_ids=batch["position_ids"], mask=batch["mask"])
+                res = forward_batch(model, batch, features)
                 (res.loss / recipe.train.grad_accum).backward()
                 loss_sum += float(res.loss.detach()) / recipe.train.grad_accum
                 n_samples += batch["input_ids"].shape[0]
