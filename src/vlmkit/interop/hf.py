@@ -248,6 +248,11 @@ def vision_key_map(cfg: VisionConfig, prefix: str = "vision_model.") -> dict[str
     return table
 
 
+def _prefix(tensors: dict, *candidates: str) -> str:
+    """The first candidate prefix that some tensor name starts with (checkpoint layouts differ by version)."""
+    return next((c for c in candidates if any(k.startswith(c) for k in tensors)), candidates[0])
+
+
 def load_hf_vision(folder: str | Path, feature_layer: int = -1) -> ViTEncoder:
     """A transformers CLIPVisionModel / SiglipVisionModel (or CLIPModel / SiglipModel) folder -> ViTEncoder
     returning the hidden states of ``feature_layer`` for every token (class token kept, as transformers'
@@ -257,35 +262,32 @@ def load_hf_vision(folder: str | Path, feature_layer: int = -1) -> ViTEncoder:
     cfg = vision_config_from_hf(ckpt.config, feature_layer, where)
     enc = ViTEncoder(cfg)
     # transformers 4 saves a standalone tower under "vision_model.", 5 without it; a dual encoder always has it
-    prefix = "vision_model." if any(k.startswith("vision_model.") for k in ckpt.tensors) else ""
-    table = vision_key_map(cfg, prefix)
-    # shape conventions: transformers keeps the class token as [D] and positions as [N, D]
-    tensors = dict(ckpt.tensors)
-    for ours, dims in (("class_token", 1), ("pos_embed", 2)):
-        t = tensors.get(table.get(ours, ""))
-        if t is not None and t.ndim == dims:  # anything else fails load_state's shape check by name
-            tensors[table[ours]] = t.reshape(1, -1, t.shape[-1])
-    unused = set(_unused_vision_keys(tensors, table, prefix, cfg))
-    unused |= {k for k in tensors if not k.startswith(prefix)}  # a dual encoder's text half
-    load_state(enc, {k: v for k, v in tensors.items() if k not in unused}, table, str(ckpt.folder))
+    prefix = _prefix(ckpt.tensors, "vision_model.", "")
+    table, tensors = _vision_tensors(ckpt.tensors, cfg, prefix)
+    tensors = {k: v for k, v in tensors.items() if k.startswith(prefix)}  # not a dual encoder's text half
+    load_state(enc, tensors, table, str(ckpt.folder))
     return enc.eval()
 
 
-def _unused_vision_keys(tensors: dict, table: dict[str, str], prefix: str, cfg: VisionConfig) -> list[str]:
-    """Tower tensors that are known but not used: layers after the feature layer (never built), a final
-    norm the features do not pass through, SigLIP's pooling head, saved position ids."""
+def _vision_tensors(tensors: dict, cfg: VisionConfig, prefix: str, ours: str = "") -> tuple[dict, dict]:
+    """(key table with ``ours`` before vlmkit's names, the tensors ready for load_state): the class token and
+    positions reshaped to vlmkit's [1, 1, D] and [1, N, D] (transformers keeps [D] and [N, D]), and tower
+    tensors that are known but unused dropped: layers after the feature layer (never built), a final norm
+    the features do not pass through, SigLIP's pooling head, saved position ids."""
+    table = {ours + k: v for k, v in vision_key_map(cfg, prefix).items()}
+    out = dict(tensors)
+    for name, dims in (("class_token", 1), ("pos_embed", 2)):
+        t = out.get(table.get(ours + name, ""))
+        if t is not None and t.ndim == dims:  # anything else fails load_state's shape check by name
+            out[table[ours + name]] = t.reshape(1, -1, t.shape[-1])
     built, layers = ViTEncoder._layers_to_run(cfg.depth, cfg.feature_layer), f"{prefix}encoder.layers."
     mapped = set(table.values())
-    out = []
-    for k in tensors:
-        if k in mapped:
-            continue
-        if k.startswith(layers) and k[len(layers):].split(".")[0].isdigit():
-            if int(k[len(layers):].split(".")[0]) >= built:
-                out.append(k)
-        elif k.startswith((f"{prefix}post_layernorm.", f"{prefix}head.", f"{prefix}embeddings.position_ids")):
-            out.append(k)
-    return out
+    for k in list(out):
+        index = k[len(layers):].split(".")[0] if k.startswith(layers) else ""
+        if k not in mapped and ((index.isdigit() and int(index) >= built) or k.startswith(
+                (f"{prefix}post_layernorm.", f"{prefix}head.", f"{prefix}embeddings.position_ids"))):
+            del out[k]
+    return table, out
 
 
 # ---------------------------------------------------------------------------------------------- LLaVA(-1.5)
@@ -321,11 +323,6 @@ def llava_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelCo
     return ModelConfig(family="llava", vision=vision, connector=connector, lm=lm), int(token)
 
 
-def _prefix(tensors: dict, *candidates: str) -> str:
-    """The first candidate prefix that some tensor name starts with (checkpoint layouts differ by version)."""
-    return next((c for c in candidates if any(k.startswith(c) for k in tensors)), candidates[0])
-
-
 def load_hf_llava(folder: str | Path) -> VisionLanguageModel:
     """A transformers LlavaForConditionalGeneration folder (LLaVA-1.5 layout) -> VisionLanguageModel."""
     ckpt = read_checkpoint(folder)
@@ -338,20 +335,14 @@ def load_hf_llava(folder: str | Path) -> VisionLanguageModel:
     head = _prefix(t, "language_model.lm_head.", "lm_head.") + "weight"
     pp = _prefix(t, "multi_modal_projector.", "model.multi_modal_projector.")
     model = build_model(cfg, image_token, init=False)
-    table = {f"encoder.{k}": v for k, v in vision_key_map(cfg.vision, vp).items()}
+    table, tensors = _vision_tensors(t, cfg.vision, vp, "encoder.")
     table |= {f"lm.{k}": v for k, v in lm_key_map(cfg.lm, lp, head).items()}
     for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
         table[f"connector.{ours}.weight"] = f"{pp}{theirs}.weight"
         if cfg.connector.bias:
             table[f"connector.{ours}.bias"] = f"{pp}{theirs}.bias"
-    tensors = dict(t)
-    for ours, dims in (("encoder.class_token", 1), ("encoder.pos_embed", 2)):
-        x = tensors.get(table.get(ours, ""))
-        if x is not None and x.ndim == dims:
-            tensors[table[ours]] = x.reshape(1, -1, x.shape[-1])
-    unused = set(_unused_vision_keys(tensors, table, vp, cfg.vision))
     ignore = ("lm_head.weight",) if cfg.lm.tie_embeddings else ()
-    load_state(model, {k: v for k, v in tensors.items() if k not in unused}, table, str(ckpt.folder), ignore)
+    load_state(model, tensors, table, str(ckpt.folder), ignore)
     if cfg.lm.tie_embeddings:
         model.lm.lm_head.weight = model.lm.embed_tokens.weight
     return model.eval()
