@@ -54,6 +54,9 @@ def test_pixels_match_transformers(kind, layout, tmp_path):
     ({"do_center_crop": False}, r"size.shortest_edge without do_center_crop"),
     ({"rescale_factor": 0.5}, r"rescale_factor 0.5 is not supported"),
     ({"size": {"longest_edge": 30}}, r"size \{'longest_edge': 30\}: expected shortest_edge"),
+    ({"do_rescale": False}, r"do_rescale: false is not supported"),
+    ({"do_resize": False}, r"do_resize: false is not supported"),
+    ({"crop_size": {"height": 24}}, r"crop_size needs height and width"),
 ])
 def test_unsupported_settings_are_named(tmp_path, change, match):
     processors()["clip"].save_pretrained(tmp_path)

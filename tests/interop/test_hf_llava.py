@@ -76,3 +76,12 @@ def test_unsupported_llava_features_are_named(tmp_path, changes, match):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, **changes}))
     with pytest.raises(ConfigError, match=match):
         load_hf_llava(tmp_path)
+
+
+def test_default_strategy_needs_a_class_token(tmp_path):
+    make_llava(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["vision_config"] = {**cfg["vision_config"], "model_type": "siglip_vision_model"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"'default' drops a class token this tower does not have; use 'full'"):
+        load_hf_llava(tmp_path)

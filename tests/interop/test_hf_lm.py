@@ -127,3 +127,29 @@ def test_unexpected_weights_are_named(tmp_path):
 def test_a_folder_without_config_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_hf_lm(tmp_path)
+
+
+def test_a_folder_without_weights_or_with_a_broken_index_is_refused(tmp_path):
+    make_checkpoint("llama", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="has no weights: expected model.safetensors or model.safetensors"):
+        load_hf_lm(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"shards": []}))
+    with pytest.raises(CheckpointError, match=r"index.json: expected JSON with a 'weight_map'"):
+        load_hf_lm(tmp_path)
+
+
+@pytest.mark.parametrize("family, changes, match", [
+    ("llama", {"mlp_bias": True}, r"mlp_bias: true is not implemented"),
+    ("qwen2", {"use_sliding_window": True}, r"use_sliding_window: true is not implemented for qwen2"),
+])
+def test_family_features_vlmkit_lacks_are_named(tmp_path, family, changes, match):
+    make_checkpoint(family, tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=match):
+        load_hf_lm(tmp_path)
+
+
+def test_mistral_sliding_window_caps_the_length_where_attention_is_still_full(tmp_path):
+    make_checkpoint("mistral", tmp_path, sliding_window=64)
+    assert load_hf_lm(tmp_path).cfg.max_seq_len == 64  # max_position_embeddings is 128

@@ -510,3 +510,11 @@ def test_from_scratch_connector_emits_image_tokens_near_unit_scale(tiny_config, 
     linears = [m for m in model.connector.modules() if isinstance(m, torch.nn.Linear)]
     assert all(abs(float(m.weight.detach().std()) * m.in_features**0.5 - 1) < 0.1 for m in linears)
     assert all(not m.bias.any() for m in linears if m.bias is not None)
+
+
+def test_precomputed_features_need_a_frozen_tower_in_eval_mode():
+    from vlmkit.train.frozen_features import FrozenVisionFeatures
+
+    tower = ConvEncoder(vit_config(arch="cnn", image_size=(16, 16), patch_size=8, pos_embed="sincos2d"))
+    with pytest.raises(RuntimeError, match="needs the tower in eval mode"):
+        FrozenVisionFeatures(tower.train(), processor=None, images=[])

@@ -343,3 +343,13 @@ def test_shortest_edge_smaller_than_the_crop_is_refused():
         ImageTransform((24, 24), (0.5,) * 3, (0.5,) * 3, shortest_edge=20)
     t = ImageTransform((24, 16), (0.5,) * 3, (0.5,) * 3, shortest_edge=32)
     assert t(Image.new("RGB", (80, 40))).shape == (3, 24, 16)  # 80x40 -> 64x32, centre 16 wide, 24 high
+
+
+def test_share_prefix_refuses_a_sample_supervised_from_its_first_token():
+    from vlmkit.data.conversations import share_prefix
+
+    with pytest.raises(ValueError, match="supervised from its first token"):
+        share_prefix([([5, 6, 7], [IGNORE, 6, 7]), ([5, 8], [5, 8])])
+    ids, labels, pos, seg = share_prefix([([5, 6, 7, 9], [IGNORE, IGNORE, 7, 9]), ([5, 6, 8], [IGNORE, IGNORE, 8])])
+    assert (ids, pos, seg) == ([5, 6, 7, 9, 6, 8], [0, 1, 2, 3, 1, 2], [0, 1, 1, 1, 2, 2])
+    assert labels == [IGNORE, IGNORE, 7, 9, IGNORE, 8]  # the token before each answer stays in its own segment
