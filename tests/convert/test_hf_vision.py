@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.interop.hf import load_hf_vision
+from vlmkit.convert.hf import load_hf_vision
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlmkit.errors import ConfigError
-from vlmkit.interop.hf import load_hf_llava
+from vlmkit.convert.hf import load_hf_llava
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.interop.hf import load_hf_image_transform
+from vlmkit.convert.hf import load_hf_image_transform
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 

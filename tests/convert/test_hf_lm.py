@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.interop.hf import load_hf_lm, read_weights
+from vlmkit.convert.hf import load_hf_lm, read_weights
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vlmkit.errors import CheckpointError
-from vlmkit.interop.hf import load_hf_tokenizer
+from vlmkit.convert.hf import load_hf_tokenizer
 from vlmkit.processing import train_bpe
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")

@@ -1,0 +1,1 @@
+"""Checkpoint conversion between vlmkit and other ecosystems (Hugging Face: ``vlmkit.convert.hf``)."""

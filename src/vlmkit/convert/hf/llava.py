@@ -1,0 +1,70 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``) <-> ``VisionLanguageModel``: CLIP tower read at layer -2
+without its class token, two-layer MLP projector, Llama-family LM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from vlmkit.config import ConnectorConfig, ModelConfig
+from vlmkit.convert.hf.io import find_prefix, load_state, read_checkpoint
+from vlmkit.convert.hf.lm import lm_config_from_hf, lm_key_map
+from vlmkit.convert.hf.vision import vision_config_from_hf, vision_tensors
+from vlmkit.errors import ConfigError
+from vlmkit.models import build_model
+from vlmkit.models.vlm import VisionLanguageModel
+
+def llava_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, int]:
+    """A LlavaForConditionalGeneration config -> (ModelConfig, image token id)."""
+    if cfg.get("model_type") != "llava":
+        raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not 'llava'")
+    layer = cfg.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ConfigError(f"{where}: vision_feature_layer {layer!r}: concatenating several layers is not "
+                          f"implemented; give one layer index")
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ConfigError(f"{where}: vision_feature_select_strategy {strategy!r}; supported: default, full")
+    vision = vision_config_from_hf(cfg.get("vision_config") or {}, layer, f"{where} (vision_config)")
+    if strategy == "default" and not vision.class_token:
+        raise ConfigError(f"{where}: vision_feature_select_strategy 'default' drops a class token this tower "
+                          f"does not have; use 'full'")
+    vision = dataclasses.replace(vision, drop_class_token=strategy == "default")
+    text = dict(cfg.get("text_config") or {})
+    text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    lm = lm_config_from_hf(text, f"{where} (text_config)")
+    act = cfg.get("projector_hidden_act", "gelu")
+    if act not in ("gelu", "gelu_pytorch_tanh", "silu"):
+        raise ConfigError(f"{where}: projector_hidden_act {act!r} is not implemented; supported: gelu, silu")
+    connector = ConnectorConfig(kind="mlp", act={"gelu_pytorch_tanh": "gelu_tanh"}.get(act, act),
+                                bias=bool(cfg.get("multimodal_projector_bias", True)))
+    token = cfg.get("image_token_index", cfg.get("image_token_id"))
+    if token is None:
+        raise ConfigError(f"{where}: missing key 'image_token_index'")
+    return ModelConfig(family="llava", vision=vision, connector=connector, lm=lm), int(token)
+
+
+def load_hf_llava(folder: str | Path) -> VisionLanguageModel:
+    """A transformers LlavaForConditionalGeneration folder (LLaVA-1.5 layout) -> VisionLanguageModel."""
+    ckpt = read_checkpoint(folder)
+    where = str(ckpt.folder / "config.json")
+    cfg, image_token = llava_config_from_hf(ckpt.config, where)
+    t = ckpt.tensors
+    vp = find_prefix(t, "vision_tower.", "model.vision_tower.")
+    vp = find_prefix(t, vp + "vision_model.", vp)
+    lp = find_prefix(t, "language_model.model.", "model.language_model.")
+    head = find_prefix(t, "language_model.lm_head.", "lm_head.") + "weight"
+    pp = find_prefix(t, "multi_modal_projector.", "model.multi_modal_projector.")
+    model = build_model(cfg, image_token, init=False)
+    table, tensors = vision_tensors(t, cfg.vision, vp, "encoder.")
+    table |= {f"lm.{k}": v for k, v in lm_key_map(cfg.lm, lp, head).items()}
+    for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
+        table[f"connector.{ours}.weight"] = f"{pp}{theirs}.weight"
+        if cfg.connector.bias:
+            table[f"connector.{ours}.bias"] = f"{pp}{theirs}.bias"
+    ignore = ("lm_head.weight",) if cfg.lm.tie_embeddings else ()
+    load_state(model, tensors, table, str(ckpt.folder), ignore)
+    if cfg.lm.tie_embeddings:
+        model.lm.lm_head.weight = model.lm.embed_tokens.weight
+    return model.eval()

@@ -1,0 +1,93 @@
+"""Llama-family text LMs (Llama, Qwen2, Mistral, Gemma) <-> vlmkit's ``DecoderLM``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmkit.config import LanguageConfig
+from vlmkit.convert.hf.io import load_state, read_checkpoint
+from vlmkit.errors import ConfigError
+from vlmkit.lm.decoder import DecoderLM
+
+LM_TYPES = ("llama", "qwen2", "mistral", "gemma")
+LM_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _rope_theta(cfg: dict, where: str) -> float:
+    """rope theta from ``rope_parameters`` (transformers 5) or ``rope_theta`` (4.x); only unscaled RoPE."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        raise ConfigError(f"{where}: rope_type {kind!r} (RoPE scaling) is not implemented in vlmkit; "
+                          f"supported: default")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
+    """config.json of a Llama / Qwen2 / Mistral / Gemma causal LM -> LanguageConfig."""
+    kind = cfg.get("model_type")
+    if kind not in LM_TYPES:
+        raise ConfigError(f"{where}: model_type {kind!r} is not a text LM vlmkit imports; supported: "
+                          f"{', '.join(LM_TYPES)}")
+    try:
+        width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")  # Gemma 1 writes both
+        if act not in LM_ACTS:
+            raise ConfigError(f"{where}: hidden_act {act!r} is not implemented for {kind}; supported: "
+                              f"{', '.join(LM_ACTS)}")
+        if cfg.get("mlp_bias"):
+            raise ConfigError(f"{where}: mlp_bias: true is not implemented in vlmkit's SwiGLU")
+        if kind == "mistral" and cfg.get("sliding_window") not in (None, 0):
+            # within the window sliding-window attention is full causal attention: cap the length there
+            max_len = min(int(cfg.get("max_position_embeddings", 4096)), int(cfg["sliding_window"]))
+        else:
+            max_len = int(cfg.get("max_position_embeddings", 4096))
+        if kind == "qwen2" and cfg.get("use_sliding_window"):
+            raise ConfigError(f"{where}: use_sliding_window: true is not implemented for qwen2")
+        return LanguageConfig(
+            vocab_size=int(cfg["vocab_size"]), width=width, depth=int(cfg["num_hidden_layers"]), heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=cfg.get("head_dim") or None,
+            mlp_dim=int(cfg["intermediate_size"]), act=LM_ACTS[act], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=_rope_theta(cfg, where), max_seq_len=max_len,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
+            norm_offset=kind == "gemma", embed_scale=kind == "gemma")
+    except KeyError as e:
+        raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type {kind!r}") from e
+
+
+def lm_key_map(cfg: LanguageConfig, prefix: str = "model.", head: str = "lm_head.weight") -> dict[str, str]:
+    """vlmkit DecoderLM parameter name -> transformers *ForCausalLM tensor name (the explicit table)."""
+    table = {"embed_tokens.weight": f"{prefix}embed_tokens.weight", "norm.weight": f"{prefix}norm.weight"}
+    if not cfg.tie_embeddings:
+        table["lm_head.weight"] = head
+    for i in range(cfg.depth):
+        ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
+        table[ours + "input_norm.weight"] = theirs + "input_layernorm.weight"
+        table[ours + "post_attn_norm.weight"] = theirs + "post_attention_layernorm.weight"
+        for p in ("q", "k", "v", "o"):
+            table[f"{ours}attn.{p}_proj.weight"] = f"{theirs}self_attn.{p}_proj.weight"
+            if cfg.qkv_bias and p != "o":
+                table[f"{ours}attn.{p}_proj.bias"] = f"{theirs}self_attn.{p}_proj.bias"
+        for p in ("gate", "up", "down"):
+            table[f"{ours}mlp.{p}_proj.weight"] = f"{theirs}mlp.{p}_proj.weight"
+    return table
+
+
+def load_hf_lm(folder: str | Path) -> DecoderLM:
+    """A transformers Llama / Qwen2 / Mistral / Gemma ``*ForCausalLM`` folder -> DecoderLM (fp32)."""
+    ckpt = read_checkpoint(folder)
+    where = str(ckpt.folder / "config.json")
+    cfg = lm_config_from_hf(ckpt.config, where)
+    with torch.device("meta"):
+        lm = DecoderLM(cfg)
+    lm = lm.to_empty(device="cpu")
+    lm.rotary = type(lm.rotary)(lm.head_dim, cfg.rope_theta)  # buffers are not weights: rebuild them
+    if cfg.tie_embeddings:
+        lm.lm_head.weight = lm.embed_tokens.weight
+    # a tied checkpoint may still carry lm_head.weight (a copy of the embeddings): not an error
+    load_state(lm, ckpt.tensors, lm_key_map(cfg), str(ckpt.folder),
+               ignore=("lm_head.weight",) if cfg.tie_embeddings else ())
+    return lm.eval()

@@ -1,0 +1,118 @@
+"""Image-processor settings (both layouts found on the Hub) and ``tokenizer.json`` tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.processing.image import ImageTransform
+from vlmkit.processing.tokenizer import TextTokenizer
+
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def read_image_processor(folder: str | Path) -> tuple[dict, Path]:
+    """The image-processor settings of a folder, from either layout found on the Hub: the classic
+    ``preprocessor_config.json``, or ``processor_config.json`` with them nested under ``image_processor``."""
+    folder = Path(folder)
+    classic, nested = folder / "preprocessor_config.json", folder / "processor_config.json"
+    for path in (classic, nested):
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+            if path == nested:
+                if not isinstance(data.get("image_processor"), dict):
+                    continue
+                data = data["image_processor"]
+            return data, path
+    raise CheckpointError(f"{folder} has no image-processor settings: expected preprocessor_config.json, or "
+                          f"processor_config.json with an 'image_processor' section")
+
+
+def image_processor_from_hf(cfg: dict, where: str = "preprocessor_config.json") -> dict:
+    """CLIP / SigLIP-style image-processor settings -> ProcessorConfig fields (image_size, shortest_edge,
+    resample, mean, std). Anything these do not express is refused by name."""
+    size, crop = cfg.get("size") or {}, cfg.get("crop_size") or {}
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    out: dict = {}
+    resample = cfg.get("resample", 3)
+    if resample not in PIL_RESAMPLE:
+        raise ConfigError(f"{where}: resample {resample!r}; supported: {sorted(PIL_RESAMPLE)} (PIL filters)")
+    out["resample"] = PIL_RESAMPLE[resample]
+    if not cfg.get("do_resize", True):
+        raise ConfigError(f"{where}: do_resize: false is not supported (vlmkit models take a fixed size)")
+    if "shortest_edge" in size:
+        if not cfg.get("do_center_crop", False):
+            raise ConfigError(f"{where}: size.shortest_edge without do_center_crop gives images of varying size; "
+                              f"not supported")
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        if "height" not in crop or "width" not in crop:
+            raise ConfigError(f"{where}: crop_size needs height and width, got {crop!r}")
+        out["shortest_edge"] = int(size["shortest_edge"])
+        out["image_size"] = (int(crop["height"]), int(crop["width"]))
+    elif "height" in size and "width" in size:
+        if cfg.get("do_center_crop") and crop and (crop.get("height"), crop.get("width")) != (size["height"], size["width"]):
+            raise ConfigError(f"{where}: a center crop after a fixed-size resize is not supported")
+        out["image_size"] = (int(size["height"]), int(size["width"]))
+    else:
+        raise ConfigError(f"{where}: size {size!r}: expected shortest_edge (with crop_size) or height and width")
+    if cfg.get("do_rescale", True) and abs(float(cfg.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+        raise ConfigError(f"{where}: rescale_factor {cfg.get('rescale_factor')} is not supported (only 1/255)")
+    if not cfg.get("do_rescale", True):
+        raise ConfigError(f"{where}: do_rescale: false is not supported")
+    if cfg.get("do_normalize", True):
+        out["mean"] = tuple(float(v) for v in cfg.get("image_mean", (0.5, 0.5, 0.5)))
+        out["std"] = tuple(float(v) for v in cfg.get("image_std", (0.5, 0.5, 0.5)))
+    else:
+        out["mean"], out["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return out
+
+
+def load_hf_image_transform(folder: str | Path) -> ImageTransform:
+    """The folder's image processor as a vlmkit ImageTransform (pixels equal transformers' PIL backend)."""
+    cfg, path = read_image_processor(folder)
+    f = image_processor_from_hf(cfg, str(path))
+    return ImageTransform(f["image_size"], f["mean"], f["std"], f["resample"], f.get("shortest_edge", 0))
+
+
+
+
+
+def _token_str(v) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or {"content": ...}."""
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def load_hf_tokenizer(folder: str | Path) -> TextTokenizer:
+    """``tokenizer.json`` (+ the special tokens named in ``tokenizer_config.json`` or
+    ``special_tokens_map.json``) -> TextTokenizer. ``encode`` gives transformers' ids for the same text with
+    ``add_special_tokens=False``; the BOS id is there for templates that start with it. Without a pad token
+    the EOS token pads (right padding never reaches a loss or an attention key)."""
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        legacy = [p.name for p in folder.glob("*.model")] + [p.name for p in folder.glob("vocab.*")]
+        hint = (f" (found {', '.join(sorted(legacy))}: re-save with transformers' fast tokenizer, "
+                f"tokenizer.save_pretrained(out), which writes tokenizer.json)") if legacy else ""
+        raise CheckpointError(f"{folder} has no tokenizer.json{hint}")
+    special: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        p = folder / name
+        if p.is_file():
+            try:
+                special |= {k: v for k, v in json.loads(p.read_text()).items() if k.endswith("_token")}
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{p}: not valid JSON ({e})") from e
+    eos = _token_str(special.get("eos_token"))
+    if eos is None:
+        raise CheckpointError(f"{folder}: no eos_token in tokenizer_config.json or special_tokens_map.json")
+    pad = _token_str(special.get("pad_token")) or eos
+    return TextTokenizer.from_file(path, pad_token=pad, eos_token=eos, bos_token=_token_str(special.get("bos_token")))
