@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from vlmkit.errors import VlmkitError
+from vlmkit.errors import ConfigError, VlmkitError
 
 
 def cmd_demo(args) -> None:
@@ -48,6 +48,16 @@ def cmd_chat(args) -> None:
     pipe = vlmkit.load(args.model)
     print(pipe.chat(args.image or [], args.question, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+
+
+def cmd_convert(args) -> None:
+    """Convert between a Hugging Face checkpoint folder and a vlmkit one (--from hf SRC, or --to hf SRC)."""
+    from vlmkit.convert.hf import convert_from_hf, convert_to_hf
+
+    if (args.from_ is None) == (args.to is None):
+        raise ConfigError("give exactly one of --from hf (import a Hugging Face folder) or --to hf (export)")
+    fn = convert_from_hf if args.from_ else convert_to_hf
+    print(json.dumps(fn(args.src, args.out, overwrite=args.overwrite)))
 
 
 def cmd_presets(args) -> None:
@@ -119,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-p", type=float, default=1.0)
     c.add_argument("--seed", type=int)
     c.set_defaults(fn=cmd_chat)
+
+    cv = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
+    cv.add_argument("--from", dest="from_", choices=["hf"], help="SRC is a Hugging Face folder: import it")
+    cv.add_argument("--to", choices=["hf"], help="SRC is a vlmkit checkpoint: export it for transformers")
+    cv.add_argument("src", help="the folder to convert")
+    cv.add_argument("--out", required=True, help="output folder (written only when the conversion completes)")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    cv.set_defaults(fn=cmd_convert)
 
     sub.add_parser("presets", help=cmd_presets.__doc__).set_defaults(fn=cmd_presets)
     sub.add_parser("recipes", help=cmd_recipes.__doc__).set_defaults(fn=cmd_recipes)

@@ -116,6 +116,18 @@ class ProcessorConfig:
     image_seq_len: int = 0  # tokens per image after the connector; filled in from the model
     chat_template: str = "vlmkit"
     max_length: int = 512
+    # how prompt text becomes ids. "segments": each text piece between image placeholders is tokenised on
+    # its own and the placeholders expand to image ids (vlmkit's own models). "whole": the placeholders expand
+    # in the text and the whole string is tokenised with the tokenizer's special tokens (BOS), exactly as a
+    # transformers processor does; imported Hugging Face families use it
+    text_mode: str = "segments"
+    image_processor: str = "fixed"  # IMAGE_PROCESSORS name: how images become ImageInputs
+    # a Jinja chat template (transformers' format, from an imported folder); when set, chat prompts use it
+    chat_template_jinja: str = ""
+    # the tokenizer's special tokens, by name (tokenizer.json does not say which is which)
+    pad_token: str = "<pad>"
+    eos_token: str = "<|end|>"
+    bos_token: str = ""
 
 
 # ----------------------------------------------------------------------------------------- dict <-> dataclass

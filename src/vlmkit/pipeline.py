@@ -13,6 +13,7 @@ import torch
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.errors import DataError
 from vlmkit.generation import GenerationConfig, generate
+from vlmkit.processing.image import ImageInputs
 
 
 def _as_list(images) -> list:
@@ -33,13 +34,18 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu") -> Pipeline:
+        """A vlmkit checkpoint folder, or a Hugging Face one (converted in memory; see vlmkit.convert.hf)."""
+        from vlmkit.convert.hf import is_hf_folder, load_hf
+
+        if is_hf_folder(path):
+            model, processor, cfg, meta = load_hf(path)
+            return cls(model.to(device), processor, cfg, meta)
         model, processor, cfg, meta = load_checkpoint(path, device)
         return cls(model, processor, cfg, meta)
 
     # ------------------------------------------------------------------ generation
-    def _run(self, items: list[tuple[list, list[int]]], gen: GenerationConfig) -> list[str]:
-        pixels = [self.processor.preprocess_images(imgs) for imgs, _ in items]
-        pixel_values = torch.cat(pixels) if pixels else None
+    def _run(self, items: list[tuple[ImageInputs, list[int]]], gen: GenerationConfig) -> list[str]:
+        pixel_values = ImageInputs.cat([imgs for imgs, _ in items]).to(self.device)
         tok = self.processor.tokenizer
         out = generate(self.model, [ids for _, ids in items], pixel_values, tok.eos_id, tok.pad_id, gen,
                        decode=tok.decode)
@@ -51,44 +57,42 @@ class Pipeline:
         cfg = GenerationConfig(**gen)
         items = []
         for images, question in requests:
-            images = _as_list(images)
-            if self.processor.cfg.image_token not in question and images:
-                question = (self.processor.cfg.image_token + "\n") * len(images) + question
-            items.append((images, self.processor.encode_chat_prompt(question, len(images))))
+            inputs = self.processor.prepare_images(_as_list(images))
+            items.append((inputs, self.processor.encode_chat_prompt(question, inputs)))
         return self._run(items, cfg)
 
     def chat(self, images, question: str, **gen) -> str:
         """Answer ``question`` about ``images`` with the model's chat template.
 
-        Without placeholders in the question, one is put in front of it for each image.
+        Without placeholders in the question, the images go in front of it.
         """
         return self.chat_batch([(images, question)], **gen)[0]
 
     def generate(self, images, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> str:
         """Continue a raw ``prompt`` (no template); each image placeholder in it marks an image."""
-        images = _as_list(images)
+        inputs = self.processor.prepare_images(_as_list(images))
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, list(stop or []), seed)
-        return self._run([(images, self.processor.encode_prompt(prompt, len(images)))], cfg)[0]
+        return self._run([(inputs, self.processor.encode_prompt(prompt, inputs))], cfg)[0]
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def score(self, images, prompt: str, continuation: str) -> list[float]:
-        """Per-token log-probabilities of ``continuation`` given ``images`` and the raw ``prompt``."""
-        images = _as_list(images)
-        if self.processor.cfg.image_token in continuation:
-            raise DataError("the continuation passed to score() must not contain image placeholders")
-        p_ids = self.processor.encode_prompt(prompt, len(images))
-        c_ids = self.processor.tokenizer.encode(continuation)
-        if not c_ids:
+        """Per-token log-probabilities of ``continuation`` given ``images`` and the raw ``prompt``.
+
+        The prompt is text as the model's processor takes it, with its image placeholders; the continuation's
+        tokens are those that follow the prompt's when the two are tokenised together (segment-mode
+        processors append the continuation's own tokens)."""
+        inputs = self.processor.prepare_images(_as_list(images))
+        ids, start = self.processor.encode_score(prompt, continuation, inputs)
+        if start == len(ids):
             return []
-        if not p_ids:
+        if start == 0:
             raise DataError("score() needs a non-empty prompt to condition the first continuation token on")
-        ids = torch.tensor([p_ids + c_ids], device=self.device)
-        pixels = self.processor.preprocess_images(images).to(self.device)
-        logits = self.model(ids, pixels).logits[0].float()  # [T, V]
-        logp = torch.log_softmax(logits[len(p_ids) - 1:-1], dim=-1)  # predictions of the continuation
-        return logp.gather(-1, torch.tensor(c_ids, device=self.device)[:, None]).squeeze(-1).tolist()
+        logits = self.model(torch.tensor([ids], device=self.device), inputs.to(self.device)).logits[0].float()
+        logp = torch.log_softmax(logits[start - 1:-1], dim=-1)  # [T_cont, V]: predictions of the continuation
+        target = torch.tensor(ids[start:], device=self.device)[:, None]
+        return logp.gather(-1, target).squeeze(-1).tolist()
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> str:

@@ -14,6 +14,7 @@ from torch import nn
 
 from vlmkit.fusion.splice import splice_image_features
 from vlmkit.nn import KVCache
+from vlmkit.processing.image import ImageInputs
 
 
 @dataclass
@@ -36,20 +37,23 @@ class VisionLanguageModel(nn.Module):
         """Tokens each image occupies in the LM sequence (M)."""
         return self.connector.num_tokens(self.encoder.num_tokens, self.encoder.grid)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [n_images, C, H, W] -> LM-space features [n_images, M, D_lm]."""
+    def encode_images(self, pixel_values: torch.Tensor | ImageInputs) -> torch.Tensor:
+        """pixel_values [n_images, C, H, W] (or the processor's ImageInputs) -> LM-space features
+        [n_images, M, D_lm]."""
+        if isinstance(pixel_values, ImageInputs):
+            pixel_values = pixel_values.pixel_values
         feats = self.encoder(pixel_values)  # [n, N, D_v]
         return self.connector(feats, self.encoder.grid)  # [n, M, D_lm]
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | ImageInputs | None = None,
               image_features: torch.Tensor | None = None) -> torch.Tensor:
-        if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
+        if image_features is None and pixel_values is not None and len(pixel_values) > 0:
             image_features = self.encode_images(pixel_values)
         ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
         embeds = self.lm.embed_tokens(ids)  # [B, T, D]
         return splice_image_features(embeds, input_ids, self.image_token_id, image_features)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | ImageInputs | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, image_features: torch.Tensor | None = None,

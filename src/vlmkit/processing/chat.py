@@ -67,6 +67,52 @@ _add(ChatTemplate("idefics3", user=("User:", "<end_of_utterance>\n"), assistant=
      "Idefics3 / SmolVLM")
 
 
+def render_jinja(template: str, question: str, n_images: int, image_token: str, tokenizer) -> str:
+    """One user turn through a transformers-format Jinja chat template, with the generation prompt.
+
+    The content is a list of parts as transformers' processors pass it: ``{"type": "image"}`` where the
+    question has an image placeholder (all images first when it has none), ``{"type": "text"}`` between.
+    Rendered in a sandbox with the options and helpers transformers uses (trim_blocks, lstrip_blocks,
+    ``raise_exception``, ``tojson``), so a template renders the same text here as there."""
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    class Generation(Extension):  # {% generation %}...{% endgeneration %} marks assistant text: render it
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    pieces = question.split(image_token)
+    content: list[dict] = []
+    if len(pieces) == 1:
+        content += [{"type": "image"}] * n_images
+    for i, piece in enumerate(pieces):
+        if i:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **kw: __import__("json").dumps(x, indent=indent, ensure_ascii=False)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": content}], add_generation_prompt=True,
+            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token)
+    except jinja2.exceptions.TemplateError as e:
+        raise DataError(f"the chat template failed on this prompt: {e}") from e
+
+
 def normalize_messages(conversations: list, where: str) -> list[dict]:
     """Accept LLaVA turns ({"from", "value"}) or OpenAI-style ({"role", "content"}); check they are usable."""
     if not isinstance(conversations, list) or not conversations:

@@ -6,6 +6,7 @@ the same as the Hugging Face image processors: resize with PIL, rescale by 1/255
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vlmkit.errors import DataError
+from vlmkit.registry import Registry
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -76,3 +78,56 @@ class ImageTransform:
             image = image.resize((w, h), self.resample)
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         return (x - self.mean) / self.std  # [3, H, W]
+
+
+@dataclass
+class ImageInputs:
+    """The images of one prompt (or a batch of prompts) as the model takes them.
+
+    Every tensor is batched along dim 0 in reading order, so the inputs of several prompts concatenate
+    (:meth:`cat`): fixed-size images are [n, C, H, W]; tiling families put all tiles in one [n_tiles, C, H, W]
+    and say which belong to which image in ``extra`` (e.g. ``image_sizes``, ``image_grid_thw``).
+    ``tokens`` is how many LM positions each image fills; ``texts``, when a family marks tiles in the text
+    (Idefics3's row/column markers), is what each image placeholder becomes before tokenisation.
+    """
+
+    pixel_values: torch.Tensor
+    tokens: list[int]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def to(self, device) -> ImageInputs:
+        return ImageInputs(self.pixel_values.to(device), list(self.tokens),
+                           {k: v.to(device) for k, v in self.extra.items()}, self.texts)
+
+    @classmethod
+    def cat(cls, items: list[ImageInputs]) -> ImageInputs:
+        if not items:
+            raise ValueError("ImageInputs.cat needs at least one item")
+        texts = None if any(i.texts is None for i in items) else [t for i in items for t in i.texts]
+        extra = {k: torch.cat([i.extra[k] for i in items]) for k in items[0].extra}
+        return cls(torch.cat([i.pixel_values for i in items]), [t for i in items for t in i.tokens], extra, texts)
+
+
+class ImageProcessor:
+    """Images -> :class:`ImageInputs` for one family; the Processor calls it. This base resizes every image to
+    the one fixed size of ``ProcessorConfig`` (CLIP/SigLIP-style), each filling ``image_seq_len`` tokens.
+    Families that tile or resize dynamically subclass it and register under IMAGE_PROCESSORS."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.transform = ImageTransform(cfg.image_size, cfg.mean, cfg.std, cfg.resample, cfg.shortest_edge)
+
+    def __call__(self, images: list[Image.Image]) -> ImageInputs:
+        if not images:
+            h, w = self.cfg.image_size
+            return ImageInputs(torch.zeros(0, 3, h, w), [])
+        return ImageInputs(torch.stack([self.transform(im) for im in images]), [self.cfg.image_seq_len] * len(images))
+
+
+IMAGE_PROCESSORS: Registry[ImageProcessor] = Registry("image processor")
+IMAGE_PROCESSORS.register("fixed", "every image resized (or shortest-edge resized and centre-cropped) to one size")(
+    ImageProcessor)

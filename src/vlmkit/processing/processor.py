@@ -3,6 +3,11 @@
 It turns (images, conversation or raw prompt) into model inputs: image tensors, token ids in which every
 image placeholder is expanded to exactly the connector's token count, and labels masked so that only
 assistant tokens are trained. Placeholder/image mismatches are refused here, before any forward pass.
+
+Two text modes (``ProcessorConfig.text_mode``): vlmkit's own models tokenise segment by segment (an exact
+label mask, the same boundaries everywhere); imported Hugging Face families tokenise the whole expanded
+string with the tokenizer's special tokens, which is what gives transformers' ``input_ids`` to the id (a
+SentencePiece tokenizer does not tokenise pieces the way it tokenises their concatenation).
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import ProcessorConfig, from_dict, to_dict
-from vlmkit.errors import DataError
-from vlmkit.processing.chat import TEMPLATES, Segment, normalize_messages
-from vlmkit.processing.image import ImageTransform, load_image
+from vlmkit.errors import ConfigError, DataError
+from vlmkit.processing.chat import TEMPLATES, Segment, normalize_messages, render_jinja
+from vlmkit.processing.image import IMAGE_PROCESSORS, ImageInputs, load_image
 from vlmkit.processing.tokenizer import TextTokenizer
 from vlmkit.utils import atomic_write_json
 
@@ -28,9 +33,15 @@ class Processor:
             raise ValueError("ProcessorConfig.image_seq_len must be set from the model (tokens per image)")
         self.cfg = cfg
         self.tokenizer = tokenizer
+        if cfg.text_mode not in ("segments", "whole"):
+            raise ConfigError(f"processor text_mode must be 'segments' or 'whole', got {cfg.text_mode!r}")
         self.template = TEMPLATES.build(cfg.chat_template)
-        self.transform = ImageTransform(cfg.image_size, cfg.mean, cfg.std, cfg.resample, cfg.shortest_edge)
+        self.images = IMAGE_PROCESSORS.build(cfg.image_processor, cfg)
         self.image_token_id = tokenizer.token_id(cfg.image_token)
+
+    @property
+    def transform(self):
+        return self.images.transform
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> None:
@@ -41,15 +52,18 @@ class Processor:
     def from_pretrained(cls, folder: str | Path) -> Processor:
         folder = Path(folder)
         cfg = from_dict(ProcessorConfig, json.loads((folder / "processor.json").read_text()))
-        return cls(cfg, TextTokenizer.from_file(folder / "tokenizer.json"))
+        tok = TextTokenizer.from_file(folder / "tokenizer.json", pad_token=cfg.pad_token, eos_token=cfg.eos_token,
+                                      bos_token=cfg.bos_token or None)
+        return cls(cfg, tok)
 
     # ------------------------------------------------------------------ images
+    def prepare_images(self, images, where: str = "") -> ImageInputs:
+        """Paths or PIL images -> ImageInputs (pixels, and how many tokens each image fills)."""
+        return self.images([load_image(im, where) for im in images])
+
     def preprocess_images(self, images, where: str = "") -> torch.Tensor:
-        """Paths or PIL images -> [n, C, H, W]."""
-        if not images:
-            h, w = self.cfg.image_size
-            return torch.zeros(0, 3, h, w)
-        return torch.stack([self.transform(load_image(im, where)) for im in images])
+        """Paths or PIL images -> [n, C, H, W] (fixed-size families; training reads images this way)."""
+        return self.prepare_images(images, where).pixel_values
 
     # ------------------------------------------------------------------ text
     def _encode_text(self, text: str, n_images_left: list[int], where: str) -> list[int]:
@@ -83,19 +97,84 @@ class Processor:
                             f"(raise processor max_length or shorten the conversation)")
         return ids, labels
 
+    def encode_whole(self, text: str, images: ImageInputs, where: str, special: bool = True) -> list[int]:
+        """Whole-string mode: each placeholder becomes its image's text (``image_token`` x its token count, or
+        the family's tiled layout), then the string is tokenised at once, ``special`` adding BOS and the like."""
+        self.check_placeholders([text], len(images), where)
+        parts = text.split(self.cfg.image_token)
+        expanded = [parts[0]]
+        for i, part in enumerate(parts[1:]):
+            expanded.append(images.texts[i] if images.texts else self.cfg.image_token * images.tokens[i])
+            expanded.append(part)
+        ids = self.tokenizer.encode("".join(expanded), special=special)
+        if ids.count(self.image_token_id) != sum(images.tokens):
+            raise DataError(f"{where}: the text tokenised to {ids.count(self.image_token_id)} image tokens, the "
+                            f"images fill {sum(images.tokens)}; {self.cfg.image_token!r} must be a special token "
+                            f"of the tokenizer")
+        if len(ids) > self.cfg.max_length:
+            raise DataError(f"{where}: {len(ids)} tokens exceed max_length {self.cfg.max_length} "
+                            f"(raise processor max_length or shorten the prompt)")
+        return ids
+
+    def _as_inputs(self, images: int | ImageInputs, where: str) -> ImageInputs | int:
+        if isinstance(images, ImageInputs) or self.cfg.text_mode == "segments":
+            return images
+        raise DataError(f"{where}: this processor ({self.cfg.image_processor} images, whole-string text) sizes each "
+                        f"image's tokens from the image: pass the prepared ImageInputs, not a count")
+
+    def _count(self, images: int | ImageInputs) -> int:
+        return images if isinstance(images, int) else len(images)
+
     def encode_conversation(self, conversations: list, n_images: int, where: str = "sample"):
         """LLaVA/OpenAI-style turns -> (input_ids, labels) with the chat template applied."""
+        if self.cfg.text_mode != "segments":
+            raise ConfigError(f"{where}: training on conversations needs a segment chat template (processor "
+                              f"text_mode 'segments' with chat_template one of {', '.join(TEMPLATES.names())}); "
+                              f"this processor tokenises whole strings, as the imported family's own processor")
         messages = normalize_messages(conversations, where)
         return self.encode_segments(self.template.render(messages), n_images, where)
 
-    def encode_chat_prompt(self, question: str, n_images: int, where: str = "prompt") -> list[int]:
-        """A single user question -> prompt ids ending in the assistant's generation prompt."""
+    def encode_chat_prompt(self, question: str, images: int | ImageInputs, where: str = "prompt") -> list[int]:
+        """A single user question -> prompt ids ending in the assistant's generation prompt. Without
+        placeholders in the question, the images go before it (one placeholder and a newline each, or the
+        template's own image markup)."""
+        images = self._as_inputs(images, where)
+        n = self._count(images)
+        if self.cfg.chat_template_jinja:
+            text = render_jinja(self.cfg.chat_template_jinja, question, n, self.cfg.image_token, self.tokenizer)
+            bos = self.tokenizer.bos_token
+            # as transformers' apply_chat_template: a template that writes BOS itself gets no second one
+            special = not (bos and text.startswith(bos))
+            if isinstance(images, ImageInputs):
+                return self.encode_whole(text, images, where, special)
+            return self.encode_segments([Segment(text)], images, where)[0]
+        if n and self.cfg.image_token not in question:
+            question = (self.cfg.image_token + "\n") * n + question
         segs = self.template.render([{"role": "user", "content": question}], add_generation_prompt=True)
-        return self.encode_segments(segs, n_images, where)[0]
+        if isinstance(images, ImageInputs) and self.cfg.text_mode == "whole":
+            return self.encode_whole("".join(s.text for s in segs), images, where)
+        return self.encode_segments(segs, self._count(images), where)[0]
 
-    def encode_prompt(self, prompt: str, n_images: int, where: str = "prompt") -> list[int]:
+    def encode_prompt(self, prompt: str, images: int | ImageInputs, where: str = "prompt") -> list[int]:
         """Raw text (no template) with image placeholders -> ids."""
-        return self.encode_segments([Segment(prompt)], n_images, where)[0]
+        images = self._as_inputs(images, where)
+        if self.cfg.text_mode == "whole":
+            return self.encode_whole(prompt, images, where)
+        return self.encode_segments([Segment(prompt)], self._count(images), where)[0]
+
+    def encode_score(self, prompt: str, continuation: str, images: int | ImageInputs,
+                     where: str = "score") -> tuple[list[int], int]:
+        """(ids of prompt + continuation, index of the first continuation token). Whole-string mode tokenises
+        the prompt alone and prompt + continuation, and the continuation is what follows the prompt's tokens
+        (lm-evaluation-harness / lmms-eval); segment mode appends the continuation's own tokens."""
+        if self.cfg.image_token in continuation:
+            raise DataError(f"{where}: the continuation must not contain image placeholders")
+        p_ids = self.encode_prompt(prompt, images, where)
+        if self.cfg.text_mode == "whole":
+            ids = self.encode_whole(prompt + continuation, images, where)
+        else:
+            ids = p_ids + self.tokenizer.encode(continuation)
+        return ids, len(p_ids)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)

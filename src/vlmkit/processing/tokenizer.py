@@ -59,8 +59,12 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids if text else []
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special`` adds what the tokenizer's post-processor adds (e.g. Llama's BOS),
+        as transformers' ``add_special_tokens=True``."""
+        if not text and not special:
+            return []
+        return self.tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

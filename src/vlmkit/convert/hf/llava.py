@@ -8,8 +8,10 @@ import dataclasses
 from pathlib import Path
 
 from vlmkit.config import ConnectorConfig, ModelConfig
+from vlmkit.convert.hf.families import HFFamily, register_family
 from vlmkit.convert.hf.io import find_prefix, load_state, read_checkpoint
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_key_map
+from vlmkit.convert.hf.processor import load_hf_processor
 from vlmkit.convert.hf.vision import vision_config_from_hf, vision_tensors
 from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
@@ -47,6 +49,10 @@ def llava_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelCo
 
 def load_hf_llava(folder: str | Path) -> VisionLanguageModel:
     """A transformers LlavaForConditionalGeneration folder (LLaVA-1.5 layout) -> VisionLanguageModel."""
+    return _load_llava(folder)[0]
+
+
+def _load_llava(folder: str | Path) -> tuple[VisionLanguageModel, ModelConfig]:
     ckpt = read_checkpoint(folder)
     where = str(ckpt.folder / "config.json")
     cfg, image_token = llava_config_from_hf(ckpt.config, where)
@@ -67,4 +73,15 @@ def load_hf_llava(folder: str | Path) -> VisionLanguageModel:
     load_state(model, tensors, table, str(ckpt.folder), ignore)
     if cfg.lm.tie_embeddings:
         model.lm.lm_head.weight = model.lm.embed_tokens.weight
-    return model.eval()
+    return model.eval(), cfg
+
+
+def load_llava_folder(folder: Path):
+    """(model, config, processor) of a LLaVA-1.5 folder; the processor gives LlavaProcessor's input_ids."""
+    model, cfg = _load_llava(folder)
+    processor = load_hf_processor(folder, model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len)
+    return model, cfg, processor
+
+
+register_family(HFFamily("llava", ("llava",), load_llava_folder, transformers_class="LlavaForConditionalGeneration",
+                         doc="LLaVA-1.5: CLIP tower (layer -2, class token dropped) + two-layer MLP + Llama-family LM"))

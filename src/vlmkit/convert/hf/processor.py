@@ -1,4 +1,5 @@
-"""Image-processor settings (both layouts found on the Hub) and ``tokenizer.json`` tokenizers.
+"""Image-processor settings (both layouts found on the Hub), ``tokenizer.json`` tokenizers and chat templates
+-> a whole-string vlmkit Processor.
 """
 
 from __future__ import annotations
@@ -6,7 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vlmkit.config import ProcessorConfig
 from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.processing import Processor
 from vlmkit.processing.image import ImageTransform
 from vlmkit.processing.tokenizer import TextTokenizer
 
@@ -116,3 +119,49 @@ def load_hf_tokenizer(folder: str | Path) -> TextTokenizer:
         raise CheckpointError(f"{folder}: no eos_token in tokenizer_config.json or special_tokens_map.json")
     pad = _token_str(special.get("pad_token")) or eos
     return TextTokenizer.from_file(path, pad_token=pad, eos_token=eos, bos_token=_token_str(special.get("bos_token")))
+
+
+# ---------------------------------------------------------------------------------------------- chat templates
+
+
+def read_chat_template(folder: str | Path) -> str:
+    """The folder's Jinja chat template, from wherever transformers saved it: ``chat_template.jinja``,
+    ``chat_template.json``, ``processor_config.json`` or ``tokenizer_config.json`` (a string, or a list of
+    named templates of which "default" is used). "" when the folder has none."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            template = json.loads(path.read_text()).get("chat_template")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: not a JSON object ({e})") from e
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str) and template:
+            return template
+    return ""
+
+
+def load_hf_processor(folder: str | Path, image_token_id: int, image_seq_len: int, max_length: int,
+                      image_processor: str = "fixed", **settings) -> Processor:
+    """The folder's tokenizer, image-processor settings and chat template as a whole-string vlmkit Processor
+    (``input_ids`` equal to the family's transformers processor). ``settings`` are further ProcessorConfig
+    fields a family's image processor reads."""
+    tok = load_hf_tokenizer(folder)
+    image_token = tok.tok.id_to_token(image_token_id)
+    if image_token is None:
+        raise CheckpointError(f"{folder}: the image token id {image_token_id} of config.json is not in "
+                              f"tokenizer.json's vocabulary")
+    if image_processor == "fixed":
+        cfg, path = read_image_processor(folder)
+        settings = {**image_processor_from_hf(cfg, str(path)), **settings}
+    pcfg = ProcessorConfig(image_token=image_token, image_seq_len=image_seq_len, max_length=max_length,
+                           text_mode="whole", image_processor=image_processor,
+                           chat_template_jinja=read_chat_template(folder), pad_token=tok.pad_token,
+                           eos_token=tok.eos_token, bos_token=tok.bos_token or "", **settings)
+    return Processor(pcfg, tok)

@@ -1,0 +1,128 @@
+"""LLaVA-1.5 end to end from a Hugging Face folder: ``vlmkit.load(folder)`` gives the same input_ids and pixels
+as transformers' LlavaProcessor, the same logits and greedy tokens as LlavaForConditionalGeneration, the
+score() contract (per-token log-probabilities of a continuation), the folder's chat template, and
+``vlmkit convert --from hf`` to a vlmkit checkpoint that scores the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.cli import main
+
+from hf_fixtures import perturb_, real_images, sentencepiece_tokenizer
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TEMPLATE = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+            "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+            "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', "
+            "'text') %}{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}"
+            "{{ 'ASSISTANT:' }}{% endif %}")
+
+PROMPTS = ["USER: <image>\nWhat colour is the small circle? ASSISTANT:",
+           "<image> caption en", "Compare <image> and <image>: how many squares?"]
+
+
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llava")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<image>"]),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                               pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                    rope_theta=50000.0, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                   image_token_index=image_id, image_seq_length=16)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 34}, crop_size={"height": 32, "width": 32},
+                                             image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8,
+                                            vision_feature_select_strategy="default", chat_template=TEMPLATE,
+                                            num_additional_image_tokens=1)  # the class token, as llava-hf
+    processor.save_pretrained(folder)
+    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+def reference_logprobs(model, processor, images, prompt, continuation):
+    """transformers' per-token log-probabilities of the continuation, the lmms-eval way."""
+    n = processor(text=prompt, images=images or None, return_tensors="pt")["input_ids"].shape[1]
+    full = processor(text=prompt + continuation, images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**full).logits[0]
+    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
+    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
+
+
+def images_for(prompt):
+    return real_images()[:prompt.count("<image>")]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_input_ids_pixels_and_logits_equal_transformers(llava_folder, prompt):
+    folder, ref, hf_proc = llava_folder
+    pipe = vlmkit.load(folder)
+    images = images_for(prompt)
+    theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    inputs = pipe.processor.prepare_images(images)
+    ids = pipe.processor.encode_prompt(prompt, inputs)
+    assert ids == theirs["input_ids"][0].tolist()
+    torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ref_logits = ref(**theirs).logits
+    torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt, continuation", [
+    (PROMPTS[0], " It is red."), (PROMPTS[1], " a blue triangle"), (PROMPTS[2], " Two squares.")])
+def test_score_equals_transformers_logprobs(llava_folder, prompt, continuation):
+    folder, ref, hf_proc = llava_folder
+    images = images_for(prompt)
+    ours = vlmkit.load(folder).score(images, prompt, continuation)
+    theirs = reference_logprobs(ref, hf_proc, images, prompt, continuation)
+    assert len(ours) == len(theirs) > 0
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
+
+
+def test_greedy_generation_equals_transformers(llava_folder):
+    folder, ref, hf_proc = llava_folder
+    pipe = vlmkit.load(folder)
+    images = images_for(PROMPTS[0])
+    inputs = hf_proc(text=PROMPTS[0], images=images, return_tensors="pt")
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    expected = hf_proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert pipe.generate(images, PROMPTS[0], max_new_tokens=8) == expected
+
+
+def test_chat_uses_the_folders_template(llava_folder):
+    folder, _, hf_proc = llava_folder
+    pipe = vlmkit.load(folder)
+    assert pipe.processor.cfg.chat_template_jinja == TEMPLATE
+    images = images_for(PROMPTS[0])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    theirs = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    theirs_ids = hf_proc(text=theirs, images=images)["input_ids"][0]
+    inputs = pipe.processor.prepare_images(images)
+    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs_ids)
+
+
+def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(llava_folder, tmp_path):
+    folder, _, _ = llava_folder
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", "hf", str(folder), "--out", str(out)]) == 0
+    images = images_for(PROMPTS[0])
+    direct = vlmkit.load(folder).score(images, PROMPTS[0], " It is red.")
+    converted = vlmkit.load(out)
+    assert converted.meta.get("format") == "vlmkit"
+    assert converted.score(images, PROMPTS[0], " It is red.") == pytest.approx(direct, abs=1e-6)
