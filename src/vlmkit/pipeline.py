@@ -89,7 +89,9 @@ class Pipeline:
             return []
         if start == 0:
             raise DataError("score() needs a non-empty prompt to condition the first continuation token on")
-        logits = self.model(torch.tensor([ids], device=self.device), inputs.to(self.device)).logits[0].float()
+        # a prefix-LM (PaliGemma) attends bidirectionally over the prompt and causally over the continuation
+        kw = {"prefix_len": start} if getattr(self.model, "prefix_lm", False) else {}
+        logits = self.model(torch.tensor([ids], device=self.device), inputs.to(self.device), **kw).logits[0].float()
         logp = torch.log_softmax(logits[start - 1:-1], dim=-1)  # [T_cont, V]: predictions of the continuation
         target = torch.tensor(ids[start:], device=self.device)[:, None]
         return logp.gather(-1, target).squeeze(-1).tolist()

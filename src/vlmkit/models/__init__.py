@@ -11,10 +11,18 @@ from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models.vlm import ModelOutput, VisionLanguageModel
 from vlmkit.nn import init_linear_
+from vlmkit.registry import Registry
+
+# ModelConfig.family -> builder(cfg, image_token_id, init) for families whose model is not the plain
+# encoder -> connector -> splice VisionLanguageModel (their own file under models/, registered on import)
+MODEL_FAMILIES: Registry = Registry("model family")
+SPLICE_FAMILIES = ("llava", "idefics3")
 
 
-def build_model(cfg: ModelConfig, image_token_id: int, init: bool = True) -> VisionLanguageModel:
-    """Build a VisionLanguageModel from its config. ``init`` applies the from-scratch initialisation."""
+def build_model(cfg: ModelConfig, image_token_id: int, init: bool = True):
+    """Build the model of ``cfg.family`` from its config. ``init`` applies the from-scratch initialisation."""
+    if cfg.family not in SPLICE_FAMILIES:
+        return MODEL_FAMILIES.build(cfg.family, cfg, image_token_id, init)
     if cfg.lm.head_init_std is not None and cfg.lm.tie_embeddings:
         raise ValueError("lm.head_init_std initialises an untied LM head; with lm.tie_embeddings: true the head "
                          "is the token embedding (set tie_embeddings: false, or leave head_init_std unset)")
@@ -72,4 +80,4 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> i
     return total
 
 
-__all__ = ["ModelOutput", "VisionLanguageModel", "build_model", "count_parameters"]
+__all__ = ["MODEL_FAMILIES", "ModelOutput", "VisionLanguageModel", "build_model", "count_parameters"]

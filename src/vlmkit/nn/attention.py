@@ -27,6 +27,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.length = 0
         self.max_len = max_len
+        self.extra: dict = {}  # per-sequence state a model keeps across decoding steps (e.g. M-RoPE offsets)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [B, H_kv, T, hd] after the filled part; return all keys and values so far."""
