@@ -63,6 +63,31 @@ def test_llava_logits_and_greedy_tokens_match_transformers(tmp_path):
     assert ours[:len(expected)] == expected and (len(expected) == 8 or expected[-1] == eos)
 
 
+def test_siglip_tower_at_the_last_layer_skips_its_final_norm(tmp_path):
+    """LLaVA reads hidden_states, which never pass the tower's post-layernorm, even at layer -1 (a SigLIP tower
+    with the "full" strategy, as LLaVA-OneVision): the norm must not be applied."""
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=32, patch_size=8)
+    text = transformers.Qwen2Config(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, rope_theta=20000.0)
+    cfg = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE,
+                                   vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=16)
+    ref = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+    ref.save_pretrained(tmp_path)
+    model = load_hf_llava(tmp_path)
+    ids, pixels = prompt(), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pixels).logits, ref(input_ids=ids, pixel_values=pixels).logits,
+                                   rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("changes, match", [
     ({"vision_feature_layer": [-2, -5]}, r"vision_feature_layer \[-2, -5\]: concatenating several layers is "
                                          r"not implemented"),

@@ -32,7 +32,9 @@ def llava_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelCo
     if strategy == "default" and not vision.class_token:
         raise ConfigError(f"{where}: vision_feature_select_strategy 'default' drops a class token this tower "
                           f"does not have; use 'full'")
-    vision = dataclasses.replace(vision, drop_class_token=strategy == "default")
+    # LLaVA reads the tower's hidden_states, which never pass through the final norm (even at layer -1;
+    # last_hidden_state would)
+    vision = dataclasses.replace(vision, drop_class_token=strategy == "default", post_norm=False)
     text = dict(cfg.get("text_config") or {})
     text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
     lm = lm_config_from_hf(text, f"{where} (text_config)")
