@@ -20,6 +20,14 @@ CORPUS = [
 ]
 
 
+# llava-hf's chat template (images first, then the text)
+LLAVA_TEMPLATE = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+            "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+            "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', "
+            "'text') %}{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}"
+            "{{ 'ASSISTANT:' }}{% endif %}")
+
+
 def real_images() -> list[Image.Image]:
     """ShapesWorld scenes (rendered shapes, not noise) of wide, tall and square sizes."""
     rng = random.Random(0)

@@ -98,3 +98,24 @@ def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], table:
 def find_prefix(tensors: dict, *candidates: str) -> str:
     """The first candidate prefix that some tensor name starts with (checkpoint layouts differ by version)."""
     return next((c for c in candidates if any(k.startswith(c) for k in tensors)), candidates[0])
+
+
+def write_hf_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``model.safetensors`` as transformers writes it (contiguous fp tensors, metadata format "pt")."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def export_table(module: torch.nn.Module, table: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Our parameters renamed through ``table`` (vlmkit name -> transformers name): the import table inverted."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    missing = sorted(k for k in table if k not in params)
+    if missing:
+        raise CheckpointError(f"export: the model has no parameters {missing[:5]} that its config implies")
+    return {theirs: params[ours] for ours, theirs in table.items()}

@@ -9,13 +9,15 @@ from pathlib import Path
 
 from vlmkit.config import ConnectorConfig, ModelConfig
 from vlmkit.convert.hf.families import HFFamily, register_family
-from vlmkit.convert.hf.io import find_prefix, load_state, read_checkpoint
-from vlmkit.convert.hf.lm import lm_config_from_hf, lm_key_map
-from vlmkit.convert.hf.processor import load_hf_processor
-from vlmkit.convert.hf.vision import vision_config_from_hf, vision_tensors
+from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
+from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
+from vlmkit.convert.hf.processor import export_tokenizer, image_processor_to_hf, load_hf_processor
+from vlmkit.convert.hf.vision import export_vision_tensors, vision_config_from_hf, vision_config_to_hf, vision_tensors
 from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.processing import Processor
+
 
 def llava_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, int]:
     """A LlavaForConditionalGeneration config -> (ModelConfig, image token id)."""
@@ -85,5 +87,52 @@ def load_llava_folder(folder: Path):
     return model, cfg, processor
 
 
-register_family(HFFamily("llava", ("llava",), load_llava_folder, transformers_class="LlavaForConditionalGeneration",
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def llava_config_to_hf(cfg: ModelConfig, image_token_id: int, image_seq_len: int) -> dict:
+    """ModelConfig -> LlavaConfig's config.json. The tower is written with the layers vlmkit built and read at
+    its last hidden state (the same features as the original depth read at ``feature_layer``)."""
+    vision = vision_config_to_hf(cfg.vision, "vision")
+    if cfg.vision.post_norm:
+        raise ConfigError("vision.post_norm: true: LLaVA reads the tower's hidden states, which never pass its "
+                          "final norm; this model is not expressible as a LLaVA checkpoint")
+    if cfg.connector.kind != "mlp":
+        raise ConfigError(f"connector.kind {cfg.connector.kind!r}: a LLaVA checkpoint has the two-layer MLP "
+                          f"projector (kind: mlp)")
+    acts = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu"}
+    if cfg.connector.act not in acts:
+        raise ConfigError(f"connector.act {cfg.connector.act!r}; LLaVA exports: {', '.join(acts)}")
+    strategy = "default" if cfg.vision.class_token and cfg.vision.drop_class_token else "full"
+    return {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "vision_config": vision,
+            "text_config": lm_config_to_hf(cfg.lm, "lm"), "image_token_index": image_token_id,
+            "vision_feature_layer": -1, "vision_feature_select_strategy": strategy,
+            "projector_hidden_act": acts[cfg.connector.act], "multimodal_projector_bias": cfg.connector.bias,
+            "image_seq_length": image_seq_len, "tie_word_embeddings": cfg.lm.tie_embeddings,
+            "torch_dtype": "float32"}
+
+
+def export_llava(model: VisionLanguageModel, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
+    """A LLaVA-layout vlmkit model -> a folder that transformers' LlavaForConditionalGeneration and
+    AutoProcessor load (the Hub's llava-hf tensor layout, which transformers 4 and 5, vLLM and SGLang read)."""
+    config = llava_config_to_hf(cfg, model.image_token_id, model.image_seq_len)
+    tensors = export_vision_tensors(model.encoder, cfg.vision, "vision_tower.vision_model.")
+    tensors |= export_table(model.lm, lm_key_map(cfg.lm, "language_model.model.", "language_model.lm_head.weight"))
+    for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
+        tensors[f"multi_modal_projector.{theirs}.weight"] = getattr(model.connector, ours).weight
+        if cfg.connector.bias:
+            tensors[f"multi_modal_projector.{theirs}.bias"] = getattr(model.connector, ours).bias
+    write_hf_weights(folder, tensors)
+    write_json(folder / "config.json", config)
+    images = image_processor_to_hf(processor.cfg)
+    write_json(folder / "preprocessor_config.json", {**images, "processor_class": "LlavaProcessor"})
+    write_json(folder / "processor_config.json", {
+        "processor_class": "LlavaProcessor", "patch_size": cfg.vision.patch_size, "image_token": processor.cfg.image_token,
+        "vision_feature_select_strategy": config["vision_feature_select_strategy"],
+        "num_additional_image_tokens": 1 if cfg.vision.class_token else 0})
+    export_tokenizer(processor, folder)
+
+
+register_family(HFFamily("llava", ("llava",), load_llava_folder, export_llava, transformers_class="LlavaForConditionalGeneration",
                          doc="LLaVA-1.5: CLIP tower (layer -2, class token dropped) + two-layer MLP + Llama-family LM"))

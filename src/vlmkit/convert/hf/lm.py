@@ -1,12 +1,14 @@
-"""Llama-family text LMs (Llama, Qwen2, Mistral, Gemma) <-> vlmkit's ``DecoderLM``.
+"""Llama-family text LMs (Llama, Qwen2, Mistral, Gemma) <-> vlmkit's ``DecoderLM``: import and export.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from vlmkit.config import LanguageConfig
-from vlmkit.convert.hf.io import load_state, read_checkpoint
+from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.errors import ConfigError
 from vlmkit.lm.decoder import DecoderLM
 
@@ -91,3 +93,43 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
     load_state(lm, ckpt.tensors, lm_key_map(cfg), str(ckpt.folder),
                ignore=("lm_head.weight",) if cfg.tie_embeddings else ())
     return lm.eval()
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+HF_ACTS = {v: k for k, v in LM_ACTS.items()}
+LM_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
+
+
+def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
+    """LanguageConfig -> the config.json of the transformers family that computes the same function: Gemma
+    (norm offset + embedding scale), Qwen2 (bias on q, k, v only), else Llama."""
+    if cfg.norm_offset != cfg.embed_scale:
+        raise ConfigError(f"{where}: norm_offset and embed_scale are both Gemma's; a model with only one of them "
+                          f"is no transformers family")
+    if cfg.act not in HF_ACTS:
+        raise ConfigError(f"{where}.act {cfg.act!r} has no transformers name; exportable: {', '.join(HF_ACTS)}")
+    kind = "gemma" if cfg.norm_offset else "qwen2" if cfg.qkv_bias else "llama"
+    if kind == "gemma" and cfg.qkv_bias:
+        raise ConfigError(f"{where}: Gemma has no attention biases (qkv_bias: true)")
+    out = {"model_type": kind, "architectures": [LM_CLASSES[kind]], "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.width, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.depth,
+           "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
+           "head_dim": cfg.head_dim or cfg.width // cfg.heads, "hidden_act": HF_ACTS[cfg.act],
+           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+           "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+           "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+    if kind == "gemma":
+        out["hidden_activation"] = HF_ACTS[cfg.act]
+    if kind == "qwen2":
+        out |= {"use_sliding_window": False, "max_window_layers": cfg.depth}
+    return out
+
+
+def export_hf_lm(lm: DecoderLM, folder: str | Path) -> None:
+    """A DecoderLM -> config.json + model.safetensors that transformers' ``AutoModelForCausalLM`` loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_hf_weights(folder, export_table(lm, lm_key_map(lm.cfg)))
+    write_json(folder / "config.json", lm_config_to_hf(lm.cfg))

@@ -165,3 +165,42 @@ def load_hf_processor(folder: str | Path, image_token_id: int, image_seq_len: in
                            chat_template_jinja=read_chat_template(folder), pad_token=tok.pad_token,
                            eos_token=tok.eos_token, bos_token=tok.bos_token or "", **settings)
     return Processor(pcfg, tok)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+PIL_CODES = {v: k for k, v in PIL_RESAMPLE.items()}
+
+
+def image_processor_to_hf(cfg: ProcessorConfig, image_processor_type: str = "CLIPImageProcessor") -> dict:
+    """A fixed-size ProcessorConfig -> preprocessor_config.json settings (CLIP's shortest-edge resize and
+    centre crop when ``shortest_edge`` is set, else a resize to height x width)."""
+    if cfg.image_processor != "fixed":
+        raise ConfigError(f"processor image_processor {cfg.image_processor!r}: only fixed-size image settings "
+                          f"export as a CLIP/SigLIP image processor")
+    h, w = cfg.image_size
+    out = {"image_processor_type": image_processor_type, "do_resize": True, "resample": PIL_CODES[cfg.resample],
+           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(cfg.mean),
+           "image_std": list(cfg.std), "do_convert_rgb": True}
+    if cfg.shortest_edge:
+        out |= {"size": {"shortest_edge": cfg.shortest_edge}, "do_center_crop": True,
+                "crop_size": {"height": h, "width": w}}
+    else:
+        out |= {"size": {"height": h, "width": w}, "do_center_crop": False}
+    return out
+
+
+def export_tokenizer(processor: Processor, folder: Path) -> None:
+    """tokenizer.json with the files that name its special tokens and carry the chat template, so that
+    transformers' AutoTokenizer gives the same ids."""
+    tok = processor.tokenizer
+    tok.save(folder / "tokenizer.json")
+    special = {"eos_token": tok.eos_token, "pad_token": tok.pad_token}
+    if tok.bos_token:
+        special["bos_token"] = tok.bos_token
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": processor.cfg.max_length,
+              "clean_up_tokenization_spaces": False, **special}
+    if processor.cfg.chat_template_jinja:
+        (folder / "chat_template.jinja").write_text(processor.cfg.chat_template_jinja)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from vlmkit.config import VisionConfig
 from vlmkit.convert.hf.io import find_prefix, load_state, read_checkpoint
 from vlmkit.encoders.vit import ViTEncoder
@@ -104,3 +106,53 @@ def vision_tensors(tensors: dict, cfg: VisionConfig, prefix: str, ours: str = ""
                 (f"{prefix}post_layernorm.", f"{prefix}head.", f"{prefix}embeddings.position_ids"))):
             del out[k]
     return table, out
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+HF_VISION_ACTS = {v: k for k, v in VISION_ACTS.items()}
+
+
+def vision_config_to_hf(cfg: VisionConfig, where: str = "vision") -> dict:
+    """A ViT VisionConfig that is a CLIP tower (class token, pre-layernorm, no patch bias) or a SigLIP tower
+    (none of them) -> that tower's transformers config, with the layers vlmkit built (those up to the feature
+    layer; the features are then the last hidden state before the final norm)."""
+    clip = cfg.class_token
+    problems = [f"{k} {v!r} (transformers has {ok!r})" for k, v, ok in (
+        ("arch", cfg.arch, "vit"), ("stem", cfg.stem, "patch"), ("pos_embed", cfg.pos_embed, "learned"),
+        ("norm", cfg.norm, "layernorm"), ("qkv_bias", cfg.qkv_bias, True), ("pos_scale", cfg.pos_scale, 1.0),
+        ("pre_norm", cfg.pre_norm, clip), ("patch_bias", cfg.patch_bias, not clip)) if v != ok]
+    if cfg.image_size[0] != cfg.image_size[1]:
+        problems.append(f"image_size {tuple(cfg.image_size)} (CLIP and SigLIP towers are square)")
+    if cfg.act not in HF_VISION_ACTS:
+        problems.append(f"act {cfg.act!r} (exportable: {', '.join(HF_VISION_ACTS)})")
+    if problems:
+        raise ConfigError(f"{where}: not a {'CLIP' if clip else 'SigLIP'} tower transformers can load: "
+                          f"{'; '.join(problems)}")
+    layers = ViTEncoder._layers_to_run(cfg.depth, cfg.feature_layer)
+    if layers == 0:
+        raise ConfigError(f"{where}: feature_layer {cfg.feature_layer} reads the embeddings; a transformers tower "
+                          f"needs at least one layer")
+    out = {"model_type": "clip_vision_model" if clip else "siglip_vision_model", "hidden_size": cfg.width,
+           "intermediate_size": cfg.mlp_dim, "num_hidden_layers": layers, "num_attention_heads": cfg.heads,
+           "image_size": cfg.image_size[0], "patch_size": cfg.patch_size, "num_channels": cfg.channels,
+           "hidden_act": HF_VISION_ACTS[cfg.act], "layer_norm_eps": cfg.norm_eps}
+    if not clip:
+        out["vision_use_head"] = False
+    return out
+
+
+def export_vision_tensors(encoder: ViTEncoder, cfg: VisionConfig, prefix: str) -> dict:
+    """The tower's tensors under transformers' names (``prefix`` before them): class token and positions in
+    transformers' shapes, and an identity final norm when vlmkit has none (transformers' tower always carries
+    one; the features exported models read never pass through it)."""
+    table = vision_key_map(cfg, prefix)
+    params = dict(encoder.named_parameters())
+    out = {theirs: params[name] for name, theirs in table.items()}
+    for name, theirs in table.items():
+        if name in ("class_token", "pos_embed"):
+            out[theirs] = out[theirs].reshape(-1, cfg.width) if name == "pos_embed" else out[theirs].reshape(-1)
+    if not cfg.post_norm:
+        out[f"{prefix}post_layernorm.weight"] = torch.ones(cfg.width)
+        out[f"{prefix}post_layernorm.bias"] = torch.zeros(cfg.width)
+    return out
