@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 import vlmkit
 from vlmkit.checkpoint import write_model_files
 from vlmkit.cli import main
+from vlmkit.data.shapes import generate_shapes
 from vlmkit.config import ConnectorConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
 from vlmkit.convert.hf import export_hf_lm, load_hf_lm
 from vlmkit.errors import ConfigError
@@ -17,6 +19,8 @@ from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models import build_model
 from vlmkit.presets import get_preset
 from vlmkit.processing import Processor
+from vlmkit.train.loop import train
+from vlmkit.train.recipe import load_recipe
 
 from hf_fixtures import real_images
 
@@ -131,3 +135,32 @@ def test_a_model_llava_cannot_express_is_refused_and_nothing_is_written(tmp_path
     with pytest.raises(ConfigError, match=r"not a SigLIP tower transformers can load: arch 'cnn'"):
         vlmkit.convert.hf.convert_to_hf(tmp_path / "ours", tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["ours"]
+
+
+def test_a_demo_trained_vit_model_exports_as_llava_that_transformers_runs(tmp_path):
+    """The demo's recipe with its LLaVA-layout sibling preset, trained a few steps, exported: transformers
+    loads it with LlavaForConditionalGeneration and AutoProcessor, the chat template gives vlmkit's prompt ids,
+    and greedy generation gives vlmkit's tokens."""
+    data = tmp_path / "shapes"
+    generate_shapes(data, n=40, seed=3, size=64, progress=False)
+    recipe = load_recipe("tiny-llava", [f"data.path={data}", "preset=tiny-llava-vit", "model.vision.width=32",
+                                        "model.vision.mlp_dim=64", "model.vision.heads=2", "model.lm.width=64",
+                                        "train.batch_size=8", "data.val_samples=8", "stages.0.steps=2",
+                                        "stages.0.batch_size=8", "stages.1.steps=3"])
+    res = train(recipe, tmp_path / "run", progress=False, log=lambda m: None)
+    assert main(["convert", "--to", "hf", str(res.checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    hf_proc = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    pipe = vlmkit.load(res.checkpoint)
+    image = data / "images" / "000000.png"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    text = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    theirs = hf_proc(text=text, images=[Image.open(image)], return_tensors="pt")
+    inputs = pipe.processor.prepare_images([image])
+    assert theirs["input_ids"][0].tolist() == pipe.processor.encode_chat_prompt("What shape is it?", inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(**theirs).logits, pipe.model(theirs["input_ids"], inputs).logits, rtol=0,
+                                   atol=1e-4)
+    out = ref.generate(**theirs, max_new_tokens=8, do_sample=False)  # both stop at the same end token
+    expected = hf_proc.tokenizer.decode(out[0, theirs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert pipe.chat(image, "What shape is it?", max_new_tokens=8) == expected

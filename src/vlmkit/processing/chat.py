@@ -48,6 +48,24 @@ class ChatTemplate:
             segs.append(Segment(self.generation_prompt))
         return segs
 
+    def to_jinja(self, image_token: str) -> str:
+        """The same template in transformers' Jinja format, for exported checkpoints: string contents render
+        as they are; a list of parts renders each image as ``image_token`` and a newline (as vlmkit's chat()
+        puts images before a question) and each text as it is."""
+        def q(text: str) -> str:
+            return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+        content = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+                   "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ " + q(image_token + "\n")
+                   + " }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}")
+        roles = []
+        for i, (role, (open_, close)) in enumerate((("user", self.user), ("assistant", self.assistant),
+                                                    ("system", self.system))):
+            roles.append(("{% if " if i == 0 else "{% elif ") + f"message['role'] == '{role}' %}}"
+                         f"{{{{ {q(open_)} }}}}{content}{{{{ {q(close)} }}}}")
+        return ("{% for message in messages %}" + "".join(roles) + "{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ " + q(self.generation_prompt) + " }}{% endif %}")
+
 
 TEMPLATES: Registry[ChatTemplate] = Registry("chat template")
 

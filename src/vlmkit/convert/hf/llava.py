@@ -117,6 +117,9 @@ def export_llava(model: VisionLanguageModel, cfg: ModelConfig, processor: Proces
     """A LLaVA-layout vlmkit model -> a folder that transformers' LlavaForConditionalGeneration and
     AutoProcessor load (the Hub's llava-hf tensor layout, which transformers 4 and 5, vLLM and SGLang read)."""
     config = llava_config_to_hf(cfg, model.image_token_id, model.image_seq_len)
+    tok = processor.tokenizer
+    special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id}
+    config["text_config"] |= special  # generation stops where vlmkit's does
     tensors = export_vision_tensors(model.encoder, cfg.vision, "vision_tower.vision_model.")
     tensors |= export_table(model.lm, lm_key_map(cfg.lm, "language_model.model.", "language_model.lm_head.weight"))
     for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
@@ -125,6 +128,7 @@ def export_llava(model: VisionLanguageModel, cfg: ModelConfig, processor: Proces
             tensors[f"multi_modal_projector.{theirs}.bias"] = getattr(model.connector, ours).bias
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
+    write_json(folder / "generation_config.json", special)
     images = image_processor_to_hf(processor.cfg)
     write_json(folder / "preprocessor_config.json", {**images, "processor_class": "LlavaProcessor"})
     write_json(folder / "processor_config.json", {

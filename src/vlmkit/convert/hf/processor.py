@@ -200,7 +200,10 @@ def export_tokenizer(processor: Processor, folder: Path) -> None:
         special["bos_token"] = tok.bos_token
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": processor.cfg.max_length,
               "clean_up_tokenization_spaces": False, **special}
-    if processor.cfg.chat_template_jinja:
-        (folder / "chat_template.jinja").write_text(processor.cfg.chat_template_jinja)
+    template = processor.cfg.chat_template_jinja
+    if not template and processor.cfg.text_mode == "segments":  # a vlmkit-trained model: its own template
+        template = processor.template.to_jinja(processor.cfg.image_token)
+    if template:
+        (folder / "chat_template.jinja").write_text(template)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
