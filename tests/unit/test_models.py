@@ -518,3 +518,18 @@ def test_precomputed_features_need_a_frozen_tower_in_eval_mode():
     tower = ConvEncoder(vit_config(arch="cnn", image_size=(16, 16), patch_size=8, pos_embed="sincos2d"))
     with pytest.raises(RuntimeError, match="needs the tower in eval mode"):
         FrozenVisionFeatures(tower.train(), processor=None, images=[])
+
+
+def test_skip_default_init_leaves_weights_alone_and_restores_the_init_functions():
+    from vlmkit.models import skip_default_init
+
+    before = torch.nn.init.kaiming_uniform_
+    with pytest.raises(RuntimeError, match="inside"):
+        with skip_default_init():
+            lin = torch.nn.Linear(4, 4)
+            torch.nn.init.normal_(lin.weight.data.fill_(7.0))
+            assert bool((lin.weight == 7.0).all())  # normal_ did nothing
+            raise RuntimeError("inside")
+    assert torch.nn.init.kaiming_uniform_ is before
+    torch.manual_seed(0)
+    assert not bool((torch.nn.init.normal_(torch.full((4,), 7.0)) == 7.0).all())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from vlmkit.config import ModelConfig
@@ -19,8 +21,33 @@ MODEL_FAMILIES: Registry = Registry("model family")
 SPLICE_FAMILIES = ("llava", "idefics3")
 
 
+@contextlib.contextmanager
+def skip_default_init():
+    """Build modules without PyTorch's default random initialisation (Kaiming-uniform for every Linear, normal
+    for embeddings), for models whose weights a checkpoint is about to overwrite: at 7B parameters that init
+    costs minutes of CPU and its values are thrown away. The init functions are restored on exit."""
+    names = ("kaiming_uniform_", "kaiming_normal_", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_",
+             "xavier_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
 def build_model(cfg: ModelConfig, image_token_id: int, init: bool = True):
-    """Build the model of ``cfg.family`` from its config. ``init`` applies the from-scratch initialisation."""
+    """Build the model of ``cfg.family`` from its config. ``init`` applies the from-scratch initialisation;
+    without it the weights are left uninitialised, for a checkpoint to fill."""
+    if not init:
+        with skip_default_init():
+            return _build(cfg, image_token_id, init)
+    return _build(cfg, image_token_id, init)
+
+
+def _build(cfg: ModelConfig, image_token_id: int, init: bool):
     if cfg.family not in SPLICE_FAMILIES:
         return MODEL_FAMILIES.build(cfg.family, cfg, image_token_id, init)
     if cfg.lm.head_init_std is not None and cfg.lm.tie_embeddings:
