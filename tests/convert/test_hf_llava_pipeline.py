@@ -5,11 +5,15 @@ score() contract (per-token log-probabilities of a continuation), the folder's c
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import vlmkit
 from vlmkit.cli import main
+from vlmkit.convert.hf import read_chat_template
+from vlmkit.errors import CheckpointError, ConfigError
 
 from hf_fixtures import LLAVA_TEMPLATE, real_images
 
@@ -93,3 +97,51 @@ def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(llava_folder, 
     converted = vlmkit.load(out)
     assert converted.meta.get("format") == "vlmkit"
     assert converted.score(images, PROMPTS[0], " It is red.") == pytest.approx(direct, abs=1e-6)
+
+
+def copy_folder(src, dst, drop=()):
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name not in drop:
+            (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("broken, error, match", [
+    ("tokenizer", CheckpointError, r"has no tokenizer.json"),
+    ("model_type", ConfigError, r"config.json: model_type 'llava_next_video' is not a family vlmkit imports; "
+                                r"supported: .*llava"),
+    ("pickle", CheckpointError, r"has only pickled weights \(pytorch_model.bin\); vlmkit never unpickles"),
+    ("vocab", CheckpointError, r"has shape \(\d+, 48\), the config implies \(\d+, 48\)"),
+])
+def test_broken_folders_get_named_errors_and_convert_writes_nothing(llava_folder, tmp_path, broken, error, match):
+    folder, _, _ = llava_folder
+    bad = copy_folder(folder, tmp_path / "bad", drop={"tokenizer": ("tokenizer.json",),
+                                                      "pickle": ("model.safetensors",)}.get(broken, ()))
+    cfg = json.loads((bad / "config.json").read_text())
+    if broken == "model_type":
+        cfg["model_type"] = "llava_next_video"
+    if broken == "vocab":
+        cfg["text_config"]["vocab_size"] += 3
+    if broken == "pickle":
+        (bad / "pytorch_model.bin").write_bytes(b"not unpickled")
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(error, match=match):
+        vlmkit.load(bad)
+    assert main(["convert", "--from", "hf", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+@pytest.mark.parametrize("layout", ["jinja", "json", "tokenizer_config", "named_list"])
+def test_chat_template_is_read_from_each_layout(tmp_path, layout):
+    template = "{{ messages[0]['content'] }}"
+    if layout == "jinja":
+        (tmp_path / "chat_template.jinja").write_text(template)
+    elif layout == "json":
+        (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    elif layout == "tokenizer_config":
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    else:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+            {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]}))
+    assert read_chat_template(tmp_path) == template
