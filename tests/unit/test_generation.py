@@ -21,12 +21,16 @@ QUESTIONS = ["<image>what?", "<image>\nhow many triangles are there in the pictu
 def setup(tiny_config, make_processor, tokenizer):
     """A random model whose greedy outputs vary from step to step and prompt to prompt.
 
-    PyTorch's default init (init=False) and untied embeddings give logits with clear top-1 margins, so
-    greedy decoding is not a near-tie coin flip and a wrong position or cache slot changes the tokens.
+    PyTorch's default init (each module's reset_parameters) and untied embeddings give logits with clear
+    top-1 margins, so greedy decoding is not a near-tie coin flip and a wrong position or cache slot changes
+    the tokens.
     """
-    torch.manual_seed(0)
+    torch.manual_seed(1)
     model = build_model(tiny_config(connector="pixel_shuffle", tie=False), tokenizer.token_id("<image>"),
-                        init=False).eval()
+                        init=False).eval()  # weights left for a checkpoint: give them PyTorch's default init
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
     processor = make_processor(image_seq_len=model.image_seq_len)
     prompts = [processor.encode_chat_prompt(q, 1) for q in QUESTIONS]
     pixels = torch.randn(len(prompts), 3, 16, 16)
