@@ -44,6 +44,10 @@ class VisionConfig:
     qkv_bias: bool = True
     feature_layer: int = -1  # index into hidden states (0 = embeddings); -2 = penultimate layer, as LLaVA
     drop_class_token: bool = True
+    # arch "qwen2_vl" (encoders/qwen2_vl.py): frames per 3D patch (an image is its frame repeated), and the side
+    # of the windows of patches the tower lists together and its patch merger folds into one LM token
+    temporal_patch_size: int = 1
+    merge_size: int = 1
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -88,6 +92,24 @@ class LanguageConfig:
     qkv_bias: bool = False
     norm_offset: bool = False  # Gemma: RMSNorm scales by 1 + weight
     embed_scale: bool = False  # Gemma: token embeddings are multiplied by sqrt(width)
+    # Qwen2-VL's multimodal RoPE: sizes (summing to head_dim / 2) of the rotary sections that rotate with the
+    # temporal, height and width position ids ([3, B, T]); () = plain RoPE
+    mrope_section: tuple[int, ...] = ()
+
+
+@dataclass
+class AnyResConfig:
+    """LLaVA-NeXT / LLaVA-OneVision AnyRes tiling, shared by the model (reassembling tile features) and the
+    processor (tiling, token counts). Empty ``grid_pinpoints``: no tiling (every other family)."""
+
+    grid_pinpoints: list[tuple[int, int]] = field(default_factory=list)  # candidate (height, width) resolutions
+    # OneVision's anyres_max_N: tile features beyond N tiles' worth are reduced by bilinear interpolation;
+    # 0: never (LLaVA-NeXT)
+    max_tiles: int = 0
+    # processor only, for prompts with several images. "tile": every image is tiled (LlavaOnevisionProcessor
+    # given a flat list of images); "square": each is padded to a square in the mean colour and not tiled
+    # (OneVision's own multi-image mode; the processor given a nested list [[image, image]])
+    multi_image: str = "tile"
 
 
 @dataclass
@@ -99,6 +121,7 @@ class ModelConfig:
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     image_token: str = "<image>"
+    anyres: AnyResConfig = field(default_factory=AnyResConfig)  # llava_next / llava_onevision tiling
 
 
 @dataclass
@@ -128,6 +151,23 @@ class ProcessorConfig:
     pad_token: str = "<pad>"
     eos_token: str = "<|end|>"
     bos_token: str = ""
+    anyres: AnyResConfig = field(default_factory=AnyResConfig)  # image_processor "anyres" (LLaVA-NeXT/OneVision)
+    # placeholders of inputs the imported family has but vlmkit does not implement (OneVision's "<video>"): a
+    # prompt containing one is refused by name instead of being read as text
+    refused_placeholders: list[str] = field(default_factory=list)
+    # image_processor "idefics3" (Idefics3 / SmolVLM), whose tiles are image_size: first resize the longer side to
+    # this (0: no first resize), then, with image_splitting, cut images larger than a tile into tiles plus a
+    # global view (without it, every image is resized to one tile)
+    longest_edge: int = 0
+    image_splitting: bool = True
+    # image_processor "qwen2_vl" (dynamic resolution): each image is resized so that height and width are
+    # multiples of patch_size * merge_size and min_pixels <= height * width <= max_pixels, then cut into
+    # patch_size patches of temporal_patch_size repeated frames, listed merge_size x merge_size window by window
+    min_pixels: int = 0
+    max_pixels: int = 0
+    patch_size: int = 0
+    temporal_patch_size: int = 1
+    merge_size: int = 1
 
 
 # ----------------------------------------------------------------------------------------- dict <-> dataclass

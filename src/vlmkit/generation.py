@@ -74,7 +74,9 @@ def generate(model, prompts: list[list[int]], pixel_values, eos_id: int, pad_id:
     if pixel_values is not None and len(pixel_values) > 0:
         image_features = model.encode_images(pixel_values.to(device))
     cache = model.lm.new_cache(B, ids.shape[1] + gen.max_new_tokens, device) if use_cache else None
-    out = model(ids, attention_mask=attn, cache=cache, image_features=image_features, logits_to_keep=1)
+    # a prefix-LM (PaliGemma) attends bidirectionally over the (left-padded) prompt, causally over new tokens
+    prefix = {"prefix_len": ids.shape[1]} if getattr(model, "prefix_lm", False) else {}
+    out = model(ids, attention_mask=attn, cache=cache, image_features=image_features, logits_to_keep=1, **prefix)
     new = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(gen.max_new_tokens):
@@ -99,5 +101,5 @@ def generate(model, prompts: list[list[int]], pixel_values, eos_id: int, pad_id:
         if use_cache:
             out = model(nxt[:, None], attention_mask=attn, cache=cache, logits_to_keep=1)
         else:
-            out = model(ids, attention_mask=attn, image_features=image_features, logits_to_keep=1)
+            out = model(ids, attention_mask=attn, image_features=image_features, logits_to_keep=1, **prefix)
     return new

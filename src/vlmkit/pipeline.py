@@ -82,7 +82,8 @@ class Pipeline:
 
         The prompt is text as the model's processor takes it, with its image placeholders; the continuation's
         tokens are those that follow the prompt's when the two are tokenised together (segment-mode
-        processors append the continuation's own tokens)."""
+        processors append the continuation's own tokens). PaliGemma scores its processor's ``suffix``: the
+        continuation tokenised on its own plus EOS, whose log-probability is the last value (as its labels)."""
         inputs = self.processor.prepare_images(_as_list(images))
         ids, start = self.processor.encode_score(prompt, continuation, inputs)
         if start == len(ids):

@@ -47,7 +47,7 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(cfg.head_dim or cfg.width // cfg.heads, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.head_dim or cfg.width // cfg.heads, cfg.rope_theta, cfg.mrope_section)
 
     @property
     def head_dim(self) -> int:
@@ -59,7 +59,8 @@ class DecoderLM(nn.Module):
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """embeds [B, T, D] -> final hidden states [B, T, D].
+        """embeds [B, T, D] -> final hidden states [B, T, D]. ``position_ids`` are [B, T], or [3, B, T] for an
+        LM with ``mrope_section`` (Qwen2-VL's temporal / height / width ids; its model computes them).
 
         ``attention_mask`` [B, T_cache + T] marks real tokens (1) and padding (0); ``mask`` overrides the
         attention pattern completely ([B, 1, T, T_k] booleans). With neither, plain causal attention runs.

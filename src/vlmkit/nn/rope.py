@@ -5,15 +5,29 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Turns position ids [B, T] into (cos, sin) of shape [B, T, head_dim]."""
+    """Turns position ids [B, T] into (cos, sin) of shape [B, T, head_dim].
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    With ``mrope_section`` (Qwen2-VL's multimodal RoPE) position ids may also be [3, B, T] (temporal, height,
+    width): the rotary frequencies are split into consecutive sections of those sizes (summing to head_dim / 2),
+    section i rotating with axis i % 3. [B, T] ids then mean the same id on all three axes (plain RoPE)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, mrope_section: tuple[int, ...] = ()):
         super().__init__()
+        if mrope_section and sum(mrope_section) != head_dim // 2:
+            raise ValueError(f"mrope_section {tuple(mrope_section)} must sum to head_dim / 2 = {head_dim // 2}")
+        self.mrope_section = tuple(mrope_section)
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype=torch.float32):
-        freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, hd/2]
+        if position_ids.ndim == 3:  # [3, B, T] multimodal position ids
+            if not self.mrope_section:
+                raise ValueError("position ids of shape [3, B, T] need a RotaryEmbedding with mrope_section")
+            freqs = position_ids[..., None].float() * self.inv_freq  # [3, B, T, hd/2]
+            parts = freqs.split(self.mrope_section, dim=-1)
+            freqs = torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)  # [B, T, hd/2]
+        else:
+            freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, hd]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -49,6 +63,11 @@ class Rotary2D(nn.Module):
         pos = rope_2d_positions(grid_h, grid_w, device)  # [N, 2]
         if prefix:  # class token(s) sit at position (0, 0)
             pos = torch.cat([torch.zeros(prefix, 2, dtype=pos.dtype, device=device), pos])
+        return self.at(pos)
+
+    def at(self, pos: torch.Tensor):
+        """(cos, sin) [1, N, hd] for explicit (row, col) ids ``pos`` [N, 2], in any token order (Qwen2-VL lists
+        its patches window by window)."""
         cos_r, sin_r = self.axis(pos[None, :, 0])
         cos_c, sin_c = self.axis(pos[None, :, 1])
         # interleave the two axes in the rotate-half layout: [r_half1, c_half1, r_half2, c_half2]

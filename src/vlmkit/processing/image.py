@@ -127,6 +127,19 @@ class ImageProcessor:
             return ImageInputs(torch.zeros(0, 3, h, w), [])
         return ImageInputs(torch.stack([self.transform(im) for im in images]), [self.cfg.image_seq_len] * len(images))
 
+    # Text hooks for families whose processor lays out the prompt itself (PaliGemma); the Processor consults
+    # them in whole-string mode. None, the default, keeps the Processor's generic path.
+    def format_prompt(self, prompt: str, n_images: int) -> str | None:
+        """The text the family's own processor builds around a raw ``prompt`` with ``n_images`` images (image
+        placeholders not yet expanded), tokenised *without* the tokenizer's special tokens: the family writes
+        them into the text. None: the prompt is used as it is, with the tokenizer's special tokens."""
+        return None
+
+    def format_continuation(self, continuation: str) -> str | None:
+        """The text a scored continuation is tokenised from *on its own*, its ids appended to the prompt's.
+        None: the continuation's tokens are those that follow the prompt's when both are tokenised together."""
+        return None
+
 
 IMAGE_PROCESSORS: Registry[ImageProcessor] = Registry("image processor")
 IMAGE_PROCESSORS.register("fixed", "every image resized (or shortest-edge resized and centre-cropped) to one size")(

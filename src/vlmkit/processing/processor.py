@@ -100,6 +100,10 @@ class Processor:
     def encode_whole(self, text: str, images: ImageInputs, where: str, special: bool = True) -> list[int]:
         """Whole-string mode: each placeholder becomes its image's text (``image_token`` x its token count, or
         the family's tiled layout), then the string is tokenised at once, ``special`` adding BOS and the like."""
+        for refused in self.cfg.refused_placeholders:
+            if refused in text:
+                raise DataError(f"{where}: {refused!r} is a placeholder of an input kind vlmkit does not implement "
+                                f"for this model (images only, with {self.cfg.image_token!r}); remove it")
         self.check_placeholders([text], len(images), where)
         parts = text.split(self.cfg.image_token)
         expanded = [parts[0]]
@@ -125,6 +129,15 @@ class Processor:
     def _count(self, images: int | ImageInputs) -> int:
         return images if isinstance(images, int) else len(images)
 
+    def _family_layout(self, text: str, images: int | ImageInputs, where: str) -> list[int] | None:
+        """Ids of ``text`` laid out by the family's image processor (its ``format_prompt`` hook: PaliGemma puts
+        BOS after the images and a newline at the end, and adds no special tokens), or None when the family
+        has no layout of its own and the generic path applies."""
+        if not isinstance(images, ImageInputs):
+            return None
+        laid_out = self.images.format_prompt(text, len(images))
+        return None if laid_out is None else self.encode_whole(laid_out, images, where, special=False)
+
     def encode_conversation(self, conversations: list, n_images: int, where: str = "sample"):
         """LLaVA/OpenAI-style turns -> (input_ids, labels) with the chat template applied."""
         if self.cfg.text_mode != "segments":
@@ -142,12 +155,16 @@ class Processor:
         n = self._count(images)
         if self.cfg.chat_template_jinja:
             text = render_jinja(self.cfg.chat_template_jinja, question, n, self.cfg.image_token, self.tokenizer)
+            if (ids := self._family_layout(text, images, where)) is not None:
+                return ids
             bos = self.tokenizer.bos_token
             # as transformers' apply_chat_template: a template that writes BOS itself gets no second one
             special = not (bos and text.startswith(bos))
             if isinstance(images, ImageInputs):
                 return self.encode_whole(text, images, where, special)
             return self.encode_segments([Segment(text)], images, where)[0]
+        if (ids := self._family_layout(question, images, where)) is not None:  # no template: the family's layout
+            return ids
         if n and self.cfg.image_token not in question:
             question = (self.cfg.image_token + "\n") * n + question
         segs = self.template.render([{"role": "user", "content": question}], add_generation_prompt=True)
@@ -158,6 +175,8 @@ class Processor:
     def encode_prompt(self, prompt: str, images: int | ImageInputs, where: str = "prompt") -> list[int]:
         """Raw text (no template) with image placeholders -> ids."""
         images = self._as_inputs(images, where)
+        if (ids := self._family_layout(prompt, images, where)) is not None:
+            return ids
         if self.cfg.text_mode == "whole":
             return self.encode_whole(prompt, images, where)
         return self.encode_segments([Segment(prompt)], self._count(images), where)[0]
@@ -166,10 +185,13 @@ class Processor:
                      where: str = "score") -> tuple[list[int], int]:
         """(ids of prompt + continuation, index of the first continuation token). Whole-string mode tokenises
         the prompt alone and prompt + continuation, and the continuation is what follows the prompt's tokens
-        (lm-evaluation-harness / lmms-eval); segment mode appends the continuation's own tokens."""
+        (lm-evaluation-harness / lmms-eval); segment mode appends the continuation's own tokens. A family's
+        ``format_continuation`` hook (PaliGemma: the suffix + EOS, tokenised on its own) replaces both."""
         if self.cfg.image_token in continuation:
             raise DataError(f"{where}: the continuation must not contain image placeholders")
         p_ids = self.encode_prompt(prompt, images, where)
+        if (suffix := self.images.format_continuation(continuation)) is not None:  # PaliGemma: suffix + EOS
+            return p_ids + self.tokenizer.encode(suffix), len(p_ids)
         if self.cfg.text_mode == "whole":
             ids = self.encode_whole(prompt + continuation, images, where)
         else:

@@ -19,15 +19,17 @@ from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing import Processor
 
 
-def llava_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, int]:
-    """A LlavaForConditionalGeneration config -> (ModelConfig, image token id)."""
-    if cfg.get("model_type") != "llava":
-        raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not 'llava'")
-    layer = cfg.get("vision_feature_layer", -2)
+def llava_config_from_hf(cfg: dict, where: str = "config.json", model_type: str = "llava", default_layer: int = -2,
+                         default_strategy: str = "default") -> tuple[ModelConfig, int]:
+    """A LlavaForConditionalGeneration config -> (ModelConfig, image token id). LLaVA-NeXT / OneVision configs
+    share these keys: they pass their ``model_type`` and their defaults for the feature layer and strategy."""
+    if cfg.get("model_type") != model_type:
+        raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not {model_type!r}")
+    layer = cfg.get("vision_feature_layer", default_layer)
     if not isinstance(layer, int):
         raise ConfigError(f"{where}: vision_feature_layer {layer!r}: concatenating several layers is not "
                           f"implemented; give one layer index")
-    strategy = cfg.get("vision_feature_select_strategy", "default")
+    strategy = cfg.get("vision_feature_select_strategy", default_strategy)
     if strategy not in ("default", "full"):
         raise ConfigError(f"{where}: vision_feature_select_strategy {strategy!r}; supported: default, full")
     vision = vision_config_from_hf(cfg.get("vision_config") or {}, layer, f"{where} (vision_config)")
@@ -60,24 +62,30 @@ def _load_llava(folder: str | Path) -> tuple[VisionLanguageModel, ModelConfig]:
     ckpt = read_checkpoint(folder)
     where = str(ckpt.folder / "config.json")
     cfg, image_token = llava_config_from_hf(ckpt.config, where)
-    t = ckpt.tensors
+    model = build_model(cfg, image_token, init=False)
+    load_llava_weights(model, ckpt.tensors, cfg, str(ckpt.folder))
+    return model.eval(), cfg
+
+
+def load_llava_weights(model, t: dict, cfg: ModelConfig, where: str, extra: dict[str, str] | None = None) -> None:
+    """Load a LLaVA-layout checkpoint's tower, projector and LM (either transformers layout) into ``model``;
+    ``extra`` adds a family's own tensors to the key table (LLaVA-NeXT's ``image_newline``)."""
     vp = find_prefix(t, "vision_tower.", "model.vision_tower.")
     vp = find_prefix(t, vp + "vision_model.", vp)
     lp = find_prefix(t, "language_model.model.", "model.language_model.")
     head = find_prefix(t, "language_model.lm_head.", "lm_head.") + "weight"
     pp = find_prefix(t, "multi_modal_projector.", "model.multi_modal_projector.")
-    model = build_model(cfg, image_token, init=False)
     table, tensors = vision_tensors(t, cfg.vision, vp, "encoder.")
+    table |= extra or {}
     table |= {f"lm.{k}": v for k, v in lm_key_map(cfg.lm, lp, head).items()}
     for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
         table[f"connector.{ours}.weight"] = f"{pp}{theirs}.weight"
         if cfg.connector.bias:
             table[f"connector.{ours}.bias"] = f"{pp}{theirs}.bias"
     ignore = ("lm_head.weight",) if cfg.lm.tie_embeddings else ()
-    load_state(model, tensors, table, str(ckpt.folder), ignore)
+    load_state(model, tensors, table, where, ignore)
     if cfg.lm.tie_embeddings:
         model.lm.lm_head.weight = model.lm.embed_tokens.weight
-    return model.eval(), cfg
 
 
 def load_llava_folder(folder: Path):
@@ -113,6 +121,19 @@ def llava_config_to_hf(cfg: ModelConfig, image_token_id: int, image_seq_len: int
             "torch_dtype": "float32"}
 
 
+def export_llava_tensors(model: VisionLanguageModel, cfg: ModelConfig) -> dict:
+    """Tower, projector and LM under the Hub's llava-hf names (``vision_tower.vision_model.``,
+    ``multi_modal_projector.``, ``language_model.model.`` / ``language_model.lm_head.``); LLaVA-NeXT and
+    OneVision add their ``image_newline`` to these."""
+    tensors = export_vision_tensors(model.encoder, cfg.vision, "vision_tower.vision_model.")
+    tensors |= export_table(model.lm, lm_key_map(cfg.lm, "language_model.model.", "language_model.lm_head.weight"))
+    for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
+        tensors[f"multi_modal_projector.{theirs}.weight"] = getattr(model.connector, ours).weight
+        if cfg.connector.bias:
+            tensors[f"multi_modal_projector.{theirs}.bias"] = getattr(model.connector, ours).bias
+    return tensors
+
+
 def export_llava(model: VisionLanguageModel, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
     """A LLaVA-layout vlmkit model -> a folder that transformers' LlavaForConditionalGeneration and
     AutoProcessor load (the Hub's llava-hf tensor layout, which transformers 4 and 5, vLLM and SGLang read)."""
@@ -120,12 +141,7 @@ def export_llava(model: VisionLanguageModel, cfg: ModelConfig, processor: Proces
     tok = processor.tokenizer
     special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id}
     config["text_config"] |= special  # generation stops where vlmkit's does
-    tensors = export_vision_tensors(model.encoder, cfg.vision, "vision_tower.vision_model.")
-    tensors |= export_table(model.lm, lm_key_map(cfg.lm, "language_model.model.", "language_model.lm_head.weight"))
-    for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
-        tensors[f"multi_modal_projector.{theirs}.weight"] = getattr(model.connector, ours).weight
-        if cfg.connector.bias:
-            tensors[f"multi_modal_projector.{theirs}.bias"] = getattr(model.connector, ours).bias
+    tensors = export_llava_tensors(model, cfg)
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
     write_json(folder / "generation_config.json", special)

@@ -17,14 +17,32 @@ LM_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def _rope_theta(cfg: dict, where: str) -> float:
-    """rope theta from ``rope_parameters`` (transformers 5) or ``rope_theta`` (4.x); only unscaled RoPE."""
+    """rope theta from ``rope_parameters`` (transformers 5) or ``rope_theta`` (4.x); only unscaled RoPE, which
+    includes Qwen2-VL's multimodal RoPE (4.x writes rope_scaling type "mrope", 5 type "default" with an
+    ``mrope_section``: the same frequencies, split over three position axes; see :func:`_mrope_section`)."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
+    if kind not in ("default", "mrope"):
         raise ConfigError(f"{where}: rope_type {kind!r} (RoPE scaling) is not implemented in vlmkit; "
-                          f"supported: default")
+                          f"supported: default, mrope")
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _mrope_section(cfg: dict, head_dim: int, where: str) -> tuple[int, ...]:
+    """Qwen2-VL's ``mrope_section`` (in rope_parameters, or 4.x's rope_scaling), checked to sum to head_dim / 2;
+    () for plain RoPE. A rope_type "mrope" without one is refused (transformers would silently use its default)."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    section = params.get("mrope_section")
+    if section is None:
+        if params.get("rope_type", params.get("type")) == "mrope":
+            raise ConfigError(f"{where}: rope type 'mrope' without an mrope_section")
+        return ()
+    if not isinstance(section, (list, tuple)) or not all(isinstance(v, int) and v > 0 for v in section) \
+            or sum(section) != head_dim // 2:
+        raise ConfigError(f"{where}: mrope_section {section!r} must be positive integers summing to head_dim / 2 "
+                          f"= {head_dim // 2}")
+    return tuple(section)
 
 
 def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
@@ -53,6 +71,7 @@ def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
             kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=cfg.get("head_dim") or None,
             mlp_dim=int(cfg["intermediate_size"]), act=LM_ACTS[act], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(cfg, where), max_seq_len=max_len,
+            mrope_section=_mrope_section(cfg, int(cfg.get("head_dim") or width // heads), where),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
             norm_offset=kind == "gemma", embed_scale=kind == "gemma")
@@ -86,7 +105,7 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
     with torch.device("meta"):
         lm = DecoderLM(cfg)
     lm = lm.to_empty(device="cpu")
-    lm.rotary = type(lm.rotary)(lm.head_dim, cfg.rope_theta)  # buffers are not weights: rebuild them
+    lm.rotary = type(lm.rotary)(lm.head_dim, cfg.rope_theta, cfg.mrope_section)  # buffers are not weights: rebuild
     if cfg.tie_embeddings:
         lm.lm_head.weight = lm.embed_tokens.weight
     # a tied checkpoint may still carry lm_head.weight (a copy of the embeddings): not an error

@@ -13,6 +13,9 @@ from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.errors import ConfigError
 
 VISION_TYPES = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip", "siglip": "siglip"}
+# towers of vision-language models that are SigLIP under another name (same tensors, same computation on
+# unpadded images): Idefics3 / SmolVLM
+VISION_TYPES |= {"idefics3_vision": "siglip", "smolvlm_vision": "siglip"}
 VISION_ACTS = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
