@@ -108,3 +108,8 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> i
 
 
 __all__ = ["MODEL_FAMILIES", "ModelOutput", "VisionLanguageModel", "build_model", "count_parameters"]
+
+# the families with their own model class register themselves in MODEL_FAMILIES on import
+from vlmkit.models import llava_next as _llava_next  # noqa: E402,F401  (llava_next, llava_onevision)
+from vlmkit.models import paligemma as _paligemma  # noqa: E402,F401  (paligemma)
+from vlmkit.models import qwen2_vl as _qwen2_vl  # noqa: E402,F401  (qwen2_vl)

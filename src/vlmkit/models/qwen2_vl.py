@@ -1,0 +1,178 @@
+"""Qwen2-VL: its own vision tower and patch merger (encoders/qwen2_vl.py), spliced into a Qwen2 LM whose rotary
+embedding is multimodal (M-RoPE).
+
+M-RoPE gives every token three position ids (temporal, height, width), computed as transformers'
+``Qwen2VLModel.get_rope_index``: text tokens count up on all three axes; the tokens of an image with an
+(lh x lw) merged grid, starting where the text left off at s, get (s, s + row, s + col); the text after it
+continues at s + max(lh, lw) (one past the image's largest id). Padding (``attention_mask`` 0, left-padded
+batches) is skipped and keeps id 0. Each sequence's ``delta`` = (largest id + 1) - (its real token count) is
+kept in ``cache.extra["mrope_delta"]`` at prefill, so that a decoding step's ids are its plain position plus
+delta on all three axes (transformers' ``rope_deltas``).
+
+Images arrive as the processor's ImageInputs (flattened patches and ``image_grid_thw``); the features the model
+encodes carry their grids (:class:`Qwen2VLImageFeatures`), because the position ids depend on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlmkit.config import ModelConfig
+from vlmkit.encoders.qwen2_vl import PatchMerger, Qwen2VLVisionEncoder
+from vlmkit.lm.decoder import DecoderLM
+from vlmkit.models import MODEL_FAMILIES
+from vlmkit.models.vlm import ModelOutput, VisionLanguageModel
+from vlmkit.nn import KVCache, init_linear_
+from vlmkit.processing.image import ImageInputs
+
+
+@dataclass
+class Qwen2VLImageFeatures:
+    """LM-space features of a batch's images, [total tokens, D_lm] in reading order, with their patch grids
+    [n_images, 3] (what the M-RoPE position ids are computed from)."""
+
+    features: torch.Tensor
+    grid_thw: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.grid_thw)
+
+    def to(self, device) -> Qwen2VLImageFeatures:
+        return Qwen2VLImageFeatures(self.features.to(device), self.grid_thw.to(device))
+
+
+def mrope_position_ids(input_ids: torch.Tensor, image_token_id: int, grid_thw: torch.Tensor, merge_size: int,
+                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position ids [3, B, T], delta [B]) of a batch whose image tokens belong, in reading order, to images
+    with patch grids ``grid_thw`` [n, 3] (transformers' ``get_rope_index``, for images)."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    positions = torch.zeros(3, B, T, dtype=torch.long, device=device)
+    deltas = torch.zeros(B, dtype=torch.long, device=device)
+    grids = [tuple(g) for g in grid_thw.tolist()]
+    next_image = 0
+    real = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+    for b in range(B):
+        keep = real[b]
+        is_image = (input_ids[b][keep] == image_token_id).tolist()
+        n, i, start, pieces = len(is_image), 0, 0, []
+        while i < n:
+            if not is_image[i]:  # a run of text: one id per token on all three axes
+                j = i
+                while j < n and not is_image[j]:
+                    j += 1
+                pieces.append(torch.arange(start, start + j - i, device=device).expand(3, -1))
+                start += j - i
+                i = j
+                continue
+            if next_image >= len(grids):
+                raise ValueError(f"the batch has more image placeholders than the {len(grids)} images given")
+            t, h, w = grids[next_image]
+            next_image += 1
+            lh, lw = h // merge_size, w // merge_size
+            count = t * lh * lw
+            if i + count > n or not all(is_image[i:i + count]):
+                raise ValueError(f"image {next_image - 1} (grid {t}x{h}x{w}) needs {count} consecutive image "
+                                 f"tokens in sequence {b}; the processor expands each placeholder to that many")
+            tt, hh, ww = torch.meshgrid(torch.arange(t, device=device), torch.arange(lh, device=device),
+                                        torch.arange(lw, device=device), indexing="ij")
+            pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + start)
+            start += max(h, w) // merge_size
+            i += count
+        if pieces:
+            ids = torch.cat(pieces, dim=1)  # [3, n]
+            positions[:, b, keep] = ids
+            deltas[b] = ids.max() + 1 - n
+    if next_image != len(grids):
+        raise ValueError(f"{len(grids)} images given but the batch's placeholders use {next_image}")
+    return positions, deltas
+
+
+class Qwen2VLModel(VisionLanguageModel):
+    """Qwen2VLForConditionalGeneration: encoder (Qwen2-VL tower) -> connector (patch merger) -> splice into a
+    DecoderLM with M-RoPE, with VisionLanguageModel's interface (generation, Pipeline, training loss)."""
+
+    def __init__(self, encoder: Qwen2VLVisionEncoder, connector: PatchMerger, lm: DecoderLM, image_token_id: int):
+        super().__init__(encoder, connector, lm, image_token_id)
+        self.merge_size = encoder.merge_size
+
+    @property
+    def image_seq_len(self) -> int:
+        raise NotImplementedError("qwen2_vl images fill a number of tokens that depends on their size "
+                                  "(ImageInputs.tokens); there is no fixed image_seq_len")
+
+    def encode_images(self, pixel_values: ImageInputs | torch.Tensor) -> Qwen2VLImageFeatures:
+        """The processor's ImageInputs (flattened patches + ``image_grid_thw``) -> features [total tokens, D_lm]
+        with their grids."""
+        if not isinstance(pixel_values, ImageInputs) or "image_grid_thw" not in pixel_values.extra:
+            raise ValueError("qwen2_vl encodes images from the processor's ImageInputs (flattened patches with "
+                             "extra['image_grid_thw']), not from a bare pixel tensor")
+        grid = pixel_values.extra["image_grid_thw"]
+        feats = self.connector(self.encoder(pixel_values.pixel_values, grid))  # [total tokens, D_lm]
+        return Qwen2VLImageFeatures(feats, grid)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: ImageInputs | None = None,
+              image_features: Qwen2VLImageFeatures | None = None) -> torch.Tensor:
+        if image_features is None and pixel_values is not None and len(pixel_values) > 0:
+            image_features = self.encode_images(pixel_values)
+        return super().embed(input_ids, None, image_features.features if image_features is not None else None)
+
+    def position_ids(self, input_ids: torch.Tensor, image_features: Qwen2VLImageFeatures | None,
+                     attention_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        """M-RoPE ids [3, B, T]: from the images' grids for a whole sequence (a prefill, whose deltas the cache
+        keeps), from the cache offset plus each sequence's delta for decoding steps."""
+        B, T = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        if offset:
+            if attention_mask is not None:
+                pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:offset + T]
+            else:
+                pos = torch.arange(offset, offset + T, device=input_ids.device)[None].expand(B, T)
+            delta = cache.extra.get("mrope_delta")
+            if delta is not None:
+                pos = pos + delta[:, None].to(pos.device)
+            return pos[None].expand(3, B, T)
+        grid = image_features.grid_thw if image_features is not None else torch.zeros(0, 3, dtype=torch.long)
+        pos, delta = mrope_position_ids(input_ids, self.image_token_id, grid, self.merge_size, attention_mask)
+        if cache is not None:
+            cache.extra["mrope_delta"] = delta
+        return pos
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: ImageInputs | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, image_features: Qwen2VLImageFeatures | None = None,
+                logits_to_keep: int = 0) -> ModelOutput:
+        """As VisionLanguageModel.forward; ``position_ids`` default to the M-RoPE ids of the images' grids."""
+        if image_features is None and pixel_values is not None and len(pixel_values) > 0:
+            image_features = self.encode_images(pixel_values)
+        if image_features is not None and not isinstance(image_features, Qwen2VLImageFeatures):
+            raise ValueError("qwen2_vl needs image features with their grids: pass encode_images' output")
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, image_features, attention_mask, cache)
+        return super().forward(input_ids, None, attention_mask, labels, position_ids, mask, cache, image_features,
+                               logits_to_keep)
+
+
+@MODEL_FAMILIES.register("qwen2_vl", "Qwen2-VL: dynamic-resolution ViT + patch merger + Qwen2 LM with M-RoPE")
+def build_qwen2_vl(cfg: ModelConfig, image_token_id: int, init: bool = True) -> Qwen2VLModel:
+    """A Qwen2VLModel from its config: vision.arch "qwen2_vl", connector.kind "patch_merger" (merging
+    vision.merge_size x merge_size windows), an LM with lm.mrope_section."""
+    if cfg.vision.arch != "qwen2_vl":
+        raise ValueError(f"family qwen2_vl needs vision.arch 'qwen2_vl', got {cfg.vision.arch!r}")
+    if cfg.connector.kind != "patch_merger":
+        raise ValueError(f"family qwen2_vl needs connector.kind 'patch_merger', got {cfg.connector.kind!r}")
+    if cfg.connector.scale_factor != cfg.vision.merge_size:
+        raise ValueError(f"connector.scale_factor {cfg.connector.scale_factor} must equal vision.merge_size "
+                         f"{cfg.vision.merge_size} (the patch merger folds the tower's merge windows)")
+    if not cfg.lm.mrope_section:
+        raise ValueError("family qwen2_vl needs lm.mrope_section (the M-RoPE sections of its rotary dimensions)")
+    encoder = Qwen2VLVisionEncoder(cfg.vision)
+    connector = PatchMerger(cfg.vision.width, cfg.lm.width, cfg.vision.merge_size, cfg.connector.act,
+                            cfg.vision.norm_eps)
+    model = Qwen2VLModel(encoder, connector, DecoderLM(cfg.lm), image_token_id)
+    if init:
+        init_linear_(model)
+    return model

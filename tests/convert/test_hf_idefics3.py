@@ -1,0 +1,352 @@
+"""Idefics3 and SmolVLM end to end from Hugging Face folders: ``vlmkit.load(folder)`` gives the same input_ids
+(tiles, row/column markers, global view) and pixels as transformers' processors with image splitting on and off,
+the same logits and greedy tokens as Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration, the
+score() contract, the folder's chat template, ``vlmkit convert --from hf``, and named refusals of what vlmkit
+does not implement.
+
+SmolVLMProcessor cannot be built here as transformers ships it: it requires a video processor (torchvision) and
+num2words, both only for videos. The reference for SmolVLM is that class with those two checks stepped around;
+its image and text path (``__call__``) is transformers' own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.connectors import pixel_shuffle
+from vlmkit.convert.hf.idefics3 import bucketed_positions
+from vlmkit.errors import CheckpointError, ConfigError
+
+from hf_fixtures import byte_level_tokenizer, perturb_, real_images, sentencepiece_tokenizer
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SPECIAL = (["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+           + [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)])  # grids up to 3x3 here
+# Idefics3's template, with the tokenizer's BOS in front as the released one has <|begin_of_text|>
+TEMPLATE = ("<s>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == "
+            "'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == "
+            "'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+            "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+PROMPTS = ["User:<image>What colour is the small circle?<end_of_utterance>\nAssistant:",
+           "<image> caption en", "Compare <image> and <image>: how many squares?"]
+FOLDERS = ["idefics3", "idefics3_nosplit", "smolvlm"]
+
+
+def _vision(cls, **kw):
+    return cls(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, **kw)
+
+
+@pytest.fixture(scope="module")
+def idefics3(tmp_path_factory):
+    """Idefics3: SentencePiece tokenizer with BOS, 4x4 patch grid, pixel shuffle x2, grouped-query Llama."""
+    folder = tmp_path_factory.mktemp("idefics3")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(SPECIAL), bos_token="<s>",
+                                               eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    torch.manual_seed(0)
+    vision = _vision(transformers.Idefics3VisionConfig, patch_size=8, layer_norm_eps=1e-5)
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                    rope_theta=50000.0, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
+                                      image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = transformers.Idefics3ForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.Idefics3ImageProcessorPil(size={"longest_edge": 80}, max_image_size={"longest_edge": 32},
+                                                    image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    transformers.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4,
+                                   chat_template=TEMPLATE).save_pretrained(folder)
+    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def idefics3_nosplit(idefics3, tmp_path_factory):
+    """The same checkpoint with do_image_splitting: false (every image one tile)."""
+    folder = tmp_path_factory.mktemp("idefics3_nosplit") / "f"
+    shutil.copytree(idefics3[0], folder)
+    path = folder / "processor_config.json"
+    data = json.loads(path.read_text())
+    data["image_processor"]["do_image_splitting"] = False
+    path.write_text(json.dumps(data))
+    return folder, idefics3[1], transformers.AutoProcessor.from_pretrained(folder)
+
+
+def smolvlm_processor(image_processor, tokenizer):
+    """transformers' SmolVLMProcessor without its video half (see the module docstring)."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    class ImagesOnly(transformers.SmolVLMProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name != "video_processor":
+                return super().check_argument_for_proper_class(name, arg)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(processing_smolvlm, "num2words", processing_smolvlm.num2words or str)  # only videos use it
+        return ImagesOnly(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, image_seq_len=4)
+
+
+@pytest.fixture(scope="module")
+def smolvlm(tmp_path_factory):
+    """SmolVLM: byte-level tokenizer without BOS, 8x8 patch grid, pixel shuffle x4, tied head, bicubic tiles."""
+    folder = tmp_path_factory.mktemp("smolvlm")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(SPECIAL),
+                                               eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
+    torch.manual_seed(1)
+    vision = _vision(transformers.SmolVLMVisionConfig, patch_size=4, hidden_act="gelu")
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=1, head_dim=12, rms_norm_eps=1e-5,
+                                    rope_theta=100000.0, max_position_embeddings=1024, bos_token_id=None,
+                                    eos_token_id=tok.convert_tokens_to_ids("<end_of_utterance>"))
+    cfg = transformers.SmolVLMConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=4,
+                                     image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True)
+    model = transformers.SmolVLMForConditionalGeneration(cfg).eval()
+    perturb_(model, seed=1)
+    model.save_pretrained(folder)
+    images = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 80}, max_image_size={"longest_edge": 32},
+                                                   resample=3)
+    processor = smolvlm_processor(images, tok)
+    images.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps({"image_seq_len": 4,
+                                                               "processor_class": "SmolVLMProcessor"}))
+    return folder, model, processor
+
+
+@pytest.fixture(scope="module")
+def folders(idefics3, idefics3_nosplit, smolvlm):
+    return {"idefics3": idefics3, "idefics3_nosplit": idefics3_nosplit, "smolvlm": smolvlm}
+
+
+def images_for(prompt):
+    return real_images()[:prompt.count("<image>")]
+
+
+def reference_logprobs(model, processor, images, prompt, continuation):
+    """transformers' per-token log-probabilities of the continuation, the lmms-eval way."""
+    n = processor(text=prompt, images=images or None, return_tensors="pt")["input_ids"].shape[1]
+    full = processor(text=prompt + continuation, images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**full).logits[0]
+    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
+    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------------ the parts
+
+
+@pytest.mark.parametrize("side, scale", [(4, 2), (6, 3), (8, 4), (8, 2)])
+def test_pixel_shuffle_has_idefics3s_element_order(side, scale):
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    x = torch.randn(3, side * side, 5, generator=torch.Generator().manual_seed(side))
+    theirs = Idefics3Connector.pixel_shuffle(None, x, scale)  # uses no state
+    assert torch.equal(pixel_shuffle(x, (side, side), scale), theirs)
+
+
+@pytest.mark.parametrize("side", [4, 8, 26, 27, 32, 19, 25])
+def test_bucketed_positions_of_a_full_tile_are_transformers(side):
+    """Idefics3VisionEmbeddings on an unpadded tile: its position ids are :func:`bucketed_positions` on each
+    axis, which are the plain 0..side-1 on the released grids (26, 27, 32) and not on some others (19, 25)."""
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionEmbeddings
+
+    config = transformers.Idefics3VisionConfig(hidden_size=8, image_size=side, patch_size=1)
+    emb = Idefics3VisionEmbeddings(config).eval()
+    pixels = torch.randn(1, 3, side, side)
+    full = torch.ones(1, side, side, dtype=torch.bool)
+    rows = bucketed_positions(side)
+    ids = (rows[:, None] * side + rows[None, :]).reshape(1, -1)
+    with torch.no_grad():
+        theirs = emb(pixels, full)
+        ours = emb.patch_embedding(pixels).flatten(2).transpose(1, 2) + emb.position_embedding(ids)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert torch.equal(rows, torch.arange(side)) == (side not in (19, 25))
+
+
+def test_vlmkit_load_reads_the_processor_settings_from_the_folder(folders):
+    for name, split in (("idefics3", True), ("idefics3_nosplit", False)):
+        cfg = vlmkit.load(folders[name][0]).processor.cfg
+        assert (cfg.image_processor, cfg.image_size, cfg.longest_edge, cfg.image_splitting) == (
+            "idefics3", (32, 32), 80, split)
+        assert (cfg.mean, cfg.std, cfg.resample, cfg.image_seq_len) == (
+            (0.4, 0.5, 0.6), (0.2, 0.3, 0.25), "lanczos", 4)
+    cfg = vlmkit.load(folders["smolvlm"][0]).processor.cfg
+    assert (cfg.resample, cfg.mean, cfg.bos_token, cfg.eos_token) == (
+        "bicubic", (0.5, 0.5, 0.5), "", "<end_of_utterance>")
+
+
+def test_a_batch_of_prompts_with_different_tile_counts_answers_as_each_alone(idefics3):
+    """Tiles of several prompts concatenate in reading order; left padding changes nothing."""
+    pipe = vlmkit.load(idefics3[0])
+    requests = [(real_images()[:1], "What is it?"), (real_images()[1:], "Compare <image> and <image>.")]
+    alone = [pipe.chat(images, question, max_new_tokens=6) for images, question in requests]
+    assert pipe.chat_batch(requests, max_new_tokens=6) == alone
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_tiles_per_image_equal_transformers_rows_and_cols(folders, name):
+    """72x48 -> 2x3 tiles, 40x60 -> 3x2, 64x64 -> 3x3 (each + a global view) with longest_edge 80, tile 32."""
+    folder, _, hf_proc = folders[name]
+    pipe = vlmkit.load(folder)
+    theirs = hf_proc.image_processor(real_images(), return_row_col_info=True)
+    inputs = pipe.processor.prepare_images(real_images())
+    tiles = [r * c + 1 if r else 1 for r, c in zip(theirs["rows"][0], theirs["cols"][0])]
+    assert inputs.tokens == [4 * t for t in tiles]
+    assert tiles == ([7, 7, 10] if name != "idefics3_nosplit" else [1, 1, 1])
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_input_ids_pixels_and_logits_equal_transformers(folders, name, prompt):
+    folder, ref, hf_proc = folders[name]
+    pipe = vlmkit.load(folder)
+    images = images_for(prompt)
+    theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    inputs = pipe.processor.prepare_images(images)
+    ids = pipe.processor.encode_prompt(prompt, inputs)
+    assert ids == theirs["input_ids"][0].tolist()
+    assert theirs["pixel_attention_mask"].all()  # transformers pads nothing within one prompt
+    torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"][0], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ref_logits = ref(**theirs).logits
+    torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+@pytest.mark.parametrize("prompt, continuation", [
+    (PROMPTS[0], " It is red."), (PROMPTS[1], " a blue triangle"), (PROMPTS[2], " Two squares.")])
+def test_score_equals_transformers_logprobs(folders, name, prompt, continuation):
+    folder, ref, hf_proc = folders[name]
+    images = images_for(prompt)
+    ours = vlmkit.load(folder).score(images, prompt, continuation)
+    theirs = reference_logprobs(ref, hf_proc, images, prompt, continuation)
+    assert len(ours) == len(theirs) > 0
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, prompt", [("idefics3", PROMPTS[0]), ("smolvlm", PROMPTS[2])])
+def test_greedy_generation_equals_transformers(folders, name, prompt):
+    folder, ref, hf_proc = folders[name]
+    pipe = vlmkit.load(folder)
+    images = images_for(prompt)
+    inputs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert len(new) == 8
+    expected = hf_proc.tokenizer.decode(new, skip_special_tokens=True)
+    assert pipe.generate(images, prompt, max_new_tokens=8) == expected
+
+
+def test_chat_uses_the_folders_template(idefics3):
+    """The released template writes BOS itself; transformers' apply_chat_template then adds no second one."""
+    folder, _, hf_proc = idefics3
+    pipe = vlmkit.load(folder)
+    assert pipe.processor.cfg.chat_template_jinja == TEMPLATE
+    images = images_for(PROMPTS[0])
+    messages = [{"role": "user", "content": [{"type": "image", "image": images[0]},
+                                             {"type": "text", "text": "What is it?"}]}]
+    theirs = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    inputs = pipe.processor.prepare_images(images)
+    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs["input_ids"][0])
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(folders, name, tmp_path):
+    folder = folders[name][0]
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", "hf", str(folder), "--out", str(out)]) == 0
+    images = images_for(PROMPTS[2])
+    direct = vlmkit.load(folder).score(images, PROMPTS[2], " Two squares.")
+    converted = vlmkit.load(out)
+    assert converted.meta.get("format") == "vlmkit"
+    assert converted.processor.cfg == vlmkit.load(folder).processor.cfg
+    assert converted.score(images, PROMPTS[2], " Two squares.") == pytest.approx(direct, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+def _edited(src, tmp_path, file, edit):
+    folder = tmp_path / "edited"
+    shutil.copytree(src, folder)
+    path = folder / file
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return folder
+
+
+def _set(*keys, value):
+    def edit(data):
+        for k in keys[:-1]:
+            data = data[k]
+        data[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("file, edit, error, match", [
+    ("config.json", _set("scale_factor", value=3), ConfigError,
+     r"config.json: scale_factor 3 must be a positive integer dividing the 4x4 patch grid"),
+    ("config.json", _set("vision_config", "hidden_act", value="relu"), ConfigError,
+     r"config.json \(vision_config\): hidden_act 'relu' is not implemented"),
+    ("config.json", _set("text_config", "rope_parameters", value={"rope_type": "linear", "factor": 2.0,
+                                                                  "rope_theta": 1e4}), ConfigError,
+     r"config.json \(text_config\): rope_type 'linear' \(RoPE scaling\) is not implemented"),
+    ("config.json", _set("vision_config", "intermediate_size", value=40), CheckpointError,
+     r"model.vision_model.encoder.layers.0.mlp.fc1.weight has shape \(48, 32\), the config implies \(40, 32\)"),
+    ("processor_config.json", _set("image_processor", "max_image_size", value={"longest_edge": 48}), ConfigError,
+     r"processor_config.json: max_image_size.longest_edge 48 differs from config.json vision_config.image_size 32"),
+    ("processor_config.json", _set("image_processor", "size", value={"height": 64, "width": 64}), ConfigError,
+     r"processor_config.json: size \{'height': 64, 'width': 64\}: only \{'longest_edge': N\} is supported"),
+    ("processor_config.json", _set("image_processor", "do_rescale", value=False), ConfigError,
+     r"processor_config.json: do_rescale: false is not supported"),
+    ("processor_config.json", _set("image_seq_len", value=9), ConfigError,
+     r"processor_config.json: image_seq_len 9 differs from the model's 4"),
+])
+def test_unsupported_features_and_mismatches_are_named(idefics3, tmp_path, file, edit, error, match):
+    folder = _edited(idefics3[0], tmp_path, file, edit)
+    with pytest.raises(error, match=match):
+        vlmkit.load(folder)
+
+
+def test_a_grid_whose_buckets_are_not_plain_positions_is_refused(idefics3, tmp_path):
+    folder = _edited(idefics3[0], tmp_path, "config.json", lambda d: d["vision_config"].update(image_size=38,
+                                                                                             patch_size=2))
+    with pytest.raises(ConfigError, match=r"config.json: vision_config image_size 38 / patch_size 2 gives a 19x19 "
+                                          r"patch grid on which transformers' bucketed position ids are not"):
+        vlmkit.load(folder)
+
+
+def test_a_missing_tokenizer_file_is_named(idefics3, tmp_path):
+    folder = tmp_path / "f"
+    shutil.copytree(idefics3[0], folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"has no tokenizer.json"):
+        vlmkit.load(folder)
+
+
+def test_smolvlm_image_token_names_other_than_idefics3s_are_refused(smolvlm, tmp_path):
+    folder = _edited(smolvlm[0], tmp_path, "tokenizer_config.json",
+                     _set("extra_special_tokens", value={"global_image_token": "<whole>"}))
+    with pytest.raises(ConfigError, match=r"tokenizer_config.json: extra_special_tokens.global_image_token "
+                                          r"'<whole>': vlmkit writes Idefics3's '<global-img>'"):
+        vlmkit.load(folder)
+
+
+def test_an_idefics3_tokenizer_without_its_special_tokens_is_refused(idefics3, tmp_path):
+    """Idefics3Processor would add <end_of_utterance> as a new token, with an id the embeddings do not have."""
+    folder = _edited(idefics3[0], tmp_path, "tokenizer.json", lambda d: d.update(added_tokens=[
+        t for t in d["added_tokens"] if t["content"] != "<end_of_utterance>"]))
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: special tokens \['<end_of_utterance>'\] are missing"):
+        vlmkit.load(folder)

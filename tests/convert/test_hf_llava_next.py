@@ -1,0 +1,249 @@
+"""LLaVA-NeXT end to end from a Hugging Face folder: ``vlmkit.load(folder)`` gives the same input_ids (each
+``<image>`` expanded to the image's own AnyRes token count) and the same tiles as transformers'
+LlavaNextProcessor for non-square images of different sizes (different tile grids, unpadding), the same image
+features and logits as LlavaNextForConditionalGeneration (CLIP tower at layer -2, Mistral LM with grouped-query
+attention), the same greedy tokens (alone and in a left-padded batch), the score() contract, the folder's chat
+template, ``vlmkit convert --from hf`` to a checkpoint that scores the same, and named refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.generation import GenerationConfig, generate
+from vlmkit.processing.image import ImageInputs
+from vlmkit.processing.llava_next import tile_grid, unpad_slice
+
+from hf_fixtures import perturb_, real_images, sentencepiece_tokenizer
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}{% for content in "
+            "message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{% for "
+            "content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+            "{% endfor %}{{ ' [/INST]' }}{% else %}{{ ' ' + message['content'][0]['text'] + '</s>' }}{% endif %}"
+            "{% endfor %}")
+# 16-pixel tiles: the wide image gets 4x5 tiles (feature rows unpadded), the tall one 4x3 (columns unpadded),
+# the square one 4x4 (nothing to unpad)
+PINPOINTS = [[32, 32], [64, 48], [64, 64], [64, 80], [48, 64]]
+# (prompt, indices into real_images(): 72x48 wide, 40x60 tall, 64x64 square)
+PROMPTS = [("[INST] <image>\nWhat colour is the small circle? [/INST]", [0]), ("<image> caption en", [1]),
+           ("Compare <image> and <image>: how many squares?", [2, 0])]
+
+
+@pytest.fixture(scope="module")
+def next_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llava_next")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<image>"]),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                               pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=16, patch_size=4, layer_norm_eps=1e-6)
+    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=None,
+                                      bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                       image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                       image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+                                       vision_feature_select_strategy="default")
+    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 18}, crop_size={"height": 16, "width": 16},
+                                                     image_grid_pinpoints=PINPOINTS, image_mean=[0.4, 0.5, 0.6],
+                                                     image_std=[0.2, 0.3, 0.25])
+    processor = transformers.LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=4,
+                                                vision_feature_select_strategy="default", chat_template=TEMPLATE,
+                                                num_additional_image_tokens=1)  # the class token, as llava-hf
+    processor.save_pretrained(folder)
+    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def pipe(next_folder):
+    return vlmkit.load(next_folder[0])
+
+
+def images_of(indices):
+    ims = real_images()
+    return [ims[i] for i in indices]
+
+
+def reference_logprobs(model, processor, images, prompt, continuation):
+    """transformers' per-token log-probabilities of the continuation, the lmms-eval way."""
+    n = processor(text=prompt, images=images or None, return_tensors="pt")["input_ids"].shape[1]
+    full = processor(text=prompt + continuation, images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**full).logits[0]
+    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
+    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
+
+
+def test_fixture_images_exercise_tiling_and_unpadding():
+    """The images differ in tile grid, and at least one loses padded feature rows or columns: otherwise the
+    parity tests below could not tell a wrong grid or a missing unpadding."""
+    grids = [tile_grid((im.height, im.width), PINPOINTS, 16) for im in real_images()]
+    assert grids == [(4, 5), (4, 3), (4, 4)]
+    unpad = [unpad_slice((im.height, im.width), (r * 4, c * 4)) for im, (r, c) in zip(real_images(), grids)]
+    assert unpad == [(1, 1), (2, 1), (2, 0)]  # rows cropped, columns cropped, nothing cropped
+
+
+@pytest.mark.parametrize("prompt, indices", PROMPTS)
+def test_input_ids_pixels_features_and_logits_equal_transformers(next_folder, pipe, prompt, indices):
+    _, ref, hf_proc = next_folder
+    images = images_of(indices)
+    theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    inputs = pipe.processor.prepare_images(images)
+    ids = pipe.processor.encode_prompt(prompt, inputs)
+    assert ids == theirs["input_ids"][0].tolist()
+    assert inputs.extra["image_sizes"].tolist() == theirs["image_sizes"].tolist()
+    tiles = inputs.extra["image_tiles"].tolist()
+    assert len(set(tiles)) == len(tiles)  # every image of the prompt has its own tile count
+    expected = torch.cat([pv[:n] for pv, n in zip(theirs["pixel_values"], tiles)])
+    torch.testing.assert_close(inputs.pixel_values, expected, rtol=0, atol=1e-5)
+    assert all(float(pv[n:].abs().sum()) == 0 for pv, n in zip(theirs["pixel_values"], tiles))  # batch padding
+    with torch.no_grad():
+        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ref_logits = ref(**theirs).logits
+        feats = ref.model.get_image_features(theirs["pixel_values"], theirs["image_sizes"]).pooler_output
+        torch.testing.assert_close(pipe.model.encode_images(inputs), torch.cat(feats), rtol=0, atol=1e-5)
+    assert inputs.tokens == [f.shape[0] for f in feats]
+    torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt, indices, continuation", [
+    (*PROMPTS[0], " It is red."), (*PROMPTS[1], " a blue triangle"), (*PROMPTS[2], " Two squares.")])
+def test_score_equals_transformers_logprobs(next_folder, pipe, prompt, indices, continuation):
+    _, ref, hf_proc = next_folder
+    images = images_of(indices)
+    ours = pipe.score(images, prompt, continuation)
+    theirs = reference_logprobs(ref, hf_proc, images, prompt, continuation)
+    assert len(ours) == len(theirs) > 0
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
+
+
+def test_greedy_generation_equals_transformers(next_folder, pipe):
+    _, ref, hf_proc = next_folder
+    prompt, indices = PROMPTS[2]
+    images = images_of(indices)
+    inputs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    ours = pipe.processor.prepare_images(images)
+    tok = pipe.processor.tokenizer
+    ids = generate(pipe.model, [pipe.processor.encode_prompt(prompt, ours)], ours, tok.eos_id, tok.pad_id,
+                   GenerationConfig(max_new_tokens=8, temperature=0.0))[0]
+    assert ids == new  # the tokens, not only their text (byte-level pieces can decode alike)
+    expected = hf_proc.tokenizer.decode(new, skip_special_tokens=True)
+    assert pipe.generate(images, prompt, max_new_tokens=8) == expected
+
+
+def test_batched_generation_with_left_padding_equals_one_by_one(pipe):
+    """Prompts whose images fill different token counts, batched (ImageInputs.cat, left padding): the same
+    tokens as each alone."""
+    items = [(pipe.processor.prepare_images(images_of(i)), p) for p, i in PROMPTS]
+    ids = [pipe.processor.encode_prompt(p, inputs) for inputs, p in items]
+    gen = GenerationConfig(max_new_tokens=6, temperature=0.0)
+    tok = pipe.processor.tokenizer
+    batched = generate(pipe.model, ids, ImageInputs.cat([x for x, _ in items]), tok.eos_id, tok.pad_id, gen)
+    alone = [generate(pipe.model, [i], x, tok.eos_id, tok.pad_id, gen)[0] for i, (x, _) in zip(ids, items)]
+    assert batched == alone
+
+
+def test_chat_uses_the_folders_template(next_folder, pipe):
+    _, _, hf_proc = next_folder
+    assert pipe.processor.cfg.chat_template_jinja == TEMPLATE
+    images = images_of([1])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    theirs = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    theirs_ids = hf_proc(text=theirs, images=images)["input_ids"][0]
+    inputs = pipe.processor.prepare_images(images)
+    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs_ids)
+
+
+def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(next_folder, pipe, tmp_path):
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", "hf", str(next_folder[0]), "--out", str(out)]) == 0
+    prompt, indices = PROMPTS[2]
+    images = images_of(indices)
+    direct = pipe.score(images, prompt, " Two squares.")
+    converted = vlmkit.load(out)
+    assert converted.meta.get("format") == "vlmkit"
+    assert converted.score(images, prompt, " Two squares.") == pytest.approx(direct, abs=1e-6)
+
+
+def test_a_pixel_tensor_without_image_sizes_is_refused(pipe):
+    inputs = pipe.processor.prepare_images(images_of([0]))
+    with pytest.raises(ValueError, match="ImageInputs"):
+        pipe.model.encode_images(inputs.pixel_values)
+
+
+def _copy(folder, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(folder, out)
+    return out
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"vision_feature_layer": [-2, -1]}, "vision_feature_layer"),
+    ({"vision_feature_select_strategy": "full"}, "class token"),
+    ({"image_grid_pinpoints": [[32, 40]]}, "image_grid_pinpoints"),
+    ({"projector_hidden_act": "relu"}, "projector_hidden_act"),
+])
+def test_unimplemented_config_features_are_refused_by_name(next_folder, tmp_path, changes, match):
+    folder = _copy(next_folder[0], tmp_path)
+    _edit_json(folder / "config.json", **changes)
+    with pytest.raises(ConfigError, match=match):
+        vlmkit.load(folder)
+
+
+def test_processor_settings_that_count_differently_are_refused(next_folder, tmp_path):
+    folder = _copy(next_folder[0], tmp_path)
+    _edit_json(folder / "processor_config.json", patch_size=2)
+    with pytest.raises(ConfigError, match=r"processor_config.json: patch_size 2"):
+        vlmkit.load(folder)
+    _edit_json(folder / "processor_config.json", patch_size=4, num_additional_image_tokens=0)
+    with pytest.raises(ConfigError, match="num_additional_image_tokens"):
+        vlmkit.load(folder)
+    _edit_json(folder / "processor_config.json", num_additional_image_tokens=1)
+    data = json.loads((folder / "processor_config.json").read_text())
+    data["image_processor"]["image_grid_pinpoints"] = [[32, 64]]
+    (folder / "processor_config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="image_grid_pinpoints .* differ from config.json"):
+        vlmkit.load(folder)
+
+
+def test_weights_that_do_not_match_the_config_and_a_missing_tokenizer_are_named(next_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(next_folder[0], tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("image_newline"))  # transformers 5 saves the llava-hf layout
+    del tensors[key]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"missing \['{key}'\]"):
+        vlmkit.load(folder)
+    tensors[key] = torch.zeros(40)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"image_newline has shape \(40,\), the config implies \(48,\)"):
+        vlmkit.load(folder)
+    shutil.copy(next_folder[0] / "model.safetensors", folder / "model.safetensors")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        vlmkit.load(folder)

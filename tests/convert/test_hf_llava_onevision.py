@@ -1,0 +1,274 @@
+"""LLaVA-OneVision (images) end to end from a Hugging Face folder: ``vlmkit.load(folder)`` gives the same
+input_ids and tiles as transformers' LlavaOnevisionProcessor for non-square images of different sizes
+(different tile grids, unpadding of rows and of columns, anyres_max_9's bilinear reduction for some images and
+not others), the same image features and logits as LlavaOnevisionForConditionalGeneration (SigLIP tower at
+layer -1 "full", Qwen2 LM with grouped-query attention and tied embeddings), OneVision's multi-image mode
+(untiled square images, as the processor does for a nested image list), the same greedy tokens (alone and in
+a left-padded batch), the score() contract, the folder's chat template, ``vlmkit convert --from hf`` to a
+checkpoint that scores the same, and named refusals (video among them).
+
+transformers cannot build LlavaOnevisionProcessor without torchvision (its video processor needs it, and
+AutoProcessor insists on loading one), so the reference processor here is LlavaOnevisionProcessor with the
+video processor left out: the same class code, saved as and reloaded from the folder's files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.errors import ConfigError, DataError
+from vlmkit.generation import GenerationConfig, generate
+from vlmkit.processing import Processor
+from vlmkit.processing.image import ImageInputs
+from vlmkit.processing.llava_next import reduced_size, tile_grid, unpad_slice
+
+from hf_fixtures import byte_level_tokenizer, perturb_, real_images
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}{% for content in "
+            "message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}{% for "
+            "content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+            "{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+            "{% endif %}")
+# 16-pixel tiles: the wide image gets 4x5 tiles (rows unpadded, then reduced), the tall one 4x3 (columns
+# unpadded, not reduced), the square one 4x4 (reduced)
+PINPOINTS = [[32, 32], [64, 48], [64, 64], [64, 80], [48, 64]]
+# (prompt, indices into real_images(): 72x48 wide, 40x60 tall, 64x64 square)
+PROMPTS = [("<|im_start|>user <image>\nWhat colour is the small circle?<|im_end|>\n<|im_start|>assistant\n", [0]),
+           ("<image>caption en", [1]), ("Compare <image> and <image>: how many squares?", [2, 0])]
+
+if transformers is not None:
+    class ImageOnlyOnevisionProcessor(transformers.LlavaOnevisionProcessor):
+        """LlavaOnevisionProcessor without its video processor (which needs torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                     vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                     video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
+            super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                             vision_feature_select_strategy=vision_feature_select_strategy,
+                             chat_template=chat_template, image_token=image_token, video_token=video_token,
+                             vision_aspect_ratio=vision_aspect_ratio, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def ov_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llava_onevision")
+    special = {"image_token": "<image>", "video_token": "<video>"}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(["<image>", "<video>"]),
+                                               eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                               extra_special_tokens=special)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=16, patch_size=4, layer_norm_eps=1e-6,
+                                             vision_use_head=False)
+    text = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                    rope_theta=20000.0, max_position_embeddings=1024, tie_word_embeddings=True,
+                                    eos_token_id=eos, pad_token_id=eos)
+    cfg = transformers.LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                            image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                            video_token_index=tok.convert_tokens_to_ids("<video>"),
+                                            image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+                                            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                            tie_word_embeddings=True)
+    model = transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16},
+                                                          image_grid_pinpoints=PINPOINTS, image_mean=[0.4, 0.5, 0.6],
+                                                          image_std=[0.2, 0.3, 0.25])
+    processor = ImageOnlyOnevisionProcessor(image_processor=images, tokenizer=tok, num_image_tokens=16,
+                                            vision_feature_select_strategy="full", chat_template=TEMPLATE,
+                                            vision_aspect_ratio="anyres_max_9")
+    processor.save_pretrained(folder)
+    path = folder / "processor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "LlavaOnevisionProcessor"}))
+    return folder, model, ImageOnlyOnevisionProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def pipe(ov_folder):
+    return vlmkit.load(ov_folder[0])
+
+
+def images_of(indices):
+    ims = real_images()
+    return [ims[i] for i in indices]
+
+
+def reference_logprobs(model, processor, images, prompt, continuation):
+    """transformers' per-token log-probabilities of the continuation, the lmms-eval way."""
+    n = processor(text=prompt, images=images or None, return_tensors="pt")["input_ids"].shape[1]
+    full = processor(text=prompt + continuation, images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**full).logits[0]
+    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
+    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
+
+
+def test_fixture_images_exercise_tiling_unpadding_and_reduction():
+    """Tile grids differ, rows are cropped for one image and columns for another, and anyres_max_9 shrinks
+    two of the three: otherwise the parity tests below could not tell these steps wrong or missing."""
+    grids = [tile_grid((im.height, im.width), PINPOINTS, 16) for im in real_images()]
+    assert grids == [(4, 5), (4, 3), (4, 4)]
+    unpad = [unpad_slice((im.height, im.width), (r * 4, c * 4)) for im, (r, c) in zip(real_images(), grids)]
+    assert unpad == [(1, 1), (2, 1), (2, 0)]
+    assert [reduced_size(hw, 4, 9) for hw in ((14, 20), (16, 10), (16, 16))] == [(10, 14), None, (12, 12)]
+
+
+@pytest.mark.parametrize("prompt, indices", PROMPTS)
+def test_input_ids_pixels_features_and_logits_equal_transformers(ov_folder, pipe, prompt, indices):
+    _, ref, hf_proc = ov_folder
+    images = images_of(indices)
+    theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    inputs = pipe.processor.prepare_images(images)
+    ids = pipe.processor.encode_prompt(prompt, inputs)
+    assert ids == theirs["input_ids"][0].tolist()
+    assert inputs.extra["image_sizes"].tolist() == theirs["image_sizes"].tolist()
+    tiles = inputs.extra["image_tiles"].tolist()
+    expected = torch.cat([pv[:n] for pv, n in zip(theirs["pixel_values"], tiles)])
+    torch.testing.assert_close(inputs.pixel_values, expected, rtol=0, atol=1e-5)
+    assert all(float(pv[n:].abs().sum()) == 0 for pv, n in zip(theirs["pixel_values"], tiles))  # batch padding
+    with torch.no_grad():
+        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ref_logits = ref(**theirs).logits
+        feats = ref.model.get_image_features(theirs["pixel_values"], theirs["image_sizes"],
+                                             vision_aspect_ratio="anyres_max_9").pooler_output
+        torch.testing.assert_close(pipe.model.encode_images(inputs), torch.cat(feats), rtol=0, atol=1e-5)
+    assert inputs.tokens == [f.shape[0] for f in feats]
+    torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
+
+
+def test_multi_image_square_mode_equals_transformers_with_nested_images(ov_folder, pipe):
+    """anyres.multi_image "square": a prompt's several images are padded to squares in the mean colour and
+    not tiled, as LlavaOnevisionProcessor does for images=[[a, b]]; a single image is still tiled."""
+    _, ref, hf_proc = ov_folder
+    cfg = pipe.processor.cfg
+    square = Processor(dataclasses.replace(cfg, anyres=dataclasses.replace(cfg.anyres, multi_image="square")),
+                       pipe.processor.tokenizer)
+    prompt, indices = PROMPTS[2]
+    images = images_of([0, 1])  # both non-square: the padding colour shows
+    theirs = hf_proc(text=[prompt], images=[images], return_tensors="pt")
+    inputs = square.prepare_images(images)
+    ids = square.encode_prompt(prompt, inputs)
+    assert ids == theirs["input_ids"][0].tolist()
+    assert inputs.extra["image_tiles"].tolist() == [1, 1] and inputs.tokens == [17, 17]
+    torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"].flatten(0, 1), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.model(torch.tensor([ids]), inputs).logits, ref(**theirs).logits,
+                                   rtol=0, atol=1e-4)
+    single = images_of([0])
+    assert square.prepare_images(single).tokens == pipe.processor.prepare_images(single).tokens
+
+
+@pytest.mark.parametrize("prompt, indices, continuation", [
+    (*PROMPTS[0], "It is red."), (*PROMPTS[1], " a blue triangle"), (*PROMPTS[2], " Two squares.")])
+def test_score_equals_transformers_logprobs(ov_folder, pipe, prompt, indices, continuation):
+    _, ref, hf_proc = ov_folder
+    images = images_of(indices)
+    ours = pipe.score(images, prompt, continuation)
+    theirs = reference_logprobs(ref, hf_proc, images, prompt, continuation)
+    assert len(ours) == len(theirs) > 0
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
+
+
+def test_greedy_generation_equals_transformers(ov_folder, pipe):
+    _, ref, hf_proc = ov_folder
+    prompt, indices = PROMPTS[2]
+    images = images_of(indices)
+    inputs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    ours = pipe.processor.prepare_images(images)
+    tok = pipe.processor.tokenizer
+    ids = generate(pipe.model, [pipe.processor.encode_prompt(prompt, ours)], ours, tok.eos_id, tok.pad_id,
+                   GenerationConfig(max_new_tokens=8, temperature=0.0))[0]
+    assert ids == new  # the tokens, not only their text (byte-level pieces can decode alike)
+    expected = hf_proc.tokenizer.decode(new, skip_special_tokens=True)
+    assert pipe.generate(images, prompt, max_new_tokens=8) == expected
+
+
+def test_batched_generation_with_left_padding_equals_one_by_one(pipe):
+    items = [(pipe.processor.prepare_images(images_of(i)), p) for p, i in PROMPTS]
+    ids = [pipe.processor.encode_prompt(p, inputs) for inputs, p in items]
+    gen = GenerationConfig(max_new_tokens=6, temperature=0.0)
+    tok = pipe.processor.tokenizer
+    batched = generate(pipe.model, ids, ImageInputs.cat([x for x, _ in items]), tok.eos_id, tok.pad_id, gen)
+    alone = [generate(pipe.model, [i], x, tok.eos_id, tok.pad_id, gen)[0] for i, (x, _) in zip(ids, items)]
+    assert batched == alone
+
+
+def test_chat_uses_the_folders_template(ov_folder, pipe):
+    _, _, hf_proc = ov_folder
+    assert pipe.processor.cfg.chat_template_jinja == TEMPLATE
+    images = images_of([1])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    theirs = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    theirs_ids = hf_proc(text=theirs, images=images)["input_ids"][0]
+    inputs = pipe.processor.prepare_images(images)
+    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs_ids)
+
+
+def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(ov_folder, pipe, tmp_path):
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", "hf", str(ov_folder[0]), "--out", str(out)]) == 0
+    prompt, indices = PROMPTS[2]
+    images = images_of(indices)
+    direct = pipe.score(images, prompt, " Two squares.")
+    converted = vlmkit.load(out)
+    assert converted.meta.get("format") == "vlmkit"
+    assert converted.processor.cfg.refused_placeholders == ["<video>"]
+    assert converted.score(images, prompt, " Two squares.") == pytest.approx(direct, abs=1e-6)
+
+
+def test_video_placeholders_are_refused(pipe):
+    with pytest.raises(DataError, match="'<video>' is a placeholder of an input kind vlmkit does not implement"):
+        pipe.generate([], "<video>What happens?", max_new_tokens=2)
+    with pytest.raises(DataError, match="'<video>'"):
+        pipe.score(images_of([0]), "<image><video>", " a dog")
+
+
+def _copy(folder, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(folder, out)
+    return out
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"vision_aspect_ratio": "anyres"}, "vision_aspect_ratio 'anyres' is not implemented"),
+    ({"vision_feature_layer": [-2, -1]}, "vision_feature_layer"),
+    ({"vision_feature_select_strategy": "default"}, "drops a class token this tower does not have"),
+    ({"image_grid_pinpoints": [[16, 24]]}, "image_grid_pinpoints entry"),
+])
+def test_unimplemented_config_features_are_refused_by_name(ov_folder, tmp_path, changes, match):
+    folder = _copy(ov_folder[0], tmp_path)
+    _edit_json(folder / "config.json", **changes)
+    with pytest.raises(ConfigError, match=match):
+        vlmkit.load(folder)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"num_image_tokens": 9}, r"processor_config.json: num_image_tokens 9"),
+    ({"vision_aspect_ratio": "anyres_max_4"}, r"processor_config.json: vision_aspect_ratio 'anyres_max_4' differs"),
+])
+def test_processor_settings_that_count_differently_are_refused(ov_folder, tmp_path, changes, match):
+    folder = _copy(ov_folder[0], tmp_path)
+    _edit_json(folder / "processor_config.json", **changes)
+    with pytest.raises(ConfigError, match=match):
+        vlmkit.load(folder)

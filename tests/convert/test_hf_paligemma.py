@@ -1,0 +1,250 @@
+"""PaliGemma end to end from a Hugging Face folder: ``vlmkit.load(folder)`` gives the same input_ids and pixels
+as transformers' PaliGemmaProcessor (BOS after the images, "\\n" after the prompt), the same logits, loss and
+greedy tokens as PaliGemmaForConditionalGeneration (prefix-LM attention: bidirectional over image + prompt,
+causal over the suffix; 1-indexed positions), in batches with left padding too, the score() contract
+(per-token log-probabilities of the processor's ``suffix``, its EOS included), ``vlmkit convert --from hf`` to a
+checkpoint that scores the same, and named refusals (PaliGemma 2's Gemma 2 among them)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.generation import GenerationConfig, generate
+
+from hf_fixtures import perturb_, real_images, sentencepiece_tokenizer
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROMPTS = ["caption en", "<image>answer en What colour is the small circle?",
+           "<image><image>Compare: how many squares?"]
+
+
+@pytest.fixture(scope="module")
+def paligemma_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("paligemma")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<image>"]),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                               pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    images = transformers.SiglipImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.4, 0.5, 0.6],
+                                               image_std=[0.2, 0.3, 0.25], image_seq_length=16)
+    # the processor adds PaliGemma's 1152 <locNNNN>/<segNNN> tokens to the tokenizer: the LM's vocabulary has them
+    processor = transformers.PaliGemmaProcessor(image_processor=images, tokenizer=tok)
+    processor.save_pretrained(folder)
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=28, patch_size=7, layer_norm_eps=1e-6)
+    # initializer_range 0.2, not 0.02: with Gemma's sqrt(width)-scaled tied embeddings a 0.02 model only ever
+    # repeats its last input token, and greedy tokens would agree without testing anything
+    text = transformers.GemmaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                                    rope_theta=50000.0, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                    pad_token_id=3, initializer_range=0.2)
+    cfg = transformers.PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                       image_token_index=processor.image_token_id, projection_dim=48)
+    model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+def images_for(prompt):
+    return real_images()[:max(1, prompt.count("<image>"))]  # without a placeholder: one image, put in front
+
+
+def reference_logprobs(model, processor, images, prompt, continuation):
+    """transformers' per-token log-probabilities of the processor's suffix (its labels: suffix + EOS)."""
+    inputs = processor(text=prompt, images=images, suffix=continuation, return_tensors="pt")
+    labels = inputs.pop("labels")[0]
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    keep = labels[1:] != -100
+    logp = torch.log_softmax(logits[:-1][keep].float(), -1)
+    return logp.gather(-1, labels[1:][keep, None]).squeeze(-1), inputs
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_input_ids_pixels_and_logits_equal_transformers(paligemma_folder, prompt):
+    folder, ref, hf_proc = paligemma_folder
+    pipe = vlmkit.load(folder)
+    images = images_for(prompt)
+    theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    theirs.pop("labels")
+    inputs = pipe.processor.prepare_images(images)
+    ids = pipe.processor.encode_prompt(prompt, inputs)
+    assert ids == theirs["input_ids"][0].tolist()
+    assert ids[-1] == hf_proc.tokenizer.convert_tokens_to_ids("\n") or hf_proc.tokenizer.decode(ids[-1:]) == "\n"
+    torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        ours = pipe.model(torch.tensor([ids]), inputs).logits  # the whole prompt is the prefix
+        causal = pipe.model(torch.tensor([ids]), inputs, prefix_len=0).logits
+        ref_logits = ref(**theirs).logits
+    torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
+    assert (causal - ref_logits).abs().max() > 1e-3  # the prefix-LM mask is what makes them equal
+
+
+@pytest.mark.parametrize("prompt, continuation", [
+    (PROMPTS[0], " a red circle"), (PROMPTS[1], "red"), (PROMPTS[2], " Two squares."), (PROMPTS[0], "")])
+def test_score_equals_transformers_suffix_logprobs(paligemma_folder, prompt, continuation):
+    folder, ref, hf_proc = paligemma_folder
+    pipe = vlmkit.load(folder)
+    images = images_for(prompt)
+    theirs, inputs = reference_logprobs(ref, hf_proc, images, prompt, continuation)
+    ids, start = pipe.processor.encode_score(prompt, continuation, pipe.processor.prepare_images(images))
+    assert ids == inputs["input_ids"][0].tolist()
+    assert start == int((inputs["token_type_ids"][0] == 0).sum())  # the suffix starts where transformers' does
+    assert ids[-1] == pipe.processor.tokenizer.eos_id  # ... and ends with the EOS the processor appends
+    ours = pipe.score(images, prompt, continuation)
+    assert len(ours) == len(theirs) == len(ids) - start > 0
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
+
+
+def test_loss_with_suffix_labels_equals_transformers(paligemma_folder):
+    """Without prefix_len, labels mark the suffix (transformers' token_type_ids == 1): the same loss."""
+    folder, ref, hf_proc = paligemma_folder
+    pipe = vlmkit.load(folder)
+    images = images_for(PROMPTS[1])
+    inputs = hf_proc(text=PROMPTS[1], images=images, suffix=" It is red.", return_tensors="pt")
+    with torch.no_grad():
+        theirs = ref(**inputs).loss
+        ours = pipe.model(inputs["input_ids"], pipe.processor.prepare_images(images), labels=inputs["labels"]).loss
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_greedy_generation_equals_transformers(paligemma_folder):
+    folder, ref, hf_proc = paligemma_folder
+    pipe = vlmkit.load(folder)
+    for prompt in PROMPTS[:2]:
+        images = images_for(prompt)
+        inputs = hf_proc(text=prompt, images=images, return_tensors="pt")
+        inputs.pop("labels")
+        out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        expected = hf_proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert len(out[0]) - inputs["input_ids"].shape[1] == 8
+        assert pipe.generate(images, prompt, max_new_tokens=8) == expected
+
+
+def test_batched_left_padded_generation_equals_transformers(paligemma_folder):
+    """Two prompts of different lengths in one batch: left padding, per-row positions, the prefix mask."""
+    folder, ref, hf_proc = paligemma_folder
+    pipe = vlmkit.load(folder)
+    prompts, images = [PROMPTS[0], "answer en What colour is the small circle?"], real_images()[:2]
+    hf_proc.tokenizer.padding_side = "left"
+    inputs = hf_proc(text=prompts, images=[[im] for im in images], padding="longest", return_tensors="pt")
+    inputs.pop("labels")
+    assert (inputs["attention_mask"] == 0).any()  # the batch is padded
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    expected = hf_proc.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert pipe.chat_batch([(im, p) for im, p in zip(images, prompts)], max_new_tokens=8) == expected
+    assert [pipe.generate(im, p, max_new_tokens=8) for im, p in zip(images, prompts)] == expected
+
+
+def test_generation_without_cache_equals_cached(paligemma_folder):
+    """generate(use_cache=False) reruns the whole sequence each step: the prompt must stay the prefix and the
+    generated tokens causal (generate passes prefix_len), or the tokens differ from the cached path's."""
+    folder, _, _ = paligemma_folder
+    pipe = vlmkit.load(folder)
+    proc, tok = pipe.processor, pipe.processor.tokenizer
+    items = [(proc.prepare_images(images_for(p)), p) for p in (PROMPTS[0], PROMPTS[2])]
+    prompts = [proc.encode_prompt(p, inputs) for inputs, p in items]
+    pixels = type(items[0][0]).cat([inputs for inputs, _ in items])
+    gen = GenerationConfig(max_new_tokens=8)
+    cached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen)
+    uncached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen, use_cache=False)
+    assert cached == uncached and all(len(c) > 0 for c in cached)
+
+
+def test_chat_uses_paligemmas_prompt_layout(paligemma_folder):
+    """A folder without a chat template: chat() lays the question out as PaliGemmaProcessor does."""
+    folder, _, hf_proc = paligemma_folder
+    pipe = vlmkit.load(folder)
+    images = images_for(PROMPTS[0])
+    inputs = pipe.processor.prepare_images(images)
+    theirs = hf_proc(text="What is it?", images=images)["input_ids"][0]
+    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs)
+    assert pipe.chat(images, "What is it?", max_new_tokens=4) == pipe.generate(images, "What is it?", max_new_tokens=4)
+
+
+def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(paligemma_folder, tmp_path):
+    folder, _, _ = paligemma_folder
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", "hf", str(folder), "--out", str(out)]) == 0
+    images = images_for(PROMPTS[1])
+    direct = vlmkit.load(folder)
+    converted = vlmkit.load(out)
+    assert converted.meta.get("format") == "vlmkit"
+    assert converted.config.family == "paligemma" and converted.processor.cfg.image_processor == "paligemma"
+    assert converted.score(images, PROMPTS[1], " It is red.") == pytest.approx(
+        direct.score(images, PROMPTS[1], " It is red."), abs=1e-6)
+    assert converted.generate(images, PROMPTS[1], max_new_tokens=8) == direct.generate(images, PROMPTS[1],
+                                                                                        max_new_tokens=8)
+
+
+def test_prefix_lm_mask_on_a_hand_made_case():
+    """Row 0: 1 pad + 2 prompt tokens + 1 suffix token; row 1: 3 prompt tokens + 1 suffix token (prefix_len 3)."""
+    from vlmkit.models.paligemma import prefix_lm_mask
+
+    mask = prefix_lm_mask(4, 3, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    assert mask.int().squeeze(1).tolist() == [
+        [[1, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 1]],  # no row sees the pad (its own row: unread)
+        [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]]
+    after_cache = prefix_lm_mask(1, 3, torch.ones(1, 5), offset=4)  # a decoding step: causal
+    assert after_cache.int().flatten().tolist() == [1, 1, 1, 1, 1]
+    per_row = prefix_lm_mask(3, torch.tensor([1, 3]))
+    assert per_row.int().squeeze(1).tolist() == [[[1, 0, 0], [1, 1, 0], [1, 1, 1]], [[1, 1, 1]] * 3]
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_paligemma2_gemma2_lm_is_refused_by_name(paligemma_folder, tmp_path):
+    folder = _copy(paligemma_folder[0], tmp_path)
+    _edit_json(folder / "config.json", lambda c: c["text_config"].update(model_type="gemma2"))
+    with pytest.raises(ConfigError, match=r"config\.json: text_config\.model_type 'gemma2' is not implemented"):
+        vlmkit.load(folder)
+
+
+@pytest.mark.parametrize("file, edit, error, message", [
+    ("config.json", lambda c: c["vision_config"].update(model_type="clip_vision_model"), ConfigError,
+     r"config\.json: vision_config\.model_type 'clip_vision_model' is not implemented for PaliGemma"),
+    ("config.json", lambda c: c["text_config"].update(final_logit_softcapping=30.0), ConfigError,
+     r"config\.json: text_config\.final_logit_softcapping 30\.0"),
+    ("config.json", lambda c: c.update(projection_dim=32), ConfigError,
+     r"config\.json: projection_dim 32 must equal text_config\.hidden_size 48"),
+    ("config.json", lambda c: c["text_config"].update(intermediate_size=64), CheckpointError,
+     r"language_model\.model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape"),
+    ("config.json", lambda c: c["vision_config"].update(patch_size=14), CheckpointError,
+     r"patch_embedding\.weight has shape"),
+    ("processor_config.json", lambda c: c["image_processor"].update(image_seq_length=9), ConfigError,
+     r"processor_config\.json: image_seq_length 9 does not match the model's 16 tokens per image"),
+    ("tokenizer_config.json", lambda c: c.pop("bos_token"), CheckpointError, r"PaliGemma's prompts need a bos_token"),
+])
+def test_bad_folders_are_refused_by_name(paligemma_folder, tmp_path, file, edit, error, message):
+    folder = _copy(paligemma_folder[0], tmp_path)
+    _edit_json(folder / file, edit)
+    with pytest.raises(error, match=message):
+        vlmkit.load(folder)
+
+
+def test_missing_tokenizer_is_refused_by_name(paligemma_folder, tmp_path):
+    folder = _copy(paligemma_folder[0], tmp_path)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"has no tokenizer\.json"):
+        vlmkit.load(folder)

@@ -1,0 +1,391 @@
+"""Qwen2-VL end to end from a Hugging Face folder: ``vlmkit.load(folder)`` gives the same input_ids, pixel patches
+and image grids as transformers' Qwen2VLProcessor for non-square images of different sizes (two in one prompt),
+the same logits and greedy tokens as Qwen2VLForConditionalGeneration (M-RoPE position ids included, left-padded
+batches too), the score() contract, the folder's chat template, ``vlmkit convert --from hf`` to a checkpoint that
+scores the same, and named refusals of what vlmkit does not implement (videos, Qwen2.5-VL, ...).
+
+transformers' Qwen2VLProcessor also holds a video processor, which needs torchvision (absent here), so
+``AutoProcessor.from_pretrained`` cannot build it. The reference processor is Qwen2VLProcessor without its
+video half: its ``from_pretrained`` loads the image processor (AutoImageProcessor: the PIL backend) and the
+tokenizer from the folder exactly as AutoProcessor would; text and image processing are Qwen2VLProcessor's own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.errors import CheckpointError, ConfigError, DataError
+from vlmkit.generation import GenerationConfig, generate
+from vlmkit.models.qwen2_vl import mrope_position_ids
+from vlmkit.nn import RotaryEmbedding
+from vlmkit.processing.image import ImageInputs
+
+from hf_fixtures import byte_level_tokenizer, perturb_, real_images
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+# Qwen2-VL-Instruct's chat template
+TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+
+def _images():
+    wide, tall, square = real_images()  # 72x48, 40x60, 64x64 (width x height)
+    return {"wide": wide, "tall": tall, "square": square, "small": tall.resize((14, 10))}  # small: scaled up
+
+
+# (prompt, image names): two non-square images of different sizes in one prompt; a chat-formatted prompt; an image
+# below min_pixels (scaled up); text only
+CASES = [
+    (f"{IMAGE}{IMAGE}Compare the two pictures: how many squares?", ("wide", "tall")),
+    (f"<|im_start|>user\n{IMAGE}What colour is the small circle?<|im_end|>\n<|im_start|>assistant\n", ("wide",)),
+    (f"A caption: {IMAGE} and then {IMAGE} too", ("small", "square")),
+    ("the quick brown fox", ()),
+]
+
+
+def images_for(names):
+    imgs = _images()
+    return [imgs[n] for n in names]
+
+
+class ImageOnlyQwen2VLProcessor(transformers.Qwen2VLProcessor):
+    """transformers' Qwen2VLProcessor without its video processor (see the module docstring)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen2_vl")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(SPECIAL), eos_token="<|im_end|>",
+                                               pad_token="<|endoftext|>")
+    ids = dict(zip(("im_start", "im_end", "vs", "ve", "image", "video"), tok.convert_tokens_to_ids(SPECIAL)))
+    torch.manual_seed(0)
+    vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, hidden_size=64, initializer_range=0.2,
+                  rope_parameters={"rope_type": "axial", "rope_theta": 2000.0})
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=3e-6, max_position_embeddings=512, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 50000.0, "mrope_section": [3, 2, 3]},
+                bos_token_id=None, eos_token_id=ids["im_end"], pad_token_id=tok.pad_token_id)
+    cfg = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image"],
+                                     video_token_id=ids["video"], vision_start_token_id=ids["vs"],
+                                     vision_end_token_id=ids["ve"])
+    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=2560, patch_size=4, merge_size=2,
+                                                   temporal_patch_size=2, resample=2, image_mean=[0.4, 0.5, 0.6],
+                                                   image_std=[0.2, 0.3, 0.25])
+    ImageOnlyQwen2VLProcessor(images, tok, chat_template=TEMPLATE).save_pretrained(folder)
+    path = folder / "processor_config.json"  # as a Hub folder says it
+    path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "Qwen2VLProcessor"}))
+    return folder, model, ImageOnlyQwen2VLProcessor.from_pretrained(folder)
+
+
+def reference_logprobs(model, processor, images, prompt, continuation):
+    """transformers' per-token log-probabilities of the continuation, the lmms-eval way."""
+    n = processor(text=prompt, images=images or None, return_tensors="pt")["input_ids"].shape[1]
+    full = processor(text=prompt + continuation, images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**full).logits[0]
+    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
+    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("prompt, names", CASES)
+def test_input_ids_pixels_and_logits_equal_transformers(qwen_folder, prompt, names):
+    folder, ref, hf_proc = qwen_folder
+    pipe = vlmkit.load(folder)
+    images = images_for(names)
+    theirs = hf_proc(text=prompt, images=images or None, return_tensors="pt")
+    inputs = pipe.processor.prepare_images(images)
+    ids = pipe.processor.encode_prompt(prompt, inputs)
+    assert ids == theirs["input_ids"][0].tolist()
+    if images:
+        assert inputs.extra["image_grid_thw"].tolist() == theirs["image_grid_thw"].tolist()
+        torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ref_logits = ref(**theirs).logits
+    torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
+
+
+def test_images_are_non_square_of_different_sizes_and_resized_both_ways(qwen_folder):
+    """The cases above cover down- and up-scaling to different non-square grids (else they prove less)."""
+    folder, _, _ = qwen_folder
+    grids = vlmkit.load(folder).processor.prepare_images(images_for(("wide", "tall", "small"))).extra["image_grid_thw"]
+    assert grids.tolist() == [[1, 10, 14], [1, 16, 10], [1, 4, 6]]  # 72x48 down, 40x60 rounded, 14x10 up
+
+
+def test_mrope_positions_equal_get_rope_index_for_a_left_padded_batch(qwen_folder):
+    folder, ref, hf_proc = qwen_folder
+    pipe = vlmkit.load(folder)
+    hf_proc.tokenizer.padding_side = "left"
+    (p0, n0), (p1, n1) = CASES[1], CASES[0]
+    images = images_for(n0) + images_for(n1)
+    theirs = hf_proc(text=[p0, p1], images=images, padding=True, return_tensors="pt")
+    expected, deltas = ref.model.get_rope_index(theirs["input_ids"], theirs["mm_token_type_ids"],
+                                                theirs["image_grid_thw"], attention_mask=theirs["attention_mask"])
+    assert theirs["attention_mask"][0, 0] == 0  # the first prompt is padded
+    ours, our_deltas = mrope_position_ids(theirs["input_ids"], pipe.model.image_token_id, theirs["image_grid_thw"],
+                                          2, theirs["attention_mask"])
+    assert torch.equal(ours, expected)
+    assert our_deltas.tolist() == deltas[:, 0].tolist() and any(our_deltas)
+
+
+def test_logits_depend_on_the_mrope_positions(qwen_folder):
+    """Plain 1D positions give different logits: the parity above does exercise M-RoPE."""
+    folder, ref, hf_proc = qwen_folder
+    pipe = vlmkit.load(folder)
+    prompt, names = CASES[0]
+    inputs = pipe.processor.prepare_images(images_for(names))
+    ids = torch.tensor([pipe.processor.encode_prompt(prompt, inputs)])
+    with torch.no_grad():
+        mrope = pipe.model(ids, inputs).logits
+        plain = pipe.model(ids, inputs, position_ids=torch.arange(ids.shape[1])[None]).logits
+    assert (mrope - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("case, continuation", [(0, " Two squares."), (1, " It is red."), (3, " jumps over")])
+def test_score_equals_transformers_logprobs(qwen_folder, case, continuation):
+    folder, ref, hf_proc = qwen_folder
+    prompt, names = CASES[case]
+    images = images_for(names)
+    ours = vlmkit.load(folder).score(images, prompt, continuation)
+    theirs = reference_logprobs(ref, hf_proc, images, prompt, continuation)
+    assert len(ours) == len(theirs) > 0
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
+
+
+def test_greedy_generation_equals_transformers(qwen_folder):
+    folder, ref, hf_proc = qwen_folder
+    pipe = vlmkit.load(folder)
+    prompt, names = CASES[1]
+    images = images_for(names)
+    inputs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                       suppress_tokens=[hf_proc.image_token_id])  # as vlmkit: no image slot from generate()
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert len(set(new.tolist())) > 2  # a varied continuation, not one token repeated
+    expected = hf_proc.tokenizer.decode(new, skip_special_tokens=True)
+    assert pipe.generate(images, prompt, max_new_tokens=8) == expected
+
+
+def test_left_padded_batch_generation_equals_transformers(qwen_folder):
+    """Two prompts of different lengths and image counts in one batch: rope deltas per sequence in the cache."""
+    folder, ref, hf_proc = qwen_folder
+    pipe = vlmkit.load(folder)
+    hf_proc.tokenizer.padding_side = "left"
+    cases = [CASES[1], CASES[2]]
+    images = [im for _, names in cases for im in images_for(names)]
+    theirs = hf_proc(text=[p for p, _ in cases], images=images, padding=True, return_tensors="pt")
+    out = ref.generate(**theirs, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                       suppress_tokens=[hf_proc.image_token_id])  # as vlmkit: no image slot from generate()
+    expected = out[:, theirs["input_ids"].shape[1]:].tolist()
+    prepared = [pipe.processor.prepare_images(images_for(names)) for _, names in cases]
+    prompts = [pipe.processor.encode_prompt(p, inputs) for (p, _), inputs in zip(cases, prepared)]
+    tok = pipe.processor.tokenizer
+    ours = generate(pipe.model, prompts, ImageInputs.cat(prepared), tok.eos_id, tok.pad_id,
+                    GenerationConfig(max_new_tokens=8))
+    assert ours == expected
+
+
+def test_chat_uses_the_folders_template(qwen_folder):
+    folder, _, hf_proc = qwen_folder
+    pipe = vlmkit.load(folder)
+    assert pipe.processor.cfg.chat_template_jinja == TEMPLATE
+    images = images_for(("tall",))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    theirs = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    theirs_ids = hf_proc(text=theirs, images=images)["input_ids"][0]
+    inputs = pipe.processor.prepare_images(images)
+    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs_ids)
+
+
+def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(qwen_folder, tmp_path):
+    folder, _, _ = qwen_folder
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", "hf", str(folder), "--out", str(out)]) == 0
+    prompt, names = CASES[0]
+    images = images_for(names)
+    direct = vlmkit.load(folder).score(images, prompt, " Two squares.")
+    converted = vlmkit.load(out)
+    assert converted.meta.get("format") == "vlmkit"
+    assert converted.score(images, prompt, " Two squares.") == pytest.approx(direct, abs=1e-6)
+    assert converted.generate(images, prompt, max_new_tokens=4) == vlmkit.load(folder).generate(
+        images, prompt, max_new_tokens=4)
+
+
+def _copy(folder, tmp_path, edit_config=None, edit_processor=None):
+    out = tmp_path / "edited"
+    shutil.copytree(folder, out)
+    for name, edit in (("config.json", edit_config), ("preprocessor_config.json", edit_processor)):
+        path = out / name
+        if edit is not None and path.is_file():
+            data = json.loads(path.read_text())
+            edit(data)
+            path.write_text(json.dumps(data))
+    if edit_processor is not None:  # the image-processor settings are also nested in processor_config.json
+        path = out / "processor_config.json"
+        data = json.loads(path.read_text())
+        if isinstance(data.get("image_processor"), dict):
+            edit_processor(data["image_processor"])
+            path.write_text(json.dumps(data))
+    return out
+
+
+def test_transformers_4_flat_config_loads_the_same(qwen_folder, tmp_path):
+    """The Hub's 4.x layout: text keys at the top level, rope_scaling type "mrope", rope_theta at the top; the
+    image processor's min_pixels / max_pixels instead of size."""
+    folder, _, _ = qwen_folder
+
+    def flatten(cfg):
+        text = cfg.pop("text_config")
+        rope = text.pop("rope_parameters")
+        cfg.update({k: v for k, v in text.items() if k != "model_type"})
+        cfg["rope_theta"] = rope["rope_theta"]
+        cfg["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+        cfg["vision_config"]["in_chans"] = cfg["vision_config"].pop("in_channels")
+
+    def hub_pixels(cfg):
+        size = cfg.pop("size")
+        cfg.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+
+    flat = _copy(folder, tmp_path, flatten, hub_pixels)
+    assert "size" not in json.loads((flat / "processor_config.json").read_text())["image_processor"]
+    prompt, names = CASES[0]
+    images = images_for(names)
+    assert vlmkit.load(flat).score(images, prompt, " Two squares.") == pytest.approx(
+        vlmkit.load(folder).score(images, prompt, " Two squares."), abs=1e-6)
+
+
+@pytest.mark.parametrize("saved_head", [False, True])
+def test_tied_embeddings_as_transformers_ties_them(qwen_folder, tmp_path, saved_head):
+    """tie_word_embeddings (Qwen2-VL-2B): the head is the token embedding. A saved lm_head.weight that differs
+    from the embeddings is used untied, as transformers 5 does."""
+    folder, _, hf_proc = qwen_folder
+    tied = _copy(folder, tmp_path, lambda c: c.update(tie_word_embeddings=True))
+    if not saved_head:
+        tensors = load_file(tied / "model.safetensors")
+        del tensors["lm_head.weight"]
+        save_file(tensors, tied / "model.safetensors", metadata={"format": "pt"})
+    ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tied).eval()
+    is_tied = ref.lm_head.weight.data_ptr() == ref.model.language_model.embed_tokens.weight.data_ptr()
+    assert is_tied != saved_head
+    pipe = vlmkit.load(tied)
+    assert pipe.config.lm.tie_embeddings == is_tied
+    prompt, names = CASES[1]
+    images = images_for(names)
+    ours = pipe.score(images, prompt, " It is red.")
+    theirs = reference_logprobs(ref, hf_proc, images, prompt, " It is red.")
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
+
+
+def test_qwen2_5_vl_is_refused_by_name(qwen_folder, tmp_path):
+    folder, _, _ = qwen_folder
+    edited = _copy(folder, tmp_path, lambda c: c.update(model_type="qwen2_5_vl"))
+    with pytest.raises(ConfigError, match=r"config\.json: model_type 'qwen2_5_vl' \(Qwen2\.5-VL\) is not implemented"):
+        vlmkit.load(edited)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["vision_config"].update(hidden_act="relu"), r"vision_config\): hidden_act 'relu' is not implemented"),
+    (lambda c: c["text_config"]["rope_parameters"].update(rope_type="yarn", factor=2.0),
+     r"text_config\): rope_type 'yarn' \(RoPE scaling\) is not implemented"),
+    (lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[4, 2, 3]),
+     r"text_config\): mrope_section \[4, 2, 3\] must be positive integers summing to head_dim / 2 = 8"),
+    (lambda c: c["text_config"].update(use_sliding_window=True), r"use_sliding_window: true is not implemented"),
+    (lambda c: c["vision_config"]["rope_parameters"].update(rope_type="dynamic"),
+     r"vision_config\): rope_parameters\.rope_type 'dynamic' is not implemented"),
+    (lambda c: c["vision_config"].update(hidden_size=48), r"vision_config\.hidden_size 48 .* must equal the text"),
+])
+def test_unimplemented_config_features_are_refused_by_name(qwen_folder, tmp_path, edit, message):
+    folder, _, _ = qwen_folder
+    with pytest.raises(ConfigError, match=r"config\.json.*" + message):
+        vlmkit.load(_copy(folder, tmp_path, edit))
+
+
+def test_weights_that_do_not_match_the_config_are_refused(qwen_folder, tmp_path):
+    folder, _, _ = qwen_folder
+    edited = _copy(folder, tmp_path, lambda c: c["vision_config"].update(mlp_ratio=3))
+    with pytest.raises(CheckpointError, match=r"visual\.blocks\.0\.mlp\.fc1\.weight has shape \(64, 32\), the config "
+                                              r"implies \(96, 32\)"):
+        vlmkit.load(edited)
+
+
+def test_processor_settings_that_do_not_match_the_tower_are_refused(qwen_folder, tmp_path):
+    folder, _, _ = qwen_folder
+    edited = _copy(folder, tmp_path, edit_processor=lambda c: c.update(patch_size=8))
+    with pytest.raises(ConfigError, match=r"processor_config\.json: patch_size 8 does not match config\.json's "
+                                          r"vision_config \(4\)"):
+        vlmkit.load(edited)
+
+
+def test_missing_tokenizer_is_refused_by_name(qwen_folder, tmp_path):
+    folder, _, _ = qwen_folder
+    edited = _copy(folder, tmp_path)
+    (edited / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"edited has no tokenizer\.json"):
+        vlmkit.load(edited)
+
+
+def test_video_placeholders_are_refused(qwen_folder):
+    folder, _, _ = qwen_folder
+    pipe = vlmkit.load(folder)
+    with pytest.raises(DataError, match=r"'<\|video_pad\|>' is a placeholder of an input kind vlmkit does not"):
+        pipe.score([], "<|vision_start|><|video_pad|><|vision_end|>What happens?", " nothing")
+
+
+def test_the_model_needs_image_grids(qwen_folder):
+    folder, _, _ = qwen_folder
+    pipe = vlmkit.load(folder)
+    inputs = pipe.processor.prepare_images(images_for(("wide",)))
+    with pytest.raises(ValueError, match="not from a bare pixel tensor"):
+        pipe.model.encode_images(inputs.pixel_values)
+
+
+def test_mrope_with_the_same_id_on_all_axes_is_plain_rope():
+    """The additive M-RoPE option: [3, B, T] ids that agree on all axes (text) rotate as [B, T] ids do."""
+    pos = torch.tensor([[0, 1, 2, 7], [0, 0, 3, 4]])
+    plain = RotaryEmbedding(16, 50000.0)(pos)
+    mrope = RotaryEmbedding(16, 50000.0, (3, 2, 3))
+    for ours, theirs in zip(mrope(pos[None].expand(3, -1, -1)), plain):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"need a RotaryEmbedding with mrope_section"):
+        RotaryEmbedding(16)(pos[None].expand(3, -1, -1))
+
+
+def test_training_loss_runs_through_the_mrope_model(qwen_folder):
+    folder, _, _ = qwen_folder
+    pipe = vlmkit.load(folder)
+    prompt, names = CASES[0]
+    inputs = pipe.processor.prepare_images(images_for(names))
+    ids = torch.tensor([pipe.processor.encode_prompt(prompt + " Two squares.", inputs)])
+    labels = ids.masked_fill(ids == pipe.model.image_token_id, -100)
+    out = pipe.model(ids, inputs, labels=labels)
+    out.loss.backward()
+    assert out.n_tokens == int((labels[:, 1:] != -100).sum()) and pipe.model.encoder.patch_embed.weight.grad is not None
