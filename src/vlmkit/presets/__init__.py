@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlmkit.config import ConnectorConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
+from vlmkit.config import AnyResConfig, ConnectorConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
 from vlmkit.registry import Registry
 
 
@@ -88,6 +88,98 @@ def smolvlm_256m() -> Preset:
                            chat_template="idefics3")
     return Preset(model, proc, source="HuggingFaceTB/SmolVLM-256M-Instruct",
                   notes=["single 512px image; Idefics3 image splitting arrives with checkpoint import"])
+
+
+# ------------------------------------------------------------------------- imported Hugging Face families
+# Shapes of released checkpoints (their config.json), for building on the meta device, for recipes that start
+# from an import, and as the reference each family's converter is tested against: the parameter counts equal
+# transformers' own classes built from the exported config (tests/convert/test_hf_presets.py).
+
+SIGLIP_SO400M = dict(patch_size=14, width=1152, depth=27, heads=16, mlp_dim=4304, act="gelu_tanh", norm_eps=1e-6,
+                     class_token=False, patch_bias=True, qkv_bias=True)
+
+
+def _whole(**kw) -> ProcessorConfig:
+    """An imported family's processor settings: whole-string tokenisation, as its transformers processor."""
+    return ProcessorConfig(text_mode="whole", **kw)
+
+
+@PRESETS.register("llava-next-mistral-7b", "LLaVA-NeXT (1.6) Mistral-7B shapes: CLIP ViT-L/14-336 on AnyRes tiles "
+                                           "+ MLP + Mistral-7B")
+def llava_next_mistral_7b() -> Preset:
+    base = llava_15_7b()
+    lm = LanguageConfig(vocab_size=32064, width=4096, depth=32, heads=32, kv_heads=8, mlp_dim=14336, norm_eps=1e-5,
+                        rope_theta=1e6, max_seq_len=32768)
+    pins = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+    model = ModelConfig(family="llava_next", vision=base.model.vision, connector=ConnectorConfig(kind="mlp"), lm=lm,
+                        anyres=AnyResConfig(grid_pinpoints=pins))
+    proc = _whole(image_size=(336, 336), shortest_edge=336, mean=CLIP_MEAN, std=CLIP_STD, image_processor="anyres",
+                  anyres=AnyResConfig(grid_pinpoints=pins), max_length=32768, eos_token="</s>", bos_token="<s>",
+                  pad_token="<unk>")
+    return Preset(model, proc, source="llava-hf/llava-v1.6-mistral-7b-hf")
+
+
+@PRESETS.register("llava-onevision-0.5b", "LLaVA-OneVision-0.5B shapes: SigLIP-So400m/14-384 (26 layers) on AnyRes "
+                                          "tiles (max 9) + MLP + Qwen2-0.5B")
+def llava_onevision_05b() -> Preset:
+    vision = VisionConfig(image_size=(384, 384), **{**SIGLIP_SO400M, "depth": 26}, post_norm=False,
+                          feature_layer=-1, drop_class_token=False)
+    lm = LanguageConfig(vocab_size=151647, width=896, depth=24, heads=14, kv_heads=2, mlp_dim=4864, norm_eps=1e-6,
+                        rope_theta=1e6, max_seq_len=32768, tie_embeddings=True, qkv_bias=True)
+    pins = [(384 * r, 384 * c) for r in range(1, 7) for c in range(1, 7)]
+    anyres = AnyResConfig(grid_pinpoints=pins, max_tiles=9)
+    model = ModelConfig(family="llava_onevision", vision=vision, connector=ConnectorConfig(kind="mlp"), lm=lm,
+                        anyres=anyres)
+    proc = _whole(image_size=(384, 384), image_processor="anyres", anyres=anyres, max_length=32768,
+                  eos_token="<|im_end|>", pad_token="<|endoftext|>", refused_placeholders=["<video>"])
+    return Preset(model, proc, source="llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+
+
+@PRESETS.register("paligemma-3b-224", "PaliGemma-3B-224 shapes: SigLIP-So400m/14-224 + linear + Gemma-2B, "
+                                      "prefix-LM attention")
+def paligemma_3b_224() -> Preset:
+    vision = VisionConfig(image_size=(224, 224), **SIGLIP_SO400M, post_norm=True, feature_layer=-1,
+                          drop_class_token=False)
+    lm = LanguageConfig(vocab_size=257216, width=2048, depth=18, heads=8, kv_heads=1, head_dim=256, mlp_dim=16384,
+                        act="gelu_tanh", norm_eps=1e-6, max_seq_len=8192, tie_embeddings=True, norm_offset=True,
+                        embed_scale=True)
+    model = ModelConfig(family="paligemma", vision=vision, connector=ConnectorConfig(kind="linear"), lm=lm)
+    proc = _whole(image_size=(224, 224), resample="bicubic", image_processor="paligemma", max_length=8192,
+                  eos_token="<eos>", bos_token="<bos>", pad_token="<pad>")
+    return Preset(model, proc, source="google/paligemma-3b-pt-224")
+
+
+@PRESETS.register("qwen2-vl-2b", "Qwen2-VL-2B shapes: its 675M ViT (2D RoPE, 2x2 merger) at native resolution + "
+                                 "Qwen2-1.5B with M-RoPE")
+def qwen2_vl_2b() -> Preset:
+    vision = VisionConfig(arch="qwen2_vl", image_size=(224, 224), patch_size=14, width=1280, depth=32, heads=16,
+                          mlp_dim=5120, act="quick_gelu", norm_eps=1e-6, pos_embed="rope2d", post_norm=False,
+                          patch_bias=False, temporal_patch_size=2, merge_size=2, drop_class_token=False)
+    lm = LanguageConfig(vocab_size=151936, width=1536, depth=28, heads=12, kv_heads=2, mlp_dim=8960, norm_eps=1e-6,
+                        rope_theta=1e6, max_seq_len=32768, tie_embeddings=True, qkv_bias=True,
+                        mrope_section=(16, 24, 24))
+    connector = ConnectorConfig(kind="patch_merger", scale_factor=2, layers=2, act="gelu", bias=True)
+    model = ModelConfig(family="qwen2_vl", vision=vision, connector=connector, lm=lm, image_token="<|image_pad|>")
+    proc = _whole(image_size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD, image_processor="qwen2_vl",
+                  image_token="<|image_pad|>", min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14,
+                  temporal_patch_size=2, merge_size=2, max_length=32768, eos_token="<|im_end|>",
+                  pad_token="<|endoftext|>", refused_placeholders=["<|video_pad|>"])
+    return Preset(model, proc, source="Qwen/Qwen2-VL-2B-Instruct")
+
+
+@PRESETS.register("idefics3-8b", "Idefics3-8B shapes: SigLIP-So400m/14 on 364-px tiles + pixel shuffle x2 + "
+                                 "Llama-3.1-8B")
+def idefics3_8b() -> Preset:
+    vision = VisionConfig(image_size=(364, 364), **SIGLIP_SO400M, post_norm=True, feature_layer=-1,
+                          drop_class_token=False)
+    lm = LanguageConfig(vocab_size=128259, width=4096, depth=32, heads=32, kv_heads=8, mlp_dim=14336, norm_eps=1e-5,
+                        rope_theta=500000.0, max_seq_len=131072)
+    connector = ConnectorConfig(kind="pixel_shuffle", scale_factor=2, layers=1, bias=False)
+    model = ModelConfig(family="idefics3", vision=vision, connector=connector, lm=lm)
+    proc = _whole(image_size=(364, 364), resample="lanczos", image_processor="idefics3", longest_edge=4 * 364,
+                  max_length=131072, eos_token="<|end_of_text|>", bos_token="<|begin_of_text|>",
+                  pad_token="<|reserved_special_token_0|>", chat_template="idefics3")
+    return Preset(model, proc, source="HuggingFaceM4/Idefics3-8B-Llama3")
 
 
 def get_preset(name: str) -> Preset:

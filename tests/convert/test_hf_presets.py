@@ -1,0 +1,84 @@
+"""The presets of the imported families are the released checkpoints' shapes, and vlmkit builds the same
+architecture as transformers from them: written as the family's transformers config (the exporter's), the
+model transformers builds has vlmkit's parameter count (both on the meta device, no memory used), and the
+totals equal the published sizes where those are known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmkit.convert.hf import HF_FAMILIES
+from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
+from vlmkit.convert.hf.llava import llava_config_to_hf
+from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
+from vlmkit.convert.hf.paligemma import paligemma_config_to_hf
+from vlmkit.convert.hf.qwen2_vl import qwen2_vl_config_to_hf
+from vlmkit.models import build_model, count_parameters
+from vlmkit.presets import get_preset
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+QWEN_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+            "vision_end_token_id": 151653}
+
+
+def hf_config(preset) -> dict:
+    cfg = preset.model
+    if cfg.family == "llava":
+        return llava_config_to_hf(cfg, 32000, 576)
+    if cfg.family in ("llava_next", "llava_onevision"):
+        return llava_next_config_to_hf(cfg, 32000, 576)
+    if cfg.family == "paligemma":
+        return paligemma_config_to_hf(cfg, 257152, 256)
+    if cfg.family == "qwen2_vl":
+        return qwen2_vl_config_to_hf(cfg, QWEN_IDS)
+    if cfg.family == "idefics3":
+        return idefics3_config_to_hf(cfg, 128257)
+    raise AssertionError(cfg.family)
+
+
+def transformers_count(preset) -> int:
+    config = hf_config(preset)
+    family = HF_FAMILIES[config["model_type"]]
+    config_class = transformers.AutoConfig.for_model(config.pop("model_type")).__class__
+    with torch.device("meta"):
+        model = getattr(transformers, family.transformers_class)(config_class(**config))
+    return sum(p.numel() for p in model.parameters())
+
+
+def vlmkit_count(preset) -> int:
+    with torch.device("meta"):
+        return count_parameters(build_model(preset.model, image_token_id=0))
+
+
+# (preset, published parameter count of the released checkpoint or None, parameters vlmkit does not build:
+#  LLaVA's tower layer after the feature layer and the final norm it never reads)
+CLIP_L_LAYER, CLIP_L_NORM = 12_596_224, 2 * 1024
+PRESETS = [
+    ("llava-1.5-7b", 7_063_427_072, CLIP_L_LAYER + CLIP_L_NORM),
+    ("llava-next-mistral-7b", 7_566_747_648, CLIP_L_LAYER + CLIP_L_NORM),
+    ("llava-onevision-0.5b", None, 0),
+    ("paligemma-3b-224", 2_923_466_480, 0),
+    ("qwen2-vl-2b", 2_208_985_600, 0),
+    ("idefics3-8b", None, 0),
+    ("smolvlm-256m", None, 0),
+    ("tiny-llava-vit", None, 0),
+]
+
+
+@pytest.mark.parametrize("name, published, unbuilt", PRESETS)
+def test_preset_has_transformers_parameter_count(name, published, unbuilt):
+    preset = get_preset(name)
+    ours = vlmkit_count(preset)
+    # an exported LLaVA-family tower carries an identity final norm (transformers' tower always has one)
+    identity_norm = 2 * preset.model.vision.width if preset.model.family.startswith("llava") else 0
+    assert transformers_count(preset) == ours + identity_norm
+    if published is not None:
+        assert ours + unbuilt == published
+
+
+def test_every_imported_family_has_a_preset():
+    families = {f.name for f in HF_FAMILIES.values()} - {"qwen2_5_vl"}
+    presets = {get_preset(name).model.family for name, _, _ in PRESETS}
+    assert families <= presets, families - presets
