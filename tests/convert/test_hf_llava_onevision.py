@@ -34,11 +34,14 @@ transformers = pytest.importorskip("transformers", reason="transformers (a test 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+# llava-onevision-hf's template: its assistant replies are marked {% generation %} (transformers' assistant mask),
+# and its generation prompt differs from how it writes a reply ("assistant\n" vs "assistant \n")
 TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}{% for content in "
             "message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}{% for "
-            "content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
-            "{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-            "{% endif %}")
+            "content in message['content'] | selectattr('type', 'equalto', 'text') %}{% if message['role'] != "
+            "'assistant' %}{{ '\n' + content['text'] }}{% else %}{% generation %}{{ '\n' + content['text'] }}"
+            "{% endgeneration %}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+            "{{ '<|im_start|>assistant\n' }}{% endif %}")
 # 16-pixel tiles: the wide image gets 4x5 tiles (rows unpadded, then reduced), the tall one 4x3 (columns
 # unpadded, not reduced), the square one 4x4 (reduced)
 PINPOINTS = [[32, 32], [64, 48], [64, 64], [64, 80], [48, 64]]

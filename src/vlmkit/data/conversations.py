@@ -20,6 +20,7 @@ import torch
 from vlmkit.errors import DataError
 from vlmkit.processing import IGNORE, Processor
 from vlmkit.processing.chat import normalize_messages
+from vlmkit.processing.image import ImageInputs
 
 
 @dataclass
@@ -196,19 +197,35 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.load_images = True
         self.cache: dict[Path, torch.Tensor] | None = {} if cache_images else None
+        self.whole = processor.cfg.text_mode == "whole"
+        self.inputs_cache: dict[tuple, ImageInputs] | None = {} if cache_images else None
         self.encoded = [self._encode(s) for s in samples]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _encode(self, s: Sample) -> tuple[list[int], list[int], list[int], list[int]]:
+        # whole-string processors (imported families) size each image's tokens from the image itself
+        images = self._inputs(s) if self.whole else len(s.images)
         if s.independent_turns:
-            out = share_prefix([self.processor.encode_conversation(c, 1, s.source) for c in single_turns(s)])
-            if out[0].count(self.processor.image_token_id) != self.processor.cfg.image_seq_len:
+            out = share_prefix([self.processor.encode_conversation(c, images if self.whole else 1, s.source)
+                                for c in single_turns(s)])
+            n_image = sum(images.tokens) if self.whole else self.processor.cfg.image_seq_len
+            if out[0].count(self.processor.image_token_id) != n_image:
                 raise DataError(f"{s.source}: the grouped questions do not share their image prefix")
             return out
-        ids, labels = self.processor.encode_conversation(s.conversations, len(s.images), s.source)
+        ids, labels = self.processor.encode_conversation(s.conversations, images, s.source)
         return ids, labels, list(range(len(ids))), [0] * len(ids)
+
+    def _inputs(self, s: Sample) -> ImageInputs:
+        """A sample's images as its processor gives them to the model (whole-string processors), cached."""
+        key = tuple(s.images)
+        if self.inputs_cache is not None and key in self.inputs_cache:
+            return self.inputs_cache[key]
+        inputs = self.processor.prepare_images(list(s.images), s.source)
+        if self.inputs_cache is not None:
+            self.inputs_cache[key] = inputs
+        return inputs
 
     def _image(self, path: Path, where: str) -> torch.Tensor:
         if self.cache is not None and path in self.cache:
@@ -228,7 +245,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             "segment_ids": torch.tensor(seg, dtype=torch.long),
             "image_paths": list(s.images),
         }
-        if self.load_images:
+        if self.load_images and self.whole:
+            item["pixel_values"] = self._inputs(s)
+        elif self.load_images:
             pixels = [self._image(p, s.source) for p in s.images]
             h, w = self.processor.cfg.image_size
             item["pixel_values"] = torch.stack(pixels) if pixels else torch.zeros(0, 3, h, w)
@@ -265,7 +284,8 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         out["mask"] = (mask | torch.eye(T, dtype=torch.bool))[:, None]  # padding rows keep their diagonal
         out["position_ids"] = pos
     if all("pixel_values" in b for b in batch):
-        out["pixel_values"] = torch.cat([b["pixel_values"] for b in batch])
+        pixels = [b["pixel_values"] for b in batch]
+        out["pixel_values"] = ImageInputs.cat(pixels) if isinstance(pixels[0], ImageInputs) else torch.cat(pixels)
     if all("image_paths" in b for b in batch):
         out["image_paths"] = [p for b in batch for p in b["image_paths"]]
     return out

@@ -6,6 +6,9 @@ trained) and the same token boundaries in training, evaluation and serving.
 
 from __future__ import annotations
 
+import datetime
+import json
+import re
 from dataclasses import dataclass
 
 from vlmkit.errors import DataError
@@ -85,50 +88,120 @@ _add(ChatTemplate("idefics3", user=("User:", "<end_of_utterance>\n"), assistant=
      "Idefics3 / SmolVLM")
 
 
+DATA_PLACEHOLDER = "<image>"  # where an image goes in LLaVA-format conversations and vlmkit questions
+
+
+class JinjaTemplate:
+    """A chat template in transformers' Jinja format (an imported folder's), rendered as transformers does.
+
+    Messages are given with string contents in which image placeholders (``<image>``, and the family's own
+    image token) mark the images; they reach the template as transformers' processors pass them, lists of
+    parts: ``{"type": "image"}`` at each placeholder, ``{"type": "text", "text": ...}`` between. A newline right
+    after a placeholder goes with it: LLaVA-format data writes ``"<image>\nquestion"`` for an image on its own
+    line, and templates write their own separators after an image. Rendered in a sandbox with the options and
+    helpers transformers uses (trim_blocks, lstrip_blocks, ``raise_exception``, ``tojson``, ``strftime_now``,
+    ``{% generation %}``)."""
+
+    def __init__(self, source: str, image_token: str, bos_token: str | None, eos_token: str):
+        import jinja2
+        from jinja2.ext import Extension
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        tracked: list = []  # while render_with_spans runs: [chunks rendered so far, spans found]
+
+        class Generation(Extension):  # {% generation %}...{% endgeneration %} marks assistant text
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+            def _body(self, caller):
+                text = caller()
+                if tracked:  # the text before this block has been yielded (generate() renders lazily)
+                    start = len("".join(tracked[0]))
+                    tracked[1].append((start, start + len(text)))
+                return text
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[Generation, "jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        self._error = jinja2.exceptions.TemplateError
+        try:
+            self.template = env.from_string(source)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise DataError(f"the chat template is not valid Jinja: {e}") from e
+        self._tracked = tracked
+        self.marks_generation = "generation" in source and "endgeneration" in source
+        self.placeholders = sorted({DATA_PLACEHOLDER, image_token}, key=len, reverse=True)
+        self.bos_token, self.eos_token = bos_token or "", eos_token
+
+    def parts(self, content: str, images_first: int = 0) -> list[dict]:
+        """A message's text -> transformers' content parts; ``images_first`` images go before a text that has no
+        placeholder (vlmkit's chat() puts them there)."""
+        pattern = "|".join(re.escape(p) + "\n?" for p in self.placeholders)
+        pieces = re.split(pattern, content)
+        out: list[dict] = [{"type": "image"}] * (images_first if len(pieces) == 1 else 0)
+        for i, piece in enumerate(pieces):
+            if i:
+                out.append({"type": "image"})
+            if piece:
+                out.append({"type": "text", "text": piece})
+        return out
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, images_first: int = 0) -> str:
+        """messages [{"role", "content": str}] -> the template's text."""
+        return "".join(self._generate(messages, add_generation_prompt, images_first))
+
+    def _generate(self, messages: list[dict], add_generation_prompt: bool = False, images_first: int = 0):
+        msgs = [{"role": m["role"], "content": self.parts(m["content"], images_first if m["role"] == "user" else 0)}
+                for m in messages]
+        try:
+            yield from self.template.generate(messages=msgs, add_generation_prompt=add_generation_prompt,
+                                              bos_token=self.bos_token, eos_token=self.eos_token)
+        except self._error as e:
+            raise DataError(f"the chat template failed on this conversation: {e}") from e
+
+    def render_with_spans(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+        """The whole conversation's text and the character spans of the assistant replies. A template that
+        marks them with ``{% generation %}`` says where they are (transformers' assistant mask); otherwise each
+        reply is what the template adds to the conversation before it (with the generation prompt) to write
+        the reply and its end-of-turn markup, and a template whose earlier text changes when a turn is added
+        cannot be split that way and is refused."""
+        if self.marks_generation:
+            chunks: list[str] = []
+            self._tracked[:] = [chunks, []]
+            try:
+                for chunk in self._generate(messages):
+                    chunks.append(chunk)
+                return "".join(chunks), self._tracked[1]
+            finally:
+                self._tracked.clear()
+        text = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[:i + 1])
+            if not (upto.startswith(before) and text.startswith(upto)):
+                raise DataError(f"{where}: the chat template renders earlier turns differently once turn {i} is "
+                                f"added, so the assistant replies cannot be located for the label mask")
+            spans.append((len(before), len(upto)))
+        return text, spans
+
+
 def render_jinja(template: str, question: str, n_images: int, image_token: str, tokenizer) -> str:
-    """One user turn through a transformers-format Jinja chat template, with the generation prompt.
-
-    The content is a list of parts as transformers' processors pass it: ``{"type": "image"}`` where the
-    question has an image placeholder (all images first when it has none), ``{"type": "text"}`` between.
-    Rendered in a sandbox with the options and helpers transformers uses (trim_blocks, lstrip_blocks,
-    ``raise_exception``, ``tojson``), so a template renders the same text here as there."""
-    import jinja2
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    class Generation(Extension):  # {% generation %}...{% endgeneration %} marks assistant text: render it
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    pieces = question.split(image_token)
-    content: list[dict] = []
-    if len(pieces) == 1:
-        content += [{"type": "image"}] * n_images
-    for i, piece in enumerate(pieces):
-        if i:
-            content.append({"type": "image"})
-        if piece:
-            content.append({"type": "text", "text": piece})
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, "jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, **kw: __import__("json").dumps(x, indent=indent, ensure_ascii=False)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template).render(
-            messages=[{"role": "user", "content": content}], add_generation_prompt=True,
-            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token)
-    except jinja2.exceptions.TemplateError as e:
-        raise DataError(f"the chat template failed on this prompt: {e}") from e
+    """One user turn through a transformers-format Jinja chat template, with the generation prompt; without
+    placeholders in the question its ``n_images`` images go first (see :class:`JinjaTemplate`)."""
+    t = JinjaTemplate(template, image_token, tokenizer.bos_token, tokenizer.eos_token)
+    return t.render([{"role": "user", "content": question}], add_generation_prompt=True, images_first=n_images)
 
 
 def normalize_messages(conversations: list, where: str) -> list[dict]:

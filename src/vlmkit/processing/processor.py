@@ -13,13 +13,14 @@ SentencePiece tokenizer does not tokenise pieces the way it tokenises their conc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from vlmkit.config import ProcessorConfig, from_dict, to_dict
 from vlmkit.errors import ConfigError, DataError
-from vlmkit.processing.chat import TEMPLATES, Segment, normalize_messages, render_jinja
+from vlmkit.processing.chat import DATA_PLACEHOLDER, TEMPLATES, JinjaTemplate, Segment, normalize_messages, render_jinja
 from vlmkit.processing.image import IMAGE_PROCESSORS, ImageInputs, load_image
 from vlmkit.processing.tokenizer import TextTokenizer
 from vlmkit.utils import atomic_write_json
@@ -138,14 +139,80 @@ class Processor:
         laid_out = self.images.format_prompt(text, len(images))
         return None if laid_out is None else self.encode_whole(laid_out, images, where, special=False)
 
-    def encode_conversation(self, conversations: list, n_images: int, where: str = "sample"):
-        """LLaVA/OpenAI-style turns -> (input_ids, labels) with the chat template applied."""
-        if self.cfg.text_mode != "segments":
-            raise ConfigError(f"{where}: training on conversations needs a segment chat template (processor "
-                              f"text_mode 'segments' with chat_template one of {', '.join(TEMPLATES.names())}); "
-                              f"this processor tokenises whole strings, as the imported family's own processor")
+    def encode_conversation(self, conversations: list, images: int | ImageInputs, where: str = "sample"):
+        """LLaVA/OpenAI-style turns -> (input_ids, labels) with the chat template applied; only the assistant
+        replies (and the template's end-of-turn markup after them) are supervised.
+
+        Whole-string mode (imported families) tokenises the conversation as the family's processor tokenises a
+        prompt, so training sees the ids inference sees: the folder's Jinja template (or the segment template)
+        renders the text, the image placeholders expand in it, the whole string is tokenised, and a token is
+        supervised when it starts inside a reply. A family with its own layout (PaliGemma) trains on one
+        question and its answer as its processor's prompt and ``suffix``."""
         messages = normalize_messages(conversations, where)
-        return self.encode_segments(self.template.render(messages), n_images, where)
+        if self.cfg.text_mode == "segments":
+            return self.encode_segments(self.template.render(messages), self._count(images), where)
+        images = self._as_inputs(images, where)
+        if self.images.format_prompt("", 0) is not None:
+            return self._encode_prompt_suffix(messages, images, where)
+        if self.cfg.chat_template_jinja:
+            template = JinjaTemplate(self.cfg.chat_template_jinja, self.cfg.image_token, self.tokenizer.bos_token,
+                                     self.tokenizer.eos_token)
+            text, spans = template.render_with_spans(messages, where)
+        else:
+            text, spans = "", []
+            for seg in self.template.render(messages):
+                piece = seg.text.replace(DATA_PLACEHOLDER, self.cfg.image_token)
+                if seg.train:
+                    spans.append((len(text), len(text) + len(piece)))
+                text += piece
+        bos = self.tokenizer.bos_token
+        return self._encode_supervised(text, spans, images, where, special=not (bos and text.startswith(bos)))
+
+    def _encode_prompt_suffix(self, messages: list[dict], images: ImageInputs, where: str):
+        """(ids, labels) of a prompt + suffix family (PaliGemma): one user turn laid out as the prompt, the reply
+        tokenised as the scored continuation is (suffix + EOS) and supervised whole."""
+        if [m["role"] for m in messages] != ["user", "assistant"]:
+            raise DataError(f"{where}: this family ({self.cfg.image_processor}) trains on one question and its "
+                            f"answer (a prompt and a suffix); the conversation has turns "
+                            f"{[m['role'] for m in messages]}")
+        question = messages[0]["content"]
+        for placeholder in {DATA_PLACEHOLDER, self.cfg.image_token}:  # "<image>\n": the image on its own line
+            question = question.replace(placeholder + "\n", placeholder).replace(placeholder, self.cfg.image_token)
+        prompt = self._family_layout(question, images, where)
+        suffix = self.tokenizer.encode(self.images.format_continuation(messages[1]["content"]))
+        ids = prompt + suffix
+        if len(ids) > self.cfg.max_length:
+            raise DataError(f"{where}: {len(ids)} tokens exceed max_length {self.cfg.max_length}")
+        return ids, [IGNORE] * len(prompt) + suffix
+
+    def _encode_supervised(self, text: str, spans: list[tuple[int, int]], images: ImageInputs, where: str,
+                           special: bool) -> tuple[list[int], list[int]]:
+        """Whole-string ids of ``text`` with its placeholders expanded, and labels: a token's id where the token
+        starts inside one of the character ``spans`` of ``text``, -100 elsewhere."""
+        self.check_placeholders([text], len(images), where)
+        token = self.cfg.image_token
+        starts = [m.start() for m in re.finditer(re.escape(token), text)]
+        expansions = [images.texts[i] if images.texts else token * images.tokens[i] for i in range(len(starts))]
+
+        def moved(pos: int) -> int:  # a position of ``text`` in the expanded text
+            return pos + sum(len(e) - len(token) for q, e in zip(starts, expansions) if q < pos)
+
+        expanded, last = [], 0
+        for q, e in zip(starts, expansions):
+            expanded += [text[last:q], e]
+            last = q + len(token)
+        expanded.append(text[last:])
+        enc = self.tokenizer.tok.encode("".join(expanded), add_special_tokens=special)
+        spans = [(moved(a), moved(b)) for a, b in spans]
+        labels = [t if any(a <= start < b for a, b in spans) and end > start else IGNORE
+                  for t, (start, end) in zip(enc.ids, enc.offsets)]
+        if enc.ids.count(self.image_token_id) != sum(images.tokens):
+            raise DataError(f"{where}: the text tokenised to {enc.ids.count(self.image_token_id)} image tokens, the "
+                            f"images fill {sum(images.tokens)}")
+        if len(enc.ids) > self.cfg.max_length:
+            raise DataError(f"{where}: {len(enc.ids)} tokens exceed max_length {self.cfg.max_length} "
+                            f"(raise processor max_length or shorten the conversation)")
+        return list(enc.ids), labels
 
     def encode_chat_prompt(self, question: str, images: int | ImageInputs, where: str = "prompt") -> list[int]:
         """A single user question -> prompt ids ending in the assistant's generation prompt. Without

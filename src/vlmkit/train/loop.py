@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
-from vlmkit.checkpoint import check_folder, write_model_files
+from vlmkit.checkpoint import check_folder, load_checkpoint, write_model_files
 from vlmkit.config import ProcessorConfig, apply_overrides, to_dict
 from vlmkit.data.conversations import (
     ConversationDataset,
@@ -103,6 +103,18 @@ def build_for_recipe(recipe: Recipe, tokenizer: TextTokenizer):
     return cfg, model, processor
 
 
+def start_from(recipe: Recipe):
+    """(model config, model, processor) of ``recipe.init_from``, a Hugging Face folder (converted in memory) or a
+    vlmkit checkpoint, with the recipe's processor overrides applied."""
+    from vlmkit.convert.hf import is_hf_folder, load_hf
+
+    model, processor, cfg, _ = (load_hf if is_hf_folder(recipe.init_from) else load_checkpoint)(recipe.init_from)
+    if recipe.processor:
+        pcfg = apply_overrides(processor.cfg, recipe.processor, root="processor")
+        processor = Processor(pcfg, processor.tokenizer)
+    return cfg, model, processor
+
+
 def load_data(recipe: Recipe, processor: Processor | None = None, log=print):
     root = Path(recipe.data.path) if recipe.data.path else Path(".")
     image_root = recipe.data.image_root or None
@@ -173,8 +185,12 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     seed_everything(recipe.train.seed)
 
     samples, val_samples, _ = load_data(recipe, log=log)
-    tokenizer = prepare_tokenizer(recipe, samples, ckpt if state else None)
-    cfg, model, processor = build_for_recipe(recipe, tokenizer)
+    if recipe.init_from:  # fine-tuning: the model, tokenizer and processor come with the weights
+        cfg, model, processor = start_from(recipe) if not state else _resumed(ckpt)
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = prepare_tokenizer(recipe, samples, ckpt if state else None)
+        cfg, model, processor = build_for_recipe(recipe, tokenizer)
     if state:
         load_model(model, str(ckpt / "model.safetensors"))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
@@ -182,7 +198,11 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         samples = group_by_image(samples, recipe.data.group_turns, recipe.train.seed)
     train_ds = ConversationDataset(samples, processor)
     val_ds = ConversationDataset(val_samples, processor) if val_samples else None
-    log(f"model {recipe.preset}: {count_parameters(model):,} parameters, {model.image_seq_len} tokens per image; "
+    try:
+        per_image = f"{model.image_seq_len} tokens per image"
+    except NotImplementedError:  # native resolution (Qwen2-VL): as many as each image's size gives
+        per_image = "tokens per image by size"
+    log(f"model {recipe.init_from or recipe.preset}: {count_parameters(model):,} parameters, {per_image}; "
         f"{len(train_ds)} training sequences, {len(val_ds) if val_ds else 0} validation samples")
 
     step = state["global_step"] if state else 0
@@ -221,6 +241,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         features = None
         train_ds.load_images = True
         if recipe.train.precompute_frozen_vision and "vision" not in stage.train:
+            if processor.cfg.image_processor != "fixed":
+                raise ConfigError(f"train.precompute_frozen_vision: images of processor "
+                                  f"{processor.cfg.image_processor!r} are tiled or resized per image; only "
+                                  f"fixed-size images are precomputed (set it to false)")
             t0 = time.perf_counter()
             features = FrozenVisionFeatures(model.encoder, processor, [p for x in samples for p in x.images],
                                             progress=progress)
@@ -275,6 +299,12 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     model.eval()
     return TrainResult(ckpt, step, elapsed, n_samples / max(elapsed, 1e-9), n_tokens / max(elapsed, 1e-9),
                        loss_ema if loss_ema is not None else float("nan"), val_loss)
+
+
+def _resumed(ckpt: Path):
+    """(model config, model, processor) of a fine-tuning run's own checkpoint."""
+    model, processor, cfg, _ = load_checkpoint(ckpt)
+    return cfg, model, processor
 
 
 def _read_state(ckpt: Path) -> dict | None:

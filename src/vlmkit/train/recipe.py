@@ -77,6 +77,9 @@ class TrainConfig:
 class Recipe:
     name: str = "custom"
     preset: str = "tiny-llava"
+    # a Hugging Face folder or a vlmkit checkpoint to fine-tune: its model, tokenizer and processor replace the
+    # preset's (model overrides and the tokenizer settings are then not used; processor overrides apply)
+    init_from: str = ""
     model: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the preset's ModelConfig
     processor: dict[str, Any] = field(default_factory=dict)  # dotted overrides of its ProcessorConfig
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -88,6 +91,9 @@ class Recipe:
         from vlmkit.presets import PRESETS
 
         PRESETS.get(self.preset)  # an unknown preset fails before any data is read
+        if self.init_from and self.model:
+            raise ConfigError(f"model overrides {sorted(self.model)} with init_from {self.init_from!r}: the weights "
+                              f"fix the architecture; drop the model section (processor overrides are allowed)")
         if not self.stages:
             raise ConfigError("a recipe needs at least one stage")
         for i, st in enumerate(self.stages):

@@ -1,0 +1,151 @@
+"""Fine-tuning imported families: a conversation is tokenised as the family's own processor tokenises its text
+(the folder's chat template rendered as transformers renders it), only the assistant replies are supervised,
+and vlmkit's loss equals transformers' on the same ids and labels; a recipe with ``init_from`` fine-tunes a
+Hugging Face folder, its loss goes down, and the result exports back to transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.data.shapes import generate_shapes
+from vlmkit.errors import ConfigError, DataError
+from vlmkit.processing import IGNORE
+from vlmkit.processing.chat import JinjaTemplate, normalize_messages
+from vlmkit.train.loop import train
+from vlmkit.train.recipe import load_recipe
+
+from hf_fixtures import real_images
+from test_hf_idefics3 import idefics3  # noqa: F401  (fixtures)
+from test_hf_llava_next import next_folder  # noqa: F401
+from test_hf_llava_onevision import ov_folder  # noqa: F401
+from test_hf_paligemma import paligemma_folder  # noqa: F401
+from test_hf_qwen2_vl import qwen_folder  # noqa: F401
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+FOLDERS = {"llava": "llava_folder", "llava_next": "next_folder", "llava_onevision": "ov_folder",
+           "qwen2_vl": "qwen_folder", "idefics3": "idefics3"}
+CONVERSATION = [{"from": "human", "value": "<image>\nWhat colour is the small circle?"},
+                {"from": "gpt", "value": "It is red."},
+                {"from": "human", "value": "And how many squares?"}, {"from": "gpt", "value": "Two squares."}]
+
+
+def structured(conversation):
+    """The same conversation as transformers' processors take it (image parts, text parts)."""
+    roles = {"human": "user", "gpt": "assistant"}
+    out = []
+    for turn in conversation:
+        text = turn["value"].replace("<image>\n", "")
+        parts = [{"type": "image"}] if "<image>" in turn["value"] else []
+        out.append({"role": roles[turn["from"]], "content": parts + [{"type": "text", "text": text}]})
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FOLDERS))
+def test_conversation_ids_labels_and_loss_equal_transformers(request, family):
+    folder, ref, hf_proc = request.getfixturevalue(FOLDERS[family])
+    pipe = vlmkit.load(folder)
+    images = real_images()[:1]
+    inputs = pipe.processor.prepare_images(images)
+    ids, labels = pipe.processor.encode_conversation(CONVERSATION, inputs)
+    # the conversation renders as transformers renders it, and tokenises to its processor's ids
+    template = pipe.processor.cfg.chat_template_jinja
+    assert template, f"the {family} fixture folder has a chat template"
+    text = hf_proc.apply_chat_template(structured(CONVERSATION), tokenize=False)
+    tok = pipe.processor.tokenizer
+    ours = JinjaTemplate(template, pipe.processor.cfg.image_token, tok.bos_token, tok.eos_token)
+    assert ours.render(normalize_messages(CONVERSATION, "test")) == text
+    bos = tok.bos_token
+    theirs = hf_proc(text=text, images=images, return_tensors="pt", add_special_tokens=not (bos and
+                                                                                          text.startswith(bos)))
+    assert theirs["input_ids"][0].tolist() == ids
+    # only the replies are supervised: each reply's tokens, with the template's end-of-turn markup after it
+    supervised = tok.decode([t for t in labels if t != IGNORE], skip_special_tokens=False)
+    assert "It is red." in supervised and "Two squares." in supervised
+    assert "colour" not in supervised and "many" not in supervised
+    # the loss on those labels equals transformers'
+    y = torch.tensor([labels])
+    with torch.no_grad():
+        ours = pipe.model(torch.tensor([ids]), inputs, labels=y).loss
+        expected = ref(**theirs, labels=y).loss
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+def test_paligemma_trains_on_its_prompt_and_suffix(paligemma_folder):  # noqa: F811
+    """PaliGemma's conversation is its processor's prompt and suffix: the same ids, labels and loss."""
+    folder, ref, hf_proc = paligemma_folder
+    pipe = vlmkit.load(folder)
+    images = real_images()[:1]
+    conversation = [{"from": "human", "value": "<image>\ncaption en"}, {"from": "gpt", "value": "a red circle"}]
+    ids, labels = pipe.processor.encode_conversation(conversation, pipe.processor.prepare_images(images))
+    theirs = hf_proc(text="<image>caption en", images=images, suffix="a red circle", return_tensors="pt")
+    assert ids == theirs["input_ids"][0].tolist() and labels == theirs["labels"][0].tolist()
+    with torch.no_grad():
+        ours = pipe.model(torch.tensor([ids]), pipe.processor.prepare_images(images),
+                          labels=torch.tensor([labels])).loss
+        torch.testing.assert_close(ours, ref(**theirs).loss, rtol=0, atol=1e-5)
+    with pytest.raises(DataError, match=r"trains on one question and its answer"):
+        pipe.processor.encode_conversation(CONVERSATION, pipe.processor.prepare_images(images))
+
+
+def test_a_recipe_fine_tunes_a_hugging_face_folder_and_exports_it(llava_folder, tmp_path):
+    folder, _, _ = llava_folder
+    data = tmp_path / "shapes"
+    generate_shapes(data, n=24, seed=5, size=48, progress=False)
+    recipe = load_recipe("tiny-llava", [
+        f"data.path={data}", f"init_from={folder}", "data.group_turns=0", "data.val_samples=8",
+        "train.batch_size=8", "train.log_every=1", "train.eval_every=1000", "train.precompute_frozen_vision=false",
+        "stages=[{name: instruct, train: [connector, lm], steps: 20, lr: 3.0e-3}]"])
+    res = train(recipe, tmp_path / "run", progress=False, log=lambda m: None)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    tuned = vlmkit.load(res.checkpoint)
+    assert tuned.processor.cfg.text_mode == "whole"
+    image = data / "images" / "000000.png"
+    assert isinstance(tuned.chat(image, "What shape is it?", max_new_tokens=4), str)
+    assert main(["convert", "--to", "hf", str(res.checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    proc = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    prompt = "USER: <image>\nWhat shape is it? ASSISTANT:"
+    theirs = proc(text=prompt, images=[Image.open(image)], return_tensors="pt")
+    inputs = tuned.processor.prepare_images([image])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**theirs).logits, tuned.model(theirs["input_ids"], inputs).logits, rtol=0,
+                                   atol=1e-4)
+
+
+def test_init_from_refuses_model_overrides(llava_folder):
+    with pytest.raises(ConfigError, match=r"model overrides \['lm.depth'\] with init_from .*: the weights fix the "
+                                          r"architecture"):
+        load_recipe("tiny-llava", [f"init_from={llava_folder[0]}", "model.lm.depth=4"])
+
+
+def test_replies_are_found_by_generation_marks_or_by_prefix_and_otherwise_refused():
+    def template(mark: bool, stable: bool) -> str:
+        reply = "{{ '\\n' + message['content'] }}"
+        if mark:
+            reply = "{% generation %}" + reply + "{% endgeneration %}"
+        head = "{{ '<|im_start|>' + message['role'] + (' ' if message['role'] == 'assistant' and not STABLE else '') }}"
+        return ("{% for message in messages %}" + head.replace("STABLE", str(stable)) +
+                "{% if message['role'] == 'assistant' %}" + reply + "{% else %}{{ '\\n' + message['content'] }}"
+                "{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>"
+                "assistant\\n' }}{% endif %}").replace("message['content']", "message['content'][0]['text']")
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]
+    for mark, stable, replies in ((True, False, ["\nhello", "\nbye"]),
+                                  (False, True, ["hello<|im_end|>\n", "bye<|im_end|>\n"])):
+        text, spans = JinjaTemplate(template(mark, stable), "<image>", None, "</s>").render_with_spans(messages, "t")
+        assert [text[a:b] for a, b in spans] == replies
+    with pytest.raises(DataError, match=r"t: the chat template renders earlier turns differently once turn 1 is "
+                                        r"added"):
+        JinjaTemplate(template(False, False), "<image>", None, "</s>").render_with_spans(messages, "t")
