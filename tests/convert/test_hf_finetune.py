@@ -96,27 +96,42 @@ def test_paligemma_trains_on_its_prompt_and_suffix(paligemma_folder):  # noqa: F
         pipe.processor.encode_conversation(CONVERSATION, pipe.processor.prepare_images(images))
 
 
-def test_a_recipe_fine_tunes_a_hugging_face_folder_and_exports_it(llava_folder, tmp_path):
-    folder, _, _ = llava_folder
-    data = tmp_path / "shapes"
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    data = tmp_path_factory.mktemp("finetune") / "shapes"
     generate_shapes(data, n=24, seed=5, size=48, progress=False)
+    return data
+
+
+def fine_tune(folder, data, out, steps: int = 20) -> tuple[list[float], object]:
     recipe = load_recipe("tiny-llava", [
         f"data.path={data}", f"init_from={folder}", "data.group_turns=0", "data.val_samples=8",
         "train.batch_size=8", "train.log_every=1", "train.eval_every=1000", "train.precompute_frozen_vision=false",
-        "stages=[{name: instruct, train: [connector, lm], steps: 20, lr: 3.0e-3}]"])
-    res = train(recipe, tmp_path / "run", progress=False, log=lambda m: None)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+        f"stages=[{{name: instruct, train: [connector, lm], steps: {steps}, lr: 3.0e-3}}]"])
+    res = train(recipe, out, progress=False, log=lambda m: None)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], res
+
+
+@pytest.mark.parametrize("family", sorted(FOLDERS) + ["paligemma"])
+def test_a_recipe_fine_tunes_each_imported_family(request, family, shapes, tmp_path):
+    folder = request.getfixturevalue(FOLDERS.get(family, "paligemma_folder"))[0]
+    losses, res = fine_tune(folder, shapes, tmp_path / "run")
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     tuned = vlmkit.load(res.checkpoint)
-    assert tuned.processor.cfg.text_mode == "whole"
-    image = data / "images" / "000000.png"
-    assert isinstance(tuned.chat(image, "What shape is it?", max_new_tokens=4), str)
+    assert tuned.processor.cfg.text_mode == "whole" and tuned.model.training is False
+    assert isinstance(tuned.chat(shapes / "images" / "000000.png", "What shape is it?", max_new_tokens=4), str)
+
+
+def test_a_fine_tuned_llava_exports_back_to_transformers(llava_folder, shapes, tmp_path):
+    _, res = fine_tune(llava_folder[0], shapes, tmp_path / "run", steps=3)
     assert main(["convert", "--to", "hf", str(res.checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    tuned = vlmkit.load(res.checkpoint)
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     proc = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
-    prompt = "USER: <image>\nWhat shape is it? ASSISTANT:"
-    theirs = proc(text=prompt, images=[Image.open(image)], return_tensors="pt")
+    image = shapes / "images" / "000000.png"
+    theirs = proc(text="USER: <image>\nWhat shape is it? ASSISTANT:", images=[Image.open(image)],
+                  return_tensors="pt")
     inputs = tuned.processor.prepare_images([image])
     with torch.no_grad():
         torch.testing.assert_close(hf(**theirs).logits, tuned.model(theirs["input_ids"], inputs).logits, rtol=0,
