@@ -138,6 +138,16 @@ def test_a_fine_tuned_llava_exports_back_to_transformers(llava_folder, shapes, t
                                    atol=1e-4)
 
 
+@pytest.mark.parametrize("fixture, match", [("qwen_folder", "M-RoPE positions"),
+                                            ("paligemma_folder", "prefix-LM attention")])
+def test_grouped_questions_are_refused_where_the_family_attends_its_own_way(request, fixture, match, shapes,
+                                                                           tmp_path):
+    recipe = load_recipe("tiny-llava", [f"data.path={shapes}", f"init_from={request.getfixturevalue(fixture)[0]}",
+                                        "data.group_turns=4", "train.precompute_frozen_vision=false"])
+    with pytest.raises(ConfigError, match=rf"data.group_turns 4: grouped questions get plain positions .*{match}"):
+        train(recipe, tmp_path / "run", progress=False, log=lambda m: None)
+
+
 def test_init_from_refuses_model_overrides(llava_folder):
     with pytest.raises(ConfigError, match=r"model overrides \['lm.depth'\] with init_from .*: the weights fix the "
                                           r"architecture"):

@@ -195,6 +195,11 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         load_model(model, str(ckpt / "model.safetensors"))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     if recipe.data.group_turns:
+        if cfg.lm.mrope_section or getattr(model, "prefix_lm", False):
+            raise ConfigError(f"data.group_turns {recipe.data.group_turns}: grouped questions get plain positions "
+                              f"and a causal segment mask, and the {cfg.family} family attends its own way "
+                              f"({'M-RoPE positions' if cfg.lm.mrope_section else 'prefix-LM attention'}); "
+                              f"set data.group_turns: 0")
         samples = group_by_image(samples, recipe.data.group_turns, recipe.train.seed)
     train_ds = ConversationDataset(samples, processor)
     val_ds = ConversationDataset(val_samples, processor) if val_samples else None
