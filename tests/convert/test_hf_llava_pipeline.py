@@ -145,3 +145,20 @@ def test_chat_template_is_read_from_each_layout(tmp_path, layout):
         (tmp_path / "tokenizer_config.json").write_text(json.dumps(
             {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]}))
     assert read_chat_template(tmp_path) == template
+
+
+def test_cli_chat_and_convert_arguments(llava_folder, tmp_path, capsys):
+    folder, _, _ = llava_folder
+    image = tmp_path / "image.png"
+    real_images()[0].save(image)
+    assert main(["chat", "--model", str(folder), "--image", str(image), "What is it?", "--max-new-tokens", "3"]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer == vlmkit.load(folder).chat(image, "What is it?", max_new_tokens=3).strip()
+    for args in (["convert", str(folder), "--out", str(tmp_path / "x")],
+                 ["convert", "--from", "hf", "--to", "hf", str(folder), "--out", str(tmp_path / "x")]):
+        assert main(args) == 2
+        assert "give exactly one of --from hf" in capsys.readouterr().err
+    assert main(["convert", "--from", "hf", str(folder), "--out", str(tmp_path / "y")]) == 0
+    assert main(["convert", "--from", "hf", str(folder), "--out", str(tmp_path / "y")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["convert", "--from", "hf", str(folder), "--out", str(tmp_path / "y"), "--overwrite"]) == 0
