@@ -101,25 +101,7 @@ class Processor:
     def encode_whole(self, text: str, images: ImageInputs, where: str, special: bool = True) -> list[int]:
         """Whole-string mode: each placeholder becomes its image's text (``image_token`` x its token count, or
         the family's tiled layout), then the string is tokenised at once, ``special`` adding BOS and the like."""
-        for refused in self.cfg.refused_placeholders:
-            if refused in text:
-                raise DataError(f"{where}: {refused!r} is a placeholder of an input kind vlmkit does not implement "
-                                f"for this model (images only, with {self.cfg.image_token!r}); remove it")
-        self.check_placeholders([text], len(images), where)
-        parts = text.split(self.cfg.image_token)
-        expanded = [parts[0]]
-        for i, part in enumerate(parts[1:]):
-            expanded.append(images.texts[i] if images.texts else self.cfg.image_token * images.tokens[i])
-            expanded.append(part)
-        ids = self.tokenizer.encode("".join(expanded), special=special)
-        if ids.count(self.image_token_id) != sum(images.tokens):
-            raise DataError(f"{where}: the text tokenised to {ids.count(self.image_token_id)} image tokens, the "
-                            f"images fill {sum(images.tokens)}; {self.cfg.image_token!r} must be a special token "
-                            f"of the tokenizer")
-        if len(ids) > self.cfg.max_length:
-            raise DataError(f"{where}: {len(ids)} tokens exceed max_length {self.cfg.max_length} "
-                            f"(raise processor max_length or shorten the prompt)")
-        return ids
+        return self._encode_supervised(text, [], images, where, special)[0]
 
     def _as_inputs(self, images: int | ImageInputs, where: str) -> ImageInputs | int:
         if isinstance(images, ImageInputs) or self.cfg.text_mode == "segments":
@@ -189,6 +171,10 @@ class Processor:
                            special: bool) -> tuple[list[int], list[int]]:
         """Whole-string ids of ``text`` with its placeholders expanded, and labels: a token's id where the token
         starts inside one of the character ``spans`` of ``text``, -100 elsewhere."""
+        for refused in self.cfg.refused_placeholders:
+            if refused in text:
+                raise DataError(f"{where}: {refused!r} is a placeholder of an input kind vlmkit does not implement "
+                                f"for this model (images only, with {self.cfg.image_token!r}); remove it")
         self.check_placeholders([text], len(images), where)
         token = self.cfg.image_token
         starts = [m.start() for m in re.finditer(re.escape(token), text)]
@@ -208,10 +194,11 @@ class Processor:
                   for t, (start, end) in zip(enc.ids, enc.offsets)]
         if enc.ids.count(self.image_token_id) != sum(images.tokens):
             raise DataError(f"{where}: the text tokenised to {enc.ids.count(self.image_token_id)} image tokens, the "
-                            f"images fill {sum(images.tokens)}")
+                            f"images fill {sum(images.tokens)}; {self.cfg.image_token!r} must be a special token "
+                            f"of the tokenizer")
         if len(enc.ids) > self.cfg.max_length:
             raise DataError(f"{where}: {len(enc.ids)} tokens exceed max_length {self.cfg.max_length} "
-                            f"(raise processor max_length or shorten the conversation)")
+                            f"(raise processor max_length or shorten the text)")
         return list(enc.ids), labels
 
     def encode_chat_prompt(self, question: str, images: int | ImageInputs, where: str = "prompt") -> list[int]:
