@@ -125,6 +125,27 @@ class ModelConfig:
 
 
 @dataclass
+class ImageSplitConfig:
+    """Idefics3 / SmolVLM image splitting (image_processor "idefics3"); the tiles are ProcessorConfig.image_size."""
+
+    longest_edge: int = 0  # first resize the longer side to this (0: no first resize)
+    enabled: bool = True  # cut images larger than a tile into tiles plus a global view; else one tile each
+
+
+@dataclass
+class NativeResolutionConfig:
+    """Qwen2-VL dynamic resolution (image_processor "qwen2_vl"): each image is resized so that height and width
+    are multiples of patch_size * merge_size and min_pixels <= height * width <= max_pixels, then cut into
+    patch_size patches of temporal_patch_size repeated frames, listed merge_size x merge_size window by window."""
+
+    min_pixels: int = 0
+    max_pixels: int = 0
+    patch_size: int = 0
+    temporal_patch_size: int = 1
+    merge_size: int = 1
+
+
+@dataclass
 class ProcessorConfig:
     """Image transform, placeholder and chat-template settings shared by train, eval and serve."""
 
@@ -155,19 +176,8 @@ class ProcessorConfig:
     # placeholders of inputs the imported family has but vlmkit does not implement (OneVision's "<video>"): a
     # prompt containing one is refused by name instead of being read as text
     refused_placeholders: list[str] = field(default_factory=list)
-    # image_processor "idefics3" (Idefics3 / SmolVLM), whose tiles are image_size: first resize the longer side to
-    # this (0: no first resize), then, with image_splitting, cut images larger than a tile into tiles plus a
-    # global view (without it, every image is resized to one tile)
-    longest_edge: int = 0
-    image_splitting: bool = True
-    # image_processor "qwen2_vl" (dynamic resolution): each image is resized so that height and width are
-    # multiples of patch_size * merge_size and min_pixels <= height * width <= max_pixels, then cut into
-    # patch_size patches of temporal_patch_size repeated frames, listed merge_size x merge_size window by window
-    min_pixels: int = 0
-    max_pixels: int = 0
-    patch_size: int = 0
-    temporal_patch_size: int = 1
-    merge_size: int = 1
+    split: ImageSplitConfig = field(default_factory=ImageSplitConfig)  # image_processor "idefics3"
+    native: NativeResolutionConfig = field(default_factory=NativeResolutionConfig)  # image_processor "qwen2_vl"
 
 
 # ----------------------------------------------------------------------------------------- dict <-> dataclass

@@ -173,7 +173,7 @@ def test_bucketed_positions_of_a_full_tile_are_transformers(side):
 def test_vlmkit_load_reads_the_processor_settings_from_the_folder(folders):
     for name, split in (("idefics3", True), ("idefics3_nosplit", False)):
         cfg = vlmkit.load(folders[name][0]).processor.cfg
-        assert (cfg.image_processor, cfg.image_size, cfg.longest_edge, cfg.image_splitting) == (
+        assert (cfg.image_processor, cfg.image_size, cfg.split.longest_edge, cfg.split.enabled) == (
             "idefics3", (32, 32), 80, split)
         assert (cfg.mean, cfg.std, cfg.resample, cfg.image_seq_len) == (
             (0.4, 0.5, 0.6), (0.2, 0.3, 0.25), "lanczos", 4)

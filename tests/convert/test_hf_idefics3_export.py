@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import vlmkit
 from vlmkit.checkpoint import load_checkpoint, write_model_files
 from vlmkit.cli import main
-from vlmkit.config import ConnectorConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
+from vlmkit.config import ConnectorConfig, ImageSplitConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
 from vlmkit.convert.hf import convert_to_hf, read_chat_template, read_image_processor
 from vlmkit.convert.hf.idefics3 import export_idefics3
 from vlmkit.errors import ConfigError
@@ -202,7 +202,7 @@ def scratch_model(vision: dict | None = None, connector: dict | None = None, pro
     cfg = ModelConfig(family="idefics3", vision=VisionConfig(**{**v.__dict__, **(vision or {})}),
                       connector=ConnectorConfig(**{**c.__dict__, **(connector or {})}), lm=lm)
     pcfg = ProcessorConfig(image_size=(32, 32), mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25), resample="bicubic",
-                           image_processor="idefics3", text_mode="whole", longest_edge=80, image_splitting=True,
+                           image_processor="idefics3", text_mode="whole", split=ImageSplitConfig(80, True),
                            chat_template_jinja=TEMPLATE, pad_token="<pad>", eos_token="<end_of_utterance>",
                            max_length=512)
     pcfg = ProcessorConfig(**{**pcfg.__dict__, "image_seq_len": 4, **(processor or {})})

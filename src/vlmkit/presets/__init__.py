@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlmkit.config import AnyResConfig, ConnectorConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
+from vlmkit.config import (AnyResConfig, ConnectorConfig, ImageSplitConfig, LanguageConfig, ModelConfig,
+                           NativeResolutionConfig, ProcessorConfig, VisionConfig)
 from vlmkit.registry import Registry
 
 
@@ -161,8 +162,9 @@ def qwen2_vl_2b() -> Preset:
     connector = ConnectorConfig(kind="patch_merger", scale_factor=2, layers=2, act="gelu", bias=True)
     model = ModelConfig(family="qwen2_vl", vision=vision, connector=connector, lm=lm, image_token="<|image_pad|>")
     proc = _whole(image_size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD, image_processor="qwen2_vl",
-                  image_token="<|image_pad|>", min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14,
-                  temporal_patch_size=2, merge_size=2, max_length=32768, eos_token="<|im_end|>",
+                  image_token="<|image_pad|>", max_length=32768,
+                  native=NativeResolutionConfig(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14,
+                                                temporal_patch_size=2, merge_size=2), eos_token="<|im_end|>",
                   pad_token="<|endoftext|>", refused_placeholders=["<|video_pad|>"])
     return Preset(model, proc, source="Qwen/Qwen2-VL-2B-Instruct")
 
@@ -176,7 +178,8 @@ def idefics3_8b() -> Preset:
                         rope_theta=500000.0, max_seq_len=131072)
     connector = ConnectorConfig(kind="pixel_shuffle", scale_factor=2, layers=1, bias=False)
     model = ModelConfig(family="idefics3", vision=vision, connector=connector, lm=lm)
-    proc = _whole(image_size=(364, 364), resample="lanczos", image_processor="idefics3", longest_edge=4 * 364,
+    proc = _whole(image_size=(364, 364), resample="lanczos", image_processor="idefics3",
+                  split=ImageSplitConfig(longest_edge=4 * 364),
                   max_length=131072, eos_token="<|end_of_text|>", bos_token="<|begin_of_text|>",
                   pad_token="<|reserved_special_token_0|>", chat_template="idefics3")
     return Preset(model, proc, source="HuggingFaceM4/Idefics3-8B-Llama3")

@@ -80,8 +80,8 @@ class Idefics3ImageProcessor(ImageProcessor):
     """Images -> tiles [total_tiles, C, tile, tile] in reading order (each image's tiles row by row, then its
     global view), ``tokens`` = image tokens per image, ``texts`` = each placeholder's expansion.
 
-    Settings (ProcessorConfig): ``image_size`` is (tile, tile); ``longest_edge`` the first resize (0: none);
-    ``image_splitting`` whether images larger than a tile are split."""
+    Settings (ProcessorConfig): ``image_size`` is (tile, tile); ``split.longest_edge`` the first resize (0: none);
+    ``split.enabled`` whether images larger than a tile are split."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -95,10 +95,10 @@ class Idefics3ImageProcessor(ImageProcessor):
         """One RGB image -> (its tiles and global view as PIL images, rows, cols); rows = cols = 0 when the image is
         a single tile."""
         t = self.tile
-        if self.cfg.longest_edge:
-            h, w = longest_edge_size(image.height, image.width, self.cfg.longest_edge)
+        if self.cfg.split.longest_edge:
+            h, w = longest_edge_size(image.height, image.width, self.cfg.split.longest_edge)
             image = image.resize((w, h), self.resample)
-        if not self.cfg.image_splitting:
+        if not self.cfg.split.enabled:
             return [image.resize((t, t), self.resample)], 0, 0
         h, w = tile_multiple_size(image.height, image.width, t)
         image = image.resize((w, h), self.resample)

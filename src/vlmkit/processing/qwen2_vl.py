@@ -62,27 +62,27 @@ class Qwen2VLImageProcessor(ImageProcessor):
     [n_images, 3] (long) and each image's LM token count."""
 
     def __init__(self, cfg):
-        self.cfg = cfg
+        self.cfg, n = cfg, cfg.native
         for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size"):
-            if getattr(cfg, name) <= 0:
-                raise ConfigError(f"processor {name} must be positive for the qwen2_vl image processor, got "
-                                  f"{getattr(cfg, name)}")
-        if cfg.min_pixels > cfg.max_pixels:
-            raise ConfigError(f"processor min_pixels {cfg.min_pixels} exceeds max_pixels {cfg.max_pixels}")
+            if getattr(n, name) <= 0:
+                raise ConfigError(f"processor native.{name} must be positive for the qwen2_vl image processor, got "
+                                  f"{getattr(n, name)}")
+        if n.min_pixels > n.max_pixels:
+            raise ConfigError(f"processor native.min_pixels {n.min_pixels} exceeds native.max_pixels {n.max_pixels}")
         if cfg.resample not in RESAMPLE:
             raise ConfigError(f"processor resample {cfg.resample!r}; valid: {', '.join(RESAMPLE)}")
-        self.factor = cfg.patch_size * cfg.merge_size
+        self.factor = n.patch_size * n.merge_size
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
         self.transform = self.pixels  # one image -> its normalised [C, H, W] pixels at the size it is patched at
 
     @property
     def patch_dim(self) -> int:
-        return 3 * self.cfg.temporal_patch_size * self.cfg.patch_size**2
+        return 3 * self.cfg.native.temporal_patch_size * self.cfg.native.patch_size**2
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """Resize (smart_resize), rescale and normalise one RGB image -> [3, H, W]."""
-        h, w = smart_resize(image.height, image.width, self.factor, self.cfg.min_pixels, self.cfg.max_pixels)
+        h, w = smart_resize(image.height, image.width, self.factor, self.cfg.native.min_pixels, self.cfg.native.max_pixels)
         if (w, h) != image.size:
             image = image.resize((w, h), RESAMPLE[self.cfg.resample])
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
@@ -92,11 +92,11 @@ class Qwen2VLImageProcessor(ImageProcessor):
         patches, grids = [], []
         for image in images:
             x = self.pixels(image)
-            patches.append(patchify(x, self.cfg.patch_size, self.cfg.merge_size, self.cfg.temporal_patch_size))
-            grids.append((1, x.shape[1] // self.cfg.patch_size, x.shape[2] // self.cfg.patch_size))
+            patches.append(patchify(x, self.cfg.native.patch_size, self.cfg.native.merge_size, self.cfg.native.temporal_patch_size))
+            grids.append((1, x.shape[1] // self.cfg.native.patch_size, x.shape[2] // self.cfg.native.patch_size))
         grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
         pixel_values = torch.cat(patches) if patches else torch.zeros(0, self.patch_dim)
-        tokens = [int(t * h * w) // self.cfg.merge_size**2 for t, h, w in grids]
+        tokens = [int(t * h * w) // self.cfg.native.merge_size**2 for t, h, w in grids]
         return ImageInputs(pixel_values, tokens, {"image_grid_thw": grid_thw})
 
 

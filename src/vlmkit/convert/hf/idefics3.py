@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import ConnectorConfig, ModelConfig, ProcessorConfig
+from vlmkit.config import ConnectorConfig, ImageSplitConfig, ModelConfig, ProcessorConfig
 from vlmkit.convert.hf.families import HFFamily, register_family
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
@@ -118,7 +118,7 @@ def _load_idefics3(folder: str | Path) -> tuple[VisionLanguageModel, ModelConfig
 
 def idefics3_image_settings(cfg: dict, where: str = "preprocessor_config.json") -> dict:
     """Idefics3ImageProcessor / SmolVLMImageProcessor settings -> ProcessorConfig fields (image_size = one tile,
-    longest_edge, image_splitting, resample, mean, std)."""
+    split: longest_edge and enabled, resample, mean, std)."""
     cfg = {**IMAGE_DEFAULTS, **cfg}
     tile = (cfg.get("max_image_size") or {}).get("longest_edge")
     if not isinstance(tile, int) or tile < 1:
@@ -131,7 +131,7 @@ def idefics3_image_settings(cfg: dict, where: str = "preprocessor_config.json") 
     # rescale, normalisation and the PIL filter are checked and read as for every family; the tile is the size
     fixed = image_processor_from_hf({**cfg, "do_resize": True, "do_center_crop": False,
                                      "size": {"height": tile, "width": tile}}, where)
-    return {**fixed, "longest_edge": longest, "image_splitting": bool(cfg.get("do_image_splitting", True))}
+    return {**fixed, "split": ImageSplitConfig(longest, bool(cfg.get("do_image_splitting", True)))}
 
 
 def _read_json(path: Path) -> dict:
@@ -237,9 +237,9 @@ def idefics3_image_processor_to_hf(pcfg: ProcessorConfig, tile: int, image_proce
     if tuple(pcfg.image_size) != (tile, tile):
         raise ConfigError(f"processor image_size {tuple(pcfg.image_size)} differs from the tower's ({tile}, {tile}): "
                           f"Idefics3's tiles (max_image_size) are the tower's image_size")
-    return {"image_processor_type": image_processor_type, "do_convert_rgb": True, "do_resize": bool(pcfg.longest_edge),
-            "size": {"longest_edge": pcfg.longest_edge or 4 * tile}, "max_image_size": {"longest_edge": tile},
-            "do_image_splitting": pcfg.image_splitting, "resample": PIL_CODES[pcfg.resample], "do_rescale": True,
+    return {"image_processor_type": image_processor_type, "do_convert_rgb": True, "do_resize": bool(pcfg.split.longest_edge),
+            "size": {"longest_edge": pcfg.split.longest_edge or 4 * tile}, "max_image_size": {"longest_edge": tile},
+            "do_image_splitting": pcfg.split.enabled, "resample": PIL_CODES[pcfg.resample], "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(pcfg.mean),
             "image_std": list(pcfg.std), "do_pad": True}
 

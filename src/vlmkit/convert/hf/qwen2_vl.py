@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import ConnectorConfig, ModelConfig, ProcessorConfig, VisionConfig
+from vlmkit.config import ConnectorConfig, ModelConfig, NativeResolutionConfig, ProcessorConfig, VisionConfig
 from vlmkit.convert.hf.families import HFFamily, register_family
 from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
@@ -185,12 +185,13 @@ def qwen2_vl_processor_settings(folder: Path, vision: VisionConfig) -> dict:
     resample = cfg.get("resample", 3)
     if resample not in PIL_RESAMPLE:
         raise ConfigError(f"{path}: resample {resample!r}; supported: {sorted(PIL_RESAMPLE)} (PIL filters)")
-    out = {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels), "resample": PIL_RESAMPLE[resample]}
+    native = {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)}
     for key, model_value in (("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
                              ("merge_size", vision.merge_size)):  # vision_config's spatial_merge_size
         if cfg[key] != model_value:
             raise ConfigError(f"{path}: {key} {cfg[key]!r} does not match config.json's vision_config ({model_value})")
-        out[key] = model_value
+        native[key] = model_value
+    out = {"native": NativeResolutionConfig(**native), "resample": PIL_RESAMPLE[resample]}
     if cfg.get("do_normalize", True):
         out["mean"] = tuple(float(v) for v in cfg["image_mean"])
         out["std"] = tuple(float(v) for v in cfg["image_std"])
@@ -205,7 +206,8 @@ def load_qwen2_vl_folder(folder: Path):
     model, cfg, hf_config = _load(folder)
     settings = qwen2_vl_processor_settings(Path(folder), cfg.vision)
     # the processor's image_seq_len is the most tokens an image can fill (each fills its own number)
-    most = max(1, settings["max_pixels"] // (settings["patch_size"] * settings["merge_size"]) ** 2)
+    n = settings["native"]
+    most = max(1, n.max_pixels // (n.patch_size * n.merge_size) ** 2)
     # videos are not implemented: a prompt with the video placeholder is refused instead of read as text
     video = load_hf_tokenizer(folder).tok.id_to_token(int(hf_config.get("video_token_id", 151656)))
     refused = [video or "<|video_pad|>"]
@@ -313,19 +315,19 @@ def qwen2_vl_processor_to_hf(pcfg: ProcessorConfig, vision: VisionConfig) -> dic
     if pcfg.image_processor != "qwen2_vl" or pcfg.text_mode != "whole":
         raise ConfigError(f"processor image_processor {pcfg.image_processor!r}, text_mode {pcfg.text_mode!r}: "
                           f"Qwen2VLProcessor's layout is image_processor 'qwen2_vl' with text_mode 'whole'")
+    n = pcfg.native
     for key, value in (("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
                        ("merge_size", vision.merge_size)):
-        if getattr(pcfg, key) != value:
-            raise ConfigError(f"processor {key} {getattr(pcfg, key)} is not the tower's vision.{key} {value}: "
+        if getattr(n, key) != value:
+            raise ConfigError(f"processor native.{key} {getattr(n, key)} is not the tower's vision.{key} {value}: "
                               f"transformers' image processor and model read them from different files, which "
                               f"must agree")
     return {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
             "do_resize": True, "resample": PIL_CODES[pcfg.resample], "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": list(pcfg.mean), "image_std": list(pcfg.std), "do_convert_rgb": True,
-            "min_pixels": pcfg.min_pixels, "max_pixels": pcfg.max_pixels,
-            "size": {"shortest_edge": pcfg.min_pixels, "longest_edge": pcfg.max_pixels},
-            "patch_size": pcfg.patch_size, "temporal_patch_size": pcfg.temporal_patch_size,
-            "merge_size": pcfg.merge_size}
+            "min_pixels": n.min_pixels, "max_pixels": n.max_pixels,
+            "size": {"shortest_edge": n.min_pixels, "longest_edge": n.max_pixels},
+            "patch_size": n.patch_size, "temporal_patch_size": n.temporal_patch_size, "merge_size": n.merge_size}
 
 
 def export_qwen2_vl(model: Qwen2VLModel, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
