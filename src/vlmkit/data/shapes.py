@@ -6,8 +6,9 @@ rendered scenes of coloured shapes. The generator is written by hand (PIL + stdl
 referring expression ("the red circle") names exactly one object, and yes/no answers are balanced.
 
 Output formats are the ones real datasets use, so real data plugs in unchanged:
-LLaVA conversation JSON (one record per question), COCO captions, image-caption CSV, and a scene file with
-COCO-style boxes. Same arguments give byte-identical files: every image has its own ``random.Random``
+LLaVA conversation JSON (one record per question), COCO captions, image-caption CSV, a scene file with
+COCO-style boxes, the questions again in VQAv2's layout (questions + annotations JSON), and POPE-style object
+probes (JSONL, random / popular / adversarial negatives) for the evaluation tasks. Same arguments give byte-identical files: every image has its own ``random.Random``
 seeded from (seed, index), JSON keys keep insertion order and PNGs carry no metadata.
 """
 
@@ -546,6 +547,57 @@ def _coco_captions(items: list[dict], split: str) -> dict:
     return {"info": info, "images": images, "annotations": annotations}
 
 
+def _vqav2_files(items: list[dict], split: str) -> tuple[dict, dict]:
+    """The split's questions in the official VQAv2 layout: a questions file and an annotations file, question ids
+    ``image id * 100 + j``, the one ShapesWorld answer given by all ten annotators, and VQAv2's answer types."""
+    info = {"description": f"ShapesWorld VQA ({split})", "version": str(GENERATOR_VERSION), "contributor": GENERATOR}
+    questions, annotations = [], []
+    for it in items:
+        for j, q in enumerate(it["questions"]):
+            qid = it["index"] * 100 + j
+            questions.append({"image_id": it["index"], "question": q["question"], "question_id": qid})
+            kind = "yes/no" if q["answer"] in ("yes", "no") else "number" if q["type"] == "count" else "other"
+            annotations.append({
+                "question_id": qid, "image_id": it["index"], "question_type": q["type"], "answer_type": kind,
+                "multiple_choice_answer": q["answer"],
+                "answers": [{"answer": q["answer"], "answer_confidence": "yes", "answer_id": k + 1}
+                            for k in range(10)]})
+    head = {"info": info, "task_type": "Open-Ended", "data_type": "shapesworld", "data_subtype": split}
+    return {**head, "questions": questions}, {**head, "annotations": annotations}
+
+
+POPE_CATEGORIES = ("random", "popular", "adversarial")
+POPE_PER_IMAGE = 3  # yes and no probes each, per image (POPE asks 3 + 3)
+
+
+def _pope_rows(items: list[dict]) -> dict[str, list[dict]]:
+    """POPE-style object probes ("Is there a {colour} {shape} in the image?") per negative-sampling category,
+    as POPE's JSONL rows: up to 3 objects present ("yes") and as many absent ones ("no") per image, the absent
+    ones drawn at random, among the split's most frequent objects, or among objects sharing a colour or shape
+    with one present (adversarial). Drawn from their own random stream, so the other files are unchanged."""
+    counts = Counter((o.color, o.shape) for it in items for o in it["scene"].objects)
+    popular = [pair for pair, _ in counts.most_common()] + [(c, s) for c in COLORS for s in SHAPES]
+    out: dict[str, list[dict]] = {c: [] for c in POPE_CATEGORIES}
+    for it in items:
+        rng = random.Random(f"pope/{it['index']}")
+        present = sorted({(o.color, o.shape) for o in it["scene"].objects})
+        yes = rng.sample(present, min(POPE_PER_IMAGE, len(present)))
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        similar = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
+        pools = {"random": rng.sample(absent, len(yes)),
+                 "popular": [pair for pair in dict.fromkeys(popular) if pair not in present][:len(yes)],
+                 "adversarial": (rng.sample(similar, len(yes)) if len(similar) >= len(yes) else
+                                 similar + rng.sample([a for a in absent if a not in similar], len(yes) - len(similar)))}
+        for category, no in pools.items():
+            for label, pairs in (("yes", yes), ("no", no)):
+                for color, shape in pairs:
+                    rows = out[category]
+                    rows.append({"question_id": len(rows), "image": it["file_name"],
+                                 "text": f"Is there a {color} {shape} in the image?", "label": label,
+                                 "category": category})
+    return out
+
+
 def _write_rows(path: Path, rows: list) -> None:
     """A JSON list with one row per line: valid JSON that also diffs and greps well."""
     body = ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows)
@@ -561,6 +613,12 @@ def _write_split(folder: Path, split: str, items: list[dict]) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image", "caption"])
         writer.writerows([it["file_name"], c] for it in items for c in it["captions"])
+    questions, annotations = _vqav2_files(items, split)
+    (folder / f"vqav2_{split}_questions.json").write_text(json.dumps(questions) + "\n", encoding="utf-8")
+    (folder / f"vqav2_{split}_annotations.json").write_text(json.dumps(annotations) + "\n", encoding="utf-8")
+    for category, rows in _pope_rows(items).items():
+        (folder / f"pope_{split}_{category}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
+                                                              encoding="utf-8")
 
 
 def _summarize(items: list[dict]) -> dict:

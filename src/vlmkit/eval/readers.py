@@ -1,0 +1,129 @@
+"""Readers for the benchmarks' official file layouts -> :class:`EvalSample` lists the evaluation tasks score.
+
+Each reader checks what it reads and names the file, the row and the missing or malformed field; image paths
+are resolved against an image folder and checked to exist before any model runs. So far: VQAv2 (questions +
+annotations JSON) and POPE (JSONL); ShapesWorld writes both layouts (``vlmkit data shapes``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmkit.errors import DataError
+
+# where the VQAv2 layout's image ids point: COCO's file names, and ShapesWorld's
+COCO_IMAGE_PATTERN = "COCO_{data_subtype}_{image_id:012d}.jpg"
+SHAPES_IMAGE_PATTERN = "images/{image_id:06d}.png"
+
+
+@dataclass
+class EvalSample:
+    """One question (or probe, or caption target) of a benchmark: its images, the question text without image
+    placeholders, the reference answers, and what the metric needs besides (answer types, split, ...)."""
+
+    id: str
+    images: list[Path]
+    question: str
+    answers: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+def _load_json(path: Path):
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def _field(row: dict, name: str, kind, where: str):
+    if not isinstance(row, dict) or name not in row:
+        raise DataError(f"{where}: missing field {name!r}")
+    value = row[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise DataError(f"{where}: field {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _image(image_dir: Path, name: str, where: str) -> Path:
+    path = image_dir / name
+    if not path.is_file():
+        raise DataError(f"{where}: image not found: {path}")
+    return path
+
+
+def read_vqav2(questions: str | Path, annotations: str | Path | None, image_dir: str | Path,
+               image_pattern: str = COCO_IMAGE_PATTERN, limit: int | None = None) -> list[EvalSample]:
+    """VQAv2's questions file (``{"questions": [{"question_id", "image_id", "question"}]}``, its
+    ``data_subtype`` naming the COCO split) and annotations file (``{"annotations": [{"question_id",
+    "answers": [{"answer"}, ...], "answer_type", "question_type", "multiple_choice_answer"}]}``) -> samples
+    whose ``answers`` are the ten annotators' answers (what VQA accuracy scores against). Without annotations
+    (a test-dev split) the answers are empty. ``image_pattern`` formats an image id (and ``data_subtype``) into
+    a file name under ``image_dir``."""
+    questions, image_dir = Path(questions), Path(image_dir)
+    qdata = _load_json(questions)
+    rows = _field(qdata, "questions", list, str(questions))
+    subtype = qdata.get("data_subtype", "")
+    by_id: dict[int, dict] = {}
+    if annotations is not None:
+        annotations = Path(annotations)
+        for i, ann in enumerate(_field(_load_json(annotations), "annotations", list, str(annotations))):
+            where = f"{annotations} annotation {i}"
+            answers = _field(ann, "answers", list, where)
+            if not answers or not all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers):
+                raise DataError(f"{where}: field 'answers' must be a non-empty list of {{'answer': str}}")
+            by_id[_field(ann, "question_id", int, where)] = ann
+    out = []
+    for i, row in enumerate(rows[:limit] if limit else rows):
+        where = f"{questions} question {i}"
+        qid, image_id = _field(row, "question_id", int, where), _field(row, "image_id", int, where)
+        text = _field(row, "question", str, where)
+        try:
+            name = image_pattern.format(image_id=image_id, data_subtype=subtype)
+        except (KeyError, ValueError, IndexError) as e:
+            raise DataError(f"image_pattern {image_pattern!r}: {e}; it may use {{image_id}} and {{data_subtype}}")
+        meta: dict = {"question_id": qid, "image_id": image_id}
+        answers: list[str] = []
+        if annotations is not None:
+            if qid not in by_id:
+                raise DataError(f"{where}: question_id {qid} has no annotation in {annotations}")
+            ann = by_id[qid]
+            answers = [a["answer"] for a in ann["answers"]]
+            meta |= {k: ann[k] for k in ("answer_type", "question_type", "multiple_choice_answer") if k in ann}
+        out.append(EvalSample(str(qid), [_image(image_dir, name, where)], text, answers, meta))
+    return out
+
+
+def read_pope(path: str | Path, image_dir: str | Path, category: str | None = None,
+              limit: int | None = None) -> list[EvalSample]:
+    """POPE's JSONL (one ``{"question_id", "image", "text", "label": "yes" | "no"}`` per line) -> samples with
+    the label as the one answer and the negative-sampling ``category`` (random / popular / adversarial) in
+    ``meta``: the row's own ``category`` field, else the ``category`` argument, else the file name's last
+    ``_part`` when it names one (POPE ships ``coco_pope_adversarial.json`` and the like)."""
+    path, image_dir = Path(path), Path(image_dir)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    stem = path.stem.rsplit("_", 1)[-1]
+    default = category or (stem if stem in ("random", "popular", "adversarial") else None)
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        where = f"{path} line {i + 1}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from e
+        label = _field(row, "label", str, where).strip().lower()
+        if label not in ("yes", "no"):
+            raise DataError(f"{where}: field 'label' must be 'yes' or 'no', got {row['label']!r}")
+        qid = row.get("question_id", i)
+        meta = {"question_id": qid, "category": row.get("category", default)}
+        out.append(EvalSample(str(qid), [_image(image_dir, _field(row, "image", str, where), where)],
+                              _field(row, "text", str, where), [label], meta))
+        if limit and len(out) >= limit:
+            break
+    return out
