@@ -50,6 +50,27 @@ def cmd_chat(args) -> None:
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed))
 
 
+def cmd_eval(args) -> None:
+    """Evaluate a model folder on benchmark tasks (see `vlmkit tasks`): results.json, predictions, a report."""
+    from vlmkit.eval.runner import run_eval
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    res = run_eval(args.model, tasks, args.data, args.out, split=args.split, limit=args.limit,
+                   batch_size=args.batch_size, seed=args.seed, post_prompt=args.post_prompt.replace("\\n", "\n"),
+                   progress=not args.quiet)
+    print(json.dumps({name: {r["metric"]: r["metrics"][r["metric"]], "n": r["n"]}
+                      for name, r in res["tasks"].items()}))
+
+
+def cmd_tasks(args) -> None:
+    """List the evaluation tasks with their metric and the data files they read."""
+    from vlmkit.eval.tasks import TASKS
+
+    print(f"{'task':<14} {'metric':<14} {'data (under --data)':<60} description")
+    for name, t in sorted(TASKS.items()):
+        print(f"{name:<14} {t.metric:<14} {t.data:<60} {t.description}")
+
+
 def cmd_convert(args) -> None:
     """Convert between a Hugging Face checkpoint folder and a vlmkit one (--from hf SRC, or --to hf SRC)."""
     from vlmkit.convert.hf import convert_from_hf, convert_to_hf
@@ -138,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-p", type=float, default=1.0)
     c.add_argument("--seed", type=int)
     c.set_defaults(fn=cmd_chat)
+
+    ev = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    ev.add_argument("--model", required=True, help="a vlmkit checkpoint or Hugging Face folder")
+    ev.add_argument("--tasks", required=True, help="comma-separated task names (see `vlmkit tasks`)")
+    ev.add_argument("--data", required=True, help="the folder holding the tasks' files (e.g. a ShapesWorld folder)")
+    ev.add_argument("--out", default="results.json", help="results file; predictions and report go beside it")
+    ev.add_argument("--split", default="test", help="the split whose files are read (default test)")
+    ev.add_argument("--limit", type=int, help="at most this many samples per task")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--post-prompt", default="", help="text appended to every question, e.g. LLaVA-1.5's "
+                    "'\\nAnswer the question using a single word or phrase.' (\\n is a newline)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(fn=cmd_eval)
+    sub.add_parser("tasks", help=cmd_tasks.__doc__).set_defaults(fn=cmd_tasks)
 
     cv = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
     cv.add_argument("--from", dest="from_", choices=["hf"], help="SRC is a Hugging Face folder: import it")

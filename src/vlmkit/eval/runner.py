@@ -1,0 +1,135 @@
+"""``vlmkit eval``: run tasks on a model and write results.json, per-sample predictions and a report.
+
+The model answers through :class:`~vlmkit.pipeline.Pipeline` (its chat template, batched greedy generation), so
+it answers as it does everywhere else. results.json holds each task's metrics, sample count, bootstrap 95%
+confidence interval of its headline metric, wall time and samples/s, with the resolved config, a fingerprint of
+the model's files and the seed; ``predictions_<task>.jsonl`` holds every sample's prompt, prediction, references
+and scores; ``<results>.md`` is a report with a plot of the grouped scores. Everything is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from vlmkit import __version__
+from vlmkit.eval.metrics.stats import bootstrap_ci
+from vlmkit.eval.tasks import Task, aggregate, get_task
+from vlmkit.utils import atomic_write_json, atomic_write_text
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 over a model folder's config and weight files (names and bytes), so results name what ran."""
+    folder, h = Path(path), hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file())
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def run_task(pipe, task: Task, data: Path, split: str, limit: int | None, batch_size: int, post_prompt: str = "",
+             seed: int = 0, progress: bool = True) -> tuple[dict, list[dict]]:
+    """(the task's results, its per-sample records). Answers are stripped of surrounding whitespace before they
+    are scored, as LLaVA's and lmms-eval's evaluation scripts do; ``post_prompt`` is appended to every prompt
+    (e.g. LLaVA-1.5's "\nAnswer the question using a single word or phrase.")."""
+    samples = task.read(data, split, limit)
+    t0 = time.perf_counter()
+    records, scores, predictions = [], [], []
+    bar = tqdm(total=len(samples), desc=task.name, unit="sample", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        prompts = [task.prompt(s) + post_prompt for s in chunk]
+        answers = pipe.chat_batch([(s.images, p) for s, p in zip(chunk, prompts)],
+                                  max_new_tokens=task.max_new_tokens)
+        for s, prompt, answer in zip(chunk, prompts, answers):
+            answer = answer.strip()
+            score = task.score(answer, s)
+            scores.append(score)
+            predictions.append(answer)
+            records.append({"id": s.id, "images": [str(p) for p in s.images], "prompt": prompt,
+                            "prediction": answer, "answers": s.answers, **score, "meta": s.meta})
+        bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    headline = [s[task.metric] for s in scores]
+    result = {"metric": task.metric, "metrics": aggregate(task, scores, samples, predictions), "n": len(samples),
+              "ci95": {task.metric: list(bootstrap_ci(headline, seed=seed))}, "seconds": round(seconds, 3),
+              "samples_per_second": round(len(samples) / max(seconds, 1e-9), 3)}
+    return result, records
+
+
+def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | Path, split: str = "test",
+             limit: int | None = None, batch_size: int = 32, seed: int = 0, post_prompt: str = "",
+             progress: bool = True) -> dict:
+    """Evaluate the model folder on ``tasks`` (names) with the data under ``data``; write ``out`` (results.json),
+    ``predictions_<task>.jsonl`` beside it and ``<out>.md``. Unknown task names fail before the model loads."""
+    import torch
+
+    from vlmkit.pipeline import Pipeline
+
+    resolved = [get_task(name) for name in tasks]
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(model)
+    out, data = Path(out), Path(data)
+    results = {"vlmkit_version": __version__, "model": {"path": str(model), "fingerprint": fingerprint(model)},
+               "config": {"tasks": tasks, "data": str(data), "split": split, "limit": limit,
+                          "batch_size": batch_size, "post_prompt": post_prompt, "generation": "greedy"},
+               "seed": seed, "tasks": {}}
+    for task in resolved:
+        result, records = run_task(pipe, task, data, split, limit, batch_size, post_prompt, seed, progress)
+        results["tasks"][task.name] = result
+        atomic_write_text(out.parent / f"predictions_{task.name}.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    results["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    atomic_write_json(out, results)
+    write_report(results, out.with_suffix(".md"))
+    return results
+
+
+def write_report(results: dict, path: Path) -> None:
+    """A markdown table of every task's metrics with its confidence interval, and a bar chart of the grouped
+    headline scores (e.g. accuracy per question type) where a task has groups."""
+    lines = [f"# vlmkit eval: {results['model']['path']}", "",
+             f"model fingerprint `{results['model']['fingerprint'][:16]}`, split {results['config']['split']}, "
+             f"seed {results['seed']}, {results['wall_seconds']:.0f} s", "",
+             "| task | metric | value | 95% CI | samples | samples/s |", "|---|---|---|---|---|---|"]
+    for name, r in results["tasks"].items():
+        lo, hi = r["ci95"][r["metric"]]
+        lines.append(f"| {name} | {r['metric']} | {r['metrics'][r['metric']]:.4f} | [{lo:.4f}, {hi:.4f}] | {r['n']} "
+                     f"| {r['samples_per_second']:.1f} |")
+    for name, r in results["tasks"].items():
+        groups = {k.split("/", 1)[1]: v for k, v in r["metrics"].items() if k.startswith(r["metric"] + "/")}
+        if not groups:
+            continue
+        plot = path.with_name(f"{path.stem}_{name}.png")
+        _bar_chart(groups, f"{name}: {r['metric']} by group", plot)
+        lines += ["", f"## {name}", "", "| group | " + r["metric"] + " |", "|---|---|"]
+        lines += [f"| {g} | {v:.4f} |" for g, v in groups.items()]
+        lines += ["", f"![{name}]({plot.name})"]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _bar_chart(groups: dict[str, float], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(groups) + 1), 3))
+    ax.bar(list(groups), list(groups.values()), color="#4c72b0")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

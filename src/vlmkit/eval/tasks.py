@@ -1,0 +1,132 @@
+"""The task registry: a task is a data reader + a prompt format + a per-sample score + an aggregate.
+
+Tasks read the official layouts (:mod:`vlmkit.eval.readers`) from a data folder; ShapesWorld writes every layout,
+so each task runs on it out of the box (``vlmkit data shapes``). The runner (:mod:`vlmkit.eval.runner`) asks the
+model, scores each answer with ``score`` and reports ``aggregate`` with bootstrap confidence intervals of the
+task's headline ``metric``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmkit.errors import ConfigError, DataError
+from vlmkit.eval.metrics.pope import pope_metrics, score_pope
+from vlmkit.eval.metrics.vqa import exact_match, vqa_accuracy
+from vlmkit.eval.readers import COCO_IMAGE_PATTERN, SHAPES_IMAGE_PATTERN, EvalSample, read_pope, read_vqav2
+
+POPE_CATEGORIES = ("random", "popular", "adversarial")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    metric: str  # the headline metric: each sample's score of that name is what the confidence interval is of
+    data: str  # the files it reads under the data folder ({split} filled in), for `vlmkit tasks`
+    read: Callable[[Path, str, int | None], list[EvalSample]]  # (data folder, split, limit) -> samples
+    prompt: Callable[[EvalSample], str]  # the question as asked (the model's chat template is applied after)
+    score: Callable[[str, EvalSample], dict[str, float]]  # (prediction, sample) -> per-sample scores
+    group_by: str = ""  # a meta key whose groups get their own headline score (e.g. question type)
+    max_new_tokens: int = 16
+    # (predictions, samples) -> metrics, for metrics that are not means of per-sample scores (POPE's F1);
+    # None: the mean of each per-sample score, and the headline per group
+    summarize: Callable[[list[str], list[EvalSample]], dict[str, float]] | None = None
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} registered twice")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))} (see `vlmkit tasks`)")
+    return TASKS[name]
+
+
+def aggregate(task: Task, scores: list[dict[str, float]], samples: list[EvalSample],
+              predictions: list[str]) -> dict[str, float]:
+    """The task's own ``summarize``, or the mean of every per-sample score over the samples and the headline
+    metric per ``group_by`` group."""
+    if task.summarize is not None:
+        return task.summarize(predictions, samples)
+    out: dict[str, float] = {}
+    for key in scores[0] if scores else ():
+        out[key] = sum(s[key] for s in scores) / len(scores)
+    if task.group_by:
+        groups: dict[str, list[float]] = defaultdict(list)
+        for s, sample in zip(scores, samples):
+            groups[str(sample.meta.get(task.group_by))].append(s[task.metric])
+        out |= {f"{task.metric}/{g}": sum(v) / len(v) for g, v in sorted(groups.items())}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+# Each reads ShapesWorld's files (``vlmkit data shapes``) or, when those are absent, the official release's names.
+
+
+def _first(root: Path, *names: str) -> Path:
+    """The first of ``names`` present under ``root`` (the error lists them all)."""
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"{root}: none of {', '.join(names)} found; the task reads these files (see `vlmkit tasks`)")
+
+
+def _vqav2(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    if (root / f"vqav2_{split}_questions.json").is_file():  # ShapesWorld
+        return read_vqav2(root / f"vqav2_{split}_questions.json", root / f"vqav2_{split}_annotations.json", root,
+                          SHAPES_IMAGE_PATTERN, limit)
+    questions = _first(root, f"v2_OpenEnded_mscoco_{split}_questions.json")
+    annotations = root / f"v2_mscoco_{split}_annotations.json"
+    return read_vqav2(questions, annotations if annotations.is_file() else None, root / split,
+                      COCO_IMAGE_PATTERN, limit)
+
+
+def _pope(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    samples: list[EvalSample] = []
+    for category in POPE_CATEGORIES:
+        path = _first(root, f"pope_{split}_{category}.jsonl", f"coco_pope_{category}.json")
+        images = root if path.name.startswith("pope_") else root / "val2014"
+        samples += read_pope(path, images, category, limit)
+    return samples
+
+
+def _exact(prediction: str, sample: EvalSample) -> dict[str, float]:
+    return {"exact_match": exact_match(prediction, sample.answers[0]).score}
+
+
+def _vqa(prediction: str, sample: EvalSample) -> dict[str, float]:
+    return {"vqa_accuracy": vqa_accuracy(prediction, sample.answers).score}
+
+
+def _pope_score(prediction: str, sample: EvalSample) -> dict[str, float]:
+    return {"accuracy": score_pope(prediction, sample.answers[0], sample.meta.get("category")).score}
+
+
+def _pope_summary(predictions: list[str], samples: list[EvalSample]) -> dict[str, float]:
+    return pope_metrics(score_pope(p, s.answers[0], s.meta.get("category")) for p, s in zip(predictions, samples))
+
+
+register_task(Task(
+    "shapes_vqa", "ShapesWorld questions (colour, shape, count, existence, position, relation), exact match",
+    "exact_match", "vqav2_{split}_questions.json + vqav2_{split}_annotations.json (ShapesWorld)", _vqav2,
+    lambda s: s.question, _exact, group_by="question_type", max_new_tokens=8))
+register_task(Task(
+    "vqav2", "VQAv2 open-ended questions, the official VQA accuracy (answer normalisation, 10 annotators)",
+    "vqa_accuracy", "vqav2_{split}_*.json, or v2_OpenEnded_mscoco_{split}_questions.json + "
+    "v2_mscoco_{split}_annotations.json and {split}/ images", _vqav2, lambda s: s.question, _vqa,
+    group_by="answer_type", max_new_tokens=16))
+register_task(Task(
+    "pope", "POPE object hallucination probes: accuracy, precision, recall, F1, yes-ratio per negative sampling",
+    "accuracy", "pope_{split}_{random,popular,adversarial}.jsonl, or coco_pope_*.json and val2014/ images", _pope,
+    lambda s: s.question, _pope_score, max_new_tokens=8, summarize=_pope_summary))

@@ -1,0 +1,66 @@
+"""vlmkit eval end to end: a checkpoint trained for a few steps is evaluated on ShapesWorld's files in the
+official layouts; results.json carries each task's metrics, sample count, confidence interval, fingerprint,
+config, seed and timing; predictions and a report are written; the scores are the metrics' own on the
+predictions written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmkit.cli import main
+from vlmkit.data.shapes import generate_shapes
+from vlmkit.errors import ConfigError, DataError
+from vlmkit.eval.metrics.pope import pope_metrics, score_pope
+from vlmkit.eval.metrics.vqa import vqa_accuracy
+from vlmkit.eval.runner import fingerprint, run_eval
+from vlmkit.train.loop import train
+from vlmkit.train.recipe import load_recipe
+
+TINY = ["model.vision.image_size=[32, 32]", "model.vision.patch_size=8", "model.vision.width=32",
+        "model.lm.width=64", "model.lm.depth=2", "model.lm.heads=4", "model.lm.kv_heads=2", "model.lm.mlp_dim=128",
+        "train.batch_size=8", "train.eval_every=1000", "data.val_samples=8", "stages.0.steps=2",
+        "stages.0.batch_size=8", "stages.1.steps=4"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    generate_shapes(root / "shapes", n=40, seed=2, size=32, progress=False)
+    res = train(load_recipe("tiny-llava", [f"data.path={root / 'shapes'}", *TINY]), root / "run", progress=False,
+                log=lambda m: None)
+    return res.checkpoint, root / "shapes"
+
+
+def test_eval_writes_results_predictions_and_report(trained, tmp_path):
+    ckpt, data = trained
+    out = tmp_path / "results.json"
+    assert main(["eval", "--model", str(ckpt), "--tasks", "shapes_vqa,vqav2,pope", "--data", str(data), "--out",
+                 str(out), "--limit", "6", "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"]["fingerprint"] == fingerprint(ckpt) and res["seed"] == 0 and res["wall_seconds"] > 0
+    assert res["config"]["tasks"] == ["shapes_vqa", "vqav2", "pope"] and res["config"]["limit"] == 6
+    for name, r in res["tasks"].items():
+        value, (lo, hi) = r["metrics"][r["metric"]], r["ci95"][r["metric"]]
+        assert 0 <= lo <= value <= hi <= 1 and r["samples_per_second"] > 0
+    assert res["tasks"]["vqav2"]["n"] == 6 and res["tasks"]["pope"]["n"] == 18  # 6 per negative sampling
+    # the metrics are those of the predictions written
+    rows = [json.loads(x) for x in (tmp_path / "predictions_vqav2.jsonl").read_text().splitlines()]
+    expected = sum(vqa_accuracy(r["prediction"], r["answers"]).score for r in rows) / len(rows)
+    assert res["tasks"]["vqav2"]["metrics"]["vqa_accuracy"] == pytest.approx(expected)
+    pope = [json.loads(x) for x in (tmp_path / "predictions_pope.jsonl").read_text().splitlines()]
+    again = pope_metrics(score_pope(r["prediction"], r["answers"][0], r["meta"]["category"]) for r in pope)
+    assert res["tasks"]["pope"]["metrics"]["f1"] == pytest.approx(again["f1"])
+    assert {r["meta"]["category"] for r in pope} == {"random", "popular", "adversarial"}
+    report = (tmp_path / "results.md").read_text()
+    assert "| vqav2 | vqa_accuracy |" in report and (tmp_path / "results_shapes_vqa.png").is_file()
+
+
+def test_unknown_tasks_and_missing_files_are_named(trained, tmp_path):
+    ckpt, data = trained
+    with pytest.raises(ConfigError, match=r"unknown task 'vqa3'; available: pope, shapes_vqa, vqav2"):
+        run_eval(ckpt, ["vqa3"], data, tmp_path / "r.json")
+    with pytest.raises(DataError, match=r"none of v2_OpenEnded_mscoco_val2014_questions.json found"):
+        run_eval(ckpt, ["vqav2"], data, tmp_path / "r.json", split="val2014")
+    assert not (tmp_path / "r.json").exists()
