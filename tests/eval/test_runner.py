@@ -61,6 +61,7 @@ def test_unknown_tasks_and_missing_files_are_named(trained, tmp_path):
     ckpt, data = trained
     with pytest.raises(ConfigError, match=r"unknown task 'vqa3'; available: pope, shapes_vqa, vqav2"):
         run_eval(ckpt, ["vqa3"], data, tmp_path / "r.json")
-    with pytest.raises(DataError, match=r"none of v2_OpenEnded_mscoco_val2014_questions.json found"):
+    with pytest.raises(DataError, match=r"none of vqav2_val2014_questions.json, v2_OpenEnded_mscoco_val2014_questions.json "
+                                        r"found"):
         run_eval(ckpt, ["vqav2"], data, tmp_path / "r.json", split="val2014")
     assert not (tmp_path / "r.json").exists()

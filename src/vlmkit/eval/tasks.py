@@ -83,10 +83,9 @@ def _first(root: Path, *names: str) -> Path:
 
 
 def _vqav2(root: Path, split: str, limit: int | None) -> list[EvalSample]:
-    if (root / f"vqav2_{split}_questions.json").is_file():  # ShapesWorld
-        return read_vqav2(root / f"vqav2_{split}_questions.json", root / f"vqav2_{split}_annotations.json", root,
-                          SHAPES_IMAGE_PATTERN, limit)
-    questions = _first(root, f"v2_OpenEnded_mscoco_{split}_questions.json")
+    questions = _first(root, f"vqav2_{split}_questions.json", f"v2_OpenEnded_mscoco_{split}_questions.json")
+    if questions.name.startswith("vqav2_"):  # ShapesWorld (written by vlmkit data shapes since vlmkit 0.1)
+        return read_vqav2(questions, root / f"vqav2_{split}_annotations.json", root, SHAPES_IMAGE_PATTERN, limit)
     annotations = root / f"v2_mscoco_{split}_annotations.json"
     return read_vqav2(questions, annotations if annotations.is_file() else None, root / split,
                       COCO_IMAGE_PATTERN, limit)
