@@ -11,7 +11,7 @@ from PIL import Image
 from vlmkit.data.conversations import read_conversations
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.errors import DataError
-from vlmkit.eval.readers import SHAPES_IMAGE_PATTERN, read_pope, read_vqav2
+from vlmkit.eval.readers import SHAPES_IMAGE_PATTERN, read_coco_captions, read_grounding, read_pope, read_vqav2
 
 
 @pytest.fixture
@@ -97,3 +97,37 @@ def test_shapesworld_writes_vqav2_and_pope_files_that_read_back(tmp_path):
             present = {f"{o['color']} {o['shape']}" for o in scene["objects"]}
             named = s.question.removeprefix("Is there a ").removesuffix(" in the image?")
             assert (named in present) == (s.answers == ["yes"])
+
+
+def test_coco_captions_and_grounding_files_read(coco):
+    (coco / "captions.json").write_text(json.dumps({
+        "images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"},
+                   {"id": 7, "file_name": "COCO_val2014_000000000007.jpg"}],
+        "annotations": [{"id": 1, "image_id": 42, "caption": "a cat."}, {"id": 2, "image_id": 42, "caption": "cat"},
+                        {"id": 3, "image_id": 7, "caption": "rain"}]}))
+    caps = read_coco_captions(coco / "captions.json", coco)
+    assert [(s.id, s.answers) for s in caps] == [("42", ["a cat.", "cat"]), ("7", ["rain"])]
+    (coco / "ref.json").write_text(json.dumps([{"image": "COCO_val2014_000000000042.jpg", "expression": "the cat",
+                                                "bbox": [1, 2, 3, 4], "width": 8, "height": 8}]))
+    [ref] = read_grounding(coco / "ref.json", coco)
+    assert ref.question == "the cat" and ref.meta == {"box": [1.0, 2.0, 4.0, 6.0], "width": 8, "height": 8}
+    (coco / "ref.json").write_text(json.dumps([{"image": "COCO_val2014_000000000042.jpg", "expression": "x",
+                                                "bbox": [1, 2, 0, 4], "width": 8, "height": 8}]))
+    with pytest.raises(DataError, match=r"ref.json row 0: field 'bbox' must be \[x, y, width, height\] with a "
+                                        r"positive size"):
+        read_grounding(coco / "ref.json", coco)
+
+
+def test_shapesworld_grounding_rows_name_one_object_each(tmp_path):
+    data = tmp_path / "shapes"
+    generate_shapes(data, n=20, seed=4, size=48, progress=False)
+    rows = read_grounding(data / "grounding_test.json", data)
+    scenes = {r["file_name"]: r for r in json.loads((data / "scenes.json").read_text())}
+    assert rows
+    for s in rows:  # the expression names exactly one object of the image, and the box is that object's
+        objects = scenes[str(s.images[0].relative_to(data))]["objects"]
+        words = s.question.removeprefix("the ").split()
+        match = [o for o in objects if all(w in (o["size"], o["color"], o["shape"]) for w in words)]
+        assert len(match) == 1
+        x, y, w, h = match[0]["bbox"]
+        assert s.meta["box"] == [x, y, x + w, y + h]

@@ -7,8 +7,9 @@ referring expression ("the red circle") names exactly one object, and yes/no ans
 
 Output formats are the ones real datasets use, so real data plugs in unchanged:
 LLaVA conversation JSON (one record per question), COCO captions, image-caption CSV, a scene file with
-COCO-style boxes, the questions again in VQAv2's layout (questions + annotations JSON), and POPE-style object
-probes (JSONL, random / popular / adversarial negatives) for the evaluation tasks. Same arguments give byte-identical files: every image has its own ``random.Random``
+COCO-style boxes, the questions again in VQAv2's layout (questions + annotations JSON), POPE-style object
+probes (JSONL, random / popular / adversarial negatives) and RefCOCO-style referring expressions with boxes,
+for the evaluation tasks. Same arguments give byte-identical files: every image has its own ``random.Random``
 seeded from (seed, index), JSON keys keep insertion order and PNGs carry no metadata.
 """
 
@@ -566,6 +567,19 @@ def _vqav2_files(items: list[dict], split: str) -> tuple[dict, dict]:
     return {**head, "questions": questions}, {**head, "annotations": annotations}
 
 
+def _grounding_rows(items: list[dict]) -> list[dict]:
+    """Referring expressions with their boxes, RefCOCO-style: every object one phrase names uniquely ("the red
+    circle", "the small star"), its COCO box ``[x, y, w, h]`` in pixels and the image size."""
+    rows = []
+    for it in items:
+        scene = it["scene"]
+        for obj, phrase in _referable(scene, (("shape",), ("color", "shape"), ("size", "shape"),
+                                              ("size", "color", "shape"))):
+            rows.append({"id": len(rows), "image": it["file_name"], "expression": f"the {phrase}",
+                         "bbox": obj.bbox(scene.width, scene.height), "width": scene.width, "height": scene.height})
+    return rows
+
+
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 POPE_PER_IMAGE = 3  # yes and no probes each, per image (POPE asks 3 + 3)
 
@@ -616,6 +630,7 @@ def _write_split(folder: Path, split: str, items: list[dict]) -> None:
     questions, annotations = _vqav2_files(items, split)
     (folder / f"vqav2_{split}_questions.json").write_text(json.dumps(questions) + "\n", encoding="utf-8")
     (folder / f"vqav2_{split}_annotations.json").write_text(json.dumps(annotations) + "\n", encoding="utf-8")
+    _write_rows(folder / f"grounding_{split}.json", _grounding_rows(items))
     for category, rows in _pope_rows(items).items():
         (folder / f"pope_{split}_{category}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
                                                               encoding="utf-8")

@@ -2,7 +2,9 @@
 
 Each reader checks what it reads and names the file, the row and the missing or malformed field; image paths
 are resolved against an image folder and checked to exist before any model runs. So far: VQAv2 (questions +
-annotations JSON) and POPE (JSONL); ShapesWorld writes both layouts (``vlmkit data shapes``).
+annotations JSON), POPE (JSONL), COCO captions (annotations JSON) and RefCOCO-style referring expressions (a JSON
+list of ``{"image", "expression", "bbox": [x, y, w, h], "width", "height"}``: the official RefCOCO release is
+a pickle, which vlmkit never loads); ShapesWorld writes every one of these layouts (``vlmkit data shapes``).
 """
 
 from __future__ import annotations
@@ -126,4 +128,51 @@ def read_pope(path: str | Path, image_dir: str | Path, category: str | None = No
                               _field(row, "text", str, where), [label], meta))
         if limit and len(out) >= limit:
             break
+    return out
+
+
+def read_coco_captions(path: str | Path, image_dir: str | Path, limit: int | None = None) -> list[EvalSample]:
+    """COCO captions annotations (``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}``)
+    -> one sample per image with all its captions as the references (images without captions are skipped)."""
+    path, image_dir = Path(path), Path(image_dir)
+    data = _load_json(path)
+    images = {}
+    for i, im in enumerate(_field(data, "images", list, str(path))):
+        where = f"{path} image {i}"
+        images[_field(im, "id", int, where)] = _field(im, "file_name", str, where)
+    captions: dict[int, list[str]] = {}
+    for i, ann in enumerate(_field(data, "annotations", list, str(path))):
+        where = f"{path} annotation {i}"
+        image_id = _field(ann, "image_id", int, where)
+        if image_id not in images:
+            raise DataError(f"{where}: image_id {image_id} is not in the file's images")
+        captions.setdefault(image_id, []).append(_field(ann, "caption", str, where))
+    out = []
+    for image_id, refs in captions.items():
+        where = f"{path} image_id {image_id}"
+        out.append(EvalSample(str(image_id), [_image(image_dir, images[image_id], where)], "", refs,
+                              {"image_id": image_id}))
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def read_grounding(path: str | Path, image_dir: str | Path, limit: int | None = None) -> list[EvalSample]:
+    """RefCOCO-style rows ``{"image", "expression", "bbox": [x, y, w, h] (pixels), "width", "height"}`` -> samples
+    whose question is the expression and whose ``meta`` holds the box (x1, y1, x2, y2) and the image size."""
+    path, image_dir = Path(path), Path(image_dir)
+    rows = _load_json(path)
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of referring expressions")
+    out = []
+    for i, row in enumerate(rows[:limit] if limit else rows):
+        where = f"{path} row {i}"
+        box = _field(row, "bbox", list, where)
+        if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box) or box[2] <= 0 or box[3] <= 0:
+            raise DataError(f"{where}: field 'bbox' must be [x, y, width, height] with a positive size, got {box!r}")
+        width, height = _field(row, "width", (int, float), where), _field(row, "height", (int, float), where)
+        x, y, w, h = (float(v) for v in box)
+        out.append(EvalSample(str(row.get("id", i)), [_image(image_dir, _field(row, "image", str, where), where)],
+                              _field(row, "expression", str, where), [],
+                              {"box": [x, y, x + w, y + h], "width": width, "height": height}))
     return out

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmkit.errors import ConfigError, DataError
+from vlmkit.eval.metrics.caption import evaluate_captions
+from vlmkit.eval.metrics.grounding import score_grounding
 from vlmkit.eval.metrics.pope import pope_metrics, score_pope
 from vlmkit.eval.metrics.vqa import exact_match, vqa_accuracy
-from vlmkit.eval.readers import COCO_IMAGE_PATTERN, SHAPES_IMAGE_PATTERN, EvalSample, read_pope, read_vqav2
+from vlmkit.eval.readers import (COCO_IMAGE_PATTERN, SHAPES_IMAGE_PATTERN, EvalSample, read_coco_captions,
+                                 read_grounding, read_pope, read_vqav2)
 
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 
@@ -32,8 +35,9 @@ class Task:
     score: Callable[[str, EvalSample], dict[str, float]]  # (prediction, sample) -> per-sample scores
     group_by: str = ""  # a meta key whose groups get their own headline score (e.g. question type)
     max_new_tokens: int = 16
-    # (predictions, samples) -> metrics, for metrics that are not means of per-sample scores (POPE's F1);
-    # None: the mean of each per-sample score, and the headline per group
+    # (predictions, samples) -> metrics, for metrics that are not means of per-sample scores (POPE's F1, the
+    # caption metrics); None: the mean of each per-sample score, and the headline per group. A "_per_sample"
+    # entry (the headline per sample) is what the confidence interval is computed from, when score gives none
     summarize: Callable[[list[str], list[EvalSample]], dict[str, float]] | None = None
 
 
@@ -129,3 +133,37 @@ register_task(Task(
     "pope", "POPE object hallucination probes: accuracy, precision, recall, F1, yes-ratio per negative sampling",
     "accuracy", "pope_{split}_{random,popular,adversarial}.jsonl, or coco_pope_*.json and val2014/ images", _pope,
     lambda s: s.question, _pope_score, max_new_tokens=8, summarize=_pope_summary))
+
+
+def _captions(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    path = _first(root, f"captions_{split}.json", f"annotations/captions_{split}.json")
+    return read_coco_captions(path, root if path.parent == root else root / split, limit)
+
+
+def _caption_summary(predictions: list[str], samples: list[EvalSample]) -> dict:
+    """The COCO caption metrics over the whole set (CIDEr's weights come from all references); per-image CIDEr
+    for the confidence interval."""
+    ev = evaluate_captions({s.id: p for s, p in zip(samples, predictions)}, {s.id: s.answers for s in samples})
+    return {**ev.scores, "n_empty": float(len(ev.empty_predictions)),
+            "_per_sample": [float(ev.per_image[s.id]["CIDEr"]) for s in samples]}
+
+
+def _grounding(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    return read_grounding(_first(root, f"grounding_{split}.json", f"refcoco_{split}.json"), root, limit)
+
+
+def _grounding_score(prediction: str, sample: EvalSample) -> dict[str, float]:
+    r = score_grounding(prediction, sample.meta["box"], sample.meta["width"], sample.meta["height"])
+    return {"accuracy": float(r.correct), "iou": r.iou, "unparsed": float(not r.parsed)}
+
+
+register_task(Task(
+    "coco_captions", "COCO-style captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap; needs Java)",
+    "CIDEr", "captions_{split}.json (COCO captions layout) and its images", _captions,
+    lambda s: "Provide a one-sentence caption for the provided image.", lambda p, s: {}, max_new_tokens=32,
+    summarize=_caption_summary))
+register_task(Task(
+    "grounding", "Referring expressions (RefCOCO-style): a box parsed from the answer, accuracy at IoU >= 0.5",
+    "accuracy", "grounding_{split}.json (image, expression, bbox [x, y, w, h], width, height)", _grounding,
+    lambda s: f"Please provide the bounding box coordinate of the region this sentence describes: {s.question}.",
+    _grounding_score, max_new_tokens=32))
