@@ -51,14 +51,15 @@ def cmd_chat(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    """Evaluate a model folder on benchmark tasks (see `vlmkit tasks`): results.json, predictions, a report."""
+    """Evaluate a model folder or OpenAI-compatible endpoint on tasks (see `vlmkit tasks`): results, a report."""
     from vlmkit.eval.runner import run_eval
 
     tasks = [t for t in args.tasks.split(",") if t]
     res = run_eval(args.model, tasks, args.data, args.out, split=args.split, limit=args.limit,
                    batch_size=args.batch_size, seed=args.seed, post_prompt=args.post_prompt.replace("\\n", "\n"),
-                   progress=not args.quiet)
+                   progress=not args.quiet, cache=args.cache, concurrency=args.concurrency)
     print(json.dumps({name: {r["metric"]: r["metrics"][r["metric"]], "n": r["n"]}
+                      | ({"n_errors": r["n_errors"]} if r.get("n_errors") else {})
                       for name, r in res["tasks"].items()}))
 
 
@@ -161,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_chat)
 
     ev = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
-    ev.add_argument("--model", required=True, help="a vlmkit checkpoint or Hugging Face folder")
+    ev.add_argument("--model", required=True, help="a vlmkit checkpoint or Hugging Face folder, or "
+                    "openai:BASE_URL#MODEL for an OpenAI-compatible chat-completions endpoint (API key from "
+                    "OPENAI_API_KEY if set), e.g. openai:http://127.0.0.1:8000/v1#my-model for a vLLM server")
     ev.add_argument("--tasks", required=True, help="comma-separated task names (see `vlmkit tasks`)")
     ev.add_argument("--data", required=True, help="the folder holding the tasks' files (e.g. a ShapesWorld folder)")
     ev.add_argument("--out", default="results.json", help="results file; predictions and report go beside it")
@@ -171,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--post-prompt", default="", help="text appended to every question, e.g. LLaVA-1.5's "
                     "'\\nAnswer the question using a single word or phrase.' (\\n is a newline)")
+    ev.add_argument("--cache", help="endpoint only: where answers are cached so an interrupted run resumes "
+                    "(default: .openai_cache beside --out)")
+    ev.add_argument("--concurrency", type=int, default=4, help="endpoint only: requests in flight (default 4)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(fn=cmd_eval)
     sub.add_parser("tasks", help=cmd_tasks.__doc__).set_defaults(fn=cmd_tasks)

@@ -57,9 +57,21 @@ def test_eval_writes_results_predictions_and_report(trained, tmp_path):
     assert "| vqav2 | vqa_accuracy |" in report and (tmp_path / "results_shapes_vqa.png").is_file()
 
 
+def test_captions_and_grounding_tasks_run_with_their_corpus_metrics(trained, tmp_path):
+    ckpt, data = trained
+    res = run_eval(ckpt, ["coco_captions", "grounding"], data, tmp_path / "results.json", limit=4, progress=False)
+    captions = res["tasks"]["coco_captions"]
+    assert set(captions["metrics"]) >= {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} and captions["n"] == 4
+    lo, hi = captions["ci95"]["CIDEr"]  # from per-image CIDEr
+    assert lo <= hi and "_per_sample" not in captions["metrics"]
+    rows = [json.loads(x) for x in (tmp_path / "predictions_grounding.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(set(r) >= {"accuracy", "iou", "unparsed"} for r in rows)
+    assert res["tasks"]["grounding"]["metrics"]["unparsed"] == sum(r["unparsed"] for r in rows) / 4
+
+
 def test_unknown_tasks_and_missing_files_are_named(trained, tmp_path):
     ckpt, data = trained
-    with pytest.raises(ConfigError, match=r"unknown task 'vqa3'; available: pope, shapes_vqa, vqav2"):
+    with pytest.raises(ConfigError, match=r"unknown task 'vqa3'; available: coco_captions, grounding, pope, shapes_vqa, vqav2"):
         run_eval(ckpt, ["vqa3"], data, tmp_path / "r.json")
     with pytest.raises(DataError, match=r"none of vqav2_val2014_questions.json, v2_OpenEnded_mscoco_val2014_questions.json "
                                         r"found"):

@@ -5,6 +5,10 @@ it answers as it does everywhere else. results.json holds each task's metrics, s
 confidence interval of its headline metric, wall time and samples/s, with the resolved config, a fingerprint of
 the model's files and the seed; ``predictions_<task>.jsonl`` holds every sample's prompt, prediction, references
 and scores; ``<results>.md`` is a report with a plot of the grouped scores. Everything is written atomically.
+
+``model`` may also be ``openai:BASE_URL#MODEL``, an OpenAI-compatible endpoint (:mod:`vlmkit.eval.backends`):
+its answers are cached on disk so an interrupted run resumes, the fingerprint is the sha256 of the spec, and a
+sample the endpoint failed on (after retries) answers "" with an ``"error"`` in its record; the run goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vlmkit import __version__
+from vlmkit.eval.backends import OpenAIBackend, is_endpoint_spec, parse_model_spec
 from vlmkit.eval.metrics.stats import bootstrap_ci
 from vlmkit.eval.tasks import Task, aggregate, get_task
 from vlmkit.utils import atomic_write_json, atomic_write_text
@@ -41,35 +46,42 @@ def run_task(pipe, task: Task, data: Path, split: str, limit: int | None, batch_
     (e.g. LLaVA-1.5's "\nAnswer the question using a single word or phrase.")."""
     samples = task.read(data, split, limit)
     t0 = time.perf_counter()
-    records, scores, predictions = [], [], []
+    records, scores, predictions, n_errors = [], [], [], 0
     bar = tqdm(total=len(samples), desc=task.name, unit="sample", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         prompts = [task.prompt(s) + post_prompt for s in chunk]
         answers = pipe.chat_batch([(s.images, p) for s, p in zip(chunk, prompts)],
                                   max_new_tokens=task.max_new_tokens)
-        for s, prompt, answer in zip(chunk, prompts, answers):
+        errors = getattr(pipe, "last_errors", None) or [None] * len(chunk)  # an endpoint's per-request failures
+        for s, prompt, answer, error in zip(chunk, prompts, answers, errors):
             answer = answer.strip()
             score = task.score(answer, s)
             scores.append(score)
             predictions.append(answer)
             records.append({"id": s.id, "images": [str(p) for p in s.images], "prompt": prompt,
                             "prediction": answer, "answers": s.answers, **score, "meta": s.meta})
+            if error is not None:
+                records[-1]["error"] = error
+                n_errors += 1
         bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - t0
-    headline = [s[task.metric] for s in scores]
-    result = {"metric": task.metric, "metrics": aggregate(task, scores, samples, predictions), "n": len(samples),
+    metrics = aggregate(task, scores, samples, predictions)
+    headline = metrics.pop("_per_sample", None) or [s[task.metric] for s in scores]
+    result = {"metric": task.metric, "metrics": metrics, "n": len(samples),
               "ci95": {task.metric: list(bootstrap_ci(headline, seed=seed))}, "seconds": round(seconds, 3),
-              "samples_per_second": round(len(samples) / max(seconds, 1e-9), 3)}
+              "samples_per_second": round(len(samples) / max(seconds, 1e-9), 3), "n_errors": n_errors}
     return result, records
 
 
 def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | Path, split: str = "test",
              limit: int | None = None, batch_size: int = 32, seed: int = 0, post_prompt: str = "",
-             progress: bool = True) -> dict:
-    """Evaluate the model folder on ``tasks`` (names) with the data under ``data``; write ``out`` (results.json),
-    ``predictions_<task>.jsonl`` beside it and ``<out>.md``. Unknown task names fail before the model loads."""
+             progress: bool = True, cache: str | Path | None = None, concurrency: int = 4) -> dict:
+    """Evaluate the model folder, or the endpoint ``openai:BASE_URL#MODEL``, on ``tasks`` (names) with the data
+    under ``data``; write ``out`` (results.json), ``predictions_<task>.jsonl`` beside it and ``<out>.md``. Unknown
+    task names fail before the model loads. An endpoint gets ``concurrency`` requests in flight and caches its
+    answers under ``cache`` (default: ``.openai_cache`` beside ``out``)."""
     import torch
 
     from vlmkit.pipeline import Pipeline
@@ -77,12 +89,21 @@ def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | P
     resolved = [get_task(name) for name in tasks]
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(model)
     out, data = Path(out), Path(data)
-    results = {"vlmkit_version": __version__, "model": {"path": str(model), "fingerprint": fingerprint(model)},
-               "config": {"tasks": tasks, "data": str(data), "split": split, "limit": limit,
-                          "batch_size": batch_size, "post_prompt": post_prompt, "generation": "greedy"},
-               "seed": seed, "tasks": {}}
+    config = {"tasks": tasks, "data": str(data), "split": split, "limit": limit, "batch_size": batch_size,
+              "post_prompt": post_prompt, "generation": "greedy"}
+    if is_endpoint_spec(model):
+        base_url, name = parse_model_spec(model)
+        cache = Path(cache) if cache is not None else out.parent / ".openai_cache"
+        pipe = OpenAIBackend(base_url, name, concurrency=concurrency, cache_dir=cache)
+        model_info = {"path": model, "endpoint": {"api": "openai-chat-completions", "base_url": base_url,
+                                                  "model": name},
+                      "fingerprint": hashlib.sha256(model.encode("utf-8")).hexdigest()}
+        config |= {"cache": str(cache), "concurrency": concurrency}
+    else:
+        pipe = Pipeline.from_pretrained(model)
+        model_info = {"path": str(model), "fingerprint": fingerprint(model)}
+    results = {"vlmkit_version": __version__, "model": model_info, "config": config, "seed": seed, "tasks": {}}
     for task in resolved:
         result, records = run_task(pipe, task, data, split, limit, batch_size, post_prompt, seed, progress)
         results["tasks"][task.name] = result
@@ -105,6 +126,10 @@ def write_report(results: dict, path: Path) -> None:
         lo, hi = r["ci95"][r["metric"]]
         lines.append(f"| {name} | {r['metric']} | {r['metrics'][r['metric']]:.4f} | [{lo:.4f}, {hi:.4f}] | {r['n']} "
                      f"| {r['samples_per_second']:.1f} |")
+    failed = {name: r["n_errors"] for name, r in results["tasks"].items() if r.get("n_errors")}
+    if failed:
+        lines += ["", "Samples the endpoint failed on (scored as empty answers; see `error` in the predictions): "
+                  + ", ".join(f"{name} {n}" for name, n in failed.items())]
     for name, r in results["tasks"].items():
         groups = {k.split("/", 1)[1]: v for k, v in r["metrics"].items() if k.startswith(r["metric"] + "/")}
         if not groups:
