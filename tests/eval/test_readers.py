@@ -11,7 +11,8 @@ from PIL import Image
 from vlmkit.data.conversations import read_conversations
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.errors import DataError
-from vlmkit.eval.readers import SHAPES_IMAGE_PATTERN, read_coco_captions, read_grounding, read_pope, read_vqav2
+from vlmkit.eval.readers import (SHAPES_IMAGE_PATTERN, read_coco_captions, read_grounding, read_multiple_choice,
+                                 read_pope, read_vqav2)
 
 
 @pytest.fixture
@@ -131,3 +132,25 @@ def test_shapesworld_grounding_rows_name_one_object_each(tmp_path):
         assert len(match) == 1
         x, y, w, h = match[0]["bbox"]
         assert s.meta["box"] == [x, y, x + w, y + h]
+
+
+def test_multiple_choice_rows_read_and_shapesworld_options_hold_the_answer(coco, tmp_path):
+    (coco / "mc.json").write_text(json.dumps([
+        {"id": "q1", "image": "COCO_val2014_000000000042.jpg", "question": "Which?", "options": ["cat", "dog"],
+         "answer": 1, "category": "animals"},
+        {"id": "q2", "images": [], "question": "2+2?", "options": {"A": "3", "B": "4", "C": "5"}, "answer": "B"}]))
+    q1, q2 = read_multiple_choice(coco / "mc.json", coco)
+    assert (q1.answers, q1.meta) == (["B"], {"options": {"A": "cat", "B": "dog"}, "category": "animals"})
+    assert q2.images == [] and q2.meta["options"]["B"] == "4"
+    (coco / "mc.json").write_text(json.dumps([{"question": "?", "options": ["a", "b"], "answer": "C"}]))
+    with pytest.raises(DataError, match=r"mc.json row 0: field 'answer' must be one of the option letters A, B"):
+        read_multiple_choice(coco / "mc.json", coco)
+    data = tmp_path / "shapes"
+    generate_shapes(data, n=20, seed=4, size=48, progress=False)
+    rows = read_multiple_choice(data / "choice_test.json", data)
+    llava = {r.id: r for r in read_conversations(data / "test.json")}
+    assert rows and {r.meta["category"] for r in rows} <= {"color", "shape", "count"}
+    for r in rows:  # four distinct options, the letter points at the LLaVA file's answer
+        options = r.meta["options"]
+        assert len(set(options.values())) == 4
+        assert options[r.answers[0]] == llava[r.id].conversations[1]["value"]

@@ -69,9 +69,27 @@ def test_captions_and_grounding_tasks_run_with_their_corpus_metrics(trained, tmp
     assert res["tasks"]["grounding"]["metrics"]["unparsed"] == sum(r["unparsed"] for r in rows) / 4
 
 
+def test_multiple_choice_and_circular_eval(trained, tmp_path):
+    ckpt, data = trained
+    res = run_eval(ckpt, ["multiple_choice", "multiple_choice_circular"], data, tmp_path / "r.json", limit=5,
+                   progress=False)
+    plain, circular = res["tasks"]["multiple_choice"], res["tasks"]["multiple_choice_circular"]
+    assert plain["n"] == 5 and circular["n"] == 20 and circular["metrics"]["n"] == 5  # 4 rotations a question
+    rows = [json.loads(x) for x in (tmp_path / "predictions_multiple_choice_circular.jsonl").read_text().splitlines()]
+    by_question: dict = {}
+    for r in rows:
+        by_question.setdefault(r["meta"]["question_id"], []).append(r["accuracy"])
+    assert circular["metrics"]["circular_accuracy"] == sum(all(v) for v in by_question.values()) / 5
+    assert circular["metrics"]["vanilla_accuracy"] == sum(v[0] for v in by_question.values()) / 5
+    assert [r["accuracy"] for r in rows[::4]] == [json.loads(x)["accuracy"] for x in
+                                                  (tmp_path / "predictions_multiple_choice.jsonl").read_text()
+                                                  .splitlines()]  # rotation 0 is the question as written
+
+
 def test_unknown_tasks_and_missing_files_are_named(trained, tmp_path):
     ckpt, data = trained
-    with pytest.raises(ConfigError, match=r"unknown task 'vqa3'; available: coco_captions, grounding, pope, shapes_vqa, vqav2"):
+    with pytest.raises(ConfigError, match=r"unknown task 'vqa3'; available: coco_captions, grounding, multiple_choice, "
+                                          r"multiple_choice_circular, pope, shapes_vqa, vqav2"):
         run_eval(ckpt, ["vqa3"], data, tmp_path / "r.json")
     with pytest.raises(DataError, match=r"none of vqav2_val2014_questions.json, v2_OpenEnded_mscoco_val2014_questions.json "
                                         r"found"):

@@ -8,8 +8,8 @@ referring expression ("the red circle") names exactly one object, and yes/no ans
 Output formats are the ones real datasets use, so real data plugs in unchanged:
 LLaVA conversation JSON (one record per question), COCO captions, image-caption CSV, a scene file with
 COCO-style boxes, the questions again in VQAv2's layout (questions + annotations JSON), POPE-style object
-probes (JSONL, random / popular / adversarial negatives) and RefCOCO-style referring expressions with boxes,
-for the evaluation tasks. Same arguments give byte-identical files: every image has its own ``random.Random``
+probes (JSONL, random / popular / adversarial negatives), RefCOCO-style referring expressions with boxes and
+four-option multiple-choice questions, for the evaluation tasks. Same arguments give byte-identical files: every image has its own ``random.Random``
 seeded from (seed, index), JSON keys keep insertion order and PNGs carry no metadata.
 """
 
@@ -580,6 +580,25 @@ def _grounding_rows(items: list[dict]) -> list[dict]:
     return rows
 
 
+CHOICE_VOCABULARY = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(str(k) for k in range(MAX_OBJECTS + 1))}
+
+
+def _choice_rows(items: list[dict]) -> list[dict]:
+    """The colour, shape and count questions as four-option multiple choice (ScienceQA / MMBench style): the
+    answer and three other values of its kind, in an order drawn from their own random stream."""
+    rows = []
+    for it in items:
+        for j, q in enumerate(it["questions"]):
+            if q["type"] not in CHOICE_VOCABULARY:
+                continue
+            rng = random.Random(f"choice/{it['index']}/{j}")
+            options = [q["answer"]] + rng.sample([v for v in CHOICE_VOCABULARY[q["type"]] if v != q["answer"]], 3)
+            rng.shuffle(options)
+            rows.append({"id": f"{it['index']:06d}-{j}", "image": it["file_name"], "question": q["question"],
+                         "options": options, "answer": "ABCD"[options.index(q["answer"])], "category": q["type"]})
+    return rows
+
+
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 POPE_PER_IMAGE = 3  # yes and no probes each, per image (POPE asks 3 + 3)
 
@@ -631,6 +650,7 @@ def _write_split(folder: Path, split: str, items: list[dict]) -> None:
     (folder / f"vqav2_{split}_questions.json").write_text(json.dumps(questions) + "\n", encoding="utf-8")
     (folder / f"vqav2_{split}_annotations.json").write_text(json.dumps(annotations) + "\n", encoding="utf-8")
     _write_rows(folder / f"grounding_{split}.json", _grounding_rows(items))
+    _write_rows(folder / f"choice_{split}.json", _choice_rows(items))
     for category, rows in _pope_rows(items).items():
         (folder / f"pope_{split}_{category}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
                                                               encoding="utf-8")

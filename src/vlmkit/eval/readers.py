@@ -4,7 +4,8 @@ Each reader checks what it reads and names the file, the row and the missing or 
 are resolved against an image folder and checked to exist before any model runs. So far: VQAv2 (questions +
 annotations JSON), POPE (JSONL), COCO captions (annotations JSON) and RefCOCO-style referring expressions (a JSON
 list of ``{"image", "expression", "bbox": [x, y, w, h], "width", "height"}``: the official RefCOCO release is
-a pickle, which vlmkit never loads); ShapesWorld writes every one of these layouts (``vlmkit data shapes``).
+a pickle, which vlmkit never loads) and multiple choice (a JSON list of ``{"question", "options", "answer"}``, as
+ScienceQA and MMMU give them); ShapesWorld writes every one of these layouts (``vlmkit data shapes``).
 """
 
 from __future__ import annotations
@@ -175,4 +176,35 @@ def read_grounding(path: str | Path, image_dir: str | Path, limit: int | None = 
         out.append(EvalSample(str(row.get("id", i)), [_image(image_dir, _field(row, "image", str, where), where)],
                               _field(row, "expression", str, where), [],
                               {"box": [x, y, x + w, y + h], "width": width, "height": height}))
+    return out
+
+
+def read_multiple_choice(path: str | Path, image_dir: str | Path, limit: int | None = None) -> list[EvalSample]:
+    """Rows ``{"id", "image" (or "images": [...]), "question", "options": [text, ...] or {"A": text, ...},
+    "answer": a letter, or the option's index}`` (ScienceQA / MMMU style) -> samples whose ``answers`` is the
+    correct letter and whose ``meta`` holds the options (letter -> text) and the row's ``category``."""
+    path, image_dir = Path(path), Path(image_dir)
+    rows = _load_json(path)
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of questions")
+    out = []
+    for i, row in enumerate(rows[:limit] if limit else rows):
+        where = f"{path} row {i}"
+        options = _field(row, "options", (list, dict), where)
+        if isinstance(options, list):
+            options = {chr(65 + k): v for k, v in enumerate(options)}
+        if not 2 <= len(options) <= 26 or not all(isinstance(v, str) for v in options.values()):
+            raise DataError(f"{where}: field 'options' must hold 2 to 26 option texts, got {row['options']!r}")
+        answer = row.get("answer")
+        if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
+            answer = chr(65 + answer)
+        if answer not in options:
+            raise DataError(f"{where}: field 'answer' must be one of the option letters {', '.join(options)} (or an "
+                            f"index), got {answer!r}")
+        names = row.get("images") or ([row["image"]] if "image" in row else [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{where}: field 'image' / 'images' must name image files, got {names!r}")
+        out.append(EvalSample(str(row.get("id", i)), [_image(image_dir, n, where) for n in names],
+                              _field(row, "question", str, where), [answer],
+                              {"options": options, "category": row.get("category")}))
     return out

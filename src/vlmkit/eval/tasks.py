@@ -15,11 +15,12 @@ from pathlib import Path
 
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.metrics.caption import evaluate_captions
+from vlmkit.eval.metrics.choice import circular_accuracy, circular_rotations, score_choice
 from vlmkit.eval.metrics.grounding import score_grounding
 from vlmkit.eval.metrics.pope import pope_metrics, score_pope
 from vlmkit.eval.metrics.vqa import exact_match, vqa_accuracy
 from vlmkit.eval.readers import (COCO_IMAGE_PATTERN, SHAPES_IMAGE_PATTERN, EvalSample, read_coco_captions,
-                                 read_grounding, read_pope, read_vqav2)
+                                 read_grounding, read_multiple_choice, read_pope, read_vqav2)
 
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 
@@ -167,3 +168,49 @@ register_task(Task(
     "accuracy", "grounding_{split}.json (image, expression, bbox [x, y, w, h], width, height)", _grounding,
     lambda s: f"Please provide the bounding box coordinate of the region this sentence describes: {s.question}.",
     _grounding_score, max_new_tokens=32))
+
+
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's
+
+
+def _choices(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    return read_multiple_choice(_first(root, f"choice_{split}.json"), root, limit)
+
+
+def _choice_prompt(sample: EvalSample) -> str:
+    options = "\n".join(f"{letter}. {text}" for letter, text in sample.meta["options"].items())
+    return f"{sample.question}\n{options}\n{CHOICE_INSTRUCTION}"
+
+
+def _choice_score(prediction: str, sample: EvalSample) -> dict[str, float]:
+    r = score_choice(prediction, sample.meta["options"], sample.answers[0], style="mmbench")
+    return {"accuracy": r.score, "unparsable": float(not r.parsed)}
+
+
+def _circular(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    """Each question once per rotation of its options (MMBench's CircularEval), the rotations consecutive."""
+    out = []
+    for s in _choices(root, split, limit):
+        for r in circular_rotations(s.meta["options"], s.answers[0]):
+            out.append(EvalSample(f"{s.id}/{r.shift}", s.images, s.question, [r.answer],
+                                  {**s.meta, "options": r.options, "question_id": s.id, "shift": r.shift}))
+    return out
+
+
+def _circular_summary(predictions: list[str], samples: list[EvalSample]) -> dict:
+    groups: dict[str, list] = defaultdict(list)
+    for p, s in zip(predictions, samples):
+        groups[s.meta["question_id"]].append(score_choice(p, s.meta["options"], s.answers[0], style="mmbench"))
+    out = circular_accuracy(groups)
+    out["_per_sample"] = [float(all(r.correct for r in g)) for g in groups.values()]  # per question
+    return {k: float(v) if not isinstance(v, list) else v for k, v in out.items()}
+
+
+register_task(Task(
+    "multiple_choice", "Multiple choice (ScienceQA / MMMU style): the option letter extracted as MMBench does",
+    "accuracy", "choice_{split}.json (question, options, answer letter or index, image)", _choices, _choice_prompt,
+    _choice_score, group_by="category", max_new_tokens=8))
+register_task(Task(
+    "multiple_choice_circular", "MMBench CircularEval: each question asked once per rotation of its options, "
+    "right only if every rotation is", "circular_accuracy", "choice_{split}.json", _circular, _choice_prompt,
+    _choice_score, max_new_tokens=8, summarize=_circular_summary))
