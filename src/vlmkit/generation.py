@@ -55,10 +55,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], pixel_values, eos_id: int, pad_id: int,
-             gen: GenerationConfig, decode=None, use_cache: bool = True) -> list[list[int]]:
+             gen: GenerationConfig, decode=None, use_cache: bool = True, image_features=None) -> list[list[int]]:
     """Generate continuations for a batch of prompt id lists; returns the new tokens of each (no eos).
 
-    ``pixel_values``: the images of all prompts in reading order, a [n, C, H, W] tensor or ImageInputs.
+    ``pixel_values``: the images of all prompts in reading order, a [n, C, H, W] tensor or ImageInputs; or
+    ``image_features``, already encoded (``model.encode_images``'s output in reading order).
 
     ``decode`` (ids -> str) enables ``gen.stop`` strings: a sequence stops once its text contains one.
     """
@@ -70,8 +71,7 @@ def generate(model, prompts: list[list[int]], pixel_values, eos_id: int, pad_id:
     generator = None
     if gen.seed is not None:
         generator = torch.Generator(device=device).manual_seed(gen.seed)
-    image_features = None
-    if pixel_values is not None and len(pixel_values) > 0:
+    if image_features is None and pixel_values is not None and len(pixel_values) > 0:
         image_features = model.encode_images(pixel_values.to(device))
     cache = model.lm.new_cache(B, ids.shape[1] + gen.max_new_tokens, device) if use_cache else None
     # a prefix-LM (PaliGemma) attends bidirectionally over the (left-padded) prompt, causally over new tokens

@@ -44,22 +44,53 @@ class Pipeline:
         return cls(model, processor, cfg, meta)
 
     # ------------------------------------------------------------------ generation
-    def _run(self, items: list[tuple[ImageInputs, list[int]]], gen: GenerationConfig) -> list[str]:
-        pixel_values = ImageInputs.cat([imgs for imgs, _ in items]).to(self.device)
+    def _run(self, items: list[tuple[ImageInputs, list[int]]], gen: GenerationConfig,
+             image_keys: list[list] | None = None) -> list[str]:
         tok = self.processor.tokenizer
+        features = self._shared_features(items, image_keys) if image_keys else None
+        pixel_values = None if features is not None else ImageInputs.cat([imgs for imgs, _ in items]).to(self.device)
         out = generate(self.model, [ids for _, ids in items], pixel_values, tok.eos_id, tok.pad_id, gen,
-                       decode=tok.decode)
+                       decode=tok.decode, image_features=features)
         texts = [tok.decode(ids) for ids in out]
         return [_cut_at_stop(t, gen.stop) for t in texts]
 
+    @torch.no_grad()
+    def _shared_features(self, items: list[tuple[ImageInputs, list[int]]], image_keys: list[list]):
+        """Features of a batch whose requests repeat images (evaluation asks several questions about one image):
+        each distinct image through the tower once, then gathered in the batch's reading order. Only for
+        fixed-size images, whose features are one [M, D] block per image; None otherwise."""
+        keys = [k for ks in image_keys for k in ks]
+        if self.processor.cfg.image_processor != "fixed" or len(set(keys)) == len(keys) or not keys:
+            return None
+        first = {}
+        singles = [ImageInputs(imgs.pixel_values[i:i + 1], imgs.tokens[i:i + 1])
+                   for imgs, _ in items for i in range(len(imgs))]
+        for k, single in zip(keys, singles):
+            first.setdefault(k, single)
+        order = {k: n for n, k in enumerate(first)}
+        feats = self.model.encode_images(ImageInputs.cat(list(first.values())).to(self.device))
+        if not isinstance(feats, torch.Tensor) or feats.ndim != 3:
+            return None
+        return feats[torch.tensor([order[k] for k in keys], device=feats.device)]
+
     def chat_batch(self, requests: list[tuple[object, str]], **gen) -> list[str]:
-        """[(images, question), ...] -> answers, generated as one batch with the chat template."""
+        """[(images, question), ...] -> answers, generated as one batch with the chat template. An image given
+        by the same path in several requests is read and encoded once."""
         cfg = GenerationConfig(**gen)
-        items = []
+        items, keys, prepared = [], [], {}
         for images, question in requests:
-            inputs = self.processor.prepare_images(_as_list(images))
+            images = _as_list(images)
+            ks = [str(Path(im).resolve()) if isinstance(im, (str, Path)) else id(im) for im in images]
+            if all(isinstance(k, str) for k in ks) and images:
+                for k, im in zip(ks, images):
+                    if k not in prepared:
+                        prepared[k] = self.processor.prepare_images([im])
+                inputs = ImageInputs.cat([prepared[k] for k in ks])
+            else:
+                inputs = self.processor.prepare_images(images)
             items.append((inputs, self.processor.encode_chat_prompt(question, inputs)))
-        return self._run(items, cfg)
+            keys.append(ks)
+        return self._run(items, cfg, keys)
 
     def chat(self, images, question: str, **gen) -> str:
         """Answer ``question`` about ``images`` with the model's chat template.

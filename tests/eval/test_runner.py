@@ -95,3 +95,24 @@ def test_unknown_tasks_and_missing_files_are_named(trained, tmp_path):
                                         r"found"):
         run_eval(ckpt, ["vqav2"], data, tmp_path / "r.json", split="val2014")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_repeated_images_are_encoded_once_and_answer_the_same(trained, tmp_path, monkeypatch):
+    import shutil
+
+    import vlmkit
+
+    ckpt, data = trained
+    pipe = vlmkit.load(ckpt)
+    image = data / "images" / "000000.png"
+    copies = []
+    for k in range(3):  # the same pixels under different paths: no sharing
+        copies.append(tmp_path / f"copy{k}.png")
+        shutil.copy(image, copies[-1])
+    questions = ["What color is the circle?", "How many objects are there?", "Is there a red square?"]
+    separate = pipe.chat_batch(list(zip(copies, questions)), max_new_tokens=6)
+    encoded = []
+    real = pipe.model.encode_images
+    monkeypatch.setattr(pipe.model, "encode_images", lambda x: encoded.append(len(x)) or real(x))
+    shared = pipe.chat_batch([(image, q) for q in questions] + [([], "hello")], max_new_tokens=6)
+    assert shared[:3] == separate and encoded == [1]  # one image through the tower for three questions
