@@ -67,9 +67,10 @@ def cmd_tasks(args) -> None:
     """List the evaluation tasks with their metric and the data files they read."""
     from vlmkit.eval.tasks import TASKS
 
-    print(f"{'task':<14} {'metric':<14} {'data (under --data)':<60} description")
-    for name, t in sorted(TASKS.items()):
-        print(f"{name:<14} {t.metric:<14} {t.data:<60} {t.description}")
+    rows = [(name, t.metric, t.data, t.description) for name, t in sorted(TASKS.items())]
+    widths = [max(len(r[i]) for r in rows + [("task", "metric", "data (under --data)", "")]) for i in range(3)]
+    for row in [("task", "metric", "data (under --data)", "description")] + rows:
+        print("  ".join(f"{v:<{w}}" for v, w in zip(row[:3], widths)) + "  " + row[3])
 
 
 def cmd_convert(args) -> None:

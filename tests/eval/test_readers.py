@@ -11,8 +11,8 @@ from PIL import Image
 from vlmkit.data.conversations import read_conversations
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.errors import DataError
-from vlmkit.eval.readers import (SHAPES_IMAGE_PATTERN, read_coco_captions, read_grounding, read_multiple_choice,
-                                 read_pope, read_vqav2)
+from vlmkit.eval.readers import (SHAPES_IMAGE_PATTERN, read_coco_captions, read_gqa, read_grounding,
+                                 read_multiple_choice, read_pope, read_scienceqa, read_vqav2)
 
 
 @pytest.fixture
@@ -154,3 +154,24 @@ def test_multiple_choice_rows_read_and_shapesworld_options_hold_the_answer(coco,
         options = r.meta["options"]
         assert len(set(options.values())) == 4
         assert options[r.answers[0]] == llava[r.id].conversations[1]["value"]
+
+
+def test_gqa_and_scienceqa_official_layouts_read(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "n161313.jpg")
+    (tmp_path / "testdev_balanced_questions.json").write_text(json.dumps({"201307251": {
+        "imageId": "n161313", "question": "Is it overcast?", "answer": "no",
+        "types": {"structural": "verify", "semantic": "attr", "detailed": "weather"}}}))
+    [q] = read_gqa(tmp_path / "testdev_balanced_questions.json", tmp_path / "images")
+    assert (q.id, q.question, q.answers, q.meta) == ("201307251", "Is it overcast?", ["no"],
+                                                     {"structural_type": "verify", "semantic_type": "attr"})
+    (tmp_path / "images" / "test" / "7").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "test" / "7" / "image.png")
+    (tmp_path / "problems.json").write_text(json.dumps({
+        "7": {"question": "Which is a mammal?", "choices": ["frog", "whale"], "answer": 1, "hint": "Look.",
+              "image": "image.png", "split": "test", "subject": "natural science"},
+        "8": {"question": "2+2?", "choices": ["4", "5"], "answer": 0, "hint": "", "image": None, "split": "train"}}))
+    [p] = read_scienceqa(tmp_path / "problems.json", tmp_path / "images", "test")
+    assert (p.question, p.answers, p.images) == ("Context: Look.\nWhich is a mammal?", ["B"],
+                                                 [tmp_path / "images" / "test" / "7" / "image.png"])
+    assert p.meta == {"options": {"A": "frog", "B": "whale"}, "category": "natural science"}

@@ -15,6 +15,7 @@ from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.metrics.pope import pope_metrics, score_pope
 from vlmkit.eval.metrics.vqa import vqa_accuracy
 from vlmkit.eval.runner import fingerprint, run_eval
+from vlmkit.eval.tasks import TASKS
 from vlmkit.train.loop import train
 from vlmkit.train.recipe import load_recipe
 
@@ -86,10 +87,18 @@ def test_multiple_choice_and_circular_eval(trained, tmp_path):
                                                   .splitlines()]  # rotation 0 is the question as written
 
 
+def test_every_task_runs_on_shapesworld(trained, tmp_path):
+    ckpt, data = trained
+    res = run_eval(ckpt, sorted(TASKS), data, tmp_path / "r.json", limit=2, progress=False)
+    assert sorted(res["tasks"]) == sorted(TASKS)
+    for name, r in res["tasks"].items():
+        assert r["n"] >= 2 and r["metric"] in r["metrics"], name
+
+
 def test_unknown_tasks_and_missing_files_are_named(trained, tmp_path):
     ckpt, data = trained
-    with pytest.raises(ConfigError, match=r"unknown task 'vqa3'; available: coco_captions, grounding, multiple_choice, "
-                                          r"multiple_choice_circular, pope, shapes_vqa, vqav2"):
+    with pytest.raises(ConfigError, match=r"unknown task 'vqa3'; available: coco_captions, gqa, grounding, "
+                                          r"multiple_choice, multiple_choice_circular, pope, scienceqa, shapes_vqa, vqav2"):
         run_eval(ckpt, ["vqa3"], data, tmp_path / "r.json")
     with pytest.raises(DataError, match=r"none of vqav2_val2014_questions.json, v2_OpenEnded_mscoco_val2014_questions.json "
                                         r"found"):

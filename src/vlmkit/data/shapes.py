@@ -9,7 +9,7 @@ Output formats are the ones real datasets use, so real data plugs in unchanged:
 LLaVA conversation JSON (one record per question), COCO captions, image-caption CSV, a scene file with
 COCO-style boxes, the questions again in VQAv2's layout (questions + annotations JSON), POPE-style object
 probes (JSONL, random / popular / adversarial negatives), RefCOCO-style referring expressions with boxes and
-four-option multiple-choice questions, for the evaluation tasks. Same arguments give byte-identical files: every image has its own ``random.Random``
+four-option multiple-choice questions, and the questions in GQA's layout, for the evaluation tasks. Same arguments give byte-identical files: every image has its own ``random.Random``
 seeded from (seed, index), JSON keys keep insertion order and PNGs carry no metadata.
 """
 
@@ -580,6 +580,14 @@ def _grounding_rows(items: list[dict]) -> list[dict]:
     return rows
 
 
+def _gqa_questions(items: list[dict]) -> dict:
+    """The questions in GQA's layout (question id -> imageId, question, answer, types); imageId is the image's
+    file name without ``images/`` and ``.png``."""
+    return {f"{it['index']:06d}-{j}": {"imageId": f"{it['index']:06d}", "question": q["question"],
+                                       "answer": q["answer"], "types": {"structural": q["type"], "semantic": q["type"]}}
+            for it in items for j, q in enumerate(it["questions"])}
+
+
 CHOICE_VOCABULARY = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(str(k) for k in range(MAX_OBJECTS + 1))}
 
 
@@ -651,6 +659,8 @@ def _write_split(folder: Path, split: str, items: list[dict]) -> None:
     (folder / f"vqav2_{split}_annotations.json").write_text(json.dumps(annotations) + "\n", encoding="utf-8")
     _write_rows(folder / f"grounding_{split}.json", _grounding_rows(items))
     _write_rows(folder / f"choice_{split}.json", _choice_rows(items))
+    (folder / f"{split}_balanced_questions.json").write_text(json.dumps(_gqa_questions(items)) + "\n",
+                                                             encoding="utf-8")
     for category, rows in _pope_rows(items).items():
         (folder / f"pope_{split}_{category}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
                                                               encoding="utf-8")

@@ -5,7 +5,8 @@ are resolved against an image folder and checked to exist before any model runs.
 annotations JSON), POPE (JSONL), COCO captions (annotations JSON) and RefCOCO-style referring expressions (a JSON
 list of ``{"image", "expression", "bbox": [x, y, w, h], "width", "height"}``: the official RefCOCO release is
 a pickle, which vlmkit never loads) and multiple choice (a JSON list of ``{"question", "options", "answer"}``, as
-ScienceQA and MMMU give them); ShapesWorld writes every one of these layouts (``vlmkit data shapes``).
+ScienceQA and MMMU give them); also GQA's questions JSON and ScienceQA's own ``problems.json``. ShapesWorld writes
+the VQAv2, POPE, COCO captions, grounding and multiple-choice layouts (``vlmkit data shapes``).
 """
 
 from __future__ import annotations
@@ -207,4 +208,58 @@ def read_multiple_choice(path: str | Path, image_dir: str | Path, limit: int | N
         out.append(EvalSample(str(row.get("id", i)), [_image(image_dir, n, where) for n in names],
                               _field(row, "question", str, where), [answer],
                               {"options": options, "category": row.get("category")}))
+    return out
+
+
+def read_gqa(path: str | Path, image_dir: str | Path, limit: int | None = None) -> list[EvalSample]:
+    """GQA's questions JSON (``{question_id: {"imageId", "question", "answer", "types": {"structural",
+    "semantic", "detailed"}, ...}}``, e.g. ``testdev_balanced_questions.json``; images ``{imageId}.jpg``, or
+    ``.png`` as ShapesWorld writes them) -> samples with the one gold answer and the question types in ``meta``."""
+    path, image_dir = Path(path), Path(image_dir)
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected GQA's object of question id -> question")
+    out = []
+    for qid, row in data.items():
+        where = f"{path} question {qid}"
+        image_id = _field(row, "imageId", str, where)
+        name = next((f"{image_id}{ext}" for ext in (".jpg", ".png") if (image_dir / f"{image_id}{ext}").is_file()),
+                    f"{image_id}.jpg")
+        image = _image(image_dir, name, where)
+        types = row.get("types") if isinstance(row.get("types"), dict) else {}
+        out.append(EvalSample(str(qid), [image], _field(row, "question", str, where),
+                              [_field(row, "answer", str, where)],
+                              {f"{k}_type": v for k, v in types.items() if k in ("structural", "semantic")}))
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def read_scienceqa(problems: str | Path, image_root: str | Path, split: str = "test",
+                   limit: int | None = None) -> list[EvalSample]:
+    """ScienceQA's ``problems.json`` (``{pid: {"question", "choices", "answer": index, "hint", "image",
+    "split", "subject", ...}}``) -> the split's multiple-choice samples: images ``{image_root}/{split}/{pid}/
+    {image}`` when a problem has one, the context (hint) before the question as LLaVA's ScienceQA prompt puts
+    it, the answer as a letter."""
+    problems, image_root = Path(problems), Path(image_root)
+    data = _load_json(problems)
+    if not isinstance(data, dict):
+        raise DataError(f"{problems}: expected ScienceQA's object of problem id -> problem")
+    out = []
+    for pid, row in data.items():
+        if row.get("split") != split:
+            continue
+        where = f"{problems} problem {pid}"
+        choices = _field(row, "choices", list, where)
+        answer = _field(row, "answer", int, where)
+        if not 0 <= answer < len(choices) or not all(isinstance(c, str) for c in choices):
+            raise DataError(f"{where}: field 'answer' {answer} must index the {len(choices)} text choices")
+        images = [_image(image_root / split / str(pid), row["image"], where)] if row.get("image") else []
+        hint = row.get("hint") or ""
+        question = f"Context: {hint}\n{row['question']}" if hint else _field(row, "question", str, where)
+        out.append(EvalSample(str(pid), images, question, [chr(65 + answer)],
+                              {"options": {chr(65 + k): c for k, c in enumerate(choices)},
+                               "category": row.get("subject")}))
+        if limit and len(out) >= limit:
+            break
     return out

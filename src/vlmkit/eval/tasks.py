@@ -18,9 +18,10 @@ from vlmkit.eval.metrics.caption import evaluate_captions
 from vlmkit.eval.metrics.choice import circular_accuracy, circular_rotations, score_choice
 from vlmkit.eval.metrics.grounding import score_grounding
 from vlmkit.eval.metrics.pope import pope_metrics, score_pope
-from vlmkit.eval.metrics.vqa import exact_match, vqa_accuracy
+from vlmkit.eval.metrics.vqa import exact_match, gqa_accuracy, vqa_accuracy
 from vlmkit.eval.readers import (COCO_IMAGE_PATTERN, SHAPES_IMAGE_PATTERN, EvalSample, read_coco_captions,
-                                 read_grounding, read_multiple_choice, read_pope, read_vqav2)
+                                 read_gqa, read_grounding, read_multiple_choice, read_pope, read_scienceqa,
+                                 read_vqav2)
 
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 
@@ -214,3 +215,30 @@ register_task(Task(
     "multiple_choice_circular", "MMBench CircularEval: each question asked once per rotation of its options, "
     "right only if every rotation is", "circular_accuracy", "choice_{split}.json", _circular, _choice_prompt,
     _choice_score, max_new_tokens=8, summarize=_circular_summary))
+
+
+def _gqa(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    return read_gqa(_first(root, f"{split}_balanced_questions.json", f"{split}_all_questions.json"),
+                    root / "images", limit)
+
+
+def _scienceqa(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    path = _first(root, "problems.json", f"choice_{split}.json")  # ScienceQA's own file, or ShapesWorld's choices
+    if path.name == "problems.json":
+        return read_scienceqa(path, root / "images", split, limit)
+    return read_multiple_choice(path, root, limit)
+
+
+def _scienceqa_score(prediction: str, sample: EvalSample) -> dict[str, float]:
+    r = score_choice(prediction, sample.meta["options"], sample.answers[0], style="scienceqa")
+    return {"accuracy": r.score, "unparsable": float(not r.parsed)}
+
+
+register_task(Task(
+    "gqa", "GQA balanced questions, exact match after LLaVA's clean-up of the answer (strip, '.', lower-case)",
+    "accuracy", "{split}_balanced_questions.json and images/ (e.g. --split testdev)", _gqa, lambda s: s.question,
+    lambda p, s: {"accuracy": gqa_accuracy(p, s.answers[0]).score}, group_by="structural_type", max_new_tokens=16))
+register_task(Task(
+    "scienceqa", "ScienceQA multiple choice, letters extracted as LLaVA's ScienceQA evaluation does",
+    "accuracy", "problems.json and images/{split}/{pid}/, or choice_{split}.json", _scienceqa, _choice_prompt, _scienceqa_score,
+    group_by="category", max_new_tokens=8))
