@@ -107,6 +107,13 @@ class Pipeline:
         return self._run([(inputs, self.processor.encode_prompt(prompt, inputs))], cfg)[0]
 
     # ------------------------------------------------------------------ scoring
+    def rank(self, images, question: str, candidates: list[str], normalize: bool = True) -> list[float]:
+        """Log-likelihood of each candidate as the model's reply to ``question`` about ``images`` (through the
+        chat template, as chat() asks): per token when ``normalize`` (comparable across lengths), else summed.
+        All candidates in one forward pass with the images encoded once; zero-shot classification and
+        retrieval with a generative model rank by it. Candidates are tokenised on their own."""
+        return _rank(self, images, question, candidates, normalize)
+
     @torch.no_grad()
     def score(self, images, prompt: str, continuation: str) -> list[float]:
         """Per-token log-probabilities of ``continuation`` given ``images`` and the raw ``prompt``.
@@ -127,6 +134,34 @@ class Pipeline:
         logp = torch.log_softmax(logits[start - 1:-1], dim=-1)  # [T_cont, V]: predictions of the continuation
         target = torch.tensor(ids[start:], device=self.device)[:, None]
         return logp.gather(-1, target).squeeze(-1).tolist()
+
+
+@torch.no_grad()
+def _rank(pipe: Pipeline, images, question: str, candidates: list[str], normalize: bool) -> list[float]:
+    inputs = pipe.processor.prepare_images(_as_list(images))
+    prompt = pipe.processor.encode_chat_prompt(question, inputs)
+    conts = [pipe.processor.tokenizer.encode(c) for c in candidates]
+    if not all(conts):
+        raise DataError(f"rank(): candidate {candidates[[bool(c) for c in conts].index(False)]!r} has no tokens")
+    width = len(prompt) + max(len(c) for c in conts)
+    ids = torch.full((len(conts), width), pipe.processor.tokenizer.pad_id, dtype=torch.long)
+    for i, c in enumerate(conts):  # right padding: causal attention never lets a real token see it
+        ids[i, :len(prompt) + len(c)] = torch.tensor(prompt + c)
+    model = pipe.model
+    kw = {"prefix_len": len(prompt)} if getattr(model, "prefix_lm", False) else {}
+    if len(inputs):
+        feats = model.encode_images(inputs.to(pipe.device))
+        if isinstance(feats, torch.Tensor):  # one copy of the image's features per candidate
+            kw["image_features"] = feats.repeat(len(conts), *([1] * (feats.ndim - 1)))
+        else:  # features that carry layout (Qwen2-VL's grids): encode per row
+            kw["pixel_values"] = ImageInputs.cat([inputs] * len(conts)).to(pipe.device)
+    logits = model(ids.to(pipe.device), **kw).logits.float()  # [K, T, V]
+    logp = torch.log_softmax(logits[:, len(prompt) - 1:-1], dim=-1)
+    out = []
+    for i, c in enumerate(conts):
+        tok = logp[i, :len(c)].gather(-1, torch.tensor(c, device=logp.device)[:, None]).sum()
+        out.append(float(tok) / (len(c) if normalize else 1))
+    return out
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> str:

@@ -13,7 +13,7 @@ from vlmkit.data.conversations import read_conversations
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.errors import DataError
 from vlmkit.eval.readers import (SHAPES_IMAGE_PATTERN, read_coco_captions, read_gqa, read_grounding,
-                                 read_multiple_choice, read_pope, read_scienceqa, read_vqav2)
+                                 read_image_folder, read_multiple_choice, read_pope, read_scienceqa, read_vqav2)
 
 
 SAMPLES = Path(__file__).parent / "data" / "official"  # hand-written files in each benchmark's official layout
@@ -144,3 +144,15 @@ def test_gqa_and_scienceqa_official_layouts_read(coco):
     assert (p.question, p.answers, p.images) == ("Context: Look.\nWhich is a mammal?", ["B"],
                                                  [coco / "images" / "test" / "7" / "image.png"])
     assert p.meta == {"options": {"A": "frog", "B": "whale"}, "category": "natural science"}
+
+
+def test_image_folder_reads_classes_interleaved_with_their_names(coco):
+    samples, classes, question = read_image_folder(coco / "imagefolder")
+    assert classes == ["a cat", "a dog"] and question == "Which animal is it?"
+    assert [(s.id, s.answers, s.meta["label"]) for s in samples] == [
+        ("cat/0.png", ["a cat"], 0), ("dog/0.png", ["a dog"], 1), ("cat/1.png", ["a cat"], 0)]
+    assert [s.id for s in read_image_folder(coco / "imagefolder", limit=2)[0]] == ["cat/0.png", "dog/0.png"]
+    (coco / "imagefolder" / "classes.json").unlink()
+    assert read_image_folder(coco / "imagefolder")[1:] == (["cat", "dog"], "What is in the image?")
+    with pytest.raises(DataError, match=r"needs at least two class folders, found 0"):
+        read_image_folder(coco / "images" / "test" / "7")

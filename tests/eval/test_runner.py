@@ -98,7 +98,8 @@ def test_every_task_runs_on_shapesworld(trained, tmp_path):
 def test_unknown_tasks_and_missing_files_are_named(trained, tmp_path):
     ckpt, data = trained
     with pytest.raises(ConfigError, match=r"unknown task 'vqa3'; available: coco_captions, gqa, grounding, "
-                                          r"multiple_choice, multiple_choice_circular, pope, scienceqa, shapes_vqa, vqav2"):
+                                          r"multiple_choice, multiple_choice_circular, pope, retrieval, scienceqa, "
+                                          r"shapes_vqa, vqav2, zero_shot_classification"):
         run_eval(ckpt, ["vqa3"], data, tmp_path / "r.json")
     with pytest.raises(DataError, match=r"none of vqav2_val2014_questions.json, v2_OpenEnded_mscoco_val2014_questions.json "
                                         r"found"):
@@ -125,3 +126,37 @@ def test_repeated_images_are_encoded_once_and_answer_the_same(trained, tmp_path,
     monkeypatch.setattr(pipe.model, "encode_images", lambda x: encoded.append(len(x)) or real(x))
     shared = pipe.chat_batch([(image, q) for q in questions] + [([], "hello")], max_new_tokens=6)
     assert shared[:3] == separate and encoded == [1]  # one image through the tower for three questions
+
+
+def test_rank_is_the_replys_log_likelihood_through_the_chat_template(trained):
+    import torch
+
+    import vlmkit
+
+    ckpt, data = trained
+    pipe = vlmkit.load(ckpt)
+    image, question = data / "images" / "000000.png", "How many objects are there?"
+    candidates = ["1", "two", "a red circle"]
+    ranked = pipe.rank(image, question, candidates, normalize=False)
+    inputs = pipe.processor.prepare_images([image])
+    prompt = pipe.processor.encode_chat_prompt(question, inputs)
+    for cand, value in zip(candidates, ranked):  # one candidate at a time, by hand
+        cont = pipe.processor.tokenizer.encode(cand)
+        with torch.no_grad():
+            logits = pipe.model(torch.tensor([prompt + cont]), inputs).logits[0]
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, torch.tensor(cont)[:, None]).sum()
+        assert value == pytest.approx(float(logp), abs=1e-4)
+    per_token = pipe.rank(image, question, candidates)
+    assert per_token == pytest.approx([v / len(pipe.processor.tokenizer.encode(c)) for v, c in zip(ranked, candidates)])
+
+
+def test_ranking_tasks_refuse_a_model_that_only_generates(trained):
+    from vlmkit.eval.runner import run_task
+    from vlmkit.eval.tasks import get_task
+
+    class Endpoint:  # what an OpenAI-compatible backend offers: generation only
+        def chat_batch(self, requests, **gen):
+            return ["1"] * len(requests)
+
+    with pytest.raises(ConfigError, match=r"task 'retrieval' ranks candidates by the model's likelihoods"):
+        run_task(Endpoint(), get_task("retrieval"), trained[1], "test", 2, 8)

@@ -9,7 +9,8 @@ Output formats are the ones real datasets use, so real data plugs in unchanged:
 LLaVA conversation JSON (one record per question), COCO captions, image-caption CSV, a scene file with
 COCO-style boxes, the questions again in VQAv2's layout (questions + annotations JSON), POPE-style object
 probes (JSONL, random / popular / adversarial negatives), RefCOCO-style referring expressions with boxes and
-four-option multiple-choice questions, and the questions in GQA's layout, for the evaluation tasks. Same arguments give byte-identical files: every image has its own ``random.Random``
+four-option multiple-choice questions, the questions in GQA's layout, and the evaluation splits' images as an
+ImageFolder by object count, for the evaluation tasks. Same arguments give byte-identical files: every image has its own ``random.Random``
 seeded from (seed, index), JSON keys keep insertion order and PNGs carry no metadata.
 """
 
@@ -588,6 +589,19 @@ def _gqa_questions(items: list[dict]) -> dict:
             for it in items for j, q in enumerate(it["questions"])}
 
 
+def _write_image_folder(folder: Path, split: str, items: list[dict]) -> None:
+    """The split's images as an ImageFolder for zero-shot classification (``imagefolder_{split}/<n>/``, the
+    class being how many objects the image holds), with ``classes.json`` naming the question to ask."""
+    root = folder / f"imagefolder_{split}"
+    for it in items:
+        target = root / str(len(it["scene"].objects)) / Path(it["file_name"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((folder / it["file_name"]).read_bytes())
+    root.mkdir(exist_ok=True)
+    (root / "classes.json").write_text(json.dumps({"prompt": "How many objects are there?"}) + "\n",
+                                       encoding="utf-8")
+
+
 CHOICE_VOCABULARY = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(str(k) for k in range(MAX_OBJECTS + 1))}
 
 
@@ -661,6 +675,8 @@ def _write_split(folder: Path, split: str, items: list[dict]) -> None:
     _write_rows(folder / f"choice_{split}.json", _choice_rows(items))
     (folder / f"{split}_balanced_questions.json").write_text(json.dumps(_gqa_questions(items)) + "\n",
                                                              encoding="utf-8")
+    if split != "train":  # evaluation splits only: the images are copied
+        _write_image_folder(folder, split, items)
     for category, rows in _pope_rows(items).items():
         (folder / f"pope_{split}_{category}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
                                                               encoding="utf-8")

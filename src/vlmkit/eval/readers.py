@@ -263,3 +263,31 @@ def read_scienceqa(problems: str | Path, image_root: str | Path, split: str = "t
         if limit and len(out) >= limit:
             break
     return out
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_image_folder(root: str | Path, limit: int | None = None) -> tuple[list[EvalSample], list[str], str]:
+    """An ImageFolder (``root/<class>/<image>``, torchvision's layout) -> (samples with their class as the answer
+    and its index in ``meta["label"]``, the class names in sorted order, the question to ask). The class names
+    are the folder names unless ``root/classes.json`` (``{"classes": {folder: name}, "prompt": question}``)
+    names them; the question defaults to "What is in the image?"."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if len(folders) < 2:
+        raise DataError(f"{root}: an ImageFolder needs at least two class folders, found {len(folders)}")
+    meta = _load_json(root / "classes.json") if (root / "classes.json").is_file() else {}
+    names = meta.get("classes") or {}
+    classes = [str(names.get(f.name, f.name)) for f in folders]
+    question = str(meta.get("prompt") or "What is in the image?")
+    per_class = [sorted(p for p in f.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) for f in folders]
+    out = []
+    for i in range(max(len(files) for files in per_class)):  # interleaved, so --limit samples every class
+        for label, files in enumerate(per_class):
+            if i < len(files):
+                out.append(EvalSample(f"{folders[label].name}/{files[i].name}", [files[i]], question,
+                                      [classes[label]], {"label": label}))
+    return (out[:limit] if limit else out), classes, question

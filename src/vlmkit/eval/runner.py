@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vlmkit import __version__
+from vlmkit.errors import ConfigError
 from vlmkit.eval.backends import OpenAIBackend, is_endpoint_spec, parse_model_spec
 from vlmkit.eval.metrics.stats import bootstrap_ci
 from vlmkit.eval.tasks import Task, aggregate, get_task
@@ -46,6 +47,20 @@ def run_task(pipe, task: Task, data: Path, split: str, limit: int | None, batch_
     (e.g. LLaVA-1.5's "\nAnswer the question using a single word or phrase.")."""
     samples = task.read(data, split, limit)
     t0 = time.perf_counter()
+    if task.evaluate is not None:  # a ranking task: no generation
+        if not hasattr(pipe, "rank"):
+            raise ConfigError(f"task {task.name!r} ranks candidates by the model's likelihoods; an endpoint only "
+                              f"generates text: evaluate a checkpoint or folder")
+        predictions, scores, extra = task.evaluate(pipe, samples, data)
+        records = [{"id": s.id, "images": [str(p) for p in s.images], "prompt": task.prompt(s), "prediction": p,
+                    "answers": s.answers, **sc, "meta": {k: v for k, v in s.meta.items() if k != "classes"}}
+                   for s, p, sc in zip(samples, predictions, scores)]
+        seconds = time.perf_counter() - t0
+        metrics = {**aggregate(task, scores, samples, predictions), **extra}
+        result = {"metric": task.metric, "metrics": metrics, "n": len(samples), "n_errors": 0,
+                  "ci95": {task.metric: list(bootstrap_ci([s[task.metric] for s in scores], seed=seed))},
+                  "seconds": round(seconds, 3), "samples_per_second": round(len(samples) / max(seconds, 1e-9), 3)}
+        return result, records
     records, scores, predictions, n_errors = [], [], [], 0
     bar = tqdm(total=len(samples), desc=task.name, unit="sample", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(samples), batch_size):

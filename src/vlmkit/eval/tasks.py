@@ -19,9 +19,10 @@ from vlmkit.eval.metrics.choice import circular_accuracy, circular_rotations, sc
 from vlmkit.eval.metrics.grounding import score_grounding
 from vlmkit.eval.metrics.pope import pope_metrics, score_pope
 from vlmkit.eval.metrics.vqa import exact_match, gqa_accuracy, vqa_accuracy
+from vlmkit.eval.metrics.retrieval import classification_ranks, image_to_text_ranks, retrieval_metrics
 from vlmkit.eval.readers import (COCO_IMAGE_PATTERN, SHAPES_IMAGE_PATTERN, EvalSample, read_coco_captions,
-                                 read_gqa, read_grounding, read_multiple_choice, read_pope, read_scienceqa,
-                                 read_vqav2)
+                                 read_gqa, read_grounding, read_image_folder, read_multiple_choice, read_pope,
+                                 read_scienceqa, read_vqav2)
 
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 
@@ -41,6 +42,10 @@ class Task:
     # caption metrics); None: the mean of each per-sample score, and the headline per group. A "_per_sample"
     # entry (the headline per sample) is what the confidence interval is computed from, when score gives none
     summarize: Callable[[list[str], list[EvalSample]], dict[str, float]] | None = None
+    # tasks that rank candidates instead of generating (zero-shot classification, retrieval): (pipeline,
+    # samples, data folder) -> (predictions, per-sample scores, metrics over the set); the runner then skips
+    # generation and ``score``
+    evaluate: Callable | None = None
 
 
 TASKS: dict[str, Task] = {}
@@ -242,3 +247,52 @@ register_task(Task(
     "scienceqa", "ScienceQA multiple choice, letters extracted as LLaVA's ScienceQA evaluation does",
     "accuracy", "problems.json and images/{split}/{pid}/, or choice_{split}.json", _scienceqa, _choice_prompt, _scienceqa_score,
     group_by="category", max_new_tokens=8))
+
+
+# zero-shot classification and retrieval with a generative model: candidates ranked by Pipeline.rank (their
+# per-token log-likelihood as the reply); dual encoders (issue 5) will rank by embedding similarity
+
+
+def _image_folder(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    folder = root / f"imagefolder_{split}" if (root / f"imagefolder_{split}").is_dir() else root / split
+    samples, classes, _ = read_image_folder(folder, limit)
+    for s in samples:
+        s.meta["classes"] = classes
+    return samples
+
+
+def _classify(pipe, samples: list[EvalSample], root: Path):
+    logits = [pipe.rank(s.images, s.question, s.meta["classes"]) for s in samples]
+    ranks = classification_ranks(logits, [s.meta["label"] for s in samples]).tolist()
+    predictions = [s.meta["classes"][max(range(len(row)), key=row.__getitem__)] for s, row in zip(samples, logits)]
+    scores = [{"top1_accuracy": float(r < 1), "top5_accuracy": float(r < 5)} for r in ranks]
+    return predictions, scores, {}
+
+
+def _retrieval_samples(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    return _captions(root, split, limit)
+
+
+RETRIEVAL_PROMPT = "Provide a one-sentence caption for the provided image."
+
+
+def _retrieve(pipe, samples: list[EvalSample], root: Path):
+    """Every image against every caption of the set: similarity = the caption's per-token log-likelihood as
+    the image's caption; recall@K both ways."""
+    texts = [t for s in samples for t in s.answers]
+    owner = [i for i, s in enumerate(samples) for _ in s.answers]
+    sim = [pipe.rank(s.images, RETRIEVAL_PROMPT, texts) for s in samples]
+    best = image_to_text_ranks(sim, owner).tolist()
+    predictions = [texts[max(range(len(row)), key=row.__getitem__)] for row in sim]
+    scores = [{"image_to_text_recall@1": float(r < 1), "image_to_text_recall@5": float(r < 5)} for r in best]
+    return predictions, scores, retrieval_metrics(sim, owner, ks=(1, 5, 10))
+
+
+register_task(Task(
+    "zero_shot_classification", "ImageFolder classification: class names ranked by their likelihood as the answer",
+    "top1_accuracy", "imagefolder_{split}/<class>/<image> (or {split}/), optional classes.json", _image_folder,
+    lambda s: s.question, lambda p, s: {}, evaluate=_classify))
+register_task(Task(
+    "retrieval", "Image-caption retrieval over a captions file: recall@1/5/10 both ways, captions ranked by "
+    "likelihood", "image_to_text_recall@1", "captions_{split}.json (COCO captions layout)", _retrieval_samples,
+    lambda s: RETRIEVAL_PROMPT, lambda p, s: {}, evaluate=_retrieve))
