@@ -7,6 +7,7 @@ trained) and the same token boundaries in training, evaluation and serving.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -197,10 +198,16 @@ class JinjaTemplate:
         return text, spans
 
 
+@functools.lru_cache(maxsize=16)
+def jinja_template(source: str, image_token: str, bos_token: str | None, eos_token: str) -> JinjaTemplate:
+    """A compiled template, kept: compiling costs more than rendering a prompt (evaluation renders thousands)."""
+    return JinjaTemplate(source, image_token, bos_token, eos_token)
+
+
 def render_jinja(template: str, question: str, n_images: int, image_token: str, tokenizer) -> str:
     """One user turn through a transformers-format Jinja chat template, with the generation prompt; without
     placeholders in the question its ``n_images`` images go first (see :class:`JinjaTemplate`)."""
-    t = JinjaTemplate(template, image_token, tokenizer.bos_token, tokenizer.eos_token)
+    t = jinja_template(template, image_token, tokenizer.bos_token, tokenizer.eos_token)
     return t.render([{"role": "user", "content": question}], add_generation_prompt=True, images_first=n_images)
 
 

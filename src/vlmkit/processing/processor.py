@@ -20,7 +20,8 @@ import torch
 
 from vlmkit.config import ProcessorConfig, from_dict, to_dict
 from vlmkit.errors import ConfigError, DataError
-from vlmkit.processing.chat import DATA_PLACEHOLDER, TEMPLATES, JinjaTemplate, Segment, normalize_messages, render_jinja
+from vlmkit.processing.chat import (DATA_PLACEHOLDER, TEMPLATES, Segment, jinja_template, normalize_messages,
+                                    render_jinja)
 from vlmkit.processing.image import IMAGE_PROCESSORS, ImageInputs, load_image
 from vlmkit.processing.tokenizer import TextTokenizer
 from vlmkit.utils import atomic_write_json
@@ -137,8 +138,8 @@ class Processor:
         if self.images.format_prompt("", 0) is not None:
             return self._encode_prompt_suffix(messages, images, where)
         if self.cfg.chat_template_jinja:
-            template = JinjaTemplate(self.cfg.chat_template_jinja, self.cfg.image_token, self.tokenizer.bos_token,
-                                     self.tokenizer.eos_token)
+            template = jinja_template(self.cfg.chat_template_jinja, self.cfg.image_token, self.tokenizer.bos_token,
+                                      self.tokenizer.eos_token)
             text, spans = template.render_with_spans(messages, where)
         else:
             text, spans = "", []
