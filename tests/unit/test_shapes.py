@@ -130,10 +130,11 @@ def test_same_arguments_give_byte_identical_files(tmp_path):
     sw.generate_shapes(tmp_path / "a", **args)
     sw.generate_shapes(tmp_path / "b", **args)
     a, b = file_hashes(tmp_path / "a"), file_hashes(tmp_path / "b")
-    # images; per split 3, VQAv2 2, POPE 3, grounding, choice, GQA; scenes, meta; val and test as ImageFolders
+    # images; per split 3; scenes, meta; val and test also in the evaluation layouts (VQAv2 2, POPE 3, grounding,
+    # choice, GQA) and as ImageFolders (their images and classes.json)
     eval_images = sum(f.startswith(("imagefolder_val/", "imagefolder_test/")) and f.endswith(".png") for f in a)
     assert eval_images == sum(json.loads((tmp_path / "a" / "meta.json").read_text())["images"][s] for s in ("val", "test"))
-    assert len(a) == 24 + 3 * (3 + 2 + 3 + 3) + 2 + eval_images + 2 and a == b
+    assert len(a) == 24 + 3 * 3 + 2 + 2 * (2 + 3 + 3) + eval_images + 2 and a == b
 
     sw.generate_shapes(tmp_path / "c", **{**args, "seed": 6})
     c = file_hashes(tmp_path / "c")

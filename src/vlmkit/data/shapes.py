@@ -6,12 +6,13 @@ rendered scenes of coloured shapes. The generator is written by hand (PIL + stdl
 referring expression ("the red circle") names exactly one object, and yes/no answers are balanced.
 
 Output formats are the ones real datasets use, so real data plugs in unchanged:
-LLaVA conversation JSON (one record per question), COCO captions, image-caption CSV, a scene file with
-COCO-style boxes, the questions again in VQAv2's layout (questions + annotations JSON), POPE-style object
-probes (JSONL, random / popular / adversarial negatives), RefCOCO-style referring expressions with boxes and
-four-option multiple-choice questions, the questions in GQA's layout, and the evaluation splits' images as an
-ImageFolder by object count, for the evaluation tasks. Same arguments give byte-identical files: every image has its own ``random.Random``
-seeded from (seed, index), JSON keys keep insertion order and PNGs carry no metadata.
+LLaVA conversation JSON (one record per question), COCO captions, image-caption CSV and a scene file with
+COCO-style boxes; and, for the evaluation splits (val, test), the benchmarks' layouts the evaluation tasks read:
+the questions in VQAv2's layout (questions + annotations JSON) and GQA's, POPE-style object probes (JSONL,
+random / popular / adversarial negatives), RefCOCO-style referring expressions with boxes, four-option
+multiple-choice questions, and the images as an ImageFolder by object count. Same arguments give byte-identical
+files: every image has its own ``random.Random`` seeded from (seed, index), JSON keys keep insertion order and
+PNGs carry no metadata.
 """
 
 from __future__ import annotations
@@ -668,6 +669,13 @@ def _write_split(folder: Path, split: str, items: list[dict]) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image", "caption"])
         writer.writerows([it["file_name"], c] for it in items for c in it["captions"])
+    if split != "train":  # the evaluation layouts, for the splits evaluation reads
+        _write_eval_layouts(folder, split, items)
+
+
+def _write_eval_layouts(folder: Path, split: str, items: list[dict]) -> None:
+    """The split again in the benchmarks' layouts: VQAv2, GQA, POPE, grounding, multiple choice, and its images
+    as an ImageFolder (copied)."""
     questions, annotations = _vqav2_files(items, split)
     (folder / f"vqav2_{split}_questions.json").write_text(json.dumps(questions) + "\n", encoding="utf-8")
     (folder / f"vqav2_{split}_annotations.json").write_text(json.dumps(annotations) + "\n", encoding="utf-8")
@@ -675,8 +683,7 @@ def _write_split(folder: Path, split: str, items: list[dict]) -> None:
     _write_rows(folder / f"choice_{split}.json", _choice_rows(items))
     (folder / f"{split}_balanced_questions.json").write_text(json.dumps(_gqa_questions(items)) + "\n",
                                                              encoding="utf-8")
-    if split != "train":  # evaluation splits only: the images are copied
-        _write_image_folder(folder, split, items)
+    _write_image_folder(folder, split, items)
     for category, rows in _pope_rows(items).items():
         (folder / f"pope_{split}_{category}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
                                                               encoding="utf-8")
