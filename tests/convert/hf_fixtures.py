@@ -63,6 +63,17 @@ def byte_level_tokenizer(special: list[str], vocab_size: int = 300) -> Tokenizer
     return tok
 
 
+def reference_logprobs(model, processor, images, prompt, continuation):
+    """transformers' per-token log-probabilities of the continuation, the lmms-eval way: the
+    tokens of prompt + continuation after those of the prompt alone, scored by the model on the whole."""
+    n = processor(text=prompt, images=images or None, return_tensors="pt")["input_ids"].shape[1]
+    full = processor(text=prompt + continuation, images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**full).logits[0]
+    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
+    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
+
+
 def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
     """Norm weights around 1 with spread, biases and class/newline embeddings non-zero: a zero bias or a unit
     norm would hide a missing or misplaced tensor."""

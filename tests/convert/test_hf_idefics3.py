@@ -22,7 +22,8 @@ from vlmkit.connectors import pixel_shuffle
 from vlmkit.convert.hf.idefics3 import bucketed_positions
 from vlmkit.errors import CheckpointError, ConfigError
 
-from hf_fixtures import byte_level_tokenizer, perturb_, real_images, sentencepiece_tokenizer
+from hf_fixtures import (byte_level_tokenizer, perturb_, real_images, reference_logprobs,
+                         sentencepiece_tokenizer)
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -127,16 +128,6 @@ def folders(idefics3, idefics3_nosplit, smolvlm):
 
 def images_for(prompt):
     return real_images()[:prompt.count("<image>")]
-
-
-def reference_logprobs(model, processor, images, prompt, continuation):
-    """transformers' per-token log-probabilities of the continuation, the lmms-eval way."""
-    n = processor(text=prompt, images=images or None, return_tensors="pt")["input_ids"].shape[1]
-    full = processor(text=prompt + continuation, images=images or None, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**full).logits[0]
-    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
-    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
 
 
 # ------------------------------------------------------------------------------------------------ the parts

@@ -28,7 +28,7 @@ from vlmkit.processing import Processor
 from vlmkit.processing.image import ImageInputs
 from vlmkit.processing.llava_next import reduced_size, tile_grid, unpad_slice
 
-from hf_fixtures import byte_level_tokenizer, perturb_, real_images
+from hf_fixtures import byte_level_tokenizer, perturb_, real_images, reference_logprobs
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -107,16 +107,6 @@ def pipe(ov_folder):
 def images_of(indices):
     ims = real_images()
     return [ims[i] for i in indices]
-
-
-def reference_logprobs(model, processor, images, prompt, continuation):
-    """transformers' per-token log-probabilities of the continuation, the lmms-eval way."""
-    n = processor(text=prompt, images=images or None, return_tensors="pt")["input_ids"].shape[1]
-    full = processor(text=prompt + continuation, images=images or None, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**full).logits[0]
-    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
-    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
 
 
 def test_fixture_images_exercise_tiling_unpadding_and_reduction():

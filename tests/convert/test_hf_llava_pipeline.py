@@ -15,7 +15,7 @@ from vlmkit.cli import main
 from vlmkit.convert.hf import read_chat_template
 from vlmkit.errors import CheckpointError, ConfigError
 
-from hf_fixtures import LLAVA_TEMPLATE, real_images
+from hf_fixtures import LLAVA_TEMPLATE, real_images, reference_logprobs
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -23,16 +23,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROMPTS = ["USER: <image>\nWhat colour is the small circle? ASSISTANT:",
            "<image> caption en", "Compare <image> and <image>: how many squares?"]
-
-
-def reference_logprobs(model, processor, images, prompt, continuation):
-    """transformers' per-token log-probabilities of the continuation, the lmms-eval way."""
-    n = processor(text=prompt, images=images or None, return_tensors="pt")["input_ids"].shape[1]
-    full = processor(text=prompt + continuation, images=images or None, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**full).logits[0]
-    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
-    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
 
 
 def images_for(prompt):

@@ -27,7 +27,7 @@ from vlmkit.models.qwen2_vl import mrope_position_ids
 from vlmkit.nn import RotaryEmbedding
 from vlmkit.processing.image import ImageInputs
 
-from hf_fixtures import byte_level_tokenizer, perturb_, real_images
+from hf_fixtures import byte_level_tokenizer, perturb_, real_images, reference_logprobs
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -104,16 +104,6 @@ def qwen_folder(tmp_path_factory):
     path = folder / "processor_config.json"  # as a Hub folder says it
     path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "Qwen2VLProcessor"}))
     return folder, model, ImageOnlyQwen2VLProcessor.from_pretrained(folder)
-
-
-def reference_logprobs(model, processor, images, prompt, continuation):
-    """transformers' per-token log-probabilities of the continuation, the lmms-eval way."""
-    n = processor(text=prompt, images=images or None, return_tensors="pt")["input_ids"].shape[1]
-    full = processor(text=prompt + continuation, images=images or None, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**full).logits[0]
-    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
-    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
 
 
 @pytest.mark.parametrize("prompt, names", CASES)
