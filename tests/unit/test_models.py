@@ -533,3 +533,22 @@ def test_skip_default_init_leaves_weights_alone_and_restores_the_init_functions(
     assert torch.nn.init.kaiming_uniform_ is before
     torch.manual_seed(0)
     assert not bool((torch.nn.init.normal_(torch.full((4,), 7.0)) == 7.0).all())
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava-vit", "paligemma-3b-224", "qwen2-vl-2b", "llava-onevision-0.5b"])
+def test_every_family_gets_the_same_from_scratch_initialisation(preset):
+    """One init for every family's model: fan-in connector, GPT-2 std elsewhere, residual outputs scaled."""
+    from vlmkit.config import apply_overrides
+
+    small = {"lm.depth": 2, "lm.vocab_size": 100, "lm.width": 256, "lm.heads": 4, "lm.kv_heads": 2,
+             "lm.head_dim": None, "lm.mlp_dim": 256, "vision.depth": 2, "vision.width": 64, "vision.heads": 2,
+             "vision.mlp_dim": 128, "lm.head_init_std": None}
+    if preset.startswith("qwen2"):
+        small["lm.mrope_section"] = [8, 12, 12]
+    cfg = apply_overrides(get_preset(preset).model, small)
+    torch.manual_seed(0)
+    model = build_model(cfg, image_token_id=5)
+    first = next(m for m in model.connector.modules() if isinstance(m, torch.nn.Linear))
+    assert float(first.weight.std()) == pytest.approx(first.in_features ** -0.5, rel=0.1)
+    assert float(model.lm.layers[0].mlp.up_proj.weight.std()) == pytest.approx(0.02, rel=0.1)
+    assert float(model.lm.layers[0].mlp.down_proj.weight.std()) == pytest.approx(0.02 / 2, rel=0.1)  # /sqrt(2*2)

@@ -60,14 +60,23 @@ def _build(cfg: ModelConfig, image_token_id: int, init: bool):
     lm = DecoderLM(cfg.lm)
     connector = build_connector(cfg.connector, cfg.vision.width, cfg.lm.width)
     model = VisionLanguageModel(encoder, connector, lm, image_token_id)
-    if init and not any(p.is_meta for p in model.parameters()):
-        init_linear_(model.encoder)
-        _init_connector_fan_in(model.connector)
-        init_linear_(model.lm)
-        if cfg.lm.head_init_std is not None:
-            torch.nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
-        _scale_residual_outputs(model, cfg)
+    if init:
+        init_from_scratch(model, cfg)
     return model
+
+
+def init_from_scratch(model, cfg: ModelConfig) -> None:
+    """vlmkit's from-scratch initialisation, for every family's model (encoder, connector, lm): GPT-2's std
+    0.02 for the tower and the LM, fan-in for the connector, the head at ``lm.head_init_std`` when set, and
+    residual outputs scaled by depth. Nothing happens on the meta device."""
+    if any(p.is_meta for p in model.parameters()):
+        return
+    init_linear_(model.encoder)
+    _init_connector_fan_in(model.connector)
+    init_linear_(model.lm)
+    if cfg.lm.head_init_std is not None:
+        torch.nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
+    _scale_residual_outputs(model, cfg)
 
 
 def _init_connector_fan_in(connector: torch.nn.Module) -> None:
@@ -93,7 +102,8 @@ def _scale_residual_outputs(model: VisionLanguageModel, cfg: ModelConfig) -> Non
             for lin in (block.attn.o_proj, block.mlp.down_proj):
                 lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
         for block in getattr(model.encoder, "blocks", ()):
-            for lin in (block.attn.o_proj, block.mlp.fc2):
+            out_proj = getattr(block.attn, "o_proj", None) or block.attn.proj  # Qwen2-VL's fused attention: proj
+            for lin in (out_proj, block.mlp.fc2):
                 lin.weight.mul_((2 * cfg.vision.depth) ** -0.5)
 
 
@@ -107,7 +117,8 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> i
     return total
 
 
-__all__ = ["MODEL_FAMILIES", "ModelOutput", "VisionLanguageModel", "build_model", "count_parameters"]
+__all__ = ["MODEL_FAMILIES", "ModelOutput", "VisionLanguageModel", "build_model", "count_parameters",
+           "init_from_scratch"]
 
 # the families with their own model class register themselves in MODEL_FAMILIES on import
 from vlmkit.models import llava_next as _llava_next  # noqa: E402,F401  (llava_next, llava_onevision)

@@ -20,9 +20,8 @@ from vlmkit.config import ModelConfig
 from vlmkit.connectors import build_connector
 from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.lm.decoder import DecoderLM
-from vlmkit.models import MODEL_FAMILIES
+from vlmkit.models import MODEL_FAMILIES, init_from_scratch
 from vlmkit.models.vlm import VisionLanguageModel
-from vlmkit.nn import init_linear_
 from vlmkit.processing.image import ImageInputs
 from vlmkit.processing.llava_next import check_anyres, reduced_size, tile_grid, unpad_slice
 
@@ -97,8 +96,7 @@ def build_llava_next(cfg: ModelConfig, image_token_id: int, init: bool = True) -
     connector = build_connector(cfg.connector, cfg.vision.width, cfg.lm.width)
     model = LlavaNextModel(encoder, connector, lm, image_token_id, cfg.anyres.grid_pinpoints, cfg.anyres.max_tiles)
     if init and not any(p.is_meta for p in model.parameters()):
-        for part in (model.encoder, model.connector, model.lm):
-            init_linear_(part)
+        init_from_scratch(model, cfg)
         with torch.no_grad():
             model.image_newline.normal_(std=cfg.lm.width**-0.5)
     return model

@@ -24,9 +24,9 @@ from vlmkit.config import ModelConfig
 from vlmkit.connectors import build_connector
 from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.lm.decoder import DecoderLM
-from vlmkit.models import MODEL_FAMILIES
+from vlmkit.models import MODEL_FAMILIES, init_from_scratch
 from vlmkit.models.vlm import ModelOutput, VisionLanguageModel
-from vlmkit.nn import KVCache, init_linear_
+from vlmkit.nn import KVCache
 from vlmkit.processing.image import ImageInputs
 
 
@@ -102,13 +102,6 @@ def build_paligemma(cfg: ModelConfig, image_token_id: int, init: bool = True) ->
                          "is the token embedding (set tie_embeddings: false, or leave head_init_std unset)")
     model = PaliGemmaModel(ViTEncoder(cfg.vision), build_connector(cfg.connector, cfg.vision.width, cfg.lm.width),
                            DecoderLM(cfg.lm), image_token_id)
-    if init and not any(p.is_meta for p in model.parameters()):
-        from vlmkit.models import _init_connector_fan_in, _scale_residual_outputs
-
-        init_linear_(model.encoder)
-        _init_connector_fan_in(model.connector)
-        init_linear_(model.lm)
-        if cfg.lm.head_init_std is not None:
-            torch.nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
-        _scale_residual_outputs(model, cfg)
+    if init:
+        init_from_scratch(model, cfg)
     return model

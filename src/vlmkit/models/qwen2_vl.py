@@ -22,9 +22,9 @@ import torch
 from vlmkit.config import ModelConfig
 from vlmkit.encoders.qwen2_vl import PatchMerger, Qwen2VLVisionEncoder
 from vlmkit.lm.decoder import DecoderLM
-from vlmkit.models import MODEL_FAMILIES
+from vlmkit.models import MODEL_FAMILIES, init_from_scratch
 from vlmkit.models.vlm import ModelOutput, VisionLanguageModel
-from vlmkit.nn import KVCache, init_linear_
+from vlmkit.nn import KVCache
 from vlmkit.processing.image import ImageInputs
 
 
@@ -174,5 +174,5 @@ def build_qwen2_vl(cfg: ModelConfig, image_token_id: int, init: bool = True) -> 
                             cfg.vision.norm_eps)
     model = Qwen2VLModel(encoder, connector, DecoderLM(cfg.lm), image_token_id)
     if init:
-        init_linear_(model)
+        init_from_scratch(model, cfg)
     return model
