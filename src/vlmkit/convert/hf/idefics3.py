@@ -19,7 +19,6 @@ Export (:func:`export_idefics3`) writes such a model back as an Idefics3 folder 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from vlmkit.config import ConnectorConfig, ImageSplitConfig, ModelConfig, ProcessorConfig
 from vlmkit.convert.hf.families import HFFamily, register_family
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
-from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
+from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (PIL_CODES, export_tokenizer, image_processor_from_hf, load_hf_processor,
                                          read_image_processor)
 from vlmkit.convert.hf.vision import export_vision_tensors, vision_config_from_hf, vision_config_to_hf, vision_tensors
@@ -101,10 +100,7 @@ def _load_idefics3(folder: str | Path) -> tuple[VisionLanguageModel, ModelConfig
     ckpt = read_checkpoint(folder)
     cfg, image_token = idefics3_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"))
     t = ckpt.tensors
-    embed = t.get(f"{TEXT_PREFIX}embed_tokens.weight")
-    if cfg.lm.tie_embeddings and HEAD in t and not (embed is not None and torch.equal(t[HEAD], embed)):
-        # transformers does not tie a head that the checkpoint saves with its own values
-        cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, tie_embeddings=False))
+    cfg = untie_if_head_saved(cfg, t, HEAD, f"{TEXT_PREFIX}embed_tokens.weight")
     model = build_model(cfg, image_token, init=False)
     table, tensors = vision_tensors(t, cfg.vision, VISION_PREFIX, "encoder.")
     table |= {f"lm.{k}": v for k, v in lm_key_map(cfg.lm, TEXT_PREFIX, HEAD).items()}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -95,6 +96,15 @@ def lm_key_map(cfg: LanguageConfig, prefix: str = "model.", head: str = "lm_head
         for p in ("gate", "up", "down"):
             table[f"{ours}mlp.{p}_proj.weight"] = f"{theirs}mlp.{p}_proj.weight"
     return table
+
+
+def untie_if_head_saved(cfg, tensors, head: str, embed: str):
+    """``cfg`` (a ModelConfig) with ``lm.tie_embeddings`` off when the checkpoint saves a head ``head`` whose
+    values differ from the embeddings ``embed``: transformers 5 then uses that head, untied."""
+    h, e = tensors.get(head), tensors.get(embed)
+    if cfg.lm.tie_embeddings and h is not None and not (e is not None and torch.equal(h, e)):
+        return dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, tie_embeddings=False))
+    return cfg
 
 
 def load_hf_lm(folder: str | Path) -> DecoderLM:

@@ -15,15 +15,12 @@ RoPE scaling in the LM.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-
-import torch
 
 from vlmkit.config import ConnectorConfig, ModelConfig, NativeResolutionConfig, ProcessorConfig, VisionConfig
 from vlmkit.convert.hf.families import HFFamily, register_family
 from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
-from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
+from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (PIL_CODES, PIL_RESAMPLE, export_tokenizer, load_hf_processor,
                                          load_hf_tokenizer, read_image_processor)
 from vlmkit.errors import ConfigError
@@ -148,10 +145,7 @@ def _load(folder: str | Path) -> tuple[Qwen2VLModel, ModelConfig, dict]:
     cfg, image_token = qwen2_vl_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"))
     t = ckpt.tensors
     lm_prefix = find_prefix(t, "model.language_model.", "model.")
-    head, embed = t.get("lm_head.weight"), t.get(f"{lm_prefix}embed_tokens.weight")
-    if cfg.lm.tie_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
-        # as transformers 5: a saved head that differs from the embeddings is used, untied
-        cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, tie_embeddings=False))
+    cfg = untie_if_head_saved(cfg, t, "lm_head.weight", f"{lm_prefix}embed_tokens.weight")
     table = qwen2_vl_key_map(cfg, find_prefix(t, "model.visual.", "visual."), lm_prefix, "lm_head.weight")
     model = build_model(cfg, image_token, init=False)
     # a tied checkpoint may still carry lm_head.weight (a copy of the embeddings): not an error
