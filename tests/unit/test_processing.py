@@ -353,3 +353,18 @@ def test_share_prefix_refuses_a_sample_supervised_from_its_first_token():
     ids, labels, pos, seg = share_prefix([([5, 6, 7, 9], [IGNORE, IGNORE, 7, 9]), ([5, 6, 8], [IGNORE, IGNORE, 8])])
     assert (ids, pos, seg) == ([5, 6, 7, 9, 6, 8], [0, 1, 2, 3, 1, 2], [0, 1, 1, 1, 2, 2])
     assert labels == [IGNORE, IGNORE, 7, 9, IGNORE, 8]  # the token before each answer stays in its own segment
+
+
+def test_processor_refuses_an_unknown_text_mode_and_a_broken_jinja_template(tokenizer):
+    from vlmkit.config import ProcessorConfig
+    from vlmkit.errors import ConfigError
+    from vlmkit.processing import Processor
+    from vlmkit.processing.chat import JinjaTemplate
+
+    with pytest.raises(ConfigError, match=r"processor text_mode must be 'segments' or 'whole', got 'joint'"):
+        Processor(ProcessorConfig(image_size=(16, 16), image_seq_len=4, text_mode="joint"), tokenizer)
+    with pytest.raises(DataError, match=r"the chat template is not valid Jinja"):
+        JinjaTemplate("{% for m in messages %}{{ m", "<image>", None, "</s>")
+    failing = JinjaTemplate("{{ raise_exception('only user turns') }}", "<image>", None, "</s>")
+    with pytest.raises(DataError, match=r"the chat template failed on this conversation: only user turns"):
+        failing.render([{"role": "user", "content": "hi"}])
