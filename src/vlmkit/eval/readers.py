@@ -43,6 +43,14 @@ def _load_json(path: Path):
         raise DataError(f"{path}: not valid JSON ({e})") from e
 
 
+def _load_list(path: Path, what: str, limit: int | None) -> list:
+    """A JSON file holding a list of rows (at most ``limit``); anything else is refused naming the file."""
+    rows = _load_json(path)
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of {what}")
+    return rows[:limit] if limit else rows
+
+
 def _field(row: dict, name: str, kind, where: str):
     if not isinstance(row, dict) or name not in row:
         raise DataError(f"{where}: missing field {name!r}")
@@ -163,11 +171,8 @@ def read_grounding(path: str | Path, image_dir: str | Path, limit: int | None = 
     """RefCOCO-style rows ``{"image", "expression", "bbox": [x, y, w, h] (pixels), "width", "height"}`` -> samples
     whose question is the expression and whose ``meta`` holds the box (x1, y1, x2, y2) and the image size."""
     path, image_dir = Path(path), Path(image_dir)
-    rows = _load_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of referring expressions")
     out = []
-    for i, row in enumerate(rows[:limit] if limit else rows):
+    for i, row in enumerate(_load_list(path, "referring expressions", limit)):
         where = f"{path} row {i}"
         box = _field(row, "bbox", list, where)
         if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box) or box[2] <= 0 or box[3] <= 0:
@@ -185,11 +190,8 @@ def read_multiple_choice(path: str | Path, image_dir: str | Path, limit: int | N
     "answer": a letter, or the option's index}`` (ScienceQA / MMMU style) -> samples whose ``answers`` is the
     correct letter and whose ``meta`` holds the options (letter -> text) and the row's ``category``."""
     path, image_dir = Path(path), Path(image_dir)
-    rows = _load_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of questions")
     out = []
-    for i, row in enumerate(rows[:limit] if limit else rows):
+    for i, row in enumerate(_load_list(path, "questions", limit)):
         where = f"{path} row {i}"
         options = _field(row, "options", (list, dict), where)
         if isinstance(options, list):
