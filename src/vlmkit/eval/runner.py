@@ -51,7 +51,7 @@ def run_task(pipe, task: Task, data: Path, split: str, limit: int | None, batch_
         if not hasattr(pipe, "rank"):
             raise ConfigError(f"task {task.name!r} ranks candidates by the model's likelihoods; an endpoint only "
                               f"generates text: evaluate a checkpoint or folder")
-        predictions, scores, extra = task.evaluate(pipe, samples, data)
+        predictions, scores, extra = task.evaluate(pipe, samples, data, progress)
         records = [{"id": s.id, "images": [str(p) for p in s.images], "prompt": task.prompt(s), "prediction": p,
                     "answers": s.answers, **sc, "meta": {k: v for k, v in s.meta.items() if k != "classes"}}
                    for s, p, sc in zip(samples, predictions, scores)]

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.metrics.caption import evaluate_captions
 from vlmkit.eval.metrics.choice import circular_accuracy, circular_rotations, score_choice
@@ -43,7 +45,7 @@ class Task:
     # entry (the headline per sample) is what the confidence interval is computed from, when score gives none
     summarize: Callable[[list[str], list[EvalSample]], dict[str, float]] | None = None
     # tasks that rank candidates instead of generating (zero-shot classification, retrieval): (pipeline,
-    # samples, data folder) -> (predictions, per-sample scores, metrics over the set); the runner then skips
+    # samples, data folder, progress) -> (predictions, per-sample scores, metrics over the set); the runner skips
     # generation and ``score``
     evaluate: Callable | None = None
 
@@ -261,8 +263,9 @@ def _image_folder(root: Path, split: str, limit: int | None) -> list[EvalSample]
     return samples
 
 
-def _classify(pipe, samples: list[EvalSample], root: Path):
-    logits = [pipe.rank(s.images, s.question, s.meta["classes"]) for s in samples]
+def _classify(pipe, samples: list[EvalSample], root: Path, progress: bool = False):
+    logits = [pipe.rank(s.images, s.question, s.meta["classes"])
+              for s in tqdm(samples, desc="classify", unit="image", disable=not progress, dynamic_ncols=True)]
     ranks = classification_ranks(logits, [s.meta["label"] for s in samples]).tolist()
     predictions = [s.meta["classes"][max(range(len(row)), key=row.__getitem__)] for s, row in zip(samples, logits)]
     scores = [{"top1_accuracy": float(r < 1), "top5_accuracy": float(r < 5)} for r in ranks]
@@ -276,12 +279,13 @@ def _retrieval_samples(root: Path, split: str, limit: int | None) -> list[EvalSa
 RETRIEVAL_PROMPT = "Provide a one-sentence caption for the provided image."
 
 
-def _retrieve(pipe, samples: list[EvalSample], root: Path):
+def _retrieve(pipe, samples: list[EvalSample], root: Path, progress: bool = False):
     """Every image against every caption of the set: similarity = the caption's per-token log-likelihood as
     the image's caption; recall@K both ways."""
     texts = [t for s in samples for t in s.answers]
     owner = [i for i, s in enumerate(samples) for _ in s.answers]
-    sim = [pipe.rank(s.images, RETRIEVAL_PROMPT, texts) for s in samples]
+    sim = [pipe.rank(s.images, RETRIEVAL_PROMPT, texts)
+           for s in tqdm(samples, desc="retrieval", unit="image", disable=not progress, dynamic_ncols=True)]
     best = image_to_text_ranks(sim, owner).tolist()
     predictions = [texts[max(range(len(row)), key=row.__getitem__)] for row in sim]
     scores = [{"image_to_text_recall@1": float(r < 1), "image_to_text_recall@5": float(r < 5)} for r in best]
