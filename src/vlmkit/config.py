@@ -113,8 +113,51 @@ class AnyResConfig:
 
 
 @dataclass
+class TextConfig:
+    """The text tower of a dual encoder (families ``clip`` and ``siglip``): token and learned position embeddings,
+    pre-norm transformer blocks (the ViT's), a final LayerNorm and one pooled vector per text.
+
+    CLIP's is causal and pools the first end-of-text token; SigLIP's attends both ways over text padded to the
+    context length and pools the last position."""
+
+    vocab_size: int = 49408
+    width: int = 512
+    depth: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    context_length: int = 77  # learned positions; longer texts are truncated by the processor (and counted)
+    causal: bool = True
+    # eos: the first ``eos_token_id`` (CLIP); argmax: the highest id (CLIP configs whose eos_token_id is the
+    # legacy 2, where end-of-text is the last id of the vocabulary); last: the last position (SigLIP)
+    pool: str = "eos"
+    eos_token_id: int = 49407  # set from the tokenizer when a recipe builds the model
+
+
+@dataclass
+class ContrastiveConfig:
+    """How a dual encoder embeds, compares and learns (CLIP: Radford et al. 2021; SigLIP: Zhai et al. 2023)."""
+
+    embed_dim: int = 512  # width of the joint space (CLIP's projection_dim; SigLIP's text projection_size)
+    # class_token: the class token after the final norm (CLIP); map: SigLIP's attention-pooling head over the
+    # final-normed patches; mean: the mean of the final-normed tokens
+    image_pool: str = "class_token"
+    # CLIP: bias-free linear projections of both towers. SigLIP: none after the image head (its output is the
+    # embedding), a linear head with bias after the text tower
+    projection: str = "clip"  # clip | siglip
+    loss: str = "clip"  # clip: symmetric InfoNCE over the batch; siglip: pairwise sigmoid
+    logit_scale_init: float = 2.6592  # log(1 / 0.07), CLIP's; SigLIP starts at log(10)
+    logit_bias_init: float = -10.0  # SigLIP's learned bias (used only with loss siglip or projection siglip)
+    # learned temperatures are clamped to at most this (CLIP clips the scale at 100 = exp(4.6052))
+    max_logit_scale: float = 4.6052
+
+
+@dataclass
 class ModelConfig:
-    """A vision-language model: encoder -> connector -> splice into the LM."""
+    """A vision-language model: encoder -> connector -> splice into the LM; or, for the dual-encoder families
+    ``clip`` and ``siglip``, an image tower (``vision``) and a text tower (``text``) meeting in a joint space
+    (``contrastive``), where ``connector`` and ``lm`` are not used."""
 
     family: str = "llava"
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -122,6 +165,15 @@ class ModelConfig:
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     image_token: str = "<image>"
     anyres: AnyResConfig = field(default_factory=AnyResConfig)  # llava_next / llava_onevision tiling
+    text: TextConfig = field(default_factory=TextConfig)  # dual encoders only
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # dual encoders only
+
+    @property
+    def is_dual_encoder(self) -> bool:
+        return self.family in DUAL_ENCODER_FAMILIES
+
+
+DUAL_ENCODER_FAMILIES = ("clip", "siglip")
 
 
 @dataclass
@@ -178,6 +230,9 @@ class ProcessorConfig:
     refused_placeholders: list[str] = field(default_factory=list)
     split: ImageSplitConfig = field(default_factory=ImageSplitConfig)  # image_processor "idefics3"
     native: NativeResolutionConfig = field(default_factory=NativeResolutionConfig)  # image_processor "qwen2_vl"
+    # dual encoders: "longest" pads a batch of texts to its longest (CLIP); "max_length" pads every text to
+    # max_length, the text tower's context (SigLIP, which pools the last position)
+    text_padding: str = "longest"
 
 
 # ----------------------------------------------------------------------------------------- dict <-> dataclass

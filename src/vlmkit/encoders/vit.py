@@ -45,7 +45,8 @@ class ConvStem(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x)). Also the block of the dual encoders'
+    text towers, which attend causally (CLIP) or both ways (SigLIP)."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, act: str, norm: str, eps: float, qkv_bias: bool):
         super().__init__()
@@ -54,8 +55,9 @@ class ViTBlock(nn.Module):
         self.norm2 = make_norm(norm, dim, eps)
         self.mlp = MLP(dim, mlp_dim, act=act)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope=rope)
+    def forward(self, x: torch.Tensor, rope=None, mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask=mask, is_causal=is_causal, rope=rope)
         return x + self.mlp(self.norm2(x))
 
 

@@ -124,3 +124,4 @@ __all__ = ["MODEL_FAMILIES", "ModelOutput", "VisionLanguageModel", "build_model"
 from vlmkit.models import llava_next as _llava_next  # noqa: E402,F401  (llava_next, llava_onevision)
 from vlmkit.models import paligemma as _paligemma  # noqa: E402,F401  (paligemma)
 from vlmkit.models import qwen2_vl as _qwen2_vl  # noqa: E402,F401  (qwen2_vl)
+from vlmkit.models import dual_encoder as _dual_encoder  # noqa: E402,F401  (clip, siglip)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlmkit.config import (AnyResConfig, ConnectorConfig, ImageSplitConfig, LanguageConfig, ModelConfig,
-                           NativeResolutionConfig, ProcessorConfig, VisionConfig)
+import math
+
+from vlmkit.config import (AnyResConfig, ConnectorConfig, ContrastiveConfig, ImageSplitConfig, LanguageConfig,
+                           ModelConfig, NativeResolutionConfig, ProcessorConfig, TextConfig, VisionConfig)
 from vlmkit.registry import Registry
 
 
@@ -183,6 +185,77 @@ def idefics3_8b() -> Preset:
                   max_length=131072, eos_token="<|end_of_text|>", bos_token="<|begin_of_text|>",
                   pad_token="<|reserved_special_token_0|>", chat_template="idefics3")
     return Preset(model, proc, source="HuggingFaceM4/Idefics3-8B-Llama3")
+
+
+# ----------------------------------------------------------------------------------- contrastive dual encoders
+
+
+def _dual_processor(**kw) -> ProcessorConfig:
+    """A dual encoder's processor: images at one size, texts with no image placeholder."""
+    return ProcessorConfig(image_token="", **kw)
+
+
+@PRESETS.register("tiny-clip", "from-scratch CLIP (ViT + causal text transformer, softmax contrastive loss) for "
+                               "ShapesWorld's image-caption pairs")
+def tiny_clip() -> Preset:
+    vision = VisionConfig(image_size=(64, 64), patch_size=8, width=128, depth=4, heads=4, mlp_dim=512,
+                          act="quick_gelu", class_token=True, pre_norm=True, post_norm=True, patch_bias=False,
+                          feature_layer=-1, drop_class_token=False)
+    text = TextConfig(vocab_size=1024, width=128, depth=3, heads=4, mlp_dim=512, act="quick_gelu",
+                      context_length=32, causal=True, pool="eos")
+    contrastive = ContrastiveConfig(embed_dim=128, image_pool="class_token", projection="clip", loss="clip")
+    model = ModelConfig(family="clip", vision=vision, text=text, contrastive=contrastive, image_token="")
+    proc = _dual_processor(image_size=(64, 64), max_length=32, pad_token="<pad>", eos_token="</s>",
+                           bos_token="<s>")
+    return Preset(model, proc, source="Radford et al. 2021, Learning Transferable Visual Models From Natural "
+                                      "Language Supervision (layout of openai/clip-vit-base-patch16, tiny)")
+
+
+@PRESETS.register("tiny-siglip", "from-scratch SigLIP (ViT + attention-pooling head, bidirectional text transformer, "
+                                 "sigmoid loss) for ShapesWorld's image-caption pairs")
+def tiny_siglip() -> Preset:
+    vision = VisionConfig(image_size=(64, 64), patch_size=8, width=128, depth=4, heads=4, mlp_dim=512,
+                          act="gelu_tanh", norm_eps=1e-6, class_token=False, post_norm=True, feature_layer=-1)
+    text = TextConfig(vocab_size=1024, width=128, depth=3, heads=4, mlp_dim=512, act="gelu_tanh", norm_eps=1e-6,
+                      context_length=32, causal=False, pool="last")
+    contrastive = ContrastiveConfig(embed_dim=128, image_pool="map", projection="siglip", loss="siglip",
+                                    logit_scale_init=math.log(10.0), logit_bias_init=-10.0, max_logit_scale=0.0)
+    model = ModelConfig(family="siglip", vision=vision, text=text, contrastive=contrastive, image_token="")
+    proc = _dual_processor(image_size=(64, 64), max_length=32, text_padding="max_length", pad_token="<pad>",
+                           eos_token="</s>", bos_token="<s>")
+    return Preset(model, proc, source="Zhai et al. 2023, Sigmoid Loss for Language Image Pre-Training (layout of "
+                                      "google/siglip-base-patch16-224, tiny)")
+
+
+@PRESETS.register("clip-vit-b-16", "CLIP ViT-B/16 shapes: ViT-B/16 at 224 px + 12-layer causal text transformer, "
+                                   "512-d joint space")
+def clip_vit_b_16() -> Preset:
+    vision = VisionConfig(image_size=(224, 224), patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072,
+                          act="quick_gelu", class_token=True, pre_norm=True, post_norm=True, patch_bias=False,
+                          feature_layer=-1, drop_class_token=False)
+    text = TextConfig(vocab_size=49408, width=512, depth=12, heads=8, mlp_dim=2048, act="quick_gelu",
+                      context_length=77, causal=True, pool="eos", eos_token_id=49407)
+    model = ModelConfig(family="clip", vision=vision, text=text, image_token="",
+                        contrastive=ContrastiveConfig(embed_dim=512))
+    proc = _dual_processor(image_size=(224, 224), shortest_edge=224, mean=CLIP_MEAN, std=CLIP_STD,
+                           resample="bicubic", max_length=77, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
+                           bos_token="<|startoftext|>")
+    return Preset(model, proc, source="openai/clip-vit-base-patch16")
+
+
+@PRESETS.register("siglip-b-16", "SigLIP B/16 shapes: ViT-B/16 at 224 px with attention pooling + 12-layer text "
+                                 "transformer over 64 tokens, 768-d joint space")
+def siglip_b_16() -> Preset:
+    b16 = dict(width=768, depth=12, heads=12, mlp_dim=3072, act="gelu_tanh", norm_eps=1e-6)
+    vision = VisionConfig(image_size=(224, 224), patch_size=16, class_token=False, post_norm=True, feature_layer=-1,
+                          **b16)
+    text = TextConfig(vocab_size=32000, context_length=64, causal=False, pool="last", eos_token_id=1, **b16)
+    contrastive = ContrastiveConfig(embed_dim=768, image_pool="map", projection="siglip", loss="siglip",
+                                    logit_scale_init=math.log(10.0), logit_bias_init=-10.0, max_logit_scale=0.0)
+    model = ModelConfig(family="siglip", vision=vision, text=text, contrastive=contrastive, image_token="")
+    proc = _dual_processor(image_size=(224, 224), resample="bicubic", max_length=64, text_padding="max_length",
+                           pad_token="</s>", eos_token="</s>", bos_token="")
+    return Preset(model, proc, source="google/siglip-base-patch16-224")
 
 
 def get_preset(name: str) -> Preset:

@@ -30,16 +30,22 @@ IGNORE = -100
 
 
 class Processor:
+    """``image_token`` empty: the processor of a dual encoder (CLIP, SigLIP), whose texts hold no images and are
+    encoded by :meth:`encode_texts`."""
+
     def __init__(self, cfg: ProcessorConfig, tokenizer: TextTokenizer):
-        if cfg.image_seq_len <= 0:
+        if cfg.image_token and cfg.image_seq_len <= 0:
             raise ValueError("ProcessorConfig.image_seq_len must be set from the model (tokens per image)")
         self.cfg = cfg
         self.tokenizer = tokenizer
         if cfg.text_mode not in ("segments", "whole"):
             raise ConfigError(f"processor text_mode must be 'segments' or 'whole', got {cfg.text_mode!r}")
+        if cfg.text_padding not in ("longest", "max_length"):
+            raise ConfigError(f"processor text_padding must be 'longest' or 'max_length', got {cfg.text_padding!r}")
         self.template = TEMPLATES.build(cfg.chat_template)
         self.images = IMAGE_PROCESSORS.build(cfg.image_processor, cfg)
-        self.image_token_id = tokenizer.token_id(cfg.image_token)
+        self.image_token_id = tokenizer.token_id(cfg.image_token) if cfg.image_token else None
+        self._truncating = None  # a copy of the tokenizer that truncates to max_length (encode_texts)
 
     @property
     def transform(self):
@@ -255,3 +261,29 @@ class Processor:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
+
+    # ------------------------------------------------------------------ dual encoders
+    def encode_texts(self, texts: list[str], where: str = "texts") -> tuple[torch.Tensor, int]:
+        """Texts for a dual encoder's text tower -> (ids [B, T] padded with the pad token, how many texts were
+        truncated). Each text gets the tokenizer's special tokens (CLIP: start and end of text; SigLIP: end of
+        text) and is cut to ``max_length``, the tower's context, keeping them, as transformers' tokenizers do with
+        ``truncation=True``. ``text_padding``: to the longest text of the batch, or every text to
+        ``max_length`` (SigLIP reads the last position)."""
+        if self._truncating is None:
+            from tokenizers import Tokenizer
+
+            self._truncating = Tokenizer.from_str(self.tokenizer.tok.to_str())
+            self._truncating.no_padding()
+            self._truncating.enable_truncation(self.cfg.max_length)
+        rows, truncated = [], 0
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise DataError(f"{where}[{i}]: expected a string, got {type(text).__name__}")
+            enc = self._truncating.encode(text, add_special_tokens=True)
+            truncated += bool(enc.overflowing)
+            rows.append(enc.ids)
+        width = self.cfg.max_length if self.cfg.text_padding == "max_length" else max((len(r) for r in rows), default=0)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids, truncated

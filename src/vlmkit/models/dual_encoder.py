@@ -1,0 +1,261 @@
+"""Contrastive dual encoders: CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023).
+
+An image tower (the core's :class:`~vlmkit.encoders.vit.ViTEncoder` plus a pooling) and a text tower (the same
+pre-norm :class:`~vlmkit.encoders.vit.ViTBlock` over token embeddings) each give one vector per input; the
+vectors are projected into a joint space, L2-normalised, and compared by a learned temperature (and, for the
+sigmoid loss, a learned bias).
+
+=====================  ==========================================  ============================================
+                       CLIP (family ``clip``)                      SigLIP (family ``siglip``)
+=====================  ==========================================  ============================================
+image pooling          class token after the final LayerNorm       attention-pooling head (a learned probe
+                                                                   attends over the final-normed patches)
+image projection       bias-free linear                            none: the head's output is the embedding
+text attention         causal                                      both ways, over text padded to the context
+text pooling           first end-of-text token                     last position
+text projection        bias-free linear                            linear with bias
+logits                 exp(t) * cos                                exp(t) * cos + b
+loss                   symmetric InfoNCE                           pairwise sigmoid
+=====================  ==========================================  ============================================
+
+The losses live in :mod:`vlmkit.objectives.contrastive` (correct under data parallelism).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.config import ContrastiveConfig, ModelConfig, TextConfig, VisionConfig
+from vlmkit.encoders.vit import ViTBlock, ViTEncoder
+from vlmkit.errors import ConfigError
+from vlmkit.nn import MLP, init_linear_
+
+IMAGE_POOLS = ("class_token", "map", "mean")
+TEXT_POOLS = ("eos", "argmax", "last")
+PROJECTIONS = ("clip", "siglip")
+LOSSES = ("clip", "siglip")
+
+
+@dataclass
+class ContrastiveOutput:
+    image_embeds: torch.Tensor  # [B, E], L2-normalised
+    text_embeds: torch.Tensor  # [B, E], L2-normalised
+    logits_per_image: torch.Tensor  # [B_images, B_texts]: exp(scale) * cosine (+ bias)
+    loss: torch.Tensor | None = None
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's multihead attention pooling ("MAP") head: one learned probe attends over the tokens, then a
+    residual MLP on its LayerNorm. Returns [B, D]."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, act: str, eps: float):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, dim))
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_dim, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attention(self.probe.expand(x.shape[0], -1, -1), x, x, need_weights=False)[0]
+        h = h + self.mlp(self.norm(h))
+        return h[:, 0]
+
+
+class ImageTower(nn.Module):
+    """ViT -> pooled vector -> projection into the joint space."""
+
+    def __init__(self, cfg: VisionConfig, ccfg: ContrastiveConfig):
+        super().__init__()
+        _check_image_tower(cfg, ccfg)
+        self.encoder = ViTEncoder(cfg)
+        self.pool = ccfg.image_pool
+        self.head = (AttentionPool(cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps)
+                     if ccfg.image_pool == "map" else None)
+        self.proj = nn.Linear(cfg.width, ccfg.embed_dim, bias=False) if ccfg.projection == "clip" else None
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(pixel_values)  # [B, (1 +) N, D], after the final norm
+        if self.pool == "class_token":
+            pooled = x[:, 0]
+        elif self.pool == "map":
+            pooled = self.head(x)
+        else:
+            pooled = x.mean(dim=1)
+        return self.proj(pooled) if self.proj is not None else pooled
+
+
+class TextTower(nn.Module):
+    """Token + learned position embeddings -> pre-norm blocks (causal or not) -> pooled, LayerNormed ->
+    projection into the joint space."""
+
+    def __init__(self, cfg: TextConfig, ccfg: ContrastiveConfig):
+        super().__init__()
+        if cfg.pool not in TEXT_POOLS:
+            raise ConfigError(f"text.pool must be one of {', '.join(TEXT_POOLS)}, got {cfg.pool!r}")
+        if cfg.pool == "last" and cfg.causal:
+            raise ConfigError("text.pool 'last' with text.causal: true reads only the last token's prefix and "
+                              "depends on how much padding follows the text; use pool 'eos' for a causal tower")
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
+        self.blocks = nn.ModuleList(ViTBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, "layernorm", cfg.norm_eps,
+                                             qkv_bias=True) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.proj = nn.Linear(cfg.width, ccfg.embed_dim, bias=ccfg.projection == "siglip")
+
+    def pool_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B] position each text is read at."""
+        if self.cfg.pool == "last":
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        if self.cfg.pool == "argmax":
+            return input_ids.argmax(dim=-1)
+        is_eos = input_ids == self.cfg.eos_token_id
+        if not bool(is_eos.any(dim=-1).all()):
+            row = int((~is_eos.any(dim=-1)).nonzero()[0])
+            raise ValueError(f"text {row} of the batch has no end-of-text token (id {self.cfg.eos_token_id}), where "
+                             f"this CLIP text tower reads it; encode texts with the model's processor")
+        return is_eos.int().argmax(dim=-1)  # the first end-of-text token
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] (T <= context_length) -> [B, E]."""
+        T = input_ids.shape[1]
+        if T > self.cfg.context_length:
+            raise ValueError(f"texts of {T} tokens exceed the text tower's context_length {self.cfg.context_length}; "
+                             f"the processor truncates them (processor max_length)")
+        x = self.token_embed(input_ids) + self.pos_embed[:T]
+        for block in self.blocks:
+            x = block(x, is_causal=self.cfg.causal)
+        pooled = x[torch.arange(x.shape[0], device=x.device), self.pool_index(input_ids)]
+        return self.proj(self.norm(pooled))  # LayerNorm is per token: norm(x)[i] == norm(x[i])
+
+
+class LogitScale(nn.Module):
+    """The learned temperature (stored as log scale, as CLIP and SigLIP do) and SigLIP's learned bias."""
+
+    def __init__(self, scale_init: float, bias_init: float | None):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+        self.bias = nn.Parameter(torch.tensor(float(bias_init))) if bias_init is not None else None
+
+    def forward(self, similarity: torch.Tensor) -> torch.Tensor:
+        logits = similarity * self.scale.exp()
+        return logits + self.bias if self.bias is not None else logits
+
+
+class DualEncoder(nn.Module):
+    """CLIP / SigLIP: ``encode_images``, ``encode_texts`` (L2-normalised embeddings) and ``forward`` (logits and,
+    by default, the configured contrastive loss over the batch)."""
+
+    is_dual_encoder = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ccfg = cfg.contrastive
+        if ccfg.projection not in PROJECTIONS:
+            raise ConfigError(f"contrastive.projection must be one of {', '.join(PROJECTIONS)}, got {ccfg.projection!r}")
+        if ccfg.loss not in LOSSES:
+            raise ConfigError(f"contrastive.loss must be one of {', '.join(LOSSES)}, got {ccfg.loss!r}")
+        self.cfg = cfg
+        self.vision = ImageTower(cfg.vision, ccfg)
+        self.text = TextTower(cfg.text, ccfg)
+        has_bias = ccfg.loss == "siglip" or ccfg.projection == "siglip"
+        self.logits = LogitScale(ccfg.logit_scale_init, ccfg.logit_bias_init if has_bias else None)
+
+    def encode_images(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[B, C, H, W] -> [B, E]."""
+        if hasattr(pixel_values, "pixel_values"):  # the processor's ImageInputs
+            pixel_values = pixel_values.pixel_values
+        z = self.vision(pixel_values)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_texts(self, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[B, T] token ids -> [B, E]."""
+        z = self.text(input_ids)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, return_loss: bool = True,
+                gather: bool | None = None) -> ContrastiveOutput:
+        """Images [B, C, H, W] and their texts [B, T] (row i describes image i) -> embeddings, logits and the
+        loss. Under torch.distributed the loss compares against every rank's batch (``gather``)."""
+        from vlmkit.objectives.contrastive import contrastive_loss
+
+        img = self.encode_images(pixel_values)
+        txt = self.encode_texts(input_ids)
+        logits = self.logits(img @ txt.t())
+        loss = None
+        if return_loss:
+            loss = contrastive_loss(img, txt, self.logits.scale, self.logits.bias, self.cfg.contrastive.loss, gather)
+        return ContrastiveOutput(img, txt, logits, loss)
+
+    def clamp_logit_scale(self) -> None:
+        """CLIP caps the learned scale at 100 (open_clip clamps it after every optimizer step)."""
+        if self.cfg.contrastive.max_logit_scale > 0:
+            with torch.no_grad():
+                self.logits.scale.clamp_(max=self.cfg.contrastive.max_logit_scale)
+
+
+def _check_image_tower(cfg: VisionConfig, ccfg: ContrastiveConfig) -> None:
+    if cfg.arch != "vit":
+        raise ConfigError(f"a dual encoder's image tower is a ViT (vision.arch: vit), got {cfg.arch!r}")
+    if ccfg.image_pool not in IMAGE_POOLS:
+        raise ConfigError(f"contrastive.image_pool must be one of {', '.join(IMAGE_POOLS)}, got {ccfg.image_pool!r}")
+    if cfg.feature_layer not in (-1, cfg.depth):
+        raise ConfigError(f"a dual encoder pools the last layer: vision.feature_layer must be -1, got "
+                          f"{cfg.feature_layer}")
+    if not cfg.post_norm:
+        raise ConfigError("a dual encoder pools after the tower's final norm: set vision.post_norm: true")
+    if ccfg.image_pool == "class_token" and (not cfg.class_token or cfg.drop_class_token):
+        raise ConfigError("contrastive.image_pool 'class_token' needs vision.class_token: true and "
+                          "vision.drop_class_token: false")
+    if ccfg.projection == "siglip" and ccfg.embed_dim != cfg.width:
+        raise ConfigError(f"with contrastive.projection 'siglip' the image embedding is the pooled tower output: "
+                          f"contrastive.embed_dim ({ccfg.embed_dim}) must equal vision.width ({cfg.width})")
+
+
+def build_dual_encoder(cfg: ModelConfig, image_token_id=None, init: bool = True) -> DualEncoder:
+    model = DualEncoder(cfg)
+    if init:
+        init_dual_encoder(model, cfg)
+    return model
+
+
+def init_dual_encoder(model: DualEncoder, cfg: ModelConfig) -> None:
+    """From-scratch initialisation: GPT-2's std 0.02 in both towers with residual outputs scaled by depth,
+    positions at std 0.01 (CLIP's), projections at std width^-0.5 (CLIP's), the probe at std 0.02."""
+    if any(p.is_meta for p in model.parameters()):
+        return
+    init_linear_(model.vision)
+    init_linear_(model.text)
+    with torch.no_grad():
+        nn.init.normal_(model.text.pos_embed, std=0.01)
+        for tower, depth in ((model.vision.encoder, cfg.vision.depth), (model.text, cfg.text.depth)):
+            for block in tower.blocks:
+                for lin in (block.attn.o_proj, block.mlp.fc2):
+                    lin.weight.mul_((2 * depth) ** -0.5)
+        for proj in (model.vision.proj, model.text.proj):
+            if proj is not None:
+                nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+        if model.vision.head is not None:
+            head = model.vision.head
+            nn.init.normal_(head.probe, std=0.02)
+            nn.init.xavier_uniform_(head.attention.in_proj_weight)
+            nn.init.zeros_(head.attention.in_proj_bias)
+            nn.init.zeros_(head.attention.out_proj.bias)
+
+
+def _register() -> None:
+    from vlmkit.models import MODEL_FAMILIES
+
+    for family in ("clip", "siglip"):
+        MODEL_FAMILIES.register(family, f"contrastive dual encoder ({family.upper()} layout by default)")(
+            build_dual_encoder)
+
+
+_register()
+
+__all__ = ["AttentionPool", "ContrastiveOutput", "DualEncoder", "ImageTower", "LogitScale", "TextTower",
+           "build_dual_encoder"]
