@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vlmkit.convert.hf import HF_FAMILIES
+from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
 from vlmkit.convert.hf.llava import llava_config_to_hf
 from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
@@ -35,6 +36,8 @@ def hf_config(preset) -> dict:
         return qwen2_vl_config_to_hf(cfg, QWEN_IDS)
     if cfg.family == "idefics3":
         return idefics3_config_to_hf(cfg, 128257)
+    if cfg.family in ("clip", "siglip"):
+        return dual_encoder_config_to_hf(cfg)
     raise AssertionError(cfg.family)
 
 
@@ -64,6 +67,8 @@ PRESETS = [
     ("idefics3-8b", None, 0),
     ("smolvlm-256m", None, 0),
     ("tiny-llava-vit", None, 0),
+    ("clip-vit-b-16", 149_620_737, 0),
+    ("siglip-b-16", None, 0),
 ]
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -205,5 +206,192 @@ def export_tokenizer(processor: Processor, folder: Path) -> None:
         template = processor.template.to_jinja(processor.cfg.image_token)
     if template:
         (folder / "chat_template.jinja").write_text(template)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------- SigLIP's SentencePiece
+
+SPM_UNIGRAM = 1  # sentencepiece ModelProto.TrainerSpec.model_type
+SPM_USER_DEFINED = 4  # ModelProto.SentencePiece.type
+
+
+@functools.cache
+def _python_whitespace() -> str:
+    """Every character Python's ``str.isspace`` (and so ``re``'s ``\\s``) counts as whitespace: a few more than
+    Unicode's White_Space (the ASCII separators 0x1c-0x1f), which SiglipTokenizer collapses like spaces."""
+    return "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+
+
+def _char_class(chars: str) -> str:
+    return "[" + "".join(f"\\x{{{ord(c):x}}}" for c in chars) + "]"
+
+
+def read_sentencepiece_model(path: Path):
+    """A SentencePiece ``*.model`` file as its protobuf message (needs the packages sentencepiece, for the message
+    definition, and protobuf)."""
+    missing = []
+    for module, package in (("sentencepiece", "sentencepiece"), ("google.protobuf", "protobuf")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise CheckpointError(f"{path}: reading a SentencePiece tokenizer (SigLIP's spiece.model) into tokenizer.json "
+                              f"needs the Python package{'s' if len(missing) > 1 else ''} {' and '.join(missing)}: "
+                              f"pip install {' '.join(missing)}")
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except Exception as e:  # a protobuf runtime too old or too new for sentencepiece's generated module
+        raise CheckpointError(f"{path}: sentencepiece's model definition does not load with the installed protobuf "
+                              f"({type(e).__name__}: {e}); pip install -U sentencepiece protobuf") from e
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(Path(path).read_bytes())
+    except Exception as e:  # protobuf's DecodeError
+        raise CheckpointError(f"{path}: not a SentencePiece model ({e})") from e
+    return proto
+
+
+def siglip_tokenizer_from_sentencepiece(path: str | Path, eos_token: str = "</s>", special: tuple[str, ...] = (),
+                                        lowercase: bool = True):
+    """SigLIP's SentencePiece model -> a ``tokenizers`` Tokenizer giving transformers' SiglipTokenizer's ids.
+
+    SiglipTokenizer does more than the SentencePiece model: before encoding it canonicalises the text as
+    big_vision does (``canonicalize_text``: "▁" read as a space, lowercased, ASCII punctuation removed, runs
+    of whitespace -- Python's, which includes 0x1c-0x1f -- made one space, stripped) and adds the end-of-text
+    token after it. The normalizer here is that canonicalisation followed by the model's own normalisation (its
+    precompiled NFKC map; spaces the map creates are collapsed and stripped as SentencePiece does), then the
+    pieces are found per word ("▁" + word) by the unigram model. Texts that contain the tokenizer's special
+    tokens literally (``</s>``, ``<unk>``) are split at them as transformers does, but the words after one
+    are not tokenised exactly as SiglipTokenizer does (it runs them through the model glued to "<unk>")."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    import string
+
+    path = Path(path)
+    proto = read_sentencepiece_model(path)
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    if trainer.model_type != SPM_UNIGRAM:
+        raise CheckpointError(f"{path}: trainer_spec.model_type {trainer.model_type}: only unigram SentencePiece "
+                              f"models (1, SigLIP's) are converted")
+    if not trainer.split_by_whitespace or trainer.treat_whitespace_as_suffix:
+        raise CheckpointError(f"{path}: trainer_spec.split_by_whitespace false or treat_whitespace_as_suffix true "
+                              f"is not converted (SigLIP's model splits words at whitespace, prefixing them)")
+    tok = Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=trainer.unk_id,
+                                   byte_fallback=trainer.byte_fallback))
+    steps = [normalizers.Replace("▁", " ")]
+    if lowercase:
+        steps.append(normalizers.Lowercase())
+    steps += [normalizers.Replace(Regex(_char_class(string.punctuation)), ""),
+              normalizers.Replace(Regex(_char_class(_python_whitespace()) + "+"), " "), normalizers.Strip()]
+    if norm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
+        if norm.remove_extra_whitespaces:
+            steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()]
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    names = [t for t in dict.fromkeys((eos_token, *special)) if t]
+    unknown = [t for t in names if t not in vocab]
+    if unknown:
+        raise CheckpointError(f"{path}: special token(s) {unknown} of the tokenizer config are not pieces of the "
+                              f"model")
+    user = [p.piece for p in proto.pieces if p.type == SPM_USER_DEFINED]
+    if user:  # SentencePiece matches user-defined pieces in the text before segmenting
+        tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in user])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in names])
+    eos = vocab[eos_token]
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos_token}",
+                                                       pair=f"$A {eos_token} $B {eos_token}",
+                                                       special_tokens=[(eos_token, eos)])
+    return tok
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    special: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        p = folder / name
+        if p.is_file():
+            try:
+                special |= json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{p}: not valid JSON ({e})") from e
+    return special
+
+
+def load_hf_text_tokenizer(folder: str | Path) -> TextTokenizer:
+    """A dual encoder's tokenizer as transformers loads it: SigLIP's SentencePiece ``spiece.model`` (its
+    tokenizer_config.json names SiglipTokenizer, which reads that file even next to a tokenizer.json) converted
+    at import (:func:`siglip_tokenizer_from_sentencepiece`); anything else from ``tokenizer.json``
+    (:func:`load_hf_tokenizer`; CLIP's, as transformers 5 saves CLIPTokenizer)."""
+    folder = Path(folder)
+    config = _tokenizer_config(folder)
+    spm = folder / "spiece.model"
+    if config.get("tokenizer_class") != "SiglipTokenizer" or not spm.is_file():
+        if config.get("tokenizer_class") == "SiglipTokenizer" and not (folder / "tokenizer.json").is_file():
+            raise CheckpointError(f"{folder}: tokenizer_config.json names SiglipTokenizer but the folder has neither "
+                                  f"its spiece.model nor a tokenizer.json")
+        return load_hf_tokenizer(folder)
+    eos = _token_str(config.get("eos_token")) or "</s>"
+    unk = _token_str(config.get("unk_token")) or "<unk>"
+    pad = _token_str(config.get("pad_token")) or eos
+    extra = [_token_str(t) for t in config.get("additional_special_tokens") or []]
+    tok = siglip_tokenizer_from_sentencepiece(spm, eos, (unk, pad, *[t for t in extra if t]),
+                                              lowercase=bool(config.get("do_lower_case", True)))
+    return TextTokenizer(tok, pad_token=pad, eos_token=eos, bos_token=None)
+
+
+def swap_token_ids(tokenizer_json: dict, a: int, b: int) -> dict:
+    """tokenizer.json (as a dict) with token ids ``a`` and ``b`` exchanged everywhere ids appear: the model's
+    vocabulary, the added tokens, the post-processor's special tokens and the padding id."""
+    out = json.loads(json.dumps(tokenizer_json))
+
+    def swap(i):
+        return b if i == a else a if i == b else i
+
+    model = out["model"]
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: token -> id
+        model["vocab"] = {t: swap(i) for t, i in vocab.items()}
+    elif isinstance(vocab, list):  # Unigram: the id is the position
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+    else:
+        raise ConfigError(f"tokenizer model {model.get('type')!r}: cannot renumber its vocabulary")
+    for t in out.get("added_tokens") or []:
+        t["id"] = swap(t["id"])
+
+    def fix(proc):
+        if not isinstance(proc, dict):
+            return
+        for key in ("sep", "cls"):  # BertProcessing / RobertaProcessing: [token, id]
+            if isinstance(proc.get(key), list):
+                proc[key][1] = swap(proc[key][1])
+        for spec in (proc.get("special_tokens") or {}).values():  # TemplateProcessing
+            spec["ids"] = [swap(i) for i in spec.get("ids", [])]
+        for sub in proc.get("processors") or []:  # Sequence
+            fix(sub)
+
+    fix(out.get("post_processor"))
+    if isinstance(out.get("padding"), dict) and "pad_id" in out["padding"]:
+        out["padding"]["pad_id"] = swap(out["padding"]["pad_id"])
+    return out
+
+
+def export_text_tokenizer(processor: Processor, folder: Path, tokenizer_class: str = "PreTrainedTokenizerFast",
+                          swap: tuple[int, int] | None = None, **settings) -> None:
+    """A dual encoder's tokenizer as tokenizer.json, tokenizer_config.json and special_tokens_map.json, so that
+    transformers' AutoTokenizer (and the family's processor) gives vlmkit's ids (renumbered by ``swap``), with
+    ``model_max_length`` the processor's. No chat template: a dual encoder has none."""
+    tok = processor.tokenizer
+    data = json.loads(tok.tok.to_str())
+    if swap is not None:
+        data = swap_token_ids(data, *swap)
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    special = {"eos_token": tok.eos_token, "pad_token": tok.pad_token}
+    if tok.bos_token:
+        special["bos_token"] = tok.bos_token
+    config = {"tokenizer_class": tokenizer_class, "model_max_length": processor.cfg.max_length,
+              "clean_up_tokenization_spaces": False, **special, **settings}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

@@ -1,0 +1,275 @@
+"""CLIP (transformers' CLIPModel) <-> vlmkit's DualEncoder: token ids, pixels, embeddings and logits equal
+transformers' on tiny random checkpoints saved with their tokenizer and image processor, for both of
+transformers' text pooling rules (the first end-of-text token; the highest id when a legacy config says
+eos_token_id 2); exports load in CLIPModel and CLIPProcessor with the same numbers, including a vlmkit-trained
+model whose end-of-text token has id 2; what CLIPModel cannot express is refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+import vlmkit
+from vlmkit.checkpoint import write_model_files
+from vlmkit.cli import main
+from vlmkit.convert.hf import convert_to_hf, dual_encoder_config_to_hf
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.models import build_model, count_parameters
+from vlmkit.presets import get_preset
+from vlmkit.processing import Processor, TextTokenizer, train_bpe
+
+from hf_fixtures import CORPUS, perturb_, real_images
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CONTEXT = 20  # text_config.max_position_embeddings: the last text is longer and is cut
+TEXTS = ["A photo of a CAT!", "two dogs, three Squares.", "What's this?  It's a red circle...",
+         "the quick brown fox jumps over the lazy dog, then the small circle is red and the squares are blue"]
+TOWERS = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+
+
+def clip_tokenizer():
+    """CLIPTokenizer with a small vocabulary of CLIP's layout (byte symbols, the same with the end-of-word "</w>",
+    merges learnt with CLIP's pre-tokenisation) and its start/end-of-text tokens at ids 0 and 1, so that the
+    highest id of a text is not its end-of-text token and the two pooling rules read different positions."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    learner = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
+    learner.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+    learner.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    alphabet = list(bytes_to_unicode().values())
+    learner.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
+                                                                 end_of_word_suffix="</w>", show_progress=False))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+              for m in json.loads(learner.to_str())["model"]["merges"]]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges)]:
+        vocab.setdefault(token, len(vocab))
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT)
+
+
+def make_clip(folder, legacy: bool):
+    """A tiny CLIPModel (norms, biases, class embedding and temperature away from their init) saved with
+    CLIPProcessor's files; ``legacy``: text_config.eos_token_id 2, which makes transformers pool argmax(ids)."""
+    tok = clip_tokenizer()
+    torch.manual_seed(0)
+    text = transformers.CLIPTextConfig(**TOWERS, vocab_size=len(tok), max_position_embeddings=CONTEXT,
+                                       layer_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=2 if legacy else tok.eos_token_id)
+    vision = transformers.CLIPVisionConfig(**TOWERS, image_size=32, patch_size=8, hidden_act="gelu")
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                           projection_dim=24)).eval()
+    perturb_(model)
+    with torch.no_grad():
+        model.logit_scale.fill_(1.7)
+    model.save_pretrained(folder)
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+                                             image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    transformers.CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def clip_folders(tmp_path_factory):
+    """{"eos" | "legacy": (folder, transformers' model, its processor as AutoProcessor reads the folder)}."""
+    out = {}
+    for kind in ("eos", "legacy"):
+        folder = tmp_path_factory.mktemp(f"clip-{kind}")
+        out[kind] = (folder, *make_clip(folder, kind == "legacy"))
+    return out
+
+
+def reference(model, inputs):
+    """transformers' normalised embeddings and logits for a processor's inputs."""
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        txt = model.get_text_features(input_ids=inputs["input_ids"],
+                                      attention_mask=inputs.get("attention_mask")).pooler_output
+        return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), model(**inputs).logits_per_image
+
+
+def test_token_ids_truncation_and_pixels_match_clip_processor(clip_folders):
+    folder, _, hf_proc = clip_folders["eos"]
+    processor = vlmkit.load(folder).processor
+    theirs = hf_proc(text=TEXTS, images=real_images(), padding=True, truncation=True, return_tensors="pt")
+    ids, cut = processor.encode_texts(TEXTS)
+    assert ids.tolist() == theirs["input_ids"].tolist()
+    untruncated = hf_proc.tokenizer(TEXTS)["input_ids"]
+    assert cut == sum(len(r) > CONTEXT for r in untruncated) == 1
+    assert ids.shape[1] == CONTEXT and (ids[:, 0] == hf_proc.tokenizer.bos_token_id).all()
+    pixels = processor.preprocess_images(real_images())  # wide, tall and square scenes
+    torch.testing.assert_close(pixels, theirs["pixel_values"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["eos", "legacy"])
+def test_embeddings_and_logits_match_transformers(clip_folders, kind):
+    folder, ref, hf_proc = clip_folders[kind]
+    pipe = vlmkit.load(folder)
+    assert pipe.config.text.pool == {"eos": "eos", "legacy": "argmax"}[kind]
+    images = real_images()
+    theirs = hf_proc(text=TEXTS, images=images, padding=True, truncation=True, return_tensors="pt")
+    ids, _ = pipe.processor.encode_texts(TEXTS)
+    eos = hf_proc.tokenizer.eos_token_id
+    assert (ids.argmax(-1) != (ids == eos).int().argmax(-1)).all()  # the two rules read different tokens here
+    img, txt, logits = reference(ref, theirs)
+    with torch.no_grad():
+        ours = pipe.model(pipe.processor.preprocess_images(images), ids, return_loss=False)
+    torch.testing.assert_close(ours.image_embeds, img, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.text_embeds, txt, rtol=0, atol=1e-5)
+    assert ours.logits_per_image.shape == (3, 4)
+    torch.testing.assert_close(ours.logits_per_image, logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["eos", "legacy"])
+def test_import_export_round_trip_is_exact(clip_folders, kind, tmp_path):
+    src, ref, hf_proc = clip_folders[kind]
+    assert main(["convert", "--from", "hf", str(src), "--out", str(tmp_path / "ours")]) == 0
+    assert main(["convert", "--to", "hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(before) == sorted(after)
+    for name, t in before.items():
+        assert torch.equal(t, after[name]), name
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["text_config"]["eos_token_id"] == ref.config.text_config.eos_token_id  # 2 stays 2 (argmax)
+    again, info = transformers.CLIPModel.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    again_proc = transformers.AutoProcessor.from_pretrained(tmp_path / "back")
+    assert type(again_proc.tokenizer).__name__ == "CLIPTokenizer"
+    images = real_images()
+    theirs = hf_proc(text=TEXTS, images=images, padding=True, truncation=True, return_tensors="pt")
+    back = again_proc(text=TEXTS, images=images, padding=True, truncation=True, return_tensors="pt")
+    assert back["input_ids"].tolist() == theirs["input_ids"].tolist()
+    torch.testing.assert_close(back["pixel_values"], theirs["pixel_values"], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(**back).logits_per_image, ref(**theirs).logits_per_image,
+                                   rtol=0, atol=1e-5)
+
+
+def vlmkit_clip(eos_id_2: bool = True):
+    """A tiny-clip built by vlmkit with its own byte-level BPE, whose special tokens are <pad> <s> </s> (end of
+    text at id 2 with vlmkit's default token order), and its processor."""
+    tok = train_bpe(CORPUS * 4, vocab_size=300)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))])
+    tokenizer = TextTokenizer(tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    assert (tokenizer.eos_id == 2) == eos_id_2
+    preset = get_preset("tiny-clip")
+    cfg = preset.model
+    cfg.vision = dataclasses.replace(cfg.vision, image_size=(32, 32), width=32, depth=2, heads=4, mlp_dim=48)
+    cfg.text = dataclasses.replace(cfg.text, vocab_size=tokenizer.vocab_size, width=32, depth=2, heads=4, mlp_dim=48,
+                                   context_length=CONTEXT, eos_token_id=tokenizer.eos_id)
+    cfg.contrastive = dataclasses.replace(cfg.contrastive, embed_dim=24)
+    pcfg = dataclasses.replace(preset.processor, image_size=(32, 32), max_length=CONTEXT)
+    model = build_model(cfg, None).eval()
+    perturb_(model, seed=3)
+    return model, cfg, Processor(pcfg, tokenizer)
+
+
+def save_vlmkit(folder, model, cfg, processor):
+    folder.mkdir()
+    write_model_files(folder, model, cfg, processor)
+    return folder
+
+
+def test_vlmkit_trained_clip_with_end_of_text_id_2_exports(tmp_path):
+    """transformers would pool the highest id of a text config saying eos_token_id 2: the export exchanges ids 2
+    and the last one in the tokenizer and the embedding, and CLIPModel then computes vlmkit's logits."""
+    model, cfg, processor = vlmkit_clip()
+    ours = save_vlmkit(tmp_path / "ours", model, cfg, processor)
+    assert main(["convert", "--to", "hf", str(ours), "--out", str(tmp_path / "hf")]) == 0
+    last = processor.tokenizer.vocab_size - 1
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["text_config"]["eos_token_id"] == last != 2
+    ref, info = transformers.CLIPModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf_proc = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    images = real_images()
+    theirs = hf_proc(text=TEXTS, images=images, padding=True, truncation=True, return_tensors="pt")
+    ids, cut = processor.encode_texts(TEXTS)
+    assert cut >= 1 and ids.shape[1] == CONTEXT  # cut as transformers cuts them: the ids below are equal
+    renumbered = ids.clone()
+    renumbered[ids == 2], renumbered[ids == last] = last, 2
+    assert theirs["input_ids"].tolist() == renumbered.tolist()
+    pixels = processor.preprocess_images(images)
+    torch.testing.assert_close(theirs["pixel_values"], pixels, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        expected = model(pixels, ids, return_loss=False).logits_per_image
+        torch.testing.assert_close(ref.eval()(**theirs).logits_per_image, expected, rtol=0, atol=1e-4)
+        # and vlmkit reads the export back as the same model
+        again = vlmkit.load(tmp_path / "hf")
+        assert again.config.text.pool == "eos" and again.config.text.eos_token_id == last
+        torch.testing.assert_close(again.model(pixels, theirs["input_ids"], return_loss=False).logits_per_image,
+                                   expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"contrastive": {"loss": "siglip"}}, r"contrastive.loss 'siglip', which gives the model a learned logit bias "
+                                          r"\(CLIPModel has none"),
+    ({"contrastive": {"image_pool": "mean"}}, r"contrastive.image_pool 'mean' \(CLIPModel has 'class_token'\)"),
+    ({"text": {"causal": False, "pool": "last"}}, r"text.causal False \(CLIPModel has True\); text.pool 'last'"),
+    ({"vision": {"pre_norm": False}}, r"not a CLIP tower transformers can load: pre_norm False \(transformers has "
+                                      r"True\)"),
+    ({"vision": {"norm": "rmsnorm"}}, r"norm 'rmsnorm' \(transformers has 'layernorm'\)"),
+])
+def test_what_clipmodel_cannot_express_is_refused_by_field(change, match):
+    cfg = get_preset("tiny-clip").model
+    for section, fields in change.items():
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **fields))
+    with pytest.raises(ConfigError, match=match):
+        dual_encoder_config_to_hf(cfg)
+
+
+def test_a_refused_export_writes_nothing(tmp_path):
+    model, cfg, processor = vlmkit_clip()
+    cfg.contrastive = dataclasses.replace(cfg.contrastive, image_pool="mean")
+    ours = save_vlmkit(tmp_path / "ours", build_model(cfg, None), cfg, processor)
+    with pytest.raises(ConfigError, match=r"not expressible as a transformers CLIPModel: contrastive.image_pool"):
+        convert_to_hf(ours, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours"]
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda c: c["text_config"].update(hidden_act="relu"), ConfigError,
+     r"config.json: text_config.hidden_act 'relu' is not implemented; supported: quick_gelu"),
+    (lambda c: c["text_config"].update(eos_token_id=[1, 5]), ConfigError,
+     r"text_config.eos_token_id \[1, 5\]: CLIP pools the first end-of-text token; give one id"),
+    (lambda c: c["text_config"].update(eos_token_id=5), CheckpointError,
+     r"text_config.eos_token_id 5 is not the tokenizer's end-of-text token '<\|endoftext\|>' \(id 1\)"),
+    (lambda c: c["text_config"].update(vocab_size=100), CheckpointError,
+     r"the tokenizer has \d+ tokens, the text tower embeds 100 \(text_config.vocab_size\)"),
+    (lambda c: c["vision_config"].update(image_size=40, patch_size=8), ConfigError,
+     r"the image processor gives \(32, 32\) images, the vision tower takes \(40, 40\)"),
+    (lambda c: c.update(model_type="clip_vision_model"), ConfigError,
+     r"model_type 'clip_vision_model' is not a family vlmkit imports"),
+])
+def test_what_vlmkit_cannot_import_is_refused_by_key(clip_folders, tmp_path, edit, error, match):
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_folders["eos"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(error, match=match):
+        vlmkit.load(folder)
+
+
+def test_clip_vit_b_16_preset_has_transformers_parameter_count():
+    preset = get_preset("clip-vit-b-16")
+    config = dual_encoder_config_to_hf(preset.model)
+    assert config["text_config"]["eos_token_id"] == 49407
+    with torch.device("meta"):
+        ref = transformers.CLIPModel(transformers.CLIPConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+        ours = count_parameters(build_model(preset.model, None))
+    assert sum(p.numel() for p in ref.parameters()) == ours == 149_620_737  # openai/clip-vit-base-patch16
