@@ -134,7 +134,10 @@ def test_same_arguments_give_byte_identical_files(tmp_path):
     # choice, GQA) and as ImageFolders (their images and classes.json)
     eval_images = sum(f.startswith(("imagefolder_val/", "imagefolder_test/")) and f.endswith(".png") for f in a)
     assert eval_images == sum(json.loads((tmp_path / "a" / "meta.json").read_text())["images"][s] for s in ("val", "test"))
-    assert len(a) == 24 + 3 * 3 + 2 + 2 * (2 + 3 + 3) + eval_images + 2 and a == b
+    # and new single-object renders by colour and shape (30 classes, at least one image each, classes.json)
+    object_images = sum(f.startswith(("objects_val/", "objects_test/")) and f.endswith(".png") for f in a)
+    assert object_images == 2 * 30
+    assert len(a) == 24 + 3 * 3 + 2 + 2 * (2 + 3 + 3) + eval_images + 2 + object_images + 2 and a == b
 
     sw.generate_shapes(tmp_path / "c", **{**args, "seed": 6})
     c = file_hashes(tmp_path / "c")
@@ -416,3 +419,19 @@ def test_parse_size(text, size):
 def test_parse_size_rejects_bad_text(text):
     with pytest.raises(ConfigError, match="--size.*96x64"):
         sw.parse_size(text)
+
+
+def test_object_folder_holds_one_object_of_its_class_per_image(tmp_path):
+    sw.generate_shapes(tmp_path / "d", n=200, seed=3, size=64, progress=False)
+    root = tmp_path / "d" / "objects_test"
+    meta = json.loads((root / "classes.json").read_text())
+    assert len(meta["classes"]) == 30 and meta["classes"]["orange_star"] == "orange star"
+    assert all(t.count("{}") == 1 for t in meta["templates"])
+    per_class = {p.name: sorted(p.glob("*.png")) for p in root.iterdir() if p.is_dir()}
+    assert set(per_class) == set(meta["classes"]) and {len(v) for v in per_class.values()} == {1}  # 20 test images
+    for key, files in per_class.items():
+        rgb = sw.COLORS[key.split("_")[0]]
+        pixels = set(Image.open(files[0]).convert("RGB").getdata())
+        assert rgb in pixels  # the class's colour is drawn ...
+        others = [c for name, c in sw.COLORS.items() if name != key.split("_")[0]]
+        assert not any(c in pixels for c in others)  # ... and no other object colour

@@ -10,7 +10,8 @@ LLaVA conversation JSON (one record per question), COCO captions, image-caption 
 COCO-style boxes; and, for the evaluation splits (val, test), the benchmarks' layouts the evaluation tasks read:
 the questions in VQAv2's layout (questions + annotations JSON) and GQA's, POPE-style object probes (JSONL,
 random / popular / adversarial negatives), RefCOCO-style referring expressions with boxes, four-option
-multiple-choice questions, and the images as an ImageFolder by object count. Same arguments give byte-identical
+multiple-choice questions, the images as an ImageFolder by object count, and an ImageFolder of new single-object
+images by colour and shape (zero-shot classification for dual encoders). Same arguments give byte-identical
 files: every image has its own ``random.Random`` seeded from (seed, index), JSON keys keep insertion order and
 PNGs carry no metadata.
 """
@@ -33,7 +34,7 @@ from vlmkit.errors import ConfigError, DataError
 from vlmkit.utils import atomic_directory, atomic_write_json
 
 GENERATOR = "vlmkit.data.shapes"
-GENERATOR_VERSION = 1  # bump whenever the same arguments would give different files
+GENERATOR_VERSION = 2  # bump whenever the same arguments would give different files (2: objects_{split})
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 COLORS = {
@@ -603,6 +604,34 @@ def _write_image_folder(folder: Path, split: str, items: list[dict]) -> None:
                                        encoding="utf-8")
 
 
+# the ShapesWorld captions of a one-object scene, as prompt templates for zero-shot classification
+OBJECT_TEMPLATES = ("one shape: a {}.", "Just one shape: a small {}.", "Just one shape: a large {}.")
+
+
+def _write_object_folder(folder: Path, split: str, n_images: int, seed: int, width: int, height: int) -> None:
+    """New single-object images of the split as an ImageFolder by colour and shape (``objects_{split}/red_circle/``,
+    30 classes, about ``n_images`` in all, balanced), with ``classes.json`` naming each class ("red circle") and the
+    prompt templates: zero-shot classification as CLIP's papers evaluate it, on held-out renders."""
+    root = folder / f"objects_{split}"
+    per_class = max(1, math.ceil(n_images / (len(COLORS) * len(SHAPES))))
+    names = {}
+    for color in COLORS:
+        for shape in SHAPES:
+            key = f"{color}_{shape}"
+            names[key] = f"{color} {shape}"
+            (root / key).mkdir(parents=True)
+            for j in range(per_class):
+                rng = random.Random(f"shapesworld-objects:{seed}:{split}:{key}:{j}")
+                background = rng.choice(list(BACKGROUNDS))
+                obj = _place_one(rng, shape, color, rng.choice(list(SIZES)), [], width, height, False) or \
+                    _place_one(rng, shape, color, "small", [], width, height, False)
+                if obj is None:
+                    raise DataError(f"cannot fit one {shape} on a {width}x{height} canvas")
+                render_scene(Scene(width, height, background, (obj,))).save(root / key / f"{j:04d}.png", format="PNG")
+    atomic_write_json(root / "classes.json", {"classes": names, "templates": list(OBJECT_TEMPLATES),
+                                              "prompt": "What colour and shape is the object?"})
+
+
 CHOICE_VOCABULARY = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(str(k) for k in range(MAX_OBJECTS + 1))}
 
 
@@ -778,6 +807,9 @@ def _generate_into(folder: Path, arguments: dict, progress: bool) -> dict:
                 bar.update(1)
     for split in SPLITS:
         _write_split(folder, split, [it for it in items if it["split"] == split])
+        if split != "train":
+            n_split = sum(it["split"] == split for it in items)
+            _write_object_folder(folder, split, n_split, a["seed"], *a["size"])
     _write_rows(folder / "scenes.json", [_scene_record(it) for it in items])
     summary = _summarize(items)
     meta = {"generator": GENERATOR, "version": GENERATOR_VERSION, "arguments": arguments, **summary}

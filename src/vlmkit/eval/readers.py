@@ -274,7 +274,9 @@ def read_image_folder(root: str | Path, limit: int | None = None) -> tuple[list[
     """An ImageFolder (``root/<class>/<image>``, torchvision's layout) -> (samples with their class as the answer
     and its index in ``meta["label"]``, the class names in sorted order, the question to ask). The class names
     are the folder names unless ``root/classes.json`` (``{"classes": {folder: name}, "prompt": question}``)
-    names them; the question defaults to "What is in the image?"."""
+    names them; the question defaults to "What is in the image?". A class folder without images is an error (a
+    class no sample can have). Dual encoders read the prompt templates of classes.json with
+    :func:`read_class_templates`."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
@@ -286,6 +288,11 @@ def read_image_folder(root: str | Path, limit: int | None = None) -> tuple[list[
     classes = [str(names.get(f.name, f.name)) for f in folders]
     question = str(meta.get("prompt") or "What is in the image?")
     per_class = [sorted(p for p in f.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) for f in folders]
+    empty = [f.name for f, files in zip(folders, per_class) if not files]
+    if empty:
+        raise DataError(f"{root}: class folder {empty[0]!r} has no images ({len(empty)} empty in all: "
+                        f"{', '.join(empty[:5])}); images are files ending in {', '.join(IMAGE_SUFFIXES)}. "
+                        f"Remove empty folders or add their images")
     out = []
     for i in range(max(len(files) for files in per_class)):  # interleaved, so --limit samples every class
         for label, files in enumerate(per_class):
@@ -293,3 +300,19 @@ def read_image_folder(root: str | Path, limit: int | None = None) -> tuple[list[
                 out.append(EvalSample(f"{folders[label].name}/{files[i].name}", [files[i]], question,
                                       [classes[label]], {"label": label}))
     return (out[:limit] if limit else out), classes, question
+
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def read_class_templates(root: str | Path) -> list[str]:
+    """The prompt templates of an ImageFolder for a dual encoder's zero-shot classification: ``templates`` of
+    ``root/classes.json`` (each with one ``{}`` for the class name; several are ensembled), else CLIP's
+    "a photo of a {}."."""
+    path = Path(root) / "classes.json"
+    meta = _load_json(path) if path.is_file() else {}
+    templates = meta.get("templates") or list(DEFAULT_TEMPLATES)
+    if not isinstance(templates, list) or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+        raise DataError(f"{path}: 'templates' must be a list of strings with one {{}} each (where the class name "
+                        f"goes), got {templates!r}")
+    return templates
