@@ -166,7 +166,7 @@ def vlmkit_clip(eos_id_2: bool = True):
         single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))])
     tokenizer = TextTokenizer(tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
     assert (tokenizer.eos_id == 2) == eos_id_2
-    preset = get_preset("tiny-clip")
+    preset = get_preset("tiny-clip-vit")
     cfg = preset.model
     cfg.vision = dataclasses.replace(cfg.vision, image_size=(32, 32), width=32, depth=2, heads=4, mlp_dim=48)
     cfg.text = dataclasses.replace(cfg.text, vocab_size=tokenizer.vocab_size, width=32, depth=2, heads=4, mlp_dim=48,
@@ -225,7 +225,7 @@ def test_vlmkit_trained_clip_with_end_of_text_id_2_exports(tmp_path):
     ({"vision": {"norm": "rmsnorm"}}, r"norm 'rmsnorm' \(transformers has 'layernorm'\)"),
 ])
 def test_what_clipmodel_cannot_express_is_refused_by_field(change, match):
-    cfg = get_preset("tiny-clip").model
+    cfg = get_preset("tiny-clip-vit").model
     for section, fields in change.items():
         setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **fields))
     with pytest.raises(ConfigError, match=match):

@@ -178,7 +178,7 @@ def test_vlmkit_built_siglip_exports(tmp_path):
     tok.post_processor = processors.TemplateProcessing(single="$A </s>",
                                                        special_tokens=[("</s>", tok.token_to_id("</s>"))])
     tokenizer = TextTokenizer(tok, pad_token="<pad>", eos_token="</s>", bos_token=None)
-    preset = get_preset("tiny-siglip")
+    preset = get_preset("tiny-siglip-vit")
     cfg = preset.model
     cfg.vision = dataclasses.replace(cfg.vision, image_size=(32, 32), width=32, depth=2, heads=4, mlp_dim=48)
     cfg.text = dataclasses.replace(cfg.text, vocab_size=tokenizer.vocab_size, width=24, depth=2, heads=4, mlp_dim=40,
@@ -217,7 +217,7 @@ def test_vlmkit_built_siglip_exports(tmp_path):
     ({"text": {"act": "silu"}}, r"text.act 'silu' \(exportable: quick_gelu, gelu_tanh, gelu\)"),
 ])
 def test_what_siglipmodel_cannot_express_is_refused_by_field(change, match):
-    cfg = get_preset("tiny-siglip").model
+    cfg = get_preset("tiny-siglip-vit").model
     for section, fields in change.items():
         setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **fields))
     with pytest.raises(ConfigError, match=match):

@@ -209,17 +209,18 @@ def _model_config(preset: str, vision=None, text=None, contrastive=None):
 
 
 @pytest.mark.parametrize("preset, change, fields", [
-    ("tiny-clip", {"vision": {"class_token": False}}, ["contrastive.image_pool", "vision.class_token"]),
-    ("tiny-clip", {"vision": {"drop_class_token": True}}, ["vision.drop_class_token"]),
+    ("tiny-clip-vit", {"vision": {"class_token": False}}, ["contrastive.image_pool", "vision.class_token"]),
+    ("tiny-clip-vit", {"vision": {"drop_class_token": True}}, ["vision.drop_class_token"]),
     ("tiny-siglip", {"contrastive": {"embed_dim": 64}}, ["contrastive.embed_dim", "vision.width"]),
     ("tiny-siglip", {"text": {"causal": True}}, ["text.pool", "text.causal"]),
     ("tiny-clip", {"text": {"pool": "first"}}, ["text.pool"]),
     ("tiny-clip", {"contrastive": {"image_pool": "cls"}}, ["contrastive.image_pool"]),
     ("tiny-clip", {"contrastive": {"projection": "linear"}}, ["contrastive.projection"]),
     ("tiny-clip", {"contrastive": {"loss": "infonce"}}, ["contrastive.loss"]),
-    ("tiny-clip", {"vision": {"post_norm": False}}, ["vision.post_norm"]),
-    ("tiny-clip", {"vision": {"feature_layer": -2}}, ["vision.feature_layer"]),
-    ("tiny-clip", {"vision": {"arch": "cnn"}}, ["vision.arch"]),
+    ("tiny-clip-vit", {"vision": {"post_norm": False}}, ["vision.post_norm"]),
+    ("tiny-clip-vit", {"vision": {"feature_layer": -2}}, ["vision.feature_layer"]),
+    ("tiny-clip", {"vision": {"arch": "resnet"}}, ["vision.arch"]),
+    ("tiny-clip-vit", {"vision": {"arch": "cnn", "class_token": False}}, ["vision.arch", "contrastive.image_pool"]),
 ])
 def test_config_errors_name_the_field(preset, change, fields):
     cfg = _model_config(preset, **change)

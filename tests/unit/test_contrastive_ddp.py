@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_ava
 WORLD = 2
 BATCH = 8
 EOS = 2
-PRESETS = {"clip": "tiny-clip", "siglip": "tiny-siglip"}
+PRESETS = {"clip": "tiny-clip-vit", "siglip": "tiny-siglip-vit"}
 DEADLINE_S = 90.0  # the whole spawn (two interpreters importing torch on a busy 2-core machine) + both losses
 
 

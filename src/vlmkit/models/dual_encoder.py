@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.config import ContrastiveConfig, ModelConfig, TextConfig, VisionConfig
+from vlmkit.encoders.cnn import ConvEncoder
 from vlmkit.encoders.vit import ViTBlock, ViTEncoder
 from vlmkit.errors import ConfigError
-from vlmkit.nn import MLP, init_linear_
+from vlmkit.nn import MLP
 
 IMAGE_POOLS = ("class_token", "map", "mean")
 TEXT_POOLS = ("eos", "argmax", "last")
@@ -71,7 +72,7 @@ class ImageTower(nn.Module):
     def __init__(self, cfg: VisionConfig, ccfg: ContrastiveConfig):
         super().__init__()
         _check_image_tower(cfg, ccfg)
-        self.encoder = ViTEncoder(cfg)
+        self.encoder = ViTEncoder(cfg) if cfg.arch == "vit" else ConvEncoder(cfg)
         self.pool = ccfg.image_pool
         self.head = (AttentionPool(cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps)
                      if ccfg.image_pool == "map" else None)
@@ -199,10 +200,18 @@ class DualEncoder(nn.Module):
 
 
 def _check_image_tower(cfg: VisionConfig, ccfg: ContrastiveConfig) -> None:
-    if cfg.arch != "vit":
-        raise ConfigError(f"a dual encoder's image tower is a ViT (vision.arch: vit), got {cfg.arch!r}")
+    if cfg.arch not in ("vit", "cnn"):
+        raise ConfigError(f"a dual encoder's image tower is a ViT or a CNN (vision.arch: vit | cnn), got {cfg.arch!r}")
     if ccfg.image_pool not in IMAGE_POOLS:
         raise ConfigError(f"contrastive.image_pool must be one of {', '.join(IMAGE_POOLS)}, got {ccfg.image_pool!r}")
+    if ccfg.projection == "siglip" and ccfg.embed_dim != cfg.width:
+        raise ConfigError(f"with contrastive.projection 'siglip' the image embedding is the pooled tower output: "
+                          f"contrastive.embed_dim ({ccfg.embed_dim}) must equal vision.width ({cfg.width})")
+    if cfg.arch == "cnn":
+        if ccfg.image_pool == "class_token":
+            raise ConfigError("vision.arch 'cnn' has no class token: set contrastive.image_pool to 'map' (attention "
+                              "pooling, as CLIP's ResNets) or 'mean'")
+        return
     if cfg.feature_layer not in (-1, cfg.depth):
         raise ConfigError(f"a dual encoder pools the last layer: vision.feature_layer must be -1, got "
                           f"{cfg.feature_layer}")
@@ -211,9 +220,6 @@ def _check_image_tower(cfg: VisionConfig, ccfg: ContrastiveConfig) -> None:
     if ccfg.image_pool == "class_token" and (not cfg.class_token or cfg.drop_class_token):
         raise ConfigError("contrastive.image_pool 'class_token' needs vision.class_token: true and "
                           "vision.drop_class_token: false")
-    if ccfg.projection == "siglip" and ccfg.embed_dim != cfg.width:
-        raise ConfigError(f"with contrastive.projection 'siglip' the image embedding is the pooled tower output: "
-                          f"contrastive.embed_dim ({ccfg.embed_dim}) must equal vision.width ({cfg.width})")
 
 
 def build_dual_encoder(cfg: ModelConfig, image_token_id=None, init: bool = True) -> DualEncoder:
@@ -224,27 +230,46 @@ def build_dual_encoder(cfg: ModelConfig, image_token_id=None, init: bool = True)
 
 
 def init_dual_encoder(model: DualEncoder, cfg: ModelConfig) -> None:
-    """From-scratch initialisation: GPT-2's std 0.02 in both towers with residual outputs scaled by depth,
-    positions at std 0.01 (CLIP's), projections at std width^-0.5 (CLIP's), the probe at std 0.02."""
+    """From-scratch initialisation as OpenAI's CLIP (open_clip's ``init_parameters``), for both layouts.
+
+    Text tower: token embeddings at std 0.02, positions at 0.01, attention at width^-0.5, the MLP's input at
+    (2 width)^-0.5, and the projections writing into the residual stream at width^-0.5 (2 depth)^-0.5. Image tower:
+    PyTorch's default init of its linear layers (OpenAI defined none), class token and positions at width^-0.5.
+    Projections into the joint space at width^-0.5; SigLIP's probe at width^-0.5.
+
+    The scales matter: with GPT-2's 0.02 everywhere, the pooled class token of a from-scratch ViT is nearly the
+    same vector for every image (cosine 0.999 across a batch), the first steps collapse both towers to one
+    embedding, and the loss stays at log(batch) with vanishing gradients (ShapesWorld, tiny-clip).
+    """
     if any(p.is_meta for p in model.parameters()):
         return
-    init_linear_(model.vision)
-    init_linear_(model.text)
     with torch.no_grad():
-        nn.init.normal_(model.text.pos_embed, std=0.01)
-        for tower, depth in ((model.vision.encoder, cfg.vision.depth), (model.text, cfg.text.depth)):
-            for block in tower.blocks:
-                for lin in (block.attn.o_proj, block.mlp.fc2):
-                    lin.weight.mul_((2 * depth) ** -0.5)
-        for proj in (model.vision.proj, model.text.proj):
+        text, w = model.text, cfg.text.width
+        nn.init.normal_(text.token_embed.weight, std=0.02)
+        nn.init.normal_(text.pos_embed, std=0.01)
+        proj_std = w ** -0.5 * (2 * cfg.text.depth) ** -0.5
+        for block in text.blocks:
+            for lin in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
+                nn.init.normal_(lin.weight, std=w ** -0.5)
+            nn.init.normal_(block.attn.o_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.fc1.weight, std=(2 * w) ** -0.5)
+            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+            for lin in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.o_proj, block.mlp.fc1,
+                        block.mlp.fc2):
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+        encoder, v = model.vision.encoder, cfg.vision.width
+        if getattr(encoder, "class_token", None) is not None:
+            nn.init.normal_(encoder.class_token, std=v ** -0.5)
+        if isinstance(encoder.pos_embed, nn.Parameter):
+            nn.init.normal_(encoder.pos_embed, std=v ** -0.5)
+        for proj in (model.vision.proj, text.proj):
             if proj is not None:
                 nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
         if model.vision.head is not None:
-            head = model.vision.head
-            nn.init.normal_(head.probe, std=0.02)
-            nn.init.xavier_uniform_(head.attention.in_proj_weight)
-            nn.init.zeros_(head.attention.in_proj_bias)
-            nn.init.zeros_(head.attention.out_proj.bias)
+            nn.init.normal_(model.vision.head.probe, std=v ** -0.5)
 
 
 def _register() -> None:

@@ -265,10 +265,14 @@ class Processor:
     # ------------------------------------------------------------------ dual encoders
     def encode_texts(self, texts: list[str], where: str = "texts") -> tuple[torch.Tensor, int]:
         """Texts for a dual encoder's text tower -> (ids [B, T] padded with the pad token, how many texts were
-        truncated). Each text gets the tokenizer's special tokens (CLIP: start and end of text; SigLIP: end of
-        text) and is cut to ``max_length``, the tower's context, keeping them, as transformers' tokenizers do with
-        ``truncation=True``. ``text_padding``: to the longest text of the batch, or every text to
-        ``max_length`` (SigLIP reads the last position)."""
+        truncated): :meth:`tokenize_texts`, then :meth:`pad_texts`."""
+        rows, truncated = self.tokenize_texts(texts, where)
+        return self.pad_texts(rows), truncated
+
+    def tokenize_texts(self, texts: list[str], where: str = "texts") -> tuple[list[list[int]], int]:
+        """Each text with the tokenizer's special tokens (CLIP: start and end of text; SigLIP: end of text), cut to
+        ``max_length`` (the text tower's context) keeping them, as transformers' tokenizers do with
+        ``truncation=True`` -> (ids per text, how many texts were cut)."""
         if self._truncating is None:
             from tokenizers import Tokenizer
 
@@ -281,9 +285,15 @@ class Processor:
                 raise DataError(f"{where}[{i}]: expected a string, got {type(text).__name__}")
             enc = self._truncating.encode(text, add_special_tokens=True)
             truncated += bool(enc.overflowing)
-            rows.append(enc.ids)
-        width = self.cfg.max_length if self.cfg.text_padding == "max_length" else max((len(r) for r in rows), default=0)
+            rows.append(list(enc.ids))
+        return rows, truncated
+
+    def pad_texts(self, rows: list[list[int]]) -> torch.Tensor:
+        """[B, T] ids padded with the pad token on the right: to the longest row (``text_padding: longest``, CLIP)
+        or every row to ``max_length`` (SigLIP, which reads the last position)."""
+        longest = max((len(r) for r in rows), default=0)
+        width = self.cfg.max_length if self.cfg.text_padding == "max_length" else longest
         ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        return ids, truncated
+        return ids

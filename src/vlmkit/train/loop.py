@@ -175,6 +175,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     ``stop_at_step`` ends the run abruptly after that global step, without a final save, as an interruption
     would (the run can be continued with ``resume=True`` from the last periodic checkpoint).
     """
+    from vlmkit.train.contrastive import is_dual_encoder_recipe, train_contrastive
+
+    if is_dual_encoder_recipe(recipe):  # CLIP / SigLIP: image-caption pairs and a contrastive loss
+        return train_contrastive(recipe, out, resume, progress, log, stop_at_step)
     log = log or (lambda msg: tqdm.write(msg))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

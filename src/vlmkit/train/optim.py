@@ -12,19 +12,34 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlmkit.errors import ConfigError
 from vlmkit.train.muon import MuonAdamW
 from vlmkit.train.recipe import MODULE_GROUPS, StageConfig
 
 
 def module_groups(model) -> dict[str, nn.Module]:
+    if getattr(model, "is_dual_encoder", False):
+        return {"vision": model.vision, "text": model.text, "logits": model.logits}
     return {"vision": model.encoder, "connector": model.connector, "lm": model.lm}
+
+
+def trained_groups(model, stage: StageConfig) -> set[str]:
+    """The model's module groups that ``stage`` trains ("all": every one); a name the model has no group of is
+    refused, so that a typo never silently freezes everything."""
+    groups = module_groups(model)
+    unknown = [m for m in stage.train if m != "all" and m not in groups]
+    if unknown:
+        raise ConfigError(f"stage {stage.name!r}: train {stage.train} names {unknown[0]!r}, which this model does not "
+                          f"have; its modules: all, {', '.join(groups)}")
+    return set(groups) if "all" in stage.train else set(stage.train)
 
 
 def freeze_for_stage(model, stage: StageConfig) -> list[dict]:
     """Set requires_grad per module group; return a table of what trains and what is frozen."""
     rows = []
+    trained = trained_groups(model, stage)
     for name, module in module_groups(model).items():
-        trains = name in stage.train
+        trains = name in trained
         for p in module.parameters():
             p.requires_grad_(trains)
         n = sum(p.numel() for p in module.parameters())
@@ -37,8 +52,9 @@ def set_train_mode(model, stage: StageConfig) -> None:
     """Training mode for the modules a stage trains, eval mode for the frozen ones: a frozen module must not
     change at all, and BatchNorm running statistics would otherwise keep moving in a frozen tower."""
     model.train()
+    trained = trained_groups(model, stage)
     for name, module in module_groups(model).items():
-        if name not in stage.train:
+        if name not in trained:
             module.eval()
 
 
@@ -51,8 +67,9 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
     use_muon = stage.optimizer == "muon"
     groups = []
     seen: set[int] = set()
+    trained = trained_groups(model, stage)
     for name, module in module_groups(model).items():
-        if name not in stage.train:
+        if name not in trained:
             continue
         lr = stage.lr * stage.lr_scale.get(name, 1.0)
         embeddings = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
@@ -63,7 +80,8 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
             seen.add(id(p))
             if p.ndim < 2 or "norm" in pname:
                 no_decay.append(p)
-            elif use_muon and p.ndim == 2 and id(p) not in embeddings and not pname.endswith("lm_head.weight"):
+            elif (use_muon and p.ndim == 2 and id(p) not in embeddings and not pname.endswith("lm_head.weight")
+                  and "pos_embed" not in pname):
                 hidden.append(p)
             else:
                 decay.append(p)

@@ -1,7 +1,8 @@
 """Recipes: what to train, on what data, in which stages. YAML files or built-in names, plus ``--set``.
 
-A stage names the modules that train (``vision``, ``connector``, ``lm``); everything else is frozen, as in
-LLaVA's stage 1 (connector only) and stage 2 (connector + LM).
+A stage names the modules that train (``vision``, ``connector``, ``lm`` of a vision-language model; ``vision``,
+``text``, ``logits`` of a dual encoder; ``all``: every module of the model); everything else is frozen, as in
+LLaVA's stage 1 (connector only) and stage 2 (connector + LM), or LiT's locked image tower (``[text, logits]``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import yaml
 from vlmkit.config import apply_overrides, from_dict, parse_value
 from vlmkit.errors import ConfigError
 
-MODULE_GROUPS = ("vision", "connector", "lm")
+# vision-language models: vision, connector, lm; dual encoders: vision, text, logits (temperature and bias)
+MODULE_GROUPS = ("vision", "connector", "lm", "text", "logits")
 
 
 @dataclass
 class StageConfig:
     name: str = "main"
-    train: list[str] = field(default_factory=lambda: list(MODULE_GROUPS))
+    train: list[str] = field(default_factory=lambda: ["all"])
     steps: int = 100
     lr: float = 1e-3
     lr_scale: dict[str, float] = field(default_factory=dict)  # per-module multipliers, e.g. {vision: 0.5}
@@ -31,13 +33,14 @@ class StageConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     # lm: next-token loss on the assistant turns; cell_labels: the vision tower alone learns the colour and
-    # shape under each cell of its grid from ShapesWorld's scenes.json (train/cell_labels.py)
+    # shape under each cell of its grid from ShapesWorld's scenes.json (train/cell_labels.py); contrastive: a dual
+    # encoder's loss (contrastive.loss of the model: CLIP's InfoNCE or SigLIP's sigmoid) on image-caption pairs
     objective: str = "lm"
     batch_size: int = 0  # cell_labels stages only; 0 = train.batch_size
     optimizer: str = "adamw"  # adamw, or muon: Muon on the hidden weight matrices, AdamW on the rest
 
 
-OBJECTIVES = ("lm", "cell_labels")
+OBJECTIVES = ("lm", "cell_labels", "contrastive")
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -48,8 +51,13 @@ class DataConfig:
     val: str = "val.json"
     image_root: str = ""  # image paths are relative to the JSON file unless this is set
     group_turns: int = 8  # merge questions about one image into conversations of up to N turns; 0 = off
-    val_samples: int = 256
+    val_samples: int = 256  # dual encoders: validation images (with all their captions)
     skip_bad_samples: bool = False
+    # image-caption pairs (dual encoders) in CSV/TSV: the columns, open_clip's --csv-img-key / --csv-caption-key,
+    # and the separator ("": tab for .tsv, comma otherwise). COCO captions JSON files are read as pairs too
+    csv_image_key: str = "image"
+    csv_caption_key: str = "caption"
+    csv_separator: str = ""
 
 
 @dataclass
@@ -97,10 +105,10 @@ class Recipe:
         if not self.stages:
             raise ConfigError("a recipe needs at least one stage")
         for i, st in enumerate(self.stages):
-            bad = [m for m in st.train if m not in MODULE_GROUPS]
+            bad = [m for m in st.train if m not in (*MODULE_GROUPS, "all")]
             if bad or not st.train:
                 raise ConfigError(f"stages[{i}].train: {bad or '[]'} is not a list of modules; "
-                                  f"valid: {', '.join(MODULE_GROUPS)}")
+                                  f"valid: all, {', '.join(MODULE_GROUPS)}")
             bad = [m for m in st.lr_scale if m not in MODULE_GROUPS]
             if bad:
                 raise ConfigError(f"stages[{i}].lr_scale: unknown module {bad[0]!r}; valid: {', '.join(MODULE_GROUPS)}")
@@ -111,7 +119,7 @@ class Recipe:
             if st.optimizer not in OPTIMIZERS:
                 raise ConfigError(f"stages[{i}].optimizer: {st.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
             if st.optimizer != "adamw" and st.objective == "cell_labels":
-                raise ConfigError(f"stages[{i}].optimizer: {st.optimizer} is for lm stages; "
+                raise ConfigError(f"stages[{i}].optimizer: {st.optimizer} is for lm and contrastive stages; "
                                   f"cell_labels stages use adamw")
             if st.objective == "cell_labels" and st.train != ["vision"]:
                 raise ConfigError(f"stages[{i}]: the cell_labels objective trains the vision tower alone; "
@@ -157,8 +165,12 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {name_or_path} is not valid YAML: {e}") from e
     raw.setdefault("name", name)
-    recipe = from_dict(Recipe, raw, "recipe")
-    recipe = _apply(recipe, parse_overrides(overrides or []))
+    return override_recipe(from_dict(Recipe, raw, "recipe"), overrides or [])
+
+
+def override_recipe(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """``recipe`` with ``key=value`` overrides applied (``stages.N.field`` for a stage), validated."""
+    recipe = _apply(recipe, parse_overrides(overrides))
     recipe.validate()
     return recipe
 
