@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
+from pathlib import Path
 
 from vlmkit.errors import ConfigError, VlmkitError
 
@@ -63,6 +65,53 @@ def cmd_eval(args) -> None:
                       for name, r in res["tasks"].items()}))
 
 
+def cmd_embed(args) -> None:
+    """Embed images (every image file under a folder) or texts (a file, one per line) with a dual encoder (CLIP,
+    SigLIP): an .npy of L2-normalised rows, and beside it the list of what each row is."""
+    import numpy as np
+
+    import vlmkit
+    from vlmkit.errors import DataError
+    from vlmkit.eval.readers import IMAGE_SUFFIXES
+    from vlmkit.utils import atomic_write_bytes, atomic_write_text
+
+    if (args.images is None) == (args.texts is None):
+        raise ConfigError("give exactly one of --images DIR or --texts FILE")
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise ConfigError(f"--out {out}: the embeddings are written as a NumPy .npy file; name it X.npy")
+    if args.images is not None:
+        root = Path(args.images)
+        if not root.is_dir():
+            raise DataError(f"--images {root}: not a folder")
+        items = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not items:
+            raise DataError(f"--images {root}: no image files (ending in {', '.join(IMAGE_SUFFIXES)})")
+    else:
+        path = Path(args.texts)
+        if not path.is_file():
+            raise DataError(f"--texts {path}: file not found")
+        items = path.read_text(encoding="utf-8").splitlines()
+        blank = [i + 1 for i, t in enumerate(items) if not t.strip()]
+        if blank or not items:
+            raise DataError(f"--texts {path}: line {blank[0] if blank else 1} is empty; the file holds one text per "
+                            f"line, every line a text")
+    pipe = vlmkit.load(args.model)
+    if args.images is not None:
+        z = pipe.embed_images(items, batch_size=args.batch_size, progress=not args.quiet)
+    else:
+        z = pipe.embed_texts(items, batch_size=args.batch_size, progress=not args.quiet)
+    buf = io.BytesIO()
+    np.save(buf, z.numpy().astype(np.float32))
+    listing = out.with_suffix(".images.txt" if args.images is not None else ".texts.txt")
+    atomic_write_text(listing, "".join(t + "\n" for t in items))
+    atomic_write_bytes(out, buf.getvalue())
+    summary = {"out": str(out), "rows": int(z.shape[0]), "dim": int(z.shape[1]), "listing": str(listing)}
+    if args.texts is not None:
+        summary["truncated"] = pipe.last_truncated
+    print(json.dumps(summary))
+
+
 def cmd_tasks(args) -> None:
     """List the evaluation tasks with their metric and the data files they read."""
     from vlmkit.eval.tasks import TASKS
@@ -98,7 +147,7 @@ def cmd_presets(args) -> None:
         with torch.device("meta"):
             model = build_model(preset.model, image_token_id=0)
         try:
-            tokens = str(model.image_seq_len)
+            tokens = str(model.image_seq_len) if not preset.model.is_dual_encoder else "-"
         except NotImplementedError:  # native resolution: each image fills as many tokens as its size gives
             tokens = "by size"
         if preset.processor.image_processor in ("anyres", "idefics3"):
@@ -181,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(fn=cmd_eval)
     sub.add_parser("tasks", help=cmd_tasks.__doc__).set_defaults(fn=cmd_tasks)
+
+    em = sub.add_parser("embed", help=cmd_embed.__doc__, description=cmd_embed.__doc__)
+    em.add_argument("--model", required=True, help="a dual-encoder checkpoint (vlmkit or Hugging Face CLIP/SigLIP)")
+    em.add_argument("--images", help="a folder: every image file under it, in sorted path order")
+    em.add_argument("--texts", help="a text file with one text per line")
+    em.add_argument("--out", required=True, help="X.npy; X.images.txt or X.texts.txt beside it lists the rows")
+    em.add_argument("--batch-size", type=int, default=64)
+    em.add_argument("--quiet", action="store_true", help="no progress bar")
+    em.set_defaults(fn=cmd_embed)
 
     cv = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
     cv.add_argument("--from", dest="from_", choices=["hf"], help="SRC is a Hugging Face folder: import it")

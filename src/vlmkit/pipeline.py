@@ -1,4 +1,4 @@
-"""Pipeline = load(path): chat, generate and score with one model and its Processor.
+"""Pipeline = load(path): chat, generate and score with one model and its Processor; embed with a dual encoder.
 
 The evaluation tasks, the server and the CLI all go through these methods, so a model answers the same
 way everywhere.
@@ -44,8 +44,14 @@ class Pipeline:
         return cls(model, processor, cfg, meta)
 
     # ------------------------------------------------------------------ generation
+    def _need_generative(self, what: str) -> None:
+        if self.is_dual_encoder:
+            raise DataError(f"{what} needs a generative model; this is a dual encoder ({self.config.family}), which "
+                            f"embeds images and texts: use embed_images() / embed_texts()")
+
     def _run(self, items: list[tuple[ImageInputs, list[int]]], gen: GenerationConfig,
              image_keys: list[list] | None = None) -> list[str]:
+        self._need_generative("chat() / generate()")
         tok = self.processor.tokenizer
         features = self._shared_features(items, image_keys) if image_keys else None
         pixel_values = None if features is not None else ImageInputs.cat([imgs for imgs, _ in items]).to(self.device)
@@ -76,6 +82,7 @@ class Pipeline:
     def chat_batch(self, requests: list[tuple[object, str]], **gen) -> list[str]:
         """[(images, question), ...] -> answers, generated as one batch with the chat template. An image given
         by the same path in several requests is read and encoded once."""
+        self._need_generative("chat()")
         cfg = GenerationConfig(**gen)
         items, keys, prepared = [], [], {}
         for images, question in requests:
@@ -102,9 +109,63 @@ class Pipeline:
     def generate(self, images, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> str:
         """Continue a raw ``prompt`` (no template); each image placeholder in it marks an image."""
+        self._need_generative("generate()")
         inputs = self.processor.prepare_images(_as_list(images))
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, list(stop or []), seed)
         return self._run([(inputs, self.processor.encode_prompt(prompt, inputs))], cfg)[0]
+
+    # ------------------------------------------------------------------ embeddings (dual encoders)
+    @property
+    def is_dual_encoder(self) -> bool:
+        return bool(getattr(self.model, "is_dual_encoder", False))
+
+    def _need_dual_encoder(self, what: str) -> None:
+        if not self.is_dual_encoder:
+            family = getattr(self.config, "family", type(self.model).__name__)
+            raise DataError(f"{what} needs a dual encoder (CLIP or SigLIP); this model is a {family} "
+                            f"vision-language model, which answers with chat() / generate() / rank()")
+
+    @torch.no_grad()
+    def embed_images(self, images, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """Images (paths or PIL images) -> L2-normalised embeddings [n, E], in batches of ``batch_size``."""
+        from tqdm.auto import tqdm
+
+        self._need_dual_encoder("embed_images")
+        images = _as_list(images)
+        out = []
+        for start in tqdm(range(0, len(images), batch_size), desc="embed images", unit="batch", disable=not progress,
+                          dynamic_ncols=True):
+            chunk = images[start:start + batch_size]
+            where = f"images[{start}:{start + len(chunk)}]"
+            pixels = self.processor.preprocess_images(chunk, where).to(self.device)
+            out.append(self.model.encode_images(pixels).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.cfg.contrastive.embed_dim)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str] | str, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """Texts -> L2-normalised embeddings [n, E]. Texts longer than the text tower's context are truncated, as
+        its tokenizer truncates them; ``last_truncated`` holds how many were."""
+        from tqdm.auto import tqdm
+
+        self._need_dual_encoder("embed_texts")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out, self.last_truncated = [], 0
+        for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", unit="batch", disable=not progress,
+                          dynamic_ncols=True):
+            ids, truncated = self.processor.encode_texts(texts[start:start + batch_size],
+                                                         where=f"texts[{start}:]")
+            self.last_truncated += truncated
+            out.append(self.model.encode_texts(ids.to(self.device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.cfg.contrastive.embed_dim)
+
+    @torch.no_grad()
+    def classifier(self, class_names: list[str], templates: list[str] | None = None) -> torch.Tensor:
+        """Zero-shot class embeddings [n_classes, E] (CLIP's prompt ensembling): every template filled with each
+        class name, embedded, averaged over the templates and re-normalised."""
+        templates = list(templates or ["a photo of a {}."])
+        texts = [t.format(c) for c in class_names for t in templates]
+        z = self.embed_texts(texts).view(len(class_names), len(templates), -1).mean(dim=1)
+        return torch.nn.functional.normalize(z, dim=-1)
 
     # ------------------------------------------------------------------ scoring
     def rank(self, images, question: str, candidates: list[str], normalize: bool = True) -> list[float]:
@@ -112,6 +173,7 @@ class Pipeline:
         chat template, as chat() asks): per token when ``normalize`` (comparable across lengths), else summed.
         All candidates in one forward pass with the images encoded once; zero-shot classification and
         retrieval with a generative model rank by it. Candidates are tokenised on their own."""
+        self._need_generative("rank()")
         return _rank(self, images, question, candidates, normalize)
 
     @torch.no_grad()
@@ -122,6 +184,7 @@ class Pipeline:
         tokens are those that follow the prompt's when the two are tokenised together (segment-mode
         processors append the continuation's own tokens). PaliGemma scores its processor's ``suffix``: the
         continuation tokenised on its own plus EOS, whose log-probability is the last value (as its labels)."""
+        self._need_generative("score()")
         inputs = self.processor.prepare_images(_as_list(images))
         ids, start = self.processor.encode_score(prompt, continuation, inputs)
         if start == len(ids):

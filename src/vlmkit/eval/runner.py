@@ -24,7 +24,7 @@ from vlmkit import __version__
 from vlmkit.errors import ConfigError
 from vlmkit.eval.backends import OpenAIBackend, is_endpoint_spec, parse_model_spec
 from vlmkit.eval.metrics.stats import bootstrap_ci
-from vlmkit.eval.tasks import Task, aggregate, get_task
+from vlmkit.eval.tasks import TASKS, Task, aggregate, get_task
 from vlmkit.utils import atomic_write_json, atomic_write_text
 
 
@@ -118,6 +118,11 @@ def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | P
     else:
         pipe = Pipeline.from_pretrained(model)
         model_info = {"path": str(model), "fingerprint": fingerprint(model)}
+        generative = [t.name for t in resolved if t.evaluate is None]
+        if pipe.is_dual_encoder and generative:
+            raise ConfigError(f"{model} is a dual encoder ({pipe.config.family}): it embeds, it does not answer, so "
+                              f"task {generative[0]!r} cannot run; its tasks: "
+                              f"{', '.join(t for t in TASKS if TASKS[t].evaluate is not None)}")
     results = {"vlmkit_version": __version__, "model": model_info, "config": config, "seed": seed, "tasks": {}}
     for task in resolved:
         result, records = run_task(pipe, task, data, split, limit, batch_size, post_prompt, seed, progress)

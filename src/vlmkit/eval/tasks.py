@@ -21,9 +21,11 @@ from vlmkit.eval.metrics.choice import circular_accuracy, circular_rotations, sc
 from vlmkit.eval.metrics.grounding import score_grounding
 from vlmkit.eval.metrics.pope import pope_metrics, score_pope
 from vlmkit.eval.metrics.vqa import exact_match, gqa_accuracy, vqa_accuracy
-from vlmkit.eval.metrics.retrieval import classification_ranks, image_to_text_ranks, retrieval_metrics
+from vlmkit.eval.metrics.retrieval import (classification_ranks, image_to_text_ranks, retrieval_metrics,
+                                           zero_shot_classification_metrics)
 from vlmkit.eval.readers import (COCO_IMAGE_PATTERN, SHAPES_IMAGE_PATTERN, EvalSample, read_coco_captions,
-                                 read_gqa, read_grounding, read_image_folder, read_multiple_choice, read_pope,
+                                 read_class_templates, read_gqa, read_grounding, read_image_folder,
+                                 read_multiple_choice, read_pope,
                                  read_scienceqa, read_vqav2)
 
 POPE_CATEGORIES = ("random", "popular", "adversarial")
@@ -251,25 +253,42 @@ register_task(Task(
     group_by="category", max_new_tokens=8))
 
 
-# zero-shot classification and retrieval with a generative model: candidates ranked by Pipeline.rank (their
-# per-token log-likelihood as the reply); dual encoders (issue 5) will rank by embedding similarity
+# zero-shot classification and retrieval: a dual encoder (CLIP, SigLIP) compares embeddings, with CLIP's prompt
+# ensembling for the class names; a generative model ranks candidates by Pipeline.rank (their per-token
+# log-likelihood as the reply)
 
 
 def _image_folder(root: Path, split: str, limit: int | None) -> list[EvalSample]:
-    folder = root / f"imagefolder_{split}" if (root / f"imagefolder_{split}").is_dir() else root / split
+    """``root/imagefolder_{split}``, else ``root/{split}``, else ``root`` itself when it holds the class folders
+    (your own ImageFolder: ``--data my_folder``)."""
+    candidates = (root / f"imagefolder_{split}", root / split)
+    folder = next((c for c in candidates if c.is_dir()), root)
     samples, classes, _ = read_image_folder(folder, limit)
+    templates = read_class_templates(folder)
     for s in samples:
         s.meta["classes"] = classes
+        s.meta["templates"] = templates
     return samples
 
 
 def _classify(pipe, samples: list[EvalSample], root: Path, progress: bool = False):
-    logits = [pipe.rank(s.images, s.question, s.meta["classes"])
-              for s in tqdm(samples, desc="classify", unit="image", disable=not progress, dynamic_ncols=True)]
-    ranks = classification_ranks(logits, [s.meta["label"] for s in samples]).tolist()
-    predictions = [s.meta["classes"][max(range(len(row)), key=row.__getitem__)] for s, row in zip(samples, logits)]
+    labels = [s.meta["label"] for s in samples]
+    classes = samples[0].meta["classes"] if samples else []
+    if getattr(pipe, "is_dual_encoder", False):
+        weights = pipe.classifier(classes, samples[0].meta["templates"])  # [C, E]
+        logits = pipe.embed_images([s.images[0] for s in samples], progress=progress) @ weights.t()
+        extra = zero_shot_classification_metrics(logits, labels, ks=(1, 5))
+        extra = {"mean_per_class_recall": extra["mean_per_class_recall"],
+                 "prompt_templates": float(len(samples[0].meta["templates"]))}
+        logits = logits.tolist()
+    else:
+        logits = [pipe.rank(s.images, s.question, s.meta["classes"])
+                  for s in tqdm(samples, desc="classify", unit="image", disable=not progress, dynamic_ncols=True)]
+        extra = {}
+    ranks = classification_ranks(logits, labels).tolist()
+    predictions = [classes[max(range(len(row)), key=row.__getitem__)] for row in logits]
     scores = [{"top1_accuracy": float(r < 1), "top5_accuracy": float(r < 5)} for r in ranks]
-    return predictions, scores, {}
+    return predictions, scores, extra
 
 
 def _retrieval_samples(root: Path, split: str, limit: int | None) -> list[EvalSample]:
@@ -280,23 +299,30 @@ RETRIEVAL_PROMPT = "Provide a one-sentence caption for the provided image."
 
 
 def _retrieve(pipe, samples: list[EvalSample], root: Path, progress: bool = False):
-    """Every image against every caption of the set: similarity = the caption's per-token log-likelihood as
-    the image's caption; recall@K both ways."""
+    """Every image against every caption of the set, recall@K both ways. Similarity: the cosine of the embeddings
+    (a dual encoder) or the caption's per-token log-likelihood as the image's caption (a generative model)."""
     texts = [t for s in samples for t in s.answers]
     owner = [i for i, s in enumerate(samples) for _ in s.answers]
-    sim = [pipe.rank(s.images, RETRIEVAL_PROMPT, texts)
-           for s in tqdm(samples, desc="retrieval", unit="image", disable=not progress, dynamic_ncols=True)]
+    extra = {}
+    if getattr(pipe, "is_dual_encoder", False):
+        images = pipe.embed_images([s.images[0] for s in samples], progress=progress)
+        sim = (images @ pipe.embed_texts(texts, progress=progress).t()).tolist()
+        extra["truncated_captions"] = float(pipe.last_truncated)
+    else:
+        sim = [pipe.rank(s.images, RETRIEVAL_PROMPT, texts)
+               for s in tqdm(samples, desc="retrieval", unit="image", disable=not progress, dynamic_ncols=True)]
     best = image_to_text_ranks(sim, owner).tolist()
     predictions = [texts[max(range(len(row)), key=row.__getitem__)] for row in sim]
     scores = [{"image_to_text_recall@1": float(r < 1), "image_to_text_recall@5": float(r < 5)} for r in best]
-    return predictions, scores, retrieval_metrics(sim, owner, ks=(1, 5, 10))
+    return predictions, scores, {**retrieval_metrics(sim, owner, ks=(1, 5, 10)), **extra}
 
 
 register_task(Task(
-    "zero_shot_classification", "ImageFolder classification: class names ranked by their likelihood as the answer",
-    "top1_accuracy", "imagefolder_{split}/<class>/<image> (or {split}/), optional classes.json", _image_folder,
+    "zero_shot_classification", "ImageFolder classification, top-1/top-5: image and prompt-ensembled class embeddings "
+    "(dual encoders) or class names ranked by their likelihood as the answer", "top1_accuracy",
+    "imagefolder_{split}/<class>/<image> (or {split}/, or the folder itself), optional classes.json", _image_folder,
     lambda s: s.question, lambda p, s: {}, evaluate=_classify))
 register_task(Task(
-    "retrieval", "Image-caption retrieval over a captions file: recall@1/5/10 both ways, captions ranked by "
-    "likelihood", "image_to_text_recall@1", "captions_{split}.json (COCO captions layout)", _retrieval_samples,
-    lambda s: RETRIEVAL_PROMPT, lambda p, s: {}, evaluate=_retrieve))
+    "retrieval", "Image-caption retrieval over a captions file: recall@1/5/10 both ways, by embedding similarity "
+    "(dual encoders) or caption likelihood", "image_to_text_recall@1", "captions_{split}.json (COCO captions layout)",
+    _retrieval_samples, lambda s: RETRIEVAL_PROMPT, lambda p, s: {}, evaluate=_retrieve))
