@@ -58,3 +58,33 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+TINY_DUAL = ["model.vision.image_size=[32, 32]", "model.vision.patch_size=8", "model.vision.width=32",
+             "model.vision.depth=1", "model.vision.heads=2", "model.vision.mlp_dim=64", "model.text.width=32",
+             "model.text.depth=1", "model.text.heads=2", "model.text.mlp_dim=64", "model.text.context_length=32",
+             "model.contrastive.embed_dim=32", "tokenizer.vocab_size=400", "data.train=[pairs_train.csv]",
+             "data.val=pairs_val.csv", "data.val_samples=16", "train.batch_size=16", "train.eval_every=1000",
+             "train.save_every=1000", "stages.0.steps=30", "stages.0.lr=2e-3", "stages.0.warmup=0.05",
+             "stages.0.train=[all]", "stages.0.objective=contrastive"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dual_encoder(tmp_path_factory):
+    """(a tiny-clip checkpoint trained 30 steps with 32-d embeddings and a 32-token context, its ShapesWorld folder):
+    objects_val/ has 30 colour_shape classes of one image each, captions_val.json 10 images with 3 captions each."""
+    from vlmkit.data.shapes import generate_shapes
+    from vlmkit.train.loop import train
+    from vlmkit.train.recipe import load_recipe, only_stages, override_recipe
+
+    root = tmp_path_factory.mktemp("dual")
+    generate_shapes(root / "shapes", n=100, seed=1, size=32, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # session fixtures come before the function-scoped single_thread
+    try:
+        recipe = override_recipe(only_stages(load_recipe("tiny-clip"), "contrastive"),
+                                 [f"data.path={root / 'shapes'}", *TINY_DUAL])
+        res = train(recipe, root / "run", progress=False, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    return res.checkpoint, root / "shapes"

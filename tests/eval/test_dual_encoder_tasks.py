@@ -4,56 +4,24 @@ templates' embeddings, and the refusals (empty class folder, generative tasks, c
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmkit.data.shapes import generate_shapes
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.metrics.retrieval import retrieval_metrics
 from vlmkit.eval.readers import read_class_templates, read_coco_captions, read_image_folder
 from vlmkit.eval.runner import run_eval
 from vlmkit.pipeline import Pipeline
-from vlmkit.train.loop import train
-from vlmkit.train.recipe import load_recipe, override_recipe
-
-def contrastive_recipe(preset: str, overrides: list[str]):
-    """The built-in dual-encoder recipe with its contrastive stage only (its image-tower stage dropped), so that
-    ``stages.0`` is the contrastive stage; then ``overrides``."""
-    r = load_recipe(preset)
-    return override_recipe(dataclasses.replace(r, stages=[s for s in r.stages if s.objective == "contrastive"]),
-                           overrides)
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = ["model.vision.image_size=[32, 32]", "model.vision.patch_size=8", "model.vision.width=32",
-        "model.vision.depth=1", "model.vision.heads=2", "model.vision.mlp_dim=64", "model.text.width=32",
-        "model.text.depth=1", "model.text.heads=2", "model.text.mlp_dim=64", "model.text.context_length=32",
-        "model.contrastive.embed_dim=32", "tokenizer.vocab_size=400", "data.train=[pairs_train.csv]",
-        "data.val=pairs_val.csv", "data.val_samples=16", "train.batch_size=16", "train.eval_every=1000",
-        "train.save_every=1000", "stages.0.steps=30", "stages.0.lr=2e-3", "stages.0.warmup=0.05",
-        "stages.0.train=[all]", "stages.0.objective=contrastive"]
-
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """(a tiny-clip checkpoint trained 30 steps, the ShapesWorld folder): objects_val/ has 30 colour_shape classes
-    of one image each, captions_val.json 10 images with 3 captions each."""
-    root = tmp_path_factory.mktemp("dual")
-    generate_shapes(root / "shapes", n=100, seed=1, size=32, progress=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures come before the function-scoped single_thread
-    try:
-        res = train(contrastive_recipe("tiny-clip", [f"data.path={root / 'shapes'}", *TINY]), root / "run",
-                    progress=False, log=lambda m: None)
-    finally:
-        torch.set_num_threads(threads)
-    return res.checkpoint, root / "shapes"
+def clip(tiny_dual_encoder):
+    return tiny_dual_encoder
 
 
 @pytest.fixture(scope="module")

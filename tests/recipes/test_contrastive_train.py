@@ -19,15 +19,7 @@ from vlmkit.data.shapes import generate_shapes
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.processing import Processor
 from vlmkit.train.loop import train
-from vlmkit.train.recipe import load_recipe, override_recipe
-
-def contrastive_recipe(preset: str, overrides: list[str]):
-    """The built-in dual-encoder recipe with its contrastive stage only (its image-tower stage dropped), so that
-    ``stages.0`` is the contrastive stage; then ``overrides``."""
-    r = load_recipe(preset)
-    return override_recipe(dataclasses.replace(r, stages=[s for s in r.stages if s.objective == "contrastive"]),
-                           overrides)
-
+from vlmkit.train.recipe import load_recipe, only_stages, override_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -54,7 +46,8 @@ def shapes(tmp_path_factory):
 
 
 def recipe(shapes, *extra, preset: str = "tiny-clip"):
-    return contrastive_recipe(preset, [f"data.path={shapes}", *TINY, *extra])
+    """The preset's built-in recipe without its image-tower stage (stages.0 is the contrastive one), tiny."""
+    return override_recipe(only_stages(load_recipe(preset), "contrastive"), [f"data.path={shapes}", *TINY, *extra])
 
 
 def rows(run) -> list[dict]:
@@ -195,3 +188,26 @@ def test_missing_image_fails_or_is_skipped_and_counted(shapes, tmp_path):
     assert any("skipped 1 of 271 rows" in m and "nope.png" in m for m in said), said  # 241 train + 30 val rows
     data = rows(tmp_path / "run")[0]
     assert data["event"] == "data" and data["skipped_rows"] == 1 and data["captions"] == 240
+
+
+def test_the_builtin_recipe_pretrains_the_image_tower_then_trains_contrastively(shapes, tmp_path):
+    """The built-in recipe's two stages: cell_labels on the image tower alone (ShapesWorld's scenes.json), then
+    contrastive training; interrupted at the stage boundary and resumed, it ends bit-identical to one run."""
+    over = [f"data.path={shapes}", *[o for o in TINY if not o.startswith("stages.")], "stages.0.steps=3",
+            "stages.0.batch_size=16", "stages.1.steps=3", "train.save_every=1000"]
+    r = load_recipe("tiny-clip", over)
+    assert [s.objective for s in r.stages] == ["cell_labels", "contrastive"]
+    train(r, tmp_path / "full", **QUIET)
+    stages = [(x["stage"], "cell_accuracy" in x) for x in rows(tmp_path / "full") if "loss" in x]
+    assert ("vision", True) in stages and stages[-1] == ("contrastive", False)
+    train(r, tmp_path / "cut", **QUIET, stop_at_step=3)  # the checkpoint written at the end of stage 0
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["stage"] == 1
+    first = load_file(tmp_path / "cut" / "checkpoint" / "model.safetensors")
+    train(r, tmp_path / "cut", resume=True, **QUIET)
+    a = load_file(tmp_path / "full" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # stage 0 trains the image tower alone; stage 1 moves the text tower
+    table = [x["modules"] for x in rows(tmp_path / "full") if x.get("event") == "stage"][0]
+    assert {m["module"]: m["trainable"] for m in table} == {"vision": True, "text": False, "logits": False}
+    assert any(not torch.equal(first[k], a[k]) for k in a if k.startswith("text."))

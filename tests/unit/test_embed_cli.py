@@ -3,59 +3,30 @@ listing of the rows beside it; bad arguments exit 2 with the message on stderr a
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import re
 import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from vlmkit.cli import main
-from vlmkit.data.shapes import generate_shapes
 from vlmkit.pipeline import Pipeline
-from vlmkit.train.loop import train
-from vlmkit.train.recipe import load_recipe, override_recipe
-
-def contrastive_recipe(preset: str, overrides: list[str]):
-    """The built-in dual-encoder recipe with its contrastive stage only (its image-tower stage dropped), so that
-    ``stages.0`` is the contrastive stage; then ``overrides``."""
-    r = load_recipe(preset)
-    return override_recipe(dataclasses.replace(r, stages=[s for s in r.stages if s.objective == "contrastive"]),
-                           overrides)
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = ["model.vision.image_size=[32, 32]", "model.vision.patch_size=8", "model.vision.width=32",
-        "model.vision.depth=1", "model.vision.heads=2", "model.vision.mlp_dim=64", "model.text.width=32",
-        "model.text.depth=1", "model.text.heads=2", "model.text.mlp_dim=64", "model.text.context_length=16",
-        "model.contrastive.embed_dim=24", "tokenizer.vocab_size=300", "data.train=[pairs_train.csv]",
-        "data.val=pairs_val.csv", "data.val_samples=8", "train.batch_size=8", "train.eval_every=1000",
-        "train.save_every=1000", "stages.0.steps=2", "stages.0.train=[all]", "stages.0.objective=contrastive"]
-
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A tiny-clip checkpoint (2 training steps, 24-d embeddings, a 16-token text context) and image files."""
-    root = tmp_path_factory.mktemp("embed")
-    generate_shapes(root / "shapes", n=20, seed=3, size=32, progress=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = train(contrastive_recipe("tiny-clip", [f"data.path={root / 'shapes'}", *TINY]), root / "run",
-                    progress=False, log=lambda m: None)
-    finally:
-        torch.set_num_threads(threads)
+def model(tiny_dual_encoder, tmp_path_factory):
+    """The session's tiny-clip checkpoint (32-d embeddings, a 32-token text context) and a folder of image files."""
+    ckpt, shapes = tiny_dual_encoder
     # a folder with nested class folders and a file that is not an image
-    images = root / "images"
+    images = tmp_path_factory.mktemp("embed") / "images"
     for i, sub in enumerate(["b", "a", "a", "c/deep", "b"]):
         (images / sub).mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / "shapes" / "images" / f"{i:06d}.png", images / sub / f"{i}.png")
+        shutil.copy(shapes / "images" / f"{i:06d}.png", images / sub / f"{i}.png")
     (images / "a" / "readme.txt").write_text("not an image")
-    return res.checkpoint, images
+    return ckpt, images
 
 
 def embed(capsys, *args) -> tuple[int, str, str]:
@@ -73,21 +44,21 @@ def test_images_rows_equal_the_pipeline_in_listing_order(model, tmp_path, capsys
     expected_files = sorted(str(p) for p in images.rglob("*.png"))
     assert listing == expected_files and len(listing) == 5  # sorted paths, nested folders, no readme.txt
     z = np.load(out)
-    assert z.dtype == np.float32 and z.shape == (5, 24)
+    assert z.dtype == np.float32 and z.shape == (5, 32)
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
     pipe = Pipeline.from_pretrained(ckpt)
     np.testing.assert_allclose(z, pipe.embed_images(listing).numpy(), rtol=1e-5, atol=1e-6)
     # row i is the file on line i (the third row is the third file's embedding alone)
     np.testing.assert_allclose(z[2], pipe.embed_images([listing[2]])[0].numpy(), rtol=1e-5, atol=1e-6)
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary == {"out": str(out), "rows": 5, "dim": 24, "listing": str(tmp_path / "emb" / "imgs.images.txt")}
+    assert summary == {"out": str(out), "rows": 5, "dim": 32, "listing": str(tmp_path / "emb" / "imgs.images.txt")}
     assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["imgs.images.txt", "imgs.npy"]  # no temp files
 
 
 def test_texts_rows_equal_the_pipeline_in_line_order(model, tmp_path, capsys):
     ckpt, _ = model
     lines = ["a red circle", "two shapes: a blue square and a green star", "a red circle",
-             "a very long caption " * 10]  # the last is longer than the 16-token context
+             "a very long caption " * 20]  # the last is longer than the 32-token context
     src = tmp_path / "texts.txt"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "txt.npy"
@@ -95,14 +66,14 @@ def test_texts_rows_equal_the_pipeline_in_line_order(model, tmp_path, capsys):
     assert code == 0, err
     assert (tmp_path / "txt.texts.txt").read_text().splitlines() == lines
     z = np.load(out)
-    assert z.dtype == np.float32 and z.shape == (4, 24)
+    assert z.dtype == np.float32 and z.shape == (4, 32)
     pipe = Pipeline.from_pretrained(ckpt)
     np.testing.assert_allclose(z, pipe.embed_texts(lines).numpy(), rtol=1e-5, atol=1e-6)
     truncated = pipe.last_truncated
     np.testing.assert_array_equal(z[0], z[2])  # same text, same row
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["rows"] == 4 and summary["dim"] == 24 and summary["truncated"] == truncated >= 1
+    assert summary["rows"] == 4 and summary["dim"] == 32 and summary["truncated"] == truncated >= 1
 
 
 @pytest.mark.parametrize("case, message", [

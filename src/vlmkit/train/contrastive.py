@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_model
@@ -27,7 +26,6 @@ from vlmkit.eval.metrics.retrieval import retrieval_metrics
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
-from vlmkit.train.cell_labels import run_cell_label_stage
 from vlmkit.train.optim import (freeze_for_stage, load_optimizer, lr_factor, make_optimizer, set_lr,
                                 set_train_mode)
 from vlmkit.train.recipe import Recipe
@@ -107,7 +105,7 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
                       stop_at_step: int | None = None, on_eval: Callable | None = None):
     """Run every stage of a dual-encoder recipe; the last checkpoint is ``out/checkpoint``. ``on_eval(model,
     processor, step, train_seconds)`` is called at each validation (its time is not training time)."""
-    from vlmkit.train.loop import (MetricsLog, TrainResult, _log_stage, _read_state, _resumed,
+    from vlmkit.train.loop import (MetricsLog, TrainResult, _log_stage, _read_state, _resumed, cell_label_stage,
                                    save_training_checkpoint, start_from)
 
     log = log or (lambda msg: tqdm.write(msg))
@@ -178,19 +176,13 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
         set_train_mode(model, stage)
         _log_stage(log, si, stage, table, model)
         metrics.write(event="stage", step=step, stage=stage.name, modules=table)
-        if stage.objective == "cell_labels":  # the image tower alone, as the demo's; never checkpointed midway
-            first_step = step
-            step, seconds = run_cell_label_stage(
-                SimpleNamespace(encoder=model.vision.encoder), processor, stage, stage.batch_size or batch_size,
-                Path(recipe.data.path or "."), recipe.train.seed + si, metrics, pbar, step,
-                recipe.train.max_grad_norm, log, stop_at_step)
+        if stage.objective == "cell_labels":  # the image tower alone, as the demo's
+            step, seconds, stop = cell_label_stage(
+                model, model.vision.encoder, cfg, processor, recipe, si, metrics, pbar, step, log, stop_at_step, ckpt,
+                {"stream_position": stream.position, "train_seconds": elapsed, "samples_seen": n_samples,
+                 "tokens_seen": 0})
             elapsed += seconds
-            if step < first_step + stage.steps:
-                break  # stopped inside the stage (stop_at_step): nothing of it is saved
-            st = {"global_step": step, "stage": si + 1, "step_in_stage": 0, "stream_position": stream.position,
-                  "train_seconds": elapsed, "samples_seen": n_samples, "tokens_seen": 0}
-            save_training_checkpoint(ckpt, model, cfg, processor, None, st, recipe)
-            if stop_at_step is not None and step >= stop_at_step:
+            if stop:
                 break
             continue
         opt = make_optimizer(model, stage)

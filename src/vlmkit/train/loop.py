@@ -12,6 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_model
@@ -232,18 +233,13 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         set_train_mode(model, stage)
         _log_stage(log, si, stage, table, model)
         metrics.write(event="stage", step=step, stage=stage.name, modules=table)
-        if stage.objective == "cell_labels":  # never checkpointed midway: an interrupted one reruns whole
-            first_step = step
-            step, seconds = run_cell_label_stage(
-                model, processor, stage, stage.batch_size or recipe.train.batch_size, Path(recipe.data.path or "."),
-                recipe.train.seed + si, metrics, pbar, step, recipe.train.max_grad_norm, log, stop_at_step)
+        if stage.objective == "cell_labels":
+            step, seconds, stop = cell_label_stage(
+                model, model.encoder, cfg, processor, recipe, si, metrics, pbar, step, log, stop_at_step, ckpt,
+                {"stream_position": stream.position, "train_seconds": elapsed, "samples_seen": n_samples,
+                 "tokens_seen": n_tokens})
             elapsed += seconds
-            if step < first_step + stage.steps:
-                break  # stopped inside the stage (stop_at_step): nothing of it is saved
-            st = {"global_step": step, "stage": si + 1, "step_in_stage": 0, "stream_position": stream.position,
-                  "train_seconds": elapsed, "samples_seen": n_samples, "tokens_seen": n_tokens}
-            save_training_checkpoint(ckpt, model, cfg, processor, None, st, recipe)
-            if stop_at_step is not None and step >= stop_at_step:
+            if stop:
                 break
             continue
         opt = make_optimizer(model, stage)
@@ -308,6 +304,25 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     model.eval()
     return TrainResult(ckpt, step, elapsed, n_samples / max(elapsed, 1e-9), n_tokens / max(elapsed, 1e-9),
                        loss_ema if loss_ema is not None else float("nan"), val_loss)
+
+
+def cell_label_stage(model, encoder, cfg, processor, recipe: Recipe, si: int, metrics, pbar, step: int, log,
+                     stop_at_step: int | None, ckpt: Path, counters: dict) -> tuple[int, float, bool]:
+    """Stage ``si`` of ``recipe``, a cell_labels stage on ``encoder`` (the image tower alone), and the checkpoint
+    after it -> (global step, seconds spent, whether the run stops here). The stage is never checkpointed midway:
+    an interrupted one reruns whole. ``counters``: the stream position and running totals saved with it."""
+    stage = recipe.stages[si]
+    first = step
+    step, seconds = run_cell_label_stage(
+        SimpleNamespace(encoder=encoder), processor, stage, stage.batch_size or recipe.train.batch_size,
+        Path(recipe.data.path or "."), recipe.train.seed + si, metrics, pbar, step, recipe.train.max_grad_norm, log,
+        stop_at_step)
+    if step < first + stage.steps:
+        return step, seconds, True  # stopped inside the stage (stop_at_step): nothing of it is saved
+    st = {**counters, "global_step": step, "stage": si + 1, "step_in_stage": 0,
+          "train_seconds": counters["train_seconds"] + seconds}
+    save_training_checkpoint(ckpt, model, cfg, processor, None, st, recipe)
+    return step, seconds, stop_at_step is not None and step >= stop_at_step
 
 
 def _resumed(ckpt: Path):

@@ -7,6 +7,7 @@ LLaVA's stage 1 (connector only) and stage 2 (connector + LM), or LiT's locked i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -166,6 +167,15 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         raise ConfigError(f"recipe {name_or_path} is not valid YAML: {e}") from e
     raw.setdefault("name", name)
     return override_recipe(from_dict(Recipe, raw, "recipe"), overrides or [])
+
+
+def only_stages(recipe: Recipe, objective: str) -> Recipe:
+    """The recipe with only its stages of ``objective`` (e.g. a dual-encoder recipe without its image-tower stage,
+    so that ``stages.0`` addresses the contrastive one)."""
+    stages = [s for s in recipe.stages if s.objective == objective]
+    if not stages:
+        raise ConfigError(f"recipe {recipe.name!r} has no stage with objective {objective!r}")
+    return dataclasses.replace(recipe, stages=stages)
 
 
 def override_recipe(recipe: Recipe, overrides: list[str]) -> Recipe:

@@ -39,8 +39,8 @@ from vlmkit.convert.hf.families import HFFamily, register_family
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.processor import (export_text_tokenizer, image_processor_from_hf, image_processor_to_hf,
                                          load_hf_text_tokenizer, read_image_processor)
-from vlmkit.convert.hf.vision import (HF_VISION_ACTS, VISION_ACTS, export_vision_tensors, vision_config_from_hf,
-                                      vision_config_to_hf, vision_key_map)
+from vlmkit.convert.hf.vision import (HF_VISION_ACTS, VISION_ACTS, block_key_map, export_vision_tensors,
+                                      vision_config_from_hf, vision_config_to_hf, vision_key_map)
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
 from vlmkit.models.dual_encoder import DualEncoder
@@ -128,18 +128,6 @@ def dual_encoder_config_from_hf(cfg: dict, where: str = "config.json") -> ModelC
     return ModelConfig(family=kind, vision=vision, text=text_config, contrastive=contrastive, image_token="")
 
 
-def _block_table(ours: str, theirs: str) -> dict[str, str]:
-    table = {}
-    for w in ("weight", "bias"):
-        table[f"{ours}norm1.{w}"] = f"{theirs}layer_norm1.{w}"
-        table[f"{ours}norm2.{w}"] = f"{theirs}layer_norm2.{w}"
-        for p, q in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "out")):
-            table[f"{ours}attn.{p}_proj.{w}"] = f"{theirs}self_attn.{q}_proj.{w}"
-        for fc in ("fc1", "fc2"):
-            table[f"{ours}mlp.{fc}.{w}"] = f"{theirs}mlp.{fc}.{w}"
-    return table
-
-
 def dual_encoder_key_map(cfg: ModelConfig) -> dict[str, str]:
     """vlmkit DualEncoder parameter name -> transformers CLIPModel / SiglipModel tensor name."""
     table = {f"vision.encoder.{k}": v for k, v in vision_key_map(cfg.vision, "vision_model.").items()}
@@ -147,7 +135,7 @@ def dual_encoder_key_map(cfg: ModelConfig) -> dict[str, str]:
     table["text.token_embed.weight"] = f"{t}embeddings.token_embedding.weight"
     table["text.pos_embed"] = f"{t}embeddings.position_embedding.weight"
     for i in range(cfg.text.depth):
-        table |= _block_table(f"text.blocks.{i}.", f"{t}encoder.layers.{i}.")
+        table |= block_key_map(f"text.blocks.{i}.", f"{t}encoder.layers.{i}.")
     table |= {f"text.norm.{w}": f"{t}final_layer_norm.{w}" for w in ("weight", "bias")}
     table["logits.scale"] = "logit_scale"
     if cfg.family == "clip":

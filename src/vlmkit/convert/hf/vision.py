@@ -63,14 +63,20 @@ def vision_key_map(cfg: VisionConfig, prefix: str = "vision_model.") -> dict[str
     if cfg.post_norm:
         table |= {f"post_norm.{w}": f"{prefix}post_layernorm.{w}" for w in ("weight", "bias")}
     for i in range(ViTEncoder._layers_to_run(cfg.depth, cfg.feature_layer)):
-        ours, theirs = f"blocks.{i}.", f"{prefix}encoder.layers.{i}."
-        for w in ("weight", "bias"):
-            table[f"{ours}norm1.{w}"] = f"{theirs}layer_norm1.{w}"
-            table[f"{ours}norm2.{w}"] = f"{theirs}layer_norm2.{w}"
-            for p, q in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "out")):
-                table[f"{ours}attn.{p}_proj.{w}"] = f"{theirs}self_attn.{q}_proj.{w}"
-            for fc in ("fc1", "fc2"):
-                table[f"{ours}mlp.{fc}.{w}"] = f"{theirs}mlp.{fc}.{w}"
+        table |= block_key_map(f"blocks.{i}.", f"{prefix}encoder.layers.{i}.")
+    return table
+
+
+def block_key_map(ours: str, theirs: str) -> dict[str, str]:
+    """One vlmkit ViTBlock -> one CLIP / SigLIP encoder layer (vision and text towers alike)."""
+    table = {}
+    for w in ("weight", "bias"):
+        table[f"{ours}norm1.{w}"] = f"{theirs}layer_norm1.{w}"
+        table[f"{ours}norm2.{w}"] = f"{theirs}layer_norm2.{w}"
+        for p, q in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "out")):
+            table[f"{ours}attn.{p}_proj.{w}"] = f"{theirs}self_attn.{q}_proj.{w}"
+        for fc in ("fc1", "fc2"):
+            table[f"{ours}mlp.{fc}.{w}"] = f"{theirs}mlp.{fc}.{w}"
     return table
 
 
