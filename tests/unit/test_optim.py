@@ -8,7 +8,8 @@ import torch
 from vlmkit.models import build_model
 from vlmkit.presets import get_preset
 from vlmkit.train.muon import MuonAdamW, orthogonalize
-from vlmkit.train.optim import load_optimizer, make_optimizer, save_optimizer
+from vlmkit.errors import ConfigError
+from vlmkit.train.optim import freeze_for_stage, load_optimizer, make_optimizer, save_optimizer, trained_groups
 from vlmkit.train.recipe import StageConfig
 
 
@@ -83,3 +84,17 @@ def test_make_optimizer_puts_hidden_matrices_on_muon(tmp_path):
 
 def on_muon_params(opt):
     return [p for g in opt.param_groups if g["use_muon"] for p in g["params"]]
+
+
+@pytest.mark.parametrize("preset, groups", [("tiny-llava", {"vision", "connector", "lm"}),
+                                            ("tiny-clip", {"vision", "text", "logits"})])
+def test_stages_name_the_models_own_module_groups(preset, groups):
+    with torch.device("meta"):
+        model = build_model(get_preset(preset).model, 3)
+    assert trained_groups(model, StageConfig()) == groups  # the default, train: [all]
+    assert trained_groups(model, StageConfig(train=["vision"])) == {"vision"}
+    table = freeze_for_stage(model, StageConfig(train=["vision"]))
+    assert {r["module"]: r["trainable"] for r in table} == {g: g == "vision" for g in groups}
+    other = "text" if "lm" in groups else "lm"  # a group of the other kind of model
+    with pytest.raises(ConfigError, match=f"names '{other}', which this model does not have; its modules: all, "):
+        trained_groups(model, StageConfig(train=["vision", other]))

@@ -41,6 +41,7 @@ from vlmkit.train.optim import (
     save_optimizer,
     set_lr,
     set_train_mode,
+    trained_groups,
 )
 from vlmkit.train.recipe import Recipe
 from vlmkit.train.stream import BatchStream
@@ -245,7 +246,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         opt = make_optimizer(model, stage)
         features = None
         train_ds.load_images = True
-        if recipe.train.precompute_frozen_vision and "vision" not in stage.train:
+        if recipe.train.precompute_frozen_vision and "vision" not in trained_groups(model, stage):
             if processor.cfg.image_processor != "fixed":
                 raise ConfigError(f"train.precompute_frozen_vision: images of processor "
                                   f"{processor.cfg.image_processor!r} are tiled or resized per image; only "
