@@ -431,7 +431,7 @@ def test_object_folder_holds_one_object_of_its_class_per_image(tmp_path):
     assert set(per_class) == set(meta["classes"]) and {len(v) for v in per_class.values()} == {1}  # 20 test images
     for key, files in per_class.items():
         rgb = sw.COLORS[key.split("_")[0]]
-        pixels = set(Image.open(files[0]).convert("RGB").getdata())
+        pixels = set(map(tuple, np.asarray(Image.open(files[0]).convert("RGB")).reshape(-1, 3).tolist()))
         assert rgb in pixels  # the class's colour is drawn ...
         others = [c for name, c in sw.COLORS.items() if name != key.split("_")[0]]
         assert not any(c in pixels for c in others)  # ... and no other object colour
