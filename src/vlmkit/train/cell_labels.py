@@ -55,7 +55,8 @@ def read_scenes(root: Path) -> dict[str, list[dict]]:
     path = root / "scenes.json"
     if not path.exists():
         raise ConfigError(f"the cell_labels objective needs ShapesWorld's object annotations, {path}, which does "
-                          f"not exist; point data.path at a folder written by `vlmkit data shapes`")
+                          f"not exist; point data.path at a folder written by `vlmkit data shapes`, or drop the "
+                          f"cell_labels stage from the recipe")
     by_split: dict[str, list[dict]] = {}
     for s in json.loads(path.read_text()):
         by_split.setdefault(s.get("split", ""), []).append(s)
