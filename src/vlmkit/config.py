@@ -149,7 +149,8 @@ class ContrastiveConfig:
     loss: str = "clip"  # clip: symmetric InfoNCE over the batch; siglip: pairwise sigmoid
     logit_scale_init: float = 2.6592  # log(1 / 0.07), CLIP's; SigLIP starts at log(10)
     logit_bias_init: float = -10.0  # SigLIP's learned bias (used only with loss siglip or projection siglip)
-    # learned temperatures are clamped to at most this (CLIP clips the scale at 100 = exp(4.6052))
+    # training clamps the learned log scale to at most this after every step (CLIP caps the scale at
+    # 100 = exp(4.6052)); 0: never clamped (SigLIP)
     max_logit_scale: float = 4.6052
 
 
