@@ -133,3 +133,10 @@ def test_generation_and_scoring_refuse_a_dual_encoder(clip, pipe):
                  lambda: pipe.chat_batch([(image, "What is this?")])):
         with pytest.raises(DataError, match=r"needs a generative model; this is a dual encoder \(clip\).*embed_images"):
             call()
+
+
+@pytest.mark.parametrize("templates", [["a photo of a thing."], ["{} and {}"], "a {}", [3]])
+def test_class_templates_need_one_slot_for_the_name(tmp_path, templates):
+    (tmp_path / "classes.json").write_text(json.dumps({"templates": templates}))
+    with pytest.raises(DataError, match=r"'templates' must be a list of strings with one \{\} each"):
+        read_class_templates(tmp_path)

@@ -159,3 +159,12 @@ def test_stage_index_finds_the_first_stage_with_an_objective():
     with pytest.raises(ConfigError, match="has no stage with objective 'lm'"):
         load_recipe("tiny-llava", ["stages.1.objective=cell_labels", "stages.1.train=[vision]",
                                     "stages.1.optimizer=adamw"]).stage_index("lm")
+
+
+def test_only_stages_keeps_the_stages_of_one_objective():
+    from vlmkit.train.recipe import only_stages
+
+    r = only_stages(load_recipe("tiny-clip"), "contrastive")
+    assert [s.objective for s in r.stages] == ["contrastive"] and r.total_steps == r.stages[0].steps
+    with pytest.raises(ConfigError, match="recipe 'tiny-clip' has no stage with objective 'lm'"):
+        only_stages(load_recipe("tiny-clip"), "lm")

@@ -200,3 +200,11 @@ def test_score_rejects_placeholders_in_continuation_and_empty_prompt(setup):
     with pytest.raises(DataError, match="non-empty prompt"):
         pipe.score(None, "", "hi")
     assert pipe.score(None, "hi", "") == []
+
+
+def test_embedding_a_generative_model_is_refused_by_name(setup):
+    pipe = Pipeline(setup[0], setup[1])
+    with pytest.raises(DataError, match=r"embed_images needs a dual encoder \(CLIP or SigLIP\)"):
+        pipe.embed_images([Image.new("RGB", (16, 16))])
+    with pytest.raises(DataError, match=r"embed_texts needs a dual encoder"):
+        pipe.embed_texts(["a red circle"])

@@ -363,6 +363,8 @@ def test_processor_refuses_an_unknown_text_mode_and_a_broken_jinja_template(toke
 
     with pytest.raises(ConfigError, match=r"processor text_mode must be 'segments' or 'whole', got 'joint'"):
         Processor(ProcessorConfig(image_size=(16, 16), image_seq_len=4, text_mode="joint"), tokenizer)
+    with pytest.raises(ConfigError, match=r"processor text_padding must be 'longest' or 'max_length', got 'left'"):
+        Processor(ProcessorConfig(image_size=(16, 16), image_seq_len=4, text_padding="left"), tokenizer)
     with pytest.raises(DataError, match=r"the chat template is not valid Jinja"):
         JinjaTemplate("{% for m in messages %}{{ m", "<image>", None, "</s>")
     failing = JinjaTemplate("{{ raise_exception('only user turns') }}", "<image>", None, "</s>")
