@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import dataclasses
 import math
 
 from vlmkit.config import (AnyResConfig, ConnectorConfig, ContrastiveConfig, ImageSplitConfig, LanguageConfig,
@@ -221,11 +222,11 @@ def tiny_clip() -> Preset:
                                    "CLIPModel; from scratch it learns colours, not shapes, in minutes")
 def tiny_clip_vit() -> Preset:
     base = tiny_clip()
-    vision = VisionConfig(image_size=(64, 64), patch_size=8, width=128, depth=4, heads=4, mlp_dim=512,
-                          act="quick_gelu", class_token=True, pre_norm=True, post_norm=True, patch_bias=False,
-                          feature_layer=-1, drop_class_token=False)
-    contrastive = ContrastiveConfig(embed_dim=128, image_pool="class_token", projection="clip", loss="clip")
-    model = ModelConfig(family="clip", vision=vision, text=base.model.text, contrastive=contrastive, image_token="")
+    # tiny-llava-vit's tower (CLIP's layout), pooled at the class token after its last layer and final norm
+    vision = dataclasses.replace(tiny_llava_vit().model.vision, post_norm=True, feature_layer=-1,
+                                 drop_class_token=False)
+    contrastive = dataclasses.replace(base.model.contrastive, image_pool="class_token")
+    model = dataclasses.replace(base.model, vision=vision, contrastive=contrastive)
     return Preset(model, base.processor, source="layout of openai/clip-vit-base-patch16, tiny")
 
 
