@@ -88,12 +88,12 @@ class CellLabelHeads(nn.Module):
         return loss, int(right[objects].sum()), int(objects.sum())
 
 
-def run_cell_label_stage(model, processor, stage, batch_size: int, root: Path, seed: int,
+def run_cell_label_stage(encoder, processor, stage, batch_size: int, root: Path, seed: int,
                          metrics, pbar, step: int, max_grad_norm: float, log,
                          stop_at_step: int | None = None) -> tuple[int, float]:
-    """Train ``model.encoder`` for ``stage.steps`` steps (or until global step ``stop_at_step``, as an
-    interruption would); return (global step, seconds spent)."""
-    encoder = model.encoder
+    """Train the image tower ``encoder`` (a vision-language model's, or a dual encoder's) for ``stage.steps``
+    steps (or until global step ``stop_at_step``, as an interruption would); return (global step, seconds
+    spent)."""
     by_split = read_scenes(root)
     scenes, held_out = by_split["train"], by_split.get("val", [])[:256]
     grid = encoder.grid

@@ -12,7 +12,6 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_model
@@ -315,7 +314,7 @@ def cell_label_stage(model, encoder, cfg, processor, recipe: Recipe, si: int, me
     stage = recipe.stages[si]
     first = step
     step, seconds = run_cell_label_stage(
-        SimpleNamespace(encoder=encoder), processor, stage, stage.batch_size or recipe.train.batch_size,
+        encoder, processor, stage, stage.batch_size or recipe.train.batch_size,
         Path(recipe.data.path or "."), recipe.train.seed + si, metrics, pbar, step, recipe.train.max_grad_norm, log,
         stop_at_step)
     if step < first + stage.steps:
