@@ -123,7 +123,6 @@ class PairDataset:
             by_image.setdefault(p.image, []).append(k)
         self.images = list(by_image)
         self.captions = [[ids[k] for k in ks] for ks in by_image.values()]
-        self.texts = [[pairs[k].caption for k in ks] for ks in by_image.values()]
         self.sources = [pairs[ks[0]].source for ks in by_image.values()]
         self.cache_images = cache_images
         self._pixels: dict[int, torch.Tensor] = {}
