@@ -1,5 +1,6 @@
-"""Training-step throughput of a preset on ShapesWorld: turn grouping, single turns, and (when the stage
-freezes the tower) grouping on precomputed tower features, as one JSON line.
+"""Training-step throughput of a preset on ShapesWorld: turn grouping, single turns, (when the stage freezes the
+tower) grouping on precomputed tower features, and packed against padded batches on a mix of sequence lengths,
+as one JSON line.
 
     python bench/train.py [--preset tiny-llava] [--batch-size 32] [--steps 20] [--threads 2] [--set K=V ...]
 
@@ -11,13 +12,21 @@ setting excludes the one-off feature pass, reported separately as ``precompute_s
 the one-off image decoding. Step time includes building the batch. ``gflops`` counts the LM as 6 *
 parameters * tokens (forward + backward) and the vision tower by its measured forward FLOPs per image
 (torch's FlopCounterMode), times 3 if the stage trains it; ``peak_fraction`` divides it by 175 GFLOP/s, the
-fp32 matmul peak measured on 2 threads of the development machines.
+fp32 matmul peak measured on 2 threads of the development machines; ``measured_peak_fraction`` divides it by
+the fp32 matmul rate this run measures itself (a 2048^2 matmul on the same threads). ``padding_fraction`` is
+the share of token slots that held padding, ``peak_rss_mib`` the process's peak resident memory.
+
+The packing comparison (``mixed_padded`` vs ``mixed_packed``) takes the same batches of a length mix (half the
+images' questions grouped 8 per sequence, the other half single questions) and either pads each batch to its
+longest sequence or packs it into rows of the longest sequence's length (data/collate.py): the same samples,
+loss and gradients, fewer slots. ``packed_vs_padded_samples_ratio`` is the bar of issue 6 (>= 1.5).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -26,7 +35,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlmkit.data.conversations import ConversationDataset, collate, group_by_image, read_conversations
+from vlmkit.data.collate import PaddingStats, collate, collate_packed
+from vlmkit.data.conversations import ConversationDataset, group_by_image, read_conversations
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.models import count_parameters
 from vlmkit.train.loop import build_for_recipe, forward_batch, prepare_tokenizer
@@ -46,7 +56,20 @@ def tower_forward_flops(model) -> float:
     return float(counter.get_total_flops())
 
 
-def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3, precompute: bool = False) -> dict:
+def matmul_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """fp32 matmul GFLOP/s on this machine now (best of ``reps``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3, precompute: bool = False,
+        pack_length: int = 0, measured_peak: float = 0.0) -> dict:
     tower = tower_forward_flops(model) * (3 if "vision" in stage.train else 1)  # before the modes are set
     n_lm = count_parameters(model.lm) - model.lm.embed_tokens.weight.numel()
     freeze_for_stage(model, stage)
@@ -64,12 +87,14 @@ def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3, 
         for i in range(len(ds)):  # decode every image once, as in every epoch after the first
             ds[i]
     stream = BatchStream(len(ds), batch_size, seed=0)
+    padding = PaddingStats()
     seqs = tokens = answers = images = 0
     flops = 0.0
     elapsed = opt_time = 0.0
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        batch = collate([ds[i] for i in stream.next()], pad_id)
+        items = [ds[i] for i in stream.next()]
+        batch = collate_packed(items, pad_id, pack_length) if pack_length else collate(items, pad_id)
         out = forward_batch(model, batch, features)
         out.loss.backward()
         t1 = time.perf_counter()
@@ -82,8 +107,9 @@ def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3, 
         opt_time += t2 - t1
         n_tok = int(batch["attention_mask"].sum())
         n_img = len(batch["image_paths"])
-        seqs += batch["input_ids"].shape[0]
+        seqs += batch["n_samples"]
         tokens += n_tok
+        padding.add(batch)
         images += n_img
         # an answer ends at each supervised end-of-turn: count label runs
         lab = batch["labels"] != -100
@@ -94,7 +120,9 @@ def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3, 
             "answers_per_s": round(answers / elapsed, 1), "images_per_s": round(images / elapsed, 1),
             "mean_tokens": round(tokens / seqs, 1), "gflops": round(gflops, 1),
             "peak_fraction": round(gflops / PEAK_GFLOPS, 3), "optimizer_fraction": round(opt_time / elapsed, 3),
-            **extra}
+            "padding_fraction": round(padding.fraction, 3),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            **({"measured_peak_fraction": round(gflops / measured_peak, 3)} if measured_peak else {}), **extra}
 
 
 def main() -> None:
@@ -118,24 +146,33 @@ def main() -> None:
         tokenizer = prepare_tokenizer(recipe, samples, None)
         results = {}
         stage = recipe.stages[recipe.stage_index("lm")]
-        settings = [("grouped", recipe.data.group_turns, False), ("single_turn", 0, False)]
+        peak = matmul_peak(args.threads)
+        half = {p for p in sorted({x.images[0] for x in samples})[::2]}
+        mix = group_by_image([x for x in samples if x.images[0] in half], 8, 0) + \
+            [x for x in samples if x.images[0] not in half]
+        settings = [("grouped", recipe.data.group_turns, False, False), ("single_turn", 0, False, False),
+                    ("mixed_padded", "mix", False, False), ("mixed_packed", "mix", False, True)]
         if "vision" not in stage.train:
-            settings.append(("grouped_precomputed", recipe.data.group_turns, True))
-        for name, group, precompute in settings:
+            settings.append(("grouped_precomputed", recipe.data.group_turns, True, False))
+        for name, group, precompute, packed in settings:
             torch.manual_seed(0)
             _, model, processor = build_for_recipe(recipe, tokenizer)  # a fresh model for each setting
             print(f"timing {name}: {args.steps} steps of {args.batch_size} ...", file=sys.stderr, flush=True)
-            rows = group_by_image(samples, group, 0) if group else samples
+            rows = mix if group == "mix" else group_by_image(samples, group, 0) if group else samples
             ds = ConversationDataset(rows, processor)
+            pack = max(len(e[0]) for e in ds.encoded) if packed else 0
             results[name] = run(model, ds, tokenizer.pad_id, stage, args.batch_size, args.steps,
-                                precompute=precompute)
+                                precompute=precompute, pack_length=pack, measured_peak=peak)
     ratio = results["grouped"]["answers_per_s"] / results["single_turn"]["answers_per_s"]
     if "grouped_precomputed" in results:
         results["precomputed_vs_grouped_answers_ratio"] = round(
             results["grouped_precomputed"]["answers_per_s"] / results["grouped"]["answers_per_s"], 2)
+    packed_ratio = results["mixed_packed"]["sequences_per_s"] / results["mixed_padded"]["sequences_per_s"]
     print(json.dumps({"bench": "train", "config": {**vars(args), "group_turns": recipe.data.group_turns,
-                                                   "parameters": count_parameters(model)},
-                      **results, "grouped_vs_single_answers_ratio": round(ratio, 2)}))
+                                                   "parameters": count_parameters(model),
+                                                   "measured_matmul_gflops": round(peak, 1)},
+                      **results, "grouped_vs_single_answers_ratio": round(ratio, 2),
+                      "packed_vs_padded_samples_ratio": round(packed_ratio, 2)}))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.data.conversations import ConversationDataset, collate
+from vlmkit.data.collate import collate
+from vlmkit.data.conversations import ConversationDataset
 from vlmkit.train.cell_labels import cell_labels as _cell_labels
 from vlmkit.train.loop import forward_batch
 from vlmkit.train.optim import lr_factor, set_lr

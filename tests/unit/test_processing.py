@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmkit.data.conversations import ReadReport, Sample, collate, group_by_image, read_conversations
+from vlmkit.data.collate import collate, document_mask
+from vlmkit.data.conversations import ReadReport, Sample, group_by_image, read_conversations
 from vlmkit.errors import DataError
 from vlmkit.processing import IGNORE, ImageTransform, load_image
 
@@ -320,8 +321,9 @@ def test_grouped_questions_train_exactly_as_single_turn_samples(tiny_config, mak
 
     def token_losses(samples):
         batch = collate([ConversationDataset(samples, processor)[i] for i in range(len(samples))], pad_id=0)
+        mask = None if batch["document_ids"] is None else document_mask(batch["document_ids"], batch["segment_ids"])
         h = model.lm(model.embed(batch["input_ids"], batch["pixel_values"]), position_ids=batch["position_ids"],
-                     mask=batch["mask"])
+                     mask=mask)
         logits = model.lm.lm_head(h)[:, :-1]
         keep = batch["labels"][:, 1:] != IGNORE
         nll = torch.nn.functional.cross_entropy(logits[keep], batch["labels"][:, 1:][keep], reduction="none")
@@ -329,7 +331,7 @@ def test_grouped_questions_train_exactly_as_single_turn_samples(tiny_config, mak
 
     alone, batch = token_losses(singles)
     together, gbatch = token_losses([grouped])
-    assert batch["mask"] is None and gbatch["mask"] is not None  # plain samples keep the fast causal path
+    assert batch["document_ids"] is None and gbatch["document_ids"] is not None  # plain samples: fast causal path
     assert len(together) == len(alone) > 3  # answer tokens and end markers of the three questions
     assert together == pytest.approx(alone, abs=1e-5)  # so no answer can be read from another question
     # the shared prefix holds the image once; the layout is shorter than the three samples end to end

@@ -236,8 +236,13 @@ class ConversationDataset(torch.utils.data.Dataset):
         return x
 
     def __getitem__(self, i: int) -> dict:
-        s = self.samples[i]
-        ids, labels, pos, seg = self.encoded[i]
+        return self._item(self.samples[i], *self.encoded[i])
+
+    def encode(self, s: Sample) -> dict:
+        """The item of a sample that is not in the dataset (a streamed one, whose images may be PIL images)."""
+        return self._item(s, *self._encode(s))
+
+    def _item(self, s: Sample, ids, labels, pos, seg) -> dict:
         item = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
@@ -253,39 +258,3 @@ class ConversationDataset(torch.utils.data.Dataset):
             item["pixel_values"] = torch.stack(pixels) if pixels else torch.zeros(0, 3, h, w)
         return item
 
-
-def collate(batch: list[dict], pad_id: int) -> dict:
-    """Right-pad ids (pad_id) and labels (-100); concatenate images (and their paths) in reading order.
-
-    When a sample has independent turns (segment ids > 0, :func:`share_prefix`) the batch also gets their
-    ``position_ids`` and the boolean attention ``mask`` [B, 1, T, T]; otherwise both are None (right padding
-    plus the causal mask is all a batch needs)."""
-    T = max(len(b["input_ids"]) for b in batch)
-    B = len(batch)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = b["input_ids"]
-        labels[i, :n] = b["labels"]
-        attn[i, :n] = 1
-    out = {"input_ids": ids, "labels": labels, "attention_mask": attn, "position_ids": None, "mask": None}
-    if any("segment_ids" in b and bool((b["segment_ids"] > 0).any()) for b in batch):
-        pos = torch.zeros(B, T, dtype=torch.long)
-        seg = torch.full((B, T), -1, dtype=torch.long)  # padding: a segment of its own
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            pos[i, :n] = b["position_ids"]
-            seg[i, :n] = b["segment_ids"]
-        q, k = seg[:, :, None], seg[:, None, :]
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        mask = causal & (k >= 0) & ((k == 0) | (k == q))
-        out["mask"] = (mask | torch.eye(T, dtype=torch.bool))[:, None]  # padding rows keep their diagonal
-        out["position_ids"] = pos
-    if all("pixel_values" in b for b in batch):
-        pixels = [b["pixel_values"] for b in batch]
-        out["pixel_values"] = ImageInputs.cat(pixels) if isinstance(pixels[0], ImageInputs) else torch.cat(pixels)
-    if all("image_paths" in b for b in batch):
-        out["image_paths"] = [p for b in batch for p in b["image_paths"]]
-    return out

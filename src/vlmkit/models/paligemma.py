@@ -22,6 +22,7 @@ import torch
 
 from vlmkit.config import ModelConfig
 from vlmkit.connectors import build_connector
+from vlmkit.data.collate import document_mask, per_document_cumsum
 from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models import MODEL_FAMILIES, init_from_scratch
@@ -61,7 +62,8 @@ class PaliGemmaModel(VisionLanguageModel):
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, image_features: torch.Tensor | None = None,
-                logits_to_keep: int = 0, prefix_len: int | torch.Tensor | None = None) -> ModelOutput:
+                logits_to_keep: int = 0, prefix_len: int | torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> ModelOutput:
         """As :meth:`VisionLanguageModel.forward`, with the prefix-LM mask built from ``prefix_len`` (absolute
         index of the first suffix token; an int or one per row). Without it, the prefix is what
         transformers' PaliGemmaProcessor marks with ``token_type_ids == 0``:
@@ -70,9 +72,19 @@ class PaliGemmaModel(VisionLanguageModel):
         - otherwise, with no cached past: the whole input (a prompt, or the prefill of a generation);
         - after a cache is filled: nothing, so each new token attends causally.
 
-        An explicit ``mask`` is used as given; explicit ``position_ids`` too (transformers' convention)."""
+        An explicit ``mask`` is used as given; explicit ``position_ids`` too (transformers' convention).
+
+        A packed batch (``document_ids``, data/collate.py) gets each sample's prefix-LM mask by the same rule
+        (its tokens before its first label) and its 1-indexed positions: the collated 0-based ones plus one."""
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
+        if document_ids is not None:
+            if position_ids is None:
+                raise ValueError("a packed batch (document_ids) needs each sample's position_ids")
+            return super().forward(input_ids, pixel_values, attention_mask=attention_mask, labels=labels,
+                                   position_ids=position_ids + 1, mask=mask, cache=cache,
+                                   image_features=image_features, logits_to_keep=logits_to_keep,
+                                   document_ids=document_ids, segment_ids=segment_ids)
         if position_ids is None:  # 1-indexed, counted from each row's first real token
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:offset + T] + 1
@@ -90,6 +102,20 @@ class PaliGemmaModel(VisionLanguageModel):
         return super().forward(input_ids, pixel_values, attention_mask=attention_mask, labels=labels,
                                position_ids=position_ids, mask=mask, cache=cache, image_features=image_features,
                                logits_to_keep=logits_to_keep)
+
+
+    def document_attention(self, document_ids: torch.Tensor, segment_ids: torch.Tensor | None,
+                           labels: torch.Tensor | None) -> torch.Tensor:
+        """Packed prefix-LM attention: within each sample, its tokens before its first supervised label see
+        each other; everything else is causal within the sample; nothing crosses samples."""
+        if segment_ids is not None and bool((segment_ids > 0).any()):
+            raise ValueError("paligemma: grouped questions (segment_ids) are not supported with prefix-LM "
+                             "attention; set data.group_turns: 0")
+        supervised = (labels != -100).long() if labels is not None else torch.zeros_like(document_ids)
+        prefix = per_document_cumsum(supervised, document_ids) == 0  # [B, T]: before the sample's first label
+        same = (document_ids[:, :, None] == document_ids[:, None, :]) & (document_ids[:, None, :] >= 0)
+        bidirectional = same & prefix[:, :, None] & prefix[:, None, :]
+        return document_mask(document_ids) | bidirectional[:, None]
 
 
 @MODEL_FAMILIES.register("paligemma", "SigLIP-style ViT -> linear projector -> Gemma LM with prefix-LM attention")

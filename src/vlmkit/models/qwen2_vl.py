@@ -44,9 +44,13 @@ class Qwen2VLImageFeatures:
 
 
 def mrope_position_ids(input_ids: torch.Tensor, image_token_id: int, grid_thw: torch.Tensor, merge_size: int,
-                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       attention_mask: torch.Tensor | None = None,
+                       document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(position ids [3, B, T], delta [B]) of a batch whose image tokens belong, in reading order, to images
-    with patch grids ``grid_thw`` [n, 3] (transformers' ``get_rope_index``, for images)."""
+    with patch grids ``grid_thw`` [n, 3] (transformers' ``get_rope_index``, for images).
+
+    In a packed batch (``document_ids`` [B, T], -1 = padding) every sample gets its own ids, starting at 0, as
+    if it ran alone (the deltas are then meaningless: a packed batch is never continued by decoding)."""
     B, T = input_ids.shape
     device = input_ids.device
     positions = torch.zeros(3, B, T, dtype=torch.long, device=device)
@@ -54,8 +58,11 @@ def mrope_position_ids(input_ids: torch.Tensor, image_token_id: int, grid_thw: t
     grids = [tuple(g) for g in grid_thw.tolist()]
     next_image = 0
     real = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-    for b in range(B):
-        keep = real[b]
+    if document_ids is not None:
+        rows = [(b, document_ids[b] == d) for b in range(B) for d in document_ids[b].unique().tolist() if d >= 0]
+    else:
+        rows = [(b, real[b]) for b in range(B)]
+    for b, keep in rows:
         is_image = (input_ids[b][keep] == image_token_id).tolist()
         n, i, start, pieces = len(is_image), 0, 0, []
         while i < n:
@@ -144,16 +151,26 @@ class Qwen2VLModel(VisionLanguageModel):
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, image_features: Qwen2VLImageFeatures | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
-        """As VisionLanguageModel.forward; ``position_ids`` default to the M-RoPE ids of the images' grids."""
+                logits_to_keep: int = 0, document_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> ModelOutput:
+        """As VisionLanguageModel.forward; ``position_ids`` default to the M-RoPE ids of the images' grids. A
+        packed batch (``document_ids``) gets each sample's M-RoPE ids from its own images (the collated 1-D
+        positions are not used)."""
         if image_features is None and pixel_values is not None and len(pixel_values) > 0:
             image_features = self.encode_images(pixel_values)
         if image_features is not None and not isinstance(image_features, Qwen2VLImageFeatures):
             raise ValueError("qwen2_vl needs image features with their grids: pass encode_images' output")
-        if position_ids is None:
+        if document_ids is not None:
+            if segment_ids is not None and bool((segment_ids > 0).any()):
+                raise ValueError("qwen2_vl: grouped questions (segment_ids) are not supported with M-RoPE "
+                                 "positions; set data.group_turns: 0")
+            grid = image_features.grid_thw if image_features is not None else torch.zeros(0, 3, dtype=torch.long)
+            position_ids, _ = mrope_position_ids(input_ids, self.image_token_id, grid, self.merge_size,
+                                                 document_ids=document_ids)
+        elif position_ids is None:
             position_ids = self.position_ids(input_ids, image_features, attention_mask, cache)
         return super().forward(input_ids, None, attention_mask, labels, position_ids, mask, cache, image_features,
-                               logits_to_keep)
+                               logits_to_keep, document_ids=document_ids, segment_ids=segment_ids)
 
 
 @MODEL_FAMILIES.register("qwen2_vl", "Qwen2-VL: dynamic-resolution ViT + patch merger + Qwen2 LM with M-RoPE")

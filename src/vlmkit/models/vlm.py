@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmkit.data.collate import document_mask
 from vlmkit.fusion.splice import splice_image_features
 from vlmkit.nn import KVCache
 from vlmkit.processing.image import ImageInputs
@@ -57,10 +58,17 @@ class VisionLanguageModel(nn.Module):
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, image_features: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
+                logits_to_keep: int = 0, document_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> ModelOutput:
         """Run the model. With ``labels`` the loss is the mean next-token cross-entropy over labels != -100,
         and logits are only computed at those positions (the LM head is the largest matmul for small
-        models)."""
+        models).
+
+        A packed batch (data/collate.py) gives ``document_ids`` [B, T] (the sample each token belongs to, -1 =
+        padding), each sample's own 0-based ``position_ids`` and, for grouped questions, ``segment_ids``; the
+        attention mask is then built per sample by :meth:`document_attention`."""
+        if document_ids is not None and mask is None:
+            mask = self.document_attention(document_ids, segment_ids, labels)
         embeds = self.embed(input_ids, pixel_values, image_features)
         hidden = self.lm(embeds, position_ids=position_ids, attention_mask=attention_mask, mask=mask,
                          cache=cache)  # [B, T, D]
@@ -74,3 +82,9 @@ class VisionLanguageModel(nn.Module):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return ModelOutput(logits=self.lm.lm_head(hidden))
+
+    def document_attention(self, document_ids: torch.Tensor, segment_ids: torch.Tensor | None,
+                           labels: torch.Tensor | None) -> torch.Tensor:
+        """The attention mask [B, 1, T, T] of a packed batch: causal within each sample (and each grouped
+        question's segment), nothing across samples. Families with another pattern override it."""
+        return document_mask(document_ids, segment_ids)
