@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmkit.errors import ConfigError
+from vlmkit.train.lora import LoRALinear, lora_parameters
 from vlmkit.train.muon import MuonAdamW
 from vlmkit.train.recipe import MODULE_GROUPS, StageConfig
 
@@ -24,27 +25,37 @@ def module_groups(model) -> dict[str, nn.Module]:
 
 
 def trained_groups(model, stage: StageConfig) -> set[str]:
-    """The model's module groups that ``stage`` trains ("all": every one); a name the model has no group of is
-    refused, so that a typo never silently freezes everything."""
-    groups = module_groups(model)
+    """The model's module groups that ``stage`` trains ("all": every one, adapters included); a name the model has
+    no group of is refused, so that a typo never silently freezes everything."""
+    groups = list(module_groups(model)) + (["lora"] if lora_parameters(model) else [])
     unknown = [m for m in stage.train if m != "all" and m not in groups]
     if unknown:
+        hint = "; lora needs the recipe's lora.targets" if unknown[0] == "lora" else ""
         raise ConfigError(f"stage {stage.name!r}: train {stage.train} names {unknown[0]!r}, which this model does not "
-                          f"have; its modules: all, {', '.join(groups)}")
+                          f"have; its modules: all, {', '.join(groups)}{hint}")
     return set(groups) if "all" in stage.train else set(stage.train)
 
 
 def freeze_for_stage(model, stage: StageConfig) -> list[dict]:
-    """Set requires_grad per module group; return a table of what trains and what is frozen."""
+    """Set requires_grad per module group; return a table of what trains and what is frozen. The weights that
+    LoRA adapts stay frozen in every stage; the adapters train when the stage names ``lora`` (or ``all``)."""
     rows = []
     trained = trained_groups(model, stage)
+    adapters = {id(p) for _, p in lora_parameters(model)}
+    adapted = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in m.base.parameters()}
     for name, module in module_groups(model).items():
         trains = name in trained
         for p in module.parameters():
-            p.requires_grad_(trains)
-        n = sum(p.numel() for p in module.parameters())
+            p.requires_grad_(trains and id(p) not in adapters and id(p) not in adapted)
+        n = sum(p.numel() for p in module.parameters() if id(p) not in adapters)
         rows.append({"module": name, "trainable": trains, "params": n,
                      "lr": stage.lr * stage.lr_scale.get(name, 1.0) if trains else 0.0})
+    if adapters:
+        trains = "lora" in trained
+        for _, p in lora_parameters(model):
+            p.requires_grad_(trains)
+        rows.append({"module": "lora", "trainable": trains, "params": sum(p.numel() for _, p in lora_parameters(model)),
+                     "lr": stage.lr * stage.lr_scale.get("lora", 1.0) if trains else 0.0})
     return rows
 
 
@@ -56,6 +67,10 @@ def set_train_mode(model, stage: StageConfig) -> None:
     for name, module in module_groups(model).items():
         if name not in trained:
             module.eval()
+    if "lora" in trained:  # adapters in a frozen module still train (their dropout on)
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.train()
 
 
 def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
@@ -68,6 +83,12 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
     groups = []
     seen: set[int] = set()
     trained = trained_groups(model, stage)
+    adapters = [p for _, p in lora_parameters(model)]
+    seen.update(id(p) for p in adapters)
+    if "lora" in trained:  # adapters: AdamW with weight decay (peft's default), their own lr
+        lr = stage.lr * stage.lr_scale.get("lora", 1.0)
+        groups.append({"params": adapters, "lr": lr, "base_lr": lr, "module": "lora", "use_muon": False,
+                       "weight_decay": stage.weight_decay})
     for name, module in module_groups(model).items():
         if name not in trained:
             continue
