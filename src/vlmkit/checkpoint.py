@@ -22,10 +22,12 @@ REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "processor.jso
 
 
 def write_model_files(folder: Path, model, cfg: ModelConfig, processor: Processor, extra: dict | None = None):
-    """Write the model part of a checkpoint into an existing (temporary) folder."""
+    """Write the model part of a checkpoint into an existing (temporary) folder (``model`` None: all but the
+    weights, which a sharded checkpoint keeps in dcp/)."""
     meta = {"format": "vlmkit", "vlmkit_version": __version__, "model": to_dict(cfg)}
     meta.update(extra or {})
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if model is not None:
+        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
     processor.save(folder)
     atomic_write_json(folder / "config.json", meta)
 
@@ -35,6 +37,9 @@ def check_folder(path: str | Path) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
     missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing == ["model.safetensors"] and (path / "dcp" / ".metadata").is_file():
+        raise CheckpointError(f"{path} is a sharded checkpoint (FSDP, dcp/): write its model.safetensors with "
+                              f"`vlmkit checkpoint consolidate {path}`")
     if missing:
         raise CheckpointError(f"{path} is not a complete vlmkit checkpoint: missing {', '.join(missing)} "
                               f"(a checkpoint folder holds {', '.join(REQUIRED)})")
@@ -52,12 +57,20 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
     return from_dict(ModelConfig, meta["model"], "config.json:model"), meta
 
 
-def load_checkpoint(path: str | Path, device="cpu"):
-    """Return (model in eval mode, processor, model config, metadata) from a checkpoint folder."""
+def load_checkpoint(path: str | Path, device="cpu", merge_lora: bool = True):
+    """Return (model in eval mode, processor, model config, metadata) from a checkpoint folder. A checkpoint
+    trained with LoRA holds its adapters beside the frozen weights; they are merged into a plain model unless
+    ``merge_lora=False`` (a resumed run keeps training them)."""
     cfg, meta = read_config(path)
     path = Path(path)
     processor = Processor.from_pretrained(path)
     model = build_model(cfg, processor.image_token_id, init=False)
+    lora = meta.get("lora")
+    if lora:  # trained with LoRA adapters (saved unmerged, for exact resume): applied, loaded, then merged
+        from vlmkit.config import from_dict
+        from vlmkit.train.lora import LoRAConfig, apply_lora
+
+        apply_lora(model, from_dict(LoRAConfig, lora, "config.json:lora"))
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except RuntimeError as e:  # load_state_dict raises on shape mismatches even with strict=False
@@ -66,6 +79,10 @@ def load_checkpoint(path: str | Path, device="cpu"):
     if missing or unexpected:
         raise CheckpointError(f"{path / 'model.safetensors'} does not match config.json: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    if lora and merge_lora:
+        from vlmkit.train.lora import remove_lora
+
+        remove_lora(model)
     return model.to(device).eval(), processor, cfg, meta
 
 

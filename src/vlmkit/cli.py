@@ -33,6 +33,14 @@ def cmd_train(args) -> None:
                       "samples_per_second": res.samples_per_second, "val_loss": res.val_loss}))
 
 
+def cmd_consolidate(args) -> None:
+    """Write model.safetensors of a sharded (FSDP) checkpoint from its dcp/ shards, on one process."""
+    from vlmkit.train.distributed import consolidate
+
+    consolidate(args.path)
+    print(json.dumps({"checkpoint": args.path, "model": f"{args.path}/model.safetensors"}))
+
+
 def cmd_data_shapes(args) -> None:
     """Generate a ShapesWorld dataset (LLaVA JSON, COCO captions, CSV pairs, scene annotations)."""
     from vlmkit.data.shapes import generate_shapes, parse_size
@@ -189,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    from vlmkit.data.shards import add_shard_arguments, cmd_data_shard
+
+    add_shard_arguments(data.add_parser("shard", help=cmd_data_shard.__doc__, description=cmd_data_shard.__doc__))
+    ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_command",
+                                                                              required=True)
+    co = ck.add_parser("consolidate", help=cmd_consolidate.__doc__, description=cmd_consolidate.__doc__)
+    co.add_argument("path", help="a checkpoint folder with sharded state (dcp/)")
+    co.set_defaults(fn=cmd_consolidate)
     s = data.add_parser("shapes", help=cmd_data_shapes.__doc__, description=cmd_data_shapes.__doc__)
     s.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     s.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")

@@ -7,8 +7,12 @@ stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +23,17 @@ from tqdm.auto import tqdm
 
 from vlmkit.checkpoint import check_folder, load_checkpoint, write_model_files
 from vlmkit.config import ProcessorConfig, apply_overrides, to_dict
-from vlmkit.data.conversations import (
-    ConversationDataset,
-    ReadReport,
-    collate,
-    group_by_image,
-    read_conversations,
-)
+from vlmkit.data.collate import PaddingStats, collate, collate_packed
+from vlmkit.data.conversations import ConversationDataset, ReadReport, group_by_image, read_conversations
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
-from vlmkit.processing import Processor, TextTokenizer, train_bpe
+from vlmkit.processing import IGNORE, Processor, TextTokenizer, train_bpe
 from vlmkit.train.cell_labels import run_cell_label_stage
+from vlmkit.train.distributed import (DistInfo, full_state_dict, grad_norm_value, init_distributed, load_sharded,
+                                      save_sharded, shard_of, transformer_blocks, unwrap, wrap_model)
 from vlmkit.train.frozen_features import FrozenVisionFeatures
+from vlmkit.train.lora import apply_lora, save_adapter
 from vlmkit.train.optim import (
     freeze_for_stage,
     load_optimizer,
@@ -43,8 +45,9 @@ from vlmkit.train.optim import (
     trained_groups,
 )
 from vlmkit.train.recipe import Recipe
+from vlmkit.train.report import write_report
 from vlmkit.train.stream import BatchStream
-from vlmkit.utils import atomic_directory, atomic_write_json, seed_everything
+from vlmkit.utils import atomic_write_json, seed_everything
 
 
 @dataclass
@@ -59,10 +62,15 @@ class TrainResult:
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, lines past the resumed step are dropped."""
+    """Append-only JSONL (and TensorBoard scalars when asked); on resume, lines past the resumed step are dropped.
+    Only rank 0 of a multi-process run writes (``enabled``)."""
 
-    def __init__(self, path: Path, keep_until_step: int | None):
-        self.path = path
+    def __init__(self, path: Path, keep_until_step: int | None, enabled: bool = True,
+                 tensorboard: Path | None = None):
+        self.path, self.enabled = path, enabled
+        self.tb = None
+        if not enabled:
+            return
         lines = []
         if keep_until_step is not None and path.exists():
             for line in path.read_text().splitlines():
@@ -70,10 +78,22 @@ class MetricsLog:
                 if rec.get("step", 0) <= keep_until_step:
                     lines.append(line)
         path.write_text("".join(x + "\n" for x in lines))
+        if tensorboard is not None:
+            from vlmkit.train.report import TensorBoardWriter
+
+            self.tb = TensorBoardWriter(tensorboard)
 
     def write(self, **rec) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            self.tb.write(rec)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _training_texts(samples) -> list[str]:
@@ -132,16 +152,20 @@ def load_data(recipe: Recipe, processor: Processor | None = None, log=print):
     return train, val[: recipe.data.val_samples], report
 
 
-def forward_batch(model, batch: dict, features: FrozenVisionFeatures | None = None, labels: bool = True):
+def forward_batch(model, batch: dict, features: FrozenVisionFeatures | None = None, labels: bool = True,
+                  encoder_model=None):
     """The model on a collated batch: images through the tower, or the tower's precomputed ``features``
-    looked up by path; grouped questions (group_by_image) with their positions and mask. Right padding +
-    causal attention needs no padding mask: real tokens never see padding."""
+    looked up by path; packed or grouped batches with their documents, segments and positions (the model
+    builds their mask). Right padding + causal attention needs no padding mask: real tokens never see padding.
+    ``encoder_model``: the unwrapped model whose connector maps looked-up features (``model`` may be DDP)."""
     image_features = None
     if features is not None:
-        image_features = model.connector(features.lookup(batch["image_paths"]), model.encoder.grid)
-    return model(batch["input_ids"], None if features is not None else batch["pixel_values"],
+        inner = encoder_model if encoder_model is not None else model
+        image_features = inner.connector(features.lookup(batch["image_paths"]), inner.encoder.grid)
+    return model(batch["input_ids"], None if features is not None else batch.get("pixel_values"),
                  labels=batch["labels"] if labels else None, image_features=image_features,
-                 position_ids=batch["position_ids"], mask=batch["mask"])
+                 position_ids=batch["position_ids"], document_ids=batch.get("document_ids"),
+                 segment_ids=batch.get("segment_ids"))
 
 
 @torch.no_grad()
@@ -159,20 +183,242 @@ def evaluate_loss(model, ds: ConversationDataset, pad_id: int, batch_size: int =
     return total / max(n, 1)
 
 
-def save_training_checkpoint(folder: Path, model, cfg, processor, opt, state: dict, recipe: Recipe) -> None:
-    """model files + optimizer.safetensors + trainer_state.json, swapped in with one rename."""
-    with atomic_directory(folder, overwrite=True) as tmp:
-        write_model_files(tmp, model, cfg, processor, extra={"recipe": to_dict(recipe)})
+# fault injection for the crash tests: the process kills itself (SIGKILL) in the middle of writing the checkpoint
+# of this global step, after the model files are written and before the folder is swapped in
+KILL_IN_CHECKPOINT_ENV = "VLMKIT_TEST_KILL_IN_CHECKPOINT"
+
+
+def save_training_checkpoint(folder: Path, model, cfg, processor, opt, state: dict, recipe: Recipe,
+                             info: DistInfo | None = None, final: bool = False) -> None:
+    """model files + optimizer state + trainer_state.json, swapped in with one rename (a crash at any point
+    leaves the previous checkpoint whole). Under FSDP every rank writes its shards into ``dcp/`` and the final
+    checkpoint also gets the consolidated model.safetensors; otherwise rank 0 writes everything."""
+    info = info or DistInfo()
+    tmp = folder.with_name(f".{folder.name}.tmp-step{state['global_step']}")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    info.barrier()
+    extra = {"recipe": to_dict(recipe)}
+    if recipe.lora.targets:
+        extra["lora"] = to_dict(recipe.lora)
+    if info.strategy == "fsdp":
+        save_sharded(tmp / "dcp", model, opt)
+        full = full_state_dict(model, info) if final else None
+        if info.is_main:
+            write_model_files(tmp, _plain_copy(full, cfg, processor, recipe) if final else None, cfg, processor,
+                              extra=extra)
+    elif info.is_main:
+        write_model_files(tmp, unwrap(model), cfg, processor, extra=extra)
         if opt is not None:
             save_optimizer(opt, tmp / "optimizer.safetensors")
-        state = dict(state, torch_rng=torch.get_rng_state().tolist(), python_rng=list(random.getstate()[1]))
+    if info.is_main:
+        state = dict(state, torch_rng=torch.get_rng_state().tolist(), python_rng=list(random.getstate()[1]),
+                     world_size=info.world, strategy=info.strategy)
         atomic_write_json(tmp / "trainer_state.json", state, indent=None)
+        if os.environ.get(KILL_IN_CHECKPOINT_ENV) == str(state["global_step"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if recipe.lora.targets and final and info.strategy != "fsdp":  # the adapters alone, for a base model
+            save_adapter(tmp / "adapter", unwrap(model), recipe.lora)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-step{state['global_step']}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    info.barrier()
+
+
+def _plain_copy(state_dict: dict, cfg, processor, recipe: Recipe):
+    """A one-process model holding ``state_dict`` (gathered from FSDP shards), to be written as safetensors."""
+    model = build_model(cfg, processor.image_token_id, init=False)
+    if recipe.lora.targets:
+        apply_lora(model, recipe.lora)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def _clean_stale(folder: Path) -> None:
+    """Remove what a killed run left half-written beside the checkpoint (never looked at: the checkpoint is only
+    ever replaced by one rename)."""
+    for p in folder.parent.glob(f".{folder.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in folder.parent.glob(f".{folder.name}.old-*"):
+        if folder.exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:  # killed between the two renames: the old checkpoint is the one to resume
+            os.replace(p, folder)
+
+
+class LocalBatches:
+    """This rank's micro-batches of a global batch drawn from a reproducible sample order.
+
+    ``batch_tokens`` = 0: ``batch_size`` samples per micro-batch (a :class:`BatchStream` position counts batches).
+    Otherwise a token budget: an optimizer step takes samples in stream order until the next would exceed
+    ``batch_tokens`` (at least one per rank), split into ``grad_accum`` micro-batches; the position counts samples.
+    Every rank draws the same global batch and keeps its share (:func:`shard_of`)."""
+
+    def __init__(self, ds: ConversationDataset, recipe: Recipe, info: DistInfo, state: dict | None):
+        t = recipe.train
+        self.ds, self.info, self.grad_accum = ds, info, t.grad_accum
+        self.budget = t.batch_tokens
+        self.lengths = [len(e[0]) for e in ds.encoded]
+        if self.budget:
+            self.stream = BatchStream(len(ds), 1, t.seed, state.get("sample_position", 0) if state else 0)
+            self.carry: int | None = None
+        else:
+            if t.batch_size < info.world:
+                raise ConfigError(f"train.batch_size {t.batch_size} < {info.world} processes: every rank needs a "
+                                  f"sample (the batch is split across ranks)")
+            self.stream = BatchStream(len(ds), t.batch_size, t.seed, state["stream_position"] if state else 0)
+
+    def state(self) -> dict:
+        if self.budget:
+            return {"sample_position": self.stream.position - (self.carry is not None)}
+        return {"stream_position": self.stream.position}
+
+    def step(self) -> list[list[int]]:
+        """Global sample indices of the next optimizer step, one list per micro-batch."""
+        if not self.budget:
+            return [self.stream.next() for _ in range(self.grad_accum)]
+        chosen, tokens = [], 0
+        need = self.info.world * self.grad_accum
+        while True:
+            i = self.carry if self.carry is not None else self.stream.next()[0]
+            self.carry = None
+            if len(chosen) >= need and tokens + self.lengths[i] > self.budget:
+                self.carry = i  # first of the next step (its position is not consumed yet)
+                break
+            chosen.append(i)
+            tokens += self.lengths[i]
+        # deal the samples out longest first so that micro-batches and ranks get similar token counts
+        order = sorted(chosen, key=lambda k: -self.lengths[k])
+        return [order[m::self.grad_accum] for m in range(self.grad_accum)]
+
+    def next_step(self) -> list[list[dict]]:
+        """This rank's samples of each micro-batch of the next optimizer step."""
+        return [self.local(ix) for ix in self.step()]
+
+    def local(self, indices: list[int]) -> list[dict]:
+        if self.budget:
+            order = sorted(indices, key=lambda k: -self.lengths[k])
+            return [self.ds[i] for i in order[self.info.rank::self.info.world]]
+        return [self.ds[i] for i in shard_of(indices, self.info)]
+
+
+class StreamedBatches:
+    """This rank's micro-batches streamed from WebDataset shards (``data.shards``, data/shards.py): each rank reads
+    its own shards through ``data.workers`` worker processes (which also tokenise and preprocess the images) and
+    takes ``batch_size / world`` samples per micro-batch. The position (samples taken per rank) is saved with
+    every checkpoint, so a resumed run streams on from exactly there."""
+
+    def __init__(self, recipe: Recipe, processor: Processor, info: DistInfo, state: dict | None, log):
+        from vlmkit.data.shards import ShardStream, read_index
+
+        t, d = recipe.train, recipe.data
+        if t.batch_size % info.world:
+            raise ConfigError(f"train.batch_size {t.batch_size} is not a multiple of the {info.world} processes")
+        self.per_rank, self.grad_accum = t.batch_size // info.world, t.grad_accum
+        self.position = state.get("shard_position", 0) if state else 0
+        index = read_index(d.shards)
+        if index.kind != "conversations":
+            raise ConfigError(f"data.shards {d.shards}: {index.kind} shards are for dual encoders; a vision-language "
+                              f"model trains on conversation shards (vlmkit data shard DATA.json)")
+        self.n_samples = index.samples
+        encoder = ConversationDataset([], processor, cache_images=False)
+
+        class Encoded(ShardStream):
+            def __iter__(self):
+                for rec in super().__iter__():
+                    yield encoder.encode(rec["sample"])
+
+        self.stream = Encoded(d.shards, seed=t.seed, shuffle_buffer=d.shuffle_buffer, rank=info.rank,
+                              world_size=info.world, num_workers=d.workers, start=self.position,
+                              on_error="skip" if d.skip_bad_samples else "fail", log=log)
+        self._it = iter(self.stream.loader())
+
+    def state(self) -> dict:
+        return {"shard_position": self.position}
+
+    def next_step(self) -> list[list[dict]]:
+        out = []
+        for _ in range(self.grad_accum):
+            out.append([next(self._it) for _ in range(self.per_rank)])
+            self.position += self.per_rank
+        return out
+
+
+def _shard_texts(recipe: Recipe, limit: int = 100_000) -> list:
+    """Conversations of up to ``limit`` samples of the shards (their JSON members only), to train a tokenizer on."""
+    import tarfile
+
+    from vlmkit.data.conversations import Sample
+    from vlmkit.data.shards import read_index
+
+    out = []
+    for path in read_index(recipe.data.shards).paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".json") and len(out) < limit:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        rec = json.loads(tar.extractfile(member).read())
+                        out.append(Sample(id=member.name, images=[], conversations=rec["conversations"]))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _streamed_val(recipe: Recipe, log) -> tuple[list, ReadReport]:
+    """Validation samples beside streamed training data: ``data.path/data.val`` when it exists."""
+    root = Path(recipe.data.path) if recipe.data.path else Path(".")
+    report = ReadReport()
+    path = root / recipe.data.val
+    val = read_conversations(path, recipe.data.image_root or None, recipe.data.skip_bad_samples, report=report) \
+        if recipe.data.val and path.is_file() else []
+    return val[: recipe.data.val_samples], report
+
+
+def _summarise(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _autocast(precision: str):
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available()):
+        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def checkpoint_activations(model) -> int:
+    """Recompute every transformer block's activations in the backward pass instead of storing them
+    (torch.utils.checkpoint, non-reentrant); returns the number of blocks."""
+    import torch.utils.checkpoint as ckpt
+
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return ckpt.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+    return len(blocks)
+
+
+def compile_blocks(model) -> int:
+    """torch.compile every transformer block (regional compilation: the block is compiled once and reused)."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True, log=None,
           stop_at_step: int | None = None) -> TrainResult:
     """Run every stage of ``recipe``; the last checkpoint is ``out/checkpoint``.
 
+    Under torchrun (``WORLD_SIZE`` > 1) every process runs this with its share of each batch (train/distributed.py).
     ``stop_at_step`` ends the run abruptly after that global step, without a final save, as an interruption
     would (the run can be continued with ``resume=True`` from the last periodic checkpoint).
     """
@@ -180,52 +426,98 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
 
     if is_dual_encoder_recipe(recipe):  # CLIP / SigLIP: image-caption pairs and a contrastive loss
         return train_contrastive(recipe, out, resume, progress, log, stop_at_step)
+    info = init_distributed(recipe.train.distributed)
+    if not info.is_main:
+        log, progress = (lambda msg: None), False
     log = log or (lambda msg: tqdm.write(msg))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
+    if info.is_main:
+        _clean_stale(ckpt)
+    info.barrier()
     state = _read_state(ckpt) if resume else None
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.train.seed)
+    t = recipe.train
 
-    samples, val_samples, _ = load_data(recipe, log=log)
+    streamed = bool(recipe.data.shards)
+    samples, val_samples, _ = load_data(recipe, log=log) if not streamed else ([], *_streamed_val(recipe, log))
     if recipe.init_from:  # fine-tuning: the model, tokenizer and processor come with the weights
         cfg, model, processor = start_from(recipe) if not state else _resumed(ckpt)
         tokenizer = processor.tokenizer
     else:
-        tokenizer = prepare_tokenizer(recipe, samples, ckpt if state else None)
+        texts = samples if not streamed else _shard_texts(recipe)
+        tokenizer = prepare_tokenizer(recipe, texts, ckpt if state else None)
         cfg, model, processor = build_for_recipe(recipe, tokenizer)
-    if state:
+    if recipe.lora.targets and not (state and recipe.init_from):  # a resumed fine-tune's checkpoint has them
+        wrapped = apply_lora(model, recipe.lora)
+        log(f"LoRA rank {recipe.lora.rank} (alpha {recipe.lora.alpha:g}) on {len(wrapped)} Linear modules: "
+            f"{_summarise(wrapped)}")
+    if state and info.strategy != "fsdp":
         load_model(model, str(ckpt / "model.safetensors"))
+    if state:
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    if recipe.data.group_turns:
+        if state.get("world_size", 1) != info.world and info.strategy != "fsdp":
+            log(f"resuming a run of {state.get('world_size', 1)} processes with {info.world}")
+    if recipe.data.group_turns and not streamed:
         if cfg.lm.mrope_section or getattr(model, "prefix_lm", False):
             raise ConfigError(f"data.group_turns {recipe.data.group_turns}: grouped questions get plain positions "
                               f"and a causal segment mask, and the {cfg.family} family attends its own way "
                               f"({'M-RoPE positions' if cfg.lm.mrope_section else 'prefix-LM attention'}); "
                               f"set data.group_turns: 0")
         samples = group_by_image(samples, recipe.data.group_turns, recipe.train.seed)
-    train_ds = ConversationDataset(samples, processor)
     val_ds = ConversationDataset(val_samples, processor) if val_samples else None
+    if streamed:
+        batches = StreamedBatches(recipe, processor, info, state, log)
+        train_ds, n_train = None, batches.n_samples
+    else:
+        train_ds = ConversationDataset(samples, processor)
+        batches, n_train = LocalBatches(train_ds, recipe, info, state), len(train_ds)
+    pack_length = t.pack_length or (max(batches.lengths) if t.packing and not streamed else 0)
+    if t.packing and streamed and not t.pack_length:
+        raise ConfigError("train.packing with data.shards needs train.pack_length (the stream's longest sample "
+                          "is not known in advance)")
+    collate_fn = (lambda items: collate_packed(items, tokenizer.pad_id, pack_length)) if t.packing else \
+        (lambda items: collate(items, tokenizer.pad_id))
     try:
         per_image = f"{model.image_seq_len} tokens per image"
     except NotImplementedError:  # native resolution (Qwen2-VL): as many as each image's size gives
         per_image = "tokens per image by size"
     log(f"model {recipe.init_from or recipe.preset}: {count_parameters(model):,} parameters, {per_image}; "
-        f"{len(train_ds)} training sequences, {len(val_ds) if val_ds else 0} validation samples")
+        f"{n_train} training sequences, {len(val_ds) if val_ds else 0} validation samples"
+        + (f"; {info.world} processes ({info.strategy})" if info.active else "")
+        + (f"; packed into rows of {pack_length} tokens" if t.packing else ""))
+    if t.activation_checkpointing:
+        log(f"activation checkpointing on {checkpoint_activations(model)} blocks")
+    if t.compile:
+        log(f"torch.compile on {compile_blocks(model)} blocks")
+    if t.precision == "bf16" and not torch.cuda.is_available():
+        log("warning: train.precision bf16 on the CPU: bf16 matmuls are far slower than fp32 on most CPUs")
 
     step = state["global_step"] if state else 0
-    stream = BatchStream(len(train_ds), recipe.train.batch_size, recipe.train.seed,
-                         state["stream_position"] if state else 0)
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step if state else -1)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step if state else -1, enabled=info.is_main,
+                         tensorboard=out / "tensorboard" if t.tensorboard else None)
+    if not state:
+        metrics.write(event="run", step=0, world_size=info.world, strategy=info.strategy, packing=t.packing,
+                      pack_length=pack_length, parameters=count_parameters(model), recipe=recipe.name,
+                      preset=recipe.init_from or recipe.preset,
+                      lora=to_dict(recipe.lora) if recipe.lora.targets else None)
     elapsed = state["train_seconds"] if state else 0.0
     n_samples = state["samples_seen"] if state else 0
     n_tokens = state["tokens_seen"] if state else 0
+    padding = PaddingStats(state.get("slots_seen", 0), state.get("real_slots_seen", 0)) if state else PaddingStats()
     pbar = tqdm(total=recipe.total_steps, initial=step, disable=not progress, desc="train", unit="step",
                 dynamic_ncols=True)
     loss_ema, val_loss = None, None
     model.train()
+    autocast = _autocast(t.precision)
+
+    def counters() -> dict:
+        return {**batches.state(), "train_seconds": elapsed, "samples_seen": n_samples, "tokens_seen": n_tokens,
+                "slots_seen": padding.slots, "real_slots_seen": padding.tokens}
+
     for si, stage in enumerate(recipe.stages):
         if state and si < state["stage"]:
             continue
@@ -234,22 +526,27 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         _log_stage(log, si, stage, table, model)
         metrics.write(event="stage", step=step, stage=stage.name, modules=table)
         if stage.objective == "cell_labels":
+            if info.active:
+                raise ConfigError("cell_labels stages run in one process; start the run without torchrun, or "
+                                  "drop the stage")
             step, seconds, stop = cell_label_stage(
                 model, model.encoder, cfg, processor, recipe, si, metrics, pbar, step, log, stop_at_step, ckpt,
-                {"stream_position": stream.position, "train_seconds": elapsed, "samples_seen": n_samples,
-                 "tokens_seen": n_tokens})
+                counters())
             elapsed += seconds
             if stop:
                 break
             continue
-        opt = make_optimizer(model, stage)
         features = None
-        train_ds.load_images = True
-        if recipe.train.precompute_frozen_vision and "vision" not in trained_groups(model, stage):
+        if train_ds is not None:
+            train_ds.load_images = True
+        if t.precompute_frozen_vision and "vision" not in trained_groups(model, stage) and not streamed:
             if processor.cfg.image_processor != "fixed":
                 raise ConfigError(f"train.precompute_frozen_vision: images of processor "
                                   f"{processor.cfg.image_processor!r} are tiled or resized per image; only "
                                   f"fixed-size images are precomputed (set it to false)")
+            if info.strategy == "fsdp":
+                raise ConfigError("train.precompute_frozen_vision with train.distributed fsdp: the sharded tower "
+                                  "cannot run outside the model's forward; set it to false")
             t0 = time.perf_counter()
             features = FrozenVisionFeatures(model.encoder, processor, [p for x in samples for p in x.images],
                                             progress=progress)
@@ -257,51 +554,71 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             elapsed += time.perf_counter() - t0
             log(f"  vision features of {len(features):,} images precomputed in {time.perf_counter() - t0:.1f} s "
                 f"({features.nbytes / 2**20:,.0f} MiB)")
+        net = wrap_model(model, info)
+        opt = make_optimizer(net if info.strategy == "fsdp" else model, stage)
         first = 0
         if state and si == state["stage"]:
             first = state["step_in_stage"]
-            if first and (ckpt / "optimizer.safetensors").exists():
+            if info.strategy == "fsdp":
+                load_sharded(ckpt / "dcp", net, opt if first else None)
+            elif first and (ckpt / "optimizer.safetensors").exists():
                 load_optimizer(opt, ckpt / "optimizer.safetensors")
         for s in range(first, stage.steps):
             t0 = time.perf_counter()
             set_lr(opt, lr_factor(s, stage))
+            micro = [collate_fn(items) for items in batches.next_step()]
+            sums = [float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)),
+                    float(sum(b["n_samples"] for b in micro)), float(sum(int(b["attention_mask"].sum()) for b in micro)),
+                    float(sum(b["input_ids"].numel() for b in micro))]
+            n_sup, step_samples, step_tokens, step_slots = info.all_sum(sums)
             loss_sum = 0.0
-            for _ in range(recipe.train.grad_accum):
-                batch = collate([train_ds[i] for i in stream.next()], tokenizer.pad_id)
-                res = forward_batch(model, batch, features)
-                (res.loss / recipe.train.grad_accum).backward()
-                loss_sum += float(res.loss.detach()) / recipe.train.grad_accum
-                n_samples += batch["input_ids"].shape[0]
-                n_tokens += int(batch["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       recipe.train.max_grad_norm)
+            for batch in micro:
+                with autocast:
+                    res = forward_batch(net, batch, features, encoder_model=model)
+                # the mean over every supervised token of the global batch (all micro-batches, all ranks): DDP and
+                # FSDP average gradients over ranks, hence the factor world
+                # (a micro-batch without supervised tokens has a NaN mean: it contributes zero, gradients included)
+                (res.loss.nan_to_num(0.0) * (res.n_tokens * info.world / max(n_sup, 1))).backward()
+                loss_sum += float(res.loss.detach().nan_to_num(0.0)) * res.n_tokens
+            loss_value = info.all_sum([loss_sum])[0] / max(n_sup, 1)
+            grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(
+                [p for p in net.parameters() if p.requires_grad], t.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
             elapsed += time.perf_counter() - t0
             step += 1
-            loss_ema = loss_sum if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_sum
+            n_samples += int(step_samples)
+            n_tokens += int(step_tokens)
+            padding.slots += int(step_slots)
+            padding.tokens += int(step_tokens)
+            loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
             pbar.update(1)
             pbar.set_postfix(stage=stage.name, loss=f"{loss_ema:.3f}", samples_s=f"{n_samples / elapsed:.1f}")
-            if step % recipe.train.log_every == 0 or s == stage.steps - 1:
-                metrics.write(step=step, stage=stage.name, loss=loss_sum, lr=opt.param_groups[0]["lr"],
-                              grad_norm=float(grad_norm), samples_per_second=n_samples / elapsed,
-                              tokens_per_second=n_tokens / elapsed, elapsed=elapsed)
-            if val_ds and (step % recipe.train.eval_every == 0 or s == stage.steps - 1):
-                val_loss = evaluate_loss(model, val_ds, tokenizer.pad_id)
+            if step % t.log_every == 0 or s == stage.steps - 1:
+                metrics.write(step=step, stage=stage.name, loss=loss_value, lr=opt.param_groups[0]["lr"],
+                              grad_norm=grad_norm, samples_per_second=n_samples / elapsed,
+                              tokens_per_second=n_tokens / elapsed, padding_fraction=padding.fraction,
+                              samples=int(step_samples), elapsed=elapsed)
+            if val_ds and (step % t.eval_every == 0 or s == stage.steps - 1):
+                val_loss = evaluate_loss(unwrap(net), val_ds, tokenizer.pad_id)
                 metrics.write(step=step, stage=stage.name, val_loss=val_loss)
                 log(f"step {step}: val_loss {val_loss:.4f}")
             last_of_stage = s == stage.steps - 1
-            if last_of_stage or step % recipe.train.save_every == 0:
-                st = {"global_step": step, "stage": si + 1 if last_of_stage else si,
-                      "step_in_stage": 0 if last_of_stage else s + 1, "stream_position": stream.position,
-                      "train_seconds": elapsed, "samples_seen": n_samples, "tokens_seen": n_tokens}
-                save_training_checkpoint(ckpt, model, cfg, processor, None if last_of_stage else opt, st, recipe)
+            if last_of_stage or step % t.save_every == 0:
+                st = {**counters(), "global_step": step, "stage": si + 1 if last_of_stage else si,
+                      "step_in_stage": 0 if last_of_stage else s + 1}
+                final = last_of_stage and si == len(recipe.stages) - 1
+                save_training_checkpoint(ckpt, net, cfg, processor, None if last_of_stage else opt, st, recipe,
+                                         info, final=final)
             if stop_at_step is not None and step >= stop_at_step:
                 break
         if stop_at_step is not None and step >= stop_at_step:
             break
     pbar.close()
+    metrics.close()
     model.eval()
+    if info.is_main and (out / "metrics.jsonl").exists():
+        write_report(out)
     return TrainResult(ckpt, step, elapsed, n_samples / max(elapsed, 1e-9), n_tokens / max(elapsed, 1e-9),
                        loss_ema if loss_ema is not None else float("nan"), val_loss)
 
@@ -327,14 +644,15 @@ def cell_label_stage(model, encoder, cfg, processor, recipe: Recipe, si: int, me
 
 def _resumed(ckpt: Path):
     """(model config, model, processor) of a fine-tuning run's own checkpoint."""
-    model, processor, cfg, _ = load_checkpoint(ckpt)
-    return cfg, model, processor
+    model, processor, cfg, _ = load_checkpoint(ckpt, merge_lora=False)
+    return cfg, model.train(), processor
 
 
 def _read_state(ckpt: Path) -> dict | None:
     if not ckpt.exists():
         return None
-    check_folder(ckpt)
+    if not (ckpt / "dcp" / ".metadata").is_file():  # a sharded (FSDP) checkpoint resumes from its shards
+        check_folder(ckpt)
     path = ckpt / "trainer_state.json"
     if not path.is_file():
         raise CheckpointError(f"{ckpt} has no trainer_state.json, so it cannot be resumed")

@@ -17,9 +17,11 @@ import yaml
 
 from vlmkit.config import apply_overrides, from_dict, parse_value
 from vlmkit.errors import ConfigError
+from vlmkit.train.lora import LoRAConfig
 
-# vision-language models: vision, connector, lm; dual encoders: vision, text, logits (temperature and bias)
-MODULE_GROUPS = ("vision", "connector", "lm", "text", "logits")
+# vision-language models: vision, connector, lm; dual encoders: vision, text, logits (temperature and bias); lora:
+# the LoRA adapters of the recipe's lora section (wherever they sit; the weights they adapt stay frozen)
+MODULE_GROUPS = ("vision", "connector", "lm", "text", "logits", "lora")
 
 
 @dataclass
@@ -59,6 +61,11 @@ class DataConfig:
     csv_image_key: str = "image"
     csv_caption_key: str = "caption"
     csv_separator: str = ""
+    # WebDataset shards written by `vlmkit data shard` (a folder with index.json): training streams them instead
+    # of reading data.train, through a shuffle buffer of this many samples and this many worker processes
+    shards: str = ""
+    shuffle_buffer: int = 1000
+    workers: int = 0
 
 
 @dataclass
@@ -80,6 +87,20 @@ class TrainConfig:
     # lm stages with the vision tower frozen: run the tower once over every training image at the stage's
     # start and look its features up afterwards (train/frozen_features.py); needs them to fit in RAM
     precompute_frozen_vision: bool = False
+    # several samples per row up to pack_length tokens, attention isolated per sample (data/collate.py); the
+    # loss and gradients are those of the same batch padded. pack_length 0 = the longest training sample
+    packing: bool = False
+    pack_length: int = 0
+    # token-budget batching: each optimizer step takes samples until their tokens would exceed this many (summed
+    # over ranks and gradient accumulation); 0 = batch_size samples per micro-batch
+    batch_tokens: int = 0
+    # under torchrun (WORLD_SIZE > 1): ddp, or fsdp (FSDP2 fully_shard per block, sharded checkpoints)
+    distributed: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in the backward
+    compile: bool = False  # torch.compile each transformer block (regional compilation)
+    # auto: bf16 autocast on CUDA, fp32 on the CPU (bf16 matmuls are ~100x slower on these CPUs); fp32; bf16
+    precision: str = "auto"
+    tensorboard: bool = False  # also log metrics to OUT/tensorboard (pip install 'vlmkit[tensorboard]')
 
 
 @dataclass
@@ -95,6 +116,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters; a stage trains them with train: [lora]
 
     def validate(self) -> None:
         from vlmkit.presets import PRESETS
@@ -130,6 +152,24 @@ class Recipe:
                                   f"0 for train.batch_size); lm stages use train.batch_size")
         if self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        t = self.train
+        if t.pack_length < 0 or t.batch_tokens < 0:
+            raise ConfigError(f"train.pack_length ({t.pack_length}) and train.batch_tokens ({t.batch_tokens}) must "
+                              f"be >= 0 (0: the longest sample; no token budget)")
+        if t.distributed not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.distributed: {t.distributed!r}; valid: ddp, fsdp")
+        if t.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision: {t.precision!r}; valid: auto, fp32, bf16")
+        if self.data.shards and t.batch_tokens:
+            raise ConfigError("train.batch_tokens with data.shards: a streamed batch is train.batch_size samples "
+                              "(pack them with train.packing)")
+        uses_lora = any("lora" in st.train for st in self.stages)
+        if uses_lora and not self.lora.targets:
+            raise ConfigError("a stage trains [lora] but lora.targets is empty: name the Linear modules to adapt, "
+                              "e.g. lora: {targets: ['lm.layers.*.attn.*_proj']}")
+        if self.lora.targets and (self.lora.rank < 1 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1):
+            raise ConfigError(f"lora: rank {self.lora.rank} must be >= 1, alpha {self.lora.alpha} > 0, dropout "
+                              f"{self.lora.dropout} in [0, 1)")
 
     def stage_index(self, objective: str = "lm") -> int:
         """Index of the first stage with this objective (the demo recipe starts with a vision stage)."""
