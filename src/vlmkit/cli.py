@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def cmd_train(args) -> None:
     recipe = load_recipe(args.recipe, overrides)
     out = args.out or f"runs/{recipe.name}"
     res = train(recipe, out, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the run
+        return
     print(json.dumps({"checkpoint": str(res.checkpoint), "steps": res.steps, "train_seconds": res.train_seconds,
                       "samples_per_second": res.samples_per_second, "val_loss": res.val_loss}))
 

@@ -82,3 +82,32 @@ def test_two_processes_follow_the_single_process_curve(shapes, single, tmp_path,
         assert merged.keys() == gathered.keys() and all(torch.equal(merged[k], gathered[k]) for k in merged)
         assert isinstance(vlmkit.load(ckpt).chat(shapes / "images" / "000000.png", "What shape?", max_new_tokens=2),
                           str)
+
+
+CLIP = [
+    "model.vision.image_size=[32, 32]", "model.vision.patch_size=8", "model.vision.width=32", "model.vision.depth=1",
+    "model.vision.heads=2", "model.vision.mlp_dim=64", "model.text.width=32", "model.text.depth=1",
+    "model.text.heads=2", "model.text.mlp_dim=64", "model.text.context_length=32", "model.contrastive.embed_dim=32",
+    "tokenizer.vocab_size=400", "data.val_samples=8", "train.batch_size=16", "train.log_every=1",
+    "train.eval_every=1000", "train.save_every=1000", "train.threads=1",
+    "stages=[{name: contrastive, objective: contrastive, train: [all], steps: 20, lr: 2.0e-3}]",
+    "preset=tiny-clip-vit",  # LayerNorm towers: BatchNorm (tiny-clip's CNN) normalises each rank's half on its own
+]
+
+
+def train_clip(shapes, out, nproc: int):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(28500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+    sets = [x for s in [f"data.path={shapes}", *CLIP] for x in ("--set", s)]
+    proc = subprocess.run([*launcher, "-m", "vlmkit", "train", "tiny-clip", "--out", str(out), "--quiet", *sets],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_contrastive_training_under_ddp_follows_the_single_process_curve(shapes, tmp_path):
+    """Each rank embeds its half of the batch; the loss gathers both halves, so the curve is the 1-process one."""
+    a = losses(train_clip(shapes, tmp_path / "one", 1))
+    b = losses(train_clip(shapes, tmp_path / "two", 2))
+    assert len(a) == len(b) == 20 and a[-1] < a[0]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, list(zip(a, b))

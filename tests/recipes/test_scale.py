@@ -70,8 +70,8 @@ def test_packed_training_equals_padded_training(shapes, tmp_path):
     pad = [r["padding_fraction"] for r in rows(tmp_path / "padded") if "loss" in r]
     packed = [r["padding_fraction"] for r in rows(tmp_path / "packed") if "loss" in r]
     assert all(0 <= x < 1 for x in pad + packed) and pad[-1] > 0.05  # reported (the bench compares them)
-    report = (tmp_path / "packed" / "report.md").read_text()
-    assert "adding" in report and (tmp_path / "packed" / "report.png").stat().st_size > 10_000
+    report = (tmp_path / "packed" / "training_report.md").read_text()
+    assert "adding" in report and (tmp_path / "packed" / "training_report.png").stat().st_size > 10_000
 
 
 def test_gradient_accumulation_is_normalised_by_tokens(shapes, tmp_path):
@@ -82,8 +82,11 @@ def test_gradient_accumulation_is_normalised_by_tokens(shapes, tmp_path):
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
 
 
-def test_token_budget_batches_vary_in_samples_and_stay_within_budget(shapes, tmp_path):
-    run(recipe(shapes, LM_ONLY, "train.batch_tokens=1200", "train.packing=true"), tmp_path / "run")
+def test_token_budget_batches_vary_in_samples_and_log_to_tensorboard(shapes, tmp_path):
+    pytest.importorskip("tensorboard")
+    run(recipe(shapes, LM_ONLY, "train.batch_tokens=1200", "train.packing=true", "train.tensorboard=true"),
+        tmp_path / "run")
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     recs = [r for r in rows(tmp_path / "run") if "loss" in r]
     assert len({r["samples"] for r in recs}) > 1  # as many samples as fit, not a fixed count
     assert all(0 <= r["padding_fraction"] < 0.5 for r in recs)
@@ -194,3 +197,10 @@ def test_training_streams_shards_and_resumes_exactly(shapes, tmp_path):
 def test_shards_with_a_token_budget_are_refused(shapes):
     with pytest.raises(ConfigError, match="batch_tokens with data.shards"):
         recipe(shapes, "data.shards=x", "train.batch_tokens=100")
+
+
+def test_compiled_blocks_train_as_eager_ones(shapes, tmp_path):
+    pytest.importorskip("torch._inductor")
+    run(recipe(shapes, LM_ONLY, "stages.0.steps=2"), tmp_path / "eager")
+    run(recipe(shapes, LM_ONLY, "stages.0.steps=2", "train.compile=true"), tmp_path / "compiled")
+    assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "compiled"), abs=1e-4)

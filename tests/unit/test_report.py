@@ -1,4 +1,4 @@
-"""write_report (report.md + report.png from metrics.jsonl) and TensorBoardWriter."""
+"""write_report (training_report.md + training_report.png from metrics.jsonl) and TensorBoardWriter."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _check_png(path, min_px: int = 400):
 def test_report_full_run(tmp_path):
     _write(tmp_path / "metrics.jsonl", _full_run())
     md_path = write_report(tmp_path)
-    assert md_path == tmp_path / "report.md"
+    assert md_path == tmp_path / "training_report.md"
     md = md_path.read_text()
     assert md.startswith("# Training report: llava-two-stage\n")
     for text in ("| steps | 200 |", "| final loss | 0.4321 |", "| best val loss | 0.9876 (step 150) |",
@@ -80,17 +80,17 @@ def test_report_full_run(tmp_path):
     assert "| language | 7,654,321 | trainable | 2e-05 |" in finetune
     assert "best val loss 1.7500 (step 100)" in align
     assert "final loss 0.4321; best val loss 0.9876 (step 150)" in finetune
-    assert "![training report](report.png)" in md
-    _check_png(tmp_path / "report.png")
+    assert "![training report](training_report.png)" in md
+    _check_png(tmp_path / "training_report.png")
     # atomic writes leave no temporaries behind
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "report.md", "report.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "training_report.md", "training_report.png"]
 
 
 def test_report_title_and_rewrite(tmp_path):
     _write(tmp_path / "metrics.jsonl", _full_run())
     write_report(tmp_path, title="my run")
     write_report(tmp_path, title="my run")  # overwriting an existing report works
-    assert (tmp_path / "report.md").read_text().startswith("# my run\n")
+    assert (tmp_path / "training_report.md").read_text().startswith("# my run\n")
 
 
 def test_report_old_style_metrics(tmp_path):
@@ -109,7 +109,7 @@ def test_report_old_style_metrics(tmp_path):
         assert absent not in md, absent
     assert "| vision | 5,000 | trainable | 0.0005 |" in md
     assert md.startswith(f"# Training report: {tmp_path.name}\n")
-    _check_png(tmp_path / "report.png")
+    _check_png(tmp_path / "training_report.png")
 
 
 def test_report_minimal_metrics(tmp_path):
@@ -117,11 +117,11 @@ def test_report_minimal_metrics(tmp_path):
     _write(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}])
     md = write_report(tmp_path).read_text()
     assert "| final loss | 2.5000 |" in md and "## Stages" not in md
-    _check_png(tmp_path / "report.png", min_px=300)
+    _check_png(tmp_path / "training_report.png", min_px=300)
     _write(tmp_path / "metrics.jsonl", [{"event": "data", "step": 0, "images": 10}])
     md = write_report(tmp_path).read_text()
     assert "No step records yet." in md
-    _check_png(tmp_path / "report.png", min_px=300)
+    _check_png(tmp_path / "training_report.png", min_px=300)
 
 
 def test_report_resumed_stage_announced_once(tmp_path):
@@ -135,7 +135,7 @@ def test_report_resumed_stage_announced_once(tmp_path):
 def test_report_missing_file(tmp_path):
     with pytest.raises(DataError, match="metrics.jsonl"):
         write_report(tmp_path)
-    assert not (tmp_path / "report.md").exists()
+    assert not (tmp_path / "training_report.md").exists()
 
 
 @pytest.mark.parametrize("bad, why", [('{"step": 3, "loss": 1.', "not valid JSON"),
@@ -145,7 +145,7 @@ def test_report_bad_line(tmp_path, bad, why):
     _write(tmp_path / "metrics.jsonl", good, ["\n", bad + "\n"])  # line 3 blank, line 4 bad
     with pytest.raises(DataError, match=rf"metrics\.jsonl, line 4: {why}"):
         write_report(tmp_path)
-    assert not (tmp_path / "report.md").exists() and not (tmp_path / "report.png").exists()
+    assert not (tmp_path / "training_report.md").exists() and not (tmp_path / "training_report.png").exists()
 
 
 def test_plot_loss_and_read_metrics_still_work(tmp_path):

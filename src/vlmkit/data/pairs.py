@@ -138,14 +138,18 @@ class PairDataset:
             self._pixels[i] = x
         return x
 
-    def batch(self, indices: list[int], position: int | None = None) -> dict:
+    def batch(self, indices: list[int], position: int | None = None, part: tuple[int, int] = (0, 1)) -> dict:
         """{"pixel_values": [B, C, H, W], "input_ids": [B, T]} for images ``indices``, each with one of its captions:
-        drawn with a generator seeded by (seed, ``position``), or the first caption when ``position`` is None."""
+        drawn with a generator seeded by (seed, ``position``), or the first caption when ``position`` is None.
+        ``part`` (rank, world): only every world-th pair from rank, with the captions the whole batch would give
+        them (a process of a multi-process run builds its share of the global batch)."""
         if position is None:
             picks = [0] * len(indices)
         else:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
             picks = torch.randint(0, 2**31 - 1, (len(indices),), generator=g).tolist()
+        rank, world = part
+        indices, picks = indices[rank::world], picks[rank::world]
         rows = [self.captions[i][k % len(self.captions[i])] for i, k in zip(indices, picks)]
         pixels = torch.stack([self.image(i) for i in indices])
         return {"pixel_values": pixels, "input_ids": self.processor.pad_texts(rows)}

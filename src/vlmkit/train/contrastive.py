@@ -26,9 +26,11 @@ from vlmkit.eval.metrics.retrieval import retrieval_metrics
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
+from vlmkit.train.distributed import batchnorm_note, init_distributed, wrap_model
 from vlmkit.train.optim import (freeze_for_stage, load_optimizer, lr_factor, make_optimizer, set_lr,
                                 set_train_mode)
 from vlmkit.train.recipe import Recipe
+from vlmkit.train.report import write_report
 from vlmkit.train.stream import BatchStream
 from vlmkit.utils import seed_everything
 
@@ -105,13 +107,22 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
                       stop_at_step: int | None = None, on_eval: Callable | None = None):
     """Run every stage of a dual-encoder recipe; the last checkpoint is ``out/checkpoint``. ``on_eval(model,
     processor, step, train_seconds)`` is called at each validation (its time is not training time)."""
-    from vlmkit.train.loop import (MetricsLog, TrainResult, _log_stage, _read_state, _resumed, cell_label_stage,
-                                   save_training_checkpoint, start_from)
+    from vlmkit.train.loop import (MetricsLog, TrainResult, _clean_stale, _log_stage, _read_state, _resumed,
+                                   cell_label_stage, save_training_checkpoint, start_from)
 
+    info = init_distributed(recipe.train.distributed)
+    if info.strategy == "fsdp":
+        raise ConfigError("train.distributed fsdp: dual encoders train under DDP (train.distributed: ddp); they are "
+                          "small enough to replicate, and their loss already gathers every rank's embeddings")
+    if not info.is_main:
+        log, progress = (lambda msg: None), False
     log = log or (lambda msg: tqdm.write(msg))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
+    if info.is_main:
+        _clean_stale(ckpt)
+    info.barrier()
     state = _read_state(ckpt) if resume else None
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -155,12 +166,18 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
     batch_size = recipe.train.batch_size
     if batch_size > len(train_ds):
         raise ConfigError(f"train.batch_size {batch_size} is larger than the {len(train_ds)} training images")
+    if batch_size % info.world:
+        raise ConfigError(f"train.batch_size {batch_size} is not a multiple of the {info.world} processes (the "
+                          f"contrastive loss gathers equal shares from every rank)")
 
     step = state["global_step"] if state else 0
     stream = BatchStream(len(train_ds), batch_size, recipe.train.seed, state["stream_position"] if state else 0,
                          drop_last=True)  # one image never twice in a batch, even across an epoch's end
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step if state else -1)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step if state else -1, enabled=info.is_main,
+                         tensorboard=out / "tensorboard" if recipe.train.tensorboard else None)
     if not state:
+        metrics.write(event="run", step=0, world_size=info.world, strategy=info.strategy, packing=False,
+                      parameters=count_parameters(model), recipe=recipe.name, preset=recipe.init_from or recipe.preset)
         metrics.write(event="data", step=0, images=len(train_ds), captions=train_ds.n_captions,
                       truncated_captions=n_trunc, context_length=context, skipped_rows=report.skipped)
     elapsed = state["train_seconds"] if state else 0.0
@@ -180,11 +197,15 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
             step, seconds, stop = cell_label_stage(
                 model, model.vision.encoder, cfg, processor, recipe, si, metrics, pbar, step, log, stop_at_step, ckpt,
                 {"stream_position": stream.position, "train_seconds": elapsed, "samples_seen": n_samples,
-                 "tokens_seen": 0})
+                 "tokens_seen": 0}, info)
             elapsed += seconds
             if stop:
                 break
             continue
+        note = batchnorm_note(model, info)
+        if note:
+            log(note)
+        net = wrap_model(model, info)
         opt = make_optimizer(model, stage)
         first = 0
         if state and si == state["stage"]:
@@ -195,9 +216,9 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
             t0 = time.perf_counter()
             set_lr(opt, lr_factor(s, stage))
             position = stream.position
-            batch = train_ds.batch(stream.next(), position)
-            res = model(batch["pixel_values"], batch["input_ids"])
-            res.loss.backward()
+            batch = train_ds.batch(stream.next(), position, part=(info.rank, info.world))
+            res = net(batch["pixel_values"], batch["input_ids"])
+            res.loss.backward()  # each rank's rows against every rank's columns; DDP averages the gradients
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        recipe.train.max_grad_norm)
             opt.step()
@@ -206,7 +227,7 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
             elapsed += time.perf_counter() - t0
             step += 1
             n_samples += batch_size
-            loss = float(res.loss.detach())
+            loss = info.all_sum([float(res.loss.detach())])[0] / info.world  # the whole batch's loss
             loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
             pbar.update(1)
             pbar.set_postfix(stage=stage.name, loss=f"{loss_ema:.3f}", images_s=f"{n_samples / elapsed:.0f}")
@@ -227,13 +248,18 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
                 st = {"global_step": step, "stage": si + 1 if last_of_stage else si,
                       "step_in_stage": 0 if last_of_stage else s + 1, "stream_position": stream.position,
                       "train_seconds": elapsed, "samples_seen": n_samples, "tokens_seen": 0}
-                save_training_checkpoint(ckpt, model, cfg, processor, None if last_of_stage else opt, st, recipe)
+                save_training_checkpoint(ckpt, model, cfg, processor, None if last_of_stage else opt, st, recipe,
+                                         info)
             if stop_at_step is not None and step >= stop_at_step:
                 break
         if stop_at_step is not None and step >= stop_at_step:
             break
     pbar.close()
+    metrics.close()
     model.eval()
+    if info.is_main and (out / "metrics.jsonl").exists():
+        write_report(out)
+    info.finish()
     return TrainResult(ckpt, step, elapsed, n_samples / max(elapsed, 1e-9), 0.0,
                        loss_ema if loss_ema is not None else float("nan"), val.get("val_loss"))
 

@@ -35,6 +35,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     strategy: str = "none"  # none (one process), ddp, fsdp
+    owned: bool = False  # the process group was created here (and is destroyed by finish())
 
     @property
     def is_main(self) -> bool:
@@ -43,6 +44,11 @@ class DistInfo:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+    def finish(self) -> None:
+        """Leave the process group this run joined (one created by the caller is left alone)."""
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
 
     def barrier(self) -> None:
         if self.active:
@@ -71,13 +77,14 @@ def init_distributed(strategy: str) -> DistInfo:
         return DistInfo()
     if strategy not in STRATEGIES:
         raise ConfigError(f"train.distributed: {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, strategy)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, strategy, owned)
 
 
 def shard_of(indices: list, info: DistInfo) -> list:
@@ -115,6 +122,19 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
             fully_shard(model)
         return model
     return model
+
+
+def batchnorm_note(model: nn.Module, info: DistInfo) -> str:
+    """Under DDP, BatchNorm layers that train normalise each rank's share of the batch with its own statistics
+    (so the run is not the single-process one); on CUDA they become SyncBatchNorm. Returns what was done."""
+    training = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not info.active or not training:
+        return ""
+    if torch.cuda.is_available():
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return f"{len(training)} BatchNorm layers synchronised across ranks (SyncBatchNorm)"
+    return (f"note: {len(training)} BatchNorm layers train and each rank normalises its own share of the batch "
+            f"(SyncBatchNorm needs CUDA); the run differs from one process of the same global batch")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -193,5 +213,5 @@ def consolidate(checkpoint) -> None:
     os.replace(tmp, folder / "model.safetensors")
 
 
-__all__ = ["STRATEGIES", "DistInfo", "consolidate", "full_state_dict", "grad_norm_value", "init_distributed",
+__all__ = ["STRATEGIES", "DistInfo", "batchnorm_note", "consolidate", "full_state_dict", "grad_norm_value", "init_distributed",
            "load_sharded", "save_sharded", "shard_of", "transformer_blocks", "unwrap", "wrap_model"]

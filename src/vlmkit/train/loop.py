@@ -30,7 +30,7 @@ from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import IGNORE, Processor, TextTokenizer, train_bpe
 from vlmkit.train.cell_labels import run_cell_label_stage
-from vlmkit.train.distributed import (DistInfo, full_state_dict, grad_norm_value, init_distributed, load_sharded,
+from vlmkit.train.distributed import (DistInfo, batchnorm_note, full_state_dict, grad_norm_value, init_distributed, load_sharded,
                                       save_sharded, shard_of, transformer_blocks, unwrap, wrap_model)
 from vlmkit.train.frozen_features import FrozenVisionFeatures
 from vlmkit.train.lora import apply_lora, save_adapter
@@ -526,12 +526,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         _log_stage(log, si, stage, table, model)
         metrics.write(event="stage", step=step, stage=stage.name, modules=table)
         if stage.objective == "cell_labels":
-            if info.active:
-                raise ConfigError("cell_labels stages run in one process; start the run without torchrun, or "
-                                  "drop the stage")
+            _check_replicated_stage(model, info)
             step, seconds, stop = cell_label_stage(
                 model, model.encoder, cfg, processor, recipe, si, metrics, pbar, step, log, stop_at_step, ckpt,
-                counters())
+                counters(), info)
             elapsed += seconds
             if stop:
                 break
@@ -554,6 +552,9 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             elapsed += time.perf_counter() - t0
             log(f"  vision features of {len(features):,} images precomputed in {time.perf_counter() - t0:.1f} s "
                 f"({features.nbytes / 2**20:,.0f} MiB)")
+        note = batchnorm_note(model, info)
+        if note:
+            log(note)
         net = wrap_model(model, info)
         opt = make_optimizer(net if info.strategy == "fsdp" else model, stage)
         first = 0
@@ -619,15 +620,28 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     model.eval()
     if info.is_main and (out / "metrics.jsonl").exists():
         write_report(out)
+    info.finish()
     return TrainResult(ckpt, step, elapsed, n_samples / max(elapsed, 1e-9), n_tokens / max(elapsed, 1e-9),
                        loss_ema if loss_ema is not None else float("nan"), val_loss)
 
 
+def _check_replicated_stage(model, info: DistInfo) -> None:
+    """A cell_labels stage runs whole on every rank (the same seeded computation, so the replicas stay equal: it
+    is the small tower's pretraining); under FSDP only before the model is sharded."""
+    if info.strategy == "fsdp":
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            raise ConfigError("a cell_labels stage after a sharded (FSDP) stage: put it first, or use DDP")
+
+
 def cell_label_stage(model, encoder, cfg, processor, recipe: Recipe, si: int, metrics, pbar, step: int, log,
-                     stop_at_step: int | None, ckpt: Path, counters: dict) -> tuple[int, float, bool]:
+                     stop_at_step: int | None, ckpt: Path, counters: dict,
+                     info: DistInfo | None = None) -> tuple[int, float, bool]:
     """Stage ``si`` of ``recipe``, a cell_labels stage on ``encoder`` (the image tower alone), and the checkpoint
     after it -> (global step, seconds spent, whether the run stops here). The stage is never checkpointed midway:
-    an interrupted one reruns whole. ``counters``: the stream position and running totals saved with it."""
+    an interrupted one reruns whole. ``counters``: the stream position and running totals saved with it. Under
+    torchrun every rank runs it (see :func:`_check_replicated_stage`) and rank 0 saves."""
     stage = recipe.stages[si]
     first = step
     step, seconds = run_cell_label_stage(
@@ -638,7 +652,7 @@ def cell_label_stage(model, encoder, cfg, processor, recipe: Recipe, si: int, me
         return step, seconds, True  # stopped inside the stage (stop_at_step): nothing of it is saved
     st = {**counters, "global_step": step, "stage": si + 1, "step_in_stage": 0,
           "train_seconds": counters["train_seconds"] + seconds}
-    save_training_checkpoint(ckpt, model, cfg, processor, None, st, recipe)
+    save_training_checkpoint(ckpt, model, cfg, processor, None, st, recipe, info)
     return step, seconds, stop_at_step is not None and step >= stop_at_step
 
 

@@ -83,7 +83,7 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "trai
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the full report: report.md + report.png
+# the full report: training_report.md + training_report.png
 
 
 def _is_number(v) -> bool:
@@ -255,7 +255,7 @@ def _markdown(run: _Run, title: str) -> str:
         lines += ["## Stages", ""]
         for i in range(len(run.stages)):
             lines += _stage_section(run, i)
-    lines += ["## Curves", "", "![training report](report.png)", ""]
+    lines += ["## Curves", "", "![training report](training_report.png)", ""]
     return "\n".join(lines)
 
 
@@ -349,8 +349,8 @@ def _replace(path: Path, write) -> None:
 
 
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
-    """Write ``run_dir/report.md`` (run summary, per-stage module tables, the figure) and
-    ``run_dir/report.png`` (loss, throughput, padding fraction, learning rate) from
+    """Write ``run_dir/training_report.md`` (run summary, per-stage module tables, the figure) and
+    ``run_dir/training_report.png`` (loss, throughput, padding fraction, learning rate) from
     ``run_dir/metrics.jsonl``; return the .md path.
 
     Both files are replaced atomically. Panels and rows whose fields the run did not record are left out.
@@ -362,10 +362,10 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
         title = f"Training report: {name}"
     fig, plt = _figure(run, title)
     try:
-        _replace(run_dir / "report.png", lambda tmp: fig.savefig(tmp, format="png"))
+        _replace(run_dir / "training_report.png", lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-    md_path = run_dir / "report.md"
+    md_path = run_dir / "training_report.md"
     text = _markdown(run, title)
     _replace(md_path, lambda tmp: tmp.write_text(text))
     return md_path
