@@ -111,3 +111,41 @@ def test_contrastive_training_under_ddp_follows_the_single_process_curve(shapes,
     b = losses(train_clip(shapes, tmp_path / "two", 2))
     assert len(a) == len(b) == 20 and a[-1] < a[0]
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, list(zip(a, b))
+
+
+def test_fsdp_run_killed_mid_checkpoint_resumes_from_its_shards_exactly(shapes, tmp_path):
+    """2 processes under FSDP2, rank 0 killed (SIGKILL) while writing the step-15 checkpoint; torchrun stops the
+    run; --resume loads the step-10 shards (weights, optimizer, data position) and ends on the uninterrupted run's
+    weights, bit for bit."""
+    from vlmkit.train.loop import KILL_IN_CHECKPOINT_ENV
+
+    extra = ["train.distributed=fsdp", "train.save_every=5"]
+    train(shapes, tmp_path / "full", 2, *extra)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(27500 + os.getpid() % 1000)]
+    sets = [x for s in [f"data.path={shapes}", *SETTINGS, *extra] for x in ("--set", s)]
+    args = [*launcher, "-m", "vlmkit", "train", "tiny-llava", "--out", str(tmp_path / "cut"), "--quiet", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                            env={**env, KILL_IN_CHECKPOINT_ENV: "15"})
+    assert killed.returncode != 0
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["global_step"] == 10 and (tmp_path / "cut" / "checkpoint" / "dcp" / ".metadata").is_file()
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    wa = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "checkpoint" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lora_under_fsdp_follows_one_process_and_saves_the_adapters(shapes, tmp_path):
+    lora = ["lora.targets=['lm.layers.*.attn.*_proj']", "lora.rank=4",
+            "stages=[{name: lora, train: [connector, lora], steps: 20, lr: 3.0e-3}]"]
+    a = losses(train(shapes, tmp_path / "one", 1, *lora))
+    b = losses(train(shapes, tmp_path / "two", 2, "train.distributed=fsdp", *lora))
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4 and a[-1] < a[0]
+    for run in ("one", "two"):
+        assert (tmp_path / run / "checkpoint" / "adapter" / "adapter.safetensors").is_file()
+    ad1 = load_file(str(tmp_path / "one" / "checkpoint" / "adapter" / "adapter.safetensors"))
+    ad2 = load_file(str(tmp_path / "two" / "checkpoint" / "adapter" / "adapter.safetensors"))
+    assert ad1.keys() == ad2.keys() and max(float((ad1[k] - ad2[k]).abs().max()) for k in ad1) < 1e-3

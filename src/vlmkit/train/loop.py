@@ -202,14 +202,15 @@ def save_training_checkpoint(folder: Path, model, cfg, processor, opt, state: di
     extra = {"recipe": to_dict(recipe)}
     if recipe.lora.targets:
         extra["lora"] = to_dict(recipe.lora)
+    plain = unwrap(model)
     if info.strategy == "fsdp":
         save_sharded(tmp / "dcp", model, opt)
         full = full_state_dict(model, info) if final else None
+        plain = _plain_copy(full, cfg, processor, recipe) if final and info.is_main else None
         if info.is_main:
-            write_model_files(tmp, _plain_copy(full, cfg, processor, recipe) if final else None, cfg, processor,
-                              extra=extra)
+            write_model_files(tmp, plain, cfg, processor, extra=extra)
     elif info.is_main:
-        write_model_files(tmp, unwrap(model), cfg, processor, extra=extra)
+        write_model_files(tmp, plain, cfg, processor, extra=extra)
         if opt is not None:
             save_optimizer(opt, tmp / "optimizer.safetensors")
     if info.is_main:
@@ -218,8 +219,8 @@ def save_training_checkpoint(folder: Path, model, cfg, processor, opt, state: di
         atomic_write_json(tmp / "trainer_state.json", state, indent=None)
         if os.environ.get(KILL_IN_CHECKPOINT_ENV) == str(state["global_step"]):
             os.kill(os.getpid(), signal.SIGKILL)
-        if recipe.lora.targets and final and info.strategy != "fsdp":  # the adapters alone, for a base model
-            save_adapter(tmp / "adapter", unwrap(model), recipe.lora)
+        if recipe.lora.targets and final:  # the adapters alone, for the base model
+            save_adapter(tmp / "adapter", plain, recipe.lora)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-step{state['global_step']}")
             shutil.rmtree(old, ignore_errors=True)
