@@ -159,6 +159,23 @@ def test_lit_stage_keeps_every_vision_parameter(shapes, tmp_path):
     assert table == {"vision": False, "text": True, "logits": True}
 
 
+def test_lora_on_the_text_tower_trains_adapters_and_the_checkpoint_embeds(shapes, tmp_path):
+    """LiT with LoRA: the image tower and the text tower's weights stay, the adapters and the temperature train."""
+    r = recipe(shapes, "stages.0.steps=12", "stages.0.train=[lora, logits]", "lora.targets=['text.blocks.*.attn.*']",
+               "lora.rank=4")
+    train(r, tmp_path / "run", **QUIET)
+    losses = [x["loss"] for x in rows(tmp_path / "run") if "loss" in x]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    after = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
+    assert float(after["text.blocks.0.attn.q_proj.lora_B.weight"].abs().max()) > 0
+    stage = next(x for x in rows(tmp_path / "run") if x.get("event") == "stage")
+    assert {m["module"]: m["trainable"] for m in stage["modules"]} == {"vision": False, "text": False,
+                                                                         "logits": True, "lora": True}
+    pipe = vlmkit.load(tmp_path / "run" / "checkpoint")  # adapters merged into a plain dual encoder
+    assert not any("lora" in k for k in pipe.model.state_dict())
+    assert pipe.embed_texts(["a red circle."]).shape[0] == 1
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.grad_accum=2", r"train.grad_accum 2: a contrastive loss .* set grad_accum: 1"),
     ("stages.0.objective=lm", r"stages\[0\].objective: 'lm' .* is a dual encoder: set objective: contrastive"),

@@ -27,6 +27,7 @@ from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
 from vlmkit.train.distributed import batchnorm_note, init_distributed, wrap_model
+from vlmkit.train.lora import apply_lora
 from vlmkit.train.optim import (freeze_for_stage, load_optimizer, lr_factor, make_optimizer, set_lr,
                                 set_train_mode)
 from vlmkit.train.recipe import Recipe
@@ -107,8 +108,9 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
                       stop_at_step: int | None = None, on_eval: Callable | None = None):
     """Run every stage of a dual-encoder recipe; the last checkpoint is ``out/checkpoint``. ``on_eval(model,
     processor, step, train_seconds)`` is called at each validation (its time is not training time)."""
-    from vlmkit.train.loop import (MetricsLog, TrainResult, _clean_stale, _log_stage, _read_state, _resumed,
-                                   cell_label_stage, save_training_checkpoint, start_from)
+    from vlmkit.train.loop import (MetricsLog, TrainResult, _autocast, _clean_stale, _log_stage, _read_state,
+                                   _resumed, cell_label_stage, checkpoint_activations, compile_blocks,
+                                   save_training_checkpoint, start_from)
 
     info = init_distributed(recipe.train.distributed)
     if info.strategy == "fsdp":
@@ -152,9 +154,17 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
         cfg, model, processor = build_dual_for_recipe(recipe, tokenizer)
     if not getattr(model, "is_dual_encoder", False):
         raise ConfigError(f"{recipe.init_from or recipe.preset} is not a dual encoder (family {cfg.family})")
+    if recipe.lora.targets and not (state and recipe.init_from):  # a resumed fine-tune's checkpoint has them
+        wrapped = apply_lora(model, recipe.lora)
+        log(f"LoRA rank {recipe.lora.rank} (alpha {recipe.lora.alpha:g}) on {len(wrapped)} Linear modules")
     if state:
         load_model(model, str(ckpt / "model.safetensors"))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    if recipe.train.activation_checkpointing:
+        log(f"activation checkpointing on {checkpoint_activations(model)} blocks")
+    if recipe.train.compile:
+        log(f"torch.compile on {compile_blocks(model)} blocks")
+    autocast = _autocast(recipe.train.precision)
     train_ds = PairDataset(pairs, processor, seed=recipe.train.seed)
     val_ds = PairDataset(_first_images(val_pairs, recipe.data.val_samples), processor) if val_pairs else None
     n_trunc = train_ds.truncated + (val_ds.truncated if val_ds else 0)
@@ -217,7 +227,8 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
             set_lr(opt, lr_factor(s, stage))
             position = stream.position
             batch = train_ds.batch(stream.next(), position, part=(info.rank, info.world))
-            res = net(batch["pixel_values"], batch["input_ids"])
+            with autocast:
+                res = net(batch["pixel_values"], batch["input_ids"])
             res.loss.backward()  # each rank's rows against every rank's columns; DDP averages the gradients
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        recipe.train.max_grad_norm)
