@@ -36,6 +36,19 @@ def cmd_train(args) -> None:
                       "samples_per_second": res.samples_per_second, "val_loss": res.val_loss}))
 
 
+def cmd_data_shard(args) -> None:
+    """Write a dataset (LLaVA / COCO captions JSON, or CSV/TSV pairs) as WebDataset tar shards."""
+    from vlmkit.data.shards import write_shards
+
+    index = write_shards(args.src, args.out, args.samples_per_shard, image_root=args.image_root,
+                         csv_image_key=args.csv_image_key, csv_caption_key=args.csv_caption_key,
+                         csv_separator=args.csv_separator, progress=not args.quiet,
+                         skip_bad=args.skip_bad_samples, verify_images=not args.no_verify_images,
+                         overwrite=args.overwrite)
+    print(json.dumps({"out": str(index.folder), "kind": index.kind, "shards": len(index.shards),
+                      "samples": index.samples, "bytes": index.bytes, "skipped": index.skipped}))
+
+
 def cmd_consolidate(args) -> None:
     """Write model.safetensors of a sharded (FSDP) checkpoint from its dcp/ shards, on one process."""
     from vlmkit.train.distributed import consolidate
@@ -200,9 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    from vlmkit.data.shards import add_shard_arguments, cmd_data_shard
-
-    add_shard_arguments(data.add_parser("shard", help=cmd_data_shard.__doc__, description=cmd_data_shard.__doc__))
+    sh = data.add_parser("shard", help=cmd_data_shard.__doc__, description=cmd_data_shard.__doc__)
+    sh.add_argument("src", metavar="SRC",
+                    help="a LLaVA or COCO captions JSON file (conversations), or a CSV/TSV of image-caption pairs")
+    sh.add_argument("--out", required=True, help="output folder of the shards and index.json")
+    sh.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default 1000)")
+    sh.add_argument("--image-root", help="folder the image paths are relative to (default: SRC's folder)")
+    sh.add_argument("--csv-image-key", default="image", help="CSV/TSV column of the image path")
+    sh.add_argument("--csv-caption-key", default="caption", help="CSV/TSV column of the caption")
+    sh.add_argument("--csv-separator", default="", help="CSV/TSV separator (default: by extension)")
+    sh.add_argument("--skip-bad-samples", action="store_true", help="skip and count bad rows instead of failing")
+    sh.add_argument("--no-verify-images", action="store_true",
+                    help="do not decode every image while writing (faster; corrupt ones reach training)")
+    sh.add_argument("--overwrite", action="store_true", help="replace the shards of an existing folder")
+    sh.add_argument("--quiet", action="store_true", help="no progress bar")
+    sh.set_defaults(fn=cmd_data_shard)
     ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_command",
                                                                               required=True)
     co = ck.add_parser("consolidate", help=cmd_consolidate.__doc__, description=cmd_consolidate.__doc__)

@@ -4,10 +4,10 @@ plus compatibility with the webdataset package itself."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import json
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -20,7 +20,8 @@ from vlmkit.data import shards as shards_mod
 from vlmkit.data.conversations import read_conversations
 from vlmkit.data.pairs import read_pairs
 from vlmkit.data.shapes import generate_shapes
-from vlmkit.data.shards import ShardStream, add_shard_arguments, read_index, write_shards
+from vlmkit.cli import main
+from vlmkit.data.shards import ShardStream, read_index, write_shards
 from vlmkit.errors import DataError
 
 
@@ -167,23 +168,20 @@ def test_an_interrupted_write_leaves_no_index_and_no_temporary_files(world, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["index.json"] + [s["name"] for s in fewer.shards]
 
 
-def test_cmd_data_shard_through_argparse(world, tmp_path, capsys):
+def test_vlmkit_data_shard_command(world, tmp_path, capsys):
     pairs = read_pairs(world / "pairs_train.csv")
     lines = ["filepath\ttitle"] + [f"{p.image}\t{p.caption}" for p in pairs] + ["nowhere.png\ta lost image"]
     (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
-    parser = add_shard_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / "out"),
-                              "--samples-per-shard", "5", "--csv-image-key", "filepath",
-                              "--csv-caption-key", "title", "--skip-bad-samples", "--quiet"])
-    args.fn(args)
+    common = ["--csv-image-key", "filepath", "--csv-caption-key", "title", "--quiet"]
+    assert main(["data", "shard", str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / "out"),
+                 "--samples-per-shard", "5", "--skip-bad-samples", *common]) == 0
     summary = json.loads(capsys.readouterr().out)
     index = read_index(tmp_path / "out")
     assert summary == {"out": str(tmp_path / "out"), "kind": "pairs", "shards": 4, "samples": 18,
                        "bytes": sum(p.stat().st_size for p in index.paths), "skipped": 1}
-    args = parser.parse_args([str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / "out2"), "--quiet",
-                              "--csv-image-key", "filepath", "--csv-caption-key", "title"])
-    with pytest.raises(DataError, match="row 20 of .*nowhere.png"):
-        args.fn(args)
+    assert main(["data", "shard", str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / "out2"), *common]) == 2
+    assert re.search(r"row 20 of .*nowhere.png", capsys.readouterr().err)
+    assert not (tmp_path / "out2" / "index.json").exists()
 
 
 # -------------------------------------------------------------------------------------------------- reading

@@ -27,7 +27,6 @@ round robin, one at a time, so sample k of a rank is sample k // W of worker k %
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -515,39 +514,4 @@ def _open_image(name: str, data: bytes) -> Image.Image:
         raise _Bad(f"cannot decode image {name}: {e}") from e
 
 
-# -------------------------------------------------------------------------------------------------------- CLI
-
-
-def add_shard_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``vlmkit data shard`` (sets ``fn`` to :func:`cmd_data_shard`)."""
-    parser.add_argument("src", metavar="SRC",
-                        help="a LLaVA or COCO captions JSON file (conversations), or a CSV/TSV of "
-                             "image-caption pairs")
-    parser.add_argument("--out", required=True, help="output folder of the shards and index.json")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default 1000)")
-    parser.add_argument("--image-root", help="folder the image paths are relative to (default: SRC's folder)")
-    parser.add_argument("--csv-image-key", default="image", help="CSV/TSV column of the image path")
-    parser.add_argument("--csv-caption-key", default="caption", help="CSV/TSV column of the caption")
-    parser.add_argument("--csv-separator", default="", help="CSV/TSV separator (default: by extension)")
-    parser.add_argument("--skip-bad-samples", action="store_true",
-                        help="skip and count bad rows instead of failing")
-    parser.add_argument("--no-verify-images", action="store_true",
-                        help="do not decode every image while writing (faster; corrupt ones reach training)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the shards of an existing folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(fn=cmd_data_shard)
-    return parser
-
-
-def cmd_data_shard(args) -> None:
-    """Write a dataset (LLaVA / COCO captions JSON, or CSV/TSV pairs) as WebDataset tar shards."""
-    index = write_shards(args.src, args.out, args.samples_per_shard, image_root=args.image_root,
-                         csv_image_key=args.csv_image_key, csv_caption_key=args.csv_caption_key,
-                         csv_separator=args.csv_separator, progress=not args.quiet,
-                         skip_bad=args.skip_bad_samples, verify_images=not args.no_verify_images,
-                         overwrite=args.overwrite)
-    print(json.dumps({"out": str(index.folder), "kind": index.kind, "shards": len(index.shards),
-                      "samples": index.samples, "bytes": index.bytes, "skipped": index.skipped}))
-
-
-__all__ = ["ShardIndex", "ShardStream", "add_shard_arguments", "cmd_data_shard", "read_index", "write_shards"]
+__all__ = ["ShardIndex", "ShardStream", "read_index", "write_shards"]

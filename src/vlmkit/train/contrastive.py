@@ -269,7 +269,10 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
     metrics.close()
     model.eval()
     if info.is_main and (out / "metrics.jsonl").exists():
-        write_report(out)
+        try:
+            write_report(out)
+        except Exception as e:  # the run is done and saved; a report that fails must not fail it
+            log(f"warning: the training report was not written: {e}")
     info.finish()
     return TrainResult(ckpt, step, elapsed, n_samples / max(elapsed, 1e-9), 0.0,
                        loss_ema if loss_ema is not None else float("nan"), val.get("val_loss"))

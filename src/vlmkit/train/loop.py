@@ -620,7 +620,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     metrics.close()
     model.eval()
     if info.is_main and (out / "metrics.jsonl").exists():
-        write_report(out)
+        try:
+            write_report(out)
+        except Exception as e:  # the run is done and saved; a report that fails must not fail it
+            log(f"warning: the training report was not written: {e}")
     info.finish()
     return TrainResult(ckpt, step, elapsed, n_samples / max(elapsed, 1e-9), n_tokens / max(elapsed, 1e-9),
                        loss_ema if loss_ema is not None else float("nan"), val_loss)
