@@ -204,3 +204,14 @@ def test_compiled_blocks_train_as_eager_ones(shapes, tmp_path):
     run(recipe(shapes, LM_ONLY, "stages.0.steps=2"), tmp_path / "eager")
     run(recipe(shapes, LM_ONLY, "stages.0.steps=2", "train.compile=true"), tmp_path / "compiled")
     assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "compiled"), abs=1e-4)
+
+
+def test_a_kill_between_the_two_renames_leaves_the_previous_checkpoint_to_resume(tmp_path):
+    from vlmkit.train.loop import _clean_stale
+
+    (tmp_path / ".checkpoint.old-step6").mkdir()
+    (tmp_path / ".checkpoint.old-step6" / "trainer_state.json").write_text('{"global_step": 6}')
+    (tmp_path / ".checkpoint.tmp-step9").mkdir()
+    _clean_stale(tmp_path / "checkpoint")
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

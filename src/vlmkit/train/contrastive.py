@@ -31,7 +31,6 @@ from vlmkit.train.lora import apply_lora
 from vlmkit.train.optim import (freeze_for_stage, load_optimizer, lr_factor, make_optimizer, set_lr,
                                 set_train_mode)
 from vlmkit.train.recipe import Recipe
-from vlmkit.train.report import write_report
 from vlmkit.train.stream import BatchStream
 from vlmkit.utils import seed_everything
 
@@ -109,7 +108,7 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
     """Run every stage of a dual-encoder recipe; the last checkpoint is ``out/checkpoint``. ``on_eval(model,
     processor, step, train_seconds)`` is called at each validation (its time is not training time)."""
     from vlmkit.train.loop import (MetricsLog, TrainResult, _autocast, _clean_stale, _log_stage, _read_state,
-                                   _resumed, cell_label_stage, checkpoint_activations, compile_blocks,
+                                   _resumed, cell_label_stage, checkpoint_activations, compile_blocks, finish_run,
                                    save_training_checkpoint, start_from)
 
     info = init_distributed(recipe.train.distributed)
@@ -268,12 +267,7 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
     pbar.close()
     metrics.close()
     model.eval()
-    if info.is_main and (out / "metrics.jsonl").exists():
-        try:
-            write_report(out)
-        except Exception as e:  # the run is done and saved; a report that fails must not fail it
-            log(f"warning: the training report was not written: {e}")
-    info.finish()
+    finish_run(out, info, log)
     return TrainResult(ckpt, step, elapsed, n_samples / max(elapsed, 1e-9), 0.0,
                        loss_ema if loss_ema is not None else float("nan"), val.get("val_loss"))
 

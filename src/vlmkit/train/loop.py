@@ -30,8 +30,8 @@ from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import IGNORE, Processor, TextTokenizer, train_bpe
 from vlmkit.train.cell_labels import run_cell_label_stage
-from vlmkit.train.distributed import (DistInfo, batchnorm_note, full_state_dict, grad_norm_value, init_distributed, load_sharded,
-                                      save_sharded, shard_of, transformer_blocks, unwrap, wrap_model)
+from vlmkit.train.distributed import (DistInfo, batchnorm_note, full_state_dict, grad_norm_value, init_distributed,
+                                      load_sharded, save_sharded, shard_of, transformer_blocks, unwrap, wrap_model)
 from vlmkit.train.frozen_features import FrozenVisionFeatures
 from vlmkit.train.lora import apply_lora, save_adapter
 from vlmkit.train.optim import (
@@ -242,8 +242,8 @@ def _plain_copy(state_dict: dict, cfg, processor, recipe: Recipe):
 
 
 def _clean_stale(folder: Path) -> None:
-    """Remove what a killed run left half-written beside the checkpoint (never looked at: the checkpoint is only
-    ever replaced by one rename)."""
+    """Remove what a killed run left beside the checkpoint: a half-written ``.tmp-*`` folder (never read), or, when
+    the kill came between the two renames that swap a checkpoint in, put the previous one (``.old-*``) back."""
     for p in folder.parent.glob(f".{folder.name}.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
     for p in folder.parent.glob(f".{folder.name}.old-*"):
@@ -557,7 +557,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         if note:
             log(note)
         net = wrap_model(model, info)
-        opt = make_optimizer(net if info.strategy == "fsdp" else model, stage)
+        opt = make_optimizer(model, stage)
         first = 0
         if state and si == state["stage"]:
             first = state["step_in_stage"]
@@ -619,12 +619,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     pbar.close()
     metrics.close()
     model.eval()
-    if info.is_main and (out / "metrics.jsonl").exists():
-        try:
-            write_report(out)
-        except Exception as e:  # the run is done and saved; a report that fails must not fail it
-            log(f"warning: the training report was not written: {e}")
-    info.finish()
+    finish_run(out, info, log)
     return TrainResult(ckpt, step, elapsed, n_samples / max(elapsed, 1e-9), n_tokens / max(elapsed, 1e-9),
                        loss_ema if loss_ema is not None else float("nan"), val_loss)
 
@@ -637,6 +632,16 @@ def _check_replicated_stage(model, info: DistInfo) -> None:
 
         if isinstance(model, FSDPModule):
             raise ConfigError("a cell_labels stage after a sharded (FSDP) stage: put it first, or use DDP")
+
+
+def finish_run(out: Path, info: DistInfo, log) -> None:
+    """The end of a run (either loop): the training report (rank 0), then leave the process group."""
+    if info.is_main and (out / "metrics.jsonl").exists():
+        try:
+            write_report(out)
+        except Exception as e:  # the run is done and saved; a report that fails must not fail it
+            log(f"warning: the training report was not written: {e}")
+    info.finish()
 
 
 def cell_label_stage(model, encoder, cfg, processor, recipe: Recipe, si: int, metrics, pbar, step: int, log,
