@@ -233,6 +233,48 @@ class Processor:
             return self.encode_whole("".join(s.text for s in segs), images, where)
         return self.encode_segments(segs, self._count(images), where)[0]
 
+    def encode_chat_messages(self, messages: list[dict], images: int | ImageInputs,
+                             where: str = "prompt") -> list[int]:
+        """A conversation [{"role": "system"|"user"|"assistant", "content": str}, ...] ending with a user turn ->
+        prompt ids ending in the assistant's generation prompt (the serving path; one user turn is exactly
+        :meth:`encode_chat_prompt`). Image placeholders (``<image>``) mark the images in order; without any, the
+        images go before the first user turn's text."""
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: messages must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] must be {{'role': system|user|assistant, 'content': str}}")
+        if messages[-1]["role"] != "user":
+            raise DataError(f"{where}: the last message must be the user's (the model answers it)")
+        users = [m for m in messages if m["role"] == "user"]
+        if len(messages) == 1:
+            return self.encode_chat_prompt(messages[0]["content"], images, where)
+        images = self._as_inputs(images, where)
+        n = self._count(images)
+        if isinstance(images, ImageInputs) and self.images.format_prompt("", 0) is not None:
+            raise DataError(f"{where}: this family ({self.cfg.image_processor} processor) answers one prompt; send "
+                            f"a single user message")
+        marks = (DATA_PLACEHOLDER, self.cfg.image_token)
+        if n and not any(mark in m["content"] for m in messages for mark in marks):
+            first = users[0]
+            messages = [dict(m, content=(DATA_PLACEHOLDER + "\n") * n + m["content"]) if m is first else m
+                        for m in messages]
+        if self.cfg.chat_template_jinja:
+            tok = self.tokenizer
+            t = jinja_template(self.cfg.chat_template_jinja, self.cfg.image_token, tok.bos_token, tok.eos_token)
+            text = t.render(messages, add_generation_prompt=True)
+            bos = tok.bos_token
+            special = not (bos and text.startswith(bos))
+            if isinstance(images, ImageInputs):
+                return self.encode_whole(text, images, where, special)
+            return self.encode_segments([Segment(text)], images, where)[0]
+        messages = [dict(m, content=m["content"].replace(DATA_PLACEHOLDER, self.cfg.image_token)) for m in messages]
+        segs = self.template.render(messages, add_generation_prompt=True)
+        if isinstance(images, ImageInputs) and self.cfg.text_mode == "whole":
+            return self.encode_whole("".join(s.text for s in segs), images, where)
+        return self.encode_segments(segs, self._count(images), where)[0]
+
     def encode_prompt(self, prompt: str, images: int | ImageInputs, where: str = "prompt") -> list[int]:
         """Raw text (no template) with image placeholders -> ids."""
         images = self._as_inputs(images, where)

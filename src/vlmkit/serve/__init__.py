@@ -1,0 +1,1 @@
+"""Serving: the continuous-batching engine (engine.py), the OpenAI-compatible HTTP API (api.py) and its chat page."""
