@@ -49,6 +49,39 @@ def cmd_data_shard(args) -> None:
                       "samples": index.samples, "bytes": index.bytes, "skipped": index.skipped}))
 
 
+def cmd_serve(args) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (chat completions with images, streaming,
+    embeddings for dual encoders) with continuous batching, and a chat page at /."""
+    try:
+        import uvicorn
+
+        from vlmkit.serve.api import create_app
+    except ImportError as e:
+        raise ConfigError(f"vlmkit serve needs the web stack ({e.name} is missing): pip install 'vlmkit[serve]'") from e
+    from vlmkit.pipeline import Pipeline
+    from vlmkit.serve.engine import Engine
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    api_key = args.api_key or os.environ.get("VLMKIT_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use the model",
+              file=sys.stderr)
+    engine = Engine(Pipeline.from_pretrained(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
+                    max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens)
+    engine.model_name = args.name or Path(args.model).resolve().name
+    app = create_app(engine, api_key=api_key, allow_local_files=args.allow_local_files,
+                     max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                     request_timeout=args.timeout, max_body_bytes=args.max_body_bytes)
+    engine.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    finally:
+        engine.stop()
+
+
 def cmd_consolidate(args) -> None:
     """Write model.safetensors of a sharded (FSDP) checkpoint from its dcp/ shards, on one process."""
     from vlmkit.train.distributed import consolidate
@@ -244,6 +277,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_data_shapes)
+
+    sv = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    sv.add_argument("--model", required=True, help="a vlmkit checkpoint or Hugging Face folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $VLMKIT_API_KEY, else none)")
+    sv.add_argument("--name", help="the model id in the API (default: the folder's name)")
+    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=4096)
+    sv.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
+    sv.add_argument("--timeout", type=float, default=120.0, help="seconds per request before 504 (default 120)")
+    sv.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
+    sv.add_argument("--max-image-pixels", type=int, default=64_000_000)
+    sv.add_argument("--max-body-bytes", type=int, default=50 * 2**20, help="largest request body (default 50 MiB)")
+    sv.add_argument("--allow-local-files", action="store_true",
+                    help="let image_url name a file on this machine (off: data URLs only)")
+    sv.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    sv.add_argument("--quiet", action="store_true", help="log warnings only")
+    sv.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
     c.add_argument("--model", required=True, help="checkpoint folder")

@@ -5,6 +5,7 @@ once per content; stop strings, seeds, cancellation, timeouts and failures end o
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -163,5 +164,19 @@ def test_stream_iterates_in_an_event_loop(pipe, images):
 
     try:
         assert asyncio.run(main()) == pipe.chat(images[3], QUESTIONS[3], max_new_tokens=7)
+    finally:
+        engine.stop()
+
+
+def test_requests_ended_while_queued_are_never_prefilled(pipe, images):
+    engine = Engine(pipe)
+    gone = engine.submit_chat(user(QUESTIONS[0]), [images[0]], GenerationConfig(max_new_tokens=4))
+    late = engine.submit_chat(user(QUESTIONS[1]), [images[1]], GenerationConfig(max_new_tokens=4), timeout=1e-6)
+    gone.cancel()
+    time.sleep(0.01)
+    engine.start()
+    try:
+        assert gone.text()[1].finish_reason == "cancelled" and late.text()[1].finish_reason == "timeout"
+        assert engine.stats.prompt_tokens_total == 0 and engine.stats.requests_finished == 2
     finally:
         engine.stop()

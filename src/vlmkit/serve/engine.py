@@ -70,12 +70,14 @@ class Stream:
     """The events of one request. Iterate it (blocking) or ``async for`` it; a stream made inside a running event
     loop delivers to that loop. ``cancel()`` ends the request at the next token boundary."""
 
-    def __init__(self):
-        try:
-            self._loop = asyncio.get_running_loop()
-            self._aqueue: asyncio.Queue | None = asyncio.Queue()
-        except RuntimeError:
-            self._loop, self._aqueue = None, None
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        if loop is None:
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._aqueue: asyncio.Queue | None = None
+        if loop is not None:  # an asyncio.Queue is bound to its loop on first use, from that loop's thread
+            self._aqueue = asyncio.Queue()
         self._queue: queue.Queue = queue.Queue()
         self.cancelled = False
 
@@ -176,8 +178,10 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ requests
     def submit_chat(self, messages: list[dict], images: list, gen: GenerationConfig,
-                    timeout: float | None = None) -> Stream:
-        """Queue a chat request (see the API contract in serve/api.py); returns its Stream."""
+                    timeout: float | None = None, loop: asyncio.AbstractEventLoop | None = None) -> Stream:
+        """Queue a chat request; returns its Stream. The images are prepared and the prompt tokenised here, in
+        the caller's thread: an async server calls this from a worker thread and passes its event ``loop``, to
+        which the Stream then delivers."""
         if self.is_dual_encoder:
             raise ConfigError(f"{self.model_name} is a dual encoder: it embeds (POST /v1/embeddings), it does not chat")
         gen.validate()
@@ -190,7 +194,7 @@ class Engine:
         if len(prompt) > self.max_prompt_tokens:
             raise DataError(f"the prompt has {len(prompt)} tokens, more than this server allows "
                             f"({self.max_prompt_tokens})")
-        stream = Stream()
+        stream = Stream(loop)
         req = _Request(prompt, singles, keys, gen, stream, time.monotonic() + timeout if timeout else None)
         if gen.seed is not None:
             req.generator = torch.Generator().manual_seed(gen.seed)
@@ -221,19 +225,25 @@ class Engine:
                     self._cond.wait(timeout=1.0)
                 if self._stop:
                     break
+                now = time.monotonic()
+                for req in [r for r in self._pending if r.stream.cancelled or (r.deadline and now > r.deadline)]:
+                    self._pending.remove(req)  # ended while waiting: no prefill for nobody
+                    self._finish(req, "cancelled" if req.stream.cancelled else "timeout")
                 room = self.max_batch - len(self._running)
                 admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
                 self.stats.queue_depth = len(self._pending)
             try:
-                with self._lock:
+                with self._lock, torch.inference_mode():
                     if admitted:
                         self._admit(admitted)
                     if self._running:
                         self._decode_step()
             except Exception as e:  # a failure inside the model ends the requests it touched, not the server
-                for req in admitted + self._running:
+                touched = {id(r): r for r in admitted + self._running}  # admitted ones may have joined already
+                for req in touched.values():
                     self._finish(req, "error", error=f"{type(e).__name__}: {e}")
                 self._running, self._cache, self._attn = [], None, None
+                self.stats.running = 0
         for req in list(self._running) + list(self._pending):
             self._finish(req, "cancelled", error="the server is shutting down")
 
