@@ -38,22 +38,9 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import vlmkit  # noqa: E402
-from vlmkit.data.shapes import generate_shapes  # noqa: E402
 from vlmkit.serve.api import create_app  # noqa: E402
 from vlmkit.serve.engine import Engine  # noqa: E402
-from vlmkit.train.loop import train  # noqa: E402
-from vlmkit.train.recipe import load_recipe  # noqa: E402
 
-TINY = [
-    "model.vision.image_size=[32, 32]", "model.vision.patch_size=8", "model.vision.width=32",
-    "model.vision.depth=1", "model.vision.heads=2", "model.vision.mlp_dim=64",
-    "model.lm.width=64", "model.lm.depth=2", "model.lm.heads=4", "model.lm.kv_heads=2",
-    "model.lm.mlp_dim=128",
-    "train.batch_size=8", "train.log_every=1", "train.eval_every=1000", "data.val_samples=16",
-    # barely trained: it answers with a dozen tokens of byte-level junk (split UTF-8 sequences, control
-    # characters), which every layer between the engine's incremental decoding and the DOM must carry exactly
-    "stages.0.steps=1", "stages.1.steps=1",
-]
 API_KEY = "test-key-123"
 QUESTION = "What shape is in the image?"
 MAX_TOKENS = 12
@@ -61,14 +48,11 @@ WAIT = 60  # seconds for anything the page does
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """(a tiny-llava checkpoint trained for two steps, a ShapesWorld PNG)."""
-    root = tmp_path_factory.mktemp("browser")
-    generate_shapes(root / "shapes", n=20, size=32, progress=False)
-    recipe = load_recipe("tiny-llava", [f"data.path={root / 'shapes'}", *TINY])
-    res = train(recipe, root / "run", progress=False, log=lambda m: None)
-    image = sorted((root / "shapes" / "images").glob("*.png"))[0]
-    return res.checkpoint, image.resolve()
+def checkpoint(llava_checkpoint, image_path):
+    """(the API tests' tiny-llava, trained 1 + 1 steps: it answers with a dozen tokens of byte-level junk, split
+    UTF-8 sequences and control characters, which every layer between the engine's incremental decoding and the
+    DOM must carry exactly; a ShapesWorld PNG)."""
+    return llava_checkpoint, image_path
 
 
 @pytest.fixture(scope="module")
