@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from vlmkit.data import shapes as sw
+from vlmkit.data.conversations import read_conversations
 from vlmkit.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -130,14 +131,14 @@ def test_same_arguments_give_byte_identical_files(tmp_path):
     sw.generate_shapes(tmp_path / "a", **args)
     sw.generate_shapes(tmp_path / "b", **args)
     a, b = file_hashes(tmp_path / "a"), file_hashes(tmp_path / "b")
-    # images; per split 3; scenes, meta; val and test also in the evaluation layouts (VQAv2 2, POPE 3, grounding,
+    # images; per split 4 (questions, multi-image questions, captions, pairs); scenes, meta; val and test also in the evaluation layouts (VQAv2 2, POPE 3, grounding,
     # choice, GQA) and as ImageFolders (their images and classes.json)
     eval_images = sum(f.startswith(("imagefolder_val/", "imagefolder_test/")) and f.endswith(".png") for f in a)
     assert eval_images == sum(json.loads((tmp_path / "a" / "meta.json").read_text())["images"][s] for s in ("val", "test"))
     # and new single-object renders by colour and shape (30 classes, at least one image each, classes.json)
     object_images = sum(f.startswith(("objects_val/", "objects_test/")) and f.endswith(".png") for f in a)
     assert object_images == 2 * 30
-    assert len(a) == 24 + 3 * 3 + 2 + 2 * (2 + 3 + 3) + eval_images + 2 + object_images + 2 and a == b
+    assert len(a) == 24 + 3 * 4 + 2 + 2 * (2 + 3 + 3) + eval_images + 2 + object_images + 2 and a == b
 
     sw.generate_shapes(tmp_path / "c", **{**args, "seed": 6})
     c = file_hashes(tmp_path / "c")
@@ -229,6 +230,51 @@ def test_answers_recomputed_from_scenes(dataset, scenes):
         question = record["conversations"][0]["value"].removeprefix("<image>\n")
         answer = record["conversations"][1]["value"]
         assert oracle_answer(question, record["type"], scene) == answer, (record["id"], question)
+
+
+def multi_oracle(question: str, qtype: str, scenes: list[dict]) -> str:
+    """The answer to a multi-image question, recomputed from the scene records."""
+    ordinals = ("first", "second", "third")
+    objects = [sc["objects"] for sc in scenes]
+    if qtype == "multi_compare":
+        shape = next(s for s in sw.SHAPES if f"more {s}" in question)
+        counts = [sum(o["shape"] == shape for o in objs) for objs in objects]
+        assert counts.count(max(counts)) == 1
+        return ordinals[counts.index(max(counts))]
+    if qtype == "multi_attribute":
+        k = next(i for i, o in enumerate(ordinals) if question.startswith(f"In the {o} image"))
+        phrase = question.split("what color is the ")[1].rstrip("?").split()
+        found = [o for o in objects[k] if o["shape"] == phrase[-1] and (len(phrase) == 1 or o["size"] == phrase[0])]
+        assert len(found) == 1
+        return found[0]["color"]
+    if qtype == "multi_total":
+        color = question.split("How many ")[1].split()[0]
+        return str(sum(o["color"] == color for objs in objects for o in objs))
+    if qtype == "multi_all":
+        shape = question.removeprefix("Does every image contain a ").rstrip("?")
+        return "yes" if all(any(o["shape"] == shape for o in objs) for objs in objects) else "no"
+    assert qtype == "multi_which"
+    color, shape = question.removeprefix("Which image shows a ").split("?")[0].split()
+    having = [i for i, objs in enumerate(objects) if any(o["color"] == color and o["shape"] == shape for o in objs)]
+    assert len(having) == 1
+    return ordinals[having[0]]
+
+
+def test_multi_image_questions_are_answered_by_their_scenes_and_balanced(dataset, scenes):
+    rows = [r for split in ("train", "val", "test") for r in json.loads((dataset[0] / f"multi_{split}.json").read_text())]
+    assert {r["type"] for r in rows} == set(sw.MULTI_TYPES)
+    for r in rows:
+        ids = [int(f[len("images/"):-len(".png")]) for f in r["images"]]
+        assert 2 <= len(ids) <= 3 and len(set(ids)) == len(ids)
+        assert len({scenes[i]["split"] for i in ids}) == 1  # a sample's images come from one split
+        human = r["conversations"][0]["value"]
+        assert human.count("<image>") == len(ids)
+        question = human.split("\n")[-1]
+        assert multi_oracle(question, r["type"], [scenes[i] for i in ids]) == r["conversations"][1]["value"], r
+    yes = [r["conversations"][1]["value"] for r in rows if r["type"] == "multi_all"]
+    assert 0.3 <= yes.count("yes") / len(yes) <= 0.7
+    samples = read_conversations(dataset[0] / "multi_val.json")  # the reader takes them as they are
+    assert samples and all(len(s.images) >= 2 for s in samples)
 
 
 def test_question_mix_and_answer_vocabulary(dataset):

@@ -6,7 +6,8 @@ rendered scenes of coloured shapes. The generator is written by hand (PIL + stdl
 referring expression ("the red circle") names exactly one object, and yes/no answers are balanced.
 
 Output formats are the ones real datasets use, so real data plugs in unchanged:
-LLaVA conversation JSON (one record per question), COCO captions, image-caption CSV and a scene file with
+LLaVA conversation JSON (one record per question; ``multi_{split}.json``: questions about 2-3 images of a split at
+once, "In the second image, ...", "Which image has more circles?"), COCO captions, image-caption CSV and a scene file with
 COCO-style boxes; and, for the evaluation splits (val, test), the benchmarks' layouts the evaluation tasks read:
 the questions in VQAv2's layout (questions + annotations JSON) and GQA's, POPE-style object probes (JSONL,
 random / popular / adversarial negatives), RefCOCO-style referring expressions with boxes, four-option
@@ -34,7 +35,8 @@ from vlmkit.errors import ConfigError, DataError
 from vlmkit.utils import atomic_directory, atomic_write_json
 
 GENERATOR = "vlmkit.data.shapes"
-GENERATOR_VERSION = 2  # bump whenever the same arguments would give different files (2: objects_{split})
+# bump whenever the same arguments would give different files (2: objects_{split}; 3: multi_{split})
+GENERATOR_VERSION = 3
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 COLORS = {
@@ -54,6 +56,9 @@ BACKGROUNDS = {
 }
 SIZES = {"small": 0.09, "large": 0.15}  # radius as a fraction of min(width, height)
 QUESTION_TYPES = ("color", "shape", "count", "exist", "position", "relation")
+# questions about 2-3 images of one sample (multi_{split}.json)
+MULTI_TYPES = ("multi_compare", "multi_attribute", "multi_total", "multi_all", "multi_which")
+ORDINALS = ("first", "second", "third")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 SPLITS = ("train", "val", "test")
 
@@ -528,6 +533,63 @@ def _conversation_records(item: dict) -> list[dict]:
     ]
 
 
+def _multi_questions(scenes: list[Scene], rng: random.Random) -> list[dict]:
+    """Questions about several images of one sample, each with one clear answer: which image has more of a
+    shape, an attribute of an object that one image names uniquely ("In the second image, ..."), a count over
+    all the images, whether every image has a shape, which image shows a colour-shape pair."""
+    n = len(scenes)
+    out = []
+    counts = {s: [_count(sc, shape=s) for sc in scenes] for s in SHAPES}
+    contrast = [s for s, c in counts.items() if max(c) > 0 and c.count(max(c)) == 1]
+    if contrast:
+        shape = rng.choice(contrast)
+        best = counts[shape].index(max(counts[shape]))
+        out.append(_q(f"Which image has more {_plural(shape)}? Answer with first, second or third."
+                      if n == 3 else f"Which image has more {_plural(shape)}? Answer with first or second.",
+                      ORDINALS[best], "multi_compare"))
+    k = rng.randrange(n)
+    refs = _referable(scenes[k], (("shape",), ("size", "shape")))
+    if refs:
+        obj, phrase = rng.choice(refs)
+        out.append(_q(f"In the {ORDINALS[k]} image, what color is the {phrase}?", obj.color, "multi_attribute"))
+    color = rng.choice(sorted({o.color for sc in scenes for o in sc.objects}))
+    total = sum(_count(sc, color=color) for sc in scenes)
+    out.append(_q(f"How many {color} objects are there in the {_NUMBER_WORDS[n]} images together?", str(total),
+                  "multi_total"))
+    everywhere = [s for s in SHAPES if all(counts[s])]
+    if everywhere:  # yes and no equally often: asked only when a "yes" could be asked
+        want = rng.random() < 0.5
+        pool = everywhere if want else [s for s in SHAPES if not all(counts[s])]
+        out.append(_q(f"Does every image contain a {rng.choice(pool)}?", "yes" if want else "no", "multi_all"))
+    pairs = Counter((o.color, o.shape) for sc in scenes for o in {(x.color, x.shape): x for x in sc.objects}.values())
+    single = sorted(p for p, c in pairs.items() if c == 1)
+    if single:
+        color, shape = rng.choice(single)
+        which = next(i for i, sc in enumerate(scenes) if _count(sc, color=color, shape=shape))
+        out.append(_q(f"Which image shows a {color} {shape}? Answer with "
+                      f"{'first, second or third' if n == 3 else 'first or second'}.", ORDINALS[which], "multi_which"))
+    return out
+
+
+def _multi_records(items: list[dict], split: str, seed: int) -> list[dict]:
+    """Samples of 2-3 images of ``split`` each (one per two images of the split), LLaVA format with an ``images``
+    list, one record per question; the images are the split's own, so nothing new is rendered. A sample's
+    images and questions depend only on (seed, split, sample index)."""
+    if len(items) < 2:
+        return []
+    rows = []
+    for m in range(len(items) // 2):
+        rng = random.Random(f"shapesworld-multi:{seed}:{split}:{m}")
+        chosen = rng.sample(items, rng.choice((2, 3)) if len(items) >= 3 else 2)
+        placeholders = "".join(f"Image {i + 1}: <image>\n" for i in range(len(chosen)))
+        for j, q in enumerate(_multi_questions([it["scene"] for it in chosen], rng)):
+            rows.append({"id": f"multi-{split}-{m:06d}-{j}", "images": [it["file_name"] for it in chosen],
+                         "conversations": [{"from": "human", "value": placeholders + q["question"]},
+                                           {"from": "gpt", "value": q["answer"]}],
+                         "type": q["type"]})
+    return rows
+
+
 def _coco_captions(items: list[dict], split: str) -> dict:
     info = {
         "description": f"ShapesWorld captions ({split})",
@@ -689,8 +751,9 @@ def _write_rows(path: Path, rows: list) -> None:
     path.write_text("[\n" + body + "\n]\n" if rows else "[]\n", encoding="utf-8")
 
 
-def _write_split(folder: Path, split: str, items: list[dict]) -> None:
+def _write_split(folder: Path, split: str, items: list[dict], seed: int = 0) -> None:
     _write_rows(folder / f"{split}.json", [r for it in items for r in _conversation_records(it)])
+    _write_rows(folder / f"multi_{split}.json", _multi_records(items, split, seed))
     (folder / f"captions_{split}.json").write_text(
         json.dumps(_coco_captions(items, split)) + "\n", encoding="utf-8"
     )
@@ -806,7 +869,7 @@ def _generate_into(folder: Path, arguments: dict, progress: bool) -> dict:
                 items.append(item)
                 bar.update(1)
     for split in SPLITS:
-        _write_split(folder, split, [it for it in items if it["split"] == split])
+        _write_split(folder, split, [it for it in items if it["split"] == split], a["seed"])
         if split != "train":
             n_split = sum(it["split"] == split for it in items)
             _write_object_folder(folder, split, n_split, a["seed"], *a["size"])
