@@ -60,14 +60,53 @@ class VisionConfig:
 
 
 @dataclass
+class QFormerConfig:
+    """Shape of a Q-Former. Defaults are BLIP-2's (BERT-base width, EVA-CLIP-g image features)."""
+
+    width: int = 768  # hidden_size
+    depth: int = 12  # num_hidden_layers
+    heads: int = 12
+    mlp_dim: int = 3072  # intermediate_size
+    num_query_tokens: int = 32
+    cross_attention_frequency: int = 2  # layer i cross-attends to the image iff i % frequency == 0
+    vision_width: int = 0  # encoder_hidden_size; 0 = the vision tower's width (filled in by the connector)
+    layer_norm_eps: float = 1e-12
+    vocab_size: int = 0  # 0 = queries only (BLIP-2); > 0 = instruction text input (InstructBLIP, 30523)
+    max_position_embeddings: int = 512  # text positions; used only when vocab_size > 0
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ConfigError(f"qformer.width ({self.width}) must be a multiple of qformer.heads "
+                              f"({self.heads})")
+        if self.cross_attention_frequency < 1:
+            raise ConfigError(f"qformer.cross_attention_frequency must be >= 1, got "
+                              f"{self.cross_attention_frequency}")
+        for name in ("depth", "num_query_tokens", "mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"qformer.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "qformer") -> QFormerConfig:
+        return from_dict(cls, data, where)
+
+    def has_cross_attention(self, layer: int) -> bool:
+        return layer % self.cross_attention_frequency == 0
+
+    @property
+    def text_input(self) -> bool:
+        return self.vocab_size > 0
+
+
+@dataclass
 class ConnectorConfig:
     """Maps vision features [B, N, D_vision] to LM embeddings [B, M, D_lm]."""
 
-    kind: str = "mlp"  # linear | mlp | pixel_shuffle
+    kind: str = "mlp"  # linear | mlp | pixel_shuffle | qformer
     scale_factor: int = 2  # pixel_shuffle only: M = N / scale_factor**2
     layers: int = 2  # pixel_shuffle: 1 = linear (Idefics3), 2 = MLP
     act: str = "gelu"
     bias: bool = True
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)  # qformer only: M = qformer.num_query_tokens
 
 
 @dataclass

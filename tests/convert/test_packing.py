@@ -100,8 +100,11 @@ def test_packed_loss_and_gradients_equal_padded(request, family, tmp_path):
     check_packed_equals_padded(pipe.model, items, pipe.processor.tokenizer.pad_id, lengths[-1] + lengths[0])
 
 
-def test_tiny_llava_with_grouped_questions_packs_exactly(tmp_path):
-    """The from-scratch family, with group_by_image's shared-prefix samples (segments inside a sample)."""
+@pytest.mark.parametrize("connector", [{}, {"connector.kind": "qformer", "connector.qformer": {
+    "width": 32, "depth": 2, "heads": 4, "mlp_dim": 64, "num_query_tokens": 6}}], ids=["pixel_shuffle", "qformer"])
+def test_tiny_llava_with_grouped_questions_packs_exactly(tmp_path, connector):
+    """The from-scratch family, with group_by_image's shared-prefix samples (segments inside a sample); with its
+    projector and with a Q-Former (learned queries per image, BLIP-2's connector)."""
     from vlmkit.config import apply_overrides
     from vlmkit.models import build_model
     from vlmkit.presets import get_preset
@@ -110,7 +113,7 @@ def test_tiny_llava_with_grouped_questions_packs_exactly(tmp_path):
     torch.manual_seed(0)
     preset = get_preset("tiny-llava")
     tok = TextTokenizer(train_bpe(["what colour is the small circle? it is red. how many squares? two."] * 4, 300))
-    cfg = apply_overrides(preset.model, {"lm.vocab_size": tok.vocab_size})
+    cfg = apply_overrides(preset.model, {"lm.vocab_size": tok.vocab_size, **connector})
     model = build_model(cfg, tok.token_id(preset.processor.image_token))
     processor = Processor(apply_overrides(preset.processor, {"image_seq_len": model.image_seq_len}), tok)
     singles = samples_for(tmp_path, single_turn=True)

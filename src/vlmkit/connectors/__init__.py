@@ -4,6 +4,7 @@ from torch import nn
 
 from vlmkit.config import ConnectorConfig
 from vlmkit.connectors.projector import LinearConnector, MLPConnector, PixelShuffleConnector, pixel_shuffle
+from vlmkit.connectors.qformer import QFormer, QFormerConnector
 from vlmkit.registry import Registry
 
 CONNECTORS: Registry[nn.Module] = Registry("connector")
@@ -24,6 +25,11 @@ def _pixel_shuffle(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
     return PixelShuffleConnector(d_vision, d_lm, cfg.scale_factor, cfg.layers, cfg.act, cfg.bias)
 
 
+@CONNECTORS.register("qformer", "learned queries read the image through a Q-Former, then a projection (BLIP-2)")
+def _qformer(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
+    return QFormerConnector(d_vision, d_lm, cfg.qformer)
+
+
 def build_connector(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
     return CONNECTORS.build(cfg.kind, cfg, d_vision, d_lm)
 
@@ -33,6 +39,8 @@ __all__ = [
     "LinearConnector",
     "MLPConnector",
     "PixelShuffleConnector",
+    "QFormer",
+    "QFormerConnector",
     "build_connector",
     "pixel_shuffle",
 ]
