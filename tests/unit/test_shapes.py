@@ -277,6 +277,16 @@ def test_multi_image_questions_are_answered_by_their_scenes_and_balanced(dataset
     assert samples and all(len(s.images) >= 2 for s in samples)
 
 
+def test_multi_image_questions_when_every_shape_is_in_every_image():
+    """Found by a 20,000-image run: with every shape in every image there is no "no" to ask about."""
+    objects = tuple(sw.ShapeObject(shape, "red" if i % 2 else "blue", "small", 10 + 9 * i, 20, 4)
+                    for i, shape in enumerate(sw.SHAPES))
+    scene = sw.Scene(64, 64, "white", objects)
+    for seed in range(20):
+        qs = sw._multi_questions([scene, scene], random.Random(seed))
+        assert qs and "multi_all" not in {q["type"] for q in qs}
+
+
 def test_question_mix_and_answer_vocabulary(dataset):
     records = load_records(dataset[0])
     by_type = {

@@ -557,9 +557,10 @@ def _multi_questions(scenes: list[Scene], rng: random.Random) -> list[dict]:
     out.append(_q(f"How many {color} objects are there in the {_NUMBER_WORDS[n]} images together?", str(total),
                   "multi_total"))
     everywhere = [s for s in SHAPES if all(counts[s])]
-    if everywhere:  # yes and no equally often: asked only when a "yes" could be asked
+    missing = [s for s in SHAPES if not all(counts[s])]
+    if everywhere and missing:  # yes and no equally often: asked only when either answer could be asked
         want = rng.random() < 0.5
-        pool = everywhere if want else [s for s in SHAPES if not all(counts[s])]
+        pool = everywhere if want else missing
         out.append(_q(f"Does every image contain a {rng.choice(pool)}?", "yes" if want else "no", "multi_all"))
     pairs = Counter((o.color, o.shape) for sc in scenes for o in {(x.color, x.shape): x for x in sc.objects}.values())
     single = sorted(p for p, c in pairs.items() if c == 1)
