@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmkit.config import ConnectorConfig, LanguageConfig, VisionConfig
+from vlmkit.config import ConnectorConfig, LanguageConfig, QFormerConfig, VisionConfig
 from vlmkit.connectors import CONNECTORS, build_connector, pixel_shuffle
 from vlmkit.encoders.cnn import ConvEncoder
 from vlmkit.encoders.vit import ViTEncoder
@@ -264,6 +264,8 @@ CONNECTOR_CASES = {  # name -> (ConnectorConfig, expected M for a 4x4 grid of 16
     "pixel_shuffle": [(ConnectorConfig(kind="pixel_shuffle", scale_factor=2, layers=1), 4),
                       (ConnectorConfig(kind="pixel_shuffle", scale_factor=2, layers=2), 4),
                       (ConnectorConfig(kind="pixel_shuffle", scale_factor=4, layers=1), 1)],
+    "qformer": [(ConnectorConfig(kind="qformer", qformer=QFormerConfig(width=32, depth=2, heads=4, mlp_dim=64,
+                                                                       num_query_tokens=5)), 5)],
 }
 
 
