@@ -269,14 +269,9 @@ def _copy_through(module: nn.Module, tensors: dict[str, torch.Tensor], table: di
         raise CheckpointError(f"{where}: unexpected key {unexpected[0]!r}"
                               f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; "
                               f"the Q-Former config does not match the checkpoint")
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for ours, theirs in table.items():
-            src, dst = tensors[theirs], params[ours]
-            if src.shape != dst.shape:
-                raise CheckpointError(f"{where}: {theirs} has shape {tuple(src.shape)}, the config implies "
-                                      f"{tuple(dst.shape)}")
-            dst.copy_(src.to(dst.dtype))
+    from vlmkit.convert.hf.io import load_state  # the shared copy (shapes checked); names are checked above
+
+    load_state(module, {theirs: tensors[theirs] for theirs in table.values()}, table, where)
 
 
 def load_qformer_from_hf(module: QFormerConnector | QFormer, state_dict: dict[str, torch.Tensor],

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.lm.decoder import DecoderLM
-from vlmkit.nn import KVCache, RMSNorm, SwiGLU, causal_mask
+from vlmkit.nn import KVCache, RMSNorm, SwiGLU
 
 
 def media_mask(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int, only_last: bool = True,
@@ -154,8 +154,8 @@ class CrossAttentionLM(nn.Module):
     A wrapper rather than a change to ``lm/decoder.py``: the splice-fusion families share ``DecoderLM`` and
     its checkpoints, and cross-attention needs its layer loop to take extra inputs (images and their mask). So
     this module holds the LM unchanged (``self.lm``, same tensor names under ``lm.``) plus ``self.xattn``, and
-    :meth:`forward` repeats ``DecoderLM.forward``'s loop with the blocks interleaved. Keep the two in step if
-    ``DecoderLM.forward`` changes. The image keys and values are recomputed every step (no cross-attention
+    :meth:`forward` runs ``DecoderLM.forward``'s loop (from the same ``attention_inputs``) with the blocks
+    interleaved. The image keys and values are recomputed every step (no cross-attention
     cache, as in IDEFICS); the LM's own KV cache works as before.
     """
 
@@ -195,24 +195,14 @@ class CrossAttentionLM(nn.Module):
         [B, S, d_image] and ``image_attention_mask`` [B, T, S] (the rows of the T positions being run, e.g.
         from :func:`media_mask`) go to every gated block."""
         lm = self.lm
-        B, T, _ = embeds.shape
-        offset = cache.length if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:offset + T]
-            else:
-                position_ids = torch.arange(offset, offset + T, device=embeds.device)[None].expand(B, T)
-        is_causal = mask is None and attention_mask is None and offset == 0
-        if mask is None and not is_causal:
-            mask = causal_mask(T, attention_mask, offset, device=embeds.device)
-        rope = lm.rotary(position_ids, embeds.dtype)
+        mask, is_causal, rope = lm.attention_inputs(embeds, position_ids, attention_mask, mask, cache)
         x = embeds
         for i, layer in enumerate(lm.layers):
             if i % self.every == 0:
                 x = self.xattn[i // self.every](x, images, image_attention_mask)
             x = layer(x, mask, is_causal, rope, cache, i)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(embeds.shape[1])
         return lm.norm(x)
 
     def freeze_lm(self) -> None:

@@ -65,6 +65,20 @@ class DecoderLM(nn.Module):
         ``attention_mask`` [B, T_cache + T] marks real tokens (1) and padding (0); ``mask`` overrides the
         attention pattern completely ([B, 1, T, T_k] booleans). With neither, plain causal attention runs.
         """
+        mask, is_causal, rope = self.attention_inputs(embeds, position_ids, attention_mask, mask, cache)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, is_causal, rope, cache, i)
+        if cache is not None:
+            cache.advance(embeds.shape[1])
+        return self.norm(x)
+
+    def attention_inputs(self, embeds: torch.Tensor, position_ids: torch.Tensor | None,
+                         attention_mask: torch.Tensor | None, mask: torch.Tensor | None,
+                         cache: KVCache | None) -> tuple[torch.Tensor | None, bool, tuple]:
+        """(mask, is_causal, rotary cos/sin) every layer of a forward takes: positions from the padding mask
+        (or counted from the cache offset), and the causal fast path when nothing needs a mask. Wrappers that
+        interleave their own blocks with the layers (fusion/cross_attention.py) start from the same."""
         B, T, _ = embeds.shape
         offset = cache.length if cache is not None else 0
         if position_ids is None:
@@ -75,10 +89,4 @@ class DecoderLM(nn.Module):
         is_causal = mask is None and attention_mask is None and offset == 0
         if mask is None and not is_causal:
             mask = causal_mask(T, attention_mask, offset, device=embeds.device)
-        rope = self.rotary(position_ids, embeds.dtype)
-        x = embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, is_causal, rope, cache, i)
-        if cache is not None:
-            cache.advance(T)
-        return self.norm(x)
+        return mask, is_causal, self.rotary(position_ids, embeds.dtype)
