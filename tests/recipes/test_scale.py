@@ -218,3 +218,33 @@ def test_a_kill_between_the_two_renames_leaves_the_previous_checkpoint_to_resume
     _clean_stale(tmp_path / "checkpoint")
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.pack_length=-1", "must be >= 0"),
+    ("train.distributed=zero", "valid: ddp, fsdp"),
+    ("train.precision=fp16", "valid: auto, fp32, bf16"),
+    ("lora.targets=['lm.*']", None),  # valid alone; with a bad rank below
+])
+def test_scale_settings_are_checked_when_the_recipe_loads(shapes, override, message):
+    if message is None:
+        with pytest.raises(ConfigError, match="rank 0 must be >= 1"):
+            recipe(shapes, override, "lora.rank=0")
+        return
+    with pytest.raises(ConfigError, match=message):
+        recipe(shapes, override)
+
+
+def test_packing_streamed_shards_needs_a_pack_length(shapes, tmp_path):
+    from vlmkit.cli import main
+
+    assert main(["data", "shard", str(shapes / "train.json"), "--out", str(tmp_path / "shards"), "--quiet"]) == 0
+    with pytest.raises(ConfigError, match="needs train.pack_length"):
+        run(recipe(shapes, LM_ONLY, f"data.shards={tmp_path / 'shards'}", "train.packing=true"), tmp_path / "run")
+
+
+def test_dual_encoders_refuse_fsdp_under_torchrun(shapes, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before joining any process group
+    r = load_recipe("tiny-clip", [f"data.path={shapes}", "train.distributed=fsdp"])
+    with pytest.raises(ConfigError, match="dual encoders train under DDP"):
+        run(r, tmp_path / "run")

@@ -9,6 +9,7 @@ Validation reports the loss on fixed batches of held-out pairs and retrieval rec
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from vlmkit.eval.metrics.retrieval import retrieval_metrics
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
-from vlmkit.train.distributed import batchnorm_note, init_distributed, wrap_model
+from vlmkit.train.distributed import batchnorm_note, wrap_model
 from vlmkit.train.lora import apply_lora
 from vlmkit.train.optim import (freeze_for_stage, load_optimizer, lr_factor, make_optimizer, set_lr,
                                 set_train_mode)
@@ -107,26 +108,14 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
                       stop_at_step: int | None = None, on_eval: Callable | None = None):
     """Run every stage of a dual-encoder recipe; the last checkpoint is ``out/checkpoint``. ``on_eval(model,
     processor, step, train_seconds)`` is called at each validation (its time is not training time)."""
-    from vlmkit.train.loop import (MetricsLog, TrainResult, _autocast, _clean_stale, _log_stage, _read_state,
-                                   _resumed, cell_label_stage, checkpoint_activations, compile_blocks, finish_run,
-                                   save_training_checkpoint, start_from)
+    from vlmkit.train.loop import (MetricsLog, TrainResult, _autocast, _log_stage, _resumed, cell_label_stage,
+                                   checkpoint_activations, compile_blocks, finish_run, save_training_checkpoint,
+                                   start_from, start_run)
 
-    info = init_distributed(recipe.train.distributed)
-    if info.strategy == "fsdp":
+    if recipe.train.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("train.distributed fsdp: dual encoders train under DDP (train.distributed: ddp); they are "
                           "small enough to replicate, and their loss already gathers every rank's embeddings")
-    if not info.is_main:
-        log, progress = (lambda msg: None), False
-    log = log or (lambda msg: tqdm.write(msg))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint"
-    if info.is_main:
-        _clean_stale(ckpt)
-    info.barrier()
-    state = _read_state(ckpt) if resume else None
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
+    info, out, ckpt, state, log, progress = start_run(recipe, out, resume, progress, log)
     if recipe.train.grad_accum != 1:
         raise ConfigError(f"train.grad_accum {recipe.train.grad_accum}: a contrastive loss compares every pair of a "
                           f"batch, so micro-batches accumulated are not the loss of their union; set grad_accum: 1 "

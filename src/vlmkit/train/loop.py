@@ -427,19 +427,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
 
     if is_dual_encoder_recipe(recipe):  # CLIP / SigLIP: image-caption pairs and a contrastive loss
         return train_contrastive(recipe, out, resume, progress, log, stop_at_step)
-    info = init_distributed(recipe.train.distributed)
-    if not info.is_main:
-        log, progress = (lambda msg: None), False
-    log = log or (lambda msg: tqdm.write(msg))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint"
-    if info.is_main:
-        _clean_stale(ckpt)
-    info.barrier()
-    state = _read_state(ckpt) if resume else None
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
+    info, out, ckpt, state, log, progress = start_run(recipe, out, resume, progress, log)
     seed_everything(recipe.train.seed)
     t = recipe.train
 
@@ -632,6 +620,26 @@ def _check_replicated_stage(model, info: DistInfo) -> None:
 
         if isinstance(model, FSDPModule):
             raise ConfigError("a cell_labels stage after a sharded (FSDP) stage: put it first, or use DDP")
+
+
+def start_run(recipe: Recipe, out, resume: bool, progress: bool, log):
+    """The start of a run (either loop) -> (dist info, out folder, checkpoint folder, resumed state or None, log,
+    progress): join torchrun's group if any (only rank 0 logs and shows progress), clean what a killed run left
+    beside the checkpoint, read the state to resume, set the thread count."""
+    info = init_distributed(recipe.train.distributed)
+    if not info.is_main:
+        log, progress = (lambda msg: None), False
+    log = log or (lambda msg: tqdm.write(msg))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    if info.is_main:
+        _clean_stale(ckpt)
+    info.barrier()
+    state = _read_state(ckpt) if resume else None
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    return info, out, ckpt, state, log, progress
 
 
 def finish_run(out: Path, info: DistInfo, log) -> None:
