@@ -340,7 +340,8 @@ class Engine:
                 done.append((r, "timeout"))
                 continue
             t = int(sample_next(logits[i:i + 1], r.gen.temperature, r.gen.top_p, r.generator)[0])
-            if t == self.eos_id:
+            if t == self.eos_id:  # flush what was held back
+                self._send(r, decode(r.new), final=True)
                 done.append((r, "stop"))
                 continue
             r.new.append(t)
@@ -352,13 +353,11 @@ class Engine:
                 self._send(r, text[:cut], final=True)
                 done.append((r, "stop"))
                 continue
-            if len(r.new) >= r.gen.max_new_tokens:
+            final = len(r.new) >= r.gen.max_new_tokens
+            self._send(r, text, final=final)
+            if final:
                 done.append((r, "length"))
-                continue
-            self._send(r, text, final=False)
         for r, reason in done:
-            if reason in ("stop", "length") and not (reason == "stop" and _stop_at(decode(r.new), r.gen.stop)):
-                self._send(r, decode(r.new), final=True)
             self._finish(r, reason)
         if done:
             gone = {id(r) for r, _ in done}
@@ -401,11 +400,6 @@ class Engine:
             cache.extra["mrope_delta"] = cache.extra["mrope_delta"][idx]
         cache.length = C - first
         self._attn = attn[:, first:]
-
-    def metrics_snapshot(self) -> EngineStats:
-        s = self.stats
-        s.running = len(self._running)
-        return s
 
 
 def _image_key(image) -> str:
