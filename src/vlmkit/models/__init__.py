@@ -73,6 +73,11 @@ def init_from_scratch(model, cfg: ModelConfig) -> None:
         return
     init_linear_(model.encoder)
     _init_connector_fan_in(model.connector)
+    qformer_cfg = getattr(getattr(model.connector, "qformer", None), "cfg", None)
+    if qformer_cfg is not None and qformer_cfg.init_from:  # BLIP-2: the Q-Former starts from a BERT
+        from vlmkit.connectors.qformer import init_qformer_from_bert
+
+        init_qformer_from_bert(model.connector.qformer, qformer_cfg.init_from)
     init_linear_(model.lm)
     if cfg.lm.head_init_std is not None:
         torch.nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)

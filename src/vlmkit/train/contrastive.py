@@ -108,7 +108,7 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
                       stop_at_step: int | None = None, on_eval: Callable | None = None):
     """Run every stage of a dual-encoder recipe; the last checkpoint is ``out/checkpoint``. ``on_eval(model,
     processor, step, train_seconds)`` is called at each validation (its time is not training time)."""
-    from vlmkit.train.loop import (MetricsLog, TrainResult, _autocast, _log_stage, _resumed, cell_label_stage,
+    from vlmkit.train.loop import (MetricsLog, TrainResult, _autocast, _log_stage, _resumed, whole_stage,
                                    checkpoint_activations, compile_blocks, finish_run, save_training_checkpoint,
                                    start_from, start_run)
 
@@ -192,7 +192,7 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
         _log_stage(log, si, stage, table, model)
         metrics.write(event="stage", step=step, stage=stage.name, modules=table)
         if stage.objective == "cell_labels":  # the image tower alone, as the demo's
-            step, seconds, stop = cell_label_stage(
+            step, seconds, stop = whole_stage(
                 model, model.vision.encoder, cfg, processor, recipe, si, metrics, pbar, step, log, stop_at_step, ckpt,
                 {"stream_position": stream.position, "train_seconds": elapsed, "samples_seen": n_samples,
                  "tokens_seen": 0}, info)

@@ -30,6 +30,7 @@ from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import IGNORE, Processor, TextTokenizer, train_bpe
 from vlmkit.train.cell_labels import run_cell_label_stage
+from vlmkit.train.qformer_stage import run_qformer_stage
 from vlmkit.train.distributed import (DistInfo, batchnorm_note, full_state_dict, grad_norm_value, init_distributed,
                                       load_sharded, save_sharded, shard_of, transformer_blocks, unwrap, wrap_model)
 from vlmkit.train.frozen_features import FrozenVisionFeatures
@@ -117,6 +118,9 @@ def build_for_recipe(recipe: Recipe, tokenizer: TextTokenizer):
     preset = get_preset(recipe.preset)
     cfg = apply_overrides(preset.model, recipe.model, root="model")
     cfg = apply_overrides(cfg, {"lm.vocab_size": tokenizer.vocab_size})
+    q = cfg.connector.qformer
+    if cfg.connector.kind == "qformer" and q.vocab_size and not q.init_from:  # its text is the model's tokenizer's
+        cfg = apply_overrides(cfg, {"connector.qformer.vocab_size": tokenizer.vocab_size})
     pcfg: ProcessorConfig = apply_overrides(preset.processor, recipe.processor, root="processor")
     pcfg = apply_overrides(pcfg, {"image_size": list(cfg.vision.image_size)})
     model = build_model(cfg, tokenizer.token_id(pcfg.image_token))
@@ -514,11 +518,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         set_train_mode(model, stage)
         _log_stage(log, si, stage, table, model)
         metrics.write(event="stage", step=step, stage=stage.name, modules=table)
-        if stage.objective == "cell_labels":
+        if stage.objective in ("cell_labels", "qformer"):
             _check_replicated_stage(model, info)
-            step, seconds, stop = cell_label_stage(
-                model, model.encoder, cfg, processor, recipe, si, metrics, pbar, step, log, stop_at_step, ckpt,
-                counters(), info)
+            step, seconds, stop = whole_stage(model, model.encoder, cfg, processor, recipe, si, metrics, pbar, step,
+                                              log, stop_at_step, ckpt, counters(), info)
             elapsed += seconds
             if stop:
                 break
@@ -652,19 +655,23 @@ def finish_run(out: Path, info: DistInfo, log) -> None:
     info.finish()
 
 
-def cell_label_stage(model, encoder, cfg, processor, recipe: Recipe, si: int, metrics, pbar, step: int, log,
-                     stop_at_step: int | None, ckpt: Path, counters: dict,
-                     info: DistInfo | None = None) -> tuple[int, float, bool]:
-    """Stage ``si`` of ``recipe``, a cell_labels stage on ``encoder`` (the image tower alone), and the checkpoint
-    after it -> (global step, seconds spent, whether the run stops here). The stage is never checkpointed midway:
-    an interrupted one reruns whole. ``counters``: the stream position and running totals saved with it. Under
+def whole_stage(model, encoder, cfg, processor, recipe: Recipe, si: int, metrics, pbar, step: int, log,
+                stop_at_step: int | None, ckpt: Path, counters: dict,
+                info: DistInfo | None = None) -> tuple[int, float, bool]:
+    """Stage ``si`` of ``recipe``, a stage with its own small loop — cell_labels on ``encoder`` (the image tower
+    alone, train/cell_labels.py) or qformer (BLIP-2's stage 1, train/qformer_stage.py) — and the checkpoint after
+    it -> (global step, seconds spent, whether the run stops here). The stage is never checkpointed midway: an
+    interrupted one reruns whole. ``counters``: the stream position and running totals saved with it. Under
     torchrun every rank runs it (see :func:`_check_replicated_stage`) and rank 0 saves."""
     stage = recipe.stages[si]
     first = step
-    step, seconds = run_cell_label_stage(
-        encoder, processor, stage, stage.batch_size or recipe.train.batch_size,
-        Path(recipe.data.path or "."), recipe.train.seed + si, metrics, pbar, step, recipe.train.max_grad_norm, log,
-        stop_at_step)
+    common = (stage.batch_size or recipe.train.batch_size, Path(recipe.data.path or "."), recipe.train.seed + si,
+              metrics, pbar, step, recipe.train.max_grad_norm, log, stop_at_step)
+    if stage.objective == "qformer":
+        step, seconds = run_qformer_stage(model, processor.tokenizer, processor, stage, *common,
+                                          progress=not pbar.disable)
+    else:
+        step, seconds = run_cell_label_stage(encoder, processor, stage, *common)
     if step < first + stage.steps:
         return step, seconds, True  # stopped inside the stage (stop_at_step): nothing of it is saved
     st = {**counters, "global_step": step, "stage": si + 1, "step_in_stage": 0,

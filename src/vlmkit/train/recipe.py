@@ -37,13 +37,15 @@ class StageConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     # lm: next-token loss on the assistant turns; cell_labels: the vision tower alone learns the colour and
     # shape under each cell of its grid from ShapesWorld's scenes.json (train/cell_labels.py); contrastive: a dual
-    # encoder's loss (contrastive.loss of the model: CLIP's InfoNCE or SigLIP's sigmoid) on image-caption pairs
+    # encoder's loss (contrastive.loss of the model: CLIP's InfoNCE or SigLIP's sigmoid) on image-caption pairs;
+    # qformer: BLIP-2's stage 1 (ITC + ITM + ITG of a Q-Former connector on a frozen tower, train/qformer_stage.py)
     objective: str = "lm"
-    batch_size: int = 0  # cell_labels stages only; 0 = train.batch_size
+    batch_size: int = 0  # cell_labels and qformer stages only; 0 = train.batch_size
+    pairs: str = "pairs_train.csv"  # qformer stages: the image-caption pairs (CSV/TSV/COCO JSON) under data.path
     optimizer: str = "adamw"  # adamw, or muon: Muon on the hidden weight matrices, AdamW on the rest
 
 
-OBJECTIVES = ("lm", "cell_labels", "contrastive")
+OBJECTIVES = ("lm", "cell_labels", "contrastive", "qformer")
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -142,14 +144,17 @@ class Recipe:
             if st.optimizer not in OPTIMIZERS:
                 raise ConfigError(f"stages[{i}].optimizer: {st.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
             if st.optimizer != "adamw" and st.objective == "cell_labels":
-                raise ConfigError(f"stages[{i}].optimizer: {st.optimizer} is for lm and contrastive stages; "
-                                  f"cell_labels stages use adamw")
+                raise ConfigError(f"stages[{i}].optimizer: {st.optimizer} is for lm, contrastive and qformer "
+                                  f"stages; cell_labels stages use adamw")
+            if st.objective == "qformer" and st.train != ["connector"]:
+                raise ConfigError(f"stages[{i}]: the qformer objective trains the Q-Former on a frozen image tower "
+                                  f"(BLIP-2's stage 1); set train: [connector], got {st.train}")
             if st.objective == "cell_labels" and st.train != ["vision"]:
                 raise ConfigError(f"stages[{i}]: the cell_labels objective trains the vision tower alone; "
                                   f"set train: [vision], got {st.train}")
-            if st.batch_size < 0 or (st.batch_size and st.objective != "cell_labels"):
-                raise ConfigError(f"stages[{i}].batch_size: {st.batch_size}; it is for cell_labels stages (>= 1, or "
-                                  f"0 for train.batch_size); lm stages use train.batch_size")
+            if st.batch_size < 0 or (st.batch_size and st.objective not in ("cell_labels", "qformer")):
+                raise ConfigError(f"stages[{i}].batch_size: {st.batch_size}; it is for cell_labels and qformer stages "
+                                  f"(>= 1, or 0 for train.batch_size); lm stages use train.batch_size")
         if self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
         t = self.train
