@@ -148,6 +148,26 @@ class LanguageConfig:
     # Qwen2-VL's multimodal RoPE: sizes (summing to head_dim / 2) of the rotary sections that rotate with the
     # temporal, height and width position ids ([3, B, T]); () = plain RoPE
     mrope_section: tuple[int, ...] = ()
+    # OPT (BLIP-2's LM): LayerNorm with bias, a plain fc1 -> act -> fc2 MLP, biases on every attention and MLP
+    # projection, learned absolute positions whose table starts ``pos_offset`` rows in (OPT's 2), act relu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    mlp: str = "gated"  # gated (down(act(gate(x)) * up(x))) | plain (fc2(act(fc1(x))))
+    bias: bool = False  # biases on q, k, v, o and the MLP (qkv_bias alone: Qwen2's q, k, v only)
+    pos_embed: str = "rope"  # rope | learned
+    pos_offset: int = 0  # learned positions: row of position 0 in the table (max_seq_len + pos_offset rows)
+
+    def __post_init__(self):
+        for name, valid in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("gated", "plain")),
+                            ("pos_embed", ("rope", "learned"))):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"lm.{name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        if self.pos_offset < 0 or (self.pos_offset and self.pos_embed != "learned"):
+            raise ConfigError(f"lm.pos_offset {self.pos_offset}: a non-negative row offset of learned positions "
+                              f"(pos_embed: learned); rotary positions have none")
+        if self.pos_embed == "learned" and self.mrope_section:
+            raise ConfigError("lm.mrope_section is multimodal RoPE; it needs lm.pos_embed: rope")
+        if self.norm == "layernorm" and self.norm_offset:
+            raise ConfigError("lm.norm_offset (Gemma's 1 + weight) is an RMSNorm variant; lm.norm is layernorm")
 
 
 @dataclass

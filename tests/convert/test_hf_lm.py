@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.convert.hf import load_hf_lm, read_weights
+from vlmkit.convert.hf import export_hf_lm, load_hf_lm, read_weights
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -153,3 +153,108 @@ def test_family_features_vlmkit_lacks_are_named(tmp_path, family, changes, match
 def test_mistral_sliding_window_caps_the_length_where_attention_is_still_full(tmp_path):
     make_checkpoint("mistral", tmp_path, sliding_window=64)
     assert load_hf_lm(tmp_path).cfg.max_seq_len == 64  # max_position_embeddings is 128
+
+
+# ------------------------------------------------------------------------------------ OPT (BLIP-2's LM)
+
+OPT_TINY = dict(vocab_size=96, hidden_size=48, ffn_dim=80, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, word_embed_proj_dim=48, dropout=0.0, pad_token_id=1)
+
+
+def make_opt(folder, **extra):
+    """A tiny OPTForCausalLM with random biases, LayerNorm weights and biases, and learned positions."""
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(transformers.OPTConfig(**{**OPT_TINY, **extra})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layer_norm" in name:
+                p.normal_(0, 0.3 if "layer_norm" in name else 0.1).add_(1.0 if "norm" in name and
+                                                                        name.endswith("weight") else 0.0)
+            elif "embed_positions" in name:
+                p.normal_(0, 0.5)  # positions as loud as the tokens: a wrong offset or row shows in the logits
+    model.save_pretrained(folder)
+    return model
+
+
+def test_opt_logits_with_left_padding_and_greedy_tokens_match_transformers(tmp_path):
+    """LayerNorms with bias, ReLU MLP, biased attention, learned positions offset by 2 and counted from each row's
+    first real token (a left-padded batch), tied head; 8 greedy steps with vlmkit's KV cache."""
+    ref = make_opt(tmp_path)
+    lm = load_hf_lm(tmp_path)
+    assert (lm.cfg.norm, lm.cfg.mlp, lm.cfg.bias, lm.cfg.pos_embed, lm.cfg.pos_offset) == (
+        "layernorm", "plain", True, "learned", 2)
+    assert lm.cfg.tie_embeddings and lm.rotary is None and lm.embed_positions.weight.shape == (66, 48)
+    ids = torch.randint(3, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # row 1 is left-padded: its positions start at its first real token
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, attention_mask=mask).logits
+        ours = lm.lm_head(lm(lm.embed_tokens(ids), attention_mask=mask))
+        shifted = lm.lm_head(lm(lm.embed_tokens(ids)))  # positions counted from column 0 in row 1 too
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours[1, 4:], theirs[1, 4:], rtol=0, atol=1e-4)
+    assert (shifted[1, 4:] - theirs[1, 4:]).abs().max() > 1e-2  # the positions are what makes them equal
+    expected = ref.generate(ids[:1], max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, 13:].tolist()
+    cache, seq, step = lm.new_cache(1, 21), [], ids[:1]
+    with torch.no_grad():
+        for _ in range(8):
+            logits = lm.lm_head(lm(lm.embed_tokens(step), cache=cache))[:, -1]
+            logits[:, ref.config.eos_token_id] = float("-inf")  # as min_new_tokens does
+            step = logits.argmax(-1, keepdim=True)
+            seq.append(int(step))
+    assert seq == expected
+
+
+def test_opt_position_ids_are_used_as_given(tmp_path):
+    """A packed row passes each sample's own positions: they override the mask's count, as transformers'."""
+    ref = make_opt(tmp_path)
+    lm = load_hf_lm(tmp_path)
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, position_ids=pos).logits
+        ours = lm.lm_head(lm(lm.embed_tokens(ids), position_ids=pos))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_opt_exports_back_to_opt_for_causal_lm(tmp_path):
+    make_opt(tmp_path / "src", tie_word_embeddings=False, enable_bias=False)
+    lm = load_hf_lm(tmp_path / "src")
+    assert not lm.cfg.bias and not lm.cfg.tie_embeddings and lm.layers[0].attn.q_proj.bias is None
+    export_hf_lm(lm, tmp_path / "out")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(ref).__name__ == "OPTForCausalLM"
+    ids = torch.tensor([[3, 17, 42, 90, 5, 7, 64]])
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=ids).logits, lm.lm_head(lm(lm.embed_tokens(ids))), rtol=0,
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"word_embed_proj_dim": 32}, r"config.json: word_embed_proj_dim 32 != hidden_size 48 \(OPT's project_in"),
+    ({"do_layer_norm_before": False}, r"config.json: do_layer_norm_before: false is not implemented for opt"),
+    ({"_remove_final_layer_norm": True}, r"_remove_final_layer_norm: true is not implemented for opt"),
+    ({"activation_function": "gelu_new"}, r"activation_function 'gelu_new' is not implemented for opt; supported: "
+                                          r"relu, gelu"),
+    ({"ffn_dim": None}, r"config.json: missing key 'ffn_dim' for model_type 'opt'"),
+])
+def test_opt_variants_vlmkit_lacks_are_named(tmp_path, changes, match):
+    make_opt(tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=match):
+        load_hf_lm(tmp_path)
+
+
+def test_what_neither_opt_nor_llama_expresses_is_refused_on_export(tmp_path):
+    from vlmkit.config import LanguageConfig
+    from vlmkit.convert.hf import lm_config_to_hf
+
+    opt = dict(vocab_size=50, width=32, depth=1, heads=4, kv_heads=4, mlp_dim=64, act="relu", norm="layernorm",
+               mlp="plain", bias=True, pos_embed="learned", pos_offset=2)
+    assert lm_config_to_hf(LanguageConfig(**opt))["model_type"] == "opt"
+    with pytest.raises(ConfigError, match=r"lm: learned positions export as OPT, which cannot express: kv_heads 2"):
+        lm_config_to_hf(LanguageConfig(**{**opt, "kv_heads": 2}))
+    with pytest.raises(ConfigError, match=r"lm: norm 'layernorm', mlp 'plain': with rotary positions no "):
+        lm_config_to_hf(LanguageConfig(**{**opt, "pos_embed": "rope", "pos_offset": 0, "bias": False}))
+    with pytest.raises(ConfigError, match=r"lm.norm 'batchnorm'; valid: rmsnorm, layernorm"):
+        LanguageConfig(norm="batchnorm")

@@ -1,7 +1,10 @@
-"""Decoder-only language model of the Llama family (Llama, Qwen2, SmolLM, Mistral, Gemma) by a few flags.
+"""Decoder-only language model of the Llama family (Llama, Qwen2, SmolLM, Mistral, Gemma) and OPT, by a few flags.
 
 Grouped-query attention (``kv_heads``), rotary theta, tied embeddings, qkv bias (Qwen2), and Gemma's
 ``1 + weight`` norms, embedding scaling and GELU-gated MLP (``act: gelu_tanh``) are the flags.
+OPT (BLIP-2's LM; Zhang et al. 2022) is the same pre-norm block with LayerNorms (``norm: layernorm``), a plain
+ReLU MLP (``mlp: plain``), biases everywhere (``bias``) and learned absolute positions added to the input
+(``pos_embed: learned``, its table offset by ``pos_offset`` = 2 rows as OPT's).
 The model takes embeddings, not ids, so that fusion modules can splice images into the sequence.
 """
 
@@ -11,7 +14,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import LanguageConfig
-from vlmkit.nn import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask
+from vlmkit.nn import MLP, Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -22,13 +25,21 @@ class ScaledEmbedding(nn.Embedding):
         return super().forward(ids) * torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype)
 
 
+def _norm(cfg: LanguageConfig) -> nn.Module:
+    if cfg.norm == "layernorm":  # OPT: with bias
+        return nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+    return RMSNorm(cfg.width, cfg.norm_eps, cfg.norm_offset)
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
-        self.input_norm = RMSNorm(cfg.width, cfg.norm_eps, cfg.norm_offset)
-        self.attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias)
-        self.post_attn_norm = RMSNorm(cfg.width, cfg.norm_eps, cfg.norm_offset)
-        self.mlp = SwiGLU(cfg.width, cfg.mlp_dim, act=cfg.act)
+        self.input_norm = _norm(cfg)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias or cfg.bias,
+                              out_bias=cfg.bias)
+        self.post_attn_norm = _norm(cfg)
+        mlp = MLP if cfg.mlp == "plain" else SwiGLU
+        self.mlp = mlp(cfg.width, cfg.mlp_dim, act=cfg.act, bias=cfg.bias)
 
     def forward(self, x, mask, is_causal, rope, cache, layer):
         x = x + self.attn(self.input_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
@@ -43,11 +54,16 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = (ScaledEmbedding if cfg.embed_scale else nn.Embedding)(cfg.vocab_size, cfg.width)
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.depth))
-        self.norm = RMSNorm(cfg.width, cfg.norm_eps, cfg.norm_offset)
+        self.norm = _norm(cfg)
         self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(cfg.head_dim or cfg.width // cfg.heads, cfg.rope_theta, cfg.mrope_section)
+        if cfg.pos_embed == "learned":  # OPT: rows pos_offset .. pos_offset + max_seq_len - 1 are positions 0, 1, ...
+            self.embed_positions = nn.Embedding(cfg.max_seq_len + cfg.pos_offset, cfg.width)
+            self.rotary = None
+        else:
+            self.embed_positions = None
+            self.rotary = RotaryEmbedding(cfg.head_dim or cfg.width // cfg.heads, cfg.rope_theta, cfg.mrope_section)
 
     @property
     def head_dim(self) -> int:
@@ -67,6 +83,9 @@ class DecoderLM(nn.Module):
         """
         mask, is_causal, rope = self.attention_inputs(embeds, position_ids, attention_mask, mask, cache)
         x = embeds
+        if self.embed_positions is not None:  # OPT: learned absolute positions, added to the input
+            x = x + self.embed_positions(self.positions(embeds, position_ids, attention_mask, cache)
+                                         + self.cfg.pos_offset)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, is_causal, rope, cache, i)
         if cache is not None:
@@ -78,15 +97,27 @@ class DecoderLM(nn.Module):
                          cache: KVCache | None) -> tuple[torch.Tensor | None, bool, tuple]:
         """(mask, is_causal, rotary cos/sin) every layer of a forward takes: positions from the padding mask
         (or counted from the cache offset), and the causal fast path when nothing needs a mask. Wrappers that
-        interleave their own blocks with the layers (fusion/cross_attention.py) start from the same."""
-        B, T, _ = embeds.shape
+        interleave their own blocks with the layers (fusion/cross_attention.py) start from the same. An LM with
+        learned positions has no rotary (None); :meth:`forward` adds its positions to the input."""
+        T = embeds.shape[1]
         offset = cache.length if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:offset + T]
-            else:
-                position_ids = torch.arange(offset, offset + T, device=embeds.device)[None].expand(B, T)
         is_causal = mask is None and attention_mask is None and offset == 0
         if mask is None and not is_causal:
             mask = causal_mask(T, attention_mask, offset, device=embeds.device)
-        return mask, is_causal, self.rotary(position_ids, embeds.dtype)
+        if self.rotary is None:
+            return mask, is_causal, None
+        return mask, is_causal, self.rotary(self.positions(embeds, position_ids, attention_mask, cache), embeds.dtype)
+
+    @staticmethod
+    def positions(embeds: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                  cache: KVCache | None) -> torch.Tensor:
+        """The position ids of a forward: ``position_ids`` when given (a packed batch passes each sample's own),
+        else counted from each row's first real token (``attention_mask``, as transformers), else from the
+        cache offset. Padding gets position 0 (it is never attended to)."""
+        if position_ids is not None:
+            return position_ids
+        B, T, _ = embeds.shape
+        offset = cache.length if cache is not None else 0
+        if attention_mask is not None:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:offset + T]
+        return torch.arange(offset, offset + T, device=embeds.device)[None].expand(B, T)

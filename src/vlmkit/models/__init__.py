@@ -104,7 +104,8 @@ def _scale_residual_outputs(model: VisionLanguageModel, cfg: ModelConfig) -> Non
     """GPT-2's 1/sqrt(2*depth) scaling of the projections that write into the residual stream."""
     with torch.no_grad():
         for block in model.lm.layers:
-            for lin in (block.attn.o_proj, block.mlp.down_proj):
+            down = getattr(block.mlp, "down_proj", None) or block.mlp.fc2  # gated MLP, or plain (lm.mlp: plain)
+            for lin in (block.attn.o_proj, down):
                 lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
         for block in getattr(model.encoder, "blocks", ()):
             out_proj = getattr(block.attn, "o_proj", None) or block.attn.proj  # Qwen2-VL's fused attention: proj

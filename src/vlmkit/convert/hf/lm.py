@@ -1,4 +1,8 @@
-"""Llama-family text LMs (Llama, Qwen2, Mistral, Gemma) <-> vlmkit's ``DecoderLM``: import and export.
+"""Llama-family text LMs (Llama, Qwen2, Mistral, Gemma) and OPT <-> vlmkit's ``DecoderLM``: import and export.
+
+OPT (BLIP-2's LM) is read as ``norm: layernorm``, ``mlp: plain``, ``bias``, ``pos_embed: learned`` with OPT's
+``pos_offset`` 2. Its variants with a projected embedding (``word_embed_proj_dim`` != ``hidden_size``, opt-350m's
+project_in / project_out) or post-norm layers (``do_layer_norm_before: false``) are refused by name.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, writ
 from vlmkit.errors import ConfigError
 from vlmkit.lm.decoder import DecoderLM
 
-LM_TYPES = ("llama", "qwen2", "mistral", "gemma")
+LM_TYPES = ("llama", "qwen2", "mistral", "gemma", "opt")
 LM_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+OPT_ACTS = {"relu": "relu", "gelu": "gelu"}
+OPT_POS_OFFSET = 2  # OPTLearnedPositionalEmbedding: position p is row p + 2
 
 
 def _rope_theta(cfg: dict, where: str) -> float:
@@ -47,11 +53,13 @@ def _mrope_section(cfg: dict, head_dim: int, where: str) -> tuple[int, ...]:
 
 
 def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
-    """config.json of a Llama / Qwen2 / Mistral / Gemma causal LM -> LanguageConfig."""
+    """config.json of a Llama / Qwen2 / Mistral / Gemma / OPT causal LM -> LanguageConfig."""
     kind = cfg.get("model_type")
     if kind not in LM_TYPES:
         raise ConfigError(f"{where}: model_type {kind!r} is not a text LM vlmkit imports; supported: "
                           f"{', '.join(LM_TYPES)}")
+    if kind == "opt":
+        return _opt_config_from_hf(cfg, where)
     try:
         width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")  # Gemma 1 writes both
@@ -80,8 +88,64 @@ def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
         raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type {kind!r}") from e
 
 
+def _opt_config_from_hf(cfg: dict, where: str) -> LanguageConfig:
+    """An OPTConfig dict -> LanguageConfig; what vlmkit's DecoderLM does not compute is refused by key."""
+    try:
+        width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        proj = cfg.get("word_embed_proj_dim")
+        if proj not in (None, width):
+            raise ConfigError(f"{where}: word_embed_proj_dim {proj} != hidden_size {width} (OPT's project_in / "
+                              f"project_out, as opt-350m) is not implemented in vlmkit")
+        for key, ok in (("do_layer_norm_before", True), ("_remove_final_layer_norm", False),
+                        ("layer_norm_elementwise_affine", True)):
+            if cfg.get(key, ok) != ok:
+                raise ConfigError(f"{where}: {key}: {str(cfg[key]).lower()} is not implemented for opt; supported: "
+                                  f"{str(ok).lower()} (pre-norm layers with affine LayerNorms and a final norm)")
+        act = cfg.get("activation_function", "relu")
+        if act not in OPT_ACTS:
+            raise ConfigError(f"{where}: activation_function {act!r} is not implemented for opt; supported: "
+                              f"{', '.join(OPT_ACTS)}")
+        return LanguageConfig(
+            vocab_size=int(cfg["vocab_size"]), width=width, depth=int(cfg["num_hidden_layers"]), heads=heads,
+            kv_heads=heads, mlp_dim=int(cfg["ffn_dim"]), act=OPT_ACTS[act], norm_eps=1e-5,  # nn.LayerNorm's default
+            max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), norm="layernorm", mlp="plain",
+            bias=bool(cfg.get("enable_bias", True)), pos_embed="learned", pos_offset=OPT_POS_OFFSET)
+    except KeyError as e:
+        raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type 'opt'") from e
+
+
+def _opt_key_map(cfg: LanguageConfig, prefix: str, head: str) -> dict[str, str]:
+    """DecoderLM -> OPTForCausalLM names (``prefix`` is the decoder's, "model.decoder." in OPTForCausalLM)."""
+    table = {"embed_tokens.weight": f"{prefix}embed_tokens.weight",
+             "embed_positions.weight": f"{prefix}embed_positions.weight"}
+    table |= {f"norm.{w}": f"{prefix}final_layer_norm.{w}" for w in ("weight", "bias")}
+    if not cfg.tie_embeddings:
+        table["lm_head.weight"] = head
+    params = ("weight", "bias") if cfg.bias else ("weight",)
+    for i in range(cfg.depth):
+        ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
+        for w in ("weight", "bias"):
+            table[f"{ours}input_norm.{w}"] = f"{theirs}self_attn_layer_norm.{w}"
+            table[f"{ours}post_attn_norm.{w}"] = f"{theirs}final_layer_norm.{w}"
+        for w in params:
+            for p, q in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "out")):
+                table[f"{ours}attn.{p}_proj.{w}"] = f"{theirs}self_attn.{q}_proj.{w}"
+            for fc in ("fc1", "fc2"):
+                table[f"{ours}mlp.{fc}.{w}"] = f"{theirs}{fc}.{w}"
+    return table
+
+
+def is_opt(cfg: LanguageConfig) -> bool:
+    """An LM laid out as OPT (learned positions): its tensors carry OPT's names."""
+    return cfg.pos_embed == "learned"
+
+
 def lm_key_map(cfg: LanguageConfig, prefix: str = "model.", head: str = "lm_head.weight") -> dict[str, str]:
-    """vlmkit DecoderLM parameter name -> transformers *ForCausalLM tensor name (the explicit table)."""
+    """vlmkit DecoderLM parameter name -> transformers *ForCausalLM tensor name (the explicit table). An OPT
+    layout (:func:`is_opt`) takes the decoder's prefix ("model.decoder." in OPTForCausalLM)."""
+    if is_opt(cfg):
+        return _opt_key_map(cfg, prefix, head)
     table = {"embed_tokens.weight": f"{prefix}embed_tokens.weight", "norm.weight": f"{prefix}norm.weight"}
     if not cfg.tie_embeddings:
         table["lm_head.weight"] = head
@@ -108,18 +172,19 @@ def untie_if_head_saved(cfg, tensors, head: str, embed: str):
 
 
 def load_hf_lm(folder: str | Path) -> DecoderLM:
-    """A transformers Llama / Qwen2 / Mistral / Gemma ``*ForCausalLM`` folder -> DecoderLM (fp32)."""
+    """A transformers Llama / Qwen2 / Mistral / Gemma / OPT ``*ForCausalLM`` folder -> DecoderLM (fp32)."""
     ckpt = read_checkpoint(folder)
     where = str(ckpt.folder / "config.json")
     cfg = lm_config_from_hf(ckpt.config, where)
     with torch.device("meta"):
         lm = DecoderLM(cfg)
     lm = lm.to_empty(device="cpu")
-    lm.rotary = type(lm.rotary)(lm.head_dim, cfg.rope_theta, cfg.mrope_section)  # buffers are not weights: rebuild
+    if lm.rotary is not None:  # buffers are not weights: rebuild
+        lm.rotary = type(lm.rotary)(lm.head_dim, cfg.rope_theta, cfg.mrope_section)
     if cfg.tie_embeddings:
         lm.lm_head.weight = lm.embed_tokens.weight
     # a tied checkpoint may still carry lm_head.weight (a copy of the embeddings): not an error
-    load_state(lm, ckpt.tensors, lm_key_map(cfg), str(ckpt.folder),
+    load_state(lm, ckpt.tensors, lm_key_map(cfg, "model.decoder." if is_opt(cfg) else "model."), str(ckpt.folder),
                ignore=("lm_head.weight",) if cfg.tie_embeddings else ())
     return lm.eval()
 
@@ -127,12 +192,20 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
 # ---------------------------------------------------------------------------------------------- export
 
 HF_ACTS = {v: k for k, v in LM_ACTS.items()}
-LM_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
+LM_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
+              "opt": "OPTForCausalLM"}
 
 
 def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
-    """LanguageConfig -> the config.json of the transformers family that computes the same function: Gemma
-    (norm offset + embedding scale), Qwen2 (bias on q, k, v only), else Llama."""
+    """LanguageConfig -> the config.json of the transformers family that computes the same function: OPT
+    (learned positions), Gemma (norm offset + embedding scale), Qwen2 (bias on q, k, v only), else Llama."""
+    if is_opt(cfg):
+        return _opt_config_to_hf(cfg, where)
+    opt_only = [f"{k} {v!r}" for k, v, ok in (("norm", cfg.norm, "rmsnorm"), ("mlp", cfg.mlp, "gated"),
+                                               ("bias", cfg.bias, False)) if v != ok]
+    if opt_only:
+        raise ConfigError(f"{where}: {', '.join(opt_only)}: with rotary positions no transformers family computes "
+                          f"this LM (a layernorm / plain-MLP / biased LM exports as OPT, with pos_embed: learned)")
     if cfg.norm_offset != cfg.embed_scale:
         raise ConfigError(f"{where}: norm_offset and embed_scale are both Gemma's; a model with only one of them "
                           f"is no transformers family")
@@ -156,9 +229,30 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
     return out
 
 
+def _opt_config_to_hf(cfg: LanguageConfig, where: str) -> dict:
+    """An OPT-layout LanguageConfig -> OPTConfig's dict; what OPT cannot express is refused by field."""
+    problems = [f"{k} {v!r} (OPT has {ok!r})" for k, v, ok in (
+        ("norm", cfg.norm, "layernorm"), ("mlp", cfg.mlp, "plain"), ("pos_offset", cfg.pos_offset, OPT_POS_OFFSET),
+        ("kv_heads", cfg.kv_heads, cfg.heads), ("head_dim", cfg.head_dim or cfg.width // cfg.heads,
+                                                 cfg.width // cfg.heads),
+        ("norm_eps", cfg.norm_eps, 1e-5), ("qkv_bias", cfg.qkv_bias and not cfg.bias, False),
+        ("embed_scale", cfg.embed_scale, False), ("norm_offset", cfg.norm_offset, False))
+        if v != ok]
+    if cfg.act not in OPT_ACTS:
+        problems.append(f"act {cfg.act!r} (exportable: {', '.join(OPT_ACTS)})")
+    if problems:
+        raise ConfigError(f"{where}: learned positions export as OPT, which cannot express: {'; '.join(problems)}")
+    return {"model_type": "opt", "architectures": [LM_CLASSES["opt"]], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.width, "word_embed_proj_dim": cfg.width, "ffn_dim": cfg.mlp_dim,
+            "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.heads, "activation_function": cfg.act,
+            "max_position_embeddings": cfg.max_seq_len, "do_layer_norm_before": True, "enable_bias": cfg.bias,
+            "layer_norm_elementwise_affine": True, "tie_word_embeddings": cfg.tie_embeddings, "dropout": 0.0,
+            "attention_dropout": 0.0, "torch_dtype": "float32"}
+
+
 def export_hf_lm(lm: DecoderLM, folder: str | Path) -> None:
     """A DecoderLM -> config.json + model.safetensors that transformers' ``AutoModelForCausalLM`` loads."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_hf_weights(folder, export_table(lm, lm_key_map(lm.cfg)))
+    write_hf_weights(folder, export_table(lm, lm_key_map(lm.cfg, "model.decoder." if is_opt(lm.cfg) else "model.")))
     write_json(folder / "config.json", lm_config_to_hf(lm.cfg))
