@@ -228,6 +228,95 @@ class ContrastiveConfig:
 
 
 @dataclass
+class PerceiverConfig:
+    """A perceiver resampler (connectors/perceiver.py): ``n_latents`` learned queries read the vision features in
+    ``depth`` blocks. Defaults are IDEFICS-9B's (HuggingFaceM4/idefics-9b's perceiver_config)."""
+
+    depth: int = 6  # resampler_depth
+    heads: int = 16  # resampler_n_heads
+    head_dim: int = 96  # resampler_head_dim
+    n_latents: int = 64  # resampler_n_latents: image tokens per image after the resampler
+    qk_norm: bool = False  # qk_layer_norms_perceiver: a LayerNorm over each head's queries and keys
+    mlp_dim: int = 0  # 0: 4 x the vision width (IDEFICS)
+
+    def __post_init__(self):
+        for name in ("depth", "heads", "head_dim", "n_latents"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"xattn.perceiver.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mlp_dim < 0:
+            raise ConfigError(f"xattn.perceiver.mlp_dim must be >= 0 (0: 4 x the vision width), got {self.mlp_dim}")
+
+
+@dataclass
+class CrossAttentionConfig:
+    """Gated cross-attention fusion (family ``flamingo``: Flamingo, IDEFICS; fusion/cross_attention.py): the LM
+    reads each sample's images through tanh-gated blocks before its layers 0, every, 2 * every, ...; each image is
+    one placeholder token in the text. Defaults are IDEFICS-9B's."""
+
+    every: int = 4  # cross_layer_interval
+    heads: int = 0  # heads of the cross-attention; 0: the LM's (IDEFICS)
+    mlp_dim: int = 0  # width of the gated blocks' SwiGLU; 0: the LM's mlp_dim (IDEFICS)
+    qk_norm: bool = False  # qk_layer_norms: an RMSNorm over each head's queries and keys
+    alpha_type: str = "float"  # float: one gate per branch | vector: one per channel
+    # which images a text token sees: the most recent one at or before it (Flamingo's default, IDEFICS), or
+    # every one at or before it
+    only_last: bool = True
+    # tokens after this token see no image until the next image (IdeficsProcessor: after the EOS ending a
+    # document); -1: none. Set from the tokenizer when a model is imported
+    reset_token_id: int = -1
+    use_resampler: bool = True  # a perceiver resampler between the vision tower and the LM (IDEFICS-9B/80B)
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    # IDEFICS' decoupled embeddings: its checkpoints keep the last ``decoupled_vocab`` rows of the token embedding
+    # and of the LM head (its added tokens, additional_vocab_size) in separate tensors. vlmkit's LM has them in its
+    # lm.vocab_size rows (the same numbers); an export splits them off again
+    decoupled_vocab: int = 0
+    # learned embeddings of an image's place in its sample (first, second, ...), added to its states before the
+    # cross-attention, for this many images; 0 = none (IDEFICS). With only_last: false a token reads several images
+    # at once, and without them cannot tell "the first image" from "the second" (Flamingo adds learned time
+    # embeddings to a video's frames for the same reason)
+    image_index_embed: int = 0
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ConfigError(f"xattn.every must be >= 1, got {self.every}")
+        if self.alpha_type not in ("float", "vector"):
+            raise ConfigError(f"xattn.alpha_type must be 'float' or 'vector', got {self.alpha_type!r}")
+        for name in ("heads", "mlp_dim", "decoupled_vocab", "image_index_embed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"xattn.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class MllamaConfig:
+    """Llama 3.2 Vision (family ``mllama``, models/mllama.py): a tiled image tower whose features the LM reads through
+    gated cross-attention blocks between its self-attention layers; each image is one ``<|image|>`` token in the
+    text. Defaults are meta-llama/Llama-3.2-11B-Vision's."""
+
+    # before which of the LM's (self-attention) layers each block runs. transformers numbers its cross-attention
+    # layers among all decoder layers: cross_attention_layers [3, 8, ..., 38] are positions [3, 7, ..., 31]
+    xattn_positions: list[int] = field(default_factory=lambda: [3, 7, 11, 15, 19, 23, 27, 31])
+    max_tiles: int = 4  # max_num_tiles: an image is cut into rows x cols tiles of vision.image_size, rows * cols <= it
+    global_depth: int = 8  # vision.arch "mllama": gated global layers after the vision.depth local ones
+    # vision.arch "mllama": local layers whose outputs are concatenated to the final features (vision_output_dim
+    # = vision.width * (1 + len))
+    intermediate_layers: list[int] = field(default_factory=lambda: [3, 7, 15, 23, 30])
+    # token-embedding rows past the LM head's lm.vocab_size (transformers: vocab_size + 8, <|image|> among them);
+    # the model reads them but never predicts them
+    extra_embeddings: int = 8
+
+    def __post_init__(self):
+        if self.max_tiles < 1:
+            raise ConfigError(f"mllama.max_tiles must be >= 1, got {self.max_tiles}")
+        for name in ("global_depth", "extra_embeddings"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"mllama.{name} must be >= 0, got {getattr(self, name)}")
+        if self.xattn_positions != sorted(self.xattn_positions) or any(p < 0 for p in self.xattn_positions):
+            raise ConfigError(f"mllama.xattn_positions {self.xattn_positions} must be sorted LM layer indices (>= 0)")
+        if any(i < 0 for i in self.intermediate_layers):
+            raise ConfigError(f"mllama.intermediate_layers {self.intermediate_layers} must be layer indices (>= 0)")
+
+
+@dataclass
 class ModelConfig:
     """A vision-language model: encoder -> connector -> splice into the LM; or, for the dual-encoder families
     ``clip`` and ``siglip``, an image tower (``vision``) and a text tower (``text``) meeting in a joint space
@@ -241,6 +330,8 @@ class ModelConfig:
     anyres: AnyResConfig = field(default_factory=AnyResConfig)  # llava_next / llava_onevision tiling
     text: TextConfig = field(default_factory=TextConfig)  # dual encoders only
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # dual encoders only
+    xattn: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)  # family flamingo only
+    mllama: MllamaConfig = field(default_factory=MllamaConfig)  # family mllama only
 
     @property
     def is_dual_encoder(self) -> bool:
@@ -304,9 +395,15 @@ class ProcessorConfig:
     refused_placeholders: list[str] = field(default_factory=list)
     split: ImageSplitConfig = field(default_factory=ImageSplitConfig)  # image_processor "idefics3"
     native: NativeResolutionConfig = field(default_factory=NativeResolutionConfig)  # image_processor "qwen2_vl"
+    max_image_tiles: int = 4  # image_processor "mllama": tiles of image_size an image is cut into at most
     # dual encoders: "longest" pads a batch of texts to its longest (CLIP); "max_length" pads every text to
     # max_length, the text tower's context (SigLIP, which pools the last position)
     text_padding: str = "longest"
+    # InstructBLIP: the Q-Former reads the prompt too, tokenised by its own tokenizer (qformer_tokenizer.json
+    # beside tokenizer.json; without one, the LM's), its ids padded with qformer_pad_token ("": the LM's pad
+    # token) to this length for every image (ImageInputs.extra). 0: the model reads no instruction
+    qformer_max_length: int = 0
+    qformer_pad_token: str = ""
 
 
 # ----------------------------------------------------------------------------------------- dict <-> dataclass

@@ -64,9 +64,11 @@ class Pipeline:
     def _shared_features(self, items: list[tuple[ImageInputs, list[int]]], image_keys: list[list]):
         """Features of a batch whose requests repeat images (evaluation asks several questions about one image):
         each distinct image through the tower once, then gathered in the batch's reading order. Only for
-        fixed-size images, whose features are one [M, D] block per image; None otherwise."""
+        fixed-size images, whose features are one [M, D] block per image, and that depend on nothing else (not
+        InstructBLIP's, which read each prompt's instruction from ``extra``); None otherwise."""
         keys = [k for ks in image_keys for k in ks]
-        if self.processor.cfg.image_processor != "fixed" or len(set(keys)) == len(keys) or not keys:
+        if self.processor.cfg.image_processor != "fixed" or len(set(keys)) == len(keys) or not keys \
+                or any(imgs.extra for imgs, _ in items):
             return None
         first = {}
         singles = [ImageInputs(imgs.pixel_values[i:i + 1], imgs.tokens[i:i + 1])

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from vlmkit.convert.hf import HF_FAMILIES
+from vlmkit.convert.hf.blip2 import blip2_config_to_hf
 from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
+from vlmkit.convert.hf.idefics import idefics_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
 from vlmkit.convert.hf.llava import llava_config_to_hf
 from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
+from vlmkit.convert.hf.mllama import mllama_config_to_hf
 from vlmkit.convert.hf.paligemma import paligemma_config_to_hf
 from vlmkit.convert.hf.qwen2_vl import qwen2_vl_config_to_hf
 from vlmkit.models import build_model, count_parameters
@@ -36,6 +39,12 @@ def hf_config(preset) -> dict:
         return qwen2_vl_config_to_hf(cfg, QWEN_IDS)
     if cfg.family == "idefics3":
         return idefics3_config_to_hf(cfg, 128257)
+    if cfg.family == "flamingo":
+        return idefics_config_to_hf(cfg, cfg.xattn.reset_token_id)
+    if cfg.family == "mllama":
+        return mllama_config_to_hf(cfg, 128256)
+    if cfg.family in ("blip2", "instructblip"):
+        return blip2_config_to_hf(cfg, cfg.lm.vocab_size - 1)
     if cfg.family in ("clip", "siglip"):
         return dual_encoder_config_to_hf(cfg)
     raise AssertionError(cfg.family)
@@ -66,6 +75,10 @@ PRESETS = [
     ("qwen2-vl-2b", 2_208_985_600, 0),
     ("idefics3-8b", None, 0),
     ("smolvlm-256m", None, 0),
+    ("idefics-9b", None, 0),
+    ("llama-3.2-11b-vision", 10_670_220_835, 0),  # the Hub's 10.67B (safetensors total)
+    ("blip2-opt-2.7b", None, 0),
+    ("instructblip-vicuna-7b", None, 0),
     ("tiny-llava-vit", None, 0),
     ("clip-vit-b-16", 149_620_737, 0),
     ("siglip-b-16", None, 0),
@@ -76,8 +89,8 @@ PRESETS = [
 def test_preset_has_transformers_parameter_count(name, published, unbuilt):
     preset = get_preset(name)
     ours = vlmkit_count(preset)
-    # an exported LLaVA-family tower carries an identity final norm (transformers' tower always has one)
-    identity_norm = 2 * preset.model.vision.width if preset.model.family.startswith("llava") else 0
+    # an exported LLaVA-family or IDEFICS tower carries an identity final norm (transformers' tower always has one)
+    identity_norm = 2 * preset.model.vision.width if preset.model.family.startswith(("llava", "flamingo")) else 0
     assert transformers_count(preset) == ours + identity_norm
     if published is not None:
         assert ours + unbuilt == published

@@ -18,9 +18,13 @@ from vlmkit.data.conversations import ConversationDataset, Sample, group_by_imag
 from vlmkit.models import MODEL_FAMILIES, SPLICE_FAMILIES
 
 from hf_fixtures import real_images
-from test_hf_idefics3 import idefics3  # noqa: F401  (fixtures)
+from test_hf_blip2 import blip2_folder  # noqa: F401  (fixtures)
+from test_hf_idefics import idefics_folder  # noqa: F401
+from test_hf_idefics3 import idefics3  # noqa: F401
+from test_hf_instructblip import instructblip_folder  # noqa: F401
 from test_hf_llava_next import next_folder  # noqa: F401
 from test_hf_llava_onevision import ov_folder  # noqa: F401
+from test_hf_mllama import mllama_folder  # noqa: F401
 from test_hf_paligemma import paligemma_folder  # noqa: F401
 from test_hf_qwen2_vl import qwen_folder  # noqa: F401
 
@@ -29,7 +33,11 @@ pytest.importorskip("transformers", reason="transformers (a test extra) builds t
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FOLDERS = {"llava": "llava_folder", "llava_next": "next_folder", "llava_onevision": "ov_folder",
-           "qwen2_vl": "qwen_folder", "idefics3": "idefics3", "paligemma": "paligemma_folder"}
+           "qwen2_vl": "qwen_folder", "idefics3": "idefics3", "paligemma": "paligemma_folder",
+           "mllama": "mllama_folder", "flamingo": "idefics_folder", "blip2": "blip2_folder",
+           "instructblip": "instructblip_folder"}
+# families that train on one question and its answer (a prompt and its continuation or suffix)
+SINGLE_TURN = {"paligemma", "blip2", "instructblip"}
 # the contrastive families train on image-caption pairs with a pooled text tower: no LM sequence to pack
 NOT_PACKED = {"clip", "siglip"}
 
@@ -94,7 +102,7 @@ def test_packed_loss_and_gradients_equal_padded(request, family, tmp_path):
     folder = request.getfixturevalue(FOLDERS[family])[0]
     pipe = vlmkit.load(folder)
     assert pipe.config.family == family
-    ds = ConversationDataset(samples_for(tmp_path, single_turn=family == "paligemma"), pipe.processor)
+    ds = ConversationDataset(samples_for(tmp_path, single_turn=family in SINGLE_TURN), pipe.processor)
     items = [ds[i] for i in range(len(ds))]
     lengths = sorted(len(x["input_ids"]) for x in items)
     check_packed_equals_padded(pipe.model, items, pipe.processor.tokenizer.pad_id, lengths[-1] + lengths[0])

@@ -12,9 +12,13 @@ from vlmkit.generation import GenerationConfig
 from vlmkit.serve.engine import Engine
 
 from hf_fixtures import real_images
-from test_hf_idefics3 import idefics3  # noqa: F401  (fixtures)
+from test_hf_blip2 import blip2_folder  # noqa: F401
+from test_hf_idefics import idefics_folder  # noqa: F401  (fixtures)
+from test_hf_idefics3 import idefics3  # noqa: F401
+from test_hf_instructblip import instructblip_folder  # noqa: F401
 from test_hf_llava_next import next_folder  # noqa: F401
 from test_hf_llava_onevision import ov_folder  # noqa: F401
+from test_hf_mllama import mllama_folder  # noqa: F401
 from test_hf_paligemma import paligemma_folder  # noqa: F401
 from test_hf_qwen2_vl import qwen_folder  # noqa: F401
 
@@ -22,7 +26,9 @@ pytest.importorskip("transformers", reason="transformers (a test extra) builds t
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FOLDERS = {"llava": "llava_folder", "llava_next": "next_folder", "llava_onevision": "ov_folder",
-           "qwen2_vl": "qwen_folder", "idefics3": "idefics3", "paligemma": "paligemma_folder"}
+           "qwen2_vl": "qwen_folder", "idefics3": "idefics3", "paligemma": "paligemma_folder",
+           "blip2": "blip2_folder", "instructblip": "instructblip_folder", "flamingo": "idefics_folder",
+           "mllama": "mllama_folder"}
 QUESTIONS = ["What colour is the small circle?", "How many squares?", "Describe the image."]
 
 
@@ -43,3 +49,20 @@ def test_joined_requests_answer_as_alone(request, family):
     finally:
         engine.stop()
     assert answers == solo
+
+
+def test_one_image_asked_two_things_by_instructblip_answers_each_as_alone(instructblip_folder):
+    """InstructBLIP's image features depend on the question (its Q-Former reads it): the engine's feature cache
+    keys them by image and instruction, so the second question does not reuse the first one's features."""
+    pipe = vlmkit.load(instructblip_folder[0])
+    image = real_images()[0]
+    solo = [pipe.chat(image, q, max_new_tokens=6) for q in QUESTIONS[:2]]
+    engine = Engine(pipe).start()
+    try:
+        streams = [engine.submit_chat([{"role": "user", "content": q}], [image], GenerationConfig(max_new_tokens=6))
+                   for q in QUESTIONS[:2]]
+        answers = [s.text()[0] for s in streams]
+    finally:
+        engine.stop()
+    assert answers == solo
+    assert engine.stats.image_cache_misses == 2

@@ -244,3 +244,91 @@ def test_bad_arguments_raise():
         GatedCrossAttentionBlock(16, 8, 2, 32, alpha_type="matrix")
     with pytest.raises(ValueError, match="every"):
         add_cross_attention(tiny_lm(), every=0, d_image=8)
+
+
+# ------------------------------------------------------------------------------------- Mllama's options
+
+# vlmkit GatedCrossAttentionBlock key -> transformers MllamaCrossAttentionDecoderLayer key
+MLLAMA_BLOCK = {"input_norm.weight": "input_layernorm.weight",
+                "post_attn_norm.weight": "post_attention_layernorm.weight",
+                "attn.q_norm.weight": "cross_attn.q_norm.weight", "attn.k_norm.weight": "cross_attn.k_norm.weight",
+                "alpha_cross_attn": "cross_attn_attn_gate", "alpha_dense": "cross_attn_mlp_gate"}
+MLLAMA_BLOCK |= {f"attn.{p}_proj.weight": f"cross_attn.{p}_proj.weight" for p in "qkvo"}
+MLLAMA_BLOCK |= {f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+
+
+def test_gated_block_matches_mllama_cross_attention_layer():
+    """Grouped-query cross-attention with q/k norms, and Mllama's rows that see no image: they attend to every
+    image token of the sample and drop their MLP branch (transformers' full_text_row_masked_out_mask)."""
+    modeling = pytest.importorskip("transformers.models.mllama.modeling_mllama")
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig
+
+    dim, heads, kv_heads, mlp, tiles, P = 32, 4, 2, 48, 2, 3
+    cfg = MllamaTextConfig(hidden_size=dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                           intermediate_size=mlp, rms_norm_eps=1e-5)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = modeling.MllamaCrossAttentionDecoderLayer(cfg, layer_idx=0).eval()
+    perturb_(ref, torch.Generator().manual_seed(2))
+    with torch.no_grad():  # open gates (transformers starts them at zero)
+        ref.cross_attn_attn_gate.fill_(0.8)
+        ref.cross_attn_mlp_gate.fill_(-0.6)
+    ours = GatedCrossAttentionBlock(dim, dim, heads, mlp, eps=1e-5, qk_norm=True, kv_heads=kv_heads,
+                                    empty_rows="mllama").eval()
+    load_mapped(ours, ref, MLLAMA_BLOCK)
+    # [B, T, images, tiles]: row 0 sees nothing at first, then image 0's first tile, then both images; row 1 all
+    tile_mask = torch.zeros(2, 5, 2, tiles, dtype=torch.long)
+    tile_mask[0, 2:, 0, 0] = 1
+    tile_mask[0, 4:, :, :] = 1
+    tile_mask[1] = 1
+    additive, full_row = modeling._prepare_cross_attention_mask(tile_mask, P, torch.float32)
+    x, images = torch.randn(2, 5, dim), torch.randn(2, 2 * tiles * P, dim)
+    sees = tile_mask[..., None].expand(2, 5, 2, tiles, P).reshape(2, 5, -1).bool()
+    with torch.no_grad():
+        want = ref(x, cross_attention_states=images, cross_attention_mask=additive, attention_mask=None,
+                   full_text_row_masked_out_mask=full_row)
+        got = ours(x, images, sees)
+        cached = ours(x, None, sees, kv=ours.attn.project_images(images))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cached, got)
+    # the rows that see no image still depend on the images; without any image the block is skipped
+    with torch.no_grad():
+        other = ours(x, torch.randn_like(images), sees)
+    assert not torch.allclose(other[0, :2], got[0, :2]) and torch.equal(ours(x, None), x)
+    # a key mask keeps a row to its own sample's image tokens, the empty rows too
+    keys = torch.zeros(2, 1, images.shape[1], dtype=torch.bool)
+    keys[:, :, :tiles * P] = True  # only the first image is the sample's
+    with torch.no_grad():
+        kept = ours(x, images, sees, key_mask=keys)
+        alone = ours(x, images[:, :tiles * P], sees[..., :tiles * P])
+    torch.testing.assert_close(kept, alone, atol=1e-6, rtol=0)
+
+
+def test_wrapped_lm_at_explicit_positions_with_cached_image_keys():
+    lm = tiny_lm(depth=3)
+    model = add_cross_attention(lm, None, d_image=24, positions=[0, 0, 3], qk_norm=True, kv_heads=2,
+                                empty_rows="mllama")
+    order = []
+    for i, block in enumerate(model.xattn):
+        block.register_forward_hook(lambda *_, n=f"x{i}": order.append(n))
+    for i, layer in enumerate(lm.layers):
+        layer.register_forward_hook(lambda *_, n=f"L{i}": order.append(n))
+    ids = torch.tensor([[3, IMG, 4, 5, IMG, 6, 8, 9]])
+    mask, images = media_mask(ids, IMG, 4), torch.randn(1, 8, 24)
+    embeds = lm.embed_tokens(ids)
+    with torch.no_grad():
+        assert torch.equal(model(embeds, images, mask), lm(embeds))  # closed gates: the bare LM
+        g = torch.Generator().manual_seed(3)
+        for p in model.xattn.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        full = model(embeds, images, mask)
+        kv = model.project_images(images)
+        torch.testing.assert_close(model(embeds, None, mask, image_kv=kv), full, atol=1e-6, rtol=0)
+    assert order[-6:] == ["x0", "x1", "L0", "L1", "L2", "x2"]  # the last block after the last layer
+    assert not torch.allclose(full, lm(embeds))
+    for bad in ({"every": 2, "positions": [0]}, {"every": None, "positions": [2, 1]},
+                {"every": None, "positions": [0, 4]}):
+        with pytest.raises(ValueError, match="every|positions"):
+            add_cross_attention(tiny_lm(depth=3), d_image=8, **bad)
+    with pytest.raises(ValueError, match="empty_rows"):
+        GatedCrossAttentionBlock(16, 8, 2, 32, empty_rows="zero")

@@ -180,3 +180,20 @@ def test_requests_ended_while_queued_are_never_prefilled(pipe, images):
         assert engine.stats.prompt_tokens_total == 0 and engine.stats.requests_finished == 2
     finally:
         engine.stop()
+
+
+def test_per_row_decoding_state_merges_padded_and_is_taken_by_row():
+    from vlmkit.serve.engine import _merge_rows, _take_rows
+
+    seen_a = torch.tensor([[[True, True, False]], [[True, False, False]]])  # [2, 1, S=3]
+    seen_b = torch.tensor([[[True, True, True, True, True]]])  # [1, 1, S=5]
+    merged = _merge_rows(seen_a, seen_b, 2, 1)
+    assert merged.shape == (3, 1, 5) and merged.dtype == torch.bool
+    assert merged[:2, :, 3:].sum() == 0 and torch.equal(merged[:2, :, :3], seen_a) and merged[2].all()
+    # a batch without the state (no images): zeros of the other's shape; tuples merge element-wise
+    kv = (torch.ones(1, 2, 4, 3), torch.ones(1, 2, 4, 3))
+    both = _merge_rows(None, kv, 2, 1)
+    assert both[0].shape == (3, 2, 4, 3) and both[0][:2].sum() == 0 and both[1][2].eq(1).all()
+    assert _merge_rows(None, None, 2, 1) is None
+    taken = _take_rows(both, torch.tensor([2, 0]))
+    assert taken[0].shape == (2, 2, 4, 3) and taken[0][0].eq(1).all() and taken[0][1].eq(0).all()

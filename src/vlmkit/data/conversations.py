@@ -8,6 +8,7 @@ a bad row raises :class:`~vlmkit.errors.DataError` naming the file and row, or i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import OrderedDict
@@ -205,8 +206,15 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _encode(self, s: Sample) -> tuple[list[int], list[int], list[int], list[int]]:
-        # whole-string processors (imported families) size each image's tokens from the image itself
-        images = self._inputs(s) if self.whole else len(s.images)
+        # whole-string processors (imported families) size each image's tokens from the image itself; a copy,
+        # as the processor writes a Q-Former's instruction into it (the cached inputs are every sample's)
+        images: int | ImageInputs = len(s.images)
+        if self.whole:
+            cached = self._inputs(s)
+            images = dataclasses.replace(cached, extra=dict(cached.extra))
+        if s.independent_turns and self.processor.qformer_tokenizer is not None:
+            raise DataError(f"{s.source}: grouped questions share one encoding of their image, but this model's "
+                            f"Q-Former reads each question with the image (InstructBLIP); set data.group_turns: 0")
         if s.independent_turns:
             out = share_prefix([self.processor.encode_conversation(c, images if self.whole else 1, s.source)
                                 for c in single_turns(s)])
@@ -250,11 +258,14 @@ class ConversationDataset(torch.utils.data.Dataset):
             "segment_ids": torch.tensor(seg, dtype=torch.long),
             "image_paths": list(s.images),
         }
-        if self.load_images and self.whole:
-            item["pixel_values"] = self._inputs(s)
+        if self.load_images and (self.whole or self.processor.cfg.image_processor != "fixed"):
+            item["pixel_values"] = self._inputs(s)  # tiles and their extras (e.g. Mllama's aspect ratios)
         elif self.load_images:
             pixels = [self._image(p, s.source) for p in s.images]
             h, w = self.processor.cfg.image_size
             item["pixel_values"] = torch.stack(pixels) if pixels else torch.zeros(0, 3, h, w)
+        if self.load_images:  # InstructBLIP: the sample's own instruction with its images (the user turn that
+            # carries the image; see Processor.instruction); the images as they are for every other model
+            item["pixel_values"] = self.processor.with_instruction(item["pixel_values"], s.conversations, s.source)
         return item
 

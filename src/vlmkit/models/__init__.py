@@ -131,3 +131,6 @@ from vlmkit.models import llava_next as _llava_next  # noqa: E402,F401  (llava_n
 from vlmkit.models import paligemma as _paligemma  # noqa: E402,F401  (paligemma)
 from vlmkit.models import qwen2_vl as _qwen2_vl  # noqa: E402,F401  (qwen2_vl)
 from vlmkit.models import dual_encoder as _dual_encoder  # noqa: E402,F401  (clip, siglip)
+from vlmkit.models import mllama as _mllama  # noqa: E402,F401  (mllama)
+from vlmkit.models import blip2 as _blip2  # noqa: E402,F401  (blip2, instructblip)
+from vlmkit.models import flamingo as _flamingo  # noqa: E402,F401  (flamingo)

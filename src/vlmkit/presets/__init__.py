@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import dataclasses
 import math
 
-from vlmkit.config import (AnyResConfig, ConnectorConfig, ContrastiveConfig, ImageSplitConfig, LanguageConfig,
-                           ModelConfig, NativeResolutionConfig, ProcessorConfig, TextConfig, VisionConfig)
+from vlmkit.config import (AnyResConfig, ConnectorConfig, ContrastiveConfig, CrossAttentionConfig, ImageSplitConfig,
+                           LanguageConfig, MllamaConfig, ModelConfig, NativeResolutionConfig, PerceiverConfig,
+                           ProcessorConfig, QFormerConfig, TextConfig, VisionConfig)
 from vlmkit.registry import Registry
 
 
@@ -186,6 +187,81 @@ def idefics3_8b() -> Preset:
                   max_length=131072, eos_token="<|end_of_text|>", bos_token="<|begin_of_text|>",
                   pad_token="<|reserved_special_token_0|>", chat_template="idefics3")
     return Preset(model, proc, source="HuggingFaceM4/Idefics3-8B-Llama3")
+
+
+# BLIP-2's tower: EVA-CLIP ViT-g/14 (39 layers, 1408 wide) at 224 px, the final norm on every token (Blip2VisionConfig)
+EVA_CLIP_G = VisionConfig(image_size=(224, 224), patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144,
+                          act="gelu", norm_eps=1e-6, class_token=True, pre_norm=False, post_norm=True, patch_bias=True,
+                          qkv_bias=True, feature_layer=-1, drop_class_token=False)
+
+
+def _blip2_processor(**kw) -> ProcessorConfig:
+    """BlipImageProcessor's pixels (224 px, CLIP's mean and std) and Blip2Processor's layout (image_processor blip2)."""
+    return _whole(image_size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD, resample="bicubic", image_processor="blip2",
+                  max_length=2048, **kw)
+
+
+@PRESETS.register("blip2-opt-2.7b", "BLIP-2 OPT-2.7B shapes: EVA-CLIP ViT-g/14 + Q-Former (32 queries) + OPT-2.7B")
+def blip2_opt_27b() -> Preset:
+    # OPT-2.7B: LayerNorms, ReLU MLP, biases, learned positions offset by 2; the vocabulary padded to 50304 rows
+    lm = LanguageConfig(vocab_size=50304, width=2560, depth=32, heads=32, kv_heads=32, mlp_dim=10240, act="relu",
+                        norm_eps=1e-5, max_seq_len=2048, tie_embeddings=True, norm="layernorm", mlp="plain", bias=True,
+                        pos_embed="learned", pos_offset=2)
+    model = ModelConfig(family="blip2", vision=EVA_CLIP_G,
+                        connector=ConnectorConfig(kind="qformer", qformer=QFormerConfig(num_query_tokens=32)), lm=lm)
+    proc = _blip2_processor(eos_token="</s>", bos_token="</s>", pad_token="<pad>")
+    return Preset(model, proc, source="Salesforce/blip2-opt-2.7b")
+
+
+@PRESETS.register("instructblip-vicuna-7b", "InstructBLIP Vicuna-7B shapes: EVA-CLIP ViT-g/14 + Q-Former reading the "
+                                            "instruction (BERT vocabulary) + Vicuna-7B")
+def instructblip_vicuna_7b() -> Preset:
+    # the Q-Former's text embeddings: bert-base-uncased's 30522 tokens + InstructBLIP's [DEC], 512 positions
+    qformer = QFormerConfig(num_query_tokens=32, vocab_size=30523, max_position_embeddings=512)
+    lm = LanguageConfig(vocab_size=32001, width=4096, depth=32, heads=32, kv_heads=32, mlp_dim=11008, norm_eps=1e-6,
+                        max_seq_len=2048)
+    model = ModelConfig(family="instructblip", vision=EVA_CLIP_G, connector=ConnectorConfig(kind="qformer",
+                                                                                          qformer=qformer), lm=lm)
+    proc = _blip2_processor(eos_token="</s>", bos_token="<s>", pad_token="<unk>", qformer_max_length=512,
+                            qformer_pad_token="[PAD]")
+    return Preset(model, proc, source="Salesforce/instructblip-vicuna-7b",
+                  notes=["Vicuna's 32000 tokens + the pad token InstructBLIP added (32001 rows)"])
+
+
+@PRESETS.register("idefics-9b", "IDEFICS-9B shapes: CLIP ViT-H/14 (every token) + perceiver (64 latents, 6 layers) + "
+                                "LLaMA-7B with gated cross-attention every 4 layers")
+def idefics_9b() -> Preset:
+    vision = VisionConfig(image_size=(224, 224), patch_size=14, width=1280, depth=32, heads=16, mlp_dim=5120,
+                          act="gelu", norm_eps=1e-5, class_token=True, pre_norm=True, post_norm=False,
+                          patch_bias=False, feature_layer=-1, drop_class_token=False)
+    # LLaMA-7B's 32000 tokens + IDEFICS' 2 added ones (<fake_token_around_image>, <image>: additional_vocab_size)
+    lm = LanguageConfig(vocab_size=32002, width=4096, depth=32, heads=32, kv_heads=32, mlp_dim=11008, norm_eps=1e-6,
+                        max_seq_len=2048)
+    xattn = CrossAttentionConfig(every=4, reset_token_id=2, perceiver=PerceiverConfig(), decoupled_vocab=2)
+    model = ModelConfig(family="flamingo", vision=vision, lm=lm, xattn=xattn)
+    proc = _whole(image_size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD, resample="bicubic", image_processor="idefics",
+                  max_length=2048, eos_token="</s>", bos_token="<s>", pad_token="<unk>")
+    return Preset(model, proc, source="HuggingFaceM4/idefics-9b")
+
+
+@PRESETS.register("llama-3.2-11b-vision", "Llama 3.2 11B Vision shapes: 32 + 8 gated-global-layer ViT-H/14 on up to 4 "
+                                          "560-px tiles + linear + Llama-3.1-8B with 8 gated cross-attention layers")
+def llama_32_11b_vision() -> Preset:
+    vision = VisionConfig(arch="mllama", image_size=(560, 560), patch_size=14, width=1280, depth=32, heads=16,
+                          mlp_dim=5120, act="gelu", norm_eps=1e-5, class_token=True, pre_norm=True, post_norm=True,
+                          patch_bias=False, qkv_bias=False, drop_class_token=False)
+    # 40 decoder layers in transformers' numbering: cross-attention at [3, 8, ..., 38], so 32 self-attention layers
+    # with a gated block before layers 3, 7, ..., 31 (MllamaConfig's defaults)
+    lm = LanguageConfig(vocab_size=128256, width=4096, depth=32, heads=32, kv_heads=8, mlp_dim=14336, norm_eps=1e-5,
+                        rope_theta=500000.0, max_seq_len=131072)
+    model = ModelConfig(family="mllama", vision=vision, connector=ConnectorConfig(kind="linear", bias=True), lm=lm,
+                        image_token="<|image|>", mllama=MllamaConfig())
+    proc = _whole(image_size=(560, 560), mean=CLIP_MEAN, std=CLIP_STD, resample="bilinear", image_processor="mllama",
+                  max_image_tiles=4, image_token="<|image|>", max_length=131072, eos_token="<|end_of_text|>",
+                  bos_token="<|begin_of_text|>", pad_token="<|finetune_right_pad_id|>")
+    return Preset(model, proc, source="meta-llama/Llama-3.2-11B-Vision",
+                  notes=["the released text model scales RoPE (rope_type llama3, factor 8), which vlmkit does not "
+                         "implement: the shapes and parameter count are the checkpoint's, importing it is refused"])
 
 
 # ----------------------------------------------------------------------------------- contrastive dual encoders

@@ -129,6 +129,15 @@ class ImageProcessor:
 
     # Text hooks for families whose processor lays out the prompt itself (PaliGemma); the Processor consults
     # them in whole-string mode. None, the default, keeps the Processor's generic path.
+
+    # BLIP-2 / InstructBLIP: the family's processor writes every image's tokens before the prompt, which is
+    # tokenised on its own with the tokenizer's special tokens (BOS after the images); prompts hold no placeholder
+    images_first: bool = False
+
+    # format_prompt's text is tokenised with the tokenizer's special tokens (Mllama: MllamaProcessor lays the
+    # prompt out, then its tokenizer adds BOS), not without them (PaliGemma writes them into the text)
+    prompt_special_tokens: bool = False
+
     def format_prompt(self, prompt: str, n_images: int) -> str | None:
         """The text the family's own processor builds around a raw ``prompt`` with ``n_images`` images (image
         placeholders not yet expanded), tokenised *without* the tokenizer's special tokens: the family writes
@@ -138,6 +147,12 @@ class ImageProcessor:
     def format_continuation(self, continuation: str) -> str | None:
         """The text a scored continuation is tokenised from *on its own*, its ids appended to the prompt's.
         None: the continuation's tokens are those that follow the prompt's when both are tokenised together."""
+        return None
+
+    def format_supervised(self, text: str, spans: list[tuple[int, int]],
+                          n_images: int) -> tuple[str, list[tuple[int, int]]] | None:
+        """A rendered conversation laid out as ``format_prompt`` lays out a prompt (IDEFICS), with its supervised
+        character ``spans`` moved along, tokenised without the tokenizer's special tokens. None: no layout."""
         return None
 
 

@@ -19,21 +19,25 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import ProcessorConfig, from_dict, to_dict
-from vlmkit.errors import ConfigError, DataError
+from vlmkit.errors import CheckpointError, ConfigError, DataError
 from vlmkit.processing.chat import (DATA_PLACEHOLDER, TEMPLATES, Segment, jinja_template, normalize_messages,
                                     render_jinja)
+from vlmkit.processing.blip2 import conversation_instruction, instruction_tensors, without_placeholders
 from vlmkit.processing.image import IMAGE_PROCESSORS, ImageInputs, load_image
 from vlmkit.processing.tokenizer import TextTokenizer
-from vlmkit.utils import atomic_write_json
+from vlmkit.utils import atomic_write_json, atomic_write_text
 
 IGNORE = -100
+QFORMER_TOKENIZER = "qformer_tokenizer.json"  # InstructBLIP's second tokenizer, beside tokenizer.json
 
 
 class Processor:
     """``image_token`` empty: the processor of a dual encoder (CLIP, SigLIP), whose texts hold no images and are
     encoded by :meth:`encode_texts`."""
 
-    def __init__(self, cfg: ProcessorConfig, tokenizer: TextTokenizer):
+    def __init__(self, cfg: ProcessorConfig, tokenizer: TextTokenizer, qformer_tokenizer=None):
+        """``qformer_tokenizer`` (a ``tokenizers.Tokenizer``): InstructBLIP's Q-Former tokenizer, used when
+        ``cfg.qformer_max_length`` > 0; without one the Q-Former shares the LM's tokenizer."""
         if cfg.image_token and cfg.image_seq_len <= 0:
             raise ValueError("ProcessorConfig.image_seq_len must be set from the model (tokens per image)")
         self.cfg = cfg
@@ -44,8 +48,20 @@ class Processor:
             raise ConfigError(f"processor text_padding must be 'longest' or 'max_length', got {cfg.text_padding!r}")
         self.template = TEMPLATES.build(cfg.chat_template)
         self.images = IMAGE_PROCESSORS.build(cfg.image_processor, cfg)
+        if self.images.images_first and cfg.text_mode != "whole":
+            raise ConfigError(f"processor image_processor {cfg.image_processor!r} lays prompts out as transformers' "
+                              f"processor does (text_mode: whole); vlmkit's own models place images with "
+                              f"placeholders (image_processor: fixed)")
         self.image_token_id = tokenizer.token_id(cfg.image_token) if cfg.image_token else None
         self._truncating = None  # a copy of the tokenizer that truncates to max_length (encode_texts)
+        self.qformer_tokenizer = None  # InstructBLIP: the tokenizer of the Q-Former's instruction
+        if cfg.qformer_max_length > 0:
+            self.qformer_tokenizer = qformer_tokenizer if qformer_tokenizer is not None else tokenizer.tok
+            pad = cfg.qformer_pad_token or tokenizer.pad_token
+            self.qformer_pad_id = self.qformer_tokenizer.token_to_id(pad)
+            if self.qformer_pad_id is None:
+                raise CheckpointError(f"processor qformer_pad_token {pad!r} is not in the Q-Former tokenizer's "
+                                      f"vocabulary")
 
     @property
     def transform(self):
@@ -55,6 +71,8 @@ class Processor:
     def save(self, folder: str | Path) -> None:
         atomic_write_json(Path(folder) / "processor.json", to_dict(self.cfg))
         self.tokenizer.save(Path(folder) / "tokenizer.json")
+        if self.qformer_tokenizer is not None:
+            atomic_write_text(Path(folder) / QFORMER_TOKENIZER, self.qformer_tokenizer.to_str())
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Processor:
@@ -62,7 +80,16 @@ class Processor:
         cfg = from_dict(ProcessorConfig, json.loads((folder / "processor.json").read_text()))
         tok = TextTokenizer.from_file(folder / "tokenizer.json", pad_token=cfg.pad_token, eos_token=cfg.eos_token,
                                       bos_token=cfg.bos_token or None)
-        return cls(cfg, tok)
+        qformer = None
+        if cfg.qformer_max_length > 0:
+            from tokenizers import Tokenizer
+
+            path = folder / QFORMER_TOKENIZER
+            if not path.is_file():
+                raise CheckpointError(f"{folder}: processor.json has qformer_max_length {cfg.qformer_max_length} "
+                                      f"(the Q-Former reads an instruction) but {QFORMER_TOKENIZER} is missing")
+            qformer = Tokenizer.from_file(str(path))
+        return cls(cfg, tok, qformer)
 
     # ------------------------------------------------------------------ images
     def prepare_images(self, images, where: str = "") -> ImageInputs:
@@ -119,14 +146,39 @@ class Processor:
     def _count(self, images: int | ImageInputs) -> int:
         return images if isinstance(images, int) else len(images)
 
-    def _family_layout(self, text: str, images: int | ImageInputs, where: str) -> list[int] | None:
+    def _family_layout(self, text: str, images: int | ImageInputs, where: str,
+                       templated: bool = False) -> list[int] | None:
         """Ids of ``text`` laid out by the family's image processor (its ``format_prompt`` hook: PaliGemma puts
         BOS after the images and a newline at the end, and adds no special tokens), or None when the family
-        has no layout of its own and the generic path applies."""
+        has no layout of its own and the generic path applies. A family whose tokenizer adds its special
+        tokens (``prompt_special_tokens``, Mllama) gets them, except on a chat template's text that starts with
+        BOS (``templated``), as transformers' apply_chat_template."""
         if not isinstance(images, ImageInputs):
             return None
+        bos = self.tokenizer.bos_token
+        if self.images.images_first:  # BLIP-2, InstructBLIP: the images' tokens, then the prompt with its BOS
+            return self._images_first(text, images, where, special=not (templated and bos and text.startswith(bos)))
         laid_out = self.images.format_prompt(text, len(images))
-        return None if laid_out is None else self.encode_whole(laid_out, images, where, special=False)
+        if laid_out is None:
+            return None
+        special = self.images.prompt_special_tokens and not (templated and bos and laid_out.startswith(bos))
+        return self.encode_whole(laid_out, images, where, special=special)
+
+    def _images_first(self, text: str, images: ImageInputs, where: str, special: bool = True) -> list[int]:
+        """Ids of a family whose processor writes every image's tokens before the prompt (BLIP-2, InstructBLIP):
+        the image token x the images' tokens, then ``text`` tokenised on its own with the special tokens (not
+        when a chat template wrote BOS itself)."""
+        if any(p in text for p in self._placeholders):
+            raise DataError(f"{where}: this family's processor writes each image's tokens before the prompt itself; "
+                            f"the prompt must not contain {self.cfg.image_token!r}")
+        ids = [self.image_token_id] * sum(images.tokens) + self.tokenizer.encode(text, special=special)
+        if len(ids) > self.cfg.max_length:
+            raise DataError(f"{where}: {len(ids)} tokens exceed max_length {self.cfg.max_length}")
+        return ids
+
+    @property
+    def _placeholders(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for p in (self.cfg.image_token, DATA_PLACEHOLDER) if p))
 
     def encode_conversation(self, conversations: list, images: int | ImageInputs, where: str = "sample"):
         """LLaVA/OpenAI-style turns -> (input_ids, labels) with the chat template applied; only the assistant
@@ -136,12 +188,17 @@ class Processor:
         prompt, so training sees the ids inference sees: the folder's Jinja template (or the segment template)
         renders the text, the image placeholders expand in it, the whole string is tokenised, and a token is
         supervised when it starts inside a reply. A family with its own layout (PaliGemma) trains on one
-        question and its answer as its processor's prompt and ``suffix``."""
+        question and its answer as its processor's prompt and ``suffix``; an images-first family (BLIP-2) on one
+        question as the prompt and the answer as its continuation. The instruction a Q-Former reads
+        (InstructBLIP) goes into ``images.extra`` (:meth:`instruction`)."""
         messages = normalize_messages(conversations, where)
         if self.cfg.text_mode == "segments":
             return self.encode_segments(self.template.render(messages), self._count(images), where)
         images = self._as_inputs(images, where)
-        if self.images.format_prompt("", 0) is not None:
+        self._instruct(images, conversation_instruction(messages, self._placeholders), where)
+        if self.images.images_first:
+            return self._encode_images_first(messages, images, where)
+        if self.images.format_continuation("") is not None:  # a prompt + suffix family (PaliGemma)
             return self._encode_prompt_suffix(messages, images, where)
         if self.cfg.chat_template_jinja:
             template = jinja_template(self.cfg.chat_template_jinja, self.cfg.image_token, self.tokenizer.bos_token,
@@ -155,7 +212,10 @@ class Processor:
                     spans.append((len(text), len(text) + len(piece)))
                 text += piece
         bos = self.tokenizer.bos_token
-        return self._encode_supervised(text, spans, images, where, special=not (bos and text.startswith(bos)))
+        special = not (bos and text.startswith(bos))
+        if (laid := self.images.format_supervised(text, spans, len(images))) is not None:  # IDEFICS' layout
+            (text, spans), special = laid, False
+        return self._encode_supervised(text, spans, images, where, special=special)
 
     def _encode_prompt_suffix(self, messages: list[dict], images: ImageInputs, where: str):
         """(ids, labels) of a prompt + suffix family (PaliGemma): one user turn laid out as the prompt, the reply
@@ -173,6 +233,22 @@ class Processor:
         if len(ids) > self.cfg.max_length:
             raise DataError(f"{where}: {len(ids)} tokens exceed max_length {self.cfg.max_length}")
         return ids, [IGNORE] * len(prompt) + suffix
+
+    def _encode_images_first(self, messages: list[dict], images: ImageInputs, where: str):
+        """(ids, labels) of an images-first family (BLIP-2, InstructBLIP): the question (placeholders removed) is
+        the prompt, the reply after a space its continuation (the tokens score() scores), then EOS, all
+        supervised (so generation learns where to stop)."""
+        if [m["role"] for m in messages] != ["user", "assistant"]:
+            raise DataError(f"{where}: this family ({self.cfg.image_processor}) trains on one question and its "
+                            f"answer (a prompt and its continuation); the conversation has turns "
+                            f"{[m['role'] for m in messages]}")
+        question = without_placeholders(messages[0]["content"], self._placeholders)
+        reply = messages[1]["content"]
+        ids, start = self.encode_score(question, reply if reply[:1].isspace() else " " + reply, images, where)
+        ids = ids + [self.tokenizer.eos_id]
+        if len(ids) > self.cfg.max_length:
+            raise DataError(f"{where}: {len(ids)} tokens exceed max_length {self.cfg.max_length}")
+        return ids, [IGNORE] * start + ids[start:]
 
     def _encode_supervised(self, text: str, spans: list[tuple[int, int]], images: ImageInputs, where: str,
                            special: bool) -> tuple[list[int], list[int]]:
@@ -214,9 +290,12 @@ class Processor:
         template's own image markup)."""
         images = self._as_inputs(images, where)
         n = self._count(images)
+        self._instruct(images, question, where)
+        if self.images.images_first:  # the images go before the prompt whatever the question or template says
+            question, n = without_placeholders(question, self._placeholders), 0
         if self.cfg.chat_template_jinja:
             text = render_jinja(self.cfg.chat_template_jinja, question, n, self.cfg.image_token, self.tokenizer)
-            if (ids := self._family_layout(text, images, where)) is not None:
+            if (ids := self._family_layout(text, images, where, templated=True)) is not None:
                 return ids
             bos = self.tokenizer.bos_token
             # as transformers' apply_chat_template: a template that writes BOS itself gets no second one
@@ -252,7 +331,9 @@ class Processor:
             return self.encode_chat_prompt(messages[0]["content"], images, where)
         images = self._as_inputs(images, where)
         n = self._count(images)
-        if isinstance(images, ImageInputs) and self.images.format_prompt("", 0) is not None:
+        self._instruct(images, conversation_instruction(messages, self._placeholders), where)
+        if isinstance(images, ImageInputs) and (self.images.format_prompt("", 0) is not None
+                                                or self.images.images_first):
             raise DataError(f"{where}: this family ({self.cfg.image_processor} processor) answers one prompt; send "
                             f"a single user message")
         marks = (DATA_PLACEHOLDER, self.cfg.image_token)
@@ -276,8 +357,10 @@ class Processor:
         return self.encode_segments(segs, self._count(images), where)[0]
 
     def encode_prompt(self, prompt: str, images: int | ImageInputs, where: str = "prompt") -> list[int]:
-        """Raw text (no template) with image placeholders -> ids."""
+        """Raw text (no template) with image placeholders -> ids. The instruction a Q-Former reads (InstructBLIP)
+        is the prompt; it goes into ``images.extra`` (:meth:`instruction`)."""
         images = self._as_inputs(images, where)
+        self._instruct(images, prompt, where)
         if (ids := self._family_layout(prompt, images, where)) is not None:
             return ids
         if self.cfg.text_mode == "whole":
@@ -296,10 +379,45 @@ class Processor:
         if (suffix := self.images.format_continuation(continuation)) is not None:  # PaliGemma: suffix + EOS
             return p_ids + self.tokenizer.encode(suffix), len(p_ids)
         if self.cfg.text_mode == "whole":
-            ids = self.encode_whole(prompt + continuation, images, where)
+            ids = self._family_layout(prompt + continuation, images, where)  # IDEFICS: laid out as the prompt
+            ids = self.encode_whole(prompt + continuation, images, where) if ids is None else ids
         else:
             ids = p_ids + self.tokenizer.encode(continuation)
         return ids, len(p_ids)
+
+    # ------------------------------------------------------------------ InstructBLIP's instruction
+    def instruction(self, text: str, n_images: int, where: str = "prompt") -> dict[str, torch.Tensor]:
+        """What a Q-Former that reads the instruction (InstructBLIP) takes with each of ``n_images`` images:
+        ``text`` (placeholders removed) through the Q-Former tokenizer as ``qformer_input_ids`` and
+        ``qformer_attention_mask`` [n_images, qformer_max_length] (right padding: one length, so the images of
+        several prompts concatenate). {} for a model that reads none.
+
+        The encode methods put it into the ``ImageInputs`` they are given (``extra``), from the text the processor
+        of transformers gives the Q-Former: a raw prompt (generate, score: never the continuation), the question
+        (chat), the user turn that carries the image (a conversation; for one question and answer, the question)."""
+        if self.qformer_tokenizer is None:
+            return {}
+        return instruction_tensors(self.qformer_tokenizer, self.qformer_pad_id,
+                                   without_placeholders(text, self._placeholders), n_images,
+                                   self.cfg.qformer_max_length, where)
+
+    def _instruct(self, images: int | ImageInputs, text: str, where: str) -> None:
+        """Write the instruction of ``text`` into ``images.extra``, in place: the caller gives that ImageInputs
+        to the model with the ids. Nothing for a model without one, or for an image count (segment mode)."""
+        if self.qformer_tokenizer is not None and isinstance(images, ImageInputs):
+            images.extra.update(self.instruction(text, len(images), where))
+
+    def with_instruction(self, images: torch.Tensor | ImageInputs, conversations: list,
+                         where: str = "sample") -> torch.Tensor | ImageInputs:
+        """A training sample's images with the instruction of its conversation (:meth:`instruction`), as a new
+        ImageInputs (a pixel tensor [n, C, H, W] becomes one); unchanged for a model that reads none."""
+        if self.qformer_tokenizer is None:
+            return images
+        if not isinstance(images, ImageInputs):
+            images = ImageInputs(images, [self.cfg.image_seq_len] * len(images))
+        text = conversation_instruction(normalize_messages(conversations, where), self._placeholders)
+        return ImageInputs(images.pixel_values, list(images.tokens),
+                           {**images.extra, **self.instruction(text, len(images), where)}, images.texts)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)

@@ -191,6 +191,11 @@ class Engine:
         keys = [_image_key(im) for im in images]
         inputs = ImageInputs.cat(singles) if singles else self.processor.prepare_images([])
         prompt = self.processor.encode_chat_messages(messages, inputs, "request")
+        added = [k for k in inputs.extra if k not in (singles[0].extra if singles else {})]
+        if added:  # what the prompt adds to each image (InstructBLIP's instruction) is part of its features
+            singles = [ImageInputs(s.pixel_values, s.tokens, {**s.extra, **{k: inputs.extra[k][i:i + 1] for k in added}},
+                                   s.texts) for i, s in enumerate(singles)]
+            keys = [_extra_key(key, s.extra, added) for key, s in zip(keys, singles)]
         if len(prompt) > self.max_prompt_tokens:
             raise DataError(f"the prompt has {len(prompt)} tokens, more than this server allows "
                             f"({self.max_prompt_tokens})")
@@ -258,7 +263,8 @@ class Engine:
         if singles:
             self.stats.image_cache_misses += len(singles)
             encoded = self.model.encode_images(ImageInputs.cat(list(singles.values())))
-            for k, f in zip(singles, _split(encoded, [sum(s.tokens) for s in singles.values()])):
+            tokens = [sum(s.tokens) for s in singles.values()]
+            for k, f in zip(singles, _split(encoded, tokens, getattr(self.model, "features_per_image", False))):
                 self._features[k] = f
         keys = [k for r in reqs for k in r.keys]
         self.stats.image_cache_hits += len(keys) - len(singles)
@@ -301,10 +307,8 @@ class Engine:
         a = torch.zeros(B_old + B_new, C, dtype=self._attn.dtype)
         a[:B_old, C - C_old:] = self._attn
         a[B_old:, C - C_new:] = attn
-        deltas = [c.extra.get("mrope_delta") for c in (old, cache)]
-        if deltas[0] is not None or deltas[1] is not None:
-            merged.extra["mrope_delta"] = torch.cat([d if d is not None else torch.zeros(n, dtype=torch.long)
-                                                     for d, n in zip(deltas, (B_old, B_new))])
+        merged.extra = {k: _merge_rows(old.extra.get(k), cache.extra.get(k), B_old, B_new)
+                        for k in {**old.extra, **cache.extra}}
         self._cache, self._attn, self._running = merged, a, self._running + list(reqs)
         self.stats.running = len(self._running)
 
@@ -396,8 +400,7 @@ class Engine:
             if first:
                 cache.k[layer][:, :, :C - first] = cache.k[layer][:, :, first:C].clone()
                 cache.v[layer][:, :, :C - first] = cache.v[layer][:, :, first:C].clone()
-        if "mrope_delta" in cache.extra:
-            cache.extra["mrope_delta"] = cache.extra["mrope_delta"][idx]
+        cache.extra = {k: _take_rows(v, idx) for k, v in cache.extra.items()}
         cache.length = C - first
         self._attn = attn[:, first:]
 
@@ -409,23 +412,79 @@ def _image_key(image) -> str:
     return h.hexdigest()
 
 
-def _split(features, tokens: list[int]) -> list:
-    """Encoded features of several images -> one entry per image (``tokens`` rows each)."""
+def _extra_key(image_key: str, extra: dict, names: list[str]) -> str:
+    """The feature-cache key of an image read with what its prompt adds (e.g. an instruction's ids)."""
+    h = hashlib.sha256(image_key.encode())
+    for k in names:
+        h.update(k.encode())
+        h.update(extra[k].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _split(features, tokens: list[int], per_image: bool = False) -> list:
+    """Encoded features of several images -> one entry per image: ``tokens`` rows each of the flat features a
+    splice family gives, or (``per_image``: models whose ``features_per_image`` says that encode_images gives one
+    entry of dim 0 per image, the cross-attention families) one entry of dim 0 each."""
+    from vlmkit.models.mllama import MllamaImageStates
     from vlmkit.models.qwen2_vl import Qwen2VLImageFeatures
 
     if isinstance(features, Qwen2VLImageFeatures):
         parts = features.features.split(tokens)
         return [Qwen2VLImageFeatures(p, features.grid_thw[i:i + 1]) for i, p in enumerate(parts)]
+    if isinstance(features, MllamaImageStates):
+        return [MllamaImageStates(features.states[i:i + 1], features.num_tiles[i:i + 1]) for i in range(len(features))]
+    if per_image:
+        return list(features.split(1))
     flat = features.reshape(-1, features.shape[-1])
     return list(flat.split(tokens))
 
 
 def _join(parts: list):
+    from vlmkit.models.mllama import MllamaImageStates
     from vlmkit.models.qwen2_vl import Qwen2VLImageFeatures
 
     if isinstance(parts[0], Qwen2VLImageFeatures):
         return Qwen2VLImageFeatures(torch.cat([p.features for p in parts]), torch.cat([p.grid_thw for p in parts]))
+    if isinstance(parts[0], MllamaImageStates):
+        return MllamaImageStates(torch.cat([p.states for p in parts]), torch.cat([p.num_tiles for p in parts]))
     return torch.cat(parts)
+
+
+def _merge_rows(a, b, rows_a: int, rows_b: int):
+    """Two batches' per-row decoding state (``KVCache.extra`` values: tensors with the rows on dim 0, or tuples /
+    lists of them, or None) -> the state of the stacked batch. Tensors are zero-padded (False for masks) to the
+    larger size of every other dim: padded image keys are masked keys; a side without the state (None) gets zeros,
+    the state of a row with no images (M-RoPE delta 0, no image seen)."""
+    if a is None and b is None:
+        return None
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        n = len(a if a is not None else b)
+        merged = [_merge_rows(None if a is None else a[i], None if b is None else b[i], rows_a, rows_b)
+                  for i in range(n)]
+        return type(a if a is not None else b)(merged)
+    ref = a if a is not None else b
+    a = ref.new_zeros((rows_a, *ref.shape[1:])) if a is None else a
+    b = ref.new_zeros((rows_b, *ref.shape[1:])) if b is None else b
+    size = [max(x, y) for x, y in zip(a.shape[1:], b.shape[1:])]
+    return torch.cat([_pad_to(a, size), _pad_to(b, size)])
+
+
+def _pad_to(t: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """``t`` [B, ...] in the top-left corner of zeros (False) [B, *size]."""
+    if list(t.shape[1:]) == size:
+        return t
+    out = t.new_zeros((t.shape[0], *size))
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+def _take_rows(x, idx: torch.Tensor):
+    """Per-row decoding state (as :func:`_merge_rows`) of the rows ``idx``."""
+    if x is None:
+        return None
+    if isinstance(x, (tuple, list)):
+        return type(x)(_take_rows(v, idx) for v in x)
+    return x[idx]
 
 
 def _stop_at(text: str, stop: list[str]) -> int | None:

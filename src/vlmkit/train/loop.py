@@ -124,7 +124,17 @@ def build_for_recipe(recipe: Recipe, tokenizer: TextTokenizer):
     pcfg: ProcessorConfig = apply_overrides(preset.processor, recipe.processor, root="processor")
     pcfg = apply_overrides(pcfg, {"image_size": list(cfg.vision.image_size)})
     model = build_model(cfg, tokenizer.token_id(pcfg.image_token))
-    processor = Processor(apply_overrides(pcfg, {"image_seq_len": model.image_seq_len}), tokenizer)
+    qformer_tokenizer = None
+    if getattr(model, "reads_instruction", False):  # InstructBLIP: the processor gives the Q-Former the question
+        pcfg = apply_overrides(pcfg, {"qformer_max_length": pcfg.qformer_max_length or q.max_position_embeddings})
+        if q.init_from:  # a Q-Former started from a BERT reads the BERT's tokenizer
+            from tokenizers import Tokenizer
+
+            from vlmkit.connectors.qformer import resolve_bert_folder
+
+            qformer_tokenizer = Tokenizer.from_file(str(resolve_bert_folder(q.init_from) / "tokenizer.json"))
+            pcfg = apply_overrides(pcfg, {"qformer_pad_token": pcfg.qformer_pad_token or "[PAD]"})
+    processor = Processor(apply_overrides(pcfg, {"image_seq_len": model.image_seq_len}), tokenizer, qformer_tokenizer)
     return cfg, model, processor
 
 
@@ -136,7 +146,7 @@ def start_from(recipe: Recipe):
     model, processor, cfg, _ = (load_hf if is_hf_folder(recipe.init_from) else load_checkpoint)(recipe.init_from)
     if recipe.processor:
         pcfg = apply_overrides(processor.cfg, recipe.processor, root="processor")
-        processor = Processor(pcfg, processor.tokenizer)
+        processor = Processor(pcfg, processor.tokenizer, processor.qformer_tokenizer)
     return cfg, model, processor
 
 
@@ -530,6 +540,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         if train_ds is not None:
             train_ds.load_images = True
         if t.precompute_frozen_vision and "vision" not in trained_groups(model, stage) and not streamed:
+            if getattr(model, "reads_instruction", False):
+                raise ConfigError("train.precompute_frozen_vision: this model's Q-Former reads each sample's question "
+                                  "with its image (InstructBLIP), which the precomputed tower features do not carry; "
+                                  "set it to false")
             if processor.cfg.image_processor != "fixed":
                 raise ConfigError(f"train.precompute_frozen_vision: images of processor "
                                   f"{processor.cfg.image_processor!r} are tiled or resized per image; only "
@@ -671,7 +685,8 @@ def whole_stage(model, encoder, cfg, processor, recipe: Recipe, si: int, metrics
         step, seconds = run_qformer_stage(model, processor.tokenizer, processor, stage, *common,
                                           progress=not pbar.disable)
     else:
-        step, seconds = run_cell_label_stage(encoder, processor, stage, *common)
+        # a tiled tower (Mllama's CNN on every tile) pretrains its one-tile tower on whole images
+        step, seconds = run_cell_label_stage(getattr(encoder, "tile_encoder", encoder), processor, stage, *common)
     if step < first + stage.steps:
         return step, seconds, True  # stopped inside the stage (stop_at_step): nothing of it is saved
     st = {**counters, "global_step": step, "stage": si + 1, "step_in_stage": 0,

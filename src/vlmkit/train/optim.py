@@ -18,6 +18,11 @@ from vlmkit.train.muon import MuonAdamW
 from vlmkit.train.recipe import MODULE_GROUPS, StageConfig
 
 
+# 2D parameters that are tables of vectors, not linear maps: never Muon's (a perceiver's learned latents, the
+# flamingo family's image-index embeddings)
+EMBEDDING_TABLES = ("latents", "image_index")
+
+
 def module_groups(model) -> dict[str, nn.Module]:
     if getattr(model, "is_dual_encoder", False):
         return {"vision": model.vision, "text": model.text, "logits": model.logits}
@@ -102,7 +107,7 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
             if p.ndim < 2 or "norm" in pname:
                 no_decay.append(p)
             elif (use_muon and p.ndim == 2 and id(p) not in embeddings and not pname.endswith("lm_head.weight")
-                  and "pos_embed" not in pname):
+                  and "pos_embed" not in pname and not pname.endswith(EMBEDDING_TABLES)):
                 hidden.append(p)
             else:
                 decay.append(p)

@@ -1,0 +1,264 @@
+"""Flamingo / IDEFICS (Alayrac et al. 2022; Laurençon et al. 2023, HuggingFaceM4/idefics-9b): vision tower ->
+perceiver resampler -> an LM that reads the images through tanh-gated cross-attention blocks inserted before its
+layers 0, k, 2k, ... (:mod:`vlmkit.fusion.cross_attention`), instead of image tokens spliced into its sequence.
+
+Each image is ONE placeholder token in the text (IDEFICS: ``<image>`` between ``<fake_token_around_image>``
+markers, all ordinary tokens of the LM). The image states of a sample, its images' latents in reading order,
+are concatenated into S = n_images * M keys and values, and each text token cross-attends to those of the
+images it *sees* (the media mask, [B, T, n_images]):
+
+- the most recent image at or before it (``xattn.only_last``, Flamingo's default and IdeficsProcessor's rule),
+  or every image at or before it; a token before the first image sees none and gets only the gated MLP;
+- IdeficsProcessor also blinds the tokens after an end-of-document token (EOS) until the next image
+  (``xattn.reset_token_id``);
+- in a packed batch a token sees only the images its own self-attention sees: those of its own sample (and of
+  its segment's shared prefix), never another sample's.
+
+Generation: the prefill keeps the image states and each row's last media-mask row in ``cache.extra``; a decoding
+step reuses them, so a new token sees what the last prompt token saw (as transformers' IDEFICS ``generate``).
+The image keys and values are recomputed every step (no cross-attention cache, as in IDEFICS).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.config import ModelConfig
+from vlmkit.connectors.perceiver import PerceiverResampler
+from vlmkit.data.collate import document_mask
+from vlmkit.encoders.cnn import ConvEncoder
+from vlmkit.encoders.vit import ViTEncoder
+from vlmkit.fusion.cross_attention import CrossAttentionLM, add_cross_attention
+from vlmkit.lm.decoder import DecoderLM
+from vlmkit.models import MODEL_FAMILIES
+from vlmkit.models.vlm import ModelOutput
+from vlmkit.nn import KVCache, init_linear_
+from vlmkit.processing.image import ImageInputs
+
+
+class PassThrough(nn.Module):
+    """The connector of a flamingo model without a resampler: the tower's features are the image states."""
+
+    def num_tokens(self, n: int, grid: tuple[int, int] | None = None) -> int:
+        return n
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        return x
+
+
+def image_visibility(input_ids: torch.Tensor, image_token_id: int, only_last: bool = True,
+                     reset_token_id: int = -1, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean media mask [B, T, n] (n = the most images in one row): which of its row's images, in reading
+    order, each token sees (see the module docstring).
+
+    ``visible`` [B, T, T] is the self-attention pattern (True = token t attends to position k): a token sees the
+    images whose placeholders it attends to, and is blinded by the reset tokens it attends to. None: causal
+    (every earlier position), the case of a row holding one sample."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    is_image = input_ids == image_token_id  # [B, T]
+    n = int(is_image.sum(-1).max()) if input_ids.numel() else 0
+    pos = torch.arange(T, device=device)
+    # position of each row's j-th image [B, n]; T where a row has fewer images (seen by no token)
+    slot = torch.where(is_image, is_image.long().cumsum(-1) - 1, n)  # [B, T]
+    image_pos = torch.full((B, n + 1), T, dtype=torch.long, device=device)
+    image_pos = image_pos.scatter(1, slot, pos.expand(B, T))[:, :n]
+    if visible is None:
+        sees = image_pos[:, None, :] <= pos[None, :, None]  # [B, T, n]
+    else:
+        index = image_pos.clamp(max=T - 1)[:, None, :].expand(B, T, n)
+        sees = visible.gather(-1, index) & (image_pos < T)[:, None, :]
+    if n == 0:
+        return sees
+    slots = torch.arange(1, n + 1, device=device)
+    last = (sees * slots).amax(-1) - 1  # [B, T]: the most recent image seen, -1 = none
+    if only_last:
+        sees = slots - 1 == last[..., None]
+    if reset_token_id >= 0:
+        last_image = torch.where(last >= 0, image_pos.gather(1, last.clamp(min=0)), -1)  # [B, T] its position
+        sees = sees & (_last_reset(input_ids == reset_token_id, visible) < last_image)[..., None]
+    return sees
+
+
+def _last_reset(is_reset: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """[B, T]: the position of the latest reset token strictly before each token that the token attends to (-1
+    = none)."""
+    B, T = is_reset.shape
+    pos = torch.arange(T, device=is_reset.device)
+    if visible is None:
+        latest = torch.where(is_reset, pos, -1).cummax(-1).values  # at or before t
+        return F.pad(latest, (1, 0), value=-1)[:, :-1]  # strictly before t
+    before = visible & is_reset[:, None, :] & (pos[None, :] < pos[:, None])[None]  # [B, T, T]
+    return torch.where(before, pos, -1).amax(-1)
+
+
+class FlamingoModel(nn.Module):
+    """encoder -> connector (perceiver resampler or :class:`PassThrough`) -> :class:`CrossAttentionLM`, with
+    VisionLanguageModel's interface (``encode_images``, ``image_seq_len``, ``lm``, ``image_token_id`` and its
+    forward signature), so that Pipeline, generation and the training loop run it unchanged."""
+
+    features_per_image = True  # encode_images gives one entry of dim 0 per image (the serving engine splits by it)
+
+    def __init__(self, encoder: nn.Module, connector: nn.Module, lm: CrossAttentionLM, image_token_id: int,
+                 only_last: bool = True, reset_token_id: int = -1, image_index_embed: int = 0):
+        super().__init__()
+        self.encoder = encoder
+        self.connector = connector
+        self.lm = lm
+        self.image_token_id = image_token_id
+        self.only_last = only_last
+        self.reset_token_id = reset_token_id
+        # xattn.image_index_embed: which image of its sample a state belongs to (see CrossAttentionConfig); part of
+        # the connector group, so that it trains with the resampler
+        if image_index_embed:
+            width = lm.xattn[0].attn.k_proj.in_features
+            self.connector.image_index = nn.Parameter(torch.zeros(image_index_embed, width))
+
+    @property
+    def image_seq_len(self) -> int:
+        """Tokens each image occupies in the LM sequence: its one placeholder."""
+        return 1
+
+    @property
+    def image_states(self) -> int:
+        """Image states each image gives the cross-attention (M: the resampler's latents, or the tower's tokens)."""
+        return self.connector.num_tokens(self.encoder.num_tokens, self.encoder.grid)
+
+    def encode_images(self, pixel_values: torch.Tensor | ImageInputs) -> torch.Tensor:
+        """pixel_values [n_images, C, H, W] (or the processor's ImageInputs) -> image states [n_images, M, D_vision]."""
+        if isinstance(pixel_values, ImageInputs):
+            pixel_values = pixel_values.pixel_values
+        return self.connector(self.encoder(pixel_values), self.encoder.grid)
+
+    def group_images(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor | None:
+        """Each row's image states concatenated in reading order: [B, n * M, D] (n = the most images in one row;
+        zeros where a row has fewer), from ``image_features`` [n_images, M, D] of all rows in reading order."""
+        counts = (input_ids == self.image_token_id).sum(-1)  # [B]
+        given = 0 if image_features is None else image_features.shape[0]
+        if int(counts.sum()) != given:
+            raise ValueError(f"the input has {int(counts.sum())} image placeholders (id {self.image_token_id}) but "
+                             f"{given} images were given")
+        if given == 0:
+            return None
+        B, n = input_ids.shape[0], int(counts.max())
+        _, M, D = image_features.shape
+        grouped = image_features.new_zeros(B, n, M, D)
+        grouped[torch.arange(n, device=counts.device) < counts[:, None]] = image_features  # row-major = reading order
+        index = getattr(self.connector, "image_index", None)
+        if index is not None:
+            if n > index.shape[0]:
+                raise ValueError(f"a sample has {n} images; xattn.image_index_embed gives {index.shape[0]} places")
+            grouped = grouped + index[:n, None, :].to(grouped.dtype)  # [n, 1, D]: the j-th image of each row
+        return grouped.reshape(B, n * M, D)
+
+    def media_mask(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, n] which images each token sees; ``mask`` [B or 1, 1, T, T] is the self-attention pattern of a
+        packed (or otherwise masked) batch, None = causal."""
+        visible = None
+        if mask is not None:
+            visible = mask[:, 0].expand(input_ids.shape[0], -1, -1).bool()
+        return image_visibility(input_ids, self.image_token_id, self.only_last, self.reset_token_id, visible)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | ImageInputs | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, image_features: torch.Tensor | None = None,
+                logits_to_keep: int = 0, document_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None,
+                image_attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        """As :meth:`VisionLanguageModel.forward`. ``image_attention_mask`` [B, T, n_images] (IdeficsProcessor's)
+        overrides the media mask computed from the placeholders. With a filled ``cache`` (a decoding step) the
+        images and media-mask rows of the prefill are used; images may not be given again."""
+        B, T = input_ids.shape
+        if document_ids is not None and mask is None:
+            mask = self.document_attention(document_ids, segment_ids, labels)
+        if cache is not None and cache.length > 0:
+            if image_features is not None or (pixel_values is not None and len(pixel_values) > 0):
+                raise ValueError("flamingo reads the images at the prefill; a decoding step (filled cache) takes none")
+            if "xattn_images" not in cache.extra:  # e.g. a cache rebuilt without its extra state
+                raise ValueError("flamingo: the KV cache carries no image states of its prefill (cache.extra "
+                                 "'xattn_images'); a decoding step needs the cache its prefill filled")
+            images, row = cache.extra["xattn_images"], cache.extra["xattn_mask"]
+            sees = None if row is None else row.expand(B, T, -1)
+        else:
+            if image_features is None and pixel_values is not None and len(pixel_values) > 0:
+                image_features = self.encode_images(pixel_values)
+            images = self.group_images(input_ids, image_features)
+            sees = None
+            if images is not None:
+                per_image = (image_attention_mask.bool() if image_attention_mask is not None
+                             else self.media_mask(input_ids, mask))  # [B, T, n]
+                M = images.shape[1] // per_image.shape[-1]
+                sees = per_image[..., None].expand(-1, -1, -1, M).reshape(B, T, -1)  # [B, T, S]
+            if cache is not None:
+                cache.extra["xattn_images"] = images
+                cache.extra["xattn_mask"] = None if sees is None else sees[:, -1:]
+        embeds = self.lm.embed_tokens(input_ids)  # the placeholders are tokens of the LM's vocabulary
+        hidden = self.lm(embeds, images, sees, position_ids=position_ids, attention_mask=attention_mask, mask=mask,
+                         cache=cache)  # [B, T, D]
+        if labels is not None:
+            targets = labels[:, 1:]
+            keep = targets != -100
+            logits = self.lm.lm_head(hidden[:, :-1][keep])  # [n_supervised, V]
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="mean")
+            return ModelOutput(logits=None, loss=loss, n_tokens=int(keep.sum()))
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return ModelOutput(logits=self.lm.lm_head(hidden))
+
+    def document_attention(self, document_ids: torch.Tensor, segment_ids: torch.Tensor | None,
+                           labels: torch.Tensor | None) -> torch.Tensor:
+        """The self-attention mask [B, 1, T, T] of a packed batch (causal within each sample and segment); the
+        media mask follows it, so no token reads another sample's images."""
+        return document_mask(document_ids, segment_ids)
+
+
+@MODEL_FAMILIES.register("flamingo", "Flamingo / IDEFICS: vision tower -> perceiver resampler -> gated "
+                                     "cross-attention blocks every k LM layers; one placeholder token per image")
+def build_flamingo(cfg: ModelConfig, image_token_id: int, init: bool = True) -> FlamingoModel:
+    """A FlamingoModel from its config (``cfg.xattn``; ``cfg.connector`` is not used): a ViT or CNN tower, the
+    perceiver of ``xattn.perceiver`` when ``xattn.use_resampler``, and ``cfg.lm`` wrapped with gated blocks that
+    read image states of the tower's width."""
+    encoders = {"vit": ViTEncoder, "cnn": ConvEncoder}
+    if cfg.vision.arch not in encoders:
+        raise ValueError(f"the flamingo family needs vision.arch one of {sorted(encoders)}, got {cfg.vision.arch!r}")
+    if cfg.lm.head_init_std is not None and cfg.lm.tie_embeddings:
+        raise ValueError("lm.head_init_std initialises an untied LM head; with lm.tie_embeddings: true the head "
+                         "is the token embedding (set tie_embeddings: false, or leave head_init_std unset)")
+    x, width = cfg.xattn, cfg.vision.width
+    if x.use_resampler:
+        p = x.perceiver
+        connector = PerceiverResampler(width, p.depth, p.heads, p.head_dim, p.n_latents, p.mlp_dim or None,
+                                       p.qk_norm)
+    else:
+        connector = PassThrough()
+    lm = add_cross_attention(DecoderLM(cfg.lm), x.every, width, x.heads or None, x.mlp_dim or None, x.qk_norm,
+                             x.alpha_type)
+    model = FlamingoModel(encoders[cfg.vision.arch](cfg.vision), connector, lm, image_token_id, x.only_last,
+                          x.reset_token_id, x.image_index_embed)
+    if init:
+        init_flamingo(model, cfg)
+    return model
+
+
+def init_flamingo(model: FlamingoModel, cfg: ModelConfig) -> None:
+    """From-scratch initialisation as :func:`~vlmkit.models.init_from_scratch` (GPT-2's std 0.02, residual outputs
+    scaled by depth, the head at ``lm.head_init_std``), except that the resampler gets GPT-2's std too: the
+    fan-in init of a splice connector puts image tokens at unit scale, and the perceiver's final LayerNorm does that
+    here. Its latents keep their N(0, 1) and the gates their zeros, so a fresh model is its LM until the gates open.
+    Nothing happens on the meta device."""
+    if any(p.is_meta for p in model.parameters()):
+        return
+    for part in (model.encoder, model.connector, model.lm):
+        init_linear_(part)
+    if cfg.lm.head_init_std is not None:
+        torch.nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
+    with torch.no_grad():
+        for block in model.lm.lm.layers:
+            for lin in (block.attn.o_proj, block.mlp.down_proj):
+                lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
+        for block in getattr(model.encoder, "blocks", ()):
+            for lin in (block.attn.o_proj, block.mlp.fc2):
+                lin.weight.mul_((2 * cfg.vision.depth) ** -0.5)

@@ -1,0 +1,253 @@
+"""BLIP-2 end to end from a Hugging Face folder: ``vlmkit.load(folder)`` gives the same input_ids and pixels as
+transformers' Blip2Processor (the query tokens before the prompt's BOS, no placeholder in the prompt), the same
+logits, loss and greedy tokens as Blip2ForConditionalGeneration with an OPT LM (LayerNorms, ReLU MLP, biases,
+learned positions offset by 2), in batches with left padding too, the score() contract, training ids that are
+the processor's, ``vlmkit convert --from hf`` to a checkpoint that scores the same, and named refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tokenizers import processors
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.data.conversations import ConversationDataset, Sample
+from vlmkit.errors import CheckpointError, ConfigError, DataError
+from vlmkit.generation import GenerationConfig, generate
+
+from hf_fixtures import byte_level_tokenizer, perturb_, real_images, reference_logprobs
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROMPTS = ["", "Question: what colour is the small circle? Answer:", "Describe the image."]
+
+
+def opt_tokenizer():
+    """OPT's tokenizer, tiny: GPT-2 byte-level BPE with "</s>" (BOS and EOS) put in front of every text."""
+    tok = byte_level_tokenizer(["<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="<pad>")
+
+
+def wake_(model: torch.nn.Module, seed: int = 1) -> None:
+    """What transformers initialises at zero or 1e-10 (the query tokens, the tower's positions and class token)
+    gets a spread: identical queries or a blind tower would hide a misplaced tensor."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("query_tokens", "position_embedding", "embed_positions.weight")):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def blip2_folder(tmp_path_factory):
+    """(folder, the transformers model, the processor as AutoProcessor reads it back from the folder)."""
+    folder = tmp_path_factory.mktemp("blip2")
+    images = transformers.BlipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.4, 0.5, 0.6],
+                                                image_std=[0.2, 0.3, 0.25])
+    processor = transformers.Blip2Processor(image_processor=images, tokenizer=opt_tokenizer(), num_query_tokens=6)
+    processor.save_pretrained(folder)  # the processor adds "<image>" to the tokenizer: the LM's vocabulary has it
+    tok = processor.tokenizer
+    torch.manual_seed(0)
+    vision = transformers.Blip2VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=28, patch_size=7, layer_norm_eps=1e-5,
+                                            initializer_range=0.3)
+    qformer = transformers.Blip2QFormerConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                              intermediate_size=40, cross_attention_frequency=2, layer_norm_eps=1e-6,
+                                              initializer_range=0.2)
+    text = transformers.OPTConfig(vocab_size=len(tok), hidden_size=48, ffn_dim=80, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=96, init_std=0.3, pad_token_id=1,
+                                  bos_token_id=2, eos_token_id=2)
+    cfg = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                   text_config=text.to_dict(), num_query_tokens=6,
+                                   image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                   initializer_range=0.2)  # 0.02 (and the tower's 1e-10): the image barely matters
+    model = transformers.Blip2ForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    wake_(model)
+    model.save_pretrained(folder)
+    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def pipe(blip2_folder):
+    return vlmkit.load(blip2_folder[0])
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_input_ids_pixels_and_logits_equal_transformers(blip2_folder, pipe, prompt):
+    _, ref, hf_proc = blip2_folder
+    images = real_images()[:1]
+    theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    inputs = pipe.processor.prepare_images(images)
+    ids = pipe.processor.encode_prompt(prompt, inputs)
+    assert ids == theirs["input_ids"][0].tolist()
+    assert ids[:7] == [ref.config.image_token_index] * 6 + [hf_proc.tokenizer.bos_token_id]  # queries, then BOS
+    torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ref_logits = ref(**theirs).logits
+        other = pipe.model(torch.tensor([ids]), pipe.processor.prepare_images(real_images()[1:2])).logits
+    torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
+    assert (other - ref_logits).abs().max() > 1e-3  # the image is read
+
+
+@pytest.mark.parametrize("prompt, continuation", [
+    (PROMPTS[1], " red"), (PROMPTS[2], " A blue triangle left of a green star."), (PROMPTS[0], "a picture")])
+def test_score_equals_transformers_logprobs(blip2_folder, pipe, prompt, continuation):
+    _, ref, hf_proc = blip2_folder
+    images = real_images()[2:3]
+    theirs = reference_logprobs(ref, hf_proc, images, prompt, continuation)
+    ours = pipe.score(images, prompt, continuation)
+    assert len(ours) == len(theirs) > 0
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
+
+
+def test_loss_with_labels_equals_transformers(blip2_folder, pipe):
+    _, ref, hf_proc = blip2_folder
+    images = real_images()[:1]
+    inputs = hf_proc(text=PROMPTS[1] + " red", images=images, return_tensors="pt")
+    labels = inputs["input_ids"].clone()
+    labels[:, :-2] = -100
+    with torch.no_grad():
+        theirs = ref(**inputs, labels=labels).loss
+        ours = pipe.model(inputs["input_ids"], pipe.processor.prepare_images(images), labels=labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_greedy_generation_equals_transformers(blip2_folder, pipe):
+    _, ref, hf_proc = blip2_folder
+    for prompt, image in zip(PROMPTS, real_images()):
+        inputs = hf_proc(text=prompt, images=[image], return_tensors="pt")
+        out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                           suppress_tokens=[ref.config.image_token_index])  # vlmkit never generates it
+        new = out[0, inputs["input_ids"].shape[1]:]
+        assert len(new) == 8 and len(set(new.tolist())) > 2  # eight tokens, not one repeated
+        assert pipe.generate(image, prompt, max_new_tokens=8) == hf_proc.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_batched_left_padded_generation_equals_transformers(blip2_folder, pipe):
+    """transformers pads between the query tokens and the prompt ([images, pads, BOS, text]), vlmkit in front of
+    the row: the same real tokens at the same positions."""
+    _, ref, hf_proc = blip2_folder
+    prompts, images = PROMPTS[1:], real_images()[:2]
+    hf_proc.tokenizer.padding_side = "left"
+    inputs = hf_proc(text=prompts, images=images, padding="longest", return_tensors="pt")
+    assert (inputs["attention_mask"] == 0).any()  # the batch is padded
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                           suppress_tokens=[ref.config.image_token_index])  # vlmkit never generates it
+    expected = hf_proc.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert pipe.chat_batch([(im, p) for im, p in zip(images, prompts)], max_new_tokens=8) == expected
+    assert [pipe.generate(im, p, max_new_tokens=8) for im, p in zip(images, prompts)] == expected
+
+
+def test_generation_without_cache_equals_cached(pipe):
+    proc, tok = pipe.processor, pipe.processor.tokenizer
+    items = [(proc.prepare_images([im]), p) for im, p in zip(real_images(), PROMPTS)]
+    prompts = [proc.encode_prompt(p, inputs) for inputs, p in items]
+    pixels = type(items[0][0]).cat([inputs for inputs, _ in items])
+    gen = GenerationConfig(max_new_tokens=8)
+    cached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen)
+    uncached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen, use_cache=False)
+    assert cached == uncached and all(len(c) > 0 for c in cached)
+
+
+def test_chat_lays_the_question_out_as_the_processor(blip2_folder, pipe):
+    """No chat template: the question is the prompt, after the images; a placeholder in it (as LLaVA-format
+    questions and the server write) is dropped, the images go first anyway. A raw prompt with one is refused."""
+    _, _, hf_proc = blip2_folder
+    images = real_images()[:1]
+    inputs = pipe.processor.prepare_images(images)
+    theirs = hf_proc(text="What is it?", images=images)["input_ids"][0]
+    assert pipe.processor.encode_chat_prompt("<image>\nWhat is it?", inputs) == list(theirs)
+    assert pipe.chat(images, "What is it?", max_new_tokens=4) == pipe.generate(images, "What is it?",
+                                                                               max_new_tokens=4)
+    with pytest.raises(DataError, match=r"writes each image's tokens before the prompt itself; the prompt must not "
+                                        r"contain '<image>'"):
+        pipe.generate(images, "<image>What is it?")
+
+
+def test_training_sample_is_the_processors_prompt_and_continuation(blip2_folder, pipe, tmp_path):
+    """A question and its answer train as the prompt and its continuation (" " + answer + EOS), with the ids
+    transformers' processor gives that text and the loss transformers computes on those labels."""
+    _, ref, hf_proc = blip2_folder
+    path = tmp_path / "im.png"
+    real_images()[0].save(path)
+    sample = Sample(id="0", images=[path], conversations=[
+        {"from": "human", "value": "<image>\nWhat colour is the small circle?"}, {"from": "gpt", "value": "Red."}])
+    item = ConversationDataset([sample], pipe.processor)[0]
+    theirs = hf_proc(text="What colour is the small circle? Red.</s>", images=[real_images()[0]],
+                     return_tensors="pt")
+    assert item["input_ids"].tolist() == theirs["input_ids"][0].tolist()
+    n_prompt = len(hf_proc(text="What colour is the small circle?", images=[real_images()[0]])["input_ids"][0])
+    labels = theirs["input_ids"].clone()
+    labels[:, :n_prompt] = -100
+    assert item["labels"].tolist() == labels[0].tolist()
+    assert item["labels"][-1] == hf_proc.tokenizer.eos_token_id
+    with torch.no_grad():
+        ours = pipe.model(item["input_ids"][None], item["pixel_values"], labels=item["labels"][None]).loss
+        torch.testing.assert_close(ours, ref(**theirs, labels=labels).loss, rtol=0, atol=1e-5)
+
+
+def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(blip2_folder, pipe, tmp_path):
+    folder, _, _ = blip2_folder
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", "hf", str(folder), "--out", str(out)]) == 0
+    images = real_images()[:1]
+    converted = vlmkit.load(out)
+    assert converted.meta.get("format") == "vlmkit"
+    assert converted.config.family == "blip2" and converted.processor.cfg.image_processor == "blip2"
+    assert converted.config.lm.pos_embed == "learned"
+    assert converted.score(images, PROMPTS[1], " red") == pytest.approx(pipe.score(images, PROMPTS[1], " red"),
+                                                                       abs=1e-6)
+    assert converted.generate(images, PROMPTS[1], max_new_tokens=8) == pipe.generate(images, PROMPTS[1],
+                                                                                     max_new_tokens=8)
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+@pytest.mark.parametrize("file, edit, error, message", [
+    ("config.json", lambda c: c["text_config"].update(model_type="t5"), ConfigError,
+     r"config\.json: text_config\.model_type 't5': encoder-decoder LMs \(BLIP-2 and InstructBLIP with Flan-T5\) "
+     r"are not implemented"),
+    ("config.json", lambda c: c["qformer_config"].update(use_qformer_text_input=True), ConfigError,
+     r"config\.json: qformer_config\.use_qformer_text_input .* is not supported"),
+    ("config.json", lambda c: c["text_config"].update(word_embed_proj_dim=32), ConfigError,
+     r"config\.json \(text_config\): word_embed_proj_dim 32 != hidden_size 48"),
+    ("config.json", lambda c: c["vision_config"].update(qkv_bias=False), ConfigError,
+     r"config\.json: vision_config\.qkv_bias: false is not implemented"),
+    ("config.json", lambda c: c["vision_config"].update(model_type="clip_vision_model"), ConfigError,
+     r"config\.json: vision_config\.model_type 'clip_vision_model'; supported: blip_2_vision_model"),
+    ("config.json", lambda c: c.pop("image_token_index"), ConfigError, r"missing key 'image_token_index'"),
+    ("config.json", lambda c: c["text_config"].update(ffn_dim=64), CheckpointError,
+     r"language_model\.model\.decoder\.layers\.0\.fc[12]\.weight has shape"),
+    ("config.json", lambda c: c["vision_config"].update(hidden_size=40, num_attention_heads=4), CheckpointError,
+     r"vision_model\.(embeddings|encoder|post_layernorm)\S* has shape"),
+    ("processor_config.json", lambda c: c.update(num_query_tokens=5), ConfigError,
+     r"processor_config\.json: num_query_tokens 5 does not match config\.json's num_query_tokens 6"),
+    ("processor_config.json", lambda c: c.pop("num_query_tokens"), ConfigError,
+     r"processor_config\.json: no num_query_tokens: Blip2Processor then writes no image tokens"),
+])
+def test_bad_folders_are_refused_by_name(blip2_folder, tmp_path, file, edit, error, message):
+    folder = _copy(blip2_folder[0], tmp_path)
+    _edit_json(folder / file, edit)
+    with pytest.raises(error, match=message):
+        vlmkit.load(folder)

@@ -1,0 +1,341 @@
+"""InstructBLIP end to end from a Hugging Face folder: ``vlmkit.load(folder)`` gives the same input_ids, pixels and
+qformer_input_ids (the prompt through the Q-Former's own BERT WordPiece tokenizer) as transformers'
+InstructBlipProcessor, the same logits, loss and greedy tokens as InstructBlipForConditionalGeneration with a
+Llama (Vicuna) LM, in left-padded batches too; the score() contract with the Q-Former reading the prompt and
+never the continuation; training samples whose instruction is their question; ``vlmkit convert --from hf``; and
+named refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.data.conversations import ConversationDataset, Sample, group_by_image
+from vlmkit.errors import CheckpointError, ConfigError, DataError
+from vlmkit.generation import GenerationConfig, generate
+
+from hf_fixtures import CORPUS, perturb_, real_images, sentencepiece_tokenizer
+from test_hf_blip2 import wake_
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROMPTS = ["What colour is the small circle?", "Describe the image.", "How many squares are there?"]
+
+
+def bert_tokenizer():
+    """A tiny BERT WordPiece tokenizer (lower-casing, [CLS] ... [SEP]): the Q-Former's, as bert-base-uncased."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(CORPUS * 10, trainers.WordPieceTrainer(
+        vocab_size=150, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return transformers.BertTokenizer(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                      sep_token="[SEP]", mask_token="[MASK]")
+
+
+@pytest.fixture(scope="module")
+def instructblip_folder(tmp_path_factory):
+    """(folder, the transformers model, the processor as AutoProcessor reads it back from the folder)."""
+    folder = tmp_path_factory.mktemp("instructblip")
+    lm_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer([]), bos_token="<s>",
+                                                  eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    images = transformers.BlipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.4, 0.5, 0.6],
+                                                image_std=[0.2, 0.3, 0.25])
+    processor = transformers.InstructBlipProcessor(image_processor=images, tokenizer=lm_tok,
+                                                   qformer_tokenizer=bert_tokenizer(), num_query_tokens=5)
+    processor.save_pretrained(folder)  # with qformer_tokenizer/ beside the LM's tokenizer
+    tok = processor.tokenizer
+    torch.manual_seed(0)
+    vision = transformers.InstructBlipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=28, patch_size=7,
+                                                   initializer_range=0.3)
+    qformer = transformers.InstructBlipQFormerConfig(vocab_size=len(processor.qformer_tokenizer), hidden_size=32,
+                                                     num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
+                                                     cross_attention_frequency=2, max_position_embeddings=64,
+                                                     initializer_range=0.2)
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                    rope_theta=50000.0, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                                    pad_token_id=3, initializer_range=0.2)
+    cfg = transformers.InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                          text_config=text.to_dict(), num_query_tokens=5, initializer_range=0.2,
+                                          image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = transformers.InstructBlipForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    wake_(model)
+    model.save_pretrained(folder)
+    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def pipe(instructblip_folder):
+    return vlmkit.load(instructblip_folder[0])
+
+
+def ours_and_theirs_instruction(pipe, inputs, theirs):
+    """vlmkit's qformer ids and mask cut to transformers' length (vlmkit pads every image's to one length)."""
+    n = theirs["qformer_input_ids"].shape[1]
+    ids, mask = inputs.extra["qformer_input_ids"], inputs.extra["qformer_attention_mask"]
+    assert ids.shape == (len(inputs), pipe.processor.cfg.qformer_max_length) and not mask[:, n:].any()
+    return (ids[:, :n], mask[:, :n]), (theirs["qformer_input_ids"], theirs["qformer_attention_mask"])
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_input_ids_qformer_ids_pixels_and_logits_equal_transformers(instructblip_folder, pipe, prompt):
+    _, ref, hf_proc = instructblip_folder
+    images = real_images()[:1]
+    theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    inputs = pipe.processor.prepare_images(images)
+    ids = pipe.processor.encode_prompt(prompt, inputs)
+    assert ids == theirs["input_ids"][0].tolist()
+    (ours_q, ours_m), (their_q, their_m) = ours_and_theirs_instruction(pipe, inputs, theirs)
+    assert ours_q.tolist() == their_q.tolist() and ours_m.tolist() == their_m.tolist()
+    torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ref_logits = ref(**theirs).logits
+        other = pipe.processor.prepare_images(images)
+        pipe.processor.encode_prompt(PROMPTS[(PROMPTS.index(prompt) + 1) % 3], other)  # another instruction
+        asked_otherwise = pipe.model(torch.tensor([ids]), other).logits
+    torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
+    assert (asked_otherwise - ref_logits).abs().max() > 1e-3  # the Q-Former reads the instruction
+
+
+def reference_logprobs(model, processor, images, prompt, continuation, qformer_text=None):
+    """transformers' per-token log-probabilities of the continuation (the tokens of prompt + continuation after
+    the prompt's), the Q-Former reading ``qformer_text`` (the prompt: InstructBlipProcessor given the prompt)."""
+    n = processor(text=prompt, images=images, return_tensors="pt")["input_ids"].shape[1]
+    full = processor(text=prompt + continuation, images=images, return_tensors="pt")
+    instruction = processor(text=prompt if qformer_text is None else qformer_text, images=images, return_tensors="pt")
+    full["qformer_input_ids"] = instruction["qformer_input_ids"]
+    full["qformer_attention_mask"] = instruction["qformer_attention_mask"]
+    with torch.no_grad():
+        logits = model(**full).logits[0]
+    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
+    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("prompt, continuation", [(PROMPTS[0], " It is red."), (PROMPTS[1], " Two squares")])
+def test_score_reads_the_prompt_never_the_continuation(instructblip_folder, pipe, prompt, continuation):
+    _, ref, hf_proc = instructblip_folder
+    images = real_images()[2:3]
+    theirs = reference_logprobs(ref, hf_proc, images, prompt, continuation)
+    ours = pipe.score(images, prompt, continuation)
+    assert len(ours) == len(theirs) > 0
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
+    leaked = reference_logprobs(ref, hf_proc, images, prompt, continuation, qformer_text=prompt + continuation)
+    assert (leaked - theirs).abs().max() > 1e-3  # a Q-Former that read the continuation would score otherwise
+
+
+def test_loss_with_labels_equals_transformers(instructblip_folder, pipe):
+    _, ref, hf_proc = instructblip_folder
+    images = real_images()[:1]
+    inputs = hf_proc(text=PROMPTS[0] + " Red.", images=images, return_tensors="pt")
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    ours_inputs = pipe.processor.prepare_images(images)
+    pipe.processor.encode_prompt(PROMPTS[0] + " Red.", ours_inputs)
+    with torch.no_grad():
+        theirs = ref(**inputs, labels=labels).loss
+        ours = pipe.model(inputs["input_ids"], ours_inputs, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_greedy_generation_equals_transformers(instructblip_folder, pipe):
+    _, ref, hf_proc = instructblip_folder
+    for prompt, image in zip(PROMPTS, real_images()):
+        inputs = hf_proc(text=prompt, images=[image], return_tensors="pt")
+        out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                           suppress_tokens=[ref.config.image_token_index])  # vlmkit never generates it
+        new = out[0, inputs["input_ids"].shape[1]:]
+        assert len(new) == 8 and len(set(new.tolist())) > 2  # eight tokens, not one repeated
+        assert pipe.generate(image, prompt, max_new_tokens=8) == hf_proc.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_batched_left_padded_generation_equals_transformers(instructblip_folder, pipe):
+    """Prompts of different lengths: the LM ids left-padded, each image with its own prompt's instruction."""
+    _, ref, hf_proc = instructblip_folder
+    prompts, images = [PROMPTS[0], "Describe."], real_images()[:2]
+    hf_proc.tokenizer.padding_side = "left"
+    inputs = hf_proc(text=prompts, images=images, padding="longest", return_tensors="pt")
+    assert (inputs["attention_mask"] == 0).any() and (inputs["qformer_attention_mask"] == 0).any()
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                           suppress_tokens=[ref.config.image_token_index])  # vlmkit never generates it
+    expected = hf_proc.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert pipe.chat_batch([(im, p) for im, p in zip(images, prompts)], max_new_tokens=8) == expected
+    assert [pipe.generate(im, p, max_new_tokens=8) for im, p in zip(images, prompts)] == expected
+    assert pipe.chat_batch([(images[0], p) for p in prompts], max_new_tokens=8) == [
+        pipe.generate(images[0], p, max_new_tokens=8) for p in prompts]  # one image, two questions: no sharing
+
+
+def test_generation_without_cache_equals_cached(pipe):
+    proc, tok = pipe.processor, pipe.processor.tokenizer
+    items = [(proc.prepare_images([im]), p) for im, p in zip(real_images(), PROMPTS)]
+    prompts = [proc.encode_prompt(p, inputs) for inputs, p in items]
+    pixels = type(items[0][0]).cat([inputs for inputs, _ in items])
+    gen = GenerationConfig(max_new_tokens=8)
+    cached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen)
+    uncached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen, use_cache=False)
+    assert cached == uncached and all(len(c) > 0 for c in cached)
+
+
+def test_chat_and_rank_read_the_question(pipe):
+    images = real_images()[:1]
+    assert pipe.chat(images, "<image>\nWhat is it?", max_new_tokens=4) == pipe.generate(images, "What is it?",
+                                                                                        max_new_tokens=4)
+    ranked = pipe.rank(images, PROMPTS[0], [" red", " blue"], normalize=False)
+    assert ranked == pytest.approx([sum(pipe.score(images, PROMPTS[0], c)) for c in (" red", " blue")], abs=1e-4)
+
+
+def test_a_model_without_its_instruction_is_refused(pipe):
+    pixels = pipe.processor.prepare_images(real_images()[:1]).pixel_values
+    with pytest.raises(ValueError, match=r"reads each image's instruction \(InstructBLIP\): pass the processor's "
+                                         r"ImageInputs"):
+        pipe.model.encode_images(pixels)
+
+
+def _sample(tmp_path, i, question, answer):
+    path = tmp_path / f"im{i}.png"
+    real_images()[i % 3].save(path)
+    return Sample(id=str(i), images=[path], conversations=[{"from": "human", "value": f"<image>\n{question}"},
+                                                           {"from": "gpt", "value": answer}])
+
+
+def test_training_samples_read_their_own_question(instructblip_folder, pipe, tmp_path):
+    """Two samples on one image: each item's Q-Former reads its own question (transformers' processor given the
+    question), the LM ids are the processor's for the question and " " + answer + EOS, the loss transformers'."""
+    _, ref, hf_proc = instructblip_folder
+    samples = [_sample(tmp_path, 0, PROMPTS[0], "Red."), _sample(tmp_path, 0, PROMPTS[2], "Two.")]
+    ds = ConversationDataset(samples, pipe.processor)
+    for item, (question, answer) in zip([ds[0], ds[1]], [(PROMPTS[0], "Red."), (PROMPTS[2], "Two.")]):
+        theirs = hf_proc(text=f"{question} {answer}</s>", images=real_images()[:1], return_tensors="pt")
+        instruction = hf_proc(text=question, images=real_images()[:1], return_tensors="pt")
+        theirs["qformer_input_ids"] = instruction["qformer_input_ids"]
+        theirs["qformer_attention_mask"] = instruction["qformer_attention_mask"]
+        assert item["input_ids"].tolist() == theirs["input_ids"][0].tolist()
+        (ours_q, _), (their_q, _) = ours_and_theirs_instruction(pipe, item["pixel_values"], instruction)
+        assert ours_q.tolist() == their_q.tolist()
+        labels = torch.tensor([item["labels"].tolist()])
+        with torch.no_grad():
+            ours = pipe.model(item["input_ids"][None], item["pixel_values"], labels=labels).loss
+            torch.testing.assert_close(ours, ref(**theirs, labels=labels).loss, rtol=0, atol=1e-5)
+    grouped = group_by_image(samples)
+    with pytest.raises(DataError, match=r"Q-Former reads each question with the image \(InstructBLIP\); set "
+                                        r"data\.group_turns: 0"):
+        ConversationDataset(grouped, pipe.processor)
+
+
+def test_convert_from_hf_keeps_the_qformer_tokenizer(instructblip_folder, pipe, tmp_path):
+    folder, _, _ = instructblip_folder
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", "hf", str(folder), "--out", str(out)]) == 0
+    assert (out / "qformer_tokenizer.json").is_file()
+    converted = vlmkit.load(out)
+    assert converted.config.family == "instructblip" and converted.processor.cfg.qformer_max_length == 64
+    images = real_images()[:1]
+    assert converted.score(images, PROMPTS[0], " Red.") == pytest.approx(pipe.score(images, PROMPTS[0], " Red."),
+                                                                         abs=1e-6)
+    (out / "qformer_tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"qformer_max_length 64 \(the Q-Former reads an instruction\) but "
+                                              r"qformer_tokenizer\.json is missing"):
+        vlmkit.load(out)
+
+
+def test_an_instruction_longer_than_the_qformer_reads_is_refused(pipe):
+    with pytest.raises(DataError, match=r"the instruction has \d+ Q-Former tokens, more than the processor's "
+                                        r"qformer_max_length 64"):
+        pipe.generate(real_images()[:1], " ".join(["what colour is the small circle?"] * 10))
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_bad_folders_are_refused_by_name(instructblip_folder, tmp_path):
+    folder = _copy(instructblip_folder[0], tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["qformer_config"]["vocab_size"] = 40
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"qformer\.word_embed|embeddings\.word_embeddings\.weight has shape"):
+        vlmkit.load(folder)
+    cfg["qformer_config"]["vocab_size"] = instructblip_folder[1].config.qformer_config.vocab_size
+    (folder / "config.json").write_text(json.dumps(cfg))
+    bigger = Tokenizer.from_file(str(folder / "qformer_tokenizer" / "tokenizer.json"))
+    bigger.add_tokens([f"word{i}" for i in range(8)])
+    bigger.save(str(folder / "qformer_tokenizer" / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=r"qformer_tokenizer/tokenizer\.json: \d+ tokens, more than the "
+                                              r"Q-Former's qformer_config\.vocab_size \d+ in config\.json"):
+        vlmkit.load(folder)
+    (folder / "qformer_tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"Q-Former reads the instruction through its own tokenizer, but "
+                                              r"qformer_tokenizer/tokenizer\.json is missing"):
+        vlmkit.load(folder)
+    cfg["text_config"]["model_type"] = "t5"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"text_config\.model_type 't5': encoder-decoder LMs"):
+        vlmkit.load(folder)
+
+
+def test_a_from_scratch_instructblip_on_a_cnn_tower_trains_packs_and_saves(tmp_path):
+    """vlmkit's own InstructBLIP: tiny-llava's CNN tower, a Q-Former reading the instruction through the LM's
+    tokenizer, segment-mode text with the image placeholder where the template puts it. Each item carries the
+    user turn that carries its image as the instruction (a multi-turn sample: the first question); packing is
+    exact; the checkpoint keeps the Q-Former's tokenizer and chat reads the question."""
+    from test_packing import check_packed_equals_padded
+
+    from vlmkit.checkpoint import write_model_files
+    from vlmkit.config import apply_overrides
+    from vlmkit.models import build_model
+    from vlmkit.presets import get_preset
+    from vlmkit.processing import Processor, TextTokenizer, train_bpe
+
+    torch.manual_seed(0)
+    preset = get_preset("tiny-llava")
+    tok = TextTokenizer(train_bpe(["what colour is the small circle? it is red. how many squares? two."] * 4, 300))
+    qformer = {"width": 32, "depth": 2, "heads": 4, "mlp_dim": 64, "num_query_tokens": 6,
+               "vocab_size": tok.vocab_size, "max_position_embeddings": 24}
+    cfg = apply_overrides(preset.model, {"family": "instructblip", "lm.vocab_size": tok.vocab_size,
+                                         "connector.kind": "qformer", "connector.qformer": qformer})
+    model = build_model(cfg, tok.token_id(preset.processor.image_token))
+    assert cfg.vision.arch == "cnn" and model.reads_instruction
+    processor = Processor(apply_overrides(preset.processor, {"image_seq_len": 6, "qformer_max_length": 24}), tok)
+    samples = [_sample(tmp_path, i, q, a) for i, (q, a) in enumerate(
+        [(PROMPTS[0], "It is red."), (PROMPTS[2], "Two."), (PROMPTS[1], "A red circle and two squares.")])]
+    samples[2].conversations += [{"from": "human", "value": "Is it red?"}, {"from": "gpt", "value": "yes"}]
+    ds = ConversationDataset(samples, processor)
+    items = [ds[i] for i in range(len(ds))]
+    for item, question in zip(items, (PROMPTS[0], PROMPTS[2], PROMPTS[1])):
+        ids = tok.tok.encode(question).ids
+        assert item["pixel_values"].extra["qformer_input_ids"][0, :len(ids)].tolist() == ids
+        assert int(item["pixel_values"].extra["qformer_attention_mask"].sum()) == len(ids)
+    check_packed_equals_padded(model, items, tok.pad_id, max(len(x["input_ids"]) for x in items) + 20)
+    small = build_model(apply_overrides(cfg, {"connector.qformer.vocab_size": 10}), model.image_token_id)
+    with pytest.raises(ValueError, match=r"instruction token id \d+ is outside the Q-Former's vocabulary "
+                                         r"\(connector\.qformer\.vocab_size 10\)"):
+        small.encode_images(items[0]["pixel_values"])
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    write_model_files(folder, model.eval(), cfg, processor)
+    assert (folder / "qformer_tokenizer.json").is_file()
+    pipe = vlmkit.load(folder)
+    images = [samples[0].images[0]]
+    inputs = pipe.processor.prepare_images(images)
+    pipe.processor.encode_chat_prompt(PROMPTS[0], inputs)
+    assert inputs.extra["qformer_input_ids"][0, :len(tok.tok.encode(PROMPTS[0]).ids)].tolist() == \
+        tok.tok.encode(PROMPTS[0]).ids
+    assert isinstance(pipe.chat(images, PROMPTS[0], max_new_tokens=3), str)
