@@ -124,6 +124,28 @@ class ConnectorConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3's RoPE frequency scaling (transformers' rope_type "llama3"): rotary frequencies whose wavelength
+    exceeds ``original_max_len / low_freq_factor`` are divided by ``factor``, those shorter than
+    ``original_max_len / high_freq_factor`` kept, and those between interpolated. ``kind`` "": none."""
+
+    kind: str = ""  # "" | llama3
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("", "llama3"):
+            raise ConfigError(f"lm.rope_scaling.kind {self.kind!r}; valid: '' (none), llama3")
+        if self.kind and not (self.factor > 0 and self.high_freq_factor > self.low_freq_factor > 0
+                              and self.original_max_len > 0):
+            raise ConfigError(f"lm.rope_scaling: factor {self.factor} > 0, high_freq_factor {self.high_freq_factor} > "
+                              f"low_freq_factor {self.low_freq_factor} > 0 and original_max_len "
+                              f"{self.original_max_len} > 0 are needed")
+
+
+@dataclass
 class LanguageConfig:
     """A decoder-only transformer of the Llama / Qwen2 / SmolLM / Mistral family."""
 
@@ -148,6 +170,7 @@ class LanguageConfig:
     # Qwen2-VL's multimodal RoPE: sizes (summing to head_dim / 2) of the rotary sections that rotate with the
     # temporal, height and width position ids ([3, B, T]); () = plain RoPE
     mrope_section: tuple[int, ...] = ()
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # Llama 3.x (and Mllama's LM)
     # OPT (BLIP-2's LM): LayerNorm with bias, a plain fc1 -> act -> fc2 MLP, biases on every attention and MLP
     # projection, learned absolute positions whose table starts ``pos_offset`` rows in (OPT's 2), act relu
     norm: str = "rmsnorm"  # rmsnorm | layernorm

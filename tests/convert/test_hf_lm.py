@@ -100,8 +100,9 @@ def _edit_config(folder, **changes):
 @pytest.mark.parametrize("changes, error, match", [
     ({"model_type": "gpt2"}, ConfigError, r"config.json: model_type 'gpt2' is not a text LM vlmkit imports; "
                                           r"supported: llama, qwen2, mistral, gemma"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, ConfigError,
-     r"config.json: rope_type 'llama3' \(RoPE scaling\) is not implemented"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}, ConfigError,
+     r"config.json: rope_type 'yarn' \(RoPE scaling\) is not implemented in vlmkit; supported: default, mrope, "
+     r"llama3"),
     ({"hidden_act": "gelu"}, ConfigError, r"hidden_act 'gelu' is not implemented for llama"),
     ({"intermediate_size": 64}, CheckpointError, r"layers.0.mlp.gate_proj.weight has shape \(80, 48\), the "
                                                  r"config implies \(64, 48\)"),
@@ -258,3 +259,34 @@ def test_what_neither_opt_nor_llama_expresses_is_refused_on_export(tmp_path):
         lm_config_to_hf(LanguageConfig(**{**opt, "pos_embed": "rope", "pos_offset": 0, "bias": False}))
     with pytest.raises(ConfigError, match=r"lm.norm 'batchnorm'; valid: rmsnorm, layernorm"):
         LanguageConfig(norm="batchnorm")
+
+
+def test_llama3_rope_scaling_matches_transformers_and_exports(tmp_path):
+    """Llama 3.1+ (and Llama 3.2 Vision's LM) scale their rotary frequencies (rope_type "llama3"). With an
+    original context of 16 the tiny model's frequencies fall in all three bands (kept, blended, divided), so the
+    logits at 13 positions differ from unscaled RoPE, and must equal transformers'."""
+    scaling = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    ref = make_checkpoint("llama", tmp_path / "hf", rope_parameters=scaling)
+    lm = load_hf_lm(tmp_path / "hf")
+    assert lm.cfg.rope_scaling.kind == "llama3" and lm.cfg.rope_scaling.original_max_len == 16
+    ids = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = ref(ids).logits
+        ours = lm.lm_head(lm(lm.embed_tokens(ids)))
+        unscaled = make_checkpoint("llama", tmp_path / "plain")(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert (unscaled - theirs).abs().max() > 1e-3
+    export_hf_lm(lm, tmp_path / "out")
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, theirs, rtol=0, atol=1e-4)
+
+
+def test_llama3_rope_scaling_without_its_keys_is_refused(tmp_path):
+    make_checkpoint("llama", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="rope_type 'llama3' without 'low_freq_factor'"):
+        load_hf_lm(tmp_path)

@@ -245,9 +245,9 @@ def _edit_json(path, edit):
 
 
 @pytest.mark.parametrize("file, edit, error, message", [
-    ("config.json", lambda c: c["text_config"].update(rope_parameters={"rope_type": "llama3", "factor": 8.0,
+    ("config.json", lambda c: c["text_config"].update(rope_parameters={"rope_type": "yarn", "factor": 8.0,
                                                                        "rope_theta": 5e5}), ConfigError,
-     r"config\.json \(text_config\): rope_type 'llama3' \(RoPE scaling\) is not implemented"),
+     r"config\.json \(text_config\): rope_type 'yarn' \(RoPE scaling\) is not implemented"),
     ("config.json", lambda c: c["text_config"].update(cross_attention_layers=[1, 2, 5]), ConfigError,
      r"text_config\.cross_attention_layers \[1, 2, 5\] must be increasing layer indices in 0\.\.4"),
     ("config.json", lambda c: c["text_config"].update(model_type="llama"), ConfigError,
@@ -339,3 +339,23 @@ def test_a_from_scratch_mllama_with_a_cnn_on_every_tile_trains():
     model(ids, inputs, labels=labels).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()), \
         [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+
+
+def test_llama3_rope_scaling_of_the_released_checkpoints_matches_transformers(mllama_folder, tmp_path):
+    """Llama 3.2 Vision's LM scales its RoPE frequencies (rope_type "llama3"); the tiny checkpoint with that
+    scaling (an original context of 16: every band of the formula is used) gives transformers' logits."""
+    folder, _, hf_proc = mllama_folder
+    scaled = tmp_path / "llama3"
+    shutil.copytree(folder, scaled)
+    _edit_json(scaled / "config.json", lambda c: c["text_config"].update(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}))
+    ref = transformers.MllamaForConditionalGeneration.from_pretrained(scaled).eval()
+    pipe = vlmkit.load(scaled)
+    prompt, which = PROMPTS[0]
+    imgs = [images()[i] for i in which]
+    inputs = hf_proc(text=prompt, images=imgs, return_tensors="pt")
+    with torch.no_grad():
+        theirs = ref(**inputs).logits
+        ours = pipe.model(inputs["input_ids"], pipe.processor.prepare_images(imgs)).logits
+    torch.testing.assert_close(ours[..., :theirs.shape[-1]], theirs, rtol=0, atol=1e-4)

@@ -63,7 +63,8 @@ class DecoderLM(nn.Module):
             self.rotary = None
         else:
             self.embed_positions = None
-            self.rotary = RotaryEmbedding(cfg.head_dim or cfg.width // cfg.heads, cfg.rope_theta, cfg.mrope_section)
+            self.rotary = RotaryEmbedding(cfg.head_dim or cfg.width // cfg.heads, cfg.rope_theta, cfg.mrope_section,
+                                          cfg.rope_scaling)
 
     @property
     def head_dim(self) -> int:

@@ -1,5 +1,7 @@
 """Rotary position embeddings (Su et al. 2021) in the rotate-half layout that Llama/Qwen2 checkpoints use."""
 
+import math
+
 import torch
 from torch import nn
 
@@ -11,12 +13,16 @@ class RotaryEmbedding(nn.Module):
     width): the rotary frequencies are split into consecutive sections of those sizes (summing to head_dim / 2),
     section i rotating with axis i % 3. [B, T] ids then mean the same id on all three axes (plain RoPE)."""
 
-    def __init__(self, head_dim: int, theta: float = 10000.0, mrope_section: tuple[int, ...] = ()):
+    def __init__(self, head_dim: int, theta: float = 10000.0, mrope_section: tuple[int, ...] = (), scaling=None):
+        """``scaling``: a :class:`~vlmkit.config.RopeScalingConfig` (Llama 3's frequency scaling) or None."""
         super().__init__()
         if mrope_section and sum(mrope_section) != head_dim // 2:
             raise ValueError(f"mrope_section {tuple(mrope_section)} must sum to head_dim / 2 = {head_dim // 2}")
         self.mrope_section = tuple(mrope_section)
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if scaling is not None and scaling.kind == "llama3":
+            inv_freq = llama3_inv_freq(inv_freq, scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
+                                       scaling.original_max_len)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype=torch.float32):
@@ -30,6 +36,20 @@ class RotaryEmbedding(nn.Module):
             freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, hd]
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_len: int) -> torch.Tensor:
+    """Llama 3.1's scaled rotary frequencies: long wavelengths (beyond original_max_len / low_freq_factor) slowed
+    by ``factor``, short ones (below original_max_len / high_freq_factor) kept, the band between blended
+    smoothly (Meta's reference and transformers' ``_compute_llama3_parameters``)."""
+    low_wavelen, high_wavelen = original_max_len / low_freq_factor, original_max_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

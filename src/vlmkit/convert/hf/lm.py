@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import LanguageConfig
+from vlmkit.config import LanguageConfig, RopeScalingConfig
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.errors import ConfigError
 from vlmkit.lm.decoder import DecoderLM
@@ -30,10 +30,30 @@ def _rope_theta(cfg: dict, where: str) -> float:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in ("default", "mrope"):
+    if kind not in ("default", "mrope", "llama3"):
         raise ConfigError(f"{where}: rope_type {kind!r} (RoPE scaling) is not implemented in vlmkit; "
-                          f"supported: default, mrope")
+                          f"supported: default, mrope, llama3")
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+LLAMA3_KEYS = {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+               "original_max_len": "original_max_position_embeddings"}
+
+
+def _rope_scaling(cfg: dict, where: str) -> RopeScalingConfig:
+    """Llama 3's frequency scaling (rope_type "llama3", in rope_parameters or 4.x's rope_scaling), every key
+    required as transformers requires it; none for other rope types."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if params.get("rope_type", params.get("type")) != "llama3":
+        return RopeScalingConfig()
+    missing = [theirs for theirs in LLAMA3_KEYS.values() if theirs not in params]
+    if missing:
+        raise ConfigError(f"{where}: rope_type 'llama3' without {missing[0]!r}")
+    try:
+        return RopeScalingConfig(kind="llama3", **{ours: type(getattr(RopeScalingConfig, ours))(params[theirs])
+                                                   for ours, theirs in LLAMA3_KEYS.items()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: rope_type 'llama3' parameters {params!r}: {e}") from e
 
 
 def _mrope_section(cfg: dict, head_dim: int, where: str) -> tuple[int, ...]:
@@ -81,6 +101,7 @@ def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
             mlp_dim=int(cfg["intermediate_size"]), act=LM_ACTS[act], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(cfg, where), max_seq_len=max_len,
             mrope_section=_mrope_section(cfg, int(cfg.get("head_dim") or width // heads), where),
+            rope_scaling=_rope_scaling(cfg, where),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
             norm_offset=kind == "gemma", embed_scale=kind == "gemma")
@@ -180,7 +201,7 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
         lm = DecoderLM(cfg)
     lm = lm.to_empty(device="cpu")
     if lm.rotary is not None:  # buffers are not weights: rebuild
-        lm.rotary = type(lm.rotary)(lm.head_dim, cfg.rope_theta, cfg.mrope_section)
+        lm.rotary = type(lm.rotary)(lm.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.rope_scaling)
     if cfg.tie_embeddings:
         lm.lm_head.weight = lm.embed_tokens.weight
     # a tied checkpoint may still carry lm_head.weight (a copy of the embeddings): not an error
@@ -219,7 +240,7 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
            "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
            "head_dim": cfg.head_dim or cfg.width // cfg.heads, "hidden_act": HF_ACTS[cfg.act],
            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+           "rope_parameters": _rope_parameters(cfg),
            "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
     if kind == "gemma":
@@ -227,6 +248,14 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
     if kind == "qwen2":
         out |= {"use_sliding_window": False, "max_window_layers": cfg.depth}
     return out
+
+
+def _rope_parameters(cfg: LanguageConfig) -> dict:
+    """transformers 5's rope_parameters of ``cfg``: plain, or Llama 3's scaling."""
+    if cfg.rope_scaling.kind == "llama3":
+        return {"rope_type": "llama3", "rope_theta": cfg.rope_theta,
+                **{theirs: getattr(cfg.rope_scaling, ours) for ours, theirs in LLAMA3_KEYS.items()}}
+    return {"rope_type": "default", "rope_theta": cfg.rope_theta}
 
 
 def _opt_config_to_hf(cfg: LanguageConfig, where: str) -> dict:

@@ -7,9 +7,10 @@ layer c_j - j (``mllama.xattn_positions``). The token embedding has 8 rows more 
 ``vocab_size + 8``). The processor is MllamaProcessor's (:mod:`vlmkit.processing.mllama`).
 
 Export writes the tensors as transformers saves them (``vision_model.``, ``language_model.model.``,
-``language_model.lm_head.``, ``multi_modal_projector.``) with MllamaProcessor's files. Refused by name: RoPE
-scaling (Llama 3.2 Vision's released checkpoints use rope_type "llama3", which vlmkit does not implement), a
-tied head, supported aspect ratios other than every layout of max_num_tiles tiles, a CNN tower (export).
+``language_model.lm_head.``, ``multi_modal_projector.``) with MllamaProcessor's files. The LM's RoPE is read
+with Llama 3's frequency scaling (rope_type "llama3", as the released checkpoints have it). Refused by name:
+other RoPE scalings, a tied head, supported aspect ratios other than every layout of max_num_tiles tiles, a CNN
+tower (export).
 """
 
 from __future__ import annotations
