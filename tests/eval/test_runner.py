@@ -99,7 +99,7 @@ def test_unknown_tasks_and_missing_files_are_named(trained, tmp_path):
     ckpt, data = trained
     with pytest.raises(ConfigError, match=r"unknown task 'vqa3'; available: coco_captions, gqa, grounding, "
                                           r"multiple_choice, multiple_choice_circular, pope, retrieval, scienceqa, "
-                                          r"shapes_vqa, vqav2, zero_shot_classification"):
+                                          r"shapes_multi, shapes_vqa, vqav2, zero_shot_classification"):
         run_eval(ckpt, ["vqa3"], data, tmp_path / "r.json")
     with pytest.raises(DataError, match=r"none of vqav2_val2014_questions.json, v2_OpenEnded_mscoco_val2014_questions.json "
                                         r"found"):

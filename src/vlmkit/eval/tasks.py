@@ -135,6 +135,20 @@ register_task(Task(
     "shapes_vqa", "ShapesWorld questions (colour, shape, count, existence, position, relation), exact match",
     "exact_match", "vqav2_{split}_questions.json + vqav2_{split}_annotations.json (ShapesWorld)", _vqav2,
     lambda s: s.question, _exact, group_by="question_type", max_new_tokens=8))
+def _shapes_multi(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    """ShapesWorld's multi-image questions (multi_{split}.json, LLaVA format with an ``images`` list): the question
+    keeps its "Image 1: <image> ..." placeholders, so each image goes where the text names it."""
+    from vlmkit.data.conversations import read_conversations
+
+    samples = read_conversations(_first(root, f"multi_{split}.json"))[:limit]
+    return [EvalSample(s.id, list(s.images), s.conversations[0]["value"], [s.conversations[1]["value"]],
+                       {"question_type": s.type}) for s in samples]
+
+
+register_task(Task(
+    "shapes_multi", "ShapesWorld multi-image questions (2-3 images: compare, per-image attribute, totals, which "
+    "image), exact match", "exact_match", "multi_{split}.json (ShapesWorld)", _shapes_multi, lambda s: s.question,
+    _exact, group_by="question_type", max_new_tokens=8))
 register_task(Task(
     "vqav2", "VQAv2 open-ended questions, the official VQA accuracy (answer normalisation, 10 annotators)",
     "vqa_accuracy", "vqav2_{split}_*.json, or v2_OpenEnded_mscoco_{split}_questions.json + "
