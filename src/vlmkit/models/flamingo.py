@@ -33,7 +33,7 @@ from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.fusion.cross_attention import CrossAttentionLM, add_cross_attention
 from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models import MODEL_FAMILIES
-from vlmkit.models.vlm import ModelOutput
+from vlmkit.models.vlm import ModelOutput, lm_output
 from vlmkit.nn import KVCache, init_linear_
 from vlmkit.processing.image import ImageInputs
 
@@ -198,15 +198,7 @@ class FlamingoModel(nn.Module):
         embeds = self.lm.embed_tokens(input_ids)  # the placeholders are tokens of the LM's vocabulary
         hidden = self.lm(embeds, images, sees, position_ids=position_ids, attention_mask=attention_mask, mask=mask,
                          cache=cache)  # [B, T, D]
-        if labels is not None:
-            targets = labels[:, 1:]
-            keep = targets != -100
-            logits = self.lm.lm_head(hidden[:, :-1][keep])  # [n_supervised, V]
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction="mean")
-            return ModelOutput(logits=None, loss=loss, n_tokens=int(keep.sum()))
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return ModelOutput(logits=self.lm.lm_head(hidden))
+        return lm_output(self.lm.lm_head, hidden, labels, logits_to_keep)
 
     def document_attention(self, document_ids: torch.Tensor, segment_ids: torch.Tensor | None,
                            labels: torch.Tensor | None) -> torch.Tensor:

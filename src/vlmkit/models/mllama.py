@@ -39,7 +39,7 @@ from vlmkit.encoders.mllama import MllamaVisionEncoder, TiledEncoder
 from vlmkit.fusion.cross_attention import CrossAttentionLM, add_cross_attention
 from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models import MODEL_FAMILIES, init_from_scratch
-from vlmkit.models.vlm import ModelOutput
+from vlmkit.models.vlm import ModelOutput, lm_output
 from vlmkit.nn import KVCache
 from vlmkit.processing.image import ImageInputs
 
@@ -182,15 +182,10 @@ class MllamaModel(nn.Module):
         hidden = self.lm(self.lm.embed_tokens(input_ids), image_attention_mask=image_mask, position_ids=position_ids,
                          attention_mask=attention_mask, mask=mask, cache=cache, image_kv=image_kv,
                          key_mask=key_mask)  # [B, T, D]
+        out = lm_output(self.lm.lm_head, hidden, labels, logits_to_keep)
         if labels is not None:
-            targets = labels[:, 1:]
-            keep = targets != -100
-            logits = self.lm.lm_head(hidden[:, :-1][keep])  # [n_supervised, V]
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction="mean")
-            return ModelOutput(logits=None, loss=loss, n_tokens=int(keep.sum()))
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm.lm_head(hidden)
+            return out
+        logits = out.logits
         if self.extra_embeddings:  # ids the embedding has and the head does not predict (<|image|> among them)
             logits = F.pad(logits, (0, self.extra_embeddings), value=float("-inf"))
         return ModelOutput(logits=logits)

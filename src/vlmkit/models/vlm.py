@@ -25,6 +25,22 @@ class ModelOutput:
     n_tokens: int = 0  # supervised tokens behind ``loss``
 
 
+def lm_output(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None,
+              logits_to_keep: int = 0) -> ModelOutput:
+    """The LM head on final hidden states [B, T, D]: with ``labels``, the mean next-token cross-entropy over labels
+    != -100, the head run only at those positions (for small models it is the largest matmul); else the logits
+    (of the last ``logits_to_keep`` positions when given)."""
+    if labels is not None:
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = head(hidden[:, :-1][keep])  # [n_supervised, V]
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="mean")
+        return ModelOutput(logits=None, loss=loss, n_tokens=int(keep.sum()))
+    if logits_to_keep:
+        hidden = hidden[:, -logits_to_keep:]
+    return ModelOutput(logits=head(hidden))
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, encoder: nn.Module, connector: nn.Module, lm: nn.Module, image_token_id: int):
         super().__init__()
@@ -72,16 +88,7 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed(input_ids, pixel_values, image_features)
         hidden = self.lm(embeds, position_ids=position_ids, attention_mask=attention_mask, mask=mask,
                          cache=cache)  # [B, T, D]
-        if labels is not None:
-            targets = labels[:, 1:]
-            keep = targets != -100
-            h = hidden[:, :-1][keep]  # [n_supervised, D]
-            logits = self.lm.lm_head(h)
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction="mean")
-            return ModelOutput(logits=None, loss=loss, n_tokens=int(keep.sum()))
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return ModelOutput(logits=self.lm.lm_head(hidden))
+        return lm_output(self.lm.lm_head, hidden, labels, logits_to_keep)
 
     def document_attention(self, document_ids: torch.Tensor, segment_ids: torch.Tensor | None,
                            labels: torch.Tensor | None) -> torch.Tensor:
