@@ -7,13 +7,14 @@ recipe's overrides; the table in docs/fusion.md is built from these lines.
         [--data DIR] [--out DIR] [--multi] [--set K=V ...]
 
 ``--data`` is a ShapesWorld folder (default: generated with the demo's 20,000 images, seed 0, into
-``OUT/data``). Runs are sequential in one process, so their training times compare; they take minutes each.
+``OUT/data``). Progress bars and the training log go to stderr, the JSON lines to stdout. Runs are sequential in one process, so their training times compare; they take minutes each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -48,16 +49,16 @@ def visual_tokens(pipe) -> int:
 def run(name: str, data: Path, out: Path, overrides: list[str], multi: bool) -> dict:
     recipe = load_recipe(name, [f"data.path={data}", *overrides])
     t0 = time.perf_counter()
-    result = train(recipe, out / recipe.name, progress=False, log=lambda m: None)
+    result = train(recipe, out / recipe.name, progress=True, log=lambda m: print(m, file=sys.stderr))
     wall = time.perf_counter() - t0
     pipe = Pipeline.from_pretrained(result.checkpoint)
-    single = evaluate_vqa(pipe, read_conversations(data / "test.json"), progress=False)
+    single = evaluate_vqa(pipe, read_conversations(data / "test.json"), progress=True)
     row = {"recipe": name, "preset": recipe.preset, "family": pipe.config.family, "vqa_accuracy": single["vqa_accuracy"], "by_type": single["by_type"],
            "parameters": count_parameters(pipe.model), "visual_tokens_per_image": visual_tokens(pipe),
            "lm_positions_per_image": lm_positions_per_image(pipe), "train_seconds": result.train_seconds,
            "wall_seconds": wall, "steps": result.steps, "threads": torch.get_num_threads(), "overrides": overrides}
     if multi:
-        ev = evaluate_vqa(pipe, read_conversations(data / "multi_test.json"), progress=False)
+        ev = evaluate_vqa(pipe, read_conversations(data / "multi_test.json"), progress=True)
         row |= {"multi_accuracy": ev["vqa_accuracy"], "multi_by_type": ev["by_type"]}
     return row
 
