@@ -13,6 +13,7 @@ from safetensors.torch import load_model, save_model
 
 from vlmkit import __version__
 from vlmkit.config import ModelConfig, from_dict, to_dict
+from vlmkit.family import model_config_from_dict
 from vlmkit.errors import CheckpointError
 from vlmkit.models import build_model
 from vlmkit.processing import Processor
@@ -54,7 +55,7 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {e}") from e
     if "model" not in meta:
         raise CheckpointError(f"{path / 'config.json'} has no 'model' section; is this a vlmkit checkpoint?")
-    return from_dict(ModelConfig, meta["model"], "config.json:model"), meta
+    return model_config_from_dict(meta["model"], "config.json:model"), meta
 
 
 def load_checkpoint(path: str | Path, device="cpu", merge_lora: bool = True):

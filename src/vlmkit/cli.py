@@ -193,23 +193,17 @@ def cmd_presets(args) -> None:
     """List model presets: parameters, tokens per image, and the transformers class their family converts to."""
     import torch
 
-    from vlmkit.convert.hf import HF_FAMILIES
+    from vlmkit.family import family_of
     from vlmkit.models import build_model, count_parameters
     from vlmkit.presets import PRESETS
 
-    classes = {f.name: f.transformers_class for f in HF_FAMILIES.values()}
     print(f"{'preset':<22} {'params':>15} {'img tokens':>11}  {'transformers class':<34} description")
     for name in PRESETS.names():
         preset = PRESETS.build(name)
+        family = family_of(preset.model)
         with torch.device("meta"):
             model = build_model(preset.model, image_token_id=0)
-        try:
-            tokens = str(model.image_seq_len) if not preset.model.is_dual_encoder else "-"
-        except NotImplementedError:  # native resolution: each image fills as many tokens as its size gives
-            tokens = "by size"
-        if preset.processor.image_processor in ("anyres", "idefics3"):
-            tokens += "/tile"
-        cls = classes.get(preset.model.family, "-") if preset.model.vision.arch != "cnn" else "-"
+        tokens, cls = family.image_tokens(model), family.export_class(preset.model) or "-"
         print(f"{name:<22} {count_parameters(model):>15,} {tokens:>11}  {cls:<34} {PRESETS.describe(name)}")
 
 

@@ -194,201 +194,31 @@ class LanguageConfig:
 
 
 @dataclass
-class AnyResConfig:
-    """LLaVA-NeXT / LLaVA-OneVision AnyRes tiling, shared by the model (reassembling tile features) and the
-    processor (tiling, token counts). Empty ``grid_pinpoints``: no tiling (every other family)."""
-
-    grid_pinpoints: list[tuple[int, int]] = field(default_factory=list)  # candidate (height, width) resolutions
-    # OneVision's anyres_max_N: tile features beyond N tiles' worth are reduced by bilinear interpolation;
-    # 0: never (LLaVA-NeXT)
-    max_tiles: int = 0
-    # processor only, for prompts with several images. "tile": every image is tiled (LlavaOnevisionProcessor
-    # given a flat list of images); "square": each is padded to a square in the mean colour and not tiled
-    # (OneVision's own multi-image mode; the processor given a nested list [[image, image]])
-    multi_image: str = "tile"
-
-
-@dataclass
-class TextConfig:
-    """The text tower of a dual encoder (families ``clip`` and ``siglip``): token and learned position embeddings,
-    pre-norm transformer blocks (the ViT's), a final LayerNorm and one pooled vector per text.
-
-    CLIP's is causal and pools the first end-of-text token; SigLIP's attends both ways over text padded to the
-    context length and pools the last position."""
-
-    vocab_size: int = 49408
-    width: int = 512
-    depth: int = 12
-    heads: int = 8
-    mlp_dim: int = 2048
-    act: str = "quick_gelu"
-    norm_eps: float = 1e-5
-    context_length: int = 77  # learned positions; longer texts are truncated by the processor (and counted)
-    causal: bool = True
-    # eos: the first ``eos_token_id`` (CLIP); argmax: the highest id (CLIP configs whose eos_token_id is the
-    # legacy 2, where end-of-text is the last id of the vocabulary); last: the last position (SigLIP)
-    pool: str = "eos"
-    eos_token_id: int = 49407  # set from the tokenizer when a recipe builds the model
-
-
-@dataclass
-class ContrastiveConfig:
-    """How a dual encoder embeds, compares and learns (CLIP: Radford et al. 2021; SigLIP: Zhai et al. 2023)."""
-
-    embed_dim: int = 512  # width of the joint space (CLIP's projection_dim; SigLIP's text projection_size)
-    # class_token: the class token after the final norm (CLIP); map: SigLIP's attention-pooling head over the
-    # final-normed patches; mean: the mean of the final-normed tokens
-    image_pool: str = "class_token"
-    # CLIP: bias-free linear projections of both towers. SigLIP: none after the image head (its output is the
-    # embedding), a linear head with bias after the text tower
-    projection: str = "clip"  # clip | siglip
-    loss: str = "clip"  # clip: symmetric InfoNCE over the batch; siglip: pairwise sigmoid
-    logit_scale_init: float = 2.6592  # log(1 / 0.07), CLIP's; SigLIP starts at log(10)
-    logit_bias_init: float = -10.0  # SigLIP's learned bias (used only with loss siglip or projection siglip)
-    # training clamps the learned log scale to at most this after every step (CLIP caps the scale at
-    # 100 = exp(4.6052)); 0: never clamped (SigLIP)
-    max_logit_scale: float = 4.6052
-
-
-@dataclass
-class PerceiverConfig:
-    """A perceiver resampler (connectors/perceiver.py): ``n_latents`` learned queries read the vision features in
-    ``depth`` blocks. Defaults are IDEFICS-9B's (HuggingFaceM4/idefics-9b's perceiver_config)."""
-
-    depth: int = 6  # resampler_depth
-    heads: int = 16  # resampler_n_heads
-    head_dim: int = 96  # resampler_head_dim
-    n_latents: int = 64  # resampler_n_latents: image tokens per image after the resampler
-    qk_norm: bool = False  # qk_layer_norms_perceiver: a LayerNorm over each head's queries and keys
-    mlp_dim: int = 0  # 0: 4 x the vision width (IDEFICS)
-
-    def __post_init__(self):
-        for name in ("depth", "heads", "head_dim", "n_latents"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"xattn.perceiver.{name} must be >= 1, got {getattr(self, name)}")
-        if self.mlp_dim < 0:
-            raise ConfigError(f"xattn.perceiver.mlp_dim must be >= 0 (0: 4 x the vision width), got {self.mlp_dim}")
-
-
-@dataclass
-class CrossAttentionConfig:
-    """Gated cross-attention fusion (family ``flamingo``: Flamingo, IDEFICS; fusion/cross_attention.py): the LM
-    reads each sample's images through tanh-gated blocks before its layers 0, every, 2 * every, ...; each image is
-    one placeholder token in the text. Defaults are IDEFICS-9B's."""
-
-    every: int = 4  # cross_layer_interval
-    heads: int = 0  # heads of the cross-attention; 0: the LM's (IDEFICS)
-    mlp_dim: int = 0  # width of the gated blocks' SwiGLU; 0: the LM's mlp_dim (IDEFICS)
-    qk_norm: bool = False  # qk_layer_norms: an RMSNorm over each head's queries and keys
-    alpha_type: str = "float"  # float: one gate per branch | vector: one per channel
-    # which images a text token sees: the most recent one at or before it (Flamingo's default, IDEFICS), or
-    # every one at or before it
-    only_last: bool = True
-    # tokens after this token see no image until the next image (IdeficsProcessor: after the EOS ending a
-    # document); -1: none. Set from the tokenizer when a model is imported
-    reset_token_id: int = -1
-    use_resampler: bool = True  # a perceiver resampler between the vision tower and the LM (IDEFICS-9B/80B)
-    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
-    # IDEFICS' decoupled embeddings: its checkpoints keep the last ``decoupled_vocab`` rows of the token embedding
-    # and of the LM head (its added tokens, additional_vocab_size) in separate tensors. vlmkit's LM has them in its
-    # lm.vocab_size rows (the same numbers); an export splits them off again
-    decoupled_vocab: int = 0
-    # learned embeddings of an image's place in its sample (first, second, ...), added to its states before the
-    # cross-attention, for this many images; 0 = none (IDEFICS). With only_last: false a token reads several images
-    # at once, and without them cannot tell "the first image" from "the second" (Flamingo adds learned time
-    # embeddings to a video's frames for the same reason)
-    image_index_embed: int = 0
-
-    def __post_init__(self):
-        if self.every < 1:
-            raise ConfigError(f"xattn.every must be >= 1, got {self.every}")
-        if self.alpha_type not in ("float", "vector"):
-            raise ConfigError(f"xattn.alpha_type must be 'float' or 'vector', got {self.alpha_type!r}")
-        for name in ("heads", "mlp_dim", "decoupled_vocab", "image_index_embed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"xattn.{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass
-class MllamaConfig:
-    """Llama 3.2 Vision (family ``mllama``, models/mllama.py): a tiled image tower whose features the LM reads through
-    gated cross-attention blocks between its self-attention layers; each image is one ``<|image|>`` token in the
-    text. Defaults are meta-llama/Llama-3.2-11B-Vision's."""
-
-    # before which of the LM's (self-attention) layers each block runs. transformers numbers its cross-attention
-    # layers among all decoder layers: cross_attention_layers [3, 8, ..., 38] are positions [3, 7, ..., 31]
-    xattn_positions: list[int] = field(default_factory=lambda: [3, 7, 11, 15, 19, 23, 27, 31])
-    max_tiles: int = 4  # max_num_tiles: an image is cut into rows x cols tiles of vision.image_size, rows * cols <= it
-    global_depth: int = 8  # vision.arch "mllama": gated global layers after the vision.depth local ones
-    # vision.arch "mllama": local layers whose outputs are concatenated to the final features (vision_output_dim
-    # = vision.width * (1 + len))
-    intermediate_layers: list[int] = field(default_factory=lambda: [3, 7, 15, 23, 30])
-    # token-embedding rows past the LM head's lm.vocab_size (transformers: vocab_size + 8, <|image|> among them);
-    # the model reads them but never predicts them
-    extra_embeddings: int = 8
-
-    def __post_init__(self):
-        if self.max_tiles < 1:
-            raise ConfigError(f"mllama.max_tiles must be >= 1, got {self.max_tiles}")
-        for name in ("global_depth", "extra_embeddings"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"mllama.{name} must be >= 0, got {getattr(self, name)}")
-        if self.xattn_positions != sorted(self.xattn_positions) or any(p < 0 for p in self.xattn_positions):
-            raise ConfigError(f"mllama.xattn_positions {self.xattn_positions} must be sorted LM layer indices (>= 0)")
-        if any(i < 0 for i in self.intermediate_layers):
-            raise ConfigError(f"mllama.intermediate_layers {self.intermediate_layers} must be layer indices (>= 0)")
-
-
-@dataclass
 class ModelConfig:
-    """A vision-language model: encoder -> connector -> splice into the LM; or, for the dual-encoder families
-    ``clip`` and ``siglip``, an image tower (``vision``) and a text tower (``text``) meeting in a joint space
-    (``contrastive``), where ``connector`` and ``lm`` are not used."""
+    """The base of every family's model config: the family's name. Each family's config type (``Family.Config``)
+    subclasses it with the sections the family has; most compose :class:`VLMConfig`'s parts."""
+
+    family: str = ""
+
+
+@dataclass
+class VLMConfig(ModelConfig):
+    """A vision-language model of the parts most families compose: an image tower (``vision``), a connector and a
+    decoder LM, with ``image_token`` marking each image in the text."""
 
     family: str = "llava"
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     image_token: str = "<image>"
-    anyres: AnyResConfig = field(default_factory=AnyResConfig)  # llava_next / llava_onevision tiling
-    text: TextConfig = field(default_factory=TextConfig)  # dual encoders only
-    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # dual encoders only
-    xattn: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)  # family flamingo only
-    mllama: MllamaConfig = field(default_factory=MllamaConfig)  # family mllama only
-
-    @property
-    def is_dual_encoder(self) -> bool:
-        return self.family in DUAL_ENCODER_FAMILIES
-
-
-DUAL_ENCODER_FAMILIES = ("clip", "siglip")
-
-
-@dataclass
-class ImageSplitConfig:
-    """Idefics3 / SmolVLM image splitting (image_processor "idefics3"); the tiles are ProcessorConfig.image_size."""
-
-    longest_edge: int = 0  # first resize the longer side to this (0: no first resize)
-    enabled: bool = True  # cut images larger than a tile into tiles plus a global view; else one tile each
-
-
-@dataclass
-class NativeResolutionConfig:
-    """Qwen2-VL dynamic resolution (image_processor "qwen2_vl"): each image is resized so that height and width
-    are multiples of patch_size * merge_size and min_pixels <= height * width <= max_pixels, then cut into
-    patch_size patches of temporal_patch_size repeated frames, listed merge_size x merge_size window by window."""
-
-    min_pixels: int = 0
-    max_pixels: int = 0
-    patch_size: int = 0
-    temporal_patch_size: int = 1
-    merge_size: int = 1
 
 
 @dataclass
 class ProcessorConfig:
-    """Image transform, placeholder and chat-template settings shared by train, eval and serve."""
+    """Image transform, placeholder and chat-template settings shared by train, eval and serve. A family whose
+    processor needs more settings subclasses it (``Family.ProcessorConfig``)."""
 
+    family: str = ""  # the family whose image processor and prompt layout this processor uses
     image_size: tuple[int, int] = (224, 224)  # (height, width)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -401,32 +231,20 @@ class ProcessorConfig:
     chat_template: str = "vlmkit"
     max_length: int = 512
     # how prompt text becomes ids. "segments": each text piece between image placeholders is tokenised on
-    # its own and the placeholders expand to image ids (vlmkit's own models). "whole": the placeholders expand
-    # in the text and the whole string is tokenised with the tokenizer's special tokens (BOS), exactly as a
-    # transformers processor does; imported Hugging Face families use it
+    # its own and the placeholders expand to image ids (vlmkit's own models). "whole": the prompt is laid out as
+    # the family's transformers processor lays it out (the placeholders expand in the text and the whole string
+    # is tokenised with the tokenizer's special tokens), which gives its ``input_ids`` to the id; imported
+    # Hugging Face families use it
     text_mode: str = "segments"
-    image_processor: str = "fixed"  # IMAGE_PROCESSORS name: how images become ImageInputs
     # a Jinja chat template (transformers' format, from an imported folder); when set, chat prompts use it
     chat_template_jinja: str = ""
     # the tokenizer's special tokens, by name (tokenizer.json does not say which is which)
     pad_token: str = "<pad>"
     eos_token: str = "<|end|>"
     bos_token: str = ""
-    anyres: AnyResConfig = field(default_factory=AnyResConfig)  # image_processor "anyres" (LLaVA-NeXT/OneVision)
     # placeholders of inputs the imported family has but vlmkit does not implement (OneVision's "<video>"): a
     # prompt containing one is refused by name instead of being read as text
     refused_placeholders: list[str] = field(default_factory=list)
-    split: ImageSplitConfig = field(default_factory=ImageSplitConfig)  # image_processor "idefics3"
-    native: NativeResolutionConfig = field(default_factory=NativeResolutionConfig)  # image_processor "qwen2_vl"
-    max_image_tiles: int = 4  # image_processor "mllama": tiles of image_size an image is cut into at most
-    # dual encoders: "longest" pads a batch of texts to its longest (CLIP); "max_length" pads every text to
-    # max_length, the text tower's context (SigLIP, which pools the last position)
-    text_padding: str = "longest"
-    # InstructBLIP: the Q-Former reads the prompt too, tokenised by its own tokenizer (qformer_tokenizer.json
-    # beside tokenizer.json; without one, the LM's), its ids padded with qformer_pad_token ("": the LM's pad
-    # token) to this length for every image (ImageInputs.extra). 0: the model reads no instruction
-    qformer_max_length: int = 0
-    qformer_pad_token: str = ""
 
 
 # ----------------------------------------------------------------------------------------- dict <-> dataclass

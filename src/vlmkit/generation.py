@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmkit.batch import Batch, Features, MediaInputs
 from vlmkit.errors import ConfigError
 
 
@@ -54,12 +55,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], pixel_values, eos_id: int, pad_id: int,
-             gen: GenerationConfig, decode=None, use_cache: bool = True, image_features=None) -> list[list[int]]:
+def generate(model, prompts: list[list[int]], media: MediaInputs | None, eos_id: int, pad_id: int,
+             gen: GenerationConfig, decode=None, use_cache: bool = True,
+             features: Features | None = None) -> list[list[int]]:
     """Generate continuations for a batch of prompt id lists; returns the new tokens of each (no eos).
 
-    ``pixel_values``: the images of all prompts in reading order, a [n, C, H, W] tensor or ImageInputs; or
-    ``image_features``, already encoded (``model.encode_images``'s output in reading order).
+    ``media``: the images of all prompts in reading order (the processor's MediaInputs); or ``features``, already
+    encoded (``model.encode_media``'s output in reading order). Each prompt is the model's input: the prefill marks
+    its tokens as the prompt (``Batch.prompt_mask``), what is generated after it is not.
 
     ``decode`` (ids -> str) enables ``gen.stop`` strings: a sequence stops once its text contains one.
     """
@@ -71,35 +74,42 @@ def generate(model, prompts: list[list[int]], pixel_values, eos_id: int, pad_id:
     generator = None
     if gen.seed is not None:
         generator = torch.Generator(device=device).manual_seed(gen.seed)
-    if image_features is None and pixel_values is not None and len(pixel_values) > 0:
-        image_features = model.encode_images(pixel_values.to(device))
-    cache = model.lm.new_cache(B, ids.shape[1] + gen.max_new_tokens, device) if use_cache else None
-    # a prefix-LM (PaliGemma) attends bidirectionally over the (left-padded) prompt, causally over new tokens
-    prefix = {"prefix_len": ids.shape[1]} if getattr(model, "prefix_lm", False) else {}
-    out = model(ids, attention_mask=attn, cache=cache, image_features=image_features, logits_to_keep=1, **prefix)
+    if features is None and media is not None and len(media) > 0:
+        features = model.encode_media(media.to(device))
+    cache = model.new_cache(B, ids.shape[1] + gen.max_new_tokens, device) if use_cache else None
+    prompt = attn.bool()
+    out = model(Batch(ids, attention_mask=attn, prompt_mask=prompt, features=features), cache=cache, logits_to_keep=1)
     new = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    reserved = list(model.reserved_token_ids)
     for step in range(gen.max_new_tokens):
         logits = out.logits[:, -1].clone()
-        logits[:, model.image_token_id] = float("-inf")  # an image slot can only come from the processor
+        logits[:, reserved] = float("-inf")  # an image slot can only come from the processor
         nxt = sample_next(logits, gen.temperature, gen.top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        for i in range(B):
-            if done[i]:
-                continue
-            t = int(nxt[i])
-            if t == eos_id:
-                done[i] = True
-                continue
-            new[i].append(t)
-            if gen.stop and decode is not None and any(s in decode(new[i]) for s in gen.stop):
-                done[i] = True
+        _append(new, done, nxt, eos_id, gen, decode)
         if bool(done.all()) or step == gen.max_new_tokens - 1:
             break
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], dim=1)
         if use_cache:
-            out = model(nxt[:, None], attention_mask=attn, cache=cache, logits_to_keep=1)
+            out = model(Batch(nxt[:, None], attention_mask=attn), cache=cache, logits_to_keep=1)
         else:
-            out = model(ids, attention_mask=attn, image_features=image_features, logits_to_keep=1, **prefix)
+            prompt = torch.cat([prompt, torch.zeros(B, 1, dtype=torch.bool, device=device)], dim=1)
+            out = model(Batch(ids, attention_mask=attn, prompt_mask=prompt, features=features), logits_to_keep=1)
     return new
+
+
+def _append(new: list[list[int]], done: torch.Tensor, nxt: torch.Tensor, eos_id: int, gen: GenerationConfig,
+            decode) -> None:
+    """Add each unfinished row's sampled token, and mark the rows that end (EOS, a stop string)."""
+    for i in range(len(new)):
+        if done[i]:
+            continue
+        t = int(nxt[i])
+        if t == eos_id:
+            done[i] = True
+            continue
+        new[i].append(t)
+        if gen.stop and decode is not None and any(s in decode(new[i]) for s in gen.stop):
+            done[i] = True

@@ -1,7 +1,8 @@
 """Pipeline = load(path): chat, generate and score with one model and its Processor; embed with a dual encoder.
 
 The evaluation tasks, the server and the CLI all go through these methods, so a model answers the same
-way everywhere.
+way everywhere. What a model can do is its family's (``Capabilities``): ``can_generate`` models chat, generate,
+score and rank; ``can_embed`` models embed images and texts.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from vlmkit.batch import Batch, Encoded, Features, MediaInputs, item_key
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.errors import DataError
 from vlmkit.generation import GenerationConfig, generate
-from vlmkit.processing.image import ImageInputs
 
 
 def _as_list(images) -> list:
@@ -31,6 +32,8 @@ class Pipeline:
         self.config = config
         self.meta = meta or {}
         self.device = next(model.parameters()).device
+        self.family = processor.family
+        self.last_truncated = 0
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu") -> Pipeline:
@@ -43,43 +46,48 @@ class Pipeline:
         model, processor, cfg, meta = load_checkpoint(path, device)
         return cls(model, processor, cfg, meta)
 
+    @property
+    def can_generate(self) -> bool:
+        return self.family.capabilities.generate
+
+    @property
+    def can_embed(self) -> bool:
+        return self.family.capabilities.embed
+
+    @property
+    def can_score(self) -> bool:
+        """Scores and ranks texts by their likelihood (a generative model)."""
+        return self.family.capabilities.generate
+
     # ------------------------------------------------------------------ generation
     def _need_generative(self, what: str) -> None:
-        if self.is_dual_encoder:
-            raise DataError(f"{what} needs a generative model; this is a dual encoder ({self.config.family}), which "
-                            f"embeds images and texts: use embed_images() / embed_texts()")
+        if not self.can_generate:
+            raise DataError(f"{what} needs a generative model; this is a {self.family.name} model, which embeds "
+                            f"images and texts: use embed_images() / embed_texts()")
 
-    def _run(self, items: list[tuple[ImageInputs, list[int]]], gen: GenerationConfig,
-             image_keys: list[list] | None = None) -> list[str]:
-        self._need_generative("chat() / generate()")
+    def _run(self, items: list[Encoded], gen: GenerationConfig, image_keys: list[list] | None = None) -> list[str]:
         tok = self.processor.tokenizer
         features = self._shared_features(items, image_keys) if image_keys else None
-        pixel_values = None if features is not None else ImageInputs.cat([imgs for imgs, _ in items]).to(self.device)
-        out = generate(self.model, [ids for _, ids in items], pixel_values, tok.eos_id, tok.pad_id, gen,
-                       decode=tok.decode, image_features=features)
-        texts = [tok.decode(ids) for ids in out]
-        return [_cut_at_stop(t, gen.stop) for t in texts]
+        media = None if features is not None else MediaInputs.cat([e.media for e in items]).to(self.device)
+        out = generate(self.model, [e.ids for e in items], media, tok.eos_id, tok.pad_id, gen, decode=tok.decode,
+                       features=features)
+        return [_cut_at_stop(tok.decode(ids), gen.stop) for ids in out]
 
     @torch.no_grad()
-    def _shared_features(self, items: list[tuple[ImageInputs, list[int]]], image_keys: list[list]):
+    def _shared_features(self, items: list[Encoded], image_keys: list[list]) -> Features | None:
         """Features of a batch whose requests repeat images (evaluation asks several questions about one image):
-        each distinct image through the tower once, then gathered in the batch's reading order. Only for
-        fixed-size images, whose features are one [M, D] block per image, and that depend on nothing else (not
-        InstructBLIP's, which read each prompt's instruction from ``extra``); None otherwise."""
-        keys = [k for ks in image_keys for k in ks]
-        if self.processor.cfg.image_processor != "fixed" or len(set(keys)) == len(keys) or not keys \
-                or any(imgs.extra for imgs, _ in items):
+        each distinct image, read with what its prompt adds to it (InstructBLIP's instruction), through the model
+        once, then gathered in the batch's reading order. None when nothing repeats."""
+        singles = [single for e in items for single in e.media.split()]
+        keys = [item_key(str(k), single) for k, single in zip((k for ks in image_keys for k in ks), singles)]
+        if not keys or len(set(keys)) == len(keys):
             return None
-        first = {}
-        singles = [ImageInputs(imgs.pixel_values[i:i + 1], imgs.tokens[i:i + 1])
-                   for imgs, _ in items for i in range(len(imgs))]
+        first: dict[str, MediaInputs] = {}
         for k, single in zip(keys, singles):
             first.setdefault(k, single)
         order = {k: n for n, k in enumerate(first)}
-        feats = self.model.encode_images(ImageInputs.cat(list(first.values())).to(self.device))
-        if not isinstance(feats, torch.Tensor) or feats.ndim != 3:
-            return None
-        return feats[torch.tensor([order[k] for k in keys], device=feats.device)]
+        per_image = self.model.encode_media(MediaInputs.cat(list(first.values())).to(self.device)).split()
+        return Features.cat([per_image[order[k]] for k in keys])
 
     def chat_batch(self, requests: list[tuple[object, str]], **gen) -> list[str]:
         """[(images, question), ...] -> answers, generated as one batch with the chat template. An image given
@@ -91,13 +99,13 @@ class Pipeline:
             images = _as_list(images)
             ks = [str(Path(im).resolve()) if isinstance(im, (str, Path)) else id(im) for im in images]
             if all(isinstance(k, str) for k in ks) and images:
-                for k, im in zip(ks, images):
-                    if k not in prepared:
-                        prepared[k] = self.processor.prepare_images([im])
-                inputs = ImageInputs.cat([prepared[k] for k in ks])
+                key = tuple(ks)  # a prompt's images are prepared together (a family may lay several out jointly)
+                if key not in prepared:
+                    prepared[key] = self.processor.prepare_images(images)
+                inputs = prepared[key]
             else:
                 inputs = self.processor.prepare_images(images)
-            items.append((inputs, self.processor.encode_chat_prompt(question, inputs)))
+            items.append(self.processor.chat(question, inputs))
             keys.append(ks)
         return self._run(items, cfg, keys)
 
@@ -114,17 +122,12 @@ class Pipeline:
         self._need_generative("generate()")
         inputs = self.processor.prepare_images(_as_list(images))
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, list(stop or []), seed)
-        return self._run([(inputs, self.processor.encode_prompt(prompt, inputs))], cfg)[0]
+        return self._run([self.processor.prompt(prompt, inputs)], cfg)[0]
 
     # ------------------------------------------------------------------ embeddings (dual encoders)
-    @property
-    def is_dual_encoder(self) -> bool:
-        return bool(getattr(self.model, "is_dual_encoder", False))
-
-    def _need_dual_encoder(self, what: str) -> None:
-        if not self.is_dual_encoder:
-            family = getattr(self.config, "family", type(self.model).__name__)
-            raise DataError(f"{what} needs a dual encoder (CLIP or SigLIP); this model is a {family} "
+    def _need_embeddings(self, what: str) -> None:
+        if not self.can_embed:
+            raise DataError(f"{what} needs a dual encoder (CLIP or SigLIP); this model is a {self.family.name} "
                             f"vision-language model, which answers with chat() / generate() / rank()")
 
     @torch.no_grad()
@@ -132,16 +135,15 @@ class Pipeline:
         """Images (paths or PIL images) -> L2-normalised embeddings [n, E], in batches of ``batch_size``."""
         from tqdm.auto import tqdm
 
-        self._need_dual_encoder("embed_images")
+        self._need_embeddings("embed_images")
         images = _as_list(images)
         out = []
         for start in tqdm(range(0, len(images), batch_size), desc="embed images", unit="batch", disable=not progress,
                           dynamic_ncols=True):
             chunk = images[start:start + batch_size]
-            where = f"images[{start}:{start + len(chunk)}]"
-            pixels = self.processor.preprocess_images(chunk, where).to(self.device)
-            out.append(self.model.encode_images(pixels).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.model.cfg.contrastive.embed_dim)
+            media = self.processor.prepare_images(chunk, f"images[{start}:{start + len(chunk)}]").to(self.device)
+            out.append(self.model.encode_images(media).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.embed_dim)
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str] | str, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
@@ -149,16 +151,15 @@ class Pipeline:
         its tokenizer truncates them; ``last_truncated`` holds how many were."""
         from tqdm.auto import tqdm
 
-        self._need_dual_encoder("embed_texts")
+        self._need_embeddings("embed_texts")
         texts = [texts] if isinstance(texts, str) else list(texts)
         out, self.last_truncated = [], 0
         for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", unit="batch", disable=not progress,
                           dynamic_ncols=True):
-            ids, truncated = self.processor.encode_texts(texts[start:start + batch_size],
-                                                         where=f"texts[{start}:]")
+            ids, truncated = self.processor.encode_texts(texts[start:start + batch_size], where=f"texts[{start}:]")
             self.last_truncated += truncated
             out.append(self.model.encode_texts(ids.to(self.device)).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.model.cfg.contrastive.embed_dim)
+        return torch.cat(out) if out else torch.zeros(0, self.model.embed_dim)
 
     @torch.no_grad()
     def classifier(self, class_names: list[str], templates: list[str] | None = None) -> torch.Tensor:
@@ -187,15 +188,15 @@ class Pipeline:
         processors append the continuation's own tokens). PaliGemma scores its processor's ``suffix``: the
         continuation tokenised on its own plus EOS, whose log-probability is the last value (as its labels)."""
         self._need_generative("score()")
-        inputs = self.processor.prepare_images(_as_list(images))
-        ids, start = self.processor.encode_score(prompt, continuation, inputs)
+        enc = self.processor.continuation(prompt, continuation, self.processor.prepare_images(_as_list(images)))
+        ids, start = enc.ids, enc.prompt_len
         if start == len(ids):
             return []
         if start == 0:
             raise DataError("score() needs a non-empty prompt to condition the first continuation token on")
-        # a prefix-LM (PaliGemma) attends bidirectionally over the prompt and causally over the continuation
-        kw = {"prefix_len": start} if getattr(self.model, "prefix_lm", False) else {}
-        logits = self.model(torch.tensor([ids], device=self.device), inputs.to(self.device), **kw).logits[0].float()
+        prompt_mask = torch.arange(len(ids), device=self.device)[None] < start  # the continuation comes after it
+        batch = Batch(torch.tensor([ids], device=self.device), media=enc.media.to(self.device), prompt_mask=prompt_mask)
+        logits = self.model(batch).logits[0].float()
         logp = torch.log_softmax(logits[start - 1:-1], dim=-1)  # [T_cont, V]: predictions of the continuation
         target = torch.tensor(ids[start:], device=self.device)[:, None]
         return logp.gather(-1, target).squeeze(-1).tolist()
@@ -203,25 +204,20 @@ class Pipeline:
 
 @torch.no_grad()
 def _rank(pipe: Pipeline, images, question: str, candidates: list[str], normalize: bool) -> list[float]:
-    inputs = pipe.processor.prepare_images(_as_list(images))
-    prompt = pipe.processor.encode_chat_prompt(question, inputs)
+    prompt = pipe.processor.chat(question, pipe.processor.prepare_images(_as_list(images)))
     conts = [pipe.processor.tokenizer.encode(c) for c in candidates]
     if not all(conts):
         raise DataError(f"rank(): candidate {candidates[[bool(c) for c in conts].index(False)]!r} has no tokens")
-    width = len(prompt) + max(len(c) for c in conts)
+    n, width = len(prompt.ids), len(prompt.ids) + max(len(c) for c in conts)
     ids = torch.full((len(conts), width), pipe.processor.tokenizer.pad_id, dtype=torch.long)
     for i, c in enumerate(conts):  # right padding: causal attention never lets a real token see it
-        ids[i, :len(prompt) + len(c)] = torch.tensor(prompt + c)
-    model = pipe.model
-    kw = {"prefix_len": len(prompt)} if getattr(model, "prefix_lm", False) else {}
-    if len(inputs):
-        feats = model.encode_images(inputs.to(pipe.device))
-        if isinstance(feats, torch.Tensor):  # one copy of the image's features per candidate
-            kw["image_features"] = feats.repeat(len(conts), *([1] * (feats.ndim - 1)))
-        else:  # features that carry layout (Qwen2-VL's grids): encode per row
-            kw["pixel_values"] = ImageInputs.cat([inputs] * len(conts)).to(pipe.device)
-    logits = model(ids.to(pipe.device), **kw).logits.float()  # [K, T, V]
-    logp = torch.log_softmax(logits[:, len(prompt) - 1:-1], dim=-1)
+        ids[i, :n + len(c)] = torch.tensor(prompt.ids + c)
+    features = None
+    if len(prompt.media):  # the image(s) encoded once, one copy of their features per candidate
+        features = Features.cat([pipe.model.encode_media(prompt.media.to(pipe.device))] * len(conts))
+    is_prompt = (torch.arange(width)[None] < n).expand(len(conts), -1)
+    batch = Batch(ids.to(pipe.device), prompt_mask=is_prompt.to(pipe.device), features=features)
+    logp = torch.log_softmax(pipe.model(batch).logits.float()[:, n - 1:-1], dim=-1)  # [K, T, V]
     out = []
     for i, c in enumerate(conts):
         tok = logp[i, :len(c)].gather(-1, torch.tensor(c, device=logp.device)[:, None]).sum()

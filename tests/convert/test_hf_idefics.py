@@ -21,7 +21,7 @@ import vlmkit
 from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.generation import GenerationConfig, generate
-from vlmkit.processing.image import ImageInputs
+from vlmkit.processing.image import MediaInputs
 
 from hf_fixtures import perturb_, real_images, sentencepiece_tokenizer
 
@@ -252,7 +252,7 @@ def test_generation_without_cache_equals_cached(idefics_folder):
     proc, tok = pipe.processor, pipe.processor.tokenizer
     items = [(proc.prepare_images(images_for(p)), p) for p in PROMPTS]
     prompts = [proc.encode_prompt(p, inputs) for inputs, p in items]
-    pixels = ImageInputs.cat([inputs for inputs, _ in items])
+    pixels = MediaInputs.cat([inputs for inputs, _ in items])
     gen = GenerationConfig(max_new_tokens=8)
     cached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen)
     uncached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen, use_cache=False)

@@ -202,7 +202,7 @@ def test_chat_and_rank_read_the_question(pipe):
 def test_a_model_without_its_instruction_is_refused(pipe):
     pixels = pipe.processor.prepare_images(real_images()[:1]).pixel_values
     with pytest.raises(ValueError, match=r"reads each image's instruction \(InstructBLIP\): pass the processor's "
-                                         r"ImageInputs"):
+                                         r"MediaInputs"):
         pipe.model.encode_images(pixels)
 
 

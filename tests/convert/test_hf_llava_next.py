@@ -17,7 +17,7 @@ import vlmkit
 from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.generation import GenerationConfig, generate
-from vlmkit.processing.image import ImageInputs
+from vlmkit.processing.image import MediaInputs
 from vlmkit.processing.llava_next import tile_grid, unpad_slice
 
 from hf_fixtures import perturb_, real_images, reference_logprobs, sentencepiece_tokenizer
@@ -139,13 +139,13 @@ def test_greedy_generation_equals_transformers(next_folder, pipe):
 
 
 def test_batched_generation_with_left_padding_equals_one_by_one(pipe):
-    """Prompts whose images fill different token counts, batched (ImageInputs.cat, left padding): the same
+    """Prompts whose images fill different token counts, batched (MediaInputs.cat, left padding): the same
     tokens as each alone."""
     items = [(pipe.processor.prepare_images(images_of(i)), p) for p, i in PROMPTS]
     ids = [pipe.processor.encode_prompt(p, inputs) for inputs, p in items]
     gen = GenerationConfig(max_new_tokens=6, temperature=0.0)
     tok = pipe.processor.tokenizer
-    batched = generate(pipe.model, ids, ImageInputs.cat([x for x, _ in items]), tok.eos_id, tok.pad_id, gen)
+    batched = generate(pipe.model, ids, MediaInputs.cat([x for x, _ in items]), tok.eos_id, tok.pad_id, gen)
     alone = [generate(pipe.model, [i], x, tok.eos_id, tok.pad_id, gen)[0] for i, (x, _) in zip(ids, items)]
     assert batched == alone
 
@@ -174,7 +174,7 @@ def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(next_folder, p
 
 def test_a_pixel_tensor_without_image_sizes_is_refused(pipe):
     inputs = pipe.processor.prepare_images(images_of([0]))
-    with pytest.raises(ValueError, match="ImageInputs"):
+    with pytest.raises(ValueError, match="MediaInputs"):
         pipe.model.encode_images(inputs.pixel_values)
 
 

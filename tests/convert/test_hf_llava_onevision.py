@@ -25,7 +25,7 @@ from vlmkit.cli import main
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.processing import Processor
-from vlmkit.processing.image import ImageInputs
+from vlmkit.processing.image import MediaInputs
 from vlmkit.processing.llava_next import reduced_size, tile_grid, unpad_slice
 
 from hf_fixtures import byte_level_tokenizer, perturb_, real_images, reference_logprobs
@@ -196,7 +196,7 @@ def test_batched_generation_with_left_padding_equals_one_by_one(pipe):
     ids = [pipe.processor.encode_prompt(p, inputs) for inputs, p in items]
     gen = GenerationConfig(max_new_tokens=6, temperature=0.0)
     tok = pipe.processor.tokenizer
-    batched = generate(pipe.model, ids, ImageInputs.cat([x for x, _ in items]), tok.eos_id, tok.pad_id, gen)
+    batched = generate(pipe.model, ids, MediaInputs.cat([x for x, _ in items]), tok.eos_id, tok.pad_id, gen)
     alone = [generate(pipe.model, [i], x, tok.eos_id, tok.pad_id, gen)[0] for i, (x, _) in zip(ids, items)]
     assert batched == alone
 

@@ -23,7 +23,7 @@ from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.models.mllama import cross_attention_mask, image_token_mask
-from vlmkit.processing.image import ImageInputs
+from vlmkit.processing.image import MediaInputs
 
 from hf_fixtures import perturb_, real_images, reference_logprobs, sentencepiece_tokenizer
 from test_hf_finetune import CONVERSATION, fine_tune, shapes, structured  # noqa: F401  (shapes: a fixture)
@@ -190,7 +190,7 @@ def test_batched_left_padded_generation_equals_transformers(mllama_folder):
     expected = hf_proc.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     proc, tok = pipe.processor, pipe.processor.tokenizer
     items = [proc.prepare_images([im]) for im in imgs]
-    got = generate(pipe.model, [proc.encode_prompt(p, x) for p, x in zip(prompts, items)], ImageInputs.cat(items),
+    got = generate(pipe.model, [proc.encode_prompt(p, x) for p, x in zip(prompts, items)], MediaInputs.cat(items),
                    tok.eos_id, tok.pad_id, GenerationConfig(max_new_tokens=8))
     assert [tok.decode(g) for g in got] == expected
     assert [pipe.generate(im, p, max_new_tokens=8) for im, p in zip(imgs, prompts)] == expected
@@ -202,7 +202,7 @@ def test_generation_without_cache_equals_cached(mllama_folder):
     proc, tok = pipe.processor, pipe.processor.tokenizer
     items = [(proc.prepare_images([images()[i] for i in which]), p) for p, which in PROMPTS[1:3]]
     prompts = [proc.encode_prompt(p, inputs) for inputs, p in items]
-    pixels = ImageInputs.cat([inputs for inputs, _ in items])
+    pixels = MediaInputs.cat([inputs for inputs, _ in items])
     gen = GenerationConfig(max_new_tokens=8)
     cached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen)
     uncached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen, use_cache=False)

@@ -25,7 +25,7 @@ from vlmkit.errors import CheckpointError, ConfigError, DataError
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.models.qwen2_vl import mrope_position_ids
 from vlmkit.nn import RotaryEmbedding
-from vlmkit.processing.image import ImageInputs
+from vlmkit.processing.image import MediaInputs
 
 from hf_fixtures import byte_level_tokenizer, perturb_, real_images, reference_logprobs
 
@@ -199,7 +199,7 @@ def test_left_padded_batch_generation_equals_transformers(qwen_folder):
     prepared = [pipe.processor.prepare_images(images_for(names)) for _, names in cases]
     prompts = [pipe.processor.encode_prompt(p, inputs) for (p, _), inputs in zip(cases, prepared)]
     tok = pipe.processor.tokenizer
-    ours = generate(pipe.model, prompts, ImageInputs.cat(prepared), tok.eos_id, tok.pad_id,
+    ours = generate(pipe.model, prompts, MediaInputs.cat(prepared), tok.eos_id, tok.pad_id,
                     GenerationConfig(max_new_tokens=8))
     assert ours == expected
 

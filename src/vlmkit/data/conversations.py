@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from vlmkit.batch import IGNORE, Encoded, MediaInputs
+from vlmkit.data.collate import Item
 from vlmkit.errors import DataError
-from vlmkit.processing import IGNORE, Processor
+from vlmkit.processing import Processor
 from vlmkit.processing.chat import normalize_messages
-from vlmkit.processing.image import ImageInputs
 
 
 @dataclass
@@ -159,74 +160,79 @@ def single_turns(sample: Sample) -> list[list[dict]]:
     return out
 
 
-def share_prefix(encoded: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[int], list[int], list[int]]:
+def share_prefix(encoded: list[Encoded]) -> Encoded:
     """Lay out single-turn encodings that share a prefix (the same image and template) as one sequence.
 
-    Returns (ids, labels, position_ids, segment_ids): the longest common unsupervised prefix once (segment
-    0), then each sample's remainder (segment k = 1, 2, ...) at the positions it has on its own. A token may
-    attend to earlier tokens of segment 0 and of its own segment (:func:`collate` builds that mask), so every
-    remainder sees exactly what it would see alone and the losses are those of the separate samples. The
-    first token of each remainder is unsupervised (the prefix stops before any label), so the one-token
-    shift of the loss never crosses from one remainder into the next.
+    Returns ids, labels, positions and segments: the longest common unsupervised prefix once (segment 0), then each
+    sample's remainder (segment k = 1, 2, ...) at the positions it has on its own. A token may attend to earlier
+    tokens of segment 0 and of its own segment (:func:`collate` builds that mask), so every remainder sees exactly
+    what it would see alone and the losses are those of the separate samples. The first token of each remainder is
+    unsupervised (the prefix stops before any label), so the one-token shift of the loss never crosses from one
+    remainder into the next.
     """
-    if any(labels and labels[0] != IGNORE for _, labels in encoded):
+    if any(e.labels and e.labels[0] != IGNORE for e in encoded):
         raise ValueError("share_prefix: a sample is supervised from its first token, so it has no prompt to share")
-    first = encoded[0][0]
-    n = min(len(ids) for ids, _ in encoded)
-    for ids, labels in encoded:
-        k = next((i for i, t in enumerate(labels) if t != IGNORE), len(labels))
+    first = encoded[0].ids
+    n = min(len(e.ids) for e in encoded)
+    for e in encoded:
+        k = next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels))
         n = min(n, k - 1)  # the token before the first label stays in the remainder too
-        n = next((i for i in range(n) if ids[i] != first[i]), n)
+        n = next((i for i in range(n) if e.ids[i] != first[i]), n)
     n = max(n, 0)
     ids, labels, pos, seg = list(first[:n]), [IGNORE] * n, list(range(n)), [0] * n
-    for k, (sid, slab) in enumerate(encoded, start=1):
-        ids += sid[n:]
-        labels += slab[n:]
-        pos += range(n, len(sid))
-        seg += [k] * (len(sid) - n)
-    return ids, labels, pos, seg
+    for k, e in enumerate(encoded, start=1):
+        ids += e.ids[n:]
+        labels += e.labels[n:]
+        pos += range(n, len(e.ids))
+        seg += [k] * (len(e.ids) - n)
+    return Encoded(ids, labels, n, encoded[0].media, pos, seg)
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Tokenised samples with their images; image tensors are cached after first use (small datasets).
+    """Tokenised samples with their images as :class:`~vlmkit.data.collate.Item`; a sample's prepared images are
+    cached after first use (small datasets).
 
-    Items carry the image paths too; with ``load_images = False`` they carry only the paths (the training
+    A sample's text is encoded from its images' placeholders (their token counts: the pixels are not read where the
+    family does not need them for that). With ``load_images = False`` items carry only the image paths (the training
     loop looks up precomputed features of a frozen tower, train/frozen_features.py)."""
 
     def __init__(self, samples: list[Sample], processor: Processor, cache_images: bool = True):
         self.samples = samples
         self.processor = processor
         self.load_images = True
-        self.cache: dict[Path, torch.Tensor] | None = {} if cache_images else None
-        self.whole = processor.cfg.text_mode == "whole"
-        self.inputs_cache: dict[tuple, ImageInputs] | None = {} if cache_images else None
+        self.inputs_cache: dict[tuple, MediaInputs] | None = {} if cache_images else None
         self.encoded = [self._encode(s) for s in samples]
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _encode(self, s: Sample) -> tuple[list[int], list[int], list[int], list[int]]:
-        # whole-string processors (imported families) size each image's tokens from the image itself; a copy,
-        # as the processor writes a Q-Former's instruction into it (the cached inputs are every sample's)
-        images: int | ImageInputs = len(s.images)
-        if self.whole:
-            cached = self._inputs(s)
-            images = dataclasses.replace(cached, extra=dict(cached.extra))
-        if s.independent_turns and self.processor.qformer_tokenizer is not None:
-            raise DataError(f"{s.source}: grouped questions share one encoding of their image, but this model's "
-                            f"Q-Former reads each question with the image (InstructBLIP); set data.group_turns: 0")
-        if s.independent_turns:
-            out = share_prefix([self.processor.encode_conversation(c, images if self.whole else 1, s.source)
-                                for c in single_turns(s)])
-            n_image = sum(images.tokens) if self.whole else self.processor.cfg.image_seq_len
-            if out[0].count(self.processor.image_token_id) != n_image:
-                raise DataError(f"{s.source}: the grouped questions do not share their image prefix")
-            return out
-        ids, labels = self.processor.encode_conversation(s.conversations, images, s.source)
-        return ids, labels, list(range(len(ids))), [0] * len(ids)
+    def _placeholders(self, s: Sample) -> MediaInputs:
+        """What the text needs of the sample's images; prepared images when the family reads them for it (then
+        kept as the sample's inputs)."""
+        key = tuple(s.images)
+        if self.inputs_cache is not None and key in self.inputs_cache:
+            return self.inputs_cache[key]
+        media = self.processor.placeholders(list(s.images), s.source)
+        if media.pixel_values.numel() and self.inputs_cache is not None:
+            self.inputs_cache[key] = media
+        return media
 
-    def _inputs(self, s: Sample) -> ImageInputs:
-        """A sample's images as its processor gives them to the model (whole-string processors), cached."""
+    def _encode(self, s: Sample) -> Encoded:
+        media = self._placeholders(s)
+        if not s.independent_turns:
+            return self.processor.supervised(s.conversations, media, s.source)
+        if not self.processor.family.capabilities.shared_prefix:
+            raise DataError(f"{s.source}: grouped questions share one encoding of their image and prompt, which the "
+                            f"{self.processor.family.name} family does not allow (its attention or what its image "
+                            f"encoder reads differs per question); set data.group_turns: 0")
+        out = share_prefix([self.processor.supervised(c, media, s.source) for c in single_turns(s)])
+        if out.ids[:out.prompt_len].count(self.processor.image_token_id) != sum(media.tokens):
+            raise DataError(f"{s.source}: the grouped questions do not share their image prefix")
+        return out
+
+    def _inputs(self, s: Sample) -> MediaInputs:
+        """A sample's images as its processor gives them to the model, cached (prepared together: a family may lay
+        out a prompt's images jointly)."""
         key = tuple(s.images)
         if self.inputs_cache is not None and key in self.inputs_cache:
             return self.inputs_cache[key]
@@ -235,37 +241,23 @@ class ConversationDataset(torch.utils.data.Dataset):
             self.inputs_cache[key] = inputs
         return inputs
 
-    def _image(self, path: Path, where: str) -> torch.Tensor:
-        if self.cache is not None and path in self.cache:
-            return self.cache[path]
-        x = self.processor.preprocess_images([path], where)[0]
-        if self.cache is not None:
-            self.cache[path] = x
-        return x
+    def __getitem__(self, i: int) -> Item:
+        return self._item(self.samples[i], self.encoded[i])
 
-    def __getitem__(self, i: int) -> dict:
-        return self._item(self.samples[i], *self.encoded[i])
-
-    def encode(self, s: Sample) -> dict:
+    def encode(self, s: Sample) -> Item:
         """The item of a sample that is not in the dataset (a streamed one, whose images may be PIL images)."""
-        return self._item(s, *self._encode(s))
+        return self._item(s, self._encode(s))
 
-    def _item(self, s: Sample, ids, labels, pos, seg) -> dict:
-        item = {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "position_ids": torch.tensor(pos, dtype=torch.long),
-            "segment_ids": torch.tensor(seg, dtype=torch.long),
-            "image_paths": list(s.images),
-        }
-        if self.load_images and (self.whole or self.processor.cfg.image_processor != "fixed"):
-            item["pixel_values"] = self._inputs(s)  # tiles and their extras (e.g. Mllama's aspect ratios)
-        elif self.load_images:
-            pixels = [self._image(p, s.source) for p in s.images]
-            h, w = self.processor.cfg.image_size
-            item["pixel_values"] = torch.stack(pixels) if pixels else torch.zeros(0, 3, h, w)
-        if self.load_images:  # InstructBLIP: the sample's own instruction with its images (the user turn that
-            # carries the image; see Processor.instruction); the images as they are for every other model
-            item["pixel_values"] = self.processor.with_instruction(item["pixel_values"], s.conversations, s.source)
-        return item
-
+    def _item(self, s: Sample, enc: Encoded) -> Item:
+        media = None
+        if self.load_images:  # the images, with what the layout added to them (InstructBLIP's instruction)
+            media = self._inputs(s)
+            added = {k: v for k, v in enc.media.extra.items() if k not in media.extra}
+            if added:
+                media = dataclasses.replace(media, extra={**media.extra, **added})
+        n = len(enc.ids)
+        pos = enc.positions if enc.positions is not None else range(n)
+        seg = enc.segments if enc.segments is not None else [0] * n
+        return Item(torch.tensor(enc.ids, dtype=torch.long), torch.tensor(enc.labels, dtype=torch.long),
+                    torch.tensor(list(pos), dtype=torch.long), torch.tensor(seg, dtype=torch.long), enc.prompt_len,
+                    media, list(s.images))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vlmkit.batch import Batch, MediaInputs
 from vlmkit.data.conversations import ReadReport
 from vlmkit.errors import DataError
 
@@ -133,13 +134,14 @@ class PairDataset:
     def image(self, i: int) -> torch.Tensor:
         if i in self._pixels:
             return self._pixels[i]
-        x = self.processor.preprocess_images([self.images[i]], where=self.sources[i])[0]
+        x = self.processor.prepare_images([self.images[i]], where=self.sources[i]).pixel_values[0]
         if self.cache_images:
             self._pixels[i] = x
         return x
 
-    def batch(self, indices: list[int], position: int | None = None, part: tuple[int, int] = (0, 1)) -> dict:
-        """{"pixel_values": [B, C, H, W], "input_ids": [B, T]} for images ``indices``, each with one of its captions:
+    def batch(self, indices: list[int], position: int | None = None, part: tuple[int, int] = (0, 1)) -> Batch:
+        """A Batch of images ``indices`` (``media``: pixels [B, C, H, W]) and their captions (``input_ids`` [B, T]),
+        each image with one of its captions:
         drawn with a generator seeded by (seed, ``position``), or the first caption when ``position`` is None.
         ``part`` (rank, world): only every world-th pair from rank, with the captions the whole batch would give
         them (a process of a multi-process run builds its share of the global batch)."""
@@ -152,7 +154,8 @@ class PairDataset:
         indices, picks = indices[rank::world], picks[rank::world]
         rows = [self.captions[i][k % len(self.captions[i])] for i, k in zip(indices, picks)]
         pixels = torch.stack([self.image(i) for i in indices])
-        return {"pixel_values": pixels, "input_ids": self.processor.pad_texts(rows)}
+        media = MediaInputs(pixels, [0] * len(indices))
+        return Batch(self.processor.pad_texts(rows), media=media, n_samples=len(indices))
 
 
 __all__ = ["Pair", "PairDataset", "read_pairs"]

@@ -68,6 +68,10 @@ class Qwen2VLVisionBlock(nn.Module):
         self.norm2 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
         self.mlp = MLP(cfg.width, cfg.mlp_dim, act=cfg.act)
 
+    def residual_outputs(self) -> tuple[nn.Linear, ...]:
+        """The projections that write into the residual stream (scaled by depth at a from-scratch init)."""
+        return self.attn.proj, self.mlp.output
+
     def forward(self, x: torch.Tensor, rope, lengths: list[int]) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope, lengths)
         return x + self.mlp(self.norm2(x))

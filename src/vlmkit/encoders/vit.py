@@ -55,6 +55,10 @@ class ViTBlock(nn.Module):
         self.norm2 = make_norm(norm, dim, eps)
         self.mlp = MLP(dim, mlp_dim, act=act)
 
+    def residual_outputs(self) -> tuple[nn.Linear, ...]:
+        """The projections that write into the residual stream (scaled by depth at a from-scratch init)."""
+        return self.attn.o_proj, self.mlp.output
+
     def forward(self, x: torch.Tensor, rope=None, mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask=mask, is_causal=is_causal, rope=rope)

@@ -115,6 +115,8 @@ class OpenAIBackend:
     ``requests_sent`` counts the HTTP requests made so far (retries included).
     """
 
+    can_generate, can_embed, can_score = True, False, False  # it answers chats; it neither embeds nor scores
+
     def __init__(self, base_url: str, model: str, api_key: str | None = None, concurrency: int = 4,
                  retries: int = 3, timeout: float = 60.0, backoff: float = 1.0,
                  cache_dir: str | Path | None = None):

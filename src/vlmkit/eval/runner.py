@@ -48,7 +48,7 @@ def run_task(pipe, task: Task, data: Path, split: str, limit: int | None, batch_
     samples = task.read(data, split, limit)
     t0 = time.perf_counter()
     if task.evaluate is not None:  # a ranking task: no generation
-        if not hasattr(pipe, "rank"):
+        if not pipe.can_score and not pipe.can_embed:
             raise ConfigError(f"task {task.name!r} ranks candidates by the model's likelihoods; an endpoint only "
                               f"generates text: evaluate a checkpoint or folder")
         predictions, scores, extra = task.evaluate(pipe, samples, data, progress)
@@ -119,8 +119,8 @@ def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | P
         pipe = Pipeline.from_pretrained(model)
         model_info = {"path": str(model), "fingerprint": fingerprint(model)}
         generative = [t.name for t in resolved if t.evaluate is None]
-        if pipe.is_dual_encoder and generative:
-            raise ConfigError(f"{model} is a dual encoder ({pipe.config.family}): it embeds, it does not answer, so "
+        if not pipe.can_generate and generative:
+            raise ConfigError(f"{model} is a dual encoder ({pipe.family.name}): it embeds, it does not answer, so "
                               f"task {generative[0]!r} cannot run; its tasks: "
                               f"{', '.join(t for t in TASKS if TASKS[t].evaluate is not None)}")
     results = {"vlmkit_version": __version__, "model": model_info, "config": config, "seed": seed, "tasks": {}}

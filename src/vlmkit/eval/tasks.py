@@ -288,7 +288,7 @@ def _image_folder(root: Path, split: str, limit: int | None) -> list[EvalSample]
 def _classify(pipe, samples: list[EvalSample], root: Path, progress: bool = False):
     labels = [s.meta["label"] for s in samples]
     classes = samples[0].meta["classes"] if samples else []
-    if getattr(pipe, "is_dual_encoder", False):
+    if pipe.can_embed:
         weights = pipe.classifier(classes, samples[0].meta["templates"])  # [C, E]
         logits = pipe.embed_images([s.images[0] for s in samples], progress=progress) @ weights.t()
         extra = zero_shot_classification_metrics(logits, labels, ks=(1, 5))
@@ -318,7 +318,7 @@ def _retrieve(pipe, samples: list[EvalSample], root: Path, progress: bool = Fals
     texts = [t for s in samples for t in s.answers]
     owner = [i for i, s in enumerate(samples) for _ in s.answers]
     extra = {}
-    if getattr(pipe, "is_dual_encoder", False):
+    if pipe.can_embed:
         images = pipe.embed_images([s.images[0] for s in samples], progress=progress)
         sim = (images @ pipe.embed_texts(texts, progress=progress).t()).tolist()
         extra["truncated_captions"] = float(pipe.last_truncated)

@@ -41,6 +41,10 @@ class DecoderBlock(nn.Module):
         mlp = MLP if cfg.mlp == "plain" else SwiGLU
         self.mlp = mlp(cfg.width, cfg.mlp_dim, act=cfg.act, bias=cfg.bias)
 
+    def residual_outputs(self) -> tuple[nn.Linear, ...]:
+        """The projections that write into the residual stream (scaled by depth at a from-scratch init)."""
+        return self.attn.o_proj, self.mlp.output
+
     def forward(self, x, mask, is_causal, rope, cache, layer):
         x = x + self.attn(self.input_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
         return x + self.mlp(self.post_attn_norm(x))

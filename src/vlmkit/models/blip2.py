@@ -6,7 +6,7 @@ image, as any spliced family's (transformers' processors write those tokens befo
 own presets put the placeholder where their template says).
 
 InstructBLIP's Q-Former also reads the instruction: the prompt tokenised by the Q-Former's own tokenizer (never
-the continuation), which the processor puts in each image's ``ImageInputs.extra`` (``qformer_input_ids`` and
+the continuation), which the processor puts in each image's ``MediaInputs.extra`` (``qformer_input_ids`` and
 ``qformer_attention_mask``, padded to one length; see :meth:`vlmkit.processing.Processor.instruction`). So an
 image's features depend on its prompt, and are computed per prompt.
 
@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from vlmkit.config import ModelConfig
+from vlmkit.config import VLMConfig
 from vlmkit.connectors import build_connector
+from vlmkit.connectors.qformer import init_qformer_from_bert
 from vlmkit.encoders.cnn import ConvEncoder
 from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.lm.decoder import DecoderLM
-from vlmkit.models import MODEL_FAMILIES, init_from_scratch
+from vlmkit.models.init import init_from_scratch
 from vlmkit.models.vlm import VisionLanguageModel
-from vlmkit.processing.image import ImageInputs
+from vlmkit.batch import Features, MediaInputs
 
 INSTRUCTION_KEYS = ("qformer_input_ids", "qformer_attention_mask")
 
@@ -41,28 +42,26 @@ class QueryVisionLanguageModel(VisionLanguageModel):
         super().__init__(encoder, connector, lm, image_token_id)
         self.reads_instruction = reads_instruction
 
-    def encode_images(self, pixel_values: torch.Tensor | ImageInputs) -> torch.Tensor:
-        """pixel_values [n, C, H, W] or the processor's ImageInputs (with the instruction's ids [n, L] in ``extra``
-        when the Q-Former reads one) -> LM-space features [n, num_query_tokens, D_lm]."""
-        extra = pixel_values.extra if isinstance(pixel_values, ImageInputs) else {}
-        pixels = pixel_values.pixel_values if isinstance(pixel_values, ImageInputs) else pixel_values
-        feats = self.encoder(pixels)  # [n, N, D_v]
+    def encode_media(self, media: MediaInputs) -> Features:
+        """Images [n, C, H, W] (with the instruction's ids [n, L] in ``media.extra`` when the Q-Former reads one) ->
+        LM-space features [n, num_query_tokens, D_lm]. A precomputed tower output (``media.tower``) is used as is."""
+        feats = media.tower if media.tower is not None else self.encoder(media.pixel_values)  # [n, N, D_v]
         if not self.reads_instruction:
-            return self.connector(feats, self.encoder.grid)  # [n, Q, D_lm]
-        if any(k not in extra for k in INSTRUCTION_KEYS):
+            return Features.stacked(self.connector(feats, self.encoder.grid))  # [n, Q, D_lm]
+        if any(k not in media.extra for k in INSTRUCTION_KEYS):
             raise ValueError("this model's Q-Former reads each image's instruction (InstructBLIP): pass the "
-                             "processor's ImageInputs, whose extra holds qformer_input_ids and "
+                             "processor's MediaInputs, whose extra holds qformer_input_ids and "
                              "qformer_attention_mask (the Processor fills them from the prompt)")
-        ids, mask = extra["qformer_input_ids"], extra["qformer_attention_mask"]  # [n, L], padded on the right
+        ids, mask = media.extra["qformer_input_ids"], media.extra["qformer_attention_mask"]  # [n, L], right-padded
         if ids.numel() and int(ids.max()) >= self.connector.cfg.vocab_size:
             raise ValueError(f"instruction token id {int(ids.max())} is outside the Q-Former's vocabulary "
                              f"(connector.qformer.vocab_size {self.connector.cfg.vocab_size}): the processor's "
                              f"Q-Former tokenizer does not belong to this model")
         n = int(mask.sum(-1).max()) if mask.numel() else 0  # the padding every row has is dropped: no key sees it
-        return self.connector(feats, self.encoder.grid, text_ids=ids[:, :n], text_mask=mask[:, :n])
+        return Features.stacked(self.connector(feats, self.encoder.grid, text_ids=ids[:, :n], text_mask=mask[:, :n]))
 
 
-def _build(cfg: ModelConfig, image_token_id: int, init: bool, text: bool) -> QueryVisionLanguageModel:
+def _build(cfg: VLMConfig, image_token_id: int, init: bool, text: bool) -> QueryVisionLanguageModel:
     encoders = {"vit": ViTEncoder, "cnn": ConvEncoder}
     if cfg.vision.arch not in encoders:
         raise ValueError(f"the {cfg.family} family needs vision.arch 'vit' or 'cnn', got {cfg.vision.arch!r}")
@@ -80,17 +79,16 @@ def _build(cfg: ModelConfig, image_token_id: int, init: bool, text: bool) -> Que
     model = QueryVisionLanguageModel(encoder, connector, DecoderLM(cfg.lm), image_token_id, reads_instruction=text)
     if init:
         init_from_scratch(model, cfg)
+        if cfg.connector.qformer.init_from and not any(p.is_meta for p in model.parameters()):
+            init_qformer_from_bert(connector.qformer, cfg.connector.qformer.init_from)  # BLIP-2 starts from a BERT
     return model
 
 
-@MODEL_FAMILIES.register("blip2", "image tower -> Q-Former (learned queries) -> LM, queries spliced at the image "
-                                  "tokens (BLIP-2)")
-def build_blip2(cfg: ModelConfig, image_token_id: int, init: bool = True) -> QueryVisionLanguageModel:
+def build_blip2(cfg: VLMConfig, image_token_id: int, init: bool = True) -> QueryVisionLanguageModel:
     """A BLIP-2 model from its config; ``init`` applies the from-scratch initialisation of ``build_model``."""
     return _build(cfg, image_token_id, init, text=False)
 
 
-@MODEL_FAMILIES.register("instructblip", "BLIP-2 whose Q-Former also reads the instruction (InstructBLIP)")
-def build_instructblip(cfg: ModelConfig, image_token_id: int, init: bool = True) -> QueryVisionLanguageModel:
+def build_instructblip(cfg: VLMConfig, image_token_id: int, init: bool = True) -> QueryVisionLanguageModel:
     """An InstructBLIP model from its config; ``init`` applies the from-scratch initialisation of ``build_model``."""
     return _build(cfg, image_token_id, init, text=True)

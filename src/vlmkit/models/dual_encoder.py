@@ -23,17 +23,73 @@ The losses live in :mod:`vlmkit.objectives.contrastive` (correct under data para
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.config import ContrastiveConfig, ModelConfig, TextConfig, VisionConfig
+from vlmkit.batch import Batch, MediaInputs
+from vlmkit.config import ModelConfig, VisionConfig
 from vlmkit.encoders.cnn import ConvEncoder
 from vlmkit.encoders.vit import ViTBlock, ViTEncoder
 from vlmkit.errors import ConfigError
 from vlmkit.nn import MLP
+
+
+@dataclass
+class TextConfig:
+    """The text tower of a dual encoder (families ``clip`` and ``siglip``): token and learned position embeddings,
+    pre-norm transformer blocks (the ViT's), a final LayerNorm and one pooled vector per text.
+
+    CLIP's is causal and pools the first end-of-text token; SigLIP's attends both ways over text padded to the
+    context length and pools the last position."""
+
+    vocab_size: int = 49408
+    width: int = 512
+    depth: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    context_length: int = 77  # learned positions; longer texts are truncated by the processor (and counted)
+    causal: bool = True
+    # eos: the first ``eos_token_id`` (CLIP); argmax: the highest id (CLIP configs whose eos_token_id is the
+    # legacy 2, where end-of-text is the last id of the vocabulary); last: the last position (SigLIP)
+    pool: str = "eos"
+    eos_token_id: int = 49407  # set from the tokenizer when a recipe builds the model
+
+
+@dataclass
+class ContrastiveConfig:
+    """How a dual encoder embeds, compares and learns (CLIP: Radford et al. 2021; SigLIP: Zhai et al. 2023)."""
+
+    embed_dim: int = 512  # width of the joint space (CLIP's projection_dim; SigLIP's text projection_size)
+    # class_token: the class token after the final norm (CLIP); map: SigLIP's attention-pooling head over the
+    # final-normed patches; mean: the mean of the final-normed tokens
+    image_pool: str = "class_token"
+    # CLIP: bias-free linear projections of both towers. SigLIP: none after the image head (its output is the
+    # embedding), a linear head with bias after the text tower
+    projection: str = "clip"  # clip | siglip
+    loss: str = "clip"  # clip: symmetric InfoNCE over the batch; siglip: pairwise sigmoid
+    logit_scale_init: float = 2.6592  # log(1 / 0.07), CLIP's; SigLIP starts at log(10)
+    logit_bias_init: float = -10.0  # SigLIP's learned bias (used only with loss siglip or projection siglip)
+    # training clamps the learned log scale to at most this after every step (CLIP caps the scale at
+    # 100 = exp(4.6052)); 0: never clamped (SigLIP)
+    max_logit_scale: float = 4.6052
+
+
+@dataclass
+class DualEncoderConfig(ModelConfig):
+    """A contrastive dual encoder (families ``clip`` and ``siglip``): an image tower (``vision``) and a text tower
+    (``text``) meeting in a joint space (``contrastive``)."""
+
+    family: str = "clip"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    image_token: str = ""
+
 
 IMAGE_POOLS = ("class_token", "map", "mean")
 TEXT_POOLS = ("eos", "argmax", "last")
@@ -151,9 +207,7 @@ class DualEncoder(nn.Module):
     """CLIP / SigLIP: ``encode_images``, ``encode_texts`` (L2-normalised embeddings) and ``forward`` (logits and,
     by default, the configured contrastive loss over the batch)."""
 
-    is_dual_encoder = True
-
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DualEncoderConfig):
         super().__init__()
         ccfg = cfg.contrastive
         if ccfg.projection not in PROJECTIONS:
@@ -166,11 +220,20 @@ class DualEncoder(nn.Module):
         has_bias = ccfg.loss == "siglip" or ccfg.projection == "siglip"
         self.logits = LogitScale(ccfg.logit_scale_init, ccfg.logit_bias_init if has_bias else None)
 
-    def encode_images(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """[B, C, H, W] -> [B, E]."""
-        if hasattr(pixel_values, "pixel_values"):  # the processor's ImageInputs
-            pixel_values = pixel_values.pixel_values
-        z = self.vision(pixel_values)
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.contrastive.embed_dim
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        return {"vision": self.vision, "text": self.text, "logits": self.logits}
+
+    def image_tower(self) -> nn.Module:
+        return self.vision.encoder
+
+    def encode_images(self, images: MediaInputs | torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Images (the processor's MediaInputs, or pixels [B, C, H, W]) -> [B, E]."""
+        pixels = images.pixel_values if isinstance(images, MediaInputs) else images
+        z = self.vision(pixels)
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_texts(self, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -178,14 +241,14 @@ class DualEncoder(nn.Module):
         z = self.text(input_ids)
         return F.normalize(z, dim=-1) if normalize else z
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, return_loss: bool = True,
-                gather: bool | None = None) -> ContrastiveOutput:
-        """Images [B, C, H, W] and their texts [B, T] (row i describes image i) -> embeddings, logits and the
-        loss. Under torch.distributed the loss compares against every rank's batch (``gather``)."""
+    def forward(self, batch: Batch, return_loss: bool = True, gather: bool | None = None) -> ContrastiveOutput:
+        """A batch of images (``batch.media``) and their texts (``batch.input_ids`` [B, T]: row i describes image
+        i) -> embeddings, logits and the loss. Under torch.distributed the loss compares against every rank's batch
+        (``gather``)."""
         from vlmkit.objectives.contrastive import contrastive_loss
 
-        img = self.encode_images(pixel_values)
-        txt = self.encode_texts(input_ids)
+        img = self.encode_images(batch.media)
+        txt = self.encode_texts(batch.input_ids)
         logits = self.logits(img @ txt.t())
         loss = None
         if return_loss:
@@ -222,14 +285,14 @@ def _check_image_tower(cfg: VisionConfig, ccfg: ContrastiveConfig) -> None:
                           "vision.drop_class_token: false")
 
 
-def build_dual_encoder(cfg: ModelConfig, image_token_id=None, init: bool = True) -> DualEncoder:
+def build_dual_encoder(cfg: DualEncoderConfig, image_token_id=None, init: bool = True) -> DualEncoder:
     model = DualEncoder(cfg)
     if init:
         init_dual_encoder(model, cfg)
     return model
 
 
-def init_dual_encoder(model: DualEncoder, cfg: ModelConfig) -> None:
+def init_dual_encoder(model: DualEncoder, cfg: DualEncoderConfig) -> None:
     """From-scratch initialisation as OpenAI's CLIP (open_clip's ``init_parameters``), for both layouts.
 
     Text tower: token embeddings at std 0.02, positions at 0.01, attention at width^-0.5, the MLP's input at
@@ -272,15 +335,5 @@ def init_dual_encoder(model: DualEncoder, cfg: ModelConfig) -> None:
             nn.init.normal_(model.vision.head.probe, std=v ** -0.5)
 
 
-def _register() -> None:
-    from vlmkit.models import MODEL_FAMILIES
-
-    for family in ("clip", "siglip"):
-        MODEL_FAMILIES.register(family, f"contrastive dual encoder ({family.upper()} layout by default)")(
-            build_dual_encoder)
-
-
-_register()
-
-__all__ = ["AttentionPool", "ContrastiveOutput", "DualEncoder", "ImageTower", "LogitScale", "TextTower",
+__all__ = ["AttentionPool", "ContrastiveConfig", "DualEncoderConfig", "TextConfig", "ContrastiveOutput", "DualEncoder", "ImageTower", "LogitScale", "TextTower",
            "build_dual_encoder"]

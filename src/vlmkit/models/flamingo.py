@@ -21,21 +21,90 @@ The image keys and values are recomputed every step (no cross-attention cache, a
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.config import ModelConfig
+from vlmkit.config import VLMConfig
+from vlmkit.errors import ConfigError
 from vlmkit.connectors.perceiver import PerceiverResampler
-from vlmkit.data.collate import document_mask
 from vlmkit.encoders.cnn import ConvEncoder
 from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.fusion.cross_attention import CrossAttentionLM, add_cross_attention
 from vlmkit.lm.decoder import DecoderLM
-from vlmkit.models import MODEL_FAMILIES
-from vlmkit.models.vlm import ModelOutput, lm_output
+from vlmkit.batch import Batch, Features, MediaInputs, ModelOutput
+from vlmkit.models.vlm import GenerativeModel, lm_output
 from vlmkit.nn import KVCache, init_linear_
-from vlmkit.processing.image import ImageInputs
+
+
+@dataclass
+class PerceiverConfig:
+    """A perceiver resampler (connectors/perceiver.py): ``n_latents`` learned queries read the vision features in
+    ``depth`` blocks. Defaults are IDEFICS-9B's (HuggingFaceM4/idefics-9b's perceiver_config)."""
+
+    depth: int = 6  # resampler_depth
+    heads: int = 16  # resampler_n_heads
+    head_dim: int = 96  # resampler_head_dim
+    n_latents: int = 64  # resampler_n_latents: image tokens per image after the resampler
+    qk_norm: bool = False  # qk_layer_norms_perceiver: a LayerNorm over each head's queries and keys
+    mlp_dim: int = 0  # 0: 4 x the vision width (IDEFICS)
+
+    def __post_init__(self):
+        for name in ("depth", "heads", "head_dim", "n_latents"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"xattn.perceiver.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mlp_dim < 0:
+            raise ConfigError(f"xattn.perceiver.mlp_dim must be >= 0 (0: 4 x the vision width), got {self.mlp_dim}")
+
+
+@dataclass
+class CrossAttentionConfig:
+    """Gated cross-attention fusion (family ``flamingo``: Flamingo, IDEFICS; fusion/cross_attention.py): the LM
+    reads each sample's images through tanh-gated blocks before its layers 0, every, 2 * every, ...; each image is
+    one placeholder token in the text. Defaults are IDEFICS-9B's."""
+
+    every: int = 4  # cross_layer_interval
+    heads: int = 0  # heads of the cross-attention; 0: the LM's (IDEFICS)
+    mlp_dim: int = 0  # width of the gated blocks' SwiGLU; 0: the LM's mlp_dim (IDEFICS)
+    qk_norm: bool = False  # qk_layer_norms: an RMSNorm over each head's queries and keys
+    alpha_type: str = "float"  # float: one gate per branch | vector: one per channel
+    # which images a text token sees: the most recent one at or before it (Flamingo's default, IDEFICS), or
+    # every one at or before it
+    only_last: bool = True
+    # tokens after this token see no image until the next image (IdeficsProcessor: after the EOS ending a
+    # document); -1: none. Set from the tokenizer when a model is imported
+    reset_token_id: int = -1
+    use_resampler: bool = True  # a perceiver resampler between the vision tower and the LM (IDEFICS-9B/80B)
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    # IDEFICS' decoupled embeddings: its checkpoints keep the last ``decoupled_vocab`` rows of the token embedding
+    # and of the LM head (its added tokens, additional_vocab_size) in separate tensors. vlmkit's LM has them in its
+    # lm.vocab_size rows (the same numbers); an export splits them off again
+    decoupled_vocab: int = 0
+    # learned embeddings of an image's place in its sample (first, second, ...), added to its states before the
+    # cross-attention, for this many images; 0 = none (IDEFICS). With only_last: false a token reads several images
+    # at once, and without them cannot tell "the first image" from "the second" (Flamingo adds learned time
+    # embeddings to a video's frames for the same reason)
+    image_index_embed: int = 0
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ConfigError(f"xattn.every must be >= 1, got {self.every}")
+        if self.alpha_type not in ("float", "vector"):
+            raise ConfigError(f"xattn.alpha_type must be 'float' or 'vector', got {self.alpha_type!r}")
+        for name in ("heads", "mlp_dim", "decoupled_vocab", "image_index_embed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"xattn.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class FlamingoConfig(VLMConfig):
+    """Flamingo / IDEFICS: a tower, a perceiver resampler (or none) and an LM reading the images through gated
+    cross-attention (``xattn``); ``connector`` is not used."""
+
+    family: str = "flamingo"
+    xattn: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
 
 
 class PassThrough(nn.Module):
@@ -94,12 +163,10 @@ def _last_reset(is_reset: torch.Tensor, visible: torch.Tensor | None) -> torch.T
     return torch.where(before, pos, -1).amax(-1)
 
 
-class FlamingoModel(nn.Module):
-    """encoder -> connector (perceiver resampler or :class:`PassThrough`) -> :class:`CrossAttentionLM`, with
-    VisionLanguageModel's interface (``encode_images``, ``image_seq_len``, ``lm``, ``image_token_id`` and its
-    forward signature), so that Pipeline, generation and the training loop run it unchanged."""
-
-    features_per_image = True  # encode_images gives one entry of dim 0 per image (the serving engine splits by it)
+class FlamingoModel(GenerativeModel):
+    """encoder -> connector (perceiver resampler or :class:`PassThrough`) -> :class:`CrossAttentionLM`: the
+    generative model interface (models/vlm.py) with images read through gated cross-attention; each image is one
+    placeholder token in the text."""
 
     def __init__(self, encoder: nn.Module, connector: nn.Module, lm: CrossAttentionLM, image_token_id: int,
                  only_last: bool = True, reset_token_id: int = -1, image_index_embed: int = 0):
@@ -126,22 +193,22 @@ class FlamingoModel(nn.Module):
         """Image states each image gives the cross-attention (M: the resampler's latents, or the tower's tokens)."""
         return self.connector.num_tokens(self.encoder.num_tokens, self.encoder.grid)
 
-    def encode_images(self, pixel_values: torch.Tensor | ImageInputs) -> torch.Tensor:
-        """pixel_values [n_images, C, H, W] (or the processor's ImageInputs) -> image states [n_images, M, D_vision]."""
-        if isinstance(pixel_values, ImageInputs):
-            pixel_values = pixel_values.pixel_values
-        return self.connector(self.encoder(pixel_values), self.encoder.grid)
+    def encode_media(self, media: MediaInputs) -> Features:
+        """Images [n_images, C, H, W] -> image states [n_images, M, D_vision]."""
+        states = media.tower if media.tower is not None else self.encoder(media.pixel_values)
+        return Features.stacked(self.connector(states, self.encoder.grid))
 
-    def group_images(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor | None:
+    def group_images(self, input_ids: torch.Tensor, features: Features | None) -> torch.Tensor | None:
         """Each row's image states concatenated in reading order: [B, n * M, D] (n = the most images in one row;
-        zeros where a row has fewer), from ``image_features`` [n_images, M, D] of all rows in reading order."""
+        zeros where a row has fewer), from ``features`` [n_images, M, D] of all rows in reading order."""
         counts = (input_ids == self.image_token_id).sum(-1)  # [B]
-        given = 0 if image_features is None else image_features.shape[0]
+        given = 0 if features is None else len(features)
         if int(counts.sum()) != given:
             raise ValueError(f"the input has {int(counts.sum())} image placeholders (id {self.image_token_id}) but "
                              f"{given} images were given")
         if given == 0:
             return None
+        image_features = features.values
         B, n = input_ids.shape[0], int(counts.max())
         _, M, D = image_features.shape
         grouped = image_features.new_zeros(B, n, M, D)
@@ -161,55 +228,50 @@ class FlamingoModel(nn.Module):
             visible = mask[:, 0].expand(input_ids.shape[0], -1, -1).bool()
         return image_visibility(input_ids, self.image_token_id, self.only_last, self.reset_token_id, visible)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | ImageInputs | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, image_features: torch.Tensor | None = None,
-                logits_to_keep: int = 0, document_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None,
-                image_attention_mask: torch.Tensor | None = None) -> ModelOutput:
-        """As :meth:`VisionLanguageModel.forward`. ``image_attention_mask`` [B, T, n_images] (IdeficsProcessor's)
-        overrides the media mask computed from the placeholders. With a filled ``cache`` (a decoding step) the
-        images and media-mask rows of the prefill are used; images may not be given again."""
+    def forward(self, batch: Batch, cache: KVCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        """As :meth:`VisionLanguageModel.forward`. ``batch.extras["image_attention_mask"]`` [B, T, n_images]
+        (IdeficsProcessor's) overrides the media mask computed from the placeholders. With a filled ``cache`` (a
+        decoding step) the images and media-mask rows of the prefill are used; images may not be given again."""
+        input_ids = batch.input_ids
         B, T = input_ids.shape
-        if document_ids is not None and mask is None:
-            mask = self.document_attention(document_ids, segment_ids, labels)
+        mask = self.attention(batch, cache)
         if cache is not None and cache.length > 0:
-            if image_features is not None or (pixel_values is not None and len(pixel_values) > 0):
-                raise ValueError("flamingo reads the images at the prefill; a decoding step (filled cache) takes none")
-            if "xattn_images" not in cache.extra:  # e.g. a cache rebuilt without its extra state
-                raise ValueError("flamingo: the KV cache carries no image states of its prefill (cache.extra "
-                                 "'xattn_images'); a decoding step needs the cache its prefill filled")
-            images, row = cache.extra["xattn_images"], cache.extra["xattn_mask"]
-            sees = None if row is None else row.expand(B, T, -1)
+            images, sees = self._cached_images(batch, cache)
         else:
-            if image_features is None and pixel_values is not None and len(pixel_values) > 0:
-                image_features = self.encode_images(pixel_values)
-            images = self.group_images(input_ids, image_features)
-            sees = None
-            if images is not None:
-                per_image = (image_attention_mask.bool() if image_attention_mask is not None
-                             else self.media_mask(input_ids, mask))  # [B, T, n]
-                M = images.shape[1] // per_image.shape[-1]
-                sees = per_image[..., None].expand(-1, -1, -1, M).reshape(B, T, -1)  # [B, T, S]
+            images, sees = self._images(batch, mask)
             if cache is not None:
                 cache.extra["xattn_images"] = images
                 cache.extra["xattn_mask"] = None if sees is None else sees[:, -1:]
         embeds = self.lm.embed_tokens(input_ids)  # the placeholders are tokens of the LM's vocabulary
-        hidden = self.lm(embeds, images, sees, position_ids=position_ids, attention_mask=attention_mask, mask=mask,
-                         cache=cache)  # [B, T, D]
-        return lm_output(self.lm.lm_head, hidden, labels, logits_to_keep)
+        hidden = self.lm(embeds, images, sees, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+                         mask=mask, cache=cache)  # [B, T, D]
+        return lm_output(self.lm.lm_head, hidden, batch.labels, logits_to_keep)
 
-    def document_attention(self, document_ids: torch.Tensor, segment_ids: torch.Tensor | None,
-                           labels: torch.Tensor | None) -> torch.Tensor:
-        """The self-attention mask [B, 1, T, T] of a packed batch (causal within each sample and segment); the
-        media mask follows it, so no token reads another sample's images."""
-        return document_mask(document_ids, segment_ids)
+    def _images(self, batch: Batch, mask: torch.Tensor | None):
+        """(each row's image states [B, S, D], which of them each token sees [B, T, S]) of a whole sequence."""
+        images = self.group_images(batch.input_ids, self.media_features(batch))
+        if images is None:
+            return None, None
+        B, T = batch.input_ids.shape
+        given = batch.extras.get("image_attention_mask")
+        per_image = given.bool() if given is not None else self.media_mask(batch.input_ids, mask)  # [B, T, n]
+        M = images.shape[1] // per_image.shape[-1]
+        return images, per_image[..., None].expand(-1, -1, -1, M).reshape(B, T, -1)  # [B, T, S]
+
+    @staticmethod
+    def _cached_images(batch: Batch, cache: KVCache):
+        """What a decoding step reads: the prefill's image states and its last token's media-mask row."""
+        if batch.has_media():
+            raise ValueError("flamingo reads the images at the prefill; a decoding step (filled cache) takes none")
+        if "xattn_images" not in cache.extra:  # e.g. a cache rebuilt without its extra state
+            raise ValueError("flamingo: the KV cache carries no image states of its prefill (cache.extra "
+                             "'xattn_images'); a decoding step needs the cache its prefill filled")
+        B, T = batch.input_ids.shape
+        images, row = cache.extra["xattn_images"], cache.extra["xattn_mask"]
+        return images, None if row is None else row.expand(B, T, -1)
 
 
-@MODEL_FAMILIES.register("flamingo", "Flamingo / IDEFICS: vision tower -> perceiver resampler -> gated "
-                                     "cross-attention blocks every k LM layers; one placeholder token per image")
-def build_flamingo(cfg: ModelConfig, image_token_id: int, init: bool = True) -> FlamingoModel:
+def build_flamingo(cfg: FlamingoConfig, image_token_id: int, init: bool = True) -> FlamingoModel:
     """A FlamingoModel from its config (``cfg.xattn``; ``cfg.connector`` is not used): a ViT or CNN tower, the
     perceiver of ``xattn.perceiver`` when ``xattn.use_resampler``, and ``cfg.lm`` wrapped with gated blocks that
     read image states of the tower's width."""
@@ -235,7 +297,7 @@ def build_flamingo(cfg: ModelConfig, image_token_id: int, init: bool = True) -> 
     return model
 
 
-def init_flamingo(model: FlamingoModel, cfg: ModelConfig) -> None:
+def init_flamingo(model: FlamingoModel, cfg: FlamingoConfig) -> None:
     """From-scratch initialisation as :func:`~vlmkit.models.init_from_scratch` (GPT-2's std 0.02, residual outputs
     scaled by depth, the head at ``lm.head_init_std``), except that the resampler gets GPT-2's std too: the
     fan-in init of a splice connector puts image tokens at unit scale, and the perceiver's final LayerNorm does that

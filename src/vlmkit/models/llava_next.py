@@ -12,18 +12,28 @@ LLaVA. This is transformers' ``pack_image_features`` of LlavaNextModel / LlavaOn
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.config import ModelConfig
+from vlmkit.config import VLMConfig
 from vlmkit.connectors import build_connector
 from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.lm.decoder import DecoderLM
-from vlmkit.models import MODEL_FAMILIES, init_from_scratch
+from vlmkit.models.init import init_from_scratch
 from vlmkit.models.vlm import VisionLanguageModel
-from vlmkit.processing.image import ImageInputs
-from vlmkit.processing.llava_next import check_anyres, reduced_size, tile_grid, unpad_slice
+from vlmkit.batch import Features, MediaInputs
+from vlmkit.processing.llava_next import AnyResConfig, check_anyres, reduced_size, tile_grid, unpad_slice
+
+
+@dataclass
+class LlavaNextConfig(VLMConfig):
+    """LLaVA-NeXT / LLaVA-OneVision: LLaVA's parts on AnyRes tiles (``anyres``)."""
+
+    family: str = "llava_next"
+    anyres: AnyResConfig = field(default_factory=AnyResConfig)
 
 
 class LlavaNextModel(VisionLanguageModel):
@@ -46,23 +56,20 @@ class LlavaNextModel(VisionLanguageModel):
         self.max_tiles = max_tiles
         self.image_newline = nn.Parameter(torch.zeros(lm.embed_tokens.weight.shape[1]))
 
-    def encode_images(self, pixel_values: torch.Tensor | ImageInputs) -> torch.Tensor:
-        """The processor's ImageInputs (all tiles [total_tiles, C, H, W], ``image_sizes``, ``image_tiles``) ->
+    def encode_media(self, media: MediaInputs) -> Features:
+        """The processor's MediaInputs (all tiles [total_tiles, C, H, W], ``image_sizes``, ``image_tiles``) ->
         LM-space features [total image tokens, D_lm], images in reading order."""
-        if not isinstance(pixel_values, ImageInputs):
-            raise ValueError("LLaVA-NeXT/OneVision lays out each image's features by its size and tile count: "
-                             "pass the processor's ImageInputs, not a pixel tensor")
-        sizes, tiles = pixel_values.extra.get("image_sizes"), pixel_values.extra.get("image_tiles")
+        sizes, tiles = media.extra.get("image_sizes"), media.extra.get("image_tiles")
         if sizes is None or tiles is None:
-            raise ValueError("ImageInputs without extra['image_sizes'] and extra['image_tiles']: use the "
-                             "'anyres' image processor")
+            raise ValueError("LLaVA-NeXT/OneVision lays out each image's features by its size and tile count: pass "
+                             "the 'anyres' image processor's MediaInputs (extra image_sizes and image_tiles)")
         counts = [int(n) for n in tiles]
-        if sum(counts) != pixel_values.pixel_values.shape[0]:
+        if sum(counts) != media.pixel_values.shape[0]:
             raise ValueError(f"image_tiles sum to {sum(counts)} but pixel_values holds "
-                             f"{pixel_values.pixel_values.shape[0]} tiles")
-        feats = self.connector(self.encoder(pixel_values.pixel_values), self.encoder.grid)  # [T, N, D]
+                             f"{media.pixel_values.shape[0]} tiles")
+        feats = self.connector(self.encoder(media.pixel_values), self.encoder.grid)  # [T, N, D]
         out = [self.pack(f, tuple(int(v) for v in size)) for f, size in zip(feats.split(counts), sizes)]
-        return torch.cat(out)
+        return Features(torch.cat(out), [len(o) for o in out])
 
     def pack(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """One image's tile features [tiles, side*side, D] (base first) -> its LM-space sequence [M, D]."""
@@ -84,7 +91,7 @@ class LlavaNextModel(VisionLanguageModel):
         return torch.cat([feats[0], grid.flatten(1).transpose(0, 1)])
 
 
-def build_llava_next(cfg: ModelConfig, image_token_id: int, init: bool = True) -> LlavaNextModel:
+def build_llava_next(cfg: LlavaNextConfig, image_token_id: int, init: bool = True) -> LlavaNextModel:
     """ModelConfig (family llava_next or llava_onevision) -> LlavaNextModel. ``init`` gives the from-scratch
     initialisation of the shared parts (the newline at the LM's embedding scale)."""
     if cfg.vision.arch != "vit":
@@ -100,8 +107,3 @@ def build_llava_next(cfg: ModelConfig, image_token_id: int, init: bool = True) -
         with torch.no_grad():
             model.image_newline.normal_(std=cfg.lm.width**-0.5)
     return model
-
-
-MODEL_FAMILIES.register("llava_next", "LLaVA-NeXT: CLIP tower + MLP + LM on AnyRes tiles")(build_llava_next)
-MODEL_FAMILIES.register("llava_onevision", "LLaVA-OneVision: SigLIP tower + MLP + Qwen2 on AnyRes tiles "
-                                           "(anyres_max_N reduction)")(build_llava_next)

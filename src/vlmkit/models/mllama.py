@@ -25,38 +25,62 @@ cover them at -inf, so that every id the model reads is an id it scores, and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.config import ModelConfig
+from vlmkit.config import VLMConfig
+from vlmkit.errors import ConfigError
 from vlmkit.connectors import build_connector
-from vlmkit.data.collate import document_mask
 from vlmkit.encoders.cnn import ConvEncoder
 from vlmkit.encoders.mllama import MllamaVisionEncoder, TiledEncoder
 from vlmkit.fusion.cross_attention import CrossAttentionLM, add_cross_attention
 from vlmkit.lm.decoder import DecoderLM
-from vlmkit.models import MODEL_FAMILIES, init_from_scratch
-from vlmkit.models.vlm import ModelOutput, lm_output
+from vlmkit.models.init import init_from_scratch
+from vlmkit.batch import Batch, Features, MediaInputs, ModelOutput
+from vlmkit.models.vlm import GenerativeModel, lm_output
 from vlmkit.nn import KVCache
-from vlmkit.processing.image import ImageInputs
 
 
 @dataclass
-class MllamaImageStates:
-    """LM-space states of a batch's images in reading order, [n_images, tiles * P, D_lm] (every tile, unused
-    ones too), with each image's number of real tiles [n_images]."""
+class MllamaFusionConfig:
+    """Llama 3.2 Vision (family ``mllama``, models/mllama.py): a tiled image tower whose features the LM reads through
+    gated cross-attention blocks between its self-attention layers; each image is one ``<|image|>`` token in the
+    text. Defaults are meta-llama/Llama-3.2-11B-Vision's."""
 
-    states: torch.Tensor
-    num_tiles: torch.Tensor
+    # before which of the LM's (self-attention) layers each block runs. transformers numbers its cross-attention
+    # layers among all decoder layers: cross_attention_layers [3, 8, ..., 38] are positions [3, 7, ..., 31]
+    xattn_positions: list[int] = field(default_factory=lambda: [3, 7, 11, 15, 19, 23, 27, 31])
+    max_tiles: int = 4  # max_num_tiles: an image is cut into rows x cols tiles of vision.image_size, rows * cols <= it
+    global_depth: int = 8  # vision.arch "mllama": gated global layers after the vision.depth local ones
+    # vision.arch "mllama": local layers whose outputs are concatenated to the final features (vision_output_dim
+    # = vision.width * (1 + len))
+    intermediate_layers: list[int] = field(default_factory=lambda: [3, 7, 15, 23, 30])
+    # token-embedding rows past the LM head's lm.vocab_size (transformers: vocab_size + 8, <|image|> among them);
+    # the model reads them but never predicts them
+    extra_embeddings: int = 8
 
-    def __len__(self) -> int:
-        return len(self.num_tiles)
+    def __post_init__(self):
+        if self.max_tiles < 1:
+            raise ConfigError(f"mllama.max_tiles must be >= 1, got {self.max_tiles}")
+        for name in ("global_depth", "extra_embeddings"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"mllama.{name} must be >= 0, got {getattr(self, name)}")
+        if self.xattn_positions != sorted(self.xattn_positions) or any(p < 0 for p in self.xattn_positions):
+            raise ConfigError(f"mllama.xattn_positions {self.xattn_positions} must be sorted LM layer indices (>= 0)")
+        if any(i < 0 for i in self.intermediate_layers):
+            raise ConfigError(f"mllama.intermediate_layers {self.intermediate_layers} must be layer indices (>= 0)")
 
-    def to(self, device) -> MllamaImageStates:
-        return MllamaImageStates(self.states.to(device), self.num_tiles.to(device))
+
+@dataclass
+class MllamaConfig(VLMConfig):
+    """Llama 3.2 Vision: a tiled tower, a projector (``connector``) and an LM with gated cross-attention layers
+    (``mllama``)."""
+
+    family: str = "mllama"
+    mllama: MllamaFusionConfig = field(default_factory=MllamaFusionConfig)
 
 
 def image_token_mask(input_ids: torch.Tensor, image_token_id: int,
@@ -93,10 +117,9 @@ def cross_attention_mask(input_ids: torch.Tensor, image_token_id: int, num_tiles
     return (sees[..., None] & tiles[:, None]).long()
 
 
-class MllamaModel(nn.Module):
-    """MllamaForConditionalGeneration with VisionLanguageModel's interface (generation, Pipeline, training)."""
-
-    features_per_image = True  # encode_images gives one entry of dim 0 per image (the serving engine splits by it)
+class MllamaModel(GenerativeModel):
+    """MllamaForConditionalGeneration as a generative model (models/vlm.py): its features are each image's states
+    [n, max_tiles * P, D_lm] with its real tile count (``Features.extra["num_tiles"]``)."""
 
     def __init__(self, encoder: nn.Module, connector: nn.Module, lm: CrossAttentionLM, image_token_id: int,
                  extra_embeddings: int = 0):
@@ -109,20 +132,24 @@ class MllamaModel(nn.Module):
         """LM positions an image fills: its one ``<|image|>`` token."""
         return 1
 
-    def encode_images(self, pixel_values: ImageInputs) -> MllamaImageStates:
-        """The processor's ImageInputs ([n * max_tiles, C, H, W] with aspect_ratio_ids, aspect_ratio_mask,
+    def encode_media(self, media: MediaInputs) -> Features:
+        """The processor's MediaInputs ([n * max_tiles, C, H, W] with aspect_ratio_ids, aspect_ratio_mask,
         num_tiles) -> the images' LM-space states [n, max_tiles * P, D_lm]."""
         keys = ("aspect_ratio_ids", "aspect_ratio_mask", "num_tiles")
-        if not isinstance(pixel_values, ImageInputs) or any(k not in pixel_values.extra for k in keys):
-            raise ValueError(f"mllama encodes images from the processor's ImageInputs (tiles with extra "
+        if any(k not in media.extra for k in keys):
+            raise ValueError(f"mllama encodes images from the processor's MediaInputs (tiles with extra "
                              f"{', '.join(keys)}), not from a bare pixel tensor")
-        extra = pixel_values.extra
-        feats = self.encoder(pixel_values.pixel_values, extra["aspect_ratio_ids"], extra["aspect_ratio_mask"])
+        extra = media.extra
+        feats = self.encoder(media.pixel_values, extra["aspect_ratio_ids"], extra["aspect_ratio_mask"])
         n = feats.shape[0]
         states = self.connector(feats.reshape(n, -1, feats.shape[-1]))  # [n, tiles * P, D_lm]
-        return MllamaImageStates(states, extra["num_tiles"])
+        return Features.stacked(states, num_tiles=extra["num_tiles"])
 
-    def cross_attention_inputs(self, input_ids: torch.Tensor, images: MllamaImageStates | None,
+    def image_tower(self) -> nn.Module:
+        """The one-tile tower a from-scratch tiled encoder runs on every tile (a whole image is one tile)."""
+        return getattr(self.encoder, "tile_encoder", self.encoder)
+
+    def cross_attention_inputs(self, input_ids: torch.Tensor, images: Features | None,
                                document_ids: torch.Tensor | None = None):
         """(states [B, S, D] of each row's images side by side, padded to the most images of a row; mask
         [B, T, S]: the real tiles of the images each token sees; key_mask [B, 1 or T, S]: each token's own
@@ -136,12 +163,13 @@ class MllamaModel(nn.Module):
             return None, None, None
         B, T = input_ids.shape
         n, tiles = max(counts), self.encoder.max_tiles
-        P = images.states.shape[1] // tiles
+        states, num_tiles = images.values, images.extra["num_tiles"]
+        P = states.shape[1] // tiles
         sees = image_token_mask(input_ids, self.image_token_id, document_ids)  # [B, T, n]
-        real_tile = torch.arange(tiles, device=input_ids.device) < images.num_tiles[:, None]  # [n_images, tiles]
+        real_tile = torch.arange(tiles, device=input_ids.device) < num_tiles[:, None]  # [n_images, tiles]
         rows, tile_ok, first = [], torch.zeros(B, n, tiles, dtype=torch.bool, device=input_ids.device), 0
         for b, c in enumerate(counts):
-            rows.append(F.pad(images.states[first:first + c].flatten(0, 1), (0, 0, 0, (n - c) * tiles * P)))
+            rows.append(F.pad(states[first:first + c].flatten(0, 1), (0, 0, 0, (n - c) * tiles * P)))
             tile_ok[b, :c] = real_tile[first:first + c]
             first += c
         mask = (sees[..., None] & tile_ok[:, None])[..., None].expand(B, T, n, tiles, P).reshape(B, T, -1)
@@ -157,21 +185,15 @@ class MllamaModel(nn.Module):
         key_mask = key_mask[..., None].expand(*key_mask.shape, tiles * P).reshape(B, key_mask.shape[1], -1)
         return torch.stack(rows), mask, key_mask
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: ImageInputs | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, image_features: MllamaImageStates | None = None,
-                logits_to_keep: int = 0, document_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> ModelOutput:
-        """As :meth:`VisionLanguageModel.forward`. The images (``pixel_values`` or ``encode_images``' states)
-        are read at a prefill or a cache-less forward; decoding steps after a prefill use what it cached."""
-        if document_ids is not None and mask is None:
-            mask = self.document_attention(document_ids, segment_ids, labels)
+    def forward(self, batch: Batch, cache: KVCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        """As :meth:`VisionLanguageModel.forward`. The images (media or features) are read at a prefill or a
+        cache-less forward; decoding steps after a prefill use what it cached."""
+        input_ids = batch.input_ids
+        mask = self.attention(batch, cache)
         B, T = input_ids.shape
         if cache is None or cache.length == 0:
-            if image_features is None and pixel_values is not None and len(pixel_values) > 0:
-                image_features = self.encode_images(pixel_values)
-            images, image_mask, key_mask = self.cross_attention_inputs(input_ids, image_features, document_ids)
+            images, image_mask, key_mask = self.cross_attention_inputs(input_ids, self.media_features(batch),
+                                                                       batch.document_ids)
             image_kv = self.lm.project_images(images) if images is not None else None
             if cache is not None:  # what later tokens see: the last token's row
                 last = image_mask[:, -1:] if image_mask is not None else None
@@ -179,27 +201,19 @@ class MllamaModel(nn.Module):
         else:
             image_kv, last, key_mask = cache.extra.get("mllama", (None, None, None))
             image_mask = last.expand(B, T, last.shape[-1]) if last is not None else None
-        hidden = self.lm(self.lm.embed_tokens(input_ids), image_attention_mask=image_mask, position_ids=position_ids,
-                         attention_mask=attention_mask, mask=mask, cache=cache, image_kv=image_kv,
-                         key_mask=key_mask)  # [B, T, D]
-        out = lm_output(self.lm.lm_head, hidden, labels, logits_to_keep)
-        if labels is not None:
+        hidden = self.lm(self.lm.embed_tokens(input_ids), image_attention_mask=image_mask,
+                         position_ids=batch.position_ids, attention_mask=batch.attention_mask, mask=mask, cache=cache,
+                         image_kv=image_kv, key_mask=key_mask)  # [B, T, D]
+        out = lm_output(self.lm.lm_head, hidden, batch.labels, logits_to_keep)
+        if batch.labels is not None:
             return out
         logits = out.logits
         if self.extra_embeddings:  # ids the embedding has and the head does not predict (<|image|> among them)
             logits = F.pad(logits, (0, self.extra_embeddings), value=float("-inf"))
         return ModelOutput(logits=logits)
 
-    def document_attention(self, document_ids: torch.Tensor, segment_ids: torch.Tensor | None,
-                           labels: torch.Tensor | None) -> torch.Tensor:
-        """The self-attention mask [B, 1, T, T] of a packed batch: causal within each sample (and grouped
-        question), nothing across samples. (The cross-attention keeps each token to its sample's images.)"""
-        return document_mask(document_ids, segment_ids)
 
-
-@MODEL_FAMILIES.register("mllama", "Llama 3.2 Vision: tiled ViT (local + gated global layers) -> linear projector "
-                                   "-> Llama LM with gated cross-attention layers")
-def build_mllama(cfg: ModelConfig, image_token_id: int, init: bool = True) -> MllamaModel:
+def build_mllama(cfg: MllamaConfig, image_token_id: int, init: bool = True) -> MllamaModel:
     """An MllamaModel from its config: vision.arch "mllama" (Meta's tower), or "cnn" (vlmkit's CNN on every tile,
     for from-scratch models); cross-attention blocks at mllama.xattn_positions with the LM's heads and kv heads;
     a token embedding mllama.extra_embeddings rows larger than the head."""

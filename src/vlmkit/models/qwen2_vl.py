@@ -9,38 +9,21 @@ batches) is skipped and keeps id 0. Each sequence's ``delta`` = (largest id + 1)
 kept in ``cache.extra["mrope_delta"]`` at prefill, so that a decoding step's ids are its plain position plus
 delta on all three axes (transformers' ``rope_deltas``).
 
-Images arrive as the processor's ImageInputs (flattened patches and ``image_grid_thw``); the features the model
-encodes carry their grids (:class:`Qwen2VLImageFeatures`), because the position ids depend on them.
+Images arrive as the processor's MediaInputs (flattened patches and ``image_grid_thw``); the features the model
+encodes carry their grids (``Features.extra["grid_thw"]``), because the position ids depend on them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from vlmkit.config import ModelConfig
+from vlmkit.config import VLMConfig
 from vlmkit.encoders.qwen2_vl import PatchMerger, Qwen2VLVisionEncoder
 from vlmkit.lm.decoder import DecoderLM
-from vlmkit.models import MODEL_FAMILIES, init_from_scratch
-from vlmkit.models.vlm import ModelOutput, VisionLanguageModel
+from vlmkit.models.init import init_from_scratch
+from vlmkit.batch import Batch, Features, MediaInputs
+from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.nn import KVCache
-from vlmkit.processing.image import ImageInputs
-
-
-@dataclass
-class Qwen2VLImageFeatures:
-    """LM-space features of a batch's images, [total tokens, D_lm] in reading order, with their patch grids
-    [n_images, 3] (what the M-RoPE position ids are computed from)."""
-
-    features: torch.Tensor
-    grid_thw: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.grid_thw)
-
-    def to(self, device) -> Qwen2VLImageFeatures:
-        return Qwen2VLImageFeatures(self.features.to(device), self.grid_thw.to(device))
 
 
 def mrope_position_ids(input_ids: torch.Tensor, image_token_id: int, grid_thw: torch.Tensor, merge_size: int,
@@ -99,7 +82,8 @@ def mrope_position_ids(input_ids: torch.Tensor, image_token_id: int, grid_thw: t
 
 class Qwen2VLModel(VisionLanguageModel):
     """Qwen2VLForConditionalGeneration: encoder (Qwen2-VL tower) -> connector (patch merger) -> splice into a
-    DecoderLM with M-RoPE, with VisionLanguageModel's interface (generation, Pipeline, training loss)."""
+    DecoderLM with M-RoPE. Its features are flat [total tokens, D_lm] with each image's patch grid
+    (``Features.extra["grid_thw"]``), which the M-RoPE position ids are computed from."""
 
     def __init__(self, encoder: Qwen2VLVisionEncoder, connector: PatchMerger, lm: DecoderLM, image_token_id: int):
         super().__init__(encoder, connector, lm, image_token_id)
@@ -108,28 +92,32 @@ class Qwen2VLModel(VisionLanguageModel):
     @property
     def image_seq_len(self) -> int:
         raise NotImplementedError("qwen2_vl images fill a number of tokens that depends on their size "
-                                  "(ImageInputs.tokens); there is no fixed image_seq_len")
+                                  "(MediaInputs.tokens); there is no fixed image_seq_len")
 
-    def encode_images(self, pixel_values: ImageInputs | torch.Tensor) -> Qwen2VLImageFeatures:
-        """The processor's ImageInputs (flattened patches + ``image_grid_thw``) -> features [total tokens, D_lm]
+    def encode_media(self, media: MediaInputs) -> Features:
+        """The processor's MediaInputs (flattened patches + ``image_grid_thw``) -> features [total tokens, D_lm]
         with their grids."""
-        if not isinstance(pixel_values, ImageInputs) or "image_grid_thw" not in pixel_values.extra:
-            raise ValueError("qwen2_vl encodes images from the processor's ImageInputs (flattened patches with "
+        if "image_grid_thw" not in media.extra:
+            raise ValueError("qwen2_vl encodes images from the processor's MediaInputs (flattened patches with "
                              "extra['image_grid_thw']), not from a bare pixel tensor")
-        grid = pixel_values.extra["image_grid_thw"]
-        feats = self.connector(self.encoder(pixel_values.pixel_values, grid))  # [total tokens, D_lm]
-        return Qwen2VLImageFeatures(feats, grid)
+        grid = media.extra["image_grid_thw"]
+        feats = self.connector(self.encoder(media.pixel_values, grid))  # [total tokens, D_lm]
+        return Features(feats, list(media.tokens), {"grid_thw": grid})
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: ImageInputs | None = None,
-              image_features: Qwen2VLImageFeatures | None = None) -> torch.Tensor:
-        if image_features is None and pixel_values is not None and len(pixel_values) > 0:
-            image_features = self.encode_images(pixel_values)
-        return super().embed(input_ids, None, image_features.features if image_features is not None else None)
-
-    def position_ids(self, input_ids: torch.Tensor, image_features: Qwen2VLImageFeatures | None,
-                     attention_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def positions(self, batch: Batch, features: Features | None, cache: KVCache | None) -> torch.Tensor:
         """M-RoPE ids [3, B, T]: from the images' grids for a whole sequence (a prefill, whose deltas the cache
-        keeps), from the cache offset plus each sequence's delta for decoding steps."""
+        keeps; a packed batch's samples each from their own images), from the cache offset plus each sequence's
+        delta for decoding steps. Explicit (non-packed) position ids are used as given."""
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        grid = features.extra["grid_thw"] if features is not None else torch.zeros(0, 3, dtype=torch.long)
+        if batch.document_ids is not None:
+            if batch.segment_ids is not None and bool((batch.segment_ids > 0).any()):
+                raise ValueError("qwen2_vl: grouped questions (segment_ids) are not supported with M-RoPE "
+                                 "positions; set data.group_turns: 0")
+            return mrope_position_ids(input_ids, self.image_token_id, grid, self.merge_size,
+                                      document_ids=batch.document_ids)[0]
+        if batch.position_ids is not None:
+            return batch.position_ids
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
         if offset:
@@ -141,40 +129,13 @@ class Qwen2VLModel(VisionLanguageModel):
             if delta is not None:
                 pos = pos + delta[:, None].to(pos.device)
             return pos[None].expand(3, B, T)
-        grid = image_features.grid_thw if image_features is not None else torch.zeros(0, 3, dtype=torch.long)
         pos, delta = mrope_position_ids(input_ids, self.image_token_id, grid, self.merge_size, attention_mask)
         if cache is not None:
             cache.extra["mrope_delta"] = delta
         return pos
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: ImageInputs | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, image_features: Qwen2VLImageFeatures | None = None,
-                logits_to_keep: int = 0, document_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> ModelOutput:
-        """As VisionLanguageModel.forward; ``position_ids`` default to the M-RoPE ids of the images' grids. A
-        packed batch (``document_ids``) gets each sample's M-RoPE ids from its own images (the collated 1-D
-        positions are not used)."""
-        if image_features is None and pixel_values is not None and len(pixel_values) > 0:
-            image_features = self.encode_images(pixel_values)
-        if image_features is not None and not isinstance(image_features, Qwen2VLImageFeatures):
-            raise ValueError("qwen2_vl needs image features with their grids: pass encode_images' output")
-        if document_ids is not None:
-            if segment_ids is not None and bool((segment_ids > 0).any()):
-                raise ValueError("qwen2_vl: grouped questions (segment_ids) are not supported with M-RoPE "
-                                 "positions; set data.group_turns: 0")
-            grid = image_features.grid_thw if image_features is not None else torch.zeros(0, 3, dtype=torch.long)
-            position_ids, _ = mrope_position_ids(input_ids, self.image_token_id, grid, self.merge_size,
-                                                 document_ids=document_ids)
-        elif position_ids is None:
-            position_ids = self.position_ids(input_ids, image_features, attention_mask, cache)
-        return super().forward(input_ids, None, attention_mask, labels, position_ids, mask, cache, image_features,
-                               logits_to_keep, document_ids=document_ids, segment_ids=segment_ids)
 
-
-@MODEL_FAMILIES.register("qwen2_vl", "Qwen2-VL: dynamic-resolution ViT + patch merger + Qwen2 LM with M-RoPE")
-def build_qwen2_vl(cfg: ModelConfig, image_token_id: int, init: bool = True) -> Qwen2VLModel:
+def build_qwen2_vl(cfg: VLMConfig, image_token_id: int, init: bool = True) -> Qwen2VLModel:
     """A Qwen2VLModel from its config: vision.arch "qwen2_vl", connector.kind "patch_merger" (merging
     vision.merge_size x merge_size windows), an LM with lm.mrope_section."""
     if cfg.vision.arch != "qwen2_vl":

@@ -1,28 +1,33 @@
-"""VisionLanguageModel: encoder -> connector -> splice into a decoder LM (the LLaVA / Idefics3 family).
+"""The model interface every generative family implements, and the splice family's model (LLaVA, Idefics3): encoder
+-> connector -> image features spliced into a decoder LM at the image placeholders.
 
-Composition, not inheritance: the model receives built parts; :func:`vlmkit.models.build_model` turns a
-:class:`~vlmkit.config.ModelConfig` into them.
+:class:`GenerativeModel` is what shared code (generation, the Pipeline, the serving engine, the training loop)
+calls, and all it calls:
+
+- ``encode_media(media) -> Features``: the prepared images encoded, item by item (``Features.split`` / ``cat``
+  let a cache or an engine handle them without knowing their layout);
+- ``forward(batch, cache=None, logits_to_keep=0) -> ModelOutput``: the loss when ``batch.labels`` is given, else
+  logits. The attention pattern is the model's own (:meth:`attention`): causal, packed documents, prefix-LM over
+  ``batch.prompt_mask``, cross-attention to images...;
+- ``new_cache(batch_size, max_len)``: an empty KV cache for generation;
+- ``module_groups()``: what a stage may train, freeze or adapt, by name;
+- ``image_tower()``: the module that maps whole images [n, C, H, W] to their patch features [n, N, D] (it has
+  ``grid`` and ``width``), which a stage can pretrain alone (``cell_labels``);
+- ``reserved_token_ids``: ids only the processor writes (image placeholders), never sampled.
+
+Composition, not inheritance, builds a model: it receives built parts; a family's ``build`` turns its config into
+them.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.data.collate import document_mask
+from vlmkit.batch import Batch, Features, MediaInputs, ModelOutput
 from vlmkit.fusion.splice import splice_image_features
-from vlmkit.nn import KVCache
-from vlmkit.processing.image import ImageInputs
-
-
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor | None = None
-    loss: torch.Tensor | None = None
-    n_tokens: int = 0  # supervised tokens behind ``loss``
+from vlmkit.nn import KVCache, document_mask
 
 
 def lm_output(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None,
@@ -41,7 +46,48 @@ def lm_output(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None
     return ModelOutput(logits=head(hidden))
 
 
-class VisionLanguageModel(nn.Module):
+class GenerativeModel(nn.Module):
+    """The interface of a generative family's model (module docstring). Subclasses hold ``encoder``,
+    ``connector`` and ``lm`` (a DecoderLM or a wrapper of one) unless they override what reads them."""
+
+    image_token_id: int
+
+    def encode_media(self, media: MediaInputs) -> Features:
+        raise NotImplementedError
+
+    def forward(self, batch: Batch, cache: KVCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        raise NotImplementedError
+
+    def new_cache(self, batch_size: int, max_len: int, device=None) -> KVCache:
+        return self.lm.new_cache(batch_size, max_len, device)
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        return {"vision": self.encoder, "connector": self.connector, "lm": self.lm}
+
+    def image_tower(self) -> nn.Module:
+        return self.encoder
+
+    @property
+    def reserved_token_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id,)
+
+    def media_features(self, batch: Batch) -> Features | None:
+        """The batch's encoded media: given, or encoded from ``batch.media`` (None without images)."""
+        if batch.features is not None:
+            return batch.features
+        if batch.media is not None and len(batch.media) > 0:
+            return self.encode_media(batch.media)
+        return None
+
+    def attention(self, batch: Batch, cache: KVCache | None = None) -> torch.Tensor | None:
+        """The self-attention mask of ``batch`` [B, 1, T, T_k], or None for causal attention over the real tokens
+        (``batch.attention_mask``): a packed or grouped batch gets its block-diagonal mask."""
+        if batch.document_ids is not None:
+            return document_mask(batch.document_ids, batch.segment_ids)
+        return None
+
+
+class VisionLanguageModel(GenerativeModel):
     def __init__(self, encoder: nn.Module, connector: nn.Module, lm: nn.Module, image_token_id: int):
         super().__init__()
         self.encoder = encoder
@@ -54,44 +100,30 @@ class VisionLanguageModel(nn.Module):
         """Tokens each image occupies in the LM sequence (M)."""
         return self.connector.num_tokens(self.encoder.num_tokens, self.encoder.grid)
 
-    def encode_images(self, pixel_values: torch.Tensor | ImageInputs) -> torch.Tensor:
-        """pixel_values [n_images, C, H, W] (or the processor's ImageInputs) -> LM-space features
-        [n_images, M, D_lm]."""
-        if isinstance(pixel_values, ImageInputs):
-            pixel_values = pixel_values.pixel_values
-        feats = self.encoder(pixel_values)  # [n, N, D_v]
-        return self.connector(feats, self.encoder.grid)  # [n, M, D_lm]
+    def encode_media(self, media: MediaInputs) -> Features:
+        """Images [n, C, H, W], or tiles with ``media.rows`` per image (or the tower's precomputed output,
+        ``media.tower``) -> LM-space features [n, M, D_lm], each image's rows together."""
+        states = media.tower if media.tower is not None else self.encoder(media.pixel_values)  # [n, N, D_v]
+        return Features(self.connector(states, self.encoder.grid), media.item_rows())  # [n, M, D_lm]
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | ImageInputs | None = None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
-        if image_features is None and pixel_values is not None and len(pixel_values) > 0:
-            image_features = self.encode_images(pixel_values)
+    def embed(self, input_ids: torch.Tensor, features: Features | None) -> torch.Tensor:
         ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
         embeds = self.lm.embed_tokens(ids)  # [B, T, D]
-        return splice_image_features(embeds, input_ids, self.image_token_id, image_features)
+        return splice_image_features(embeds, input_ids, self.image_token_id,
+                                     features.values if features is not None else None)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | ImageInputs | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, image_features: torch.Tensor | None = None,
-                logits_to_keep: int = 0, document_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> ModelOutput:
-        """Run the model. With ``labels`` the loss is the mean next-token cross-entropy over labels != -100,
-        and logits are only computed at those positions (the LM head is the largest matmul for small
-        models).
+    def positions(self, batch: Batch, features: Features | None, cache: KVCache | None) -> torch.Tensor | None:
+        """Position ids of the batch; None lets the LM count them from each row's first real token."""
+        return batch.position_ids
 
-        A packed batch (data/collate.py) gives ``document_ids`` [B, T] (the sample each token belongs to, -1 =
-        padding), each sample's own 0-based ``position_ids`` and, for grouped questions, ``segment_ids``; the
-        attention mask is then built per sample by :meth:`document_attention`."""
-        if document_ids is not None and mask is None:
-            mask = self.document_attention(document_ids, segment_ids, labels)
-        embeds = self.embed(input_ids, pixel_values, image_features)
-        hidden = self.lm(embeds, position_ids=position_ids, attention_mask=attention_mask, mask=mask,
-                         cache=cache)  # [B, T, D]
-        return lm_output(self.lm.lm_head, hidden, labels, logits_to_keep)
+    def forward(self, batch: Batch, cache: KVCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        """With ``batch.labels`` the loss is the mean next-token cross-entropy over labels != -100, and logits are
+        only computed at those positions; else the logits (of the last ``logits_to_keep`` positions)."""
+        features = self.media_features(batch)
+        embeds = self.embed(batch.input_ids, features)
+        hidden = self.lm(embeds, position_ids=self.positions(batch, features, cache),
+                         attention_mask=batch.attention_mask, mask=self.attention(batch, cache), cache=cache)
+        return lm_output(self.lm.lm_head, hidden, batch.labels, logits_to_keep)
 
-    def document_attention(self, document_ids: torch.Tensor, segment_ids: torch.Tensor | None,
-                           labels: torch.Tensor | None) -> torch.Tensor:
-        """The attention mask [B, 1, T, T] of a packed batch: causal within each sample (and each grouped
-        question's segment), nothing across samples. Families with another pattern override it."""
-        return document_mask(document_ids, segment_ids)
+
+__all__ = ["GenerativeModel", "ModelOutput", "VisionLanguageModel", "lm_output"]

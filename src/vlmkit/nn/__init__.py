@@ -1,6 +1,8 @@
-"""Shared building blocks: attention, norms, rotary embeddings, feed-forward layers."""
+"""Shared building blocks: attention, masks, the KV cache, norms, rotary embeddings, feed-forward layers."""
 
-from vlmkit.nn.attention import Attention, KVCache, causal_mask
+from vlmkit.nn.attention import Attention
+from vlmkit.nn.cache import KVCache
+from vlmkit.nn.masks import causal_mask, document_mask, with_prompt
 from vlmkit.nn.mlp import MLP, SwiGLU, activation, init_linear_
 from vlmkit.nn.norm import RMSNorm, make_norm
 from vlmkit.nn.rope import Rotary2D, RotaryEmbedding, apply_rope, sincos_2d
@@ -16,7 +18,9 @@ __all__ = [
            "activation",
            "apply_rope",
            "causal_mask",
+           "document_mask",
            "init_linear_",
            "make_norm",
            "sincos_2d",
+           "with_prompt",
 ]

@@ -1,8 +1,7 @@
 """Multi-head attention on ``F.scaled_dot_product_attention`` with grouped-query heads, masks and a KV cache.
 
-Masks are boolean and broadcast to [B, 1, Tq, Tk] with True = "may attend". :func:`causal_mask` combines
-causality with key padding and a cache offset; any custom mask (prefix-LM, block-diagonal packing) can be
-passed instead.
+Masks are boolean and broadcast to [B, 1, Tq, Tk] with True = "may attend" (nn/masks.py builds them); the KV
+cache is nn/cache.py's.
 """
 
 from __future__ import annotations
@@ -11,54 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmkit.nn.cache import KVCache
 from vlmkit.nn.rope import apply_rope
-
-
-class KVCache:
-    """Preallocated per-layer key/value buffers: [B, H_kv, T_max, hd] each.
-
-    ``length`` is the number of positions filled so far; every layer writes the same slice during one forward.
-    """
-
-    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int, device=None,
-                 dtype=torch.float32):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.length = 0
-        self.max_len = max_len
-        self.extra: dict = {}  # per-sequence state a model keeps across decoding steps (e.g. M-RoPE offsets)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [B, H_kv, T, hd] after the filled part; return all keys and values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-
-def causal_mask(q_len: int, attention_mask: torch.Tensor | None = None, offset: int = 0,
-                device=None) -> torch.Tensor:
-    """Boolean [B or 1, 1, q_len, offset + q_len] mask: causal, minus padded keys.
-
-    ``attention_mask`` [B, offset + q_len] has 1 for real tokens. Query rows that are padding keep their own
-    diagonal so that no row is fully masked (SDPA would return NaN there).
-    """
-    k_len = offset + q_len
-    if attention_mask is not None:
-        device = attention_mask.device
-    q_pos = torch.arange(offset, k_len, device=device)[:, None]
-    k_pos = torch.arange(k_len, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]  # [1, 1, Tq, Tk]
-    if attention_mask is not None:
-        keys = attention_mask[:, None, None, :k_len].bool()  # [B, 1, 1, Tk]
-        mask = (mask & keys) | (k_pos == q_pos)[None, None]
-    return mask
 
 
 class Attention(nn.Module):

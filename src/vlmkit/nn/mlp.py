@@ -39,6 +39,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
+    @property
+    def output(self) -> nn.Linear:
+        """The projection that writes into the residual stream."""
+        return self.fc2
+
 
 class SwiGLU(nn.Module):
     """down(act(gate(x)) * up(x)) (Llama / Qwen2 / Mistral)."""
@@ -52,6 +57,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    @property
+    def output(self) -> nn.Linear:
+        """The projection that writes into the residual stream."""
+        return self.down_proj
 
 
 def init_linear_(module: nn.Module, std: float = 0.02) -> None:

@@ -1,4 +1,4 @@
-"""IDEFICS' processor: fixed-size CLIP-style images, and the prompt layout of transformers' IdeficsProcessor.
+"""IDEFICS' prompt layout, as transformers' IdeficsProcessor's (its images are fixed-size CLIP-style ones).
 
 IdeficsProcessor takes a prompt as a list of texts and images; vlmkit takes the same prompt as one string with an
 ``<image>`` placeholder where each image goes: the list is the string's non-empty pieces between placeholders,
@@ -19,7 +19,8 @@ tokenised (lm-evaluation-harness), and a conversation is laid out the same way, 
 
 from __future__ import annotations
 
-from vlmkit.processing.image import IMAGE_PROCESSORS, ImageProcessor
+from vlmkit.errors import DataError
+from vlmkit.processing.layouts import TemplateLayout
 
 FAKE_TOKEN = "<fake_token_around_image>"
 
@@ -45,21 +46,33 @@ def idefics_layout(text: str, image_token: str, bos_token: str) -> tuple[str, li
     return out, where + [len(out)]
 
 
-@IMAGE_PROCESSORS.register("idefics", "fixed-size images, IdeficsProcessor's prompt layout (BOS as text, spaces "
-                                      "stripped around images, <fake_token_around_image> markers)")
-class IdeficsImageProcessor(ImageProcessor):
-    """The fixed-size image processor with IDEFICS' text hooks (see the module docstring)."""
+class IdeficsLayout(TemplateLayout):
+    """IdeficsProcessor's layout (module docstring), tokenised without the tokenizer's special tokens (the layout
+    writes BOS as text). A chat goes through the folder's template, then the layout; without a template the
+    question is the prompt (one per request)."""
 
-    def format_prompt(self, prompt: str, n_images: int) -> str:
-        if n_images and self.cfg.image_token not in prompt:
-            prompt = self.cfg.image_token * n_images + prompt
-        return idefics_layout(prompt, self.cfg.image_token, self.cfg.bos_token)[0]
-
-    def format_supervised(self, text: str, spans: list[tuple[int, int]],
-                          n_images: int) -> tuple[str, list[tuple[int, int]]]:
-        if n_images and self.cfg.image_token not in text:
-            text = self.cfg.image_token * n_images + text
-            spans = [(a + len(self.cfg.image_token) * n_images, b + len(self.cfg.image_token) * n_images)
-                     for a, b in spans]
-        laid, where = idefics_layout(text, self.cfg.image_token, self.cfg.bos_token)
+    def lay_out(self, text: str, spans: list[tuple[int, int]], n_images: int) -> tuple[str, list[tuple[int, int]]]:
+        """``text`` (images in front when it places none) laid out, with its character ``spans`` moved along."""
+        token = self.cfg.image_token
+        if n_images and token not in text:
+            text = token * n_images + text
+            spans = [(a + len(token) * n_images, b + len(token) * n_images) for a, b in spans]
+        laid, where = idefics_layout(text, token, self.tokenizer.bos_token or "")
         return laid, [(where[a], where[b]) for a, b in spans]
+
+    def prompt(self, text, media, where="prompt"):
+        laid, _ = self.lay_out(text, [], len(media))
+        return self._prompt_of(self.tokenize(laid, [], media, where, special=False))
+
+    def chat(self, messages, media, where="prompt"):
+        if not self.cfg.chat_template_jinja:
+            if len(messages) != 1:
+                raise DataError(f"{where}: this folder has no chat template, so the model answers one prompt; send "
+                                f"a single user message")
+            return self.prompt(messages[0]["content"], media, where)
+        return self.prompt(self.render(self.images_in_front(messages, len(media)), generation=True), media, where)
+
+    def supervised(self, messages, media, where="sample"):
+        text, spans = self.render_with_spans(messages, where)
+        laid, spans = self.lay_out(text, spans, len(media))
+        return self.tokenize(laid, spans, media, where, special=False)

@@ -17,15 +17,34 @@ batch prompts with different tile counts, and drops the all-zero padding images 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from vlmkit.processing.image import IMAGE_PROCESSORS, RESAMPLE, ImageInputs, ImageProcessor
+from vlmkit.batch import MediaInputs
+from vlmkit.config import ProcessorConfig
+from vlmkit.processing.image import RESAMPLE, ImageProcessor, PreparedPlaceholders
 
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
 MAX_IMAGE_SIZE = 4096  # transformers' absolute cap on a side after the longest-edge resize
+
+
+@dataclass
+class ImageSplitConfig:
+    """Idefics3 / SmolVLM image splitting (image_processor "idefics3"); the tiles are ProcessorConfig.image_size."""
+
+    longest_edge: int = 0  # first resize the longer side to this (0: no first resize)
+    enabled: bool = True  # cut images larger than a tile into tiles plus a global view; else one tile each
+
+
+
+@dataclass
+class Idefics3ProcessorConfig(ProcessorConfig):
+    """Idefics3 / SmolVLM's processor: ``image_size`` is a tile; ``split`` how images are cut into tiles."""
+
+    split: ImageSplitConfig = field(default_factory=ImageSplitConfig)
 
 
 def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
@@ -76,7 +95,7 @@ def image_prompt(rows: int, cols: int, image_seq_len: int, image_token: str) -> 
     return text + "\n" + global_view
 
 
-class Idefics3ImageProcessor(ImageProcessor):
+class Idefics3ImageProcessor(PreparedPlaceholders, ImageProcessor):
     """Images -> tiles [total_tiles, C, tile, tile] in reading order (each image's tiles row by row, then its
     global view), ``tokens`` = image tokens per image, ``texts`` = each placeholder's expansion.
 
@@ -108,17 +127,16 @@ class Idefics3ImageProcessor(ImageProcessor):
         tiles = [image.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(rows) for c in range(cols)]
         return tiles + [image.resize((t, t), self.resample)], rows, cols
 
-    def __call__(self, images: list[Image.Image]) -> ImageInputs:
+    def __call__(self, images: list[Image.Image]) -> MediaInputs:
         if not images:
-            return ImageInputs(torch.zeros(0, 3, self.tile, self.tile), [], texts=[])
-        pixels, tokens, texts = [], [], []
+            return MediaInputs(torch.zeros(0, 3, self.tile, self.tile), [], texts=[], rows=[])
+        pixels, tokens, texts, rows = [], [], [], []
         for image in images:
             tiles, rows, cols = self.split(image)
             pixels += [self.transform(tile) for tile in tiles]  # rescale + normalise (tiles are tile x tile)
             tokens.append(len(tiles) * self.cfg.image_seq_len)
+            rows.append(len(tiles))
             texts.append(image_prompt(rows, cols, self.cfg.image_seq_len, self.cfg.image_token))
-        return ImageInputs(torch.stack(pixels), tokens, texts=texts)
+        return MediaInputs(torch.stack(pixels), tokens, texts=texts, rows=rows)
 
 
-IMAGE_PROCESSORS.register("idefics3", "Idefics3 / SmolVLM: longest-edge resize, split into tiles plus a global "
-                                      "view, row/column markers in the text")(Idefics3ImageProcessor)

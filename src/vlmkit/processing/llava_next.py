@@ -13,13 +13,40 @@ is transformers' LlavaNextImageProcessor / LlavaOnevisionImageProcessor (PIL bac
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import math
 
 import torch
 from PIL import Image
 
+from vlmkit.batch import MediaInputs
+from vlmkit.config import ProcessorConfig
 from vlmkit.errors import ConfigError
-from vlmkit.processing.image import IMAGE_PROCESSORS, ImageInputs, ImageProcessor
+from vlmkit.processing.image import ImageProcessor, PreparedPlaceholders
+
+
+@dataclass
+class AnyResConfig:
+    """LLaVA-NeXT / LLaVA-OneVision AnyRes tiling, shared by the model (reassembling tile features) and the
+    processor (tiling, token counts). Empty ``grid_pinpoints``: no tiling (every other family)."""
+
+    grid_pinpoints: list[tuple[int, int]] = field(default_factory=list)  # candidate (height, width) resolutions
+    # OneVision's anyres_max_N: tile features beyond N tiles' worth are reduced by bilinear interpolation;
+    # 0: never (LLaVA-NeXT)
+    max_tiles: int = 0
+    # processor only, for prompts with several images. "tile": every image is tiled (LlavaOnevisionProcessor
+    # given a flat list of images); "square": each is padded to a square in the mean colour and not tiled
+    # (OneVision's own multi-image mode; the processor given a nested list [[image, image]])
+    multi_image: str = "tile"
+
+
+
+@dataclass
+class AnyResProcessorConfig(ProcessorConfig):
+    """LLaVA-NeXT / OneVision's processor: ``image_size`` is a tile, ``image_seq_len`` a tile's tokens."""
+
+    anyres: AnyResConfig = field(default_factory=AnyResConfig)
 
 
 def select_best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:
@@ -110,8 +137,7 @@ def check_anyres(pinpoints, tile: int, where: str) -> None:
                               f"multiples of the tile size {tile}")
 
 
-@IMAGE_PROCESSORS.register("anyres", "LLaVA-NeXT / OneVision AnyRes: base image + tiles at the best resolution")
-class AnyResImageProcessor(ImageProcessor):
+class AnyResImageProcessor(PreparedPlaceholders, ImageProcessor):
     """Images -> every tile of every image, [total_tiles, C, H, W] in reading order (each image's base image
     first, then its tiles row by row), with ``extra["image_sizes"]`` [n, 2] (height, width of the original
     image) and ``extra["image_tiles"]`` [n] (tiles per image, base included: the model's split). Tiles are
@@ -161,11 +187,11 @@ class AnyResImageProcessor(ImageProcessor):
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))
         return canvas
 
-    def __call__(self, images: list[Image.Image]) -> ImageInputs:
+    def __call__(self, images: list[Image.Image]) -> MediaInputs:
         if not images:
             h, w = self.cfg.image_size
-            return ImageInputs(torch.zeros(0, 3, h, w), [], {"image_sizes": torch.zeros(0, 2, dtype=torch.long),
-                                                             "image_tiles": torch.zeros(0, dtype=torch.long)})
+            return MediaInputs(torch.zeros(0, 3, h, w), [], {"image_sizes": torch.zeros(0, 2, dtype=torch.long),
+                                                             "image_tiles": torch.zeros(0, dtype=torch.long)}, rows=[])
         a = self.cfg.anyres
         square = a.multi_image == "square" and len(images) > 1
         pixels, tokens, sizes, counts = [], [], [], []
@@ -180,5 +206,6 @@ class AnyResImageProcessor(ImageProcessor):
             pixels.extend(self.transform(p) for p in parts)
             sizes.append((im.height, im.width))
             counts.append(len(parts))
-        return ImageInputs(torch.stack(pixels), tokens, {"image_sizes": torch.tensor(sizes, dtype=torch.long),
-                                                         "image_tiles": torch.tensor(counts, dtype=torch.long)})
+        return MediaInputs(torch.stack(pixels), tokens, {"image_sizes": torch.tensor(sizes, dtype=torch.long),
+                                                         "image_tiles": torch.tensor(counts, dtype=torch.long)},
+                           rows=counts)

@@ -16,13 +16,17 @@ BOS), then tokenises with the tokenizer's special tokens (which add another BOS 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vlmkit.errors import ConfigError
-from vlmkit.processing.image import IMAGE_PROCESSORS, ImageInputs, ImageProcessor
+from vlmkit.batch import MediaInputs
+from vlmkit.config import ProcessorConfig
+from vlmkit.errors import ConfigError, DataError
+from vlmkit.processing.image import ImageProcessor
+from vlmkit.processing.layouts import TemplateLayout
 
 
 def aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
@@ -66,13 +70,9 @@ def mllama_prompt(prompt: str, bos_token: str, image_token: str) -> str:
     return image_token * n + bos_token + prompt
 
 
-@IMAGE_PROCESSORS.register("mllama", "Llama 3.2 Vision: each image tiled on its best canvas of up to "
-                                     "max_image_tiles tiles, one <|image|> token per image")
 class MllamaImageProcessor(ImageProcessor):
-    """Images -> ImageInputs of [n * max_tiles, C, tile, tile] with the per-image ``extra`` described in the
+    """Images -> MediaInputs of [n * max_tiles, C, tile, tile] with the per-image ``extra`` described in the
     module docstring; ``cfg.image_size`` is the (square) tile."""
-
-    prompt_special_tokens = True  # MllamaProcessor tokenises its laid-out text with the tokenizer's BOS
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -97,7 +97,11 @@ class MllamaImageProcessor(ImageProcessor):
         x = x.reshape(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
         return x, (rows, cols)
 
-    def __call__(self, images: list[Image.Image]) -> ImageInputs:
+    def placeholders(self, images: list, where: str = "") -> MediaInputs:
+        """One token per image, whatever its tiles (their pixels are not read)."""
+        return MediaInputs(torch.zeros(len(images), 0), [1] * len(images))
+
+    def __call__(self, images: list[Image.Image]) -> MediaInputs:
         T, t = self.max_tiles, self.tile
         pixels = torch.zeros(len(images) * T, 3, t, t)
         ids = torch.zeros(len(images), dtype=torch.long)
@@ -107,12 +111,33 @@ class MllamaImageProcessor(ImageProcessor):
             pixels[i * T:i * T + len(tiles)] = tiles
             ids[i] = self.layouts.index(layout) + 1
             mask[i, :len(tiles)] = 1
-        return ImageInputs(pixels, [1] * len(images), {"aspect_ratio_ids": ids, "aspect_ratio_mask": mask,
-                                                       "num_tiles": mask.sum(-1)})
+        return MediaInputs(pixels, [1] * len(images), {"aspect_ratio_ids": ids, "aspect_ratio_mask": mask,
+                                                       "num_tiles": mask.sum(-1)}, rows=[T] * len(images))
 
-    def format_prompt(self, prompt: str, n_images: int) -> str | None:
-        """MllamaProcessor's layout, for imported models (whole-string text with a BOS token); a model trained in
-        vlmkit's segment mode keeps its own tokenisation (None)."""
-        if self.cfg.text_mode != "whole" or not self.cfg.bos_token:
-            return None
-        return mllama_prompt(prompt, self.cfg.bos_token, self.cfg.image_token)
+
+
+class MllamaLayout(TemplateLayout):
+    """MllamaProcessor's layout, for imported models (whole-string text with a BOS token): BOS after the leading image
+    tokens (:func:`mllama_prompt`), then the tokenizer's special tokens, except on a chat template's text that starts
+    with BOS (as transformers' apply_chat_template)."""
+
+    def prompt(self, text, media, where="prompt"):
+        laid = mllama_prompt(text, self.tokenizer.bos_token, self.cfg.image_token)
+        return self._prompt_of(self.tokenize(laid, [], media, where))
+
+    def chat(self, messages, media, where="prompt"):
+        if not self.cfg.chat_template_jinja:
+            if len(messages) != 1:
+                raise DataError(f"{where}: this folder has no chat template, so the model answers one prompt; send "
+                                f"a single user message")
+            return self.prompt(messages[0]["content"], media, where)
+        text = self.render(self.images_in_front(messages, len(media)), generation=True)
+        laid = mllama_prompt(text, self.tokenizer.bos_token, self.cfg.image_token)
+        return self._prompt_of(self.tokenize(laid, [], media, where, special=not self.starts_with_bos(laid)))
+
+
+@dataclass
+class MllamaProcessorConfig(ProcessorConfig):
+    """Mllama's processor: ``image_size`` is the (square) tile; an image is cut into at most ``max_image_tiles``."""
+
+    max_image_tiles: int = 4

@@ -1,4 +1,4 @@
-"""PaliGemma's processor: fixed-size SigLIP images, and the prompt layout of transformers' PaliGemmaProcessor.
+"""PaliGemma's prompt layout, as transformers' PaliGemmaProcessor's.
 
 Pixels are those of the base :class:`~vlmkit.processing.image.ImageProcessor` (resize to height x width,
 rescale, normalise: SiglipImageProcessor). The text is what makes PaliGemma its own family:
@@ -16,7 +16,10 @@ A prompt without images (which transformers' processor refuses) gets BOS + promp
 
 from __future__ import annotations
 
-from vlmkit.processing.image import IMAGE_PROCESSORS, ImageProcessor
+from vlmkit.batch import IGNORE, Encoded
+from vlmkit.errors import DataError
+from vlmkit.processing.chat import DATA_PLACEHOLDER
+from vlmkit.processing.layouts import TemplateLayout
 
 
 def paligemma_prompt(prompt: str, n_images: int, image_token: str, bos_token: str) -> str:
@@ -27,13 +30,39 @@ def paligemma_prompt(prompt: str, n_images: int, image_token: str, bos_token: st
     return image_token * n_images + bos_token + prompt + "\n"
 
 
-@IMAGE_PROCESSORS.register("paligemma", "fixed-size images, PaliGemma's prompt layout (BOS after the images, "
-                                        "'\\n' at the end) and suffix + EOS continuations")
-class PaliGemmaImageProcessor(ImageProcessor):
-    """The fixed-size image processor with PaliGemma's text hooks (see the module docstring)."""
+class PaliGemmaLayout(TemplateLayout):
+    """PaliGemmaProcessor's layout (module docstring): the prompt laid out and tokenised without special tokens, the
+    suffix (a reply, a scored continuation) tokenised on its own with EOS appended. One prompt per request: the
+    processor has no conversation format."""
 
-    def format_prompt(self, prompt: str, n_images: int) -> str:
-        return paligemma_prompt(prompt, n_images, self.cfg.image_token, self.cfg.bos_token)
+    def prompt(self, text, media, where="prompt"):
+        laid = paligemma_prompt(text, len(media), self.cfg.image_token, self.tokenizer.bos_token or "")
+        return self._prompt_of(self.tokenize(laid, [], media, where, special=False))
 
-    def format_continuation(self, continuation: str) -> str:
-        return continuation + self.cfg.eos_token
+    def chat(self, messages, media, where="prompt"):
+        if len(messages) != 1:
+            raise DataError(f"{where}: this family (paligemma) answers one prompt; send a single user message")
+        if not self.cfg.chat_template_jinja:  # no template: the question is the prompt
+            return self.prompt(messages[0]["content"], media, where)
+        return self.prompt(self.render(self.images_in_front(messages, len(media)), generation=True), media, where)
+
+    def suffix(self, text: str) -> list[int]:
+        """A reply or continuation as the processor's ``suffix``: tokenised on its own, EOS appended."""
+        return self.tokenizer.encode(text + self.cfg.eos_token)
+
+    def supervised(self, messages, media, where="sample"):
+        if [m["role"] for m in messages] != ["user", "assistant"]:
+            raise DataError(f"{where}: this family (paligemma) trains on one question and its answer (a prompt and "
+                            f"a suffix); the conversation has turns {[m['role'] for m in messages]}")
+        question = messages[0]["content"]
+        for placeholder in {DATA_PLACEHOLDER, self.cfg.image_token}:  # "<image>\n": the image on its own line
+            question = question.replace(placeholder + "\n", placeholder).replace(placeholder, self.cfg.image_token)
+        prompt = self.prompt(question, media, where)
+        suffix = self.suffix(messages[1]["content"])
+        ids = prompt.ids + suffix
+        self.check_length(ids, where)
+        return Encoded(ids, [IGNORE] * len(prompt.ids) + suffix, len(prompt.ids), prompt.media)
+
+    def continuation(self, prompt, text, media, where="score"):
+        p = self.prompt(prompt, media, where)
+        return Encoded(p.ids + self.suffix(text), None, len(p.ids), p.media)

@@ -16,16 +16,41 @@ fills t * h * w / merge_size**2 LM tokens, as ``Qwen2VLProcessor`` expands ``<|i
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import math
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vlmkit.batch import MediaInputs
+from vlmkit.config import ProcessorConfig
 from vlmkit.errors import ConfigError, DataError
-from vlmkit.processing.image import IMAGE_PROCESSORS, RESAMPLE, ImageInputs, ImageProcessor
+from vlmkit.processing.image import RESAMPLE, ImageProcessor, PreparedPlaceholders
 
 MAX_ASPECT_RATIO = 200  # transformers refuses images more elongated than this
+
+
+@dataclass
+class NativeResolutionConfig:
+    """Qwen2-VL dynamic resolution (image_processor "qwen2_vl"): each image is resized so that height and width
+    are multiples of patch_size * merge_size and min_pixels <= height * width <= max_pixels, then cut into
+    patch_size patches of temporal_patch_size repeated frames, listed merge_size x merge_size window by window."""
+
+    min_pixels: int = 0
+    max_pixels: int = 0
+    patch_size: int = 0
+    temporal_patch_size: int = 1
+    merge_size: int = 1
+
+
+
+@dataclass
+class Qwen2VLProcessorConfig(ProcessorConfig):
+    """Qwen2-VL's processor: images at (about) their own resolution (``native``)."""
+
+    native: NativeResolutionConfig = field(default_factory=NativeResolutionConfig)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -57,8 +82,8 @@ def patchify(image: torch.Tensor, patch_size: int, merge_size: int, temporal_pat
     return x.reshape(gh * gw, c * temporal_patch_size * p * p)
 
 
-class Qwen2VLImageProcessor(ImageProcessor):
-    """Images -> ImageInputs with ``pixel_values`` [total patches, C * T * p * p], ``extra["image_grid_thw"]``
+class Qwen2VLImageProcessor(PreparedPlaceholders, ImageProcessor):
+    """Images -> MediaInputs with ``pixel_values`` [total patches, C * T * p * p], ``extra["image_grid_thw"]``
     [n_images, 3] (long) and each image's LM token count."""
 
     def __init__(self, cfg):
@@ -88,7 +113,7 @@ class Qwen2VLImageProcessor(ImageProcessor):
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         return (x - self.mean) / self.std
 
-    def __call__(self, images: list[Image.Image]) -> ImageInputs:
+    def __call__(self, images: list[Image.Image]) -> MediaInputs:
         patches, grids = [], []
         for image in images:
             x = self.pixels(image)
@@ -97,8 +122,7 @@ class Qwen2VLImageProcessor(ImageProcessor):
         grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
         pixel_values = torch.cat(patches) if patches else torch.zeros(0, self.patch_dim)
         tokens = [int(t * h * w) // self.cfg.native.merge_size**2 for t, h, w in grids]
-        return ImageInputs(pixel_values, tokens, {"image_grid_thw": grid_thw})
+        rows = [int(t * h * w) for t, h, w in grids]
+        return MediaInputs(pixel_values, tokens, {"image_grid_thw": grid_thw}, rows=rows)
 
 
-IMAGE_PROCESSORS.register("qwen2_vl", "Qwen2-VL dynamic resolution: smart_resize, then flattened patches listed "
-                                      "window by window, with image_grid_thw")(Qwen2VLImageProcessor)

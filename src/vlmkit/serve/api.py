@@ -563,7 +563,7 @@ def create_app(engine, *, api_key: str | None = None, allow_local_files: bool = 
         check_key(request)
         body = await read_json(request)
         messages, refs, gen, stream, include_usage = parse_chat(body, getattr(engine, "max_new_tokens", None))
-        if engine.is_dual_encoder:
+        if not engine.can_generate:
             raise _bad(f"{engine.model_name} is a dual encoder: it embeds texts and images "
                        f"(POST /v1/embeddings); it does not chat", "model", "model_not_chat")
         pictures = await run_in_threadpool(images.decode_all, refs) if refs else []
@@ -603,7 +603,7 @@ def create_app(engine, *, api_key: str | None = None, allow_local_files: bool = 
         check_key(request)
         body = await read_json(request)
         items, fmt = parse_embeddings(body)
-        if not engine.is_dual_encoder:
+        if not engine.can_embed:
             raise _bad(f"{engine.model_name} is a generative vision-language model: it answers "
                        f"POST /v1/chat/completions; embeddings need a dual encoder (CLIP or SigLIP)", "model",
                        "model_not_embedding")

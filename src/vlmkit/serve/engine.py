@@ -14,7 +14,7 @@ and a new request never waits for the batch to drain:
 - **decoding**: one forward of all rows per step, each row sampled with its own temperature, top-p and seed;
   end of sequence, stop strings, ``max_new_tokens``, timeouts and cancellation end a row.
 
-The prompt is built by the same Processor as training and evaluation (``encode_chat_messages``). Results reach
+The prompt is built by the same Processor as training and evaluation (``Processor.chat``). Results reach
 the caller through a :class:`Stream` of :class:`Delta` events, consumed synchronously or with ``async for``.
 """
 
@@ -33,8 +33,8 @@ import torch
 
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.generation import GenerationConfig, left_pad, sample_next
+from vlmkit.batch import Batch, Features, MediaInputs, item_key
 from vlmkit.nn import KVCache
-from vlmkit.processing.image import ImageInputs
 
 
 class QueueFull(Exception):
@@ -118,7 +118,7 @@ class Stream:
 @dataclass
 class _Request:
     prompt: list[int]
-    singles: list[ImageInputs]  # each image as the processor prepares it
+    singles: list[MediaInputs]  # each image as the processor prepares it
     keys: list[str]  # their content hashes
     gen: GenerationConfig
     stream: Stream
@@ -157,12 +157,16 @@ class Engine:
         self.eos_id, self.pad_id = tok.eos_id, tok.pad_id
 
     @property
-    def is_dual_encoder(self) -> bool:
-        return self.pipe.is_dual_encoder
+    def can_generate(self) -> bool:
+        return self.pipe.can_generate
+
+    @property
+    def can_embed(self) -> bool:
+        return self.pipe.can_embed
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> Engine:
-        if self._thread is None and not self.is_dual_encoder:
+        if self._thread is None and self.can_generate:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="vlmkit-engine", daemon=True)
             self._thread.start()
@@ -182,20 +186,15 @@ class Engine:
         """Queue a chat request; returns its Stream. The images are prepared and the prompt tokenised here, in
         the caller's thread: an async server calls this from a worker thread and passes its event ``loop``, to
         which the Stream then delivers."""
-        if self.is_dual_encoder:
+        if not self.can_generate:
             raise ConfigError(f"{self.model_name} is a dual encoder: it embeds (POST /v1/embeddings), it does not chat")
         gen.validate()
         if gen.max_new_tokens > self.max_new_tokens:
             raise DataError(f"max_tokens {gen.max_new_tokens} is more than this server allows ({self.max_new_tokens})")
-        singles = [self.processor.prepare_images([im], "request") for im in images]
-        keys = [_image_key(im) for im in images]
-        inputs = ImageInputs.cat(singles) if singles else self.processor.prepare_images([])
-        prompt = self.processor.encode_chat_messages(messages, inputs, "request")
-        added = [k for k in inputs.extra if k not in (singles[0].extra if singles else {})]
-        if added:  # what the prompt adds to each image (InstructBLIP's instruction) is part of its features
-            singles = [ImageInputs(s.pixel_values, s.tokens, {**s.extra, **{k: inputs.extra[k][i:i + 1] for k in added}},
-                                   s.texts) for i, s in enumerate(singles)]
-            keys = [_extra_key(key, s.extra, added) for key, s in zip(keys, singles)]
+        enc = self.processor.chat(messages, self.processor.prepare_images(images, "request"), "request")
+        prompt = enc.ids
+        singles = enc.media.split()  # each image with what the prompt added to it (InstructBLIP's instruction)
+        keys = [item_key(_image_key(im), single) for im, single in zip(images, singles)]
         if len(prompt) > self.max_prompt_tokens:
             raise DataError(f"the prompt has {len(prompt)} tokens, more than this server allows "
                             f"({self.max_prompt_tokens})")
@@ -255,16 +254,15 @@ class Engine:
     def _features_of(self, reqs: list[_Request]):
         """Image features of the admitted requests, in their reading order: cached ones looked up, the others
         encoded in one batch and cached. Returns None when no request has an image."""
-        singles: dict[str, ImageInputs] = {}
+        singles: dict[str, MediaInputs] = {}
         for r in reqs:
             for k, single in zip(r.keys, r.singles):
                 if k not in self._features and k not in singles:
                     singles[k] = single
         if singles:
             self.stats.image_cache_misses += len(singles)
-            encoded = self.model.encode_images(ImageInputs.cat(list(singles.values())))
-            tokens = [sum(s.tokens) for s in singles.values()]
-            for k, f in zip(singles, _split(encoded, tokens, getattr(self.model, "features_per_image", False))):
+            encoded = self.model.encode_media(MediaInputs.cat(list(singles.values())))
+            for k, f in zip(singles, encoded.split()):
                 self._features[k] = f
         keys = [k for r in reqs for k in r.keys]
         self.stats.image_cache_hits += len(keys) - len(singles)
@@ -273,14 +271,14 @@ class Engine:
         feats = [self._features[k] for k in keys]
         while len(self._features) > self.image_cache_size:
             self._features.popitem(last=False)
-        return _join(feats) if feats else None
+        return Features.cat(feats) if feats else None
 
     def _admit(self, reqs: list[_Request]) -> None:
         ids, attn = left_pad([r.prompt for r in reqs], self.pad_id)
         feats = self._features_of(reqs)
-        cache = self.model.lm.new_cache(len(reqs), ids.shape[1])
-        prefix = {"prefix_len": ids.shape[1]} if getattr(self.model, "prefix_lm", False) else {}
-        out = self.model(ids, attention_mask=attn, cache=cache, image_features=feats, logits_to_keep=1, **prefix)
+        cache = self.model.new_cache(len(reqs), ids.shape[1])
+        batch = Batch(ids, attention_mask=attn, prompt_mask=attn.bool(), features=feats)
+        out = self.model(batch, cache=cache, logits_to_keep=1)
         for r in reqs:
             self.stats.prompt_tokens_total += len(r.prompt)
         self._join(reqs, cache, attn)
@@ -292,39 +290,22 @@ class Engine:
             self._cache, self._attn, self._running = cache, attn, list(reqs)
             self.stats.running = len(self._running)
             return
-        old, C_old, C_new = self._cache, self._cache.length, cache.length
-        C = max(C_old, C_new)
-        cap = max(old.max_len - C_old, 64) + C
         B_old, B_new = len(self._running), len(reqs)
-        merged = KVCache(len(old.k), B_old + B_new, old.k[0].shape[1], old.k[0].shape[3], cap,
-                         old.k[0].device, old.k[0].dtype)
-        for layer in range(len(old.k)):
-            for src, dst in ((old.k, merged.k), (old.v, merged.v)):
-                dst[layer][:B_old, :, C - C_old:C] = src[layer][:, :, :C_old]
-            for src, dst in ((cache.k, merged.k), (cache.v, merged.v)):
-                dst[layer][B_old:, :, C - C_new:C] = src[layer][:, :, :C_new]
-        merged.length = C
+        merged = KVCache.stack(self._cache, cache)
+        C = merged.length
         a = torch.zeros(B_old + B_new, C, dtype=self._attn.dtype)
-        a[:B_old, C - C_old:] = self._attn
-        a[B_old:, C - C_new:] = attn
-        merged.extra = {k: _merge_rows(old.extra.get(k), cache.extra.get(k), B_old, B_new)
-                        for k in {**old.extra, **cache.extra}}
+        a[:B_old, C - self._attn.shape[1]:] = self._attn
+        a[B_old:, C - attn.shape[1]:] = attn
         self._cache, self._attn, self._running = merged, a, self._running + list(reqs)
         self.stats.running = len(self._running)
 
     def _decode_step(self) -> None:
-        cache, B = self._cache, len(self._running)
-        if cache.length + 1 > cache.max_len:  # grow the buffers
-            grown = KVCache(len(cache.k), B, cache.k[0].shape[1], cache.k[0].shape[3], 2 * cache.max_len,
-                            cache.k[0].device, cache.k[0].dtype)
-            for layer in range(len(cache.k)):
-                grown.k[layer][:, :, :cache.length] = cache.k[layer][:, :, :cache.length]
-                grown.v[layer][:, :, :cache.length] = cache.v[layer][:, :, :cache.length]
-            grown.length, grown.extra = cache.length, cache.extra
-            self._cache = cache = grown
+        B = len(self._running)
+        if self._cache.length + 1 > self._cache.max_len:  # grow the buffers
+            self._cache = self._cache.grow(2 * self._cache.max_len)
         nxt = torch.tensor([[r.last] for r in self._running], dtype=torch.long)
         self._attn = torch.cat([self._attn, torch.ones(B, 1, dtype=self._attn.dtype)], dim=1)
-        out = self.model(nxt, attention_mask=self._attn, cache=cache, logits_to_keep=1)
+        out = self.model(Batch(nxt, attention_mask=self._attn), cache=self._cache, logits_to_keep=1)
         self.stats.decode_steps += 1
         self.stats.batch_size_sum += B
         self._sample_and_emit(list(self._running), out.logits[:, -1])
@@ -332,7 +313,7 @@ class Engine:
     def _sample_and_emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         """Sample each row's next token, send the new text, and drop the rows that finished."""
         logits = logits.clone()
-        logits[:, self.model.image_token_id] = float("-inf")  # an image slot can only come from the processor
+        logits[:, list(self.model.reserved_token_ids)] = float("-inf")  # image slots come from the processor alone
         now = time.monotonic()
         done: list[tuple[_Request, str]] = []
         decode = self.processor.tokenizer.decode
@@ -391,17 +372,9 @@ class Engine:
             self._cache, self._attn = None, None
             return
         idx = torch.tensor(keep, dtype=torch.long)
-        cache, attn = self._cache, self._attn[idx]
+        attn = self._attn[idx]
         first = int(attn.any(0).long().argmax())  # columns before it hold only padding now
-        C = cache.length
-        for layer in range(len(cache.k)):
-            cache.k[layer] = cache.k[layer][idx]
-            cache.v[layer] = cache.v[layer][idx]
-            if first:
-                cache.k[layer][:, :, :C - first] = cache.k[layer][:, :, first:C].clone()
-                cache.v[layer][:, :, :C - first] = cache.v[layer][:, :, first:C].clone()
-        cache.extra = {k: _take_rows(v, idx) for k, v in cache.extra.items()}
-        cache.length = C - first
+        self._cache = self._cache.select(idx, drop_columns=first)
         self._attn = attn[:, first:]
 
 
@@ -410,81 +383,6 @@ def _image_key(image) -> str:
     h = hashlib.sha256(f"{image.mode}:{image.size}".encode())
     h.update(image.tobytes())
     return h.hexdigest()
-
-
-def _extra_key(image_key: str, extra: dict, names: list[str]) -> str:
-    """The feature-cache key of an image read with what its prompt adds (e.g. an instruction's ids)."""
-    h = hashlib.sha256(image_key.encode())
-    for k in names:
-        h.update(k.encode())
-        h.update(extra[k].cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _split(features, tokens: list[int], per_image: bool = False) -> list:
-    """Encoded features of several images -> one entry per image: ``tokens`` rows each of the flat features a
-    splice family gives, or (``per_image``: models whose ``features_per_image`` says that encode_images gives one
-    entry of dim 0 per image, the cross-attention families) one entry of dim 0 each."""
-    from vlmkit.models.mllama import MllamaImageStates
-    from vlmkit.models.qwen2_vl import Qwen2VLImageFeatures
-
-    if isinstance(features, Qwen2VLImageFeatures):
-        parts = features.features.split(tokens)
-        return [Qwen2VLImageFeatures(p, features.grid_thw[i:i + 1]) for i, p in enumerate(parts)]
-    if isinstance(features, MllamaImageStates):
-        return [MllamaImageStates(features.states[i:i + 1], features.num_tiles[i:i + 1]) for i in range(len(features))]
-    if per_image:
-        return list(features.split(1))
-    flat = features.reshape(-1, features.shape[-1])
-    return list(flat.split(tokens))
-
-
-def _join(parts: list):
-    from vlmkit.models.mllama import MllamaImageStates
-    from vlmkit.models.qwen2_vl import Qwen2VLImageFeatures
-
-    if isinstance(parts[0], Qwen2VLImageFeatures):
-        return Qwen2VLImageFeatures(torch.cat([p.features for p in parts]), torch.cat([p.grid_thw for p in parts]))
-    if isinstance(parts[0], MllamaImageStates):
-        return MllamaImageStates(torch.cat([p.states for p in parts]), torch.cat([p.num_tiles for p in parts]))
-    return torch.cat(parts)
-
-
-def _merge_rows(a, b, rows_a: int, rows_b: int):
-    """Two batches' per-row decoding state (``KVCache.extra`` values: tensors with the rows on dim 0, or tuples /
-    lists of them, or None) -> the state of the stacked batch. Tensors are zero-padded (False for masks) to the
-    larger size of every other dim: padded image keys are masked keys; a side without the state (None) gets zeros,
-    the state of a row with no images (M-RoPE delta 0, no image seen)."""
-    if a is None and b is None:
-        return None
-    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
-        n = len(a if a is not None else b)
-        merged = [_merge_rows(None if a is None else a[i], None if b is None else b[i], rows_a, rows_b)
-                  for i in range(n)]
-        return type(a if a is not None else b)(merged)
-    ref = a if a is not None else b
-    a = ref.new_zeros((rows_a, *ref.shape[1:])) if a is None else a
-    b = ref.new_zeros((rows_b, *ref.shape[1:])) if b is None else b
-    size = [max(x, y) for x, y in zip(a.shape[1:], b.shape[1:])]
-    return torch.cat([_pad_to(a, size), _pad_to(b, size)])
-
-
-def _pad_to(t: torch.Tensor, size: list[int]) -> torch.Tensor:
-    """``t`` [B, ...] in the top-left corner of zeros (False) [B, *size]."""
-    if list(t.shape[1:]) == size:
-        return t
-    out = t.new_zeros((t.shape[0], *size))
-    out[tuple(slice(0, n) for n in t.shape)] = t
-    return out
-
-
-def _take_rows(x, idx: torch.Tensor):
-    """Per-row decoding state (as :func:`_merge_rows`) of the rows ``idx``."""
-    if x is None:
-        return None
-    if isinstance(x, (tuple, list)):
-        return type(x)(_take_rows(v, idx) for v in x)
-    return x[idx]
 
 
 def _stop_at(text: str, stop: list[str]) -> int | None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model
-from tokenizers import processors
 from tqdm.auto import tqdm
 
 from vlmkit.config import apply_overrides
@@ -26,7 +25,8 @@ from vlmkit.errors import ConfigError
 from vlmkit.eval.metrics.retrieval import retrieval_metrics
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
-from vlmkit.processing import Processor, TextTokenizer, train_bpe
+from vlmkit.family import family_of
+from vlmkit.processing import Processor, TextTokenizer
 from vlmkit.train.distributed import batchnorm_note, wrap_model
 from vlmkit.train.lora import apply_lora
 from vlmkit.train.optim import (freeze_for_stage, load_optimizer, lr_factor, make_optimizer, set_lr,
@@ -35,31 +35,12 @@ from vlmkit.train.recipe import Recipe
 from vlmkit.train.stream import BatchStream
 from vlmkit.utils import seed_everything
 
-# A caption tokenizer's special tokens. End-of-text is not id 2: transformers reads a CLIP text config whose
-# eos_token_id is 2 as a legacy one and pools the highest id instead, so an export would pool the wrong token.
-CAPTION_SPECIAL_TOKENS = ["<pad>", "</s>", "<s>"]
-
-
-def train_caption_tokenizer(captions: list[str], vocab_size: int) -> TextTokenizer:
-    """A byte-level BPE on the captions that brackets every text with ``<s>`` ... ``</s>`` (as CLIP's tokenizer
-    does with its start- and end-of-text tokens), padding with ``<pad>``."""
-    tok = train_bpe(captions, vocab_size, special_tokens=CAPTION_SPECIAL_TOKENS)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))])
-    return TextTokenizer(tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
-
-
 def build_dual_for_recipe(recipe: Recipe, tokenizer: TextTokenizer):
-    """Preset + overrides -> (model config, dual encoder, processor): the text tower sized to the tokenizer and
-    pooling its end-of-text token, the processor's context and image size the towers'."""
+    """Preset + overrides -> (model config, dual encoder, processor), built from scratch by the preset's family."""
     preset = get_preset(recipe.preset)
     cfg = apply_overrides(preset.model, recipe.model, root="model")
-    cfg = apply_overrides(cfg, {"text.vocab_size": tokenizer.vocab_size, "text.eos_token_id": tokenizer.eos_id})
     pcfg = apply_overrides(preset.processor, recipe.processor, root="processor")
-    pcfg = apply_overrides(pcfg, {"image_size": list(cfg.vision.image_size), "max_length": cfg.text.context_length,
-                                  "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token,
-                                  "bos_token": tokenizer.bos_token or ""})
-    return cfg, build_model(cfg, None), Processor(pcfg, tokenizer)
+    return family_of(cfg).new_model(cfg, pcfg, tokenizer)
 
 
 def load_pairs(recipe: Recipe, log=print):
@@ -89,8 +70,7 @@ def validate(model, ds: PairDataset, batch_size: int) -> dict[str, float]:
     losses, images = [], []
     for start in range(0, len(ds), batch_size):
         idx = list(range(start, min(len(ds), start + batch_size)))
-        b = ds.batch(idx)
-        out = model(b["pixel_values"], b["input_ids"], gather=False)
+        out = model(ds.batch(idx), gather=False)
         if len(idx) == batch_size or start == 0:
             losses.append(float(out.loss))
         images.append(out.image_embeds)
@@ -138,9 +118,10 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
                                             bos_token=pcfg.bos_token or None)
         cfg, model, processor = build_dual_for_recipe(recipe, tokenizer)
     else:
-        tokenizer = train_caption_tokenizer([p.caption for p in pairs], recipe.tokenizer.vocab_size)
+        preset = get_preset(recipe.preset)
+        tokenizer = family_of(preset.model).new_tokenizer([p.caption for p in pairs], recipe.tokenizer.vocab_size)
         cfg, model, processor = build_dual_for_recipe(recipe, tokenizer)
-    if not getattr(model, "is_dual_encoder", False):
+    if not family_of(cfg).capabilities.embed:
         raise ConfigError(f"{recipe.init_from or recipe.preset} is not a dual encoder (family {cfg.family})")
     if recipe.lora.targets and not (state and recipe.init_from):  # a resumed fine-tune's checkpoint has them
         wrapped = apply_lora(model, recipe.lora)
@@ -193,7 +174,7 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
         metrics.write(event="stage", step=step, stage=stage.name, modules=table)
         if stage.objective == "cell_labels":  # the image tower alone, as the demo's
             step, seconds, stop = whole_stage(
-                model, model.vision.encoder, cfg, processor, recipe, si, metrics, pbar, step, log, stop_at_step, ckpt,
+                model, model.image_tower(), cfg, processor, recipe, si, metrics, pbar, step, log, stop_at_step, ckpt,
                 {"stream_position": stream.position, "train_seconds": elapsed, "samples_seen": n_samples,
                  "tokens_seen": 0}, info)
             elapsed += seconds
@@ -216,7 +197,7 @@ def train_contrastive(recipe: Recipe, out: str | Path, resume: bool = False, pro
             position = stream.position
             batch = train_ds.batch(stream.next(), position, part=(info.rank, info.world))
             with autocast:
-                res = net(batch["pixel_values"], batch["input_ids"])
+                res = net(batch)
             res.loss.backward()  # each rank's rows against every rank's columns; DDP averages the gradients
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        recipe.train.max_grad_norm)
@@ -278,14 +259,13 @@ def is_dual_encoder_recipe(recipe: Recipe) -> bool:
     if recipe.init_from:
         from vlmkit.checkpoint import read_config
         from vlmkit.convert.hf import is_hf_folder
+        from vlmkit.family import hf_family_of
 
         if is_hf_folder(recipe.init_from):
-            from vlmkit.convert.hf.families import family_of
-
-            return family_of(Path(recipe.init_from)).name in ("clip", "siglip")
-        return read_config(recipe.init_from)[0].is_dual_encoder
-    return get_preset(recipe.preset).model.is_dual_encoder
+            return hf_family_of(Path(recipe.init_from))[0].capabilities.embed
+        return family_of(read_config(recipe.init_from)[0]).capabilities.embed
+    return family_of(get_preset(recipe.preset).model).capabilities.embed
 
 
-__all__ = ["CAPTION_SPECIAL_TOKENS", "build_dual_for_recipe", "is_dual_encoder_recipe", "load_pairs",
-           "train_caption_tokenizer", "train_contrastive", "validate"]
+__all__ = ["build_dual_for_recipe", "is_dual_encoder_recipe", "load_pairs",
+           "train_contrastive", "validate"]

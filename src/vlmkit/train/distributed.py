@@ -189,7 +189,7 @@ def consolidate(checkpoint) -> None:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_model
 
-    from vlmkit.config import ModelConfig, from_dict
+    from vlmkit.family import model_config_from_dict
     from vlmkit.errors import CheckpointError
     from vlmkit.models import build_model
     from vlmkit.processing import Processor
@@ -200,7 +200,7 @@ def consolidate(checkpoint) -> None:
     if not (shards / ".metadata").is_file():
         raise CheckpointError(f"{folder} has no sharded state (dcp/.metadata): it is not a sharded checkpoint")
     meta = json.loads((folder / "config.json").read_text())
-    cfg = from_dict(ModelConfig, meta["model"], "config.json:model")
+    cfg = model_config_from_dict(meta["model"], "config.json:model")
     processor = Processor.from_pretrained(folder)
     model = build_model(cfg, processor.image_token_id, init=False)
     if meta.get("lora"):

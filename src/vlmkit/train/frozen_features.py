@@ -32,7 +32,7 @@ class FrozenVisionFeatures:
             for start in tqdm(range(0, len(paths), batch_size), disable=not progress, desc="vision features",
                               unit="batch", leave=False, dynamic_ncols=True):
                 chunk = paths[start:start + batch_size]
-                feats = encoder(processor.preprocess_images(chunk, str(chunk[0].parent)))
+                feats = encoder(processor.prepare_images(chunk, str(chunk[0].parent)).pixel_values)
                 if self.store is None:
                     self.store = torch.empty(len(paths), *feats.shape[1:], dtype=feats.dtype)
                 self.store[start:start + len(chunk)] = feats

@@ -8,6 +8,7 @@ stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -21,14 +22,16 @@ import torch
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
+from vlmkit.batch import IGNORE, Batch, MediaInputs
 from vlmkit.checkpoint import check_folder, load_checkpoint, write_model_files
-from vlmkit.config import ProcessorConfig, apply_overrides, to_dict
+from vlmkit.config import apply_overrides, to_dict
 from vlmkit.data.collate import PaddingStats, collate, collate_packed
 from vlmkit.data.conversations import ConversationDataset, ReadReport, group_by_image, read_conversations
 from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.family import family_of
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
-from vlmkit.processing import IGNORE, Processor, TextTokenizer, train_bpe
+from vlmkit.processing import Processor, TextTokenizer
 from vlmkit.train.cell_labels import run_cell_label_stage
 from vlmkit.train.qformer_stage import run_qformer_stage
 from vlmkit.train.distributed import (DistInfo, batchnorm_note, full_state_dict, grad_norm_value, init_distributed,
@@ -106,36 +109,22 @@ def _training_texts(samples) -> list[str]:
 
 
 def prepare_tokenizer(recipe: Recipe, samples, resume_dir: Path | None) -> TextTokenizer:
+    preset = get_preset(recipe.preset)
+    pcfg = preset.processor
     if resume_dir is not None:
-        return TextTokenizer.from_file(resume_dir / "tokenizer.json")
-    if recipe.tokenizer.path:
-        return TextTokenizer.from_file(recipe.tokenizer.path)
-    return TextTokenizer(train_bpe(_training_texts(samples), recipe.tokenizer.vocab_size))
+        return Processor.from_pretrained(resume_dir).tokenizer
+    if recipe.tokenizer.path:  # special tokens named as the preset's processor names them
+        return TextTokenizer.from_file(recipe.tokenizer.path, pad_token=pcfg.pad_token, eos_token=pcfg.eos_token,
+                                       bos_token=pcfg.bos_token or None)
+    return family_of(preset.model).new_tokenizer(_training_texts(samples), recipe.tokenizer.vocab_size)
 
 
 def build_for_recipe(recipe: Recipe, tokenizer: TextTokenizer):
-    """Preset + overrides -> (model config, model, processor)."""
+    """Preset + overrides -> (model config, model, processor), built from scratch by the preset's family."""
     preset = get_preset(recipe.preset)
     cfg = apply_overrides(preset.model, recipe.model, root="model")
-    cfg = apply_overrides(cfg, {"lm.vocab_size": tokenizer.vocab_size})
-    q = cfg.connector.qformer
-    if cfg.connector.kind == "qformer" and q.vocab_size and not q.init_from:  # its text is the model's tokenizer's
-        cfg = apply_overrides(cfg, {"connector.qformer.vocab_size": tokenizer.vocab_size})
-    pcfg: ProcessorConfig = apply_overrides(preset.processor, recipe.processor, root="processor")
-    pcfg = apply_overrides(pcfg, {"image_size": list(cfg.vision.image_size)})
-    model = build_model(cfg, tokenizer.token_id(pcfg.image_token))
-    qformer_tokenizer = None
-    if getattr(model, "reads_instruction", False):  # InstructBLIP: the processor gives the Q-Former the question
-        pcfg = apply_overrides(pcfg, {"qformer_max_length": pcfg.qformer_max_length or q.max_position_embeddings})
-        if q.init_from:  # a Q-Former started from a BERT reads the BERT's tokenizer
-            from tokenizers import Tokenizer
-
-            from vlmkit.connectors.qformer import resolve_bert_folder
-
-            qformer_tokenizer = Tokenizer.from_file(str(resolve_bert_folder(q.init_from) / "tokenizer.json"))
-            pcfg = apply_overrides(pcfg, {"qformer_pad_token": pcfg.qformer_pad_token or "[PAD]"})
-    processor = Processor(apply_overrides(pcfg, {"image_seq_len": model.image_seq_len}), tokenizer, qformer_tokenizer)
-    return cfg, model, processor
+    pcfg = apply_overrides(preset.processor, recipe.processor, root="processor")
+    return family_of(cfg).new_model(cfg, pcfg, tokenizer)
 
 
 def start_from(recipe: Recipe):
@@ -146,7 +135,7 @@ def start_from(recipe: Recipe):
     model, processor, cfg, _ = (load_hf if is_hf_folder(recipe.init_from) else load_checkpoint)(recipe.init_from)
     if recipe.processor:
         pcfg = apply_overrides(processor.cfg, recipe.processor, root="processor")
-        processor = Processor(pcfg, processor.tokenizer, processor.qformer_tokenizer)
+        processor = Processor(pcfg, processor.tokenizer, processor.files)
     return cfg, model, processor
 
 
@@ -166,20 +155,16 @@ def load_data(recipe: Recipe, processor: Processor | None = None, log=print):
     return train, val[: recipe.data.val_samples], report
 
 
-def forward_batch(model, batch: dict, features: FrozenVisionFeatures | None = None, labels: bool = True,
-                  encoder_model=None):
-    """The model on a collated batch: images through the tower, or the tower's precomputed ``features``
-    looked up by path; packed or grouped batches with their documents, segments and positions (the model
-    builds their mask). Right padding + causal attention needs no padding mask: real tokens never see padding.
-    ``encoder_model``: the unwrapped model whose connector maps looked-up features (``model`` may be DDP)."""
-    image_features = None
+def forward_batch(model, batch: Batch, features: FrozenVisionFeatures | None = None, labels: bool = True):
+    """The model on a collated batch: its images, or the frozen tower's precomputed ``features`` looked up by path
+    (``MediaInputs.tower``); packed or grouped batches carry their documents, segments and positions (the model
+    builds their mask). Right padding + causal attention needs no padding mask: real tokens never see padding."""
     if features is not None:
-        inner = encoder_model if encoder_model is not None else model
-        image_features = inner.connector(features.lookup(batch["image_paths"]), inner.encoder.grid)
-    return model(batch["input_ids"], None if features is not None else batch.get("pixel_values"),
-                 labels=batch["labels"] if labels else None, image_features=image_features,
-                 position_ids=batch["position_ids"], document_ids=batch.get("document_ids"),
-                 segment_ids=batch.get("segment_ids"))
+        tower = features.lookup(batch.image_paths)
+        batch = dataclasses.replace(batch, media=MediaInputs(tower[:, :0, :0], [0] * len(tower), tower=tower))
+    if not labels:
+        batch = dataclasses.replace(batch, labels=None)
+    return model(batch)
 
 
 @torch.no_grad()
@@ -279,7 +264,7 @@ class LocalBatches:
         t = recipe.train
         self.ds, self.info, self.grad_accum = ds, info, t.grad_accum
         self.budget = t.batch_tokens
-        self.lengths = [len(e[0]) for e in ds.encoded]
+        self.lengths = [len(e) for e in ds.encoded]
         if self.budget:
             self.stream = BatchStream(len(ds), 1, t.seed, state.get("sample_position", 0) if state else 0)
             self.carry: int | None = None
@@ -465,11 +450,11 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         if state.get("world_size", 1) != info.world and info.strategy != "fsdp":
             log(f"resuming a run of {state.get('world_size', 1)} processes with {info.world}")
     if recipe.data.group_turns and not streamed:
-        if cfg.lm.mrope_section or getattr(model, "prefix_lm", False):
-            raise ConfigError(f"data.group_turns {recipe.data.group_turns}: grouped questions get plain positions "
-                              f"and a causal segment mask, and the {cfg.family} family attends its own way "
-                              f"({'M-RoPE positions' if cfg.lm.mrope_section else 'prefix-LM attention'}); "
-                              f"set data.group_turns: 0")
+        if not family_of(cfg).capabilities.shared_prefix:
+            raise ConfigError(f"data.group_turns {recipe.data.group_turns}: grouped questions share one prompt prefix "
+                              f"at plain positions with a causal segment mask, and the {cfg.family} family reads "
+                              f"each question its own way (its positions, its attention or what its image encoder "
+                              f"reads); set data.group_turns: 0")
         samples = group_by_image(samples, recipe.data.group_turns, recipe.train.seed)
     val_ds = ConversationDataset(val_samples, processor) if val_samples else None
     if streamed:
@@ -484,10 +469,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                           "is not known in advance)")
     collate_fn = (lambda items: collate_packed(items, tokenizer.pad_id, pack_length)) if t.packing else \
         (lambda items: collate(items, tokenizer.pad_id))
-    try:
-        per_image = f"{model.image_seq_len} tokens per image"
-    except NotImplementedError:  # native resolution (Qwen2-VL): as many as each image's size gives
-        per_image = "tokens per image by size"
+    per_image = f"{family_of(cfg).image_tokens(model)} tokens per image"
     log(f"model {recipe.init_from or recipe.preset}: {count_parameters(model):,} parameters, {per_image}; "
         f"{n_train} training sequences, {len(val_ds) if val_ds else 0} validation samples"
         + (f"; {info.world} processes ({info.strategy})" if info.active else "")
@@ -530,7 +512,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         metrics.write(event="stage", step=step, stage=stage.name, modules=table)
         if stage.objective in ("cell_labels", "qformer"):
             _check_replicated_stage(model, info)
-            step, seconds, stop = whole_stage(model, model.encoder, cfg, processor, recipe, si, metrics, pbar, step,
+            step, seconds, stop = whole_stage(model, model.image_tower(), cfg, processor, recipe, si, metrics, pbar, step,
                                               log, stop_at_step, ckpt, counters(), info)
             elapsed += seconds
             if stop:
@@ -540,19 +522,15 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         if train_ds is not None:
             train_ds.load_images = True
         if t.precompute_frozen_vision and "vision" not in trained_groups(model, stage) and not streamed:
-            if getattr(model, "reads_instruction", False):
-                raise ConfigError("train.precompute_frozen_vision: this model's Q-Former reads each sample's question "
-                                  "with its image (InstructBLIP), which the precomputed tower features do not carry; "
-                                  "set it to false")
-            if processor.cfg.image_processor != "fixed":
-                raise ConfigError(f"train.precompute_frozen_vision: images of processor "
-                                  f"{processor.cfg.image_processor!r} are tiled or resized per image; only "
-                                  f"fixed-size images are precomputed (set it to false)")
+            if not family_of(cfg).capabilities.tower_cache:
+                raise ConfigError(f"train.precompute_frozen_vision: the {cfg.family} family's image features are not "
+                                  f"the tower's output of each image alone at one size (tiled or resized images, or "
+                                  f"a question read with the image); set it to false")
             if info.strategy == "fsdp":
                 raise ConfigError("train.precompute_frozen_vision with train.distributed fsdp: the sharded tower "
                                   "cannot run outside the model's forward; set it to false")
             t0 = time.perf_counter()
-            features = FrozenVisionFeatures(model.encoder, processor, [p for x in samples for p in x.images],
+            features = FrozenVisionFeatures(model.image_tower(), processor, [p for x in samples for p in x.images],
                                             progress=progress)
             train_ds.load_images = False
             elapsed += time.perf_counter() - t0
@@ -574,14 +552,14 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             t0 = time.perf_counter()
             set_lr(opt, lr_factor(s, stage))
             micro = [collate_fn(items) for items in batches.next_step()]
-            sums = [float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)),
-                    float(sum(b["n_samples"] for b in micro)), float(sum(int(b["attention_mask"].sum()) for b in micro)),
-                    float(sum(b["input_ids"].numel() for b in micro))]
+            sums = [float(sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in micro)),
+                    float(sum(b.n_samples for b in micro)), float(sum(b.real_tokens for b in micro)),
+                    float(sum(b.input_ids.numel() for b in micro))]
             n_sup, step_samples, step_tokens, step_slots = info.all_sum(sums)
             loss_sum = 0.0
             for batch in micro:
                 with autocast:
-                    res = forward_batch(net, batch, features, encoder_model=model)
+                    res = forward_batch(net, batch, features)
                 # the mean over every supervised token of the global batch (all micro-batches, all ranks): DDP and
                 # FSDP average gradients over ranks, hence the factor world
                 # (a micro-batch without supervised tokens has a NaN mean: it contributes zero, gradients included)
@@ -686,7 +664,7 @@ def whole_stage(model, encoder, cfg, processor, recipe: Recipe, si: int, metrics
                                           progress=not pbar.disable)
     else:
         # a tiled tower (Mllama's CNN on every tile) pretrains its one-tile tower on whole images
-        step, seconds = run_cell_label_stage(getattr(encoder, "tile_encoder", encoder), processor, stage, *common)
+        step, seconds = run_cell_label_stage(encoder, processor, stage, *common)
     if step < first + stage.steps:
         return step, seconds, True  # stopped inside the stage (stop_at_step): nothing of it is saved
     st = {**counters, "global_step": step, "stage": si + 1, "step_in_stage": 0,

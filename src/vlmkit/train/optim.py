@@ -24,9 +24,8 @@ EMBEDDING_TABLES = ("latents", "image_index")
 
 
 def module_groups(model) -> dict[str, nn.Module]:
-    if getattr(model, "is_dual_encoder", False):
-        return {"vision": model.vision, "text": model.text, "logits": model.logits}
-    return {"vision": model.encoder, "connector": model.connector, "lm": model.lm}
+    """The model's named module groups (``model.module_groups()``): what a stage trains or freezes."""
+    return model.module_groups()
 
 
 def trained_groups(model, stage: StageConfig) -> set[str]:

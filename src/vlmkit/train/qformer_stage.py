@@ -157,7 +157,7 @@ def held_out_retrieval(connector, encoder, processor, texts: QFormerTexts, path:
     for start in range(0, len(images), 64):
         chunk = images[start:start + 64]
         ids, mask = texts.pad_rows([texts.encode(first[p]) for p in chunk])
-        feats = encoder(processor.preprocess_images(chunk, str(path)))
+        feats = encoder(processor.prepare_images(chunk, str(path)).pixel_values)
         queries = connector.query_tokens.expand(len(chunk), -1, -1)
         hidden = connector.qformer(queries, feats, text_ids=ids, text_mask=mask, attention="unimodal")
         img = torch.nn.functional.normalize(heads.vision_proj(hidden[:, :Q]), dim=-1)

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import ConnectorConfig, ModelConfig, VisionConfig
+from vlmkit.config import ConnectorConfig, ProcessorConfig, VisionConfig, VLMConfig
 from vlmkit.connectors.qformer import qformer_config_from_hf, qformer_key_map
-from vlmkit.convert.hf.families import HFFamily, register_family
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import is_opt, lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
@@ -35,6 +34,7 @@ from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
 from vlmkit.models.blip2 import QueryVisionLanguageModel
 from vlmkit.processing import Processor
+from vlmkit.processing.blip2 import QFORMER_TOKENIZER, InstructBlipProcessorConfig
 
 FAMILIES = {"blip-2": "blip2", "instructblip": "instructblip"}
 MODEL_TYPES = {v: k for k, v in FAMILIES.items()}
@@ -67,8 +67,8 @@ def blip2_vision_config_from_hf(cfg: dict, where: str) -> VisionConfig:
         drop_class_token=False)
 
 
-def blip2_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, int]:
-    """A Blip2Config / InstructBlipConfig dict -> (ModelConfig, image token id)."""
+def blip2_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[VLMConfig, int]:
+    """A Blip2Config / InstructBlipConfig dict -> (VLMConfig, image token id)."""
     family = FAMILIES.get(cfg.get("model_type"))
     if family is None:
         raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not 'blip-2' or 'instructblip'")
@@ -87,11 +87,11 @@ def blip2_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelCo
     if token is None:
         raise ConfigError(f"{where}: missing key 'image_token_index' (configs written before the processor expanded "
                           f"the query tokens in the text); set it to the tokenizer's '<image>' id")
-    return ModelConfig(family=family, vision=vision, connector=ConnectorConfig(kind="qformer", qformer=qformer),
+    return VLMConfig(family=family, vision=vision, connector=ConnectorConfig(kind="qformer", qformer=qformer),
                        lm=lm), int(token)
 
 
-def _lm_prefix(cfg: ModelConfig) -> str:
+def _lm_prefix(cfg: VLMConfig) -> str:
     return "language_model.model.decoder." if is_opt(cfg.lm) else "language_model.model."
 
 
@@ -121,7 +121,7 @@ def blip2_vision_tensors(tensors: dict, cfg: VisionConfig, prefix: str = "vision
     return table, out
 
 
-def _load(folder: str | Path) -> tuple[QueryVisionLanguageModel, ModelConfig]:
+def _load(folder: str | Path) -> tuple[QueryVisionLanguageModel, VLMConfig]:
     ckpt = read_checkpoint(folder)
     cfg, image_token = blip2_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"))
     t = {k: v for k, v in ckpt.tensors.items() if not k.endswith("position_ids")}  # buffers some versions saved
@@ -184,13 +184,17 @@ def load_blip2_folder(folder: Path):
     if int(n_query) != model.image_seq_len:
         raise ConfigError(f"{proc_path}: num_query_tokens {n_query} does not match config.json's num_query_tokens "
                           f"{model.image_seq_len} (the Q-Former's queries per image)")
-    processor = load_hf_processor(folder, model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len,
-                                  image_processor="blip2", **image_processor_from_hf(settings, str(path)))
-    if cfg.family == "instructblip":
-        q = cfg.connector.qformer
-        qtok, pad = _qformer_tokenizer(folder, q.vocab_size)
-        pcfg = dataclasses.replace(processor.cfg, qformer_max_length=q.max_position_embeddings, qformer_pad_token=pad)
-        processor = Processor(pcfg, processor.tokenizer, qtok)
+    images = image_processor_from_hf(settings, str(path))
+    if cfg.family != "instructblip":
+        processor = load_hf_processor(folder, "blip2", model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len,
+                                      fixed_images=False, **images)
+        return model, cfg, processor
+    q = cfg.connector.qformer
+    qtok, pad = _qformer_tokenizer(folder, q.vocab_size)
+    processor = load_hf_processor(folder, "instructblip", model.image_token_id, model.image_seq_len,
+                                  cfg.lm.max_seq_len, InstructBlipProcessorConfig, fixed_images=False,
+                                  files={QFORMER_TOKENIZER: qtok}, qformer_max_length=q.max_position_embeddings,
+                                  qformer_pad_token=pad, **images)
     return model, cfg, processor
 
 
@@ -218,8 +222,8 @@ def blip2_vision_config_to_hf(cfg: VisionConfig, family: str, where: str = "visi
             "qkv_bias": True}
 
 
-def blip2_config_to_hf(cfg: ModelConfig, image_token_id: int) -> dict:
-    """ModelConfig -> Blip2Config's / InstructBlipConfig's config.json."""
+def blip2_config_to_hf(cfg: VLMConfig, image_token_id: int) -> dict:
+    """VLMConfig -> Blip2Config's / InstructBlipConfig's config.json."""
     if cfg.family not in MODEL_TYPES:
         raise ConfigError(f"family {cfg.family!r} is not blip2 or instructblip")
     if cfg.connector.kind != "qformer":
@@ -240,19 +244,20 @@ def blip2_processor_to_hf(processor: Processor, family: str, num_query_tokens: i
     """The processor's settings -> processor_config.json (BlipImageProcessor nested, num_query_tokens). Refused:
     what Blip2Processor / InstructBlipProcessor would lay out or resize differently."""
     pcfg = processor.cfg
-    if pcfg.image_processor != "blip2" or pcfg.text_mode != "whole":
-        raise ConfigError(f"processor image_processor {pcfg.image_processor!r}, text_mode {pcfg.text_mode!r}: "
-                          f"{PROCESSORS[family]}'s layout is image_processor 'blip2' with text_mode 'whole'")
+    if pcfg.text_mode != "whole":
+        raise ConfigError(f"processor text_mode {pcfg.text_mode!r}: {PROCESSORS[family]}'s layout is text_mode "
+                          f"'whole'")
     if pcfg.image_token != "<image>":
         raise ConfigError(f"processor image_token {pcfg.image_token!r}: {PROCESSORS[family]} writes the query tokens "
                           f"as the literal '<image>'")
     if pcfg.shortest_edge:
         raise ConfigError(f"processor shortest_edge {pcfg.shortest_edge}: BlipImageProcessor resizes straight to "
                           f"height x width (no centre crop); set shortest_edge: 0")
-    if (family == "instructblip") != (processor.qformer_tokenizer is not None):
-        raise ConfigError(f"processor qformer_max_length {pcfg.qformer_max_length}: InstructBLIP's processor has a "
+    if (family == "instructblip") != (QFORMER_TOKENIZER in processor.files):
+        raise ConfigError(f"processor qformer_max_length {getattr(pcfg, 'qformer_max_length', 0)}: InstructBLIP's "
+                          f"processor has a "
                           f"Q-Former tokenizer (> 0), BLIP-2's none (0)")
-    images = image_processor_to_hf(dataclasses.replace(pcfg, image_processor="fixed"), "BlipImageProcessor")
+    images = image_processor_to_hf(pcfg, "BlipImageProcessor")
     del images["do_center_crop"]
     return {"image_processor": images, "num_query_tokens": num_query_tokens, "processor_class": PROCESSORS[family]}
 
@@ -261,14 +266,14 @@ def export_qformer_tokenizer(processor: Processor, folder: Path) -> None:
     """InstructBLIP's Q-Former tokenizer in ``qformer_tokenizer/``, where InstructBlipProcessor reads it."""
     sub = folder / QFORMER_FOLDER
     sub.mkdir()
-    (sub / "tokenizer.json").write_text(processor.qformer_tokenizer.to_str())
+    (sub / "tokenizer.json").write_text(processor.files[QFORMER_TOKENIZER].to_str())
     pad = processor.cfg.qformer_pad_token or processor.tokenizer.pad_token
     write_json(sub / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad,
                                                "model_max_length": processor.cfg.qformer_max_length,
                                                "clean_up_tokenization_spaces": False})
 
 
-def export_tensors(model: QueryVisionLanguageModel, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def export_tensors(model: QueryVisionLanguageModel, cfg: VLMConfig) -> dict[str, torch.Tensor]:
     """Tower (fused qkv), Q-Former and LM under the names transformers saves."""
     table, _ = blip2_vision_tensors({}, cfg.vision)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -289,7 +294,7 @@ def export_tensors(model: QueryVisionLanguageModel, cfg: ModelConfig) -> dict[st
     return out
 
 
-def export_blip2(model: QueryVisionLanguageModel, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
+def export_blip2(model: QueryVisionLanguageModel, cfg: VLMConfig, processor: Processor, folder: Path) -> None:
     """A blip2 / instructblip vlmkit model -> a folder that transformers' Blip2ForConditionalGeneration /
     InstructBlipForConditionalGeneration and AutoProcessor load."""
     config = blip2_config_to_hf(cfg, model.image_token_id)
@@ -302,12 +307,6 @@ def export_blip2(model: QueryVisionLanguageModel, cfg: ModelConfig, processor: P
     write_json(folder / "generation_config.json", special)
     write_json(folder / "processor_config.json", proc)
     export_tokenizer(processor, folder)
-    if processor.qformer_tokenizer is not None:
+    if QFORMER_TOKENIZER in processor.files:
         export_qformer_tokenizer(processor, folder)
 
-
-for _family in ("blip2", "instructblip"):
-    register_family(HFFamily(_family, (MODEL_TYPES[_family],), load_blip2_folder, export_blip2,
-                             transformers_class=CLASSES[_family],
-                             doc="BLIP-2: EVA-CLIP tower + Q-Former + OPT LM" if _family == "blip2" else
-                                 "InstructBLIP: BLIP-2 whose Q-Former reads the instruction, Vicuna LM"))

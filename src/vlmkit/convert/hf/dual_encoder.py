@@ -34,8 +34,6 @@ import json
 import math
 from pathlib import Path
 
-from vlmkit.config import ContrastiveConfig, ModelConfig, ProcessorConfig, TextConfig
-from vlmkit.convert.hf.families import HFFamily, register_family
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.processor import (export_text_tokenizer, image_processor_from_hf, image_processor_to_hf,
                                          load_hf_text_tokenizer, read_image_processor)
@@ -43,7 +41,8 @@ from vlmkit.convert.hf.vision import (HF_VISION_ACTS, VISION_ACTS, block_key_map
                                       vision_config_from_hf, vision_config_to_hf, vision_key_map)
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
-from vlmkit.models.dual_encoder import DualEncoder
+from vlmkit.models.dual_encoder import ContrastiveConfig, DualEncoderConfig, TextConfig, DualEncoder
+from vlmkit.processing.text import TextProcessorConfig
 from vlmkit.processing import Processor
 
 KINDS = {"clip": "CLIPModel", "siglip": "SiglipModel"}
@@ -74,8 +73,8 @@ def _sub_config(cfg: dict, name: str, defaults: dict) -> dict:
     return {**defaults, **(cfg.get(name) or {}), **({**defaults, **legacy} if legacy else {})}
 
 
-def dual_encoder_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
-    """A CLIPModel or SiglipModel config -> ModelConfig (family ``clip`` / ``siglip``). What vlmkit's
+def dual_encoder_config_from_hf(cfg: dict, where: str = "config.json") -> DualEncoderConfig:
+    """A CLIPModel or SiglipModel config -> DualEncoderConfig (family ``clip`` / ``siglip``). What vlmkit's
     DualEncoder cannot compute is refused by key."""
     kind = cfg.get("model_type")
     if kind not in KINDS:
@@ -125,10 +124,10 @@ def dual_encoder_config_from_hf(cfg: dict, where: str = "config.json") -> ModelC
         text_config = TextConfig(**tcfg, causal=False, pool="last", eos_token_id=1)
         contrastive = ContrastiveConfig(embed_dim=embed, image_pool="map", projection="siglip", loss="siglip",
                                         logit_scale_init=math.log(10.0), logit_bias_init=-10.0, max_logit_scale=0.0)
-    return ModelConfig(family=kind, vision=vision, text=text_config, contrastive=contrastive, image_token="")
+    return DualEncoderConfig(family=kind, vision=vision, text=text_config, contrastive=contrastive, image_token="")
 
 
-def dual_encoder_key_map(cfg: ModelConfig) -> dict[str, str]:
+def dual_encoder_key_map(cfg: DualEncoderConfig) -> dict[str, str]:
     """vlmkit DualEncoder parameter name -> transformers CLIPModel / SiglipModel tensor name."""
     table = {f"vision.encoder.{k}": v for k, v in vision_key_map(cfg.vision, "vision_model.").items()}
     t = "text_model."
@@ -155,7 +154,7 @@ def dual_encoder_key_map(cfg: ModelConfig) -> dict[str, str]:
     return table
 
 
-def load_dual_encoder_weights(model: DualEncoder, tensors: dict, cfg: ModelConfig, where: str) -> None:
+def load_dual_encoder_weights(model: DualEncoder, tensors: dict, cfg: DualEncoderConfig, where: str) -> None:
     """Copy a CLIPModel / SiglipModel state into ``model``: the class token ([D]), image positions ([N, D]) and
     SigLIP's logit scale and bias ([1]) reshaped to vlmkit's, saved position ids dropped."""
     table = dual_encoder_key_map(cfg)
@@ -170,7 +169,7 @@ def load_dual_encoder_weights(model: DualEncoder, tensors: dict, cfg: ModelConfi
     load_state(model, t, table, where)
 
 
-def load_dual_encoder_processor(folder: Path, cfg: ModelConfig) -> Processor:
+def load_dual_encoder_processor(folder: Path, cfg: DualEncoderConfig) -> Processor:
     """The folder's tokenizer and image processor as a dual encoder's Processor: texts cut to the text tower's
     context; CLIP pads a batch to its longest text (CLIPProcessor with ``padding=True``), SigLIP every text to
     the context (``padding="max_length"``, as it was trained)."""
@@ -187,14 +186,14 @@ def load_dual_encoder_processor(folder: Path, cfg: ModelConfig) -> Processor:
     if tuple(images["image_size"]) != tuple(cfg.vision.image_size):
         raise ConfigError(f"{path}: the image processor gives {tuple(images['image_size'])} images, the vision tower "
                           f"takes {tuple(cfg.vision.image_size)} (vision_config.image_size)")
-    pcfg = ProcessorConfig(image_token="", image_seq_len=0, max_length=cfg.text.context_length, text_mode="whole",
+    pcfg = TextProcessorConfig(family=cfg.family, image_token="", image_seq_len=0, max_length=cfg.text.context_length, text_mode="whole",
                            text_padding="max_length" if cfg.family == "siglip" else "longest",
                            pad_token=tok.pad_token, eos_token=tok.eos_token, bos_token=tok.bos_token or "", **images)
     return Processor(pcfg, tok)
 
 
 def load_dual_encoder_folder(folder: Path):
-    """(DualEncoder in eval mode, ModelConfig, Processor) of a CLIPModel / SiglipModel folder."""
+    """(DualEncoder in eval mode, DualEncoderConfig, Processor) of a CLIPModel / SiglipModel folder."""
     ckpt = read_checkpoint(folder)
     where = str(ckpt.folder / "config.json")
     cfg = dual_encoder_config_from_hf(ckpt.config, where)
@@ -214,7 +213,7 @@ def load_hf_dual_encoder(folder: str | Path) -> DualEncoder:
 # ---------------------------------------------------------------------------------------------- export
 
 
-def _check_exportable(cfg: ModelConfig) -> None:
+def _check_exportable(cfg: DualEncoderConfig) -> None:
     kind, c, text, vision = cfg.family, cfg.contrastive, cfg.text, cfg.vision
     if kind not in KINDS:
         raise ConfigError(f"family {kind!r} is not a dual encoder; exportable as CLIPModel / SiglipModel: clip, "
@@ -242,8 +241,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
         raise ConfigError(f"not expressible as a transformers {cls}: {'; '.join(problems)}")
 
 
-def dual_encoder_config_to_hf(cfg: ModelConfig, special_ids: dict | None = None) -> dict:
-    """ModelConfig -> CLIPConfig / SiglipConfig's config.json. ``special_ids`` (``eos_token_id``,
+def dual_encoder_config_to_hf(cfg: DualEncoderConfig, special_ids: dict | None = None) -> dict:
+    """DualEncoderConfig -> CLIPConfig / SiglipConfig's config.json. ``special_ids`` (``eos_token_id``,
     ``bos_token_id``, ``pad_token_id``: the exported tokenizer's) go into the text config; by default the text
     tower's ``eos_token_id``. A CLIP text tower pooling ``argmax`` is written with the legacy eos_token_id 2,
     which is what makes transformers pool that way; one pooling ``eos`` must not have end-of-text id 2 (see
@@ -274,7 +273,7 @@ def dual_encoder_config_to_hf(cfg: ModelConfig, special_ids: dict | None = None)
             "vision_config": {**vision, "vision_use_head": True}, "torch_dtype": "float32"}
 
 
-def clip_eos_swap(cfg: ModelConfig, processor: Processor) -> tuple[int, int] | None:
+def clip_eos_swap(cfg: DualEncoderConfig, processor: Processor) -> tuple[int, int] | None:
     """The token ids to exchange when exporting a CLIP whose end-of-text id is 2 (vlmkit's BPE tokenizers put
     ``</s>`` there): 2 and the tokenizer's last id, so that the exported end-of-text id is not the legacy 2 and
     is the highest id. None when no renumbering is needed."""
@@ -287,7 +286,7 @@ def clip_eos_swap(cfg: ModelConfig, processor: Processor) -> tuple[int, int] | N
     return LEGACY_CLIP_EOS, last
 
 
-def export_dual_encoder_tensors(model: DualEncoder, cfg: ModelConfig, swap: tuple[int, int] | None = None) -> dict:
+def export_dual_encoder_tensors(model: DualEncoder, cfg: DualEncoderConfig, swap: tuple[int, int] | None = None) -> dict:
     """The model's tensors under CLIPModel / SiglipModel's names and shapes (token embedding rows exchanged by
     ``swap``)."""
     table = dual_encoder_key_map(cfg)
@@ -305,7 +304,7 @@ def export_dual_encoder_tensors(model: DualEncoder, cfg: ModelConfig, swap: tupl
     return tensors
 
 
-def export_dual_encoder(model: DualEncoder, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
+def export_dual_encoder(model: DualEncoder, cfg: DualEncoderConfig, processor: Processor, folder: Path) -> None:
     """A DualEncoder -> a folder that transformers' CLIPModel / SiglipModel and AutoProcessor (CLIPProcessor /
     SiglipProcessor) load: config.json, model.safetensors, tokenizer files, preprocessor_config.json."""
     _check_exportable(cfg)
@@ -343,10 +342,3 @@ def _clip_tokenizer_class(tok) -> str:
     return "CLIPTokenizer" if clip_like else "PreTrainedTokenizerFast"
 
 
-register_family(HFFamily("clip", ("clip",), load_dual_encoder_folder, export_dual_encoder,
-                         transformers_class="CLIPModel",
-                         doc="CLIP: ViT with class-token pooling + causal text transformer, softmax contrastive"))
-register_family(HFFamily("siglip", ("siglip",), load_dual_encoder_folder, export_dual_encoder,
-                         transformers_class="SiglipModel",
-                         doc="SigLIP: ViT with attention-pooling head + bidirectional text transformer, sigmoid "
-                             "contrastive"))

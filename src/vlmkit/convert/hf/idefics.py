@@ -19,9 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import CrossAttentionConfig, ModelConfig, PerceiverConfig
 from vlmkit.connectors.perceiver import idefics_perceiver_key_map
-from vlmkit.convert.hf.families import HFFamily, register_family
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
 from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
@@ -30,7 +28,7 @@ from vlmkit.convert.hf.vision import export_vision_tensors, vision_config_from_h
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.fusion.cross_attention import idefics_gated_xattn_key_map
 from vlmkit.models import build_model
-from vlmkit.models.flamingo import FlamingoModel
+from vlmkit.models.flamingo import CrossAttentionConfig, FlamingoConfig, FlamingoModel, PerceiverConfig
 from vlmkit.processing import Processor
 
 # transformers' IdeficsConfig / IdeficsVisionConfig / IdeficsPerceiverConfig defaults (configuration_idefics.py)
@@ -46,8 +44,8 @@ PERCEIVER_DEFAULTS = {"resampler_n_latents": 64, "resampler_depth": 6, "resample
 IMAGE_TOKEN = "<image>"  # IdeficsProcessor's literal placeholder
 
 
-def idefics_config_from_hf(cfg: dict, where: str = "config.json", reset_token_id: int = -1) -> ModelConfig:
-    """An IdeficsForVisionText2Text config -> ModelConfig of family ``flamingo``. ``reset_token_id``: the
+def idefics_config_from_hf(cfg: dict, where: str = "config.json", reset_token_id: int = -1) -> FlamingoConfig:
+    """An IdeficsForVisionText2Text config -> FlamingoConfig of family ``flamingo``. ``reset_token_id``: the
     tokenizer's EOS id, after which IdeficsProcessor lets no token see an image until the next one."""
     if cfg.get("model_type") != "idefics":
         raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not 'idefics'")
@@ -75,10 +73,10 @@ def idefics_config_from_hf(cfg: dict, where: str = "config.json", reset_token_id
     xattn = CrossAttentionConfig(every=every, qk_norm=bool(c["qk_layer_norms"]), alpha_type=c["alpha_type"],
                                  only_last=True, reset_token_id=reset_token_id, use_resampler=bool(c["use_resampler"]),
                                  perceiver=perceiver, decoupled_vocab=extra)
-    return ModelConfig(family="flamingo", vision=vision, lm=lm, image_token=IMAGE_TOKEN, xattn=xattn)
+    return FlamingoConfig(family="flamingo", vision=vision, lm=lm, image_token=IMAGE_TOKEN, xattn=xattn)
 
 
-def idefics_key_map(cfg: ModelConfig) -> dict[str, str]:
+def idefics_key_map(cfg: FlamingoConfig) -> dict[str, str]:
     """vlmkit FlamingoModel parameter name -> IdeficsForVisionText2Text tensor name (tower excepted: see
     :func:`~vlmkit.convert.hf.vision.vision_tensors`), embeddings and head as the concatenated tensors."""
     table = {f"lm.lm.{k}": v for k, v in lm_key_map(cfg.lm, "model.", "lm_head.weight").items()}
@@ -96,7 +94,7 @@ DECOUPLED = (("model.embed_tokens.weight", "model.embed_tokens.additional_embedd
              ("lm_head.weight", "lm_head.additional_fc.weight"))
 
 
-def join_decoupled(tensors: dict, cfg: ModelConfig, where: str) -> dict:
+def join_decoupled(tensors: dict, cfg: FlamingoConfig, where: str) -> dict:
     """The tensors with each decoupled pair concatenated into its base name (the rows transformers' lookup and
     head give). A tied checkpoint's head, when saved, is dropped (the embedding is the head)."""
     out = dict(tensors)
@@ -145,16 +143,16 @@ def load_idefics_folder(folder: Path):
     if tuple(images["image_size"]) != tuple(cfg.vision.image_size):
         raise ConfigError(f"{path}: images of {tuple(images['image_size'])} pixels, but the tower of config.json "
                           f"takes {tuple(cfg.vision.image_size)} (vision_config.image_size)")
-    processor = load_hf_processor(folder, image_token, model.image_seq_len, cfg.lm.max_seq_len,
-                                  image_processor="idefics", **images)
+    processor = load_hf_processor(folder, "flamingo", image_token, model.image_seq_len, cfg.lm.max_seq_len,
+                                  fixed_images=False, **images)
     return model.eval(), cfg, processor
 
 
 # ---------------------------------------------------------------------------------------------- export
 
 
-def idefics_config_to_hf(cfg: ModelConfig, reset_token_id: int) -> dict:
-    """ModelConfig -> IdeficsConfig's config.json. What IdeficsForVisionText2Text (with IdeficsProcessor) cannot
+def idefics_config_to_hf(cfg: FlamingoConfig, reset_token_id: int) -> dict:
+    """FlamingoConfig -> IdeficsConfig's config.json. What IdeficsForVisionText2Text (with IdeficsProcessor) cannot
     compute is refused by field."""
     x, v = cfg.xattn, cfg.vision
     if v.arch == "vit" and not (v.class_token and not v.drop_class_token and not v.post_norm):
@@ -195,25 +193,25 @@ def idefics_config_to_hf(cfg: ModelConfig, reset_token_id: int) -> dict:
             "freeze_text_layers": False, "freeze_vision_layers": False, "torch_dtype": "float32"}
 
 
-def idefics_processor_to_hf(processor: Processor, cfg: ModelConfig) -> dict:
+def idefics_processor_to_hf(processor: Processor, cfg: FlamingoConfig) -> dict:
     """The processor's settings -> preprocessor_config.json (IdeficsImageProcessor). Refused: what IdeficsProcessor
     would lay out or resize differently."""
     pcfg = processor.cfg
-    if pcfg.image_processor != "idefics" or pcfg.text_mode != "whole":
-        raise ConfigError(f"processor image_processor {pcfg.image_processor!r}, text_mode {pcfg.text_mode!r}: "
-                          f"IdeficsProcessor's prompt layout is image_processor 'idefics' with text_mode 'whole'")
+    if pcfg.text_mode != "whole":
+        raise ConfigError(f"processor text_mode {pcfg.text_mode!r}: IdeficsProcessor's prompt layout is text_mode "
+                          f"'whole'")
     if pcfg.image_token != IMAGE_TOKEN or not pcfg.bos_token:
         raise ConfigError(f"processor image_token {pcfg.image_token!r}, bos_token {pcfg.bos_token!r}: "
                           f"IdeficsProcessor writes the literal {IMAGE_TOKEN!r} and a BOS in front of every prompt")
     if pcfg.shortest_edge or tuple(pcfg.image_size) != tuple(cfg.vision.image_size):
         raise ConfigError(f"processor image_size {tuple(pcfg.image_size)}, shortest_edge {pcfg.shortest_edge}: "
                           f"IdeficsImageProcessor resizes to the tower's {tuple(cfg.vision.image_size)} (no crop)")
-    images = image_processor_to_hf(dataclasses.replace(pcfg, image_processor="fixed"), "IdeficsImageProcessor")
+    images = image_processor_to_hf(pcfg, "IdeficsImageProcessor")
     del images["do_center_crop"]
     return {**images, "image_size": pcfg.image_size[0], "image_num_channels": cfg.vision.channels}
 
 
-def export_idefics(model: FlamingoModel, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
+def export_idefics(model: FlamingoModel, cfg: FlamingoConfig, processor: Processor, folder: Path) -> None:
     """A flamingo vlmkit model -> a folder that transformers' IdeficsForVisionText2Text and AutoProcessor
     (IdeficsProcessor) load, tensors named as the Hub's HuggingFaceM4/idefics-* checkpoints."""
     tok = processor.tokenizer
@@ -242,7 +240,3 @@ def export_idefics(model: FlamingoModel, cfg: ModelConfig, processor: Processor,
     export_tokenizer(processor, folder)
 
 
-register_family(HFFamily("flamingo", ("idefics",), load_idefics_folder, export_idefics,
-                         transformers_class="IdeficsForVisionText2Text",
-                         doc="IDEFICS: CLIP-style tower (every token, last layer) + perceiver resampler + LLaMA with "
-                             "gated cross-attention every k layers; one <image> token per image"))

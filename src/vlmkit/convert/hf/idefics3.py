@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import ConnectorConfig, ImageSplitConfig, ModelConfig, ProcessorConfig
-from vlmkit.convert.hf.families import HFFamily, register_family
+from vlmkit.config import ConnectorConfig, ProcessorConfig, VLMConfig
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (PIL_CODES, export_tokenizer, image_processor_from_hf, load_hf_processor,
@@ -35,7 +34,7 @@ from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing import Processor
-from vlmkit.processing.idefics3 import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN
+from vlmkit.processing.idefics3 import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, Idefics3ProcessorConfig, ImageSplitConfig
 
 MODEL_TYPES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
 # Idefics3VisionConfig's defaults (SmolVLMVisionConfig has the same), for keys a config.json leaves out
@@ -61,8 +60,8 @@ def bucketed_positions(side: int) -> torch.Tensor:
     return torch.bucketize(coords, boundaries, right=True)[0]
 
 
-def idefics3_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, int]:
-    """An Idefics3Config / SmolVLMConfig -> (ModelConfig, image token id)."""
+def idefics3_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[VLMConfig, int]:
+    """An Idefics3Config / SmolVLMConfig -> (VLMConfig, image token id)."""
     kind = cfg.get("model_type")
     if kind not in MODEL_TYPES:
         raise ConfigError(f"{where}: model_type {kind!r} is not one of {', '.join(MODEL_TYPES)}")
@@ -87,7 +86,7 @@ def idefics3_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[Mode
     lm = lm_config_from_hf(text, f"{where} (text_config)")
     connector = ConnectorConfig(kind="pixel_shuffle", scale_factor=scale, layers=1, bias=False)
     token = cfg.get("image_token_id", 128257)  # Idefics3Config's default
-    return ModelConfig(family="idefics3", vision=vision, connector=connector, lm=lm), int(token)
+    return VLMConfig(family="idefics3", vision=vision, connector=connector, lm=lm), int(token)
 
 
 def load_hf_idefics3(folder: str | Path) -> VisionLanguageModel:
@@ -95,7 +94,7 @@ def load_hf_idefics3(folder: str | Path) -> VisionLanguageModel:
     return _load_idefics3(folder)[0]
 
 
-def _load_idefics3(folder: str | Path) -> tuple[VisionLanguageModel, ModelConfig, str]:
+def _load_idefics3(folder: str | Path) -> tuple[VisionLanguageModel, VLMConfig, str]:
     """(model, its config, the folder's model_type)."""
     ckpt = read_checkpoint(folder)
     cfg, image_token = idefics3_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"))
@@ -140,7 +139,7 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def load_idefics3_processor(folder: Path, model: VisionLanguageModel, cfg: ModelConfig, kind: str) -> Processor:
+def load_idefics3_processor(folder: Path, model: VisionLanguageModel, cfg: VLMConfig, kind: str) -> Processor:
     """The folder's processor as Idefics3Processor / SmolVLMProcessor builds input_ids: each ``<image>`` becomes
     its tiles' markers and image tokens, the whole string tokenised with the tokenizer's special tokens."""
     image_cfg, path = read_image_processor(folder)
@@ -162,8 +161,8 @@ def load_idefics3_processor(folder: Path, model: VisionLanguageModel, cfg: Model
             if named.get(key, default) != default:
                 raise ConfigError(f"{folder / 'tokenizer_config.json'}: extra_special_tokens.{key} "
                                   f"{named[key]!r}: vlmkit writes Idefics3's {default!r}")
-    processor = load_hf_processor(folder, model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len,
-                                  image_processor="idefics3", **settings)
+    processor = load_hf_processor(folder, "idefics3", model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len,
+                                  Idefics3ProcessorConfig, fixed_images=False, **settings)
     if processor.cfg.image_token != IMAGE_TOKEN:
         raise ConfigError(f"{folder / 'config.json'}: image_token_id {model.image_token_id} is "
                           f"{processor.cfg.image_token!r} in tokenizer.json; the processor writes {IMAGE_TOKEN!r}")
@@ -189,8 +188,8 @@ PROCESSOR_CLASSES = {"idefics3": ("Idefics3Processor", "Idefics3ImageProcessor")
                      "smolvlm": ("SmolVLMProcessor", "SmolVLMImageProcessor")}
 
 
-def idefics3_config_to_hf(cfg: ModelConfig, image_token_id: int, model_type: str = "idefics3") -> dict:
-    """ModelConfig -> Idefics3Config's (or SmolVLMConfig's) config.json. The tower is written with the layers vlmkit
+def idefics3_config_to_hf(cfg: VLMConfig, image_token_id: int, model_type: str = "idefics3") -> dict:
+    """VLMConfig -> Idefics3Config's (or SmolVLMConfig's) config.json. The tower is written with the layers vlmkit
     built and its final norm, which Idefics3 always applies (last_hidden_state); anything this architecture
     cannot compute the same way is refused by field name."""
     if model_type not in MODEL_TYPES:
@@ -227,9 +226,6 @@ def idefics3_image_processor_to_hf(pcfg: ProcessorConfig, tile: int, image_proce
     the first resize to ``longest_edge`` (do_resize: false when vlmkit has none), tiles of ``max_image_size``,
     ``do_image_splitting``, then the shared rescale and normalisation. ``do_pad`` only pads a batch of prompts
     with different tile counts; transformers drops those all-zero images before its tower."""
-    if pcfg.image_processor != "idefics3":
-        raise ConfigError(f"processor image_processor {pcfg.image_processor!r}: an Idefics3 checkpoint's processor "
-                          f"splits images into tiles with row/column markers (image_processor: idefics3)")
     if tuple(pcfg.image_size) != (tile, tile):
         raise ConfigError(f"processor image_size {tuple(pcfg.image_size)} differs from the tower's ({tile}, {tile}): "
                           f"Idefics3's tiles (max_image_size) are the tower's image_size")
@@ -240,7 +236,7 @@ def idefics3_image_processor_to_hf(pcfg: ProcessorConfig, tile: int, image_proce
             "image_std": list(pcfg.std), "do_pad": True}
 
 
-def export_idefics3(model: VisionLanguageModel, cfg: ModelConfig, processor: Processor, folder: Path,
+def export_idefics3(model: VisionLanguageModel, cfg: VLMConfig, processor: Processor, folder: Path,
                     model_type: str = "idefics3") -> None:
     """An Idefics3-layout vlmkit model -> a folder that transformers' Idefics3ForConditionalGeneration and
     AutoProcessor (Idefics3Processor) load, in the Hub's tensor layout (``model.vision_model.``,
@@ -282,7 +278,3 @@ def export_idefics3(model: VisionLanguageModel, cfg: ModelConfig, processor: Pro
     export_tokenizer(processor, folder)
 
 
-register_family(HFFamily("idefics3", tuple(MODEL_TYPES), load_idefics3_folder, export_idefics3,
-                         transformers_class="Idefics3ForConditionalGeneration",
-                         doc="Idefics3 / SmolVLM: SigLIP-like tower on image tiles + pixel shuffle and one linear "
-                             "+ Llama-family LM; tiles with row/column markers in the text"))

@@ -7,8 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from vlmkit.config import ConnectorConfig, ModelConfig
-from vlmkit.convert.hf.families import HFFamily, register_family
+from vlmkit.config import ConnectorConfig, VLMConfig
 from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
 from vlmkit.convert.hf.processor import export_tokenizer, image_processor_to_hf, load_hf_processor
@@ -20,8 +19,8 @@ from vlmkit.processing import Processor
 
 
 def llava_config_from_hf(cfg: dict, where: str = "config.json", model_type: str = "llava", default_layer: int = -2,
-                         default_strategy: str = "default") -> tuple[ModelConfig, int]:
-    """A LlavaForConditionalGeneration config -> (ModelConfig, image token id). LLaVA-NeXT / OneVision configs
+                         default_strategy: str = "default") -> tuple[VLMConfig, int]:
+    """A LlavaForConditionalGeneration config -> (VLMConfig, image token id). LLaVA-NeXT / OneVision configs
     share these keys: they pass their ``model_type`` and their defaults for the feature layer and strategy."""
     if cfg.get("model_type") != model_type:
         raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not {model_type!r}")
@@ -50,7 +49,7 @@ def llava_config_from_hf(cfg: dict, where: str = "config.json", model_type: str 
     token = cfg.get("image_token_index", cfg.get("image_token_id"))
     if token is None:
         raise ConfigError(f"{where}: missing key 'image_token_index'")
-    return ModelConfig(family="llava", vision=vision, connector=connector, lm=lm), int(token)
+    return VLMConfig(family="llava", vision=vision, connector=connector, lm=lm), int(token)
 
 
 def load_hf_llava(folder: str | Path) -> VisionLanguageModel:
@@ -58,7 +57,7 @@ def load_hf_llava(folder: str | Path) -> VisionLanguageModel:
     return _load_llava(folder)[0]
 
 
-def _load_llava(folder: str | Path) -> tuple[VisionLanguageModel, ModelConfig]:
+def _load_llava(folder: str | Path) -> tuple[VisionLanguageModel, VLMConfig]:
     ckpt = read_checkpoint(folder)
     where = str(ckpt.folder / "config.json")
     cfg, image_token = llava_config_from_hf(ckpt.config, where)
@@ -67,7 +66,7 @@ def _load_llava(folder: str | Path) -> tuple[VisionLanguageModel, ModelConfig]:
     return model.eval(), cfg
 
 
-def load_llava_weights(model, t: dict, cfg: ModelConfig, where: str, extra: dict[str, str] | None = None) -> None:
+def load_llava_weights(model, t: dict, cfg: VLMConfig, where: str, extra: dict[str, str] | None = None) -> None:
     """Load a LLaVA-layout checkpoint's tower, projector and LM (either transformers layout) into ``model``;
     ``extra`` adds a family's own tensors to the key table (LLaVA-NeXT's ``image_newline``)."""
     vp = find_prefix(t, "vision_tower.", "model.vision_tower.")
@@ -91,7 +90,7 @@ def load_llava_weights(model, t: dict, cfg: ModelConfig, where: str, extra: dict
 def load_llava_folder(folder: Path):
     """(model, config, processor) of a LLaVA-1.5 folder; the processor gives LlavaProcessor's input_ids."""
     model, cfg = _load_llava(folder)
-    processor = load_hf_processor(folder, model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len)
+    processor = load_hf_processor(folder, "llava", model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len)
     return model, cfg, processor
 
 
@@ -99,8 +98,8 @@ def load_llava_folder(folder: Path):
 # ---------------------------------------------------------------------------------------------- export
 
 
-def llava_config_to_hf(cfg: ModelConfig, image_token_id: int, image_seq_len: int) -> dict:
-    """ModelConfig -> LlavaConfig's config.json. The tower is written with the layers vlmkit built and read at
+def llava_config_to_hf(cfg: VLMConfig, image_token_id: int, image_seq_len: int) -> dict:
+    """VLMConfig -> LlavaConfig's config.json. The tower is written with the layers vlmkit built and read at
     its last hidden state (the same features as the original depth read at ``feature_layer``)."""
     vision = vision_config_to_hf(cfg.vision, "vision")
     if cfg.vision.post_norm:
@@ -121,7 +120,7 @@ def llava_config_to_hf(cfg: ModelConfig, image_token_id: int, image_seq_len: int
             "torch_dtype": "float32"}
 
 
-def export_llava_tensors(model: VisionLanguageModel, cfg: ModelConfig) -> dict:
+def export_llava_tensors(model: VisionLanguageModel, cfg: VLMConfig) -> dict:
     """Tower, projector and LM under the Hub's llava-hf names (``vision_tower.vision_model.``,
     ``multi_modal_projector.``, ``language_model.model.`` / ``language_model.lm_head.``); LLaVA-NeXT and
     OneVision add their ``image_newline`` to these."""
@@ -134,7 +133,7 @@ def export_llava_tensors(model: VisionLanguageModel, cfg: ModelConfig) -> dict:
     return tensors
 
 
-def export_llava(model: VisionLanguageModel, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
+def export_llava(model: VisionLanguageModel, cfg: VLMConfig, processor: Processor, folder: Path) -> None:
     """A LLaVA-layout vlmkit model -> a folder that transformers' LlavaForConditionalGeneration and
     AutoProcessor load (the Hub's llava-hf tensor layout, which transformers 4 and 5, vLLM and SGLang read)."""
     config = llava_config_to_hf(cfg, model.image_token_id, model.image_seq_len)
@@ -154,5 +153,3 @@ def export_llava(model: VisionLanguageModel, cfg: ModelConfig, processor: Proces
     export_tokenizer(processor, folder)
 
 
-register_family(HFFamily("llava", ("llava",), load_llava_folder, export_llava, transformers_class="LlavaForConditionalGeneration",
-                         doc="LLaVA-1.5: CLIP tower (layer -2, class token dropped) + two-layer MLP + Llama-family LM"))

@@ -20,16 +20,15 @@ import json
 import re
 from pathlib import Path
 
-from vlmkit.config import AnyResConfig, ModelConfig
-from vlmkit.convert.hf.families import HFFamily, register_family
 from vlmkit.convert.hf.io import find_prefix, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.llava import export_llava_tensors, llava_config_from_hf, llava_config_to_hf, load_llava_weights
 from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
                                          load_hf_processor, read_image_processor)
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
+from vlmkit.models.llava_next import LlavaNextConfig
 from vlmkit.processing import Processor
-from vlmkit.processing.llava_next import check_anyres
+from vlmkit.processing.llava_next import AnyResConfig, AnyResProcessorConfig, check_anyres
 
 NEXT, ONEVISION = "llava_next", "llava_onevision"
 # transformers' defaults (config classes and image processors) when a file leaves the key out
@@ -47,8 +46,8 @@ def max_tiles_from_hf(value, where: str) -> int:
     return int(m.group(1))
 
 
-def llava_next_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, int]:
-    """A LlavaNextConfig / LlavaOnevisionConfig -> (ModelConfig, image token id)."""
+def llava_next_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[LlavaNextConfig, int]:
+    """A LlavaNextConfig / LlavaOnevisionConfig -> (LlavaNextConfig, image token id)."""
     kind = cfg.get("model_type")
     if kind not in (NEXT, ONEVISION):
         raise ConfigError(f"{where}: model_type {kind!r} is not {NEXT!r} or {ONEVISION!r}")
@@ -60,7 +59,8 @@ def llava_next_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[Mo
     check_anyres(pinpoints, base.vision.image_size[0], where)
     max_tiles = max_tiles_from_hf(cfg.get("vision_aspect_ratio", "anyres_max_9"), where) if kind == ONEVISION else 0
     anyres = AnyResConfig(grid_pinpoints=[(int(h), int(w)) for h, w in pinpoints], max_tiles=max_tiles)
-    return dataclasses.replace(base, family=kind, anyres=anyres), token
+    return LlavaNextConfig(family=kind, vision=base.vision, connector=base.connector, lm=base.lm,
+                           image_token=base.image_token, anyres=anyres), token
 
 
 def _processor_settings(folder: Path) -> tuple[dict, Path]:
@@ -75,7 +75,7 @@ def _processor_settings(folder: Path) -> tuple[dict, Path]:
     return {k: v for k, v in data.items() if k != "image_processor"}, path
 
 
-def check_processor(folder: Path, cfg: ModelConfig) -> dict:
+def check_processor(folder: Path, cfg: LlavaNextConfig) -> dict:
     """The folder's image-processor settings as ProcessorConfig fields, refusing any that would tile or count
     image tokens differently from the model (each would make transformers' own model fail too). Keys
     processor_config.json leaves out take transformers' defaults."""
@@ -130,8 +130,9 @@ def load_llava_next_folder(folder: Path):
     newline = projector.replace("multi_modal_projector.", "image_newline")
     load_llava_weights(model, ckpt.tensors, cfg, str(ckpt.folder), {"image_newline": newline})
     settings = check_processor(ckpt.folder, cfg)
-    processor = load_hf_processor(ckpt.folder, image_token, model.image_seq_len, cfg.lm.max_seq_len, "anyres",
-                                  anyres=dataclasses.replace(cfg.anyres), **settings)
+    processor = load_hf_processor(ckpt.folder, cfg.family, image_token, model.image_seq_len, cfg.lm.max_seq_len,
+                                  AnyResProcessorConfig, fixed_images=False, anyres=dataclasses.replace(cfg.anyres),
+                                  **settings)
     video = ckpt.config.get("video_token_index", ckpt.config.get("video_token_id"))
     video_token = processor.tokenizer.tok.id_to_token(int(video)) if video is not None else None
     if cfg.family == ONEVISION and video_token:
@@ -147,9 +148,9 @@ CLASSES = {NEXT: ("LlavaNextForConditionalGeneration", "LlavaNextProcessor", "Ll
                        "LlavaOnevisionImageProcessor")}
 
 
-def llava_next_config_to_hf(cfg: ModelConfig, image_token_id: int, image_seq_len: int,
+def llava_next_config_to_hf(cfg: LlavaNextConfig, image_token_id: int, image_seq_len: int,
                             video_token_id: int | None = None) -> dict:
-    """ModelConfig (family llava_next or llava_onevision) -> LlavaNextConfig / LlavaOnevisionConfig's
+    """LlavaNextConfig (family llava_next or llava_onevision) -> LlavaNextConfig / LlavaOnevisionConfig's
     config.json: LLaVA's keys (the tower with the layers vlmkit built, read at -1) plus the AnyRes ones,
     ``image_grid_pinpoints`` and, for OneVision, ``vision_aspect_ratio`` "anyres_max_N"."""
     kind = cfg.family
@@ -174,12 +175,9 @@ def llava_next_config_to_hf(cfg: ModelConfig, image_token_id: int, image_seq_len
     return config
 
 
-def check_export_processor(pcfg, cfg: ModelConfig, image_seq_len: int) -> None:
+def check_export_processor(pcfg, cfg: LlavaNextConfig, image_seq_len: int) -> None:
     """Refuse a processor whose tiling or token counts a transformers folder could not carry beside this model
     (its image processor takes the grid pinpoints and tile size from the files written with the model's)."""
-    if pcfg.image_processor != "anyres":
-        raise ConfigError(f"processor image_processor {pcfg.image_processor!r}: {cfg.family} tiles images "
-                          f"('anyres')")
     if tuple(pcfg.image_size) != tuple(cfg.vision.image_size):
         raise ConfigError(f"processor image_size {tuple(pcfg.image_size)} is not the tower's image_size "
                           f"{tuple(cfg.vision.image_size)}: AnyRes tiles are the tower's input")
@@ -196,7 +194,7 @@ def check_export_processor(pcfg, cfg: ModelConfig, image_seq_len: int) -> None:
                           f"features per tile")
 
 
-def export_llava_next(model, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
+def export_llava_next(model, cfg: LlavaNextConfig, processor: Processor, folder: Path) -> None:
     """A LLaVA-NeXT / OneVision vlmkit model -> a folder that transformers' LlavaNextForConditionalGeneration /
     LlavaOnevisionForConditionalGeneration and their processors load: LLaVA's files (the Hub's llava-hf tensor
     layout, which transformers 4 and 5, vLLM and SGLang read) plus ``image_newline`` beside the projector, the
@@ -216,7 +214,7 @@ def export_llava_next(model, cfg: ModelConfig, processor: Processor, folder: Pat
     _, processor_class, image_class = CLASSES[cfg.family]
     # the anyres settings are a CLIP/SigLIP image processor's (the tiles and the base image go through its
     # transform) plus the candidate resolutions
-    images = image_processor_to_hf(dataclasses.replace(pcfg, image_processor="fixed"), image_class)
+    images = image_processor_to_hf(pcfg, image_class)
     images |= {"image_grid_pinpoints": config["image_grid_pinpoints"], "do_pad": True,
                "processor_class": processor_class}
     strategy = config["vision_feature_select_strategy"]
@@ -238,9 +236,3 @@ def export_llava_next(model, cfg: ModelConfig, processor: Processor, folder: Pat
     export_tokenizer(processor, folder)
 
 
-register_family(HFFamily(NEXT, (NEXT,), load_llava_next_folder, export_llava_next,
-                         transformers_class="LlavaNextForConditionalGeneration",
-                         doc="LLaVA-NeXT: CLIP tower (layer -2) + MLP + Llama/Mistral LM on AnyRes tiles"))
-register_family(HFFamily(ONEVISION, (ONEVISION,), load_llava_next_folder, export_llava_next,
-                         transformers_class="LlavaOnevisionForConditionalGeneration",
-                         doc="LLaVA-OneVision (images): SigLIP tower + MLP + Qwen2 LM on AnyRes tiles, anyres_max_N"))

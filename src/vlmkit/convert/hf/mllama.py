@@ -18,8 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlmkit.config import ConnectorConfig, MllamaConfig, ModelConfig, VisionConfig
-from vlmkit.convert.hf.families import HFFamily, register_family
+from vlmkit.config import ConnectorConfig, VisionConfig
 from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
 from vlmkit.convert.hf.processor import (PIL_CODES, PIL_RESAMPLE, export_tokenizer, load_hf_processor,
@@ -27,9 +26,9 @@ from vlmkit.convert.hf.processor import (PIL_CODES, PIL_RESAMPLE, export_tokeniz
 from vlmkit.convert.hf.vision import HF_VISION_ACTS, VISION_ACTS
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
-from vlmkit.models.mllama import MllamaModel
+from vlmkit.models.mllama import MllamaConfig, MllamaFusionConfig, MllamaModel
 from vlmkit.processing import Processor
-from vlmkit.processing.mllama import aspect_ratios
+from vlmkit.processing.mllama import MllamaProcessorConfig, aspect_ratios
 
 # transformers' MllamaTextConfig / MllamaVisionConfig defaults, for keys a config.json leaves out
 TEXT_DEFAULTS = {"vocab_size": 128256, "hidden_size": 4096, "hidden_act": "silu", "num_hidden_layers": 40,
@@ -98,8 +97,8 @@ def _vision_config(cfg: dict, where: str) -> tuple[VisionConfig, dict]:
     return vision, {"max_tiles": tiles, "global_depth": int(v["num_global_layers"]), "intermediate_layers": inter}
 
 
-def mllama_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, int]:
-    """An MllamaConfig config.json -> (ModelConfig, image token id)."""
+def mllama_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[MllamaConfig, int]:
+    """An MllamaConfig config.json -> (MllamaConfig, image token id)."""
     if cfg.get("model_type") != "mllama":
         raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not 'mllama'")
     try:
@@ -109,13 +108,13 @@ def mllama_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelC
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{where}: a text_config / vision_config value is malformed ({e!r})") from e
-    mllama = MllamaConfig(xattn_positions=positions, extra_embeddings=EXTRA_EMBEDDINGS, **tower)
+    mllama = MllamaFusionConfig(xattn_positions=positions, extra_embeddings=EXTRA_EMBEDDINGS, **tower)
     token = int(cfg.get("image_token_index", cfg.get("image_token_id", 128256)))
-    return ModelConfig(family="mllama", vision=vision, connector=ConnectorConfig(kind="linear", bias=True), lm=lm,
+    return MllamaConfig(family="mllama", vision=vision, connector=ConnectorConfig(kind="linear", bias=True), lm=lm,
                        image_token="<|image|>", mllama=mllama), token
 
 
-def mllama_key_map(cfg: ModelConfig, vp: str = "vision_model.", lp: str = "language_model.model.",
+def mllama_key_map(cfg: MllamaConfig, vp: str = "vision_model.", lp: str = "language_model.model.",
                    head: str = "language_model.lm_head.weight", pp: str = "multi_modal_projector.") -> dict[str, str]:
     """vlmkit MllamaModel parameter name -> transformers tensor name, each part with its prefix."""
     e = "encoder."
@@ -166,7 +165,7 @@ def load_hf_mllama(folder: str | Path) -> MllamaModel:
     return _load_mllama(folder)[0]
 
 
-def _load_mllama(folder: str | Path) -> tuple[MllamaModel, ModelConfig]:
+def _load_mllama(folder: str | Path) -> tuple[MllamaModel, MllamaConfig]:
     ckpt = read_checkpoint(folder)
     cfg, image_token = mllama_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"))
     t = ckpt.tensors
@@ -183,7 +182,7 @@ def _load_mllama(folder: str | Path) -> tuple[MllamaModel, ModelConfig]:
     return model.eval(), cfg
 
 
-def mllama_image_processor_from_hf(settings: dict, where: str, cfg: ModelConfig) -> dict:
+def mllama_image_processor_from_hf(settings: dict, where: str, cfg: MllamaConfig) -> dict:
     """MllamaImageProcessor's settings -> ProcessorConfig fields; what it would do otherwise is refused."""
     for key in ("do_resize", "do_pad", "do_rescale"):
         if not settings.get(key, True):
@@ -225,8 +224,8 @@ def load_mllama_folder(folder: Path):
     model, cfg = _load_mllama(folder)
     settings, path = read_image_processor(folder)
     fields = mllama_image_processor_from_hf(settings, str(path), cfg)
-    processor = load_hf_processor(folder, model.image_token_id, 1, cfg.lm.max_seq_len, image_processor="mllama",
-                                  **fields)
+    processor = load_hf_processor(folder, "mllama", model.image_token_id, 1, cfg.lm.max_seq_len,
+                                  MllamaProcessorConfig, fixed_images=False, **fields)
     expected = _processor_image_token(folder)
     if processor.cfg.image_token != expected:
         raise ConfigError(f"{folder / 'config.json'}: image_token_index {model.image_token_id} is "
@@ -241,8 +240,8 @@ def load_mllama_folder(folder: Path):
 # ---------------------------------------------------------------------------------------------- export
 
 
-def mllama_config_to_hf(cfg: ModelConfig, image_token_id: int) -> dict:
-    """ModelConfig -> MllamaConfig's config.json. What MllamaForConditionalGeneration cannot compute is refused
+def mllama_config_to_hf(cfg: MllamaConfig, image_token_id: int) -> dict:
+    """MllamaConfig -> MllamaConfig's config.json. What MllamaForConditionalGeneration cannot compute is refused
     by field."""
     m, v = cfg.mllama, cfg.vision
     if v.arch != "mllama":
@@ -280,9 +279,8 @@ def mllama_config_to_hf(cfg: ModelConfig, image_token_id: int) -> dict:
 def mllama_processor_to_hf(processor: Processor) -> dict:
     """The processor's settings -> preprocessor_config.json (MllamaImageProcessor, for MllamaProcessor)."""
     pcfg = processor.cfg
-    if pcfg.image_processor != "mllama" or pcfg.text_mode != "whole":
-        raise ConfigError(f"processor image_processor {pcfg.image_processor!r}, text_mode {pcfg.text_mode!r}: "
-                          f"MllamaProcessor's layout is image_processor 'mllama' with text_mode 'whole'")
+    if pcfg.text_mode != "whole":
+        raise ConfigError(f"processor text_mode {pcfg.text_mode!r}: MllamaProcessor's layout is text_mode 'whole'")
     if pcfg.image_token != "<|image|>":
         raise ConfigError(f"processor image_token {pcfg.image_token!r}: MllamaProcessor finds images by the literal "
                           f"'<|image|>'")
@@ -296,7 +294,7 @@ def mllama_processor_to_hf(processor: Processor) -> dict:
             "max_image_tiles": pcfg.max_image_tiles}
 
 
-def export_mllama(model: MllamaModel, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
+def export_mllama(model: MllamaModel, cfg: MllamaConfig, processor: Processor, folder: Path) -> None:
     """An Mllama vlmkit model -> a folder that transformers' MllamaForConditionalGeneration and AutoProcessor
     (MllamaProcessor) load."""
     config = mllama_config_to_hf(cfg, model.image_token_id)
@@ -316,7 +314,3 @@ def export_mllama(model: MllamaModel, cfg: ModelConfig, processor: Processor, fo
     export_tokenizer(processor, folder)
 
 
-register_family(HFFamily("mllama", ("mllama",), load_mllama_folder, export_mllama,
-                         transformers_class="MllamaForConditionalGeneration",
-                         doc="Llama 3.2 Vision: tiled ViT (local + gated global layers) + linear projector + Llama "
-                             "LM with gated cross-attention layers"))

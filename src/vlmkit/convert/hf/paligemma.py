@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from vlmkit.config import ConnectorConfig, ModelConfig
-from vlmkit.convert.hf.families import HFFamily, register_family
+from vlmkit.config import ConnectorConfig, VLMConfig
 from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
 from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
@@ -29,8 +28,8 @@ from vlmkit.models.paligemma import PaliGemmaModel
 from vlmkit.processing import Processor
 
 
-def paligemma_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, int]:
-    """A PaliGemmaForConditionalGeneration config -> (ModelConfig, image token id). Sub-configs without a
+def paligemma_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[VLMConfig, int]:
+    """A PaliGemmaForConditionalGeneration config -> (VLMConfig, image token id). Sub-configs without a
     ``model_type`` are transformers' defaults (SigLIP, Gemma)."""
     if cfg.get("model_type") != "paligemma":
         raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not 'paligemma'")
@@ -58,7 +57,7 @@ def paligemma_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[Mod
     token = cfg.get("image_token_index", cfg.get("image_token_id"))
     if token is None:
         raise ConfigError(f"{where}: missing key 'image_token_index'")
-    return ModelConfig(family="paligemma", vision=vision, connector=ConnectorConfig(kind="linear", bias=True),
+    return VLMConfig(family="paligemma", vision=vision, connector=ConnectorConfig(kind="linear", bias=True),
                        lm=lm), int(token)
 
 
@@ -67,7 +66,7 @@ def load_hf_paligemma(folder: str | Path) -> PaliGemmaModel:
     return _load_paligemma(folder)[0]
 
 
-def _load_paligemma(folder: str | Path) -> tuple[PaliGemmaModel, ModelConfig]:
+def _load_paligemma(folder: str | Path) -> tuple[PaliGemmaModel, VLMConfig]:
     ckpt = read_checkpoint(folder)
     cfg, image_token = paligemma_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"))
     t = ckpt.tensors
@@ -96,8 +95,8 @@ def load_paligemma_folder(folder: Path):
     if seq_len is not None and int(seq_len) != model.image_seq_len:
         raise ConfigError(f"{path}: image_seq_length {seq_len} does not match the model's {model.image_seq_len} "
                           f"tokens per image ((vision_config.image_size / patch_size) ** 2 in config.json)")
-    processor = load_hf_processor(folder, model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len,
-                                  image_processor="paligemma", **image_processor_from_hf(settings, str(path)))
+    processor = load_hf_processor(folder, "paligemma", model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len,
+                                  fixed_images=False, **image_processor_from_hf(settings, str(path)))
     for name in ("bos_token", "eos_token"):  # both are written into PaliGemma's texts
         if not getattr(processor.cfg, name):
             raise CheckpointError(f"{folder}: PaliGemma's prompts need a {name}; tokenizer_config.json (or "
@@ -108,8 +107,8 @@ def load_paligemma_folder(folder: Path):
 # ---------------------------------------------------------------------------------------------- export
 
 
-def paligemma_config_to_hf(cfg: ModelConfig, image_token_id: int, image_seq_len: int) -> dict:
-    """ModelConfig -> PaliGemmaConfig's config.json. What PaliGemmaForConditionalGeneration cannot compute is
+def paligemma_config_to_hf(cfg: VLMConfig, image_token_id: int, image_seq_len: int) -> dict:
+    """VLMConfig -> PaliGemmaConfig's config.json. What PaliGemmaForConditionalGeneration cannot compute is
     refused by field: its tower is SigLIP read at ``last_hidden_state`` (through the post-layernorm), its
     projector one linear layer with bias, its LM Gemma."""
     if cfg.vision.arch == "vit" and cfg.vision.class_token:
@@ -136,9 +135,9 @@ def paligemma_processor_to_hf(processor: Processor, image_seq_len: int) -> dict:
     """The processor's settings -> preprocessor_config.json (SiglipImageProcessor with ``image_seq_length``,
     which PaliGemmaProcessor requires). Refused: what PaliGemmaProcessor would lay out or resize differently."""
     pcfg = processor.cfg
-    if pcfg.image_processor != "paligemma" or pcfg.text_mode != "whole":
-        raise ConfigError(f"processor image_processor {pcfg.image_processor!r}, text_mode {pcfg.text_mode!r}: "
-                          f"PaliGemmaProcessor's prompt layout is image_processor 'paligemma' with text_mode 'whole'")
+    if pcfg.text_mode != "whole":
+        raise ConfigError(f"processor text_mode {pcfg.text_mode!r}: PaliGemmaProcessor's prompt layout is text_mode "
+                          f"'whole'")
     if pcfg.image_token != "<image>":
         raise ConfigError(f"processor image_token {pcfg.image_token!r}: PaliGemmaProcessor finds placeholders "
                           f"by the literal '<image>'")
@@ -149,12 +148,12 @@ def paligemma_processor_to_hf(processor: Processor, image_seq_len: int) -> dict:
         raise ConfigError(f"processor shortest_edge {pcfg.shortest_edge}: SiglipImageProcessor resizes straight to "
                           f"height x width (no centre crop); set shortest_edge: 0")
     # the "fixed" settings are the pixels of the paligemma image processor (it adds only text hooks)
-    images = image_processor_to_hf(dataclasses.replace(pcfg, image_processor="fixed"), "SiglipImageProcessor")
+    images = image_processor_to_hf(pcfg, "SiglipImageProcessor")
     del images["do_center_crop"]
     return {**images, "image_seq_length": image_seq_len, "processor_class": "PaliGemmaProcessor"}
 
 
-def export_paligemma(model: PaliGemmaModel, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
+def export_paligemma(model: PaliGemmaModel, cfg: VLMConfig, processor: Processor, folder: Path) -> None:
     """A PaliGemma vlmkit model -> a folder that transformers' PaliGemmaForConditionalGeneration and
     AutoProcessor (PaliGemmaProcessor) load, tensors named as the Hub's google/paligemma-* checkpoints
     ("vision_tower.vision_model.", "multi_modal_projector.linear.", "language_model.model."; no head when tied)."""
@@ -175,7 +174,3 @@ def export_paligemma(model: PaliGemmaModel, cfg: ModelConfig, processor: Process
     export_tokenizer(processor, folder)
 
 
-register_family(HFFamily("paligemma", ("paligemma",), load_paligemma_folder, export_paligemma,
-                         transformers_class="PaliGemmaForConditionalGeneration",
-                         doc="PaliGemma 1: SigLIP tower (last layer) + linear projector + Gemma LM, prefix-LM "
-                             "attention over image + prompt"))

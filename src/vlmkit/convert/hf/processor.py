@@ -148,24 +148,25 @@ def read_chat_template(folder: str | Path) -> str:
     return ""
 
 
-def load_hf_processor(folder: str | Path, image_token_id: int, image_seq_len: int, max_length: int,
-                      image_processor: str = "fixed", **settings) -> Processor:
-    """The folder's tokenizer, image-processor settings and chat template as a whole-string vlmkit Processor
-    (``input_ids`` equal to the family's transformers processor). ``settings`` are further ProcessorConfig
-    fields a family's image processor reads."""
+def load_hf_processor(folder: str | Path, family: str, image_token_id: int, image_seq_len: int, max_length: int,
+                      config: type[ProcessorConfig] = ProcessorConfig, fixed_images: bool = True, files=None,
+                      **settings) -> Processor:
+    """The folder's tokenizer, image-processor settings and chat template as a whole-string vlmkit Processor of
+    ``family`` (``input_ids`` equal to the family's transformers processor). ``fixed_images``: read the folder's
+    fixed-size image settings (CLIP/SigLIP-style); ``settings`` are further fields of the family's processor config
+    type ``config``; ``files`` the tokenizers the family keeps beside tokenizer.json."""
     tok = load_hf_tokenizer(folder)
     image_token = tok.tok.id_to_token(image_token_id)
     if image_token is None:
         raise CheckpointError(f"{folder}: the image token id {image_token_id} of config.json is not in "
                               f"tokenizer.json's vocabulary")
-    if image_processor == "fixed":
+    if fixed_images:
         cfg, path = read_image_processor(folder)
         settings = {**image_processor_from_hf(cfg, str(path)), **settings}
-    pcfg = ProcessorConfig(image_token=image_token, image_seq_len=image_seq_len, max_length=max_length,
-                           text_mode="whole", image_processor=image_processor,
-                           chat_template_jinja=read_chat_template(folder), pad_token=tok.pad_token,
-                           eos_token=tok.eos_token, bos_token=tok.bos_token or "", **settings)
-    return Processor(pcfg, tok)
+    pcfg = config(family=family, image_token=image_token, image_seq_len=image_seq_len, max_length=max_length,
+                  text_mode="whole", chat_template_jinja=read_chat_template(folder), pad_token=tok.pad_token,
+                  eos_token=tok.eos_token, bos_token=tok.bos_token or "", **settings)
+    return Processor(pcfg, tok, files)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -176,9 +177,6 @@ PIL_CODES = {v: k for k, v in PIL_RESAMPLE.items()}
 def image_processor_to_hf(cfg: ProcessorConfig, image_processor_type: str = "CLIPImageProcessor") -> dict:
     """A fixed-size ProcessorConfig -> preprocessor_config.json settings (CLIP's shortest-edge resize and
     centre crop when ``shortest_edge`` is set, else a resize to height x width)."""
-    if cfg.image_processor != "fixed":
-        raise ConfigError(f"processor image_processor {cfg.image_processor!r}: only fixed-size image settings "
-                          f"export as a CLIP/SigLIP image processor")
     h, w = cfg.image_size
     out = {"image_processor_type": image_processor_type, "do_resize": True, "resample": PIL_CODES[cfg.resample],
            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(cfg.mean),

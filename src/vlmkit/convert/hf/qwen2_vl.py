@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmkit.config import ConnectorConfig, ModelConfig, NativeResolutionConfig, ProcessorConfig, VisionConfig
-from vlmkit.convert.hf.families import HFFamily, register_family
+from vlmkit.config import ConnectorConfig, ProcessorConfig, VisionConfig, VLMConfig
 from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (PIL_CODES, PIL_RESAMPLE, export_tokenizer, load_hf_processor,
                                          load_hf_tokenizer, read_image_processor)
 from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
+from vlmkit.processing.qwen2_vl import NativeResolutionConfig, Qwen2VLProcessorConfig
 from vlmkit.models.qwen2_vl import Qwen2VLModel
 from vlmkit.processing import Processor
 
@@ -80,8 +80,8 @@ def qwen2_vl_vision_config(cfg: dict, where: str) -> VisionConfig:
         temporal_patch_size=_int(v["temporal_patch_size"], "temporal_patch_size", where), merge_size=merge)
 
 
-def qwen2_vl_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, int]:
-    """A Qwen2VLForConditionalGeneration config -> (ModelConfig, image token id)."""
+def qwen2_vl_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[VLMConfig, int]:
+    """A Qwen2VLForConditionalGeneration config -> (VLMConfig, image token id)."""
     kind = cfg.get("model_type")
     if kind == "qwen2_5_vl":
         raise ConfigError(f"{where}: model_type 'qwen2_5_vl' (Qwen2.5-VL) is not implemented in vlmkit: its vision "
@@ -115,11 +115,11 @@ def qwen2_vl_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[Mode
                           f"text hidden_size {lm.width}")
     connector = ConnectorConfig(kind="patch_merger", scale_factor=vision.merge_size, layers=2, act="gelu", bias=True)
     token = cfg.get("image_token_id", 151655)
-    return ModelConfig(family="qwen2_vl", vision=vision, connector=connector, lm=lm,
+    return VLMConfig(family="qwen2_vl", vision=vision, connector=connector, lm=lm,
                        image_token="<|image_pad|>"), int(token)
 
 
-def qwen2_vl_key_map(cfg: ModelConfig, vision: str = "visual.", lm: str = "model.",
+def qwen2_vl_key_map(cfg: VLMConfig, vision: str = "visual.", lm: str = "model.",
                      head: str = "lm_head.weight") -> dict[str, str]:
     """vlmkit Qwen2VLModel parameter name -> transformers Qwen2VLForConditionalGeneration tensor name."""
     table = {"encoder.patch_embed.weight": f"{vision}patch_embed.proj.weight"}
@@ -140,7 +140,7 @@ def load_hf_qwen2_vl(folder: str | Path) -> Qwen2VLModel:
     return _load(folder)[0]
 
 
-def _load(folder: str | Path) -> tuple[Qwen2VLModel, ModelConfig, dict]:
+def _load(folder: str | Path) -> tuple[Qwen2VLModel, VLMConfig, dict]:
     ckpt = read_checkpoint(folder)
     cfg, image_token = qwen2_vl_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"))
     t = ckpt.tensors
@@ -205,8 +205,8 @@ def load_qwen2_vl_folder(folder: Path):
     # videos are not implemented: a prompt with the video placeholder is refused instead of read as text
     video = load_hf_tokenizer(folder).tok.id_to_token(int(hf_config.get("video_token_id", 151656)))
     refused = [video or "<|video_pad|>"]
-    processor = load_hf_processor(folder, model.image_token_id, most, cfg.lm.max_seq_len, "qwen2_vl",
-                                  refused_placeholders=refused, **settings)
+    processor = load_hf_processor(folder, "qwen2_vl", model.image_token_id, most, cfg.lm.max_seq_len,
+                                  Qwen2VLProcessorConfig, fixed_images=False, refused_placeholders=refused, **settings)
     return model, cfg, processor
 
 
@@ -252,8 +252,8 @@ def qwen2_vl_vision_config_to_hf(cfg: VisionConfig, out_width: int) -> dict:
             "rope_parameters": {"rope_type": "axial", "rope_theta": cfg.rope_theta}}
 
 
-def qwen2_vl_config_to_hf(cfg: ModelConfig, token_ids: dict[str, int]) -> dict:
-    """ModelConfig -> Qwen2VLConfig's config.json in the Hub's flat layout (text keys at the top level, M-RoPE as
+def qwen2_vl_config_to_hf(cfg: VLMConfig, token_ids: dict[str, int]) -> dict:
+    """VLMConfig -> Qwen2VLConfig's config.json in the Hub's flat layout (text keys at the top level, M-RoPE as
     ``rope_scaling: {"type": "mrope", "mrope_section": ...}``), which transformers 4 (>= 4.45) and 5 both read;
     a nested ``text_config`` would be ignored by the 4.x releases before the nested configs. ``token_ids``: the
     image / video / markup token ids (:func:`qwen2_vl_token_ids`)."""
@@ -306,9 +306,8 @@ def qwen2_vl_processor_to_hf(pcfg: ProcessorConfig, vision: VisionConfig) -> dic
     """The "qwen2_vl" image-processor settings -> preprocessor_config.json as the Hub's Qwen2-VL folders write it
     (``min_pixels`` / ``max_pixels``, which transformers 4 reads) plus the ``size`` transformers 5 writes (the same
     bounds as shortest_edge / longest_edge). Refused: settings Qwen2VLProcessor would lay out differently."""
-    if pcfg.image_processor != "qwen2_vl" or pcfg.text_mode != "whole":
-        raise ConfigError(f"processor image_processor {pcfg.image_processor!r}, text_mode {pcfg.text_mode!r}: "
-                          f"Qwen2VLProcessor's layout is image_processor 'qwen2_vl' with text_mode 'whole'")
+    if pcfg.text_mode != "whole":
+        raise ConfigError(f"processor text_mode {pcfg.text_mode!r}: Qwen2VLProcessor's layout is text_mode 'whole'")
     n = pcfg.native
     for key, value in (("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
                        ("merge_size", vision.merge_size)):
@@ -324,7 +323,7 @@ def qwen2_vl_processor_to_hf(pcfg: ProcessorConfig, vision: VisionConfig) -> dic
             "patch_size": n.patch_size, "temporal_patch_size": n.temporal_patch_size, "merge_size": n.merge_size}
 
 
-def export_qwen2_vl(model: Qwen2VLModel, cfg: ModelConfig, processor: Processor, folder: Path) -> None:
+def export_qwen2_vl(model: Qwen2VLModel, cfg: VLMConfig, processor: Processor, folder: Path) -> None:
     """A Qwen2-VL vlmkit model -> a folder that transformers' Qwen2VLForConditionalGeneration and Qwen2VLProcessor
     load, in the layout of the Hub's Qwen/Qwen2-VL-* folders, which transformers 4 and 5, vLLM and SGLang read:
     tensors ``visual.`` (tower and merger), ``model.`` (the LM), ``lm_head.weight`` (absent when tied), the flat
@@ -346,12 +345,3 @@ def export_qwen2_vl(model: Qwen2VLModel, cfg: ModelConfig, processor: Processor,
     export_tokenizer(processor, folder)
 
 
-def _refuse_qwen2_5_vl(folder: Path):
-    qwen2_vl_config_from_hf({"model_type": "qwen2_5_vl"}, str(Path(folder) / "config.json"))
-
-
-register_family(HFFamily("qwen2_vl", ("qwen2_vl",), load_qwen2_vl_folder, export_qwen2_vl,
-                         transformers_class="Qwen2VLForConditionalGeneration",
-                         doc="Qwen2-VL: dynamic-resolution ViT (2D RoPE) + patch merger + Qwen2 LM with M-RoPE"))
-register_family(HFFamily("qwen2_5_vl", ("qwen2_5_vl",), _refuse_qwen2_5_vl,
-                         doc="Qwen2.5-VL: not implemented (refused with the reason)"))

@@ -1,0 +1,260 @@
+"""Families: the one interface shared code asks about a model family.
+
+A family (LLaVA, Qwen2-VL, BLIP-2, Fuyu, CLIP, ...) is one module under ``vlmkit/families/`` that registers one
+:class:`Family`: its config types (the model's, and its processor's: typed dataclasses that live with the family),
+how to build its model, its image processor and prompt layout, its Hugging Face mapping, what it can do
+(:class:`Capabilities`) and which stage objectives it trains with. The processor, generation, the Pipeline, the
+serving engine, training, evaluation and conversion ask this interface; none of them tests which family it holds.
+
+Family modules are discovered, not listed: every module of the ``vlmkit.families`` package is imported the first
+time the registry is read, and so is every entry point of the group ``vlmkit.families`` (a family in another
+package). docs/adding-a-family.md walks through adding one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar
+
+from vlmkit.config import ModelConfig, ProcessorConfig, VLMConfig, apply_overrides, from_dict
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.processing.image import ImageProcessor
+from vlmkit.processing.layouts import SegmentLayout, TemplateLayout
+from vlmkit.processing.processor import Processor
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a family's models can do, as shared code needs to know it."""
+
+    generate: bool = True  # chat / generate / score / rank: a generative model
+    embed: bool = False  # embed_images / embed_texts: a dual encoder
+    # train.precompute_frozen_vision: an image's tower output depends on the image alone (fixed size, nothing read
+    # with it) and the model takes it precomputed (MediaInputs.tower)
+    tower_cache: bool = False
+    # data.group_turns: questions about one image may share one prompt prefix, at plain positions with a causal
+    # segment mask (not with M-RoPE positions or prefix-LM attention)
+    shared_prefix: bool = True
+
+
+@dataclass(frozen=True)
+class HFMapping:
+    """How a family reads and writes Hugging Face folders (convert/hf/)."""
+
+    model_types: tuple[str, ...]  # config.json model_type values it reads
+    load: Callable  # folder -> (model, model config, Processor)
+    export: Callable | None = None  # (model, model config, Processor, folder) -> None; writes into ``folder``
+    transformers_class: str = ""  # the class transformers loads an export with
+
+
+class Family:
+    """The interface of a family (module docstring). Subclass it in a module of ``vlmkit.families`` and decorate the
+    class with :func:`register`; one instance serves every caller."""
+
+    name: ClassVar[str]
+    doc: ClassVar[str] = ""
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
+    ProcessorConfig: ClassVar[type[ProcessorConfig]] = ProcessorConfig
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    objectives: ClassVar[tuple[str, ...]] = ("lm",)  # the stage objectives its models train with
+    hf: ClassVar[HFMapping | None] = None
+    # files beside tokenizer.json that its processor keeps (InstructBLIP's Q-Former tokenizer)
+    processor_files: ClassVar[tuple[str, ...]] = ()
+
+    def build(self, cfg: ModelConfig, image_token_id: int | None, init: bool = True):
+        """The model of ``cfg``; ``init`` applies the from-scratch initialisation, otherwise weights are left for a
+        checkpoint to fill."""
+        raise NotImplementedError
+
+    def image_processor(self, pcfg: ProcessorConfig):
+        """Images -> MediaInputs, for this family's models."""
+        raise NotImplementedError
+
+    def layout(self, pcfg: ProcessorConfig, tokenizer, files: dict[str, Any]):
+        """The prompt layout (processing/layouts.py) of ``pcfg``: vlmkit's segment layout for models trained in
+        vlmkit (``text_mode: segments``), the reference processor's layout for imported ones (``whole``)."""
+        raise NotImplementedError
+
+    def configure(self, cfg: ModelConfig, pcfg: ProcessorConfig, tokenizer) -> tuple[ModelConfig, ProcessorConfig]:
+        """A from-scratch model's config fitted to the recipe's ``tokenizer`` (vocabulary, special ids), and the
+        processor's to the model's (image size)."""
+        return cfg, pcfg
+
+    def new_model(self, cfg: ModelConfig, pcfg: ProcessorConfig, tokenizer):
+        """(config, model, processor) of a model built from scratch for a recipe's ``tokenizer``."""
+        cfg, pcfg = self.configure(cfg, pcfg, tokenizer)
+        model = self.build(cfg, tokenizer.token_id(pcfg.image_token) if pcfg.image_token else None, init=True)
+        return cfg, model, self.new_processor(model, pcfg, tokenizer)
+
+    def new_processor(self, model, pcfg: ProcessorConfig, tokenizer):
+        """The processor of a model built from scratch."""
+        return Processor(pcfg, tokenizer)
+
+    def new_tokenizer(self, texts: list[str], vocab_size: int):
+        """A tokenizer trained on ``texts`` for a model built from scratch."""
+        from vlmkit.processing.tokenizer import TextTokenizer, train_bpe
+
+        return TextTokenizer(train_bpe(texts, vocab_size))
+
+    def describe(self) -> str:
+        return self.doc or (type(self).__doc__ or "").strip().splitlines()[0]
+
+    def image_tokens(self, model) -> str:
+        """How many LM positions an image fills, for listings ("-": none, the model does not read images so)."""
+        return "-"
+
+    def export_class(self, cfg: ModelConfig) -> str:
+        """The transformers class a model of ``cfg`` exports to ("": it does not)."""
+        return self.hf.transformers_class if self.hf is not None and self.hf.export is not None else ""
+
+
+class VLMFamily(Family):
+    """The defaults of a generative family composed of VLMConfig's parts: fixed-size images, vlmkit's segment layout
+    for models trained in vlmkit and the reference processor's template layout for imported ones, a from-scratch
+    model fitted to the recipe's tokenizer."""
+
+    Config = VLMConfig
+    objectives = ("lm", "cell_labels")
+
+    def image_processor(self, pcfg: ProcessorConfig):
+        return ImageProcessor(pcfg)
+
+    def layout(self, pcfg: ProcessorConfig, tokenizer, files: dict[str, Any]):
+        return (SegmentLayout if pcfg.text_mode == "segments" else TemplateLayout)(pcfg, tokenizer)
+
+    def image_tokens(self, model) -> str:
+        return str(model.image_seq_len)
+
+    def export_class(self, cfg) -> str:
+        """vlmkit's CNN tower has no transformers counterpart: such models do not export."""
+        return "" if cfg.vision.arch == "cnn" else super().export_class(cfg)
+
+    def configure(self, cfg, pcfg, tokenizer):
+        """The LM's vocabulary is the tokenizer's; images are the tower's size."""
+        cfg = apply_overrides(cfg, {"lm.vocab_size": tokenizer.vocab_size})
+        return cfg, apply_overrides(pcfg, {"image_size": list(cfg.vision.image_size), "family": cfg.family})
+
+    def new_processor(self, model, pcfg, tokenizer):
+        """Each image fills the model's tokens."""
+        return Processor(apply_overrides(pcfg, {"image_seq_len": model.image_seq_len}), tokenizer)
+
+
+class FamilyRegistry:
+    """Family name -> Family, filled by discovery on first use (module docstring)."""
+
+    def __init__(self):
+        self._families: dict[str, Family] = {}
+        self._discovered = False
+
+    def register(self, cls: type[Family]) -> type[Family]:
+        name = cls.name
+        if name in self._families:
+            raise ValueError(f"family {name!r} registered twice ({type(self._families[name]).__qualname__}, "
+                             f"{cls.__qualname__})")
+        self._families[name] = cls()
+        return cls
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        package = importlib.import_module("vlmkit.families")
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"vlmkit.families.{module.name}")
+        for entry in metadata.entry_points(group="vlmkit.families"):
+            entry.load()
+
+    def get(self, name: str) -> Family:
+        self._discover()
+        if name not in self._families:
+            raise ConfigError(f"unknown model family {name!r}; families: {', '.join(self.names())}")
+        return self._families[name]
+
+    def names(self) -> list[str]:
+        self._discover()
+        return sorted(self._families)
+
+    def all(self) -> list[Family]:
+        return [self._families[n] for n in self.names()]
+
+    def __contains__(self, name: str) -> bool:
+        self._discover()
+        return name in self._families
+
+
+FAMILIES = FamilyRegistry()
+register = FAMILIES.register
+
+
+def get_family(name: str) -> Family:
+    return FAMILIES.get(name)
+
+
+def family_of(cfg: ModelConfig | ProcessorConfig) -> Family:
+    """The family of a model or processor config."""
+    if not cfg.family:
+        raise ConfigError(f"{type(cfg).__name__} names no family")
+    return FAMILIES.get(cfg.family)
+
+
+# ------------------------------------------------------------------------------------------ configs by family
+
+
+def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
+    """A model config (config.json's ``model`` section) read into its family's Config type."""
+    if not isinstance(data, dict) or "family" not in data:
+        raise ConfigError(f"{where}: a model config needs 'family'; families: {', '.join(FAMILIES.names())}")
+    family = FAMILIES.get(data["family"])
+    data = _drop_legacy(dict(data), LEGACY_MODEL_KEYS, family.Config)
+    return from_dict(family.Config, data, where)
+
+
+def processor_config_from_dict(data: dict, family: str | None = None, where: str = "processor") -> ProcessorConfig:
+    """A processor config (processor.json) read into its family's ProcessorConfig type; ``family`` names the family
+    of a file written before processor.json said it."""
+    data = dict(data)
+    name = data.get("family") or family
+    if not name:
+        raise ConfigError(f"{where}: the processor names no family (and none was given)")
+    data["family"] = name
+    fam = FAMILIES.get(name)
+    return from_dict(fam.ProcessorConfig, _drop_legacy(data, LEGACY_PROCESSOR_KEYS, fam.ProcessorConfig), where)
+
+
+# Fields of vlmkit 0.1's single model and processor configs that every family's files carried; a family's own
+# config type now holds those it uses (or the family decides them: the image processor). Files written before are
+# read by dropping the others
+LEGACY_MODEL_KEYS = ("vision", "connector", "lm", "image_token", "anyres", "text", "contrastive", "xattn", "mllama")
+LEGACY_PROCESSOR_KEYS = ("image_processor", "anyres", "split", "native", "max_image_tiles", "text_padding",
+                         "qformer_max_length", "qformer_pad_token")
+
+
+def _drop_legacy(data: dict, keys: tuple[str, ...], cls: type) -> dict:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in fields or k not in keys}
+
+
+def hf_family_of(folder: str | Path) -> tuple[Family, str]:
+    """(the family that reads a Hugging Face folder, its model_type), from config.json's ``model_type``."""
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        kind = json.loads(path.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: cannot read a JSON object ({e})") from e
+    readers = {t: f for f in FAMILIES.all() if f.hf is not None for t in f.hf.model_types}
+    if kind not in readers:
+        raise ConfigError(f"{path}: model_type {kind!r} is not a family vlmkit imports; supported: "
+                          f"{', '.join(sorted(readers))}")
+    return readers[kind], kind
+
+
+__all__ = ["FAMILIES", "Capabilities", "Family", "HFMapping", "VLMFamily", "family_of", "get_family", "hf_family_of",
+           "model_config_from_dict", "processor_config_from_dict", "register"]
