@@ -1,8 +1,8 @@
 """ShapesWorld's scenes: the vocabulary (shapes, colours, backgrounds, sizes), scene sampling and rendering.
 
-A scene is a canvas size, a background and objects lying fully inside the canvas, kept apart (or, with overlap,
-never hidden completely) so that every object is clearly visible. Sampling draws only from the ``random.Random``
-it is given, so a scene depends only on that generator's state.
+A scene is a canvas size, a background and objects lying fully inside the canvas, kept apart (or, with
+overlap, never hidden completely) so that every object is clearly visible. Sampling draws only from the
+``random.Random`` it is given, so a scene depends only on that generator's state.
 """
 
 from __future__ import annotations
