@@ -217,10 +217,8 @@ def cmd_recipes(args) -> None:
         print(f"{name:<16} preset {r.preset}; {stages}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmkit", description="Build, train, evaluate and serve vision-language models.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_demo(sub) -> None:
+    """``vlmkit demo``: data, training and evaluation end to end in one command."""
     d = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     d.add_argument("--out", default="vlmkit-demo", help="output folder (default: vlmkit-demo)")
     d.add_argument("--data", help="ShapesWorld folder (default: OUT/data; generated if absent)")
@@ -229,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_demo)
 
+
+def _add_train(sub) -> None:
+    """``vlmkit train``: a recipe, its overrides and the run folder."""
     t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     t.add_argument("recipe", help="a YAML file or a built-in recipe name (see `vlmkit recipes`)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
+
+def _add_data(sub) -> None:
+    """``vlmkit data shard`` and ``vlmkit data shapes``: the dataset tools, under one ``data`` command."""
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     sh = data.add_parser("shard", help=cmd_data_shard.__doc__, description=cmd_data_shard.__doc__)
     sh.add_argument("src", metavar="SRC",
@@ -255,11 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--overwrite", action="store_true", help="replace the shards of an existing folder")
     sh.add_argument("--quiet", action="store_true", help="no progress bar")
     sh.set_defaults(fn=cmd_data_shard)
-    ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_command",
-                                                                              required=True)
-    co = ck.add_parser("consolidate", help=cmd_consolidate.__doc__, description=cmd_consolidate.__doc__)
-    co.add_argument("path", help="a checkpoint folder with sharded state (dcp/)")
-    co.set_defaults(fn=cmd_consolidate)
     s = data.add_parser("shapes", help=cmd_data_shapes.__doc__, description=cmd_data_shapes.__doc__)
     s.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     s.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
@@ -272,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_data_shapes)
 
+
+def _add_checkpoint(sub) -> None:
+    """``vlmkit checkpoint consolidate``: the checkpoint tools, under one ``checkpoint`` command."""
+    ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_command",
+                                                                              required=True)
+    co = ck.add_parser("consolidate", help=cmd_consolidate.__doc__, description=cmd_consolidate.__doc__)
+    co.add_argument("path", help="a checkpoint folder with sharded state (dcp/)")
+    co.set_defaults(fn=cmd_consolidate)
+
+
+def _add_serve(sub) -> None:
+    """``vlmkit serve``: the model, where it listens, who may call it, and the limits on a request."""
     sv = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     sv.add_argument("--model", required=True, help="a vlmkit checkpoint or Hugging Face folder")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -292,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--quiet", action="store_true", help="log warnings only")
     sv.set_defaults(fn=cmd_serve)
 
+
+def _add_chat(sub) -> None:
+    """``vlmkit chat``: one question about some images, and the sampling settings."""
     c = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
     c.add_argument("--model", required=True, help="checkpoint folder")
     c.add_argument("--image", action="append", help="image file (repeat for several)")
@@ -302,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int)
     c.set_defaults(fn=cmd_chat)
 
+
+def _add_eval(sub) -> None:
+    """``vlmkit eval``: the model or endpoint, the tasks and their data, and ``vlmkit tasks`` that lists them."""
     ev = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     ev.add_argument("--model", required=True, help="a vlmkit checkpoint or Hugging Face folder, or "
                     "openai:BASE_URL#MODEL for an OpenAI-compatible chat-completions endpoint (API key from "
@@ -322,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=cmd_eval)
     sub.add_parser("tasks", help=cmd_tasks.__doc__).set_defaults(fn=cmd_tasks)
 
+
+def _add_embed(sub) -> None:
+    """``vlmkit embed``: a dual encoder, images or texts to embed, and the .npy to write."""
     em = sub.add_parser("embed", help=cmd_embed.__doc__, description=cmd_embed.__doc__)
     em.add_argument("--model", required=True, help="a dual-encoder checkpoint (vlmkit or Hugging Face CLIP/SigLIP)")
     em.add_argument("--images", help="a folder: every image file under it, in sorted path order")
@@ -331,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--quiet", action="store_true", help="no progress bar")
     em.set_defaults(fn=cmd_embed)
 
+
+def _add_convert(sub) -> None:
+    """``vlmkit convert``: the direction (--from hf or --to hf), the source and the output folder."""
     cv = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
     cv.add_argument("--from", dest="from_", choices=["hf"], help="SRC is a Hugging Face folder: import it")
     cv.add_argument("--to", choices=["hf"], help="SRC is a vlmkit checkpoint: export it for transformers")
@@ -339,6 +362,21 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     cv.set_defaults(fn=cmd_convert)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vlmkit`` parser: one ``_add_*`` helper per command group, called in the order ``vlmkit --help``
+    lists the commands; each command's function is in ``args.fn``."""
+    p = argparse.ArgumentParser(prog="vlmkit", description="Build, train, evaluate and serve vision-language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_train(sub)
+    _add_data(sub)
+    _add_checkpoint(sub)
+    _add_serve(sub)
+    _add_chat(sub)
+    _add_eval(sub)  # and `tasks`, listed right after it
+    _add_embed(sub)
+    _add_convert(sub)
     sub.add_parser("presets", help=cmd_presets.__doc__).set_defaults(fn=cmd_presets)
     sub.add_parser("recipes", help=cmd_recipes.__doc__).set_defaults(fn=cmd_recipes)
     return p

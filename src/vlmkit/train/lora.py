@@ -328,16 +328,11 @@ def read_adapter_config(folder) -> tuple[LoRAConfig, list[str]]:
     return cfg, modules
 
 
-def load_adapter(model: nn.Module, folder) -> LoRAConfig:
-    """Load an adapter written by :func:`save_adapter` into ``model`` and return its config.
-
-    A model without adapters gets them first, on exactly the saved modules; a model that has them must have
-    the same modules, rank and alpha. A missing file, a module the model lacks, a key or shape that does not
-    match raises CheckpointError naming the file and the key, before the model is changed. Merged adapters
-    are unmerged, loaded and merged again."""
-    folder = Path(folder)
-    cfg, modules = read_adapter_config(folder)
-    cfg_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+def _read_adapter_weights(weights_path: Path, cfg_path: Path, cfg: LoRAConfig,
+                          modules: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter.safetensors``. CheckpointError if the file is missing or unreadable, or if the
+    config its metadata carries (written by :func:`save_adapter`) is not the config file's: the two files
+    would come from different saves."""
     if not weights_path.is_file():
         raise CheckpointError(f"LoRA adapter weights not found: {weights_path}")
     try:
@@ -352,8 +347,14 @@ def load_adapter(model: nn.Module, folder) -> LoRAConfig:
         if key != (sorted(modules), cfg.rank, cfg.alpha):
             raise CheckpointError(f"{weights_path} and {cfg_path} disagree on the modules, rank or alpha: "
                                   f"they come from different saves (an interrupted save?)")
+    return tensors
 
-    present = dict(_lora_modules(model))
+
+def _adapter_shapes(model: nn.Module, present: dict[str, LoRALinear], cfg: LoRAConfig, modules: list[str],
+                    cfg_path: Path) -> dict[str, tuple[int, int]]:
+    """(fan_in, fan_out) of each module the adapter goes on. A model with adapters (``present``) must have them
+    on exactly ``modules`` with the config's rank and alpha; in a model without, each module must be an
+    nn.Linear that can take one (else the reason it cannot). CheckpointError naming the config file if not."""
     if present:
         if sorted(present) != sorted(modules):
             extra = sorted(set(modules) - set(present)) or sorted(set(present) - set(modules))
@@ -363,19 +364,23 @@ def load_adapter(model: nn.Module, folder) -> LoRAConfig:
             if (m.rank, m.alpha) != (cfg.rank, cfg.alpha):
                 raise CheckpointError(f"{cfg_path}: rank {cfg.rank}, alpha {cfg.alpha} but the model's "
                                       f"{name} has rank {m.rank}, alpha {m.alpha}")
-        shapes = {name: (m.in_features, m.out_features) for name, m in present.items()}
-    else:
-        linears, refused = _linears(model)
-        for name in modules:
-            if name not in linears:
-                why = f" ({refused[name]})" if name in refused else ""
-                raise CheckpointError(f"{cfg_path}: module {name!r} is not an nn.Linear of this model{why}")
-        shapes = {name: (linears[name].in_features, linears[name].out_features) for name in modules}
-    # check every key and shape before the model is touched, so that a bad adapter leaves it as it was
+        return {name: (m.in_features, m.out_features) for name, m in present.items()}
+    linears, refused = _linears(model)
+    for name in modules:
+        if name not in linears:
+            why = f" ({refused[name]})" if name in refused else ""
+            raise CheckpointError(f"{cfg_path}: module {name!r} is not an nn.Linear of this model{why}")
+    return {name: (linears[name].in_features, linears[name].out_features) for name in modules}
+
+
+def _check_adapter_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], rank: int,
+                           weights_path: Path) -> None:
+    """Every key of the file a LoRA parameter of those modules with its shape, and none of them missing;
+    CheckpointError naming the file and the first key that is not."""
     expected = {}
     for name, (fan_in, fan_out) in shapes.items():
-        expected[_join(name, "lora_A.weight")] = (cfg.rank, fan_in)
-        expected[_join(name, "lora_B.weight")] = (fan_out, cfg.rank)
+        expected[_join(name, "lora_A.weight")] = (rank, fan_in)
+        expected[_join(name, "lora_B.weight")] = (fan_out, rank)
     for key, value in tensors.items():
         if key not in expected:
             raise CheckpointError(f"{weights_path}: key {key!r} is not a LoRA parameter of this model")
@@ -386,6 +391,11 @@ def load_adapter(model: nn.Module, folder) -> LoRAConfig:
     if missing:
         raise CheckpointError(f"{weights_path}: missing key {missing[0]!r}")
 
+
+def _copy_adapter_tensors(model: nn.Module, present: dict[str, LoRALinear], modules: list[str], cfg: LoRAConfig,
+                          tensors: dict[str, torch.Tensor]) -> None:
+    """Put checked tensors into the model: adapters first on ``modules`` if it has none, merged ones unmerged
+    for the copy and merged again after it."""
     if not present:
         _wrap(model, sorted(modules), cfg)
         present = dict(_lora_modules(model))
@@ -398,6 +408,24 @@ def load_adapter(model: nn.Module, folder) -> LoRAConfig:
             own[key].copy_(value)
     for m in merged:
         m.merge()
+
+
+def load_adapter(model: nn.Module, folder) -> LoRAConfig:
+    """Load an adapter written by :func:`save_adapter` into ``model`` and return its config.
+
+    A model without adapters gets them first, on exactly the saved modules; a model that has them must have
+    the same modules, rank and alpha. A missing file, a module the model lacks, a key or shape that does not
+    match raises CheckpointError naming the file and the key, before the model is changed. Merged adapters
+    are unmerged, loaded and merged again."""
+    folder = Path(folder)
+    cfg, modules = read_adapter_config(folder)
+    cfg_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    tensors = _read_adapter_weights(weights_path, cfg_path, cfg, modules)
+    present = dict(_lora_modules(model))
+    shapes = _adapter_shapes(model, present, cfg, modules, cfg_path)
+    # check every key and shape before the model is touched, so that a bad adapter leaves it as it was
+    _check_adapter_tensors(tensors, shapes, cfg.rank, weights_path)
+    _copy_adapter_tensors(model, present, modules, cfg, tensors)
     return cfg
 
 

@@ -259,12 +259,8 @@ def _markdown(run: _Run, title: str) -> str:
     return "\n".join(lines)
 
 
-def _figure(run: _Run, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _panels(run: _Run) -> list[str]:
+    """The panels the run has data for, in figure order: loss, throughput, padding, lr."""
     panels = []
     if run.steps or run.vals:
         panels.append("loss")
@@ -274,63 +270,99 @@ def _figure(run: _Run, title: str):
         panels.append("padding")
     if run.last("lr") is not None:
         panels.append("lr")
-    ncols = 1 if len(panels) <= 1 else 2
-    nrows = max(1, math.ceil(len(panels) / 2))
+    return panels
+
+
+def _panel_axes(plt, n: int):
+    """A figure with one axes per panel, two panels a row (one column for a single panel), spare axes removed;
+    a figure without panels says so instead of staying blank."""
+    ncols = 1 if n <= 1 else 2
+    nrows = max(1, math.ceil(n / 2))
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.8 * nrows), dpi=100, squeeze=False)
     axes = list(axes.flat)
-    for ax in axes[len(panels):]:
+    for ax in axes[n:]:
         fig.delaxes(ax)
-    if not panels:
+    if not n:
         axes[0].set_axis_off()
         axes[0].text(0.5, 0.5, "no step records yet", ha="center", va="center", fontsize=12, color="gray")
+    return fig, axes
+
+
+def _plot_loss(ax, run: _Run) -> None:
+    """Train loss and validation loss; log scale when every value is positive."""
+    xs, ys = run.series("loss")
+    if xs:
+        ax.plot(xs, ys, label="train loss", color="#1f77b4", lw=1.2)
+    if run.vals:
+        ax.plot([r["step"] for r in run.vals], [r["val_loss"] for r in run.vals], "o-",
+                label="validation loss", color="#d62728", lw=1.2, ms=3)
+    if all(v > 0 for v in ys if not math.isnan(v)) and all(r["val_loss"] > 0 for r in run.vals):
+        ax.set_yscale("log")
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def _plot_throughput(ax, run: _Run) -> None:
+    """Samples/s and tokens/s; tokens/s on a second y axis when both were recorded (their scales differ)."""
+    handles = []
+    xs, ys = run.series("samples_per_second")
+    if any(not math.isnan(v) for v in ys):
+        handles += ax.plot(xs, ys, color="#2ca02c", lw=1.2, label="samples/s")
+        ax.set_ylabel("samples/s", color="#2ca02c")
+    xs, ys = run.series("tokens_per_second")
+    if any(not math.isnan(v) for v in ys):
+        tax = ax.twinx() if handles else ax
+        handles += tax.plot(xs, ys, color="#9467bd", lw=1.2, label="tokens/s")
+        tax.set_ylabel("tokens/s", color="#9467bd")
+    ax.set_title("throughput")
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+
+
+def _plot_padding(ax, run: _Run) -> None:
+    """The padded share of the token slots, on [0, 1]."""
+    ax.plot(*run.series("padding_fraction"), color="#ff7f0e", lw=1.2)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("padded / all token slots")
+    ax.set_title("padding fraction (batches so far)")
+
+
+def _plot_lr(ax, run: _Run) -> None:
+    """The learning rate; log scale unless it reaches 0 (a warmup start, a decay to zero)."""
+    xs, ys = run.series("lr")
+    ax.plot(xs, ys, color="#8c564b", lw=1.2)
+    if all(v > 0 for v in ys if not math.isnan(v)):
+        ax.set_yscale("log")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning rate")
+
+
+_PLOT_PANEL = {"loss": _plot_loss, "throughput": _plot_throughput, "padding": _plot_padding, "lr": _plot_lr}
+
+
+def _mark_stages(ax, boundaries: list[tuple[int, str]], names: bool) -> None:
+    """A dotted line at each stage's first step, named at the top of the axes when ``names``."""
+    for step, name in boundaries:
+        ax.axvline(step, color="gray", ls=":", lw=1)
+        if names:
+            ax.text(step, 1.0, f" {name}", transform=ax.get_xaxis_transform(), va="top", ha="left",
+                    fontsize=8, color="gray")
+
+
+def _figure(run: _Run, title: str):
+    """The report's figure and pyplot (the caller saves and closes it): a panel per group of fields the run
+    recorded, each against the optimizer step with the stage boundaries marked (named on the loss panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = _panels(run)
+    fig, axes = _panel_axes(plt, len(panels))
     boundaries = [(r["step"], str(r.get("stage", ""))) for r in run.stages if _is_number(r.get("step"))]
-
-    def mark_stages(ax, names: bool):
-        for step, name in boundaries:
-            ax.axvline(step, color="gray", ls=":", lw=1)
-            if names:
-                ax.text(step, 1.0, f" {name}", transform=ax.get_xaxis_transform(), va="top", ha="left",
-                        fontsize=8, color="gray")
-
     for kind, ax in zip(panels, axes):
-        if kind == "loss":
-            xs, ys = run.series("loss")
-            if xs:
-                ax.plot(xs, ys, label="train loss", color="#1f77b4", lw=1.2)
-            if run.vals:
-                ax.plot([r["step"] for r in run.vals], [r["val_loss"] for r in run.vals], "o-",
-                        label="validation loss", color="#d62728", lw=1.2, ms=3)
-            if all(v > 0 for v in ys if not math.isnan(v)) and all(r["val_loss"] > 0 for r in run.vals):
-                ax.set_yscale("log")
-            ax.set_ylabel("loss")
-            ax.set_title("loss")
-            ax.legend(fontsize=8, loc="upper right")
-        elif kind == "throughput":
-            handles = []
-            xs, ys = run.series("samples_per_second")
-            if any(not math.isnan(v) for v in ys):
-                handles += ax.plot(xs, ys, color="#2ca02c", lw=1.2, label="samples/s")
-                ax.set_ylabel("samples/s", color="#2ca02c")
-            xs, ys = run.series("tokens_per_second")
-            if any(not math.isnan(v) for v in ys):
-                tax = ax.twinx() if handles else ax
-                handles += tax.plot(xs, ys, color="#9467bd", lw=1.2, label="tokens/s")
-                tax.set_ylabel("tokens/s", color="#9467bd")
-            ax.set_title("throughput")
-            ax.legend(handles=handles, fontsize=8, loc="lower right")
-        elif kind == "padding":
-            ax.plot(*run.series("padding_fraction"), color="#ff7f0e", lw=1.2)
-            ax.set_ylim(0, 1)
-            ax.set_ylabel("padded / all token slots")
-            ax.set_title("padding fraction (batches so far)")
-        elif kind == "lr":
-            xs, ys = run.series("lr")
-            ax.plot(xs, ys, color="#8c564b", lw=1.2)
-            if all(v > 0 for v in ys if not math.isnan(v)):
-                ax.set_yscale("log")
-            ax.set_ylabel("learning rate")
-            ax.set_title("learning rate")
-        mark_stages(ax, names=kind == "loss")
+        _PLOT_PANEL[kind](ax, run)
+        _mark_stages(ax, boundaries, names=kind == "loss")
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
