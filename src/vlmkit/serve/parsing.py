@@ -316,47 +316,60 @@ def parse_chat(body: dict, engine_max_tokens: int | None):
         raise _bad(f"n must be 1 (one answer per request), got {n}", "n")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    max_tokens = _integer(body, "max_tokens")
-    alias = _integer(body, "max_completion_tokens")
-    if max_tokens is not None and alias is not None and max_tokens != alias:
-        raise _bad(f"max_tokens ({max_tokens}) and max_completion_tokens ({alias}) disagree", "max_tokens")
-    key = "max_tokens" if max_tokens is not None else "max_completion_tokens"
-    max_tokens = max_tokens if max_tokens is not None else alias
-    limit = engine_max_tokens or 256
-    if max_tokens is None:
-        max_tokens = min(256, limit)
-    elif max_tokens < 1 or max_tokens > limit:
-        raise _bad(f"{key} must be in [1, {limit}] (this server's limit), got {max_tokens}", key)
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [_text(stop, "stop", empty=False)]
-    elif isinstance(stop, list):
-        if len(stop) > MAX_STOP:
-            raise _bad(f"stop holds at most {MAX_STOP} strings, got {len(stop)}", "stop")
-        stop = [_text(s, f"stop[{i}]", empty=False) for i, s in enumerate(stop)]
-    else:
-        raise _bad(f"stop must be a string or an array of strings, got {_kind(stop)}", "stop")
+    max_tokens = _max_tokens(body, engine_max_tokens or 256)
+    stop = _stop(body.get("stop"))
     seed = _integer(body, "seed")
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise _bad(f"seed must be in [-2**63, 2**64 - 1], got {seed}", "seed")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad(f"stream must be a boolean, got {_kind(stream)}", "stream")
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        _object(options, "stream_options")
-        include_usage = options.get("include_usage")
-        if include_usage is not None and not isinstance(include_usage, bool):
-            raise _bad(f"stream_options.include_usage must be a boolean, got {_kind(include_usage)}",
-                       "stream_options.include_usage")
+    include_usage = _include_usage(body.get("stream_options"))
     if body.get("user") is not None:
         _text(body["user"], "user")
     gen = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
                            seed=seed)
     return messages, refs, gen, bool(stream), bool(include_usage)
+
+
+def _max_tokens(body: dict, limit: int) -> int:
+    """max_tokens, or its alias max_completion_tokens, in [1, ``limit``] (default: 256 or the limit)."""
+    max_tokens = _integer(body, "max_tokens")
+    alias = _integer(body, "max_completion_tokens")
+    if max_tokens is not None and alias is not None and max_tokens != alias:
+        raise _bad(f"max_tokens ({max_tokens}) and max_completion_tokens ({alias}) disagree", "max_tokens")
+    key = "max_tokens" if max_tokens is not None else "max_completion_tokens"
+    max_tokens = max_tokens if max_tokens is not None else alias
+    if max_tokens is None:
+        max_tokens = min(256, limit)
+    elif max_tokens < 1 or max_tokens > limit:
+        raise _bad(f"{key} must be in [1, {limit}] (this server's limit), got {max_tokens}", key)
+    return max_tokens
+
+
+def _stop(stop) -> list[str]:
+    """stop: null, a string, or an array of at most MAX_STOP non-empty strings."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [_text(stop, "stop", empty=False)]
+    if isinstance(stop, list):
+        if len(stop) > MAX_STOP:
+            raise _bad(f"stop holds at most {MAX_STOP} strings, got {len(stop)}", "stop")
+        return [_text(s, f"stop[{i}]", empty=False) for i, s in enumerate(stop)]
+    raise _bad(f"stop must be a string or an array of strings, got {_kind(stop)}", "stop")
+
+
+def _include_usage(options) -> bool | None:
+    """stream_options.include_usage: False without stream_options, None when they do not say."""
+    if options is None:
+        return False
+    _object(options, "stream_options")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise _bad(f"stream_options.include_usage must be a boolean, got {_kind(include_usage)}",
+                   "stream_options.include_usage")
+    return include_usage
 
 
 def _safe(check, value) -> bool:
