@@ -65,6 +65,9 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", 
 
 # ---------------------------------------------------------------------------------------------- the app
 class _Metrics:
+    """The app's Prometheus series: requests and their latency, counted by :class:`_Observe`, and the
+    engine's stats, read when scraped."""
+
     def __init__(self, engine):
         stats = lambda: engine.stats  # noqa: E731
         self.requests = Counter("vlmkit_requests_total", "HTTP requests by endpoint and status",
@@ -119,6 +122,30 @@ class _Observe:
             self.metrics.latency.observe(time.perf_counter() - start, endpoint=endpoint)
 
 
+class _Server:
+    """What the routes of one app share: the engine, the image decoder, the metrics and the app's limits."""
+
+    def __init__(self, engine, images: ImageDecoder, metrics: _Metrics, api_key: str | None,
+                 request_timeout: float | None, max_body_bytes: int):
+        self.engine, self.images, self.metrics = engine, images, metrics
+        self.api_key, self.request_timeout, self.max_body_bytes = api_key, request_timeout, max_body_bytes
+
+    def check_key(self, request: Request) -> None:
+        """A 401 unless the request carries ``Authorization: Bearer <api_key>`` (when the app has a key)."""
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           None, "invalid_api_key")
+
+    async def read_json(self, request: Request):
+        """The request's JSON body, within this app's ``max_body_bytes`` (:func:`parsing.read_json`)."""
+        return await read_json(request, self.max_body_bytes)
+
+
 def create_app(engine, *, api_key: str | None = None, allow_local_files: bool = False,
                max_image_bytes: int = 20 * 2**20, max_image_pixels: int = MAX_IMAGE_PIXELS,
                request_timeout: float | None = 120.0, max_body_bytes: int = 50 * 2**20,
@@ -132,6 +159,17 @@ def create_app(engine, *, api_key: str | None = None, allow_local_files: bool = 
                           max_request_pixels if max_request_pixels is not None else max_image_pixels)
     app.state.engine, app.state.metrics = engine, metrics
     app.add_middleware(_Observe, metrics=metrics)
+    server = _Server(engine, images, metrics, api_key, request_timeout, max_body_bytes)
+    _add_error_handlers(app)
+    _add_chat_route(app, server)
+    _add_embeddings_route(app, server)
+    _add_model_routes(app, server)
+    _add_open_routes(app, server)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: refusals, unknown routes and methods, anything unexpected (a 500)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -158,66 +196,76 @@ def create_app(engine, *, api_key: str | None = None, allow_local_files: bool = 
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return ApiError(500, "internal server error", None, "internal_error").response()
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           None, "invalid_api_key")
 
+# ---------------------------------------------------------------------------------------------- the routes
+def _add_chat_route(app: FastAPI, s: _Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_key(request)
-        body = await read_json(request, max_body_bytes)
-        messages, refs, gen, stream, include_usage = parse_chat(body, getattr(engine, "max_new_tokens", None))
+        s.check_key(request)
+        body = await s.read_json(request)
+        engine = s.engine
+        limit = getattr(engine, "max_new_tokens", None)
+        messages, refs, gen, stream, include_usage = parse_chat(body, limit)
         if engine.is_dual_encoder:
             raise ApiError(400, f"{engine.model_name} is a dual encoder: it embeds texts and images "
                            f"(POST /v1/embeddings); it does not chat", "model", "model_not_chat")
-        pictures = await run_in_threadpool(images.decode_all, refs) if refs else []
-        try:
-            # images prepared and the prompt tokenised off the event loop; the stream delivers to it
-            events = await run_in_threadpool(engine.submit_chat, messages, pictures, gen, timeout=request_timeout,
-                                             loop=asyncio.get_running_loop())
-        except (DataError, ConfigError) as e:
-            raise ApiError(400, str(e)) from None
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}", None, "queue_full") from None
+        pictures = await run_in_threadpool(s.images.decode_all, refs) if refs else []
+        events = await _submit_chat(s, messages, pictures, gen)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
-            chunks = _sse(events, rid, created, engine.model_name, request_timeout, include_usage)
+            chunks = _sse(events, rid, created, engine.model_name, s.request_timeout, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, last = await _collect(events, request, request_timeout)
-        if last.finish_reason == "disconnected":  # nobody reads this: 499 (nginx's) tells the metrics why
-            return Response(status_code=499)
-        if last.finish_reason == "timeout":
-            raise ApiError(504, f"the answer took longer than this server allows ({request_timeout} s)", None,
-                           "timeout")
-        if last.finish_reason not in ("stop", "length"):
-            _log_failure(last)
-            raise ApiError(503 if last.finish_reason == "cancelled" else 500,
-                           "the server is shutting down" if last.finish_reason == "cancelled"
-                           else "internal server error while generating", None, "internal_error")
-        usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-                 "total_tokens": last.prompt_tokens + last.completion_tokens}
-        return {"id": rid, "object": "chat.completion", "created": created, "model": engine.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": last.finish_reason}],
-                "usage": usage}
+        return await _chat_completion(s, events, request, rid, created)
 
+
+async def _submit_chat(s: _Server, messages: list[dict], pictures: list, gen):
+    """Queue the request in the engine: its Stream of events. The engine's refusals are 400s, a full queue a
+    429."""
+    try:
+        # images prepared and the prompt tokenised off the event loop; the stream delivers to it
+        return await run_in_threadpool(s.engine.submit_chat, messages, pictures, gen,
+                                       timeout=s.request_timeout, loop=asyncio.get_running_loop())
+    except (DataError, ConfigError) as e:
+        raise ApiError(400, str(e)) from None
+    except QueueFull as e:
+        raise ApiError(429, f"the server is busy: {e}", None, "queue_full") from None
+
+
+async def _chat_completion(s: _Server, events, request: Request, rid: str, created: int):
+    """The ``chat.completion`` object of a non-streamed request, once its answer is complete."""
+    text, last = await _collect(events, request, s.request_timeout)
+    if last.finish_reason == "disconnected":  # nobody reads this: 499 (nginx's) tells the metrics why
+        return Response(status_code=499)
+    if last.finish_reason == "timeout":
+        raise ApiError(504, f"the answer took longer than this server allows ({s.request_timeout} s)", None,
+                       "timeout")
+    if last.finish_reason not in ("stop", "length"):
+        _log_failure(last)
+        raise ApiError(503 if last.finish_reason == "cancelled" else 500,
+                       "the server is shutting down" if last.finish_reason == "cancelled"
+                       else "internal server error while generating", None, "internal_error")
+    usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+             "total_tokens": last.prompt_tokens + last.completion_tokens}
+    return {"id": rid, "object": "chat.completion", "created": created, "model": s.engine.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": last.finish_reason}],
+            "usage": usage}
+
+
+def _add_embeddings_route(app: FastAPI, s: _Server) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
-        check_key(request)
-        body = await read_json(request, max_body_bytes)
+        s.check_key(request)
+        body = await s.read_json(request)
         items, fmt = parse_embeddings(body)
+        engine = s.engine
         if not engine.is_dual_encoder:
             raise ApiError(400, f"{engine.model_name} is a generative vision-language model: it answers "
                            f"POST /v1/chat/completions; embeddings need a dual encoder (CLIP or SigLIP)",
                            "model", "model_not_embedding")
         is_image, texts, refs = embedding_inputs(items, isinstance(body["input"], list))
-        pictures = await run_in_threadpool(images.decode_all, refs) if refs else []
+        pictures = await run_in_threadpool(s.images.decode_all, refs) if refs else []
         text_vectors, image_vectors, tokens = await run_in_threadpool(_embed, engine, texts, pictures)
         text_rows, image_rows = iter(text_vectors), iter(image_vectors)
         rows = [next(image_rows) if im else next(text_rows) for im in is_image]
@@ -226,26 +274,32 @@ def create_app(engine, *, api_key: str | None = None, allow_local_files: bool = 
         return {"object": "list", "data": data, "model": engine.model_name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+
+def _add_model_routes(app: FastAPI, s: _Server) -> None:
     @app.get("/v1/models")
     async def models(request: Request):
-        check_key(request)
-        return {"object": "list", "data": [_model_card(engine)]}
+        s.check_key(request)
+        return {"object": "list", "data": [_model_card(s.engine)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str):
-        check_key(request)
-        if model_id != engine.model_name:
-            raise ApiError(404, f"no model {model_id[:200]!r}; this server serves {engine.model_name!r}",
+        s.check_key(request)
+        if model_id != s.engine.model_name:
+            raise ApiError(404, f"no model {model_id[:200]!r}; this server serves {s.engine.model_name!r}",
                            "model", "model_not_found")
-        return _model_card(engine)
+        return _model_card(s.engine)
+
+
+def _add_open_routes(app: FastAPI, s: _Server) -> None:
+    """The routes that need no key: probes, scrapers and a browser opening the page hold none."""
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.model_name, "queue_depth": engine.stats.queue_depth}
+        return {"status": "ok", "model": s.engine.model_name, "queue_depth": s.engine.stats.queue_depth}
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(render(metrics.all), media_type=CONTENT_TYPE)
+        return Response(render(s.metrics.all), media_type=CONTENT_TYPE)
 
     @app.get("/")
     async def page():
@@ -254,10 +308,8 @@ def create_app(engine, *, api_key: str | None = None, allow_local_files: bool = 
                            "not_found")
         return FileResponse(STATIC, media_type="text/html")
 
-    return app
 
-
-# ---------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------- answers
 def _log_failure(last) -> None:
     if last.finish_reason == "error":
         log.error("generation failed inside the engine: %s", getattr(last, "error", ""))
