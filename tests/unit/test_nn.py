@@ -1,4 +1,5 @@
-"""vlmkit.nn: masks, attention against an explicit softmax reference, RMSNorm, rotary embeddings, KV cache."""
+"""vlmkit.nn: masks, attention against an explicit softmax reference, RMSNorm, rotary embeddings, KV cache; and the
+DecoderLM flags built on them."""
 
 from __future__ import annotations
 
@@ -307,3 +308,32 @@ def test_rmsnorm_offset_scales_by_one_plus_weight():
         gemma.weight.fill_(0.5)
         plain.weight.fill_(1.5)
     torch.testing.assert_close(gemma(x), plain(x))
+
+
+# ------------------------------------------------------------------------------------------------ DecoderLM flags
+
+
+def test_persimmon_flags_are_off_by_default_and_change_the_lm_when_on():
+    """qk_norm and rotary_fraction default to the Llama path (no q/k norms, every dim rotates); turning them on
+    adds only the two per-head norms and narrows the rotary table, and changes the output."""
+    import dataclasses
+
+    from vlmkit.config import LanguageConfig
+    from vlmkit.lm.decoder import DecoderLM
+
+    cfg = LanguageConfig(vocab_size=40, width=32, depth=2, heads=4, kv_heads=2, mlp_dim=48, max_seq_len=16)
+    torch.manual_seed(0)
+    lm = DecoderLM(cfg).eval()
+    assert lm.rotary.inv_freq.numel() == 4 and lm.layers[0].attn.q_norm is None  # head_dim 8: all of it rotates
+    persimmon = DecoderLM(dataclasses.replace(cfg, qk_norm=True, rotary_fraction=0.5)).eval()
+    missing, unexpected = persimmon.load_state_dict(lm.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == sorted(f"layers.{i}.attn.{n}_norm.{w}" for i in range(2)
+                                                        for n in "qk" for w in ("weight", "bias"))
+    assert persimmon.rotary.inv_freq.numel() == 2
+    torch.testing.assert_close(persimmon.rotary.inv_freq, lm.rotary.inv_freq[:2] ** 2)  # theta^(-2j/4) for j < 2
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert (persimmon(x) - lm(x)).abs().max() > 1e-3
+        without_norms = DecoderLM(dataclasses.replace(cfg, rotary_fraction=0.5)).eval()
+        without_norms.load_state_dict(lm.state_dict())
+        assert (without_norms(x) - lm(x)).abs().max() > 1e-3
