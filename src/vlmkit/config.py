@@ -178,12 +178,18 @@ class LanguageConfig:
     bias: bool = False  # biases on q, k, v, o and the MLP (qkv_bias alone: Qwen2's q, k, v only)
     pos_embed: str = "rope"  # rope | learned
     pos_offset: int = 0  # learned positions: row of position 0 in the table (max_seq_len + pos_offset rows)
+    # Persimmon (Fuyu's LM): OPT's LayerNorms, biases and plain MLP (act relu2) with rotary positions, plus a
+    # LayerNorm (with bias, eps norm_eps) over each head's queries and keys before the rotary (qk_layernorm), and
+    # rotary on only the first int(head_dim * rotary_fraction) dims of each head (partial_rotary_factor, 0.5)
+    qk_norm: bool = False
+    rotary_fraction: float = 1.0
 
     def __post_init__(self):
         for name, valid in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("gated", "plain")),
                             ("pos_embed", ("rope", "learned"))):
             if getattr(self, name) not in valid:
                 raise ConfigError(f"lm.{name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        self._check_rotary_fraction()
         if self.pos_offset < 0 or (self.pos_offset and self.pos_embed != "learned"):
             raise ConfigError(f"lm.pos_offset {self.pos_offset}: a non-negative row offset of learned positions "
                               f"(pos_embed: learned); rotary positions have none")
@@ -191,6 +197,25 @@ class LanguageConfig:
             raise ConfigError("lm.mrope_section is multimodal RoPE; it needs lm.pos_embed: rope")
         if self.norm == "layernorm" and self.norm_offset:
             raise ConfigError("lm.norm_offset (Gemma's 1 + weight) is an RMSNorm variant; lm.norm is layernorm")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dims of each head: int(head_dim * rotary_fraction), truncated as transformers' Persimmon."""
+        return int((self.head_dim or self.width // self.heads) * self.rotary_fraction)
+
+    def _check_rotary_fraction(self) -> None:
+        if not 0 < self.rotary_fraction <= 1:
+            raise ConfigError(f"lm.rotary_fraction {self.rotary_fraction}: the fraction of each head's dims that "
+                              f"rotate; valid: (0, 1]")
+        if self.rotary_fraction == 1:
+            return
+        if self.pos_embed != "rope" or self.mrope_section:
+            raise ConfigError(f"lm.rotary_fraction {self.rotary_fraction} (partial rotary) needs lm.pos_embed: rope "
+                              f"without mrope_section")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ConfigError(f"lm.rotary_fraction {self.rotary_fraction}: head_dim "
+                              f"{self.head_dim or self.width // self.heads} x {self.rotary_fraction} gives "
+                              f"{self.rotary_dim} rotated dims; rotary needs an even number >= 2")
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Llama / Qwen2 / Mistral / Gemma import: logits and greedy tokens equal transformers' on tiny random checkpoints
-that transformers builds here (offline), and bad folders get errors that name the file and key."""
+"""Llama / Qwen2 / Mistral / Gemma / OPT / Persimmon import: logits and greedy tokens equal transformers' on tiny
+random checkpoints that transformers builds here (offline), and bad folders get errors that name the file and key."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.convert.hf import export_hf_lm, load_hf_lm, read_weights
+
+from hf_fixtures import perturb_
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -255,8 +257,14 @@ def test_what_neither_opt_nor_llama_expresses_is_refused_on_export(tmp_path):
     assert lm_config_to_hf(LanguageConfig(**opt))["model_type"] == "opt"
     with pytest.raises(ConfigError, match=r"lm: learned positions export as OPT, which cannot express: kv_heads 2"):
         lm_config_to_hf(LanguageConfig(**{**opt, "kv_heads": 2}))
-    with pytest.raises(ConfigError, match=r"lm: norm 'layernorm', mlp 'plain': with rotary positions no "):
+    with pytest.raises(ConfigError, match=r"lm: rotary positions with LayerNorms export as Persimmon, which cannot "
+                                          r"express: bias False \(Persimmon has True\)"):
         lm_config_to_hf(LanguageConfig(**{**opt, "pos_embed": "rope", "pos_offset": 0, "bias": False}))
+    with pytest.raises(ConfigError, match=r"lm: mlp 'plain', bias True, qk_norm True: with RMSNorms no transformers"):
+        lm_config_to_hf(LanguageConfig(**{**opt, "norm": "rmsnorm", "pos_embed": "rope", "pos_offset": 0,
+                                          "qk_norm": True}))
+    with pytest.raises(ConfigError, match=r"learned positions export as OPT, which cannot express: qk_norm True"):
+        lm_config_to_hf(LanguageConfig(**{**opt, "qk_norm": True}))
     with pytest.raises(ConfigError, match=r"lm.norm 'batchnorm'; valid: rmsnorm, layernorm"):
         LanguageConfig(norm="batchnorm")
 
@@ -290,3 +298,126 @@ def test_llama3_rope_scaling_without_its_keys_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="rope_type 'llama3' without 'low_freq_factor'"):
         load_hf_lm(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ Persimmon (Fuyu's LM)
+
+# not PersimmonConfig's defaults: 3 heads of 20 dims with 10 rotating (partial_rotary_factor 0.5, as Fuyu-8B's),
+# Fuyu-8B's theta 25000, qk_layernorm, an eps that is not LayerNorm's default, odd widths
+PERSIMMON_TINY = dict(vocab_size=97, hidden_size=60, intermediate_size=84, num_hidden_layers=2, num_attention_heads=3,
+                      max_position_embeddings=64, layer_norm_eps=1e-6, qk_layernorm=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5})
+
+
+def make_persimmon(folder, **extra):
+    """A tiny PersimmonForCausalLM whose projections are unit-scale (a misplaced row of the fused q, k, v shows in
+    the logits, not at 1e-5) and whose norms and biases are perturbed."""
+    torch.manual_seed(0)
+    model = transformers.PersimmonForCausalLM(transformers.PersimmonConfig(**{**PERSIMMON_TINY, **extra})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed_tokens" not in name:
+                p.normal_(0, p.shape[1] ** -0.5)
+    perturb_(model)
+    model.save_pretrained(folder)
+    return model
+
+
+def test_persimmon_logits_padded_and_cached_match_transformers(tmp_path):
+    """LayerNorms, fused q/k/v split head by head, per-head q/k LayerNorms, rotary on half of each head, squared-ReLU
+    MLP, biases, untied head: logits equal transformers' on a left-padded batch, and vlmkit's KV cache (a prefill,
+    then one token at a time) gives the uncached logits."""
+    ref = make_persimmon(tmp_path)
+    lm = load_hf_lm(tmp_path)
+    c = lm.cfg
+    assert (c.norm, c.mlp, c.bias, c.act, c.qk_norm, c.rotary_fraction, c.rope_theta, c.norm_eps) == (
+        "layernorm", "plain", True, "relu2", True, 0.5, 25000.0, 1e-6)
+    assert not c.tie_embeddings and c.pos_embed == "rope" and lm.rotary.inv_freq.numel() == 5  # 10 of 20 dims rotate
+    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # row 1 is left-padded
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() passes them; vlmkit counts them from the mask itself
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        ours = lm.lm_head(lm(lm.embed_tokens(ids), attention_mask=mask))
+        cache = lm.new_cache(2, 13)
+        steps = [lm.lm_head(lm(lm.embed_tokens(ids[:, :9]), attention_mask=mask[:, :9], cache=cache))]
+        for t in range(9, 13):
+            steps.append(lm.lm_head(lm(lm.embed_tokens(ids[:, t:t + 1]), attention_mask=mask[:, :t + 1],
+                                       cache=cache)))
+    assert theirs.std() > 0.5  # loud enough that 1e-4 means something
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours[1, 4:], theirs[1, 4:], rtol=0, atol=1e-4)
+    cached = torch.cat(steps, 1)
+    torch.testing.assert_close(cached[0], ours[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(cached[1, 4:], ours[1, 4:], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [{}, {"qk_layernorm": False, "tie_word_embeddings": True,
+                                        "hidden_act": "gelu_pytorch_tanh"}], ids=["fuyu_like", "tied_no_qk_norm"])
+def test_persimmon_exports_back_to_persimmon_for_causal_lm(tmp_path, extra):
+    ref = make_persimmon(tmp_path / "src", **extra)
+    lm = load_hf_lm(tmp_path / "src")
+    assert lm.cfg.qk_norm == ref.config.qk_layernorm and lm.cfg.tie_embeddings == ref.config.tie_word_embeddings
+    export_hf_lm(lm, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "PersimmonForCausalLM"
+    assert back.config.rope_parameters["partial_rotary_factor"] == 0.5
+    fused = "model.layers.1.self_attn.query_key_value.weight"  # fused again in transformers' head-by-head order
+    assert torch.equal(read_weights(tmp_path / "out")[fused], read_weights(tmp_path / "src")[fused])
+    ids = torch.tensor([[3, 17, 42, 90, 5, 7, 64]])
+    with torch.no_grad():
+        theirs = ref(input_ids=ids).logits
+        torch.testing.assert_close(back(input_ids=ids).logits, theirs, rtol=0, atol=1e-4)
+        torch.testing.assert_close(lm.lm_head(lm(lm.embed_tokens(ids))), theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 1.5}},
+     r"config.json: partial_rotary_factor 1.5 rotates 30 of the 20 dims of each head; supported: a factor in "
+     r"\(0, 1\]"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.25}},
+     r"partial_rotary_factor 0.25 rotates 5 of the 20 dims of each head; supported: .* an even number >= 2"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 25000.0, "factor": 2.0}},
+     r"config.json: rope_type 'linear' \(RoPE scaling\) is not implemented for persimmon; supported: default"),
+    ({"hidden_act": "gelu_new"}, r"config.json: hidden_act 'gelu_new' is not implemented for persimmon; supported: "
+                                 r"relu2, relu, gelu, silu, gelu_pytorch_tanh"),
+    ({"num_attention_heads": 7}, r"config.json: hidden_size 60 is not a multiple of num_attention_heads 7"),
+    ({"intermediate_size": None}, r"config.json: missing key 'intermediate_size' for model_type 'persimmon'"),
+])
+def test_persimmon_values_vlmkit_lacks_are_refused_by_key(tmp_path, changes, match):
+    make_persimmon(tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=match):
+        load_hf_lm(tmp_path)
+
+
+def test_persimmon_4x_config_keys_and_a_misshaped_fused_projection(tmp_path):
+    """transformers 4.x (and Fuyu-8B's config.json) keep rope_theta and partial_rotary_factor at the top level; a
+    fused projection that is not 3 x hidden_size rows is named."""
+    make_persimmon(tmp_path)
+    _edit_config(tmp_path, rope_parameters=None, rope_scaling=None, rope_theta=25000.0, partial_rotary_factor=0.5)
+    cfg = load_hf_lm(tmp_path).cfg
+    assert (cfg.rope_theta, cfg.rotary_fraction) == (25000.0, 0.5)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.layers.0.self_attn.query_key_value.weight"
+    tensors[key] = tensors[key][:120]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"query_key_value.weight has shape \(120, 60\), the config implies "
+                                              r"\(180, ...\)"):
+        load_hf_lm(tmp_path)
+
+
+def test_rotary_fraction_and_qk_norm_are_checked():
+    from vlmkit.config import LanguageConfig
+
+    base = dict(vocab_size=50, width=48, depth=1, heads=3, kv_heads=3, mlp_dim=64)  # head_dim 16
+    assert LanguageConfig(**base, rotary_fraction=0.25).rotary_dim == 4
+    with pytest.raises(ConfigError, match=r"lm.rotary_fraction 0.0: the fraction of each head's dims that rotate; "
+                                          r"valid: \(0, 1\]"):
+        LanguageConfig(**base, rotary_fraction=0.0)
+    with pytest.raises(ConfigError, match=r"lm.rotary_fraction 0.2: head_dim 16 x 0.2 gives 3 rotated dims; rotary "
+                                          r"needs an even number >= 2"):
+        LanguageConfig(**base, rotary_fraction=0.2)
+    with pytest.raises(ConfigError, match=r"lm.rotary_fraction 0.5 \(partial rotary\) needs lm.pos_embed: rope"):
+        LanguageConfig(**base, rotary_fraction=0.5, pos_embed="learned")

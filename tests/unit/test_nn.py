@@ -1,4 +1,5 @@
-"""vlmkit.nn: masks, attention against an explicit softmax reference, RMSNorm, rotary embeddings, KV cache."""
+"""vlmkit.nn: masks, attention against an explicit softmax reference, RMSNorm, rotary embeddings, KV cache; and the
+DecoderLM flags built on them."""
 
 from __future__ import annotations
 
@@ -120,6 +121,29 @@ def test_attention_with_kv_cache_equals_full_causal_attention():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_qk_norm_layernorms_each_heads_queries_and_keys_before_rotary():
+    """Persimmon's qk_layernorm: one LayerNorm over head_dim, shared by the heads, on q and k (not v), then RoPE."""
+    torch.manual_seed(0)
+    layer = Attention(24, 3, qkv_bias=True, out_bias=True, qk_norm=True, norm_eps=1e-6)
+    assert Attention(24, 3).q_norm is None and "q_norm.weight" not in dict(Attention(24, 3).named_parameters())
+    with torch.no_grad():
+        for norm in (layer.q_norm, layer.k_norm):
+            norm.weight.normal_(1.0, 0.3)
+            norm.bias.normal_(0.0, 0.3)
+    x, pos = torch.randn(2, 5, 24), torch.arange(5)[None].expand(2, 5)
+    cos, sin = RotaryEmbedding(8)(pos)
+
+    def heads(proj, norm=None):
+        t = proj(x).view(2, 5, 3, 8)
+        t = torch.nn.functional.layer_norm(t, (8,), norm.weight, norm.bias, 1e-6) if norm is not None else t
+        return t.transpose(1, 2)
+
+    q, k = apply_rope(heads(layer.q_proj, layer.q_norm), heads(layer.k_proj, layer.k_norm), cos, sin)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, heads(layer.v_proj), is_causal=True)
+    expected = layer.o_proj(out.transpose(1, 2).reshape(2, 5, 24))
+    torch.testing.assert_close(layer(x, is_causal=True, rope=(cos, sin)), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_heads_must_be_a_multiple_of_kv_heads():
     with pytest.raises(ValueError, match="multiple of kv_heads"):
         Attention(32, heads=4, kv_heads=3)
@@ -158,6 +182,11 @@ def test_unknown_activation_raises():
         activation("swish2")
     with pytest.raises(ValueError, match="unknown activation"):
         MLP(8, 16, act="swish2")
+
+
+def test_relu2_is_squared_relu():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
+    torch.testing.assert_close(activation("relu2")(x), torch.tensor([0.0, 0.0, 0.0, 0.25, 9.0]))
 
 
 def test_mlp_and_swiglu_shapes():
@@ -221,6 +250,20 @@ def test_rope_dot_product_depends_only_on_relative_position():
     assert dot(3, 1) != pytest.approx(dot(4, 1), abs=1e-3), "a different distance must change the score"
 
 
+def test_partial_rope_rotates_the_first_dims_and_passes_the_rest():
+    """cos, sin narrower than the heads (Persimmon's partial_rotary_factor): the first rd dims rotate as a head of
+    rd dims would, the remaining ones are untouched."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 6, 16), torch.randn(2, 3, 6, 16)
+    pos = torch.tensor([0, 1, 2, 7, 100, 3])
+    cos, sin = RotaryEmbedding(6, theta=25000.0)(pos[None])
+    assert cos.shape == (1, 6, 6)
+    q2, k2 = apply_rope(q, k, cos, sin)
+    torch.testing.assert_close(q2[..., :6], rope_reference(q[..., :6], pos, 25000.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k2[..., :6], rope_reference(k[..., :6], pos, 25000.0), atol=1e-5, rtol=1e-5)
+    assert torch.equal(q2[..., 6:], q[..., 6:]) and torch.equal(k2[..., 6:], k[..., 6:])
+
+
 def test_rotary2d_shapes_and_prefix():
     rot = Rotary2D(16)
     cos, sin = rot(3, 4)
@@ -265,3 +308,32 @@ def test_rmsnorm_offset_scales_by_one_plus_weight():
         gemma.weight.fill_(0.5)
         plain.weight.fill_(1.5)
     torch.testing.assert_close(gemma(x), plain(x))
+
+
+# ------------------------------------------------------------------------------------------------ DecoderLM flags
+
+
+def test_persimmon_flags_are_off_by_default_and_change_the_lm_when_on():
+    """qk_norm and rotary_fraction default to the Llama path (no q/k norms, every dim rotates); turning them on
+    adds only the two per-head norms and narrows the rotary table, and changes the output."""
+    import dataclasses
+
+    from vlmkit.config import LanguageConfig
+    from vlmkit.lm.decoder import DecoderLM
+
+    cfg = LanguageConfig(vocab_size=40, width=32, depth=2, heads=4, kv_heads=2, mlp_dim=48, max_seq_len=16)
+    torch.manual_seed(0)
+    lm = DecoderLM(cfg).eval()
+    assert lm.rotary.inv_freq.numel() == 4 and lm.layers[0].attn.q_norm is None  # head_dim 8: all of it rotates
+    persimmon = DecoderLM(dataclasses.replace(cfg, qk_norm=True, rotary_fraction=0.5)).eval()
+    missing, unexpected = persimmon.load_state_dict(lm.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == sorted(f"layers.{i}.attn.{n}_norm.{w}" for i in range(2)
+                                                        for n in "qk" for w in ("weight", "bias"))
+    assert persimmon.rotary.inv_freq.numel() == 2
+    torch.testing.assert_close(persimmon.rotary.inv_freq, lm.rotary.inv_freq[:2] ** 2)  # theta^(-2j/4) for j < 2
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert (persimmon(x) - lm(x)).abs().max() > 1e-3
+        without_norms = DecoderLM(dataclasses.replace(cfg, rotary_fraction=0.5)).eval()
+        without_norms.load_state_dict(lm.state_dict())
+        assert (without_norms(x) - lm(x)).abs().max() > 1e-3

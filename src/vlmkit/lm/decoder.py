@@ -5,6 +5,8 @@ Grouped-query attention (``kv_heads``), rotary theta, tied embeddings, qkv bias 
 OPT (BLIP-2's LM; Zhang et al. 2022) is the same pre-norm block with LayerNorms (``norm: layernorm``), a plain
 ReLU MLP (``mlp: plain``), biases everywhere (``bias``) and learned absolute positions added to the input
 (``pos_embed: learned``, its table offset by ``pos_offset`` = 2 rows as OPT's).
+Persimmon (Fuyu's LM) is OPT's block with rotary positions, a squared-ReLU MLP (``act: relu2``), a LayerNorm over
+each head's queries and keys (``qk_norm``) and rotary on part of each head (``rotary_fraction``).
 The model takes embeddings, not ids, so that fusion modules can splice images into the sequence.
 """
 
@@ -31,12 +33,18 @@ def _norm(cfg: LanguageConfig) -> nn.Module:
     return RMSNorm(cfg.width, cfg.norm_eps, cfg.norm_offset)
 
 
+def rotary_embedding(cfg: LanguageConfig) -> RotaryEmbedding:
+    """The rotary table of ``cfg``: over the first ``cfg.rotary_dim`` dims of each head (all of them unless
+    ``rotary_fraction`` < 1). A function so that loaders which build the LM on the meta device can rebuild it."""
+    return RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, cfg.rope_scaling)
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self.input_norm = _norm(cfg)
         self.attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias or cfg.bias,
-                              out_bias=cfg.bias)
+                              out_bias=cfg.bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
         self.post_attn_norm = _norm(cfg)
         mlp = MLP if cfg.mlp == "plain" else SwiGLU
         self.mlp = mlp(cfg.width, cfg.mlp_dim, act=cfg.act, bias=cfg.bias)
@@ -67,8 +75,7 @@ class DecoderLM(nn.Module):
             self.rotary = None
         else:
             self.embed_positions = None
-            self.rotary = RotaryEmbedding(cfg.head_dim or cfg.width // cfg.heads, cfg.rope_theta, cfg.mrope_section,
-                                          cfg.rope_scaling)
+            self.rotary = rotary_embedding(cfg)
 
     @property
     def head_dim(self) -> int:

@@ -15,10 +15,13 @@ from vlmkit.nn.rope import apply_rope
 
 
 class Attention(nn.Module):
-    """Self-attention with optional grouped-query heads, rotary embeddings and a KV cache."""
+    """Self-attention with optional grouped-query heads, rotary embeddings and a KV cache.
+
+    ``qk_norm`` adds a LayerNorm (with bias, eps ``norm_eps``) over each head's queries and keys, applied
+    before the rotary embedding (Persimmon's ``qk_layernorm``; one norm shared by all heads)."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None,
-                 qkv_bias: bool = False, out_bias: bool = False):
+                 qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-5):
         super().__init__()
         self.heads = heads
         self.kv_heads = kv_heads or heads
@@ -29,6 +32,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=out_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
@@ -37,6 +42,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
         if cache is not None:

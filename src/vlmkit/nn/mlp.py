@@ -12,12 +12,18 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU (So et al. 2021, "Primer"; Persimmon's MLP): relu(x) ** 2, as transformers' ReLUSquared."""
+    return F.relu(x).square()
+
+
 ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "quick_gelu": quick_gelu,
     "silu": F.silu,
     "relu": F.relu,
+    "relu2": relu2,
 }
 
 

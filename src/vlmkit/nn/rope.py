@@ -58,7 +58,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q, k: [B, H, T, hd]; cos, sin: [B, T, hd]."""
+    """q, k: [B, H, T, hd]; cos, sin: [B, T, rd] with rd <= hd. With rd < hd (partial rotary, Persimmon) only
+    the first rd dims of each head rotate and the rest pass through, as transformers' PersimmonAttention."""
+    rd, hd = cos.shape[-1], q.shape[-1]
+    if rd < hd:
+        (q_rot, q_pass), (k_rot, k_pass) = q.split([rd, hd - rd], -1), k.split([rd, hd - rd], -1)
+        q_rot, k_rot = apply_rope(q_rot, k_rot, cos, sin)
+        return torch.cat([q_rot, q_pass], dim=-1), torch.cat([k_rot, k_pass], dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 

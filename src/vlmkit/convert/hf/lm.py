@@ -1,8 +1,15 @@
-"""Llama-family text LMs (Llama, Qwen2, Mistral, Gemma) and OPT <-> vlmkit's ``DecoderLM``: import and export.
+"""Llama-family text LMs (Llama, Qwen2, Mistral, Gemma), OPT and Persimmon <-> vlmkit's ``DecoderLM``: import and
+export.
 
 OPT (BLIP-2's LM) is read as ``norm: layernorm``, ``mlp: plain``, ``bias``, ``pos_embed: learned`` with OPT's
 ``pos_offset`` 2. Its variants with a projected embedding (``word_embed_proj_dim`` != ``hidden_size``, opt-350m's
 project_in / project_out) or post-norm layers (``do_layer_norm_before: false``) are refused by name.
+
+Persimmon (Fuyu's LM) is read as ``norm: layernorm``, ``mlp: plain``, ``bias`` with rotary positions, ``qk_norm``
+(qk_layernorm) and ``rotary_fraction`` (partial_rotary_factor). Its attention is one fused ``query_key_value``
+projection, split into q, k and v on import (:func:`split_fused_qkv`) and fused again on export
+(:func:`fuse_qkv`). Which family a LanguageConfig is: :func:`is_opt` (learned positions), :func:`is_persimmon`
+(rotary with LayerNorms), else Llama's.
 """
 
 from __future__ import annotations
@@ -14,13 +21,17 @@ import torch
 
 from vlmkit.config import LanguageConfig, RopeScalingConfig
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
-from vlmkit.errors import ConfigError
-from vlmkit.lm.decoder import DecoderLM
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.lm.decoder import DecoderLM, rotary_embedding
 
-LM_TYPES = ("llama", "qwen2", "mistral", "gemma", "opt")
+LM_TYPES = ("llama", "qwen2", "mistral", "gemma", "opt", "persimmon")
 LM_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 OPT_ACTS = {"relu": "relu", "gelu": "gelu"}
 OPT_POS_OFFSET = 2  # OPTLearnedPositionalEmbedding: position p is row p + 2
+# transformers' ACT2FN names of the activations vlmkit computes the same way; Persimmon's own is relu2
+PERSIMMON_ACTS = {"relu2": "relu2", "relu": "relu", "gelu": "gelu", "silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+PERSIMMON_ROTARY_FRACTION = 0.5  # PersimmonConfig's partial_rotary_factor when a config has none
+FUSED_QKV = "self_attn.query_key_value"  # Persimmon's fused q, k, v projection, under each layer's prefix
 
 
 def _rope_theta(cfg: dict, where: str) -> float:
@@ -73,13 +84,15 @@ def _mrope_section(cfg: dict, head_dim: int, where: str) -> tuple[int, ...]:
 
 
 def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
-    """config.json of a Llama / Qwen2 / Mistral / Gemma / OPT causal LM -> LanguageConfig."""
+    """config.json of a Llama / Qwen2 / Mistral / Gemma / OPT / Persimmon causal LM -> LanguageConfig."""
     kind = cfg.get("model_type")
     if kind not in LM_TYPES:
         raise ConfigError(f"{where}: model_type {kind!r} is not a text LM vlmkit imports; supported: "
                           f"{', '.join(LM_TYPES)}")
     if kind == "opt":
         return _opt_config_from_hf(cfg, where)
+    if kind == "persimmon":
+        return _persimmon_config_from_hf(cfg, where)
     try:
         width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")  # Gemma 1 writes both
@@ -136,6 +149,45 @@ def _opt_config_from_hf(cfg: dict, where: str) -> LanguageConfig:
         raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type 'opt'") from e
 
 
+def _persimmon_rope(cfg: dict, where: str) -> tuple[float, float]:
+    """(theta, partial rotary factor) of a PersimmonConfig dict: in ``rope_parameters`` (transformers 5) or at the
+    top level (4.x, as Fuyu-8B's config.json). Only unscaled RoPE."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ConfigError(f"{where}: rope_type {kind!r} (RoPE scaling) is not implemented for persimmon; "
+                          f"supported: default")
+    fraction = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", PERSIMMON_ROTARY_FRACTION))
+    return _rope_theta(cfg, where), float(fraction)
+
+
+def _persimmon_config_from_hf(cfg: dict, where: str) -> LanguageConfig:
+    """A PersimmonConfig dict -> LanguageConfig: OPT's block with rotary positions, per-head q/k LayerNorms and
+    partial rotary; what vlmkit's DecoderLM does not compute is refused by key."""
+    try:
+        width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        if width % heads:
+            raise ConfigError(f"{where}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+        act = cfg.get("hidden_act", "relu2")
+        if act not in PERSIMMON_ACTS:
+            raise ConfigError(f"{where}: hidden_act {act!r} is not implemented for persimmon; supported: "
+                              f"{', '.join(PERSIMMON_ACTS)}")
+        theta, fraction = _persimmon_rope(cfg, where)
+        rotated = int(width // heads * fraction)  # PersimmonAttention.rotary_ndims
+        if not 0 < fraction <= 1 or rotated < 2 or rotated % 2:
+            raise ConfigError(f"{where}: partial_rotary_factor {fraction} rotates {rotated} of the {width // heads} "
+                              f"dims of each head; supported: a factor in (0, 1] that rotates an even number >= 2")
+        return LanguageConfig(
+            vocab_size=int(cfg["vocab_size"]), width=width, depth=int(cfg["num_hidden_layers"]), heads=heads,
+            kv_heads=heads, mlp_dim=int(cfg["intermediate_size"]), act=PERSIMMON_ACTS[act],
+            norm_eps=float(cfg.get("layer_norm_eps", 1e-5)), rope_theta=theta,
+            max_seq_len=int(cfg.get("max_position_embeddings", 16384)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), norm="layernorm", mlp="plain", bias=True,
+            qk_norm=bool(cfg.get("qk_layernorm", True)), rotary_fraction=fraction)
+    except KeyError as e:
+        raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type 'persimmon'") from e
+
+
 def _opt_key_map(cfg: LanguageConfig, prefix: str, head: str) -> dict[str, str]:
     """DecoderLM -> OPTForCausalLM names (``prefix`` is the decoder's, "model.decoder." in OPTForCausalLM)."""
     table = {"embed_tokens.weight": f"{prefix}embed_tokens.weight",
@@ -157,16 +209,89 @@ def _opt_key_map(cfg: LanguageConfig, prefix: str, head: str) -> dict[str, str]:
     return table
 
 
+def _persimmon_key_map(cfg: LanguageConfig, prefix: str, head: str) -> dict[str, str]:
+    """DecoderLM -> PersimmonForCausalLM names. q, k and v map to ``<query_key_value> (q)``, ``(k)``, ``(v)``:
+    the parts :func:`split_fused_qkv` cuts the fused projection into."""
+    table = {"embed_tokens.weight": f"{prefix}embed_tokens.weight"}
+    table |= {f"norm.{w}": f"{prefix}final_layernorm.{w}" for w in ("weight", "bias")}
+    if not cfg.tie_embeddings:
+        table["lm_head.weight"] = head
+    for i in range(cfg.depth):
+        ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
+        for w in ("weight", "bias"):
+            table[f"{ours}input_norm.{w}"] = f"{theirs}input_layernorm.{w}"
+            table[f"{ours}post_attn_norm.{w}"] = f"{theirs}post_attention_layernorm.{w}"
+            table |= {f"{ours}attn.{p}_proj.{w}": f"{theirs}{FUSED_QKV}.{w} ({p})" for p in "qkv"}
+            table[f"{ours}attn.o_proj.{w}"] = f"{theirs}self_attn.dense.{w}"
+            if cfg.qk_norm:
+                table[f"{ours}attn.q_norm.{w}"] = f"{theirs}self_attn.q_layernorm.{w}"
+                table[f"{ours}attn.k_norm.{w}"] = f"{theirs}self_attn.k_layernorm.{w}"
+            table[f"{ours}mlp.fc1.{w}"] = f"{theirs}mlp.dense_h_to_4h.{w}"
+            table[f"{ours}mlp.fc2.{w}"] = f"{theirs}mlp.dense_4h_to_h.{w}"
+    return table
+
+
+def split_fused_qkv(cfg: LanguageConfig, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``tensors`` with each Persimmon layer's fused ``query_key_value`` weight and bias replaced by the three
+    parts :func:`lm_key_map` names ``<key> (q)``, ``(k)``, ``(v)``; other layouts are returned as they are.
+
+    The fused rows are not [q; k; v]: transformers views the projection as [..., heads, 3, head_dim]
+    (PersimmonAttention._split_heads), so they run head by head, each head's q, k and v rows in turn."""
+    if not is_persimmon(cfg):
+        return tensors
+    out, hd = dict(tensors), cfg.width // cfg.heads
+    for i in range(cfg.depth):
+        for w in ("weight", "bias"):
+            fused = f"{prefix}layers.{i}.{FUSED_QKV}.{w}"
+            if fused not in out:
+                continue  # load_state names what is missing
+            t = out.pop(fused)
+            if t.shape[0] != 3 * cfg.width:
+                raise CheckpointError(f"{fused} has shape {tuple(t.shape)}, the config implies ({3 * cfg.width}, "
+                                      f"...) (q, k and v of {cfg.heads} heads of {hd})")
+            parts = t.unflatten(0, (cfg.heads, 3, hd)).unbind(1)  # q, k, v: [heads, hd, ...]
+            out |= {f"{fused} ({p})": part.flatten(0, 1) for p, part in zip("qkv", parts)}
+    return out
+
+
+def fuse_qkv(cfg: LanguageConfig, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_fused_qkv` on an export's tensors: Persimmon's q, k and v parts interleaved
+    head by head into one ``query_key_value`` weight and bias per layer."""
+    if not is_persimmon(cfg):
+        return tensors
+    out, hd = dict(tensors), cfg.width // cfg.heads
+    for i in range(cfg.depth):
+        for w in ("weight", "bias"):
+            fused = f"{prefix}layers.{i}.{FUSED_QKV}.{w}"
+            parts = [out.pop(f"{fused} ({p})").detach().unflatten(0, (cfg.heads, hd)) for p in "qkv"]
+            out[fused] = torch.stack(parts, 1).flatten(0, 2)  # [heads, 3, hd, ...] -> rows
+    return out
+
+
 def is_opt(cfg: LanguageConfig) -> bool:
     """An LM laid out as OPT (learned positions): its tensors carry OPT's names."""
     return cfg.pos_embed == "learned"
 
 
+def is_persimmon(cfg: LanguageConfig) -> bool:
+    """An LM laid out as Persimmon (rotary positions with LayerNorms): its tensors carry Persimmon's names."""
+    return cfg.pos_embed == "rope" and cfg.norm == "layernorm"
+
+
+def lm_prefix(cfg: LanguageConfig) -> str:
+    """Prefix of the decoder's tensors in a *ForCausalLM checkpoint: "model.decoder." for OPT, else "model."."""
+    return "model.decoder." if is_opt(cfg) else "model."
+
+
 def lm_key_map(cfg: LanguageConfig, prefix: str = "model.", head: str = "lm_head.weight") -> dict[str, str]:
     """vlmkit DecoderLM parameter name -> transformers *ForCausalLM tensor name (the explicit table). An OPT
-    layout (:func:`is_opt`) takes the decoder's prefix ("model.decoder." in OPTForCausalLM)."""
+    layout (:func:`is_opt`) takes the decoder's prefix ("model.decoder." in OPTForCausalLM). A Persimmon layout
+    names the parts of its fused q, k, v projection: load through :func:`split_fused_qkv`, export through
+    :func:`fuse_qkv`."""
     if is_opt(cfg):
         return _opt_key_map(cfg, prefix, head)
+    if is_persimmon(cfg):
+        return _persimmon_key_map(cfg, prefix, head)
     table = {"embed_tokens.weight": f"{prefix}embed_tokens.weight", "norm.weight": f"{prefix}norm.weight"}
     if not cfg.tie_embeddings:
         table["lm_head.weight"] = head
@@ -193,7 +318,8 @@ def untie_if_head_saved(cfg, tensors, head: str, embed: str):
 
 
 def load_hf_lm(folder: str | Path) -> DecoderLM:
-    """A transformers Llama / Qwen2 / Mistral / Gemma / OPT ``*ForCausalLM`` folder -> DecoderLM (fp32)."""
+    """A transformers Llama / Qwen2 / Mistral / Gemma / OPT / Persimmon ``*ForCausalLM`` folder -> DecoderLM
+    (fp32)."""
     ckpt = read_checkpoint(folder)
     where = str(ckpt.folder / "config.json")
     cfg = lm_config_from_hf(ckpt.config, where)
@@ -201,11 +327,12 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
         lm = DecoderLM(cfg)
     lm = lm.to_empty(device="cpu")
     if lm.rotary is not None:  # buffers are not weights: rebuild
-        lm.rotary = type(lm.rotary)(lm.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.rope_scaling)
+        lm.rotary = rotary_embedding(cfg)
     if cfg.tie_embeddings:
         lm.lm_head.weight = lm.embed_tokens.weight
     # a tied checkpoint may still carry lm_head.weight (a copy of the embeddings): not an error
-    load_state(lm, ckpt.tensors, lm_key_map(cfg, "model.decoder." if is_opt(cfg) else "model."), str(ckpt.folder),
+    prefix = lm_prefix(cfg)
+    load_state(lm, split_fused_qkv(cfg, ckpt.tensors, prefix), lm_key_map(cfg, prefix), str(ckpt.folder),
                ignore=("lm_head.weight",) if cfg.tie_embeddings else ())
     return lm.eval()
 
@@ -213,20 +340,26 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
 # ---------------------------------------------------------------------------------------------- export
 
 HF_ACTS = {v: k for k, v in LM_ACTS.items()}
+HF_PERSIMMON_ACTS = {v: k for k, v in PERSIMMON_ACTS.items()}
 LM_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
-              "opt": "OPTForCausalLM"}
+              "opt": "OPTForCausalLM", "persimmon": "PersimmonForCausalLM"}
 
 
 def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
     """LanguageConfig -> the config.json of the transformers family that computes the same function: OPT
-    (learned positions), Gemma (norm offset + embedding scale), Qwen2 (bias on q, k, v only), else Llama."""
+    (learned positions), Persimmon (rotary with LayerNorms), Gemma (norm offset + embedding scale), Qwen2 (bias
+    on q, k, v only), else Llama."""
     if is_opt(cfg):
         return _opt_config_to_hf(cfg, where)
-    opt_only = [f"{k} {v!r}" for k, v, ok in (("norm", cfg.norm, "rmsnorm"), ("mlp", cfg.mlp, "gated"),
-                                               ("bias", cfg.bias, False)) if v != ok]
-    if opt_only:
-        raise ConfigError(f"{where}: {', '.join(opt_only)}: with rotary positions no transformers family computes "
-                          f"this LM (a layernorm / plain-MLP / biased LM exports as OPT, with pos_embed: learned)")
+    if is_persimmon(cfg):
+        return _persimmon_config_to_hf(cfg, where)
+    not_llama = [f"{k} {v!r}" for k, v, ok in (("mlp", cfg.mlp, "gated"), ("bias", cfg.bias, False),
+                                                ("qk_norm", cfg.qk_norm, False),
+                                                ("rotary_fraction", cfg.rotary_fraction, 1.0)) if v != ok]
+    if not_llama:
+        raise ConfigError(f"{where}: {', '.join(not_llama)}: with RMSNorms no transformers family computes this LM "
+                          f"(a plain-MLP / biased LM exports as OPT with pos_embed: learned, or as Persimmon with "
+                          f"norm: layernorm)")
     if cfg.norm_offset != cfg.embed_scale:
         raise ConfigError(f"{where}: norm_offset and embed_scale are both Gemma's; a model with only one of them "
                           f"is no transformers family")
@@ -265,7 +398,8 @@ def _opt_config_to_hf(cfg: LanguageConfig, where: str) -> dict:
         ("kv_heads", cfg.kv_heads, cfg.heads), ("head_dim", cfg.head_dim or cfg.width // cfg.heads,
                                                  cfg.width // cfg.heads),
         ("norm_eps", cfg.norm_eps, 1e-5), ("qkv_bias", cfg.qkv_bias and not cfg.bias, False),
-        ("embed_scale", cfg.embed_scale, False), ("norm_offset", cfg.norm_offset, False))
+        ("embed_scale", cfg.embed_scale, False), ("norm_offset", cfg.norm_offset, False),
+        ("qk_norm", cfg.qk_norm, False))
         if v != ok]
     if cfg.act not in OPT_ACTS:
         problems.append(f"act {cfg.act!r} (exportable: {', '.join(OPT_ACTS)})")
@@ -279,9 +413,34 @@ def _opt_config_to_hf(cfg: LanguageConfig, where: str) -> dict:
             "attention_dropout": 0.0, "torch_dtype": "float32"}
 
 
+def _persimmon_config_to_hf(cfg: LanguageConfig, where: str) -> dict:
+    """A Persimmon-layout LanguageConfig -> PersimmonConfig's dict; what Persimmon cannot express is refused by
+    field. The rope keys are written both as transformers 5's rope_parameters and 4.x's top-level keys."""
+    problems = [f"{k} {v!r} (Persimmon has {ok!r})" for k, v, ok in (
+        ("mlp", cfg.mlp, "plain"), ("bias", cfg.bias, True), ("kv_heads", cfg.kv_heads, cfg.heads),
+        ("head_dim", cfg.head_dim or cfg.width // cfg.heads, cfg.width // cfg.heads),
+        ("embed_scale", cfg.embed_scale, False), ("mrope_section", cfg.mrope_section, ()),
+        ("rope_scaling.kind", cfg.rope_scaling.kind, "")) if v != ok]
+    if cfg.act not in HF_PERSIMMON_ACTS:
+        problems.append(f"act {cfg.act!r} (exportable: {', '.join(HF_PERSIMMON_ACTS)})")
+    if problems:
+        raise ConfigError(f"{where}: rotary positions with LayerNorms export as Persimmon, which cannot express: "
+                          f"{'; '.join(problems)}")
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.rotary_fraction}
+    return {"model_type": "persimmon", "architectures": [LM_CLASSES["persimmon"]], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.width, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.depth,
+            "num_attention_heads": cfg.heads, "hidden_act": HF_PERSIMMON_ACTS[cfg.act],
+            "layer_norm_eps": cfg.norm_eps, "qk_layernorm": cfg.qk_norm, "rope_parameters": rope,
+            "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.rotary_fraction,
+            "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+            "hidden_dropout": 0.0, "attention_dropout": 0.0, "torch_dtype": "float32"}
+
+
 def export_hf_lm(lm: DecoderLM, folder: str | Path) -> None:
-    """A DecoderLM -> config.json + model.safetensors that transformers' ``AutoModelForCausalLM`` loads."""
-    folder = Path(folder)
+    """A DecoderLM -> config.json + model.safetensors that transformers' ``AutoModelForCausalLM`` loads. The
+    config is built first, so an LM no transformers family expresses leaves no weights behind."""
+    config = lm_config_to_hf(lm.cfg)
+    folder, prefix = Path(folder), lm_prefix(lm.cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    write_hf_weights(folder, export_table(lm, lm_key_map(lm.cfg, "model.decoder." if is_opt(lm.cfg) else "model.")))
-    write_json(folder / "config.json", lm_config_to_hf(lm.cfg))
+    write_hf_weights(folder, fuse_qkv(lm.cfg, export_table(lm, lm_key_map(lm.cfg, prefix)), prefix))
+    write_json(folder / "config.json", config)
