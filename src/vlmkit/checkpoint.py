@@ -69,7 +69,7 @@ def load_checkpoint(path: str | Path, device="cpu", merge_lora: bool = True):
     lora = meta.get("lora")
     if lora:  # trained with LoRA adapters (saved unmerged, for exact resume): applied, loaded, then merged
         from vlmkit.config import from_dict
-        from vlmkit.train.lora import LoRAConfig, apply_lora
+        from vlmkit.nn.lora import LoRAConfig, apply_lora
 
         apply_lora(model, from_dict(LoRAConfig, lora, "config.json:lora"))
     try:
@@ -81,7 +81,7 @@ def load_checkpoint(path: str | Path, device="cpu", merge_lora: bool = True):
         raise CheckpointError(f"{path / 'model.safetensors'} does not match config.json: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     if lora and merge_lora:
-        from vlmkit.train.lora import remove_lora
+        from vlmkit.nn.lora import remove_lora
 
         remove_lora(model)
     return model.to(device).eval(), processor, cfg, meta

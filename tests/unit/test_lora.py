@@ -16,7 +16,7 @@ from vlmkit.config import apply_overrides, from_dict
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
 from vlmkit.presets import get_preset
-from vlmkit.train.lora import (
+from vlmkit.nn.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,

@@ -28,7 +28,7 @@ from vlmkit.presets import get_preset
 from vlmkit.family import family_of
 from vlmkit.processing import Processor, TextTokenizer
 from vlmkit.train.distributed import batchnorm_note, wrap_model
-from vlmkit.train.lora import apply_lora
+from vlmkit.nn.lora import apply_lora
 from vlmkit.train.optim import (freeze_for_stage, load_optimizer, lr_factor, make_optimizer, set_lr,
                                 set_train_mode)
 from vlmkit.train.recipe import Recipe

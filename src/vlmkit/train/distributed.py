@@ -193,7 +193,7 @@ def consolidate(checkpoint) -> None:
     from vlmkit.errors import CheckpointError
     from vlmkit.models import build_model
     from vlmkit.processing import Processor
-    from vlmkit.train.lora import LoRAConfig, apply_lora
+    from vlmkit.nn.lora import LoRAConfig, apply_lora
 
     folder = Path(checkpoint)
     shards = folder / "dcp"

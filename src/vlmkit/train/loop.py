@@ -37,7 +37,7 @@ from vlmkit.train.qformer_stage import run_qformer_stage
 from vlmkit.train.distributed import (DistInfo, batchnorm_note, full_state_dict, grad_norm_value, init_distributed,
                                       load_sharded, save_sharded, shard_of, transformer_blocks, unwrap, wrap_model)
 from vlmkit.train.frozen_features import FrozenVisionFeatures
-from vlmkit.train.lora import apply_lora, save_adapter
+from vlmkit.nn.lora import apply_lora, save_adapter
 from vlmkit.train.optim import (
     freeze_for_stage,
     load_optimizer,

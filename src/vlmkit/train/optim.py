@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmkit.errors import ConfigError
-from vlmkit.train.lora import LoRALinear, lora_parameters
+from vlmkit.nn.lora import LoRALinear, lora_parameters
 from vlmkit.train.muon import MuonAdamW
 from vlmkit.train.recipe import MODULE_GROUPS, StageConfig
 

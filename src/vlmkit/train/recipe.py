@@ -17,7 +17,7 @@ import yaml
 
 from vlmkit.config import apply_overrides, from_dict, parse_value
 from vlmkit.errors import ConfigError
-from vlmkit.train.lora import LoRAConfig
+from vlmkit.nn.lora import LoRAConfig
 
 # vision-language models: vision, connector, lm; dual encoders: vision, text, logits (temperature and bias); lora:
 # the LoRA adapters of the recipe's lora section (wherever they sit; the weights they adapt stay frozen)
