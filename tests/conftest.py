@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmkit.config import ConnectorConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
+from vlmkit.config import ConnectorConfig, LanguageConfig, ProcessorConfig, VisionConfig, VLMConfig
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
 
 SENTENCES = [
@@ -34,7 +34,7 @@ def tiny_config(tokenizer):
         lm = LanguageConfig(vocab_size=tokenizer.vocab_size, width=32, depth=2, heads=4, kv_heads=2,
                             mlp_dim=64, max_seq_len=256, tie_embeddings=tie, qkv_bias=qkv_bias)
         conn = ConnectorConfig(kind=connector, scale_factor=2, layers=layers)
-        return ModelConfig(vision=vision, connector=conn, lm=lm)
+        return VLMConfig(vision=vision, connector=conn, lm=lm)
 
     return make
 
@@ -44,7 +44,7 @@ def make_processor(tokenizer):
     """Factory: a Processor for 16x16 images with ``image_seq_len`` tokens per image."""
 
     def make(image_seq_len: int = 4, max_length: int = 512) -> Processor:
-        cfg = ProcessorConfig(image_size=(16, 16), image_seq_len=image_seq_len, max_length=max_length)
+        cfg = ProcessorConfig(family="llava", image_size=(16, 16), image_seq_len=image_seq_len, max_length=max_length)
         return Processor(cfg, tokenizer)
 
     return make

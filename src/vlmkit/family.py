@@ -236,6 +236,10 @@ LEGACY_PROCESSOR_KEYS = ("image_processor", "anyres", "split", "native", "max_im
 
 
 def _drop_legacy(data: dict, keys: tuple[str, ...], cls: type) -> dict:
+    """``data`` without the legacy keys ``cls`` has no field for, when it is a legacy file (it has every one of
+    them; a file written since has none a family lacks, and any such key is refused by name)."""
+    if not all(k in data for k in keys):
+        return data
     fields = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in data.items() if k in fields or k not in keys}
 

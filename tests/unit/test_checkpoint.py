@@ -16,6 +16,8 @@ from vlmkit.errors import CheckpointError
 from vlmkit.models import build_model
 from vlmkit.pipeline import Pipeline
 
+from helpers import fixed_media, forward
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -31,7 +33,7 @@ def save_tiny(folder, tiny_config, make_processor, tokenizer, tie: bool = True):
 def probe_batch(model, tokenizer):
     img = tokenizer.token_id("<image>")
     ids = torch.tensor([[10, 11] + [img] * model.image_seq_len + [12, 13, 14]])
-    return ids, torch.randn(1, 3, 16, 16)
+    return ids, fixed_media(torch.randn(1, 3, 16, 16), model.image_seq_len)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -45,7 +47,7 @@ def test_save_then_load_gives_identical_logits(tmp_path, tiny_config, make_proce
     assert not loaded.training
     ids, pixels = probe_batch(model, tokenizer)
     with torch.no_grad():
-        assert torch.equal(loaded(ids, pixels).logits, model(ids, pixels).logits)
+        assert torch.equal(forward(loaded, ids, pixels).logits, forward(model, ids, pixels).logits)
 
 
 def test_vlmkit_load_returns_a_working_pipeline(tmp_path, tiny_config, make_processor, tokenizer):
@@ -169,4 +171,5 @@ def test_checkpoint_folder_is_relocatable(tmp_path, tiny_config, make_processor,
     shutil.move(tmp_path / "a", tmp_path / "b")
     ids, pixels = probe_batch(model, tokenizer)
     with torch.no_grad():
-        assert torch.equal(load_checkpoint(tmp_path / "b")[0](ids, pixels).logits, model(ids, pixels).logits)
+        loaded = load_checkpoint(tmp_path / "b")[0]
+        assert torch.equal(forward(loaded, ids, pixels).logits, forward(model, ids, pixels).logits)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from vlmkit.config import ModelConfig, ProcessorConfig, apply_overrides, from_dict, parse_value, to_dict
+from vlmkit.config import VLMConfig, apply_overrides, from_dict, parse_value, to_dict
+from vlmkit.family import model_config_from_dict, processor_config_from_dict
 from vlmkit.errors import ConfigError
 from vlmkit.presets import PRESETS, get_preset
 from vlmkit.train.recipe import Recipe, StageConfig, builtin_recipes, load_recipe
@@ -14,28 +15,46 @@ from vlmkit.train.recipe import Recipe, StageConfig, builtin_recipes, load_recip
 
 @pytest.mark.parametrize("name", PRESETS.names())
 def test_preset_configs_round_trip_through_json(name):
+    """config.json and processor.json come back as the family's own config types, equal to what was saved."""
     preset = get_preset(name)
-    for cls, cfg in ((ModelConfig, preset.model), (ProcessorConfig, preset.processor)):
-        back = from_dict(cls, json.loads(json.dumps(to_dict(cfg))))  # tuples come back from JSON lists
-        assert back == cfg
-        assert isinstance(back.image_size if cls is ProcessorConfig else back.vision.image_size, tuple)
+    model = model_config_from_dict(json.loads(json.dumps(to_dict(preset.model))))  # tuples come back from lists
+    processor = processor_config_from_dict(json.loads(json.dumps(to_dict(preset.processor))))
+    assert (model, processor) == (preset.model, preset.processor)
+    assert type(model) is type(preset.model) and type(processor) is type(preset.processor)
+    assert isinstance(processor.image_size, tuple) and isinstance(model.vision.image_size, tuple)
+
+
+def test_files_written_before_families_had_their_own_configs_still_load():
+    """vlmkit 0.1 wrote every family's sections into every config.json and processor.json."""
+    legacy_model = {"family": "llava", "vision": {}, "connector": {}, "lm": {}, "image_token": "<image>",
+                    "anyres": {"grid_pinpoints": []}, "text": {}, "contrastive": {}, "xattn": {}, "mllama": {}}
+    assert type(model_config_from_dict(legacy_model)) is VLMConfig
+    legacy_processor = {"image_processor": "fixed", "anyres": {}, "split": {}, "native": {}, "max_image_tiles": 4,
+                        "text_padding": "longest", "qformer_max_length": 0, "qformer_pad_token": ""}
+    assert processor_config_from_dict(legacy_processor, family="llava").family == "llava"
+    with pytest.raises(ConfigError, match="names no family"):
+        processor_config_from_dict(legacy_processor)
+    with pytest.raises(ConfigError, match="unknown model family 'llava9'; families: .*llava"):
+        model_config_from_dict({"family": "llava9"})
 
 
 def test_from_dict_unknown_key_names_it_and_lists_valid_keys():
-    match = r"unknown key ModelConfig\.lm\.widht\. Valid keys of ModelConfig\.lm: .*width"
+    match = r"unknown key VLMConfig\.lm\.widht\. Valid keys of VLMConfig\.lm: .*width"
     with pytest.raises(ConfigError, match=match):
-        from_dict(ModelConfig, {"lm": {"widht": 64}})
-    with pytest.raises(ConfigError, match=r"unknown key ModelConfig\.visoin"):
-        from_dict(ModelConfig, {"visoin": {}})
+        from_dict(VLMConfig, {"lm": {"widht": 64}})
+    with pytest.raises(ConfigError, match=r"unknown key VLMConfig\.visoin"):
+        from_dict(VLMConfig, {"visoin": {}})
+    with pytest.raises(ConfigError, match=r"unknown key model\.xattn"):  # a section another family has
+        model_config_from_dict({"family": "llava", "xattn": {"every": 2}})
 
 
 def test_from_dict_wrong_types_are_refused():
-    with pytest.raises(ConfigError, match=r"ModelConfig\.lm\.depth: expected int"):
-        from_dict(ModelConfig, {"lm": {"depth": "two"}})
+    with pytest.raises(ConfigError, match=r"VLMConfig\.lm\.depth: expected int"):
+        from_dict(VLMConfig, {"lm": {"depth": "two"}})
     with pytest.raises(ConfigError, match=r"expected 2 values"):
-        from_dict(ModelConfig, {"vision": {"image_size": [1, 2, 3]}})
+        from_dict(VLMConfig, {"vision": {"image_size": [1, 2, 3]}})
     with pytest.raises(ConfigError, match=r"expected a mapping"):
-        from_dict(ModelConfig, {"lm": 3})
+        from_dict(VLMConfig, {"lm": 3})
 
 
 def test_apply_overrides_nested_returns_a_copy():

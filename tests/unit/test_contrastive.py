@@ -18,6 +18,8 @@ from vlmkit.models.dual_encoder import DualEncoder
 from vlmkit.objectives.contrastive import contrastive_loss
 from vlmkit.presets import get_preset
 
+from helpers import pairs
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 EOS = 2  # vlmkit's BPE puts </s> at id 2 (the presets leave TextConfig.eos_token_id to the recipe)
@@ -175,13 +177,13 @@ def test_embeddings_are_unit_norm_and_logits_follow_scale_and_bias(preset):
         img, txt = model.encode_images(pixels), model.encode_texts(ids)
         torch.testing.assert_close(img.norm(dim=-1), torch.ones(5))
         torch.testing.assert_close(txt.norm(dim=-1), torch.ones(4))
-        out = model(pixels, ids, return_loss=False)  # 5 images, 4 texts: logits need no pairing
+        out = model(pairs(pixels, ids), return_loss=False)  # 5 images, 4 texts: logits need no pairing
         assert out.loss is None and out.logits_per_image.shape == (5, 4)
         expected = math.exp(1.1) * img @ txt.t() + (-1.5 if preset == "tiny-siglip" else 0.0)
         torch.testing.assert_close(out.logits_per_image, expected, rtol=1e-5, atol=1e-6)
         assert (model.logits.bias is not None) == (preset == "tiny-siglip")
         # the forward's loss is contrastive_loss of its embeddings with the configured kind
-        out = model(pixels[:4], ids)
+        out = model(pairs(pixels[:4], ids))
         ref = contrastive_loss(out.image_embeds, out.text_embeds, model.logits.scale, model.logits.bias,
                                kind=model.cfg.contrastive.loss, gather=False)
         torch.testing.assert_close(out.loss, ref)
@@ -267,7 +269,7 @@ def test_short_training_learns_image_text_matching(preset):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
     for _ in range(60):
-        out = model(colour_batch(g), captions)
+        out = model(pairs(colour_batch(g), captions))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -275,7 +277,7 @@ def test_short_training_learns_image_text_matching(preset):
         losses.append(float(out.loss.detach()))
     model.eval()
     with torch.no_grad():
-        out = model(colour_batch(g), captions)  # fresh noise
+        out = model(pairs(colour_batch(g), captions))  # fresh noise
         top1 = (out.logits_per_image.argmax(dim=1) == torch.arange(8)).float().mean().item()
     first, last = losses[0], float(out.loss)
     assert last < 0.5 * first and last < 0.5 * chance_loss(kind), f"loss {first:.3f} -> {last:.3f}"

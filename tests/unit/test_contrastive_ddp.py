@@ -23,6 +23,8 @@ import torch.distributed as dist
 from vlmkit.models import build_model
 from vlmkit.presets import get_preset
 
+from helpers import pairs
+
 pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="torch.distributed with the gloo backend is needed"),
               pytest.mark.usefixtures("single_thread")]
@@ -73,7 +75,7 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
         for kind in PRESETS:
             model = tiny_model(kind)
             ddp = DistributedDataParallel(model)
-            out = ddp(pixels[shard], ids[shard])  # the loss gathers the other rank's embeddings by default
+            out = ddp(pairs(pixels[shard], ids[shard]))  # the loss gathers the other rank's embeddings by default
             out.loss.backward()
             results[kind] = {"loss": out.loss.detach(),
                              "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}}
@@ -85,7 +87,7 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
 def single_process(kind: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model = tiny_model(kind)
     pixels, ids = make_batch()
-    out = model(pixels, ids, gather=False)
+    out = model(pairs(pixels, ids), gather=False)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 

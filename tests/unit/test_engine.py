@@ -77,8 +77,9 @@ def test_a_repeated_image_is_encoded_once_and_multi_turn_prompts_work(pipe, imag
     finally:
         engine.stop()
     assert engine.stats.image_cache_misses == 1 and engine.stats.image_cache_hits == 2
-    ids = pipe.processor.encode_chat_messages(convo, 1)
-    assert last.prompt_tokens == len(ids) > len(pipe.processor.encode_chat_prompt("and the shape?", 1))
+    one = pipe.processor.placeholders([images[0]])
+    ids = pipe.processor.chat(convo, one).ids
+    assert last.prompt_tokens == len(ids) > len(pipe.processor.chat("and the shape?", one).ids)
     assert isinstance(a[0], str) and isinstance(b[0], str) and isinstance(c, str)
 
 
@@ -128,11 +129,11 @@ def test_cancel_timeout_queue_limit_and_bad_requests(pipe, images):
 def test_a_failure_inside_the_model_ends_its_requests_and_the_engine_serves_on(pipe, images, monkeypatch):
     engine = Engine(pipe).start()
     try:
-        original = pipe.model.encode_images
-        monkeypatch.setattr(pipe.model, "encode_images", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        original = pipe.model.encode_media
+        monkeypatch.setattr(pipe.model, "encode_media", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
         text, last = engine.submit_chat(user("what?"), [images[3]], GenerationConfig(max_new_tokens=4)).text()
         assert last.finish_reason == "error" and "boom" in last.error
-        monkeypatch.setattr(pipe.model, "encode_images", original)
+        monkeypatch.setattr(pipe.model, "encode_media", original)
         ok, last = engine.submit_chat(user(QUESTIONS[4]), [images[4]], GenerationConfig(max_new_tokens=6)).text()
         assert last.finish_reason in ("stop", "length") and ok == pipe.chat(images[4], QUESTIONS[4], max_new_tokens=6)
     finally:
@@ -140,7 +141,8 @@ def test_a_failure_inside_the_model_ends_its_requests_and_the_engine_serves_on(p
 
 
 def test_a_dual_encoder_embeds_and_refuses_to_chat():
-    from vlmkit.train.contrastive import build_dual_for_recipe, train_caption_tokenizer
+    from vlmkit.families.dual_encoder import train_caption_tokenizer
+    from vlmkit.train.contrastive import build_dual_for_recipe
     from vlmkit.train.recipe import load_recipe
 
     tok = train_caption_tokenizer(["a red circle.", "two blue squares."] * 8, 300)
@@ -183,7 +185,8 @@ def test_requests_ended_while_queued_are_never_prefilled(pipe, images):
 
 
 def test_per_row_decoding_state_merges_padded_and_is_taken_by_row():
-    from vlmkit.serve.engine import _merge_rows, _take_rows
+    from vlmkit.nn.cache import merge_rows as _merge_rows
+    from vlmkit.nn.cache import take_rows as _take_rows
 
     seen_a = torch.tensor([[[True, True, False]], [[True, False, False]]])  # [2, 1, S=3]
     seen_b = torch.tensor([[[True, True, True, True, True]]])  # [1, 1, S=5]

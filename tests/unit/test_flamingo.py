@@ -6,19 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmkit.config import CrossAttentionConfig, LanguageConfig, ModelConfig, VisionConfig
+from vlmkit.config import LanguageConfig, VisionConfig
 from vlmkit.models import build_model
+from vlmkit.models.flamingo import CrossAttentionConfig, FlamingoConfig
+
+from helpers import fixed_media, forward
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 IMAGE = 5
 
 
 def tiny(index_embed: int):
-    cfg = ModelConfig(family="flamingo",
-                      vision=VisionConfig(arch="cnn", image_size=(16, 16), patch_size=8, width=16, heads=2),
-                      lm=LanguageConfig(vocab_size=32, width=32, depth=2, heads=4, kv_heads=2, mlp_dim=48),
-                      xattn=CrossAttentionConfig(every=1, use_resampler=False, only_last=False,
-                                                 image_index_embed=index_embed))
+    cfg = FlamingoConfig(family="flamingo",
+                         vision=VisionConfig(arch="cnn", image_size=(16, 16), patch_size=8, width=16, heads=2),
+                         lm=LanguageConfig(vocab_size=32, width=32, depth=2, heads=4, kv_heads=2, mlp_dim=48),
+                         xattn=CrossAttentionConfig(every=1, use_resampler=False, only_last=False,
+                                                    image_index_embed=index_embed))
     torch.manual_seed(0)
     model = build_model(cfg, IMAGE).eval()
     with torch.no_grad():  # open the gates (zero at initialisation: the model would ignore the images)
@@ -41,7 +44,7 @@ def test_image_order_is_seen_only_with_index_embeddings(index_embed):
     assert sees[0, -1].all() and sees[0, 2].tolist() == [True, False]
 
     def last(pixels):
-        states = model.group_images(ids, model.encode_images(pixels))  # [1, 2 * M, D]
+        states = model.group_images(ids, model.encode_media(fixed_media(pixels, 1)))  # [1, 2 * M, D]
         M = states.shape[1] // 2
         mask = sees[..., None].expand(-1, -1, -1, M).reshape(1, ids.shape[1], -1)
         return model.lm.xattn[0](embeds, states, mask)[0, -1]
@@ -53,4 +56,4 @@ def test_image_order_is_seen_only_with_index_embeddings(index_embed):
 def test_more_images_than_places_is_refused():
     model = tiny(1)
     with pytest.raises(ValueError, match="image_index_embed gives 1 places"):
-        model(torch.tensor([[IMAGE, IMAGE, 3]]), torch.randn(2, 3, 16, 16))
+        forward(model, torch.tensor([[IMAGE, IMAGE, 3]]), fixed_media(torch.randn(2, 3, 16, 16), 1))

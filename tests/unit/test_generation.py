@@ -11,6 +11,8 @@ from vlmkit.generation import GenerationConfig, generate, sample_next
 from vlmkit.models import build_model
 from vlmkit.pipeline import Pipeline
 
+from helpers import fixed_media, forward
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 NO_EOS = -1  # an id no token has: sequences run to max_new_tokens
@@ -32,7 +34,8 @@ def setup(tiny_config, make_processor, tokenizer):
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
     processor = make_processor(image_seq_len=model.image_seq_len)
-    prompts = [processor.encode_chat_prompt(q, 1) for q in QUESTIONS]
+    one = fixed_media(torch.zeros(1, 3, 16, 16), model.image_seq_len)
+    prompts = [processor.chat(q, one).ids for q in QUESTIONS]
     pixels = torch.randn(len(prompts), 3, 16, 16)
     return model, processor, prompts, pixels
 
@@ -40,7 +43,8 @@ def setup(tiny_config, make_processor, tokenizer):
 def run(setup, gen: GenerationConfig, idx=None, eos=NO_EOS, use_cache=True):
     model, processor, prompts, pixels = setup
     idx = list(range(len(prompts))) if idx is None else idx
-    return generate(model, [prompts[i] for i in idx], pixels[idx], eos, processor.tokenizer.pad_id, gen,
+    media = fixed_media(pixels[idx], model.image_seq_len)
+    return generate(model, [prompts[i] for i in idx], media, eos, processor.tokenizer.pad_id, gen,
                     use_cache=use_cache)
 
 
@@ -136,9 +140,9 @@ def script_model(monkeypatch, model, prompt_len: int, script: list[int]) -> list
     calls: list[int] = []
     forward = model.forward
 
-    def scripted(*args, **kw):
-        out = forward(*args, **kw)
-        step = kw["attention_mask"].shape[1] - prompt_len
+    def scripted(batch, **kw):
+        out = forward(batch, **kw)
+        step = batch.attention_mask.shape[1] - prompt_len
         calls.append(step)
         logits = torch.full_like(out.logits, -1e4)  # [B, 1, V]
         logits[..., script[min(step, len(script) - 1)]] = 0.0
@@ -156,7 +160,8 @@ def test_stop_strings_cut_the_text_and_stop_generating(setup, monkeypatch, stop,
     tok = processor.tokenizer
     script = tok.encode("red circle. blue square")
     prompt = "<image> the scene:"
-    calls = script_model(monkeypatch, model, len(processor.encode_prompt(prompt, 1)), script)
+    one = fixed_media(torch.zeros(1, 3, 16, 16), model.image_seq_len)
+    calls = script_model(monkeypatch, model, len(processor.prompt(prompt, one).ids), script)
     pipe = Pipeline(model, processor)
     image = Image.new("RGB", (16, 16), (200, 0, 0))
     text = pipe.generate(image, prompt, max_new_tokens=len(script), stop=stop)
@@ -182,14 +187,14 @@ def test_score_equals_prefix_by_prefix_log_probs(setup):
     prompt, continuation = "<image> the shape is", " a red circle"
     scores = pipe.score(image, prompt, continuation)
 
-    p_ids = processor.encode_prompt(prompt, 1)
+    media = processor.prepare_images([image])
+    p_ids = processor.prompt(prompt, media).ids
     c_ids = processor.tokenizer.encode(continuation)
-    pixels = processor.preprocess_images([image])
     assert len(scores) == len(c_ids) > 1
     assert all(s <= 0 for s in scores)
     with torch.no_grad():
         for j, (s, target) in enumerate(zip(scores, c_ids)):
-            logits = model(torch.tensor([p_ids + c_ids[:j]]), pixels).logits[0, -1]  # prediction of token j
+            logits = forward(model, p_ids + c_ids[:j], media).logits[0, -1]  # prediction of token j
             assert s == pytest.approx(float(torch.log_softmax(logits, -1)[target]), abs=1e-5)
 
 

@@ -29,6 +29,8 @@ from vlmkit.nn.lora import (
     unmerge_lora,
 )
 
+from helpers import fixed_media, forward
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 IMAGE_TOKEN = 5
@@ -50,12 +52,12 @@ def batch(model, seed: int = 1):
     ids[0, 1:1 + M] = IMAGE_TOKEN
     ids[1, 3:3 + M] = IMAGE_TOKEN
     labels = ids.masked_fill(ids == IMAGE_TOKEN, -100)
-    return ids, torch.randn(2, 3, 64, 64, generator=g), labels
+    return ids, fixed_media(torch.randn(2, 3, 64, 64, generator=g), M), labels
 
 
 @torch.no_grad()
 def logits(model, ids, pixels):
-    return model.eval()(ids, pixels).logits
+    return forward(model.eval(), ids, pixels).logits
 
 
 def randomise_adapters(model, seed: int = 2, std: float = 0.05):
@@ -139,7 +141,7 @@ def test_training_moves_only_the_adapters_and_lowers_the_loss():
     model.eval()  # the CNN's BatchNorm statistics stay put; the adapters have no dropout here
     losses = []
     for _ in range(8):
-        loss = model(ids, pixels, labels=labels).loss
+        loss = forward(model, ids, pixels, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -18,6 +18,8 @@ from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import PRESETS, get_preset
 
+from helpers import fixed_media, forward
+
 
 def vit_config(**kw) -> VisionConfig:
     base = {"image_size": (16, 32), "patch_size": 8, "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64}
@@ -66,7 +68,7 @@ def test_cnn_tower_bad_configs_raise():
     quiet = ConvEncoder(vit_config(arch="cnn", image_size=(32, 32), patch_size=8, pos_embed="sincos2d"))
     torch.testing.assert_close(loud.pos_embed, 2 * quiet.pos_embed)
     cfg = get_preset("tiny-llava").model
-    with pytest.raises(ValueError, match="vision.arch must be one of"):
+    with pytest.raises(ValueError, match="needs vision.arch one of"):
         build_model(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, arch="resnet")), 3)
 
 
@@ -386,8 +388,9 @@ def test_loss_equals_cross_entropy_of_full_logits_at_supervised_positions(tiny_c
     labels[0, :T - 6] = -100
     labels[1, :T - 4] = -100
     labels[1, T - 2] = -100
-    out = model(ids, pixels, labels=labels)
-    logits = model(ids, pixels).logits  # [B, T, V]
+    media = fixed_media(pixels, model.image_seq_len)
+    out = forward(model, ids, media, labels=labels)
+    logits = forward(model, ids, media).logits  # [B, T, V]
     keep = labels[:, 1:] != -100
     expected = F.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep])
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
@@ -403,7 +406,7 @@ def test_every_parameter_gets_a_finite_gradient(tiny_config, tokenizer, connecto
     img_id = tokenizer.token_id("<image>")
     model = build_model(cfg, img_id).train()
     ids, pixels = random_batch(model, img_id, cfg.lm.vocab_size)
-    model(ids, pixels, labels=ids).loss.backward()
+    forward(model, ids, fixed_media(pixels, model.image_seq_len), labels=ids).loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
@@ -413,8 +416,8 @@ def test_every_parameter_gets_a_finite_gradient(tiny_config, tokenizer, connecto
 def test_every_registered_connector_builds_into_a_model(tiny_config, tokenizer):
     for name in CONNECTORS.names():
         model = build_model(tiny_config(connector=name), tokenizer.token_id("<image>"))
-        feats = model.encode_images(torch.randn(2, 3, 16, 16))
-        assert feats.shape == (2, model.image_seq_len, 32)
+        feats = model.encode_media(fixed_media(torch.randn(2, 3, 16, 16), model.image_seq_len))
+        assert feats.values.shape == (2, model.image_seq_len, 32) and feats.rows == [1, 1]
 
 
 def test_placeholder_id_outside_the_embedding_table_is_spliced(tiny_config):
@@ -425,7 +428,7 @@ def test_placeholder_id_outside_the_embedding_table_is_spliced(tiny_config):
     model = build_model(cfg, img_id).eval()
     ids = torch.tensor([[10] + [img_id] * model.image_seq_len + [11, 12]])
     pixels = torch.randn(1, 3, 16, 16)
-    logits = model(ids, pixels).logits
+    logits = forward(model, ids, fixed_media(pixels, model.image_seq_len)).logits
     assert logits.shape == (1, model.image_seq_len + 3, cfg.lm.vocab_size) and torch.isfinite(logits).all()
 
 
@@ -438,13 +441,13 @@ def test_left_padding_with_attention_mask_does_not_change_logits(tiny_config, to
     short = [5, img_id] + [img_id] * (M - 1) + [7, 8, 9]
     long = [4, 6] + [img_id] * M + [10, 11, 12, 13, 14, 15, 16]
     pixels = torch.randn(2, 3, 16, 16)
-    alone = model(torch.tensor([short]), pixels[:1]).logits[0]
+    alone = forward(model, short, fixed_media(pixels[:1], M)).logits[0]
     pad = len(long) - len(short)
     ids = torch.tensor([[0] * pad + short, long])
     attn = torch.tensor([[0] * pad + [1] * len(short), [1] * len(long)])
-    batched = model(ids, pixels, attention_mask=attn).logits
+    batched = forward(model, ids, fixed_media(pixels, M), attention_mask=attn).logits
     torch.testing.assert_close(batched[0, pad:], alone, atol=1e-5, rtol=1e-5)
-    long_alone = model(torch.tensor([long]), pixels[1:]).logits[0]
+    long_alone = forward(model, long, fixed_media(pixels[1:], M)).logits[0]
     torch.testing.assert_close(batched[1], long_alone, atol=1e-5, rtol=1e-5)
 
 
@@ -494,7 +497,8 @@ def test_tiny_llava_preset_runs(tokenizer):
     model = build_model(cfg, tokenizer.token_id("<image>")).eval()
     M = model.image_seq_len
     ids = torch.tensor([[10] + [tokenizer.token_id("<image>")] * M + [11, 12]])
-    assert model(ids, torch.randn(1, 3, 64, 64)).logits.shape == (1, M + 3, tokenizer.vocab_size)
+    assert forward(model, ids, fixed_media(torch.randn(1, 3, 64, 64), M)).logits.shape == (1, M + 3,
+                                                                                          tokenizer.vocab_size)
 
 
 @pytest.mark.parametrize("connector,layers", [("mlp", 2), ("linear", 2), ("pixel_shuffle", 1), ("pixel_shuffle", 2)])

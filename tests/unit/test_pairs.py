@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmkit.config import ProcessorConfig
+from vlmkit.processing.text import TextProcessorConfig
 from vlmkit.data.conversations import ReadReport
 from vlmkit.data.pairs import PairDataset, read_pairs
 from vlmkit.errors import DataError
 from vlmkit.processing import Processor
-from vlmkit.train.contrastive import train_caption_tokenizer
+from vlmkit.families.dual_encoder import train_caption_tokenizer
 from vlmkit.train.stream import BatchStream
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 128, 128),
@@ -47,7 +47,7 @@ def images(tmp_path):
 def processor():
     """A CLIP-style caption processor: <s> ... </s>, padded with <pad>, context 10 tokens, 8x8 images."""
     tok = train_caption_tokenizer(CAPTIONS * 3, vocab_size=300)
-    cfg = ProcessorConfig(image_size=(8, 8), image_token="", max_length=10, pad_token="<pad>", eos_token="</s>",
+    cfg = TextProcessorConfig(family="clip", image_size=(8, 8), image_token="", max_length=10, pad_token="<pad>", eos_token="</s>",
                           bos_token="<s>")
     return Processor(cfg, tok)
 
@@ -178,12 +178,12 @@ def test_batches_hold_each_image_once_with_one_of_its_captions(tmp_path, process
         position = stream.position
         idx = stream.next()
         b = ds.batch(idx, position)
-        assert b["pixel_values"].shape == (3, 3, 8, 8) and b["input_ids"].shape[0] == 3
+        assert b.media.pixel_values.shape == (3, 3, 8, 8) and b.input_ids.shape[0] == 3
         assert len(set(idx)) == 3
         # no two rows of the batch show the same image (every image has its own colour)
-        flat = b["pixel_values"].flatten(1)
+        flat = b.media.pixel_values.flatten(1)
         assert all(not torch.equal(flat[a], flat[c]) for a in range(3) for c in range(a + 1, 3))
-        for row, i in zip(b["input_ids"].tolist(), idx):  # each caption belongs to its image
+        for row, i in zip(b.input_ids.tolist(), idx):  # each caption belongs to its image
             ids = tuple(t for t in row if t != processor.tokenizer.pad_id)
             assert ids in own[i]
 
@@ -192,19 +192,19 @@ def test_caption_pick_is_a_function_of_the_batch_position(tmp_path, processor):
     pairs = three_captions_each(tmp_path)
     ds = PairDataset(pairs, processor, seed=0)
     idx = list(range(8))
-    assert torch.equal(ds.batch(idx, 5)["input_ids"], ds.batch(idx, 5)["input_ids"])
+    assert torch.equal(ds.batch(idx, 5).input_ids, ds.batch(idx, 5).input_ids)
     # a fresh dataset (a resumed run) picks the same captions for the same position
-    assert torch.equal(PairDataset(pairs, processor, seed=0).batch(idx, 5)["input_ids"], ds.batch(idx, 5)["input_ids"])
+    assert torch.equal(PairDataset(pairs, processor, seed=0).batch(idx, 5).input_ids, ds.batch(idx, 5).input_ids)
     # and the picks vary across positions: over 10 positions every image shows more than one of its captions
     seen = [set() for _ in idx]
     for pos in range(10):
-        for i, row in enumerate(ds.batch(idx, pos)["input_ids"].tolist()):
+        for i, row in enumerate(ds.batch(idx, pos).input_ids.tolist()):
             seen[i].add(tuple(row))
     assert all(len(s) >= 2 for s in seen), [len(s) for s in seen]
-    assert any(not torch.equal(ds.batch(idx, p)["input_ids"], ds.batch(idx, 0)["input_ids"]) for p in range(1, 4))
+    assert any(not torch.equal(ds.batch(idx, p).input_ids, ds.batch(idx, 0).input_ids) for p in range(1, 4))
     # without a position (validation): always the first caption
     first = [ds.captions[i][0] for i in idx]
-    assert ds.batch(idx)["input_ids"].tolist() == processor.pad_texts(first).tolist()
+    assert ds.batch(idx).input_ids.tolist() == processor.pad_texts(first).tolist()
 
 
 def test_long_captions_are_counted_and_keep_end_of_text(tmp_path, processor):

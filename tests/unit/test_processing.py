@@ -8,10 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmkit.data.collate import collate, document_mask
+from vlmkit.data.collate import Item, collate
+from vlmkit.nn import document_mask
 from vlmkit.data.conversations import ReadReport, Sample, group_by_image, read_conversations
 from vlmkit.errors import DataError
 from vlmkit.processing import IGNORE, ImageTransform, load_image
+
+from helpers import encode_chat, encode_conversation, encode_prompt, fixed_media
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,9 +52,9 @@ def labelled_spans(labels: list[int]) -> list[list[int]]:
 def test_each_placeholder_expands_to_image_seq_len_tokens(make_processor):
     proc = make_processor(image_seq_len=4)
     img = proc.image_token_id
-    ids = proc.encode_prompt("look <image> here", 1)
+    ids = encode_prompt(proc, "look <image> here", 1)
     assert runs(ids, img) == [(ids.index(img), 4)]
-    ids = proc.encode_prompt("<image> left and <image> right", 2)
+    ids = encode_prompt(proc, "<image> left and <image> right", 2)
     assert [n for _, n in runs(ids, img)] == [4, 4]
     assert ids.count(img) == 8
     assert proc.decode([t for t in ids if t != img]) == " left and  right"
@@ -59,7 +62,7 @@ def test_each_placeholder_expands_to_image_seq_len_tokens(make_processor):
 
 def test_chat_prompt_ends_with_generation_prompt(make_processor, tokenizer):
     proc = make_processor()
-    ids = proc.encode_chat_prompt("<image>\nwhat shape?", 1)
+    ids = encode_chat(proc, "<image>\nwhat shape?", 1)
     text = tokenizer.decode(ids, skip_special_tokens=False)
     assert text.startswith("<|user|>\n")
     assert text.endswith("what shape?<|end|>\n<|assistant|>\n")
@@ -70,10 +73,10 @@ def test_chat_prompt_ends_with_generation_prompt(make_processor, tokenizer):
 def test_placeholder_count_mismatch_is_refused_with_counts(make_processor, text, n_images, n_ph):
     proc = make_processor()
     with pytest.raises(DataError, match=rf"placeholder count {n_ph} != images {n_images} in row 7"):
-        proc.encode_prompt(text, n_images, where="row 7")
+        encode_prompt(proc, text, n_images, where="row 7")
     conv = [{"from": "human", "value": text}, {"from": "gpt", "value": "ok"}]
     with pytest.raises(DataError, match=rf"placeholder count {n_ph} != images {n_images}"):
-        proc.encode_conversation(conv, n_images)
+        encode_conversation(proc, conv, n_images)
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -87,7 +90,7 @@ def test_labels_cover_only_assistant_replies_and_their_end_marker(make_processor
         {"from": "human", "value": "how many?"},
         {"from": "gpt", "value": "two"},
     ]
-    ids, labels = proc.encode_conversation(conv, 1)
+    ids, labels = encode_conversation(proc, conv, 1)
     assert len(ids) == len(labels)
     assert all(label in (IGNORE, t) for t, label in zip(ids, labels))
     spans = [tokenizer.decode(s, skip_special_tokens=False) for s in labelled_spans(labels)]
@@ -103,7 +106,7 @@ def test_system_turn_and_openai_style_roles_are_not_trained(make_processor, toke
     proc = make_processor()
     conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello"}]
-    _, labels = proc.encode_conversation(conv, 0)
+    _, labels = encode_conversation(proc, conv, 0)
     spans = [tokenizer.decode(s, skip_special_tokens=False) for s in labelled_spans(labels)]
     assert spans == ["hello<|end|>"]
 
@@ -116,14 +119,14 @@ def test_system_turn_and_openai_style_roles_are_not_trained(make_processor, toke
 ])
 def test_unusable_conversations_raise_data_error(make_processor, conv, match):
     with pytest.raises(DataError, match=match):
-        make_processor().encode_conversation(conv, 0, where="row 3 of x.json")
+        encode_conversation(make_processor(), conv, 0, where="row 3 of x.json")
 
 
 def test_max_length_exceeded_raises(make_processor):
     proc = make_processor(image_seq_len=4, max_length=10)
     conv = [{"from": "human", "value": "<image>\ndescribe"}, {"from": "gpt", "value": "a circle"}]
     with pytest.raises(DataError, match=r"exceed max_length 10"):
-        proc.encode_conversation(conv, 1)
+        encode_conversation(proc, conv, 1)
 
 
 def test_processor_requires_image_seq_len(tokenizer):
@@ -131,7 +134,7 @@ def test_processor_requires_image_seq_len(tokenizer):
     from vlmkit.processing import Processor
 
     with pytest.raises(ValueError, match="image_seq_len"):
-        Processor(ProcessorConfig(image_size=(16, 16)), tokenizer)
+        Processor(ProcessorConfig(family="llava", image_size=(16, 16)), tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -182,12 +185,15 @@ def test_load_image_converts_to_rgb(tmp_path):
     assert im.mode == "RGB" and im.size == (5, 4)
 
 
-def test_preprocess_images_stacks_and_handles_none(make_processor, tmp_path):
+def test_prepare_images_stacks_and_handles_none(make_processor, tmp_path):
     proc = make_processor()
     path = tmp_path / "a.png"
     Image.new("RGB", (20, 20), (10, 20, 30)).save(path)
-    assert proc.preprocess_images([path, Image.new("RGB", (8, 8))]).shape == (2, 3, 16, 16)
-    assert proc.preprocess_images([]).shape == (0, 3, 16, 16)
+    media = proc.prepare_images([path, Image.new("RGB", (8, 8))])
+    assert media.pixel_values.shape == (2, 3, 16, 16) and media.tokens == [4, 4]
+    assert proc.prepare_images([]).pixel_values.shape == (0, 3, 16, 16)
+    text_only = proc.placeholders([path, path])  # what the text needs: token counts, no pixels read
+    assert text_only.tokens == [4, 4] and text_only.pixel_values.numel() == 0
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -265,7 +271,7 @@ def test_group_by_image_merges_turns_with_one_placeholder(make_processor):
         assert humans[0].count("<image>") == 1 and all("<image>" not in h for h in humans[1:])
         assert len(s.conversations) // 2 <= 2
         pairs |= {(h.replace("<image>\n", ""), g["value"]) for h, g in zip(humans, s.conversations[1::2])}
-        make_processor().encode_conversation(s.conversations, 1)  # a valid one-image conversation
+        encode_conversation(make_processor(), s.conversations, 1)  # a valid one-image conversation
     expected = {(f"question {i} about {im}?", f"answer {i}") for im, n in (("A", 5), ("B", 2))
                 for i in range(n)}
     assert pairs == expected
@@ -291,15 +297,16 @@ def test_group_by_image_is_deterministic_per_seed():
 
 
 def test_collate_right_pads_ids_labels_and_concatenates_images():
-    a = {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),
-         "pixel_values": torch.ones(1, 3, 4, 4)}
-    b = {"input_ids": torch.tensor([8, 9, 10, 11, 12]), "labels": torch.tensor([-100, -100, 10, 11, 12]),
-         "pixel_values": torch.zeros(0, 3, 4, 4)}
+    a = Item(torch.tensor([5, 6, 7]), torch.tensor([-100, 6, 7]), prompt_len=1,
+             media=fixed_media(torch.ones(1, 3, 4, 4), 1))
+    b = Item(torch.tensor([8, 9, 10, 11, 12]), torch.tensor([-100, -100, 10, 11, 12]), prompt_len=2,
+             media=fixed_media(torch.zeros(0, 3, 4, 4), 1))
     batch = collate([a, b], pad_id=0)
-    assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]))
-    assert torch.equal(batch["labels"], torch.tensor([[-100, 6, 7, -100, -100], [-100, -100, 10, 11, 12]]))
-    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
-    assert batch["pixel_values"].shape == (1, 3, 4, 4)
+    assert torch.equal(batch.input_ids, torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]))
+    assert torch.equal(batch.labels, torch.tensor([[-100, 6, 7, -100, -100], [-100, -100, 10, 11, 12]]))
+    assert batch.attention_mask is None and batch.real_tokens == 8  # right padding: causal attention ignores it
+    assert batch.prompt_mask.tolist() == [[True, False, False, False, False], [True, True, False, False, False]]
+    assert batch.media.pixel_values.shape == (1, 3, 4, 4)
 
 
 def test_grouped_questions_train_exactly_as_single_turn_samples(tiny_config, make_processor, tokenizer, tmp_path):
@@ -321,23 +328,23 @@ def test_grouped_questions_train_exactly_as_single_turn_samples(tiny_config, mak
 
     def token_losses(samples):
         batch = collate([ConversationDataset(samples, processor)[i] for i in range(len(samples))], pad_id=0)
-        mask = None if batch["document_ids"] is None else document_mask(batch["document_ids"], batch["segment_ids"])
-        h = model.lm(model.embed(batch["input_ids"], batch["pixel_values"]), position_ids=batch["position_ids"],
-                     mask=mask)
+        mask = None if batch.document_ids is None else document_mask(batch.document_ids, batch.segment_ids)
+        h = model.lm(model.embed(batch.input_ids, model.encode_media(batch.media)),
+                     position_ids=batch.position_ids, mask=mask)
         logits = model.lm.lm_head(h)[:, :-1]
-        keep = batch["labels"][:, 1:] != IGNORE
-        nll = torch.nn.functional.cross_entropy(logits[keep], batch["labels"][:, 1:][keep], reduction="none")
+        keep = batch.labels[:, 1:] != IGNORE
+        nll = torch.nn.functional.cross_entropy(logits[keep], batch.labels[:, 1:][keep], reduction="none")
         return sorted(nll.tolist()), batch
 
     alone, batch = token_losses(singles)
     together, gbatch = token_losses([grouped])
-    assert batch["document_ids"] is None and gbatch["document_ids"] is not None  # plain samples: fast causal path
+    assert batch.document_ids is None and gbatch.document_ids is not None  # plain samples: fast causal path
     assert len(together) == len(alone) > 3  # answer tokens and end markers of the three questions
     assert together == pytest.approx(alone, abs=1e-5)  # so no answer can be read from another question
     # the shared prefix holds the image once; the layout is shorter than the three samples end to end
-    ids = gbatch["input_ids"][0].tolist()
+    ids = gbatch.input_ids[0].tolist()
     assert ids.count(tokenizer.token_id("<image>")) == model.image_seq_len
-    assert len(ids) < sum(int(m.sum()) for m in batch["attention_mask"])
+    assert len(ids) < batch.real_tokens
 
 
 def test_shortest_edge_smaller_than_the_crop_is_refused():
@@ -350,11 +357,14 @@ def test_shortest_edge_smaller_than_the_crop_is_refused():
 def test_share_prefix_refuses_a_sample_supervised_from_its_first_token():
     from vlmkit.data.conversations import share_prefix
 
+    from vlmkit.batch import Encoded
+
     with pytest.raises(ValueError, match="supervised from its first token"):
-        share_prefix([([5, 6, 7], [IGNORE, 6, 7]), ([5, 8], [5, 8])])
-    ids, labels, pos, seg = share_prefix([([5, 6, 7, 9], [IGNORE, IGNORE, 7, 9]), ([5, 6, 8], [IGNORE, IGNORE, 8])])
-    assert (ids, pos, seg) == ([5, 6, 7, 9, 6, 8], [0, 1, 2, 3, 1, 2], [0, 1, 1, 1, 2, 2])
-    assert labels == [IGNORE, IGNORE, 7, 9, IGNORE, 8]  # the token before each answer stays in its own segment
+        share_prefix([Encoded([5, 6, 7], [IGNORE, 6, 7]), Encoded([5, 8], [5, 8])])
+    out = share_prefix([Encoded([5, 6, 7, 9], [IGNORE, IGNORE, 7, 9]), Encoded([5, 6, 8], [IGNORE, IGNORE, 8])])
+    assert (out.ids, out.positions, out.segments) == ([5, 6, 7, 9, 6, 8], [0, 1, 2, 3, 1, 2], [0, 1, 1, 1, 2, 2])
+    assert out.labels == [IGNORE, IGNORE, 7, 9, IGNORE, 8]  # the token before each answer stays in its own segment
+    assert out.prompt_len == 1  # the shared prefix
 
 
 def test_processor_refuses_an_unknown_text_mode_and_a_broken_jinja_template(tokenizer):
@@ -363,10 +373,12 @@ def test_processor_refuses_an_unknown_text_mode_and_a_broken_jinja_template(toke
     from vlmkit.processing import Processor
     from vlmkit.processing.chat import JinjaTemplate
 
+    from vlmkit.processing.text import TextProcessorConfig
+
     with pytest.raises(ConfigError, match=r"processor text_mode must be 'segments' or 'whole', got 'joint'"):
-        Processor(ProcessorConfig(image_size=(16, 16), image_seq_len=4, text_mode="joint"), tokenizer)
+        Processor(ProcessorConfig(family="llava", image_size=(16, 16), image_seq_len=4, text_mode="joint"), tokenizer)
     with pytest.raises(ConfigError, match=r"processor text_padding must be 'longest' or 'max_length', got 'left'"):
-        Processor(ProcessorConfig(image_size=(16, 16), image_seq_len=4, text_padding="left"), tokenizer)
+        TextProcessorConfig(family="clip", image_size=(16, 16), text_padding="left")
     with pytest.raises(DataError, match=r"the chat template is not valid Jinja"):
         JinjaTemplate("{% for m in messages %}{{ m", "<image>", None, "</s>")
     failing = JinjaTemplate("{{ raise_exception('only user turns') }}", "<image>", None, "</s>")
