@@ -134,12 +134,12 @@ def test_greedy_generation_equals_transformers(blip2_folder, pipe):
         assert pipe.generate(image, prompt, max_new_tokens=8) == hf_proc.tokenizer.decode(new, skip_special_tokens=True)
 
 
-def test_batched_left_padded_generation_equals_transformers(blip2_folder, pipe):
+def test_batched_left_padded_generation_equals_transformers(blip2_folder, pipe, monkeypatch):
     """transformers pads between the query tokens and the prompt ([images, pads, BOS, text]), vlmkit in front of
     the row: the same real tokens at the same positions."""
     _, ref, hf_proc = blip2_folder
     prompts, images = PROMPTS[1:], real_images()[:2]
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     inputs = hf_proc(text=prompts, images=images, padding="longest", return_tensors="pt")
     assert (inputs["attention_mask"] == 0).any()  # the batch is padded
     out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,

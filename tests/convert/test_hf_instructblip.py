@@ -164,11 +164,11 @@ def test_greedy_generation_equals_transformers(instructblip_folder, pipe):
         assert pipe.generate(image, prompt, max_new_tokens=8) == hf_proc.tokenizer.decode(new, skip_special_tokens=True)
 
 
-def test_batched_left_padded_generation_equals_transformers(instructblip_folder, pipe):
+def test_batched_left_padded_generation_equals_transformers(instructblip_folder, pipe, monkeypatch):
     """Prompts of different lengths: the LM ids left-padded, each image with its own prompt's instruction."""
     _, ref, hf_proc = instructblip_folder
     prompts, images = [PROMPTS[0], "Describe."], real_images()[:2]
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     inputs = hf_proc(text=prompts, images=images, padding="longest", return_tensors="pt")
     assert (inputs["attention_mask"] == 0).any() and (inputs["qformer_attention_mask"] == 0).any()
     out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,

@@ -177,13 +177,13 @@ def test_greedy_generation_equals_transformers(mllama_folder, prompt, which):
     assert pipe.generate(imgs, prompt, max_new_tokens=8) == expected
 
 
-def test_batched_left_padded_generation_equals_transformers(mllama_folder):
+def test_batched_left_padded_generation_equals_transformers(mllama_folder, monkeypatch):
     """Prompts of different lengths, one with text before its image: the cached image keys and each row's last
     mask row travel with the rows."""
     folder, ref, hf_proc = mllama_folder
     pipe = vlmkit.load(folder)
     prompts, imgs = [PROMPTS[0][0], "Look: <|image|>How many squares are there in it?"], [images()[0], images()[3]]
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     inputs = hf_proc(text=prompts, images=[[im] for im in imgs], padding="longest", return_tensors="pt")
     assert (inputs["attention_mask"] == 0).any()  # the batch is padded
     out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)

@@ -132,12 +132,12 @@ def test_greedy_generation_equals_transformers(paligemma_folder):
         assert pipe.generate(images, prompt, max_new_tokens=8) == expected
 
 
-def test_batched_left_padded_generation_equals_transformers(paligemma_folder):
+def test_batched_left_padded_generation_equals_transformers(paligemma_folder, monkeypatch):
     """Two prompts of different lengths in one batch: left padding, per-row positions, the prefix mask."""
     folder, ref, hf_proc = paligemma_folder
     pipe = vlmkit.load(folder)
     prompts, images = [PROMPTS[0], "answer en What colour is the small circle?"], real_images()[:2]
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     inputs = hf_proc(text=prompts, images=[[im] for im in images], padding="longest", return_tensors="pt")
     inputs.pop("labels")
     assert (inputs["attention_mask"] == 0).any()  # the batch is padded

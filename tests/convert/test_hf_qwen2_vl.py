@@ -131,10 +131,10 @@ def test_images_are_non_square_of_different_sizes_and_resized_both_ways(qwen_fol
     assert grids.tolist() == [[1, 10, 14], [1, 16, 10], [1, 4, 6]]  # 72x48 down, 40x60 rounded, 14x10 up
 
 
-def test_mrope_positions_equal_get_rope_index_for_a_left_padded_batch(qwen_folder):
+def test_mrope_positions_equal_get_rope_index_for_a_left_padded_batch(qwen_folder, monkeypatch):
     folder, ref, hf_proc = qwen_folder
     pipe = vlmkit.load(folder)
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     (p0, n0), (p1, n1) = CASES[1], CASES[0]
     images = images_for(n0) + images_for(n1)
     theirs = hf_proc(text=[p0, p1], images=images, padding=True, return_tensors="pt")
@@ -185,11 +185,11 @@ def test_greedy_generation_equals_transformers(qwen_folder):
     assert pipe.generate(images, prompt, max_new_tokens=8) == expected
 
 
-def test_left_padded_batch_generation_equals_transformers(qwen_folder):
+def test_left_padded_batch_generation_equals_transformers(qwen_folder, monkeypatch):
     """Two prompts of different lengths and image counts in one batch: rope deltas per sequence in the cache."""
     folder, ref, hf_proc = qwen_folder
     pipe = vlmkit.load(folder)
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     cases = [CASES[1], CASES[2]]
     images = [im for _, names in cases for im in images_for(names)]
     theirs = hf_proc(text=[p for p, _ in cases], images=images, padding=True, return_tensors="pt")
