@@ -1,4 +1,6 @@
-"""Shared fixtures: a byte-level BPE trained on a few sentences, tiny model configs, processors."""
+"""Shared fixtures: a byte-level BPE trained on a few sentences, tiny model configs, processors, and the tiny
+Hugging Face folders of tests/hf_folders.py, each built once per session (``hf_folder`` and the named
+fixtures after it)."""
 
 from __future__ import annotations
 
@@ -88,3 +90,103 @@ def tiny_dual_encoder(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return res.checkpoint, root / "shapes"
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """Factory: ``get(name)`` -> (folder, the transformers model, its processor) for each tiny Hugging Face folder of
+    tests/hf_folders.py (``hf_folders.BUILDERS`` names them), built at most once per session and shared by every
+    test that asks: tests copy a folder before editing it and leave the model and processor as they found them."""
+    pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+    import hf_folders
+
+    built: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in built:
+            if name not in hf_folders.BUILDERS:
+                raise KeyError(f"no Hugging Face test folder {name!r}: there are {sorted(hf_folders.BUILDERS)}")
+            bases = [get(base) for base in hf_folders.BASES.get(name, ())]
+            folder = tmp_path_factory.mktemp(name)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # session fixtures come before the function-scoped single_thread
+            try:
+                built[name] = (folder, *hf_folders.BUILDERS[name](folder, *bases))
+            finally:
+                torch.set_num_threads(threads)
+        return built[name]
+
+    return get
+
+
+# the Hugging Face folders under the names the family tests know them by: (folder, model, processor)
+
+@pytest.fixture(scope="session")
+def llava_folder(hf_folder):
+    return hf_folder("llava")
+
+
+@pytest.fixture(scope="session")
+def next_folder(hf_folder):
+    return hf_folder("llava_next")
+
+
+@pytest.fixture(scope="session")
+def ov_folder(hf_folder):
+    return hf_folder("llava_onevision")
+
+
+@pytest.fixture(scope="session")
+def qwen_folder(hf_folder):
+    return hf_folder("qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def idefics3(hf_folder):
+    return hf_folder("idefics3")
+
+
+@pytest.fixture(scope="session")
+def idefics3_nosplit(hf_folder):
+    return hf_folder("idefics3_nosplit")
+
+
+@pytest.fixture(scope="session")
+def smolvlm(hf_folder):
+    return hf_folder("smolvlm")
+
+
+@pytest.fixture(scope="session")
+def paligemma_folder(hf_folder):
+    return hf_folder("paligemma")
+
+
+@pytest.fixture(scope="session")
+def mllama_folder(hf_folder):
+    return hf_folder("mllama")
+
+
+@pytest.fixture(scope="session")
+def idefics_folder(hf_folder):
+    return hf_folder("idefics")
+
+
+@pytest.fixture(scope="session")
+def blip2_folder(hf_folder):
+    return hf_folder("blip2")
+
+
+@pytest.fixture(scope="session")
+def instructblip_folder(hf_folder):
+    return hf_folder("instructblip")
+
+
+@pytest.fixture(scope="session")
+def clip_folders(hf_folder):
+    """{"eos" | "legacy": (folder, model, processor)}: CLIP pooling at the end-of-text token, and at the highest id."""
+    return {"eos": hf_folder("clip_eos"), "legacy": hf_folder("clip_legacy")}
+
+
+@pytest.fixture(scope="session")
+def siglip_folder(hf_folder):
+    return hf_folder("siglip")

@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 import torch
-from tokenizers import processors
 
 import vlmkit
 from vlmkit.cli import main
@@ -19,62 +18,13 @@ from vlmkit.data.conversations import ConversationDataset, Sample
 from vlmkit.errors import CheckpointError, ConfigError, DataError
 from vlmkit.generation import GenerationConfig, generate
 
-from hf_fixtures import byte_level_tokenizer, perturb_, real_images, reference_logprobs
+from hf_fixtures import real_images, reference_logprobs
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROMPTS = ["", "Question: what colour is the small circle? Answer:", "Describe the image."]
-
-
-def opt_tokenizer():
-    """OPT's tokenizer, tiny: GPT-2 byte-level BPE with "</s>" (BOS and EOS) put in front of every text."""
-    tok = byte_level_tokenizer(["<pad>", "</s>", "<unk>"])
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
-                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
-                                                unk_token="<unk>", pad_token="<pad>")
-
-
-def wake_(model: torch.nn.Module, seed: int = 1) -> None:
-    """What transformers initialises at zero or 1e-10 (the query tokens, the tower's positions and class token)
-    gets a spread: identical queries or a blind tower would hide a misplaced tensor."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("query_tokens", "position_embedding", "embed_positions.weight")):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-
-
-@pytest.fixture(scope="module")
-def blip2_folder(tmp_path_factory):
-    """(folder, the transformers model, the processor as AutoProcessor reads it back from the folder)."""
-    folder = tmp_path_factory.mktemp("blip2")
-    images = transformers.BlipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.4, 0.5, 0.6],
-                                                image_std=[0.2, 0.3, 0.25])
-    processor = transformers.Blip2Processor(image_processor=images, tokenizer=opt_tokenizer(), num_query_tokens=6)
-    processor.save_pretrained(folder)  # the processor adds "<image>" to the tokenizer: the LM's vocabulary has it
-    tok = processor.tokenizer
-    torch.manual_seed(0)
-    vision = transformers.Blip2VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                            num_attention_heads=4, image_size=28, patch_size=7, layer_norm_eps=1e-5,
-                                            initializer_range=0.3)
-    qformer = transformers.Blip2QFormerConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                              intermediate_size=40, cross_attention_frequency=2, layer_norm_eps=1e-6,
-                                              initializer_range=0.2)
-    text = transformers.OPTConfig(vocab_size=len(tok), hidden_size=48, ffn_dim=80, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=96, init_std=0.3, pad_token_id=1,
-                                  bos_token_id=2, eos_token_id=2)
-    cfg = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                                   text_config=text.to_dict(), num_query_tokens=6,
-                                   image_token_index=tok.convert_tokens_to_ids("<image>"),
-                                   initializer_range=0.2)  # 0.02 (and the tower's 1e-10): the image barely matters
-    model = transformers.Blip2ForConditionalGeneration(cfg).eval()
-    perturb_(model)
-    wake_(model)
-    model.save_pretrained(folder)
-    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +84,12 @@ def test_greedy_generation_equals_transformers(blip2_folder, pipe):
         assert pipe.generate(image, prompt, max_new_tokens=8) == hf_proc.tokenizer.decode(new, skip_special_tokens=True)
 
 
-def test_batched_left_padded_generation_equals_transformers(blip2_folder, pipe):
+def test_batched_left_padded_generation_equals_transformers(blip2_folder, pipe, monkeypatch):
     """transformers pads between the query tokens and the prompt ([images, pads, BOS, text]), vlmkit in front of
     the row: the same real tokens at the same positions."""
     _, ref, hf_proc = blip2_folder
     prompts, images = PROMPTS[1:], real_images()[:2]
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     inputs = hf_proc(text=prompts, images=images, padding="longest", return_tensors="pt")
     assert (inputs["attention_mask"] == 0).any()  # the batch is padded
     out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,

@@ -22,9 +22,7 @@ from vlmkit.models import build_model
 from vlmkit.processing import Processor
 
 from hf_fixtures import real_images
-from test_hf_blip2 import blip2_folder  # noqa: F401  (the import tests' fixtures)
 from test_hf_finetune import fine_tune, shapes  # noqa: F401  (ShapesWorld and the other families' recipe)
-from test_hf_instructblip import instructblip_folder  # noqa: F401
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import processors
 
 import vlmkit
 from vlmkit.checkpoint import write_model_files
@@ -26,70 +26,14 @@ from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
 
 from hf_fixtures import CORPUS, perturb_, real_images
+from hf_folders import CLIP_CONTEXT as CONTEXT
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CONTEXT = 20  # text_config.max_position_embeddings: the last text is longer and is cut
 TEXTS = ["A photo of a CAT!", "two dogs, three Squares.", "What's this?  It's a red circle...",
          "the quick brown fox jumps over the lazy dog, then the small circle is red and the squares are blue"]
-TOWERS = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
-
-
-def clip_tokenizer():
-    """CLIPTokenizer with a small vocabulary of CLIP's layout (byte symbols, the same with the end-of-word "</w>",
-    merges learnt with CLIP's pre-tokenisation) and its start/end-of-text tokens at ids 0 and 1, so that the
-    highest id of a text is not its end-of-text token and the two pooling rules read different positions."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    learner = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
-    learner.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                               normalizers.Lowercase()])
-    learner.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                             behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    alphabet = list(bytes_to_unicode().values())
-    learner.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
-                                                                 end_of_word_suffix="</w>", show_progress=False))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-              for m in json.loads(learner.to_str())["model"]["merges"]]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges)]:
-        vocab.setdefault(token, len(vocab))
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT)
-
-
-def make_clip(folder, legacy: bool):
-    """A tiny CLIPModel (norms, biases, class embedding and temperature away from their init) saved with
-    CLIPProcessor's files; ``legacy``: text_config.eos_token_id 2, which makes transformers pool argmax(ids)."""
-    tok = clip_tokenizer()
-    torch.manual_seed(0)
-    text = transformers.CLIPTextConfig(**TOWERS, vocab_size=len(tok), max_position_embeddings=CONTEXT,
-                                       layer_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
-                                       pad_token_id=tok.pad_token_id, eos_token_id=2 if legacy else tok.eos_token_id)
-    vision = transformers.CLIPVisionConfig(**TOWERS, image_size=32, patch_size=8, hidden_act="gelu")
-    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                                           projection_dim=24)).eval()
-    perturb_(model)
-    with torch.no_grad():
-        model.logit_scale.fill_(1.7)
-    model.save_pretrained(folder)
-    images = transformers.CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
-                                             image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
-    transformers.CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
-    return model, transformers.AutoProcessor.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def clip_folders(tmp_path_factory):
-    """{"eos" | "legacy": (folder, transformers' model, its processor as AutoProcessor reads the folder)}."""
-    out = {}
-    for kind in ("eos", "legacy"):
-        folder = tmp_path_factory.mktemp(f"clip-{kind}")
-        out[kind] = (folder, *make_clip(folder, kind == "legacy"))
-    return out
 
 
 def reference(model, inputs):

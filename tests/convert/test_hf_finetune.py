@@ -21,11 +21,6 @@ from vlmkit.train.loop import train
 from vlmkit.train.recipe import load_recipe
 
 from hf_fixtures import real_images
-from test_hf_idefics3 import idefics3  # noqa: F401  (fixtures)
-from test_hf_llava_next import next_folder  # noqa: F401
-from test_hf_llava_onevision import ov_folder  # noqa: F401
-from test_hf_paligemma import paligemma_folder  # noqa: F401
-from test_hf_qwen2_vl import qwen_folder  # noqa: F401
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -79,7 +74,7 @@ def test_conversation_ids_labels_and_loss_equal_transformers(request, family):
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
-def test_paligemma_trains_on_its_prompt_and_suffix(paligemma_folder):  # noqa: F811
+def test_paligemma_trains_on_its_prompt_and_suffix(paligemma_folder):
     """PaliGemma's conversation is its processor's prompt and suffix: the same ids, labels and loss."""
     folder, ref, hf_proc = paligemma_folder
     pipe = vlmkit.load(folder)

@@ -23,7 +23,7 @@ from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.processing.image import MediaInputs
 
-from hf_fixtures import perturb_, real_images, sentencepiece_tokenizer
+from hf_fixtures import real_images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -33,40 +33,6 @@ PROMPTS = ["<image>What colour is the small circle?",
            "User: what is in the picture? <image> Answer:",  # the tokens before the image see none
            "Compare <image> and <image>: how many squares?",  # two images, text between them
            "<image><image>Describe both."]  # consecutive images share a marker
-SIZE = 30
-
-
-@pytest.fixture(scope="module")
-def idefics_folder(tmp_path_factory):
-    """(folder, the transformers model, the processor as AutoProcessor reads it back from the folder)."""
-    folder = tmp_path_factory.mktemp("idefics")
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=sentencepiece_tokenizer(["<fake_token_around_image>", "<image>"]), bos_token="<s>",
-        eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-    images = transformers.IdeficsImageProcessorPil(image_size=SIZE, image_mean=[0.4, 0.5, 0.6],
-                                                   image_std=[0.2, 0.3, 0.25])
-    transformers.IdeficsProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
-    torch.manual_seed(0)
-    base = tok.convert_tokens_to_ids("<fake_token_around_image>")  # the added tokens are the decoupled rows
-    cfg = transformers.IdeficsConfig(
-        vocab_size=base, additional_vocab_size=len(tok) - base, hidden_size=48, intermediate_size=80,
-        num_hidden_layers=4, num_attention_heads=4, rms_norm_eps=1e-5, max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, cross_layer_interval=2,
-        qk_layer_norms=True, alpha_type="vector", use_resampler=True, initializer_range=0.1,
-        perceiver_config={"use_resampler": True, "resampler_n_latents": 3, "resampler_depth": 2,
-                          "resampler_n_heads": 2, "resampler_head_dim": 8, "qk_layer_norms_perceiver": True},
-        vision_config={"embed_dim": 32, "image_size": SIZE, "patch_size": 6, "intermediate_size": 48,
-                       "num_hidden_layers": 2, "num_attention_heads": 4, "layer_norm_eps": 1e-6},
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, freeze_text_layers=False, freeze_vision_layers=False)
-    model = transformers.IdeficsForVisionText2Text(cfg).eval()
-    perturb_(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # open the gates (zero at init: images would change nothing) and move the MLP norms
-        for name, p in model.named_parameters():
-            if "alpha" in name or ".ln." in name:
-                p.copy_(1.0 * (".ln.weight" in name) + 0.5 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(folder)
-    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
 
 
 def as_idefics(prompt: str, images: list) -> list:

@@ -22,103 +22,16 @@ from vlmkit.connectors import pixel_shuffle
 from vlmkit.convert.hf.idefics3 import bucketed_positions
 from vlmkit.errors import CheckpointError, ConfigError
 
-from hf_fixtures import (byte_level_tokenizer, perturb_, real_images, reference_logprobs,
-                         sentencepiece_tokenizer)
+from hf_fixtures import real_images, reference_logprobs
+from hf_folders import IDEFICS3_TEMPLATE as TEMPLATE
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SPECIAL = (["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
-           + [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)])  # grids up to 3x3 here
-# Idefics3's template, with the tokenizer's BOS in front as the released one has <|begin_of_text|>
-TEMPLATE = ("<s>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == "
-            "'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == "
-            "'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-            "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 PROMPTS = ["User:<image>What colour is the small circle?<end_of_utterance>\nAssistant:",
            "<image> caption en", "Compare <image> and <image>: how many squares?"]
 FOLDERS = ["idefics3", "idefics3_nosplit", "smolvlm"]
-
-
-def _vision(cls, **kw):
-    return cls(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, **kw)
-
-
-@pytest.fixture(scope="module")
-def idefics3(tmp_path_factory):
-    """Idefics3: SentencePiece tokenizer with BOS, 4x4 patch grid, pixel shuffle x2, grouped-query Llama."""
-    folder = tmp_path_factory.mktemp("idefics3")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(SPECIAL), bos_token="<s>",
-                                               eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-    torch.manual_seed(0)
-    vision = _vision(transformers.Idefics3VisionConfig, patch_size=8, layer_norm_eps=1e-5)
-    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                                    rope_theta=50000.0, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
-    cfg = transformers.Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
-                                      image_token_id=tok.convert_tokens_to_ids("<image>"))
-    model = transformers.Idefics3ForConditionalGeneration(cfg).eval()
-    perturb_(model)
-    model.save_pretrained(folder)
-    images = transformers.Idefics3ImageProcessorPil(size={"longest_edge": 80}, max_image_size={"longest_edge": 32},
-                                                    image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
-    transformers.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4,
-                                   chat_template=TEMPLATE).save_pretrained(folder)
-    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def idefics3_nosplit(idefics3, tmp_path_factory):
-    """The same checkpoint with do_image_splitting: false (every image one tile)."""
-    folder = tmp_path_factory.mktemp("idefics3_nosplit") / "f"
-    shutil.copytree(idefics3[0], folder)
-    path = folder / "processor_config.json"
-    data = json.loads(path.read_text())
-    data["image_processor"]["do_image_splitting"] = False
-    path.write_text(json.dumps(data))
-    return folder, idefics3[1], transformers.AutoProcessor.from_pretrained(folder)
-
-
-def smolvlm_processor(image_processor, tokenizer):
-    """transformers' SmolVLMProcessor without its video half (see the module docstring)."""
-    from transformers.models.smolvlm import processing_smolvlm
-
-    class ImagesOnly(transformers.SmolVLMProcessor):
-        def check_argument_for_proper_class(self, name, arg):
-            if name != "video_processor":
-                return super().check_argument_for_proper_class(name, arg)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(processing_smolvlm, "num2words", processing_smolvlm.num2words or str)  # only videos use it
-        return ImagesOnly(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, image_seq_len=4)
-
-
-@pytest.fixture(scope="module")
-def smolvlm(tmp_path_factory):
-    """SmolVLM: byte-level tokenizer without BOS, 8x8 patch grid, pixel shuffle x4, tied head, bicubic tiles."""
-    folder = tmp_path_factory.mktemp("smolvlm")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(SPECIAL),
-                                               eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
-    torch.manual_seed(1)
-    vision = _vision(transformers.SmolVLMVisionConfig, patch_size=4, hidden_act="gelu")
-    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=1, head_dim=12, rms_norm_eps=1e-5,
-                                    rope_theta=100000.0, max_position_embeddings=1024, bos_token_id=None,
-                                    eos_token_id=tok.convert_tokens_to_ids("<end_of_utterance>"))
-    cfg = transformers.SmolVLMConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=4,
-                                     image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True)
-    model = transformers.SmolVLMForConditionalGeneration(cfg).eval()
-    perturb_(model, seed=1)
-    model.save_pretrained(folder)
-    images = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 80}, max_image_size={"longest_edge": 32},
-                                                   resample=3)
-    processor = smolvlm_processor(images, tok)
-    images.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "processor_config.json").write_text(json.dumps({"image_seq_len": 4,
-                                                               "processor_class": "SmolVLMProcessor"}))
-    return folder, model, processor
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,10 @@ from vlmkit.processing.tokenizer import SPECIAL_TOKENS
 
 from hf_fixtures import real_images
 from test_hf_export import randomize_
-from test_hf_idefics3 import (FOLDERS, PROMPTS, SPECIAL, TEMPLATE, folders, idefics3, idefics3_nosplit,  # noqa: F401
-                              images_for, smolvlm, smolvlm_processor)
+from hf_folders import IDEFICS3_SPECIAL as SPECIAL
+from hf_folders import IDEFICS3_TEMPLATE as TEMPLATE
+from hf_folders import smolvlm_processor
+from test_hf_idefics3 import FOLDERS, PROMPTS, folders, images_for  # noqa: F401  (folders: a fixture)
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -148,7 +150,7 @@ def test_vlmkit_load_of_the_export_equals_the_original(exported, name):
         original.score(images, PROMPTS[2], " Two squares."), abs=1e-5)
 
 
-def test_a_smolvlm_folder_is_written_with_model_type_smolvlm(smolvlm, exported, tmp_path):  # noqa: F811
+def test_a_smolvlm_folder_is_written_with_model_type_smolvlm(smolvlm, exported, tmp_path):
     """What can be checked without SmolVLMProcessor (torchvision): SmolVLMForConditionalGeneration loads the
     folder and gives the original logits; SmolVLMImageProcessor gives the original pixels and tiles; the
     images-only SmolVLMProcessor built from the exported tokenizer and image_seq_len gives the original ids."""

@@ -22,7 +22,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
 from vlmkit.processing import Processor
 
-from test_hf_idefics import PROMPTS, as_idefics, idefics_folder, images_for  # noqa: F401  (the import test's fixture)
+from test_hf_idefics import PROMPTS, as_idefics, images_for
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def round_trip(idefics_folder, tmp_path_factory):  # noqa: F811
+def round_trip(idefics_folder, tmp_path_factory):
     """(original folder, its transformers model and AutoProcessor, the vlmkit checkpoint, the exported folder)."""
     folder, ref, hf_proc = idefics_folder
     root = tmp_path_factory.mktemp("idefics_export")

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 
 import vlmkit
 from vlmkit.cli import main
@@ -20,63 +20,13 @@ from vlmkit.data.conversations import ConversationDataset, Sample, group_by_imag
 from vlmkit.errors import CheckpointError, ConfigError, DataError
 from vlmkit.generation import GenerationConfig, generate
 
-from hf_fixtures import CORPUS, perturb_, real_images, sentencepiece_tokenizer
-from test_hf_blip2 import wake_
+from hf_fixtures import real_images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROMPTS = ["What colour is the small circle?", "Describe the image.", "How many squares are there?"]
-
-
-def bert_tokenizer():
-    """A tiny BERT WordPiece tokenizer (lower-casing, [CLS] ... [SEP]): the Q-Former's, as bert-base-uncased."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(CORPUS * 10, trainers.WordPieceTrainer(
-        vocab_size=150, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
-    return transformers.BertTokenizer(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                      sep_token="[SEP]", mask_token="[MASK]")
-
-
-@pytest.fixture(scope="module")
-def instructblip_folder(tmp_path_factory):
-    """(folder, the transformers model, the processor as AutoProcessor reads it back from the folder)."""
-    folder = tmp_path_factory.mktemp("instructblip")
-    lm_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer([]), bos_token="<s>",
-                                                  eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-    images = transformers.BlipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.4, 0.5, 0.6],
-                                                image_std=[0.2, 0.3, 0.25])
-    processor = transformers.InstructBlipProcessor(image_processor=images, tokenizer=lm_tok,
-                                                   qformer_tokenizer=bert_tokenizer(), num_query_tokens=5)
-    processor.save_pretrained(folder)  # with qformer_tokenizer/ beside the LM's tokenizer
-    tok = processor.tokenizer
-    torch.manual_seed(0)
-    vision = transformers.InstructBlipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                   num_attention_heads=4, image_size=28, patch_size=7,
-                                                   initializer_range=0.3)
-    qformer = transformers.InstructBlipQFormerConfig(vocab_size=len(processor.qformer_tokenizer), hidden_size=32,
-                                                     num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
-                                                     cross_attention_frequency=2, max_position_embeddings=64,
-                                                     initializer_range=0.2)
-    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                                    rope_theta=50000.0, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                                    pad_token_id=3, initializer_range=0.2)
-    cfg = transformers.InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                                          text_config=text.to_dict(), num_query_tokens=5, initializer_range=0.2,
-                                          image_token_index=tok.convert_tokens_to_ids("<image>"))
-    model = transformers.InstructBlipForConditionalGeneration(cfg).eval()
-    perturb_(model)
-    wake_(model)
-    model.save_pretrained(folder)
-    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +114,11 @@ def test_greedy_generation_equals_transformers(instructblip_folder, pipe):
         assert pipe.generate(image, prompt, max_new_tokens=8) == hf_proc.tokenizer.decode(new, skip_special_tokens=True)
 
 
-def test_batched_left_padded_generation_equals_transformers(instructblip_folder, pipe):
+def test_batched_left_padded_generation_equals_transformers(instructblip_folder, pipe, monkeypatch):
     """Prompts of different lengths: the LM ids left-padded, each image with its own prompt's instruction."""
     _, ref, hf_proc = instructblip_folder
     prompts, images = [PROMPTS[0], "Describe."], real_images()[:2]
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     inputs = hf_proc(text=prompts, images=images, padding="longest", return_tensors="pt")
     assert (inputs["attention_mask"] == 0).any() and (inputs["qformer_attention_mask"] == 0).any()
     out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,

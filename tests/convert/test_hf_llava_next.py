@@ -20,53 +20,17 @@ from vlmkit.generation import GenerationConfig, generate
 from vlmkit.processing.image import MediaInputs
 from vlmkit.processing.llava_next import tile_grid, unpad_slice
 
-from hf_fixtures import perturb_, real_images, reference_logprobs, sentencepiece_tokenizer
+from hf_fixtures import real_images, reference_logprobs
+from hf_folders import LLAVA_NEXT_PINPOINTS as PINPOINTS
+from hf_folders import LLAVA_NEXT_TEMPLATE as TEMPLATE
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}{% for content in "
-            "message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{% for "
-            "content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
-            "{% endfor %}{{ ' [/INST]' }}{% else %}{{ ' ' + message['content'][0]['text'] + '</s>' }}{% endif %}"
-            "{% endfor %}")
-# 16-pixel tiles: the wide image gets 4x5 tiles (feature rows unpadded), the tall one 4x3 (columns unpadded),
-# the square one 4x4 (nothing to unpad)
-PINPOINTS = [[32, 32], [64, 48], [64, 64], [64, 80], [48, 64]]
 # (prompt, indices into real_images(): 72x48 wide, 40x60 tall, 64x64 square)
 PROMPTS = [("[INST] <image>\nWhat colour is the small circle? [/INST]", [0]), ("<image> caption en", [1]),
            ("Compare <image> and <image>: how many squares?", [2, 0])]
-
-
-@pytest.fixture(scope="module")
-def next_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llava_next")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<image>"]),
-                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                               pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-    torch.manual_seed(0)
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                           num_attention_heads=4, image_size=16, patch_size=4, layer_norm_eps=1e-6)
-    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=None,
-                                      bos_token_id=1, eos_token_id=2)
-    cfg = transformers.LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                                       image_token_index=tok.convert_tokens_to_ids("<image>"),
-                                       image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
-                                       vision_feature_select_strategy="default")
-    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
-    perturb_(model)
-    model.save_pretrained(folder)
-    images = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 18}, crop_size={"height": 16, "width": 16},
-                                                     image_grid_pinpoints=PINPOINTS, image_mean=[0.4, 0.5, 0.6],
-                                                     image_std=[0.2, 0.3, 0.25])
-    processor = transformers.LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=4,
-                                                vision_feature_select_strategy="default", chat_template=TEMPLATE,
-                                                num_additional_image_tokens=1)  # the class token, as llava-hf
-    processor.save_pretrained(folder)
-    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

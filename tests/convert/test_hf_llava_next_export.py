@@ -30,10 +30,9 @@ from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
 
 from hf_fixtures import real_images
+from hf_folders import ImageOnlyOnevisionProcessor
 import test_hf_llava_next as next_tests
 import test_hf_llava_onevision as ov_tests
-from test_hf_llava_next import next_folder  # noqa: F401  (fixture: the import test's LLaVA-NeXT folder)
-from test_hf_llava_onevision import ImageOnlyOnevisionProcessor, ov_folder  # noqa: F401  (fixture)
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 

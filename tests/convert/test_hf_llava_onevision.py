@@ -28,75 +28,17 @@ from vlmkit.processing import Processor
 from vlmkit.processing.image import MediaInputs
 from vlmkit.processing.llava_next import reduced_size, tile_grid, unpad_slice
 
-from hf_fixtures import byte_level_tokenizer, perturb_, real_images, reference_logprobs
+from hf_fixtures import real_images, reference_logprobs
+from hf_folders import ONEVISION_PINPOINTS as PINPOINTS
+from hf_folders import ONEVISION_TEMPLATE as TEMPLATE
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# llava-onevision-hf's template: its assistant replies are marked {% generation %} (transformers' assistant mask),
-# and its generation prompt differs from how it writes a reply ("assistant\n" vs "assistant \n")
-TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}{% for content in "
-            "message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}{% for "
-            "content in message['content'] | selectattr('type', 'equalto', 'text') %}{% if message['role'] != "
-            "'assistant' %}{{ '\n' + content['text'] }}{% else %}{% generation %}{{ '\n' + content['text'] }}"
-            "{% endgeneration %}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-            "{{ '<|im_start|>assistant\n' }}{% endif %}")
-# 16-pixel tiles: the wide image gets 4x5 tiles (rows unpadded, then reduced), the tall one 4x3 (columns
-# unpadded, not reduced), the square one 4x4 (reduced)
-PINPOINTS = [[32, 32], [64, 48], [64, 64], [64, 80], [48, 64]]
 # (prompt, indices into real_images(): 72x48 wide, 40x60 tall, 64x64 square)
 PROMPTS = [("<|im_start|>user <image>\nWhat colour is the small circle?<|im_end|>\n<|im_start|>assistant\n", [0]),
            ("<image>caption en", [1]), ("Compare <image> and <image>: how many squares?", [2, 0])]
-
-if transformers is not None:
-    class ImageOnlyOnevisionProcessor(transformers.LlavaOnevisionProcessor):
-        """LlavaOnevisionProcessor without its video processor (which needs torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
-                     vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
-                     video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
-            super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
-                             vision_feature_select_strategy=vision_feature_select_strategy,
-                             chat_template=chat_template, image_token=image_token, video_token=video_token,
-                             vision_aspect_ratio=vision_aspect_ratio, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def ov_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llava_onevision")
-    special = {"image_token": "<image>", "video_token": "<video>"}
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(["<image>", "<video>"]),
-                                               eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                               extra_special_tokens=special)
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    torch.manual_seed(0)
-    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                             num_attention_heads=4, image_size=16, patch_size=4, layer_norm_eps=1e-6,
-                                             vision_use_head=False)
-    text = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                                    rope_theta=20000.0, max_position_embeddings=1024, tie_word_embeddings=True,
-                                    eos_token_id=eos, pad_token_id=eos)
-    cfg = transformers.LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                                            image_token_index=tok.convert_tokens_to_ids("<image>"),
-                                            video_token_index=tok.convert_tokens_to_ids("<video>"),
-                                            image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
-                                            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
-                                            tie_word_embeddings=True)
-    model = transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
-    perturb_(model)
-    model.save_pretrained(folder)
-    images = transformers.LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16},
-                                                          image_grid_pinpoints=PINPOINTS, image_mean=[0.4, 0.5, 0.6],
-                                                          image_std=[0.2, 0.3, 0.25])
-    processor = ImageOnlyOnevisionProcessor(image_processor=images, tokenizer=tok, num_image_tokens=16,
-                                            vision_feature_select_strategy="full", chat_template=TEMPLATE,
-                                            vision_aspect_ratio="anyres_max_9")
-    processor.save_pretrained(folder)
-    path = folder / "processor_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "LlavaOnevisionProcessor"}))
-    return folder, model, ImageOnlyOnevisionProcessor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

@@ -25,23 +25,17 @@ from vlmkit.generation import GenerationConfig, generate
 from vlmkit.models.mllama import cross_attention_mask, image_token_mask
 from vlmkit.processing.image import MediaInputs
 
-from hf_fixtures import perturb_, real_images, reference_logprobs, sentencepiece_tokenizer
+from hf_fixtures import real_images, reference_logprobs
 from test_hf_finetune import CONVERSATION, fine_tune, shapes, structured  # noqa: F401  (shapes: a fixture)
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# Llama 3's chat layout (the released template's, without its tool and date preamble)
-TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-            "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}"
-            "{{ c['text'] }}{% endif %}{% endfor %}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 # (prompt, indices into images()): 4 tiles; text before the image and 3 tiles; two consecutive images (4 tiles and 1);
 # images interleaved with text, text first
 PROMPTS = [("<|image|>What colour is the small circle?", [0]), ("Look: <|image|>How many squares?", [3]),
            ("<|image|><|image|>Compare them.", [0, 4]), ("a <|image|> b <|image|> c", [1, 2])]
-GATES = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
 
 
 def images():
@@ -52,43 +46,6 @@ def images():
     wide = render_scene(sample_scene(rng, 96, 32, min_objects=1, max_objects=2))
     small = render_scene(sample_scene(rng, 48, 40, min_objects=1, max_objects=2)).resize((24, 20))
     return real_images() + [wide, small]
-
-
-@pytest.fixture(scope="module")
-def mllama_folder(tmp_path_factory):
-    """(folder, the transformers model, the processor as AutoProcessor reads it back from the folder)."""
-    folder = tmp_path_factory.mktemp("mllama")
-    special = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|image|>"]
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(special), bos_token="<s>",
-                                               eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-    image_id = tok.convert_tokens_to_ids("<|image|>")
-    assert image_id == len(tok) - 1  # as the released tokenizer: the first id past the text vocabulary
-    images_proc = transformers.MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=4,
-                                                       image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
-    transformers.MllamaProcessor(image_processor=images_proc, tokenizer=tok, chat_template=TEMPLATE).save_pretrained(
-        folder)
-    torch.manual_seed(0)
-    vision = transformers.MllamaVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                             num_global_layers=2, attention_heads=4, image_size=28, patch_size=7,
-                                             max_num_tiles=4, intermediate_layers_indices=[3, 1], vision_output_dim=96,
-                                             norm_eps=1e-6)
-    # initializer_range 0.2: greedy tokens of a 0.02 model barely depend on the input
-    text = transformers.MllamaTextConfig(vocab_size=image_id, hidden_size=48, intermediate_size=80, num_hidden_layers=5,
-                                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                                         cross_attention_layers=[1, 2, 4], max_position_embeddings=256,
-                                         rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-                                         bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.2)
-    cfg = transformers.MllamaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                                    image_token_index=image_id)
-    model = transformers.MllamaForConditionalGeneration(cfg).eval()
-    perturb_(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every gate open (they start at or near zero, which would hide their branches)
-        for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1] in GATES:
-                p.copy_(0.4 + 0.6 * torch.rand(p.shape, generator=g))
-    model.save_pretrained(folder)
-    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
 
 
 def vocab(ref) -> int:
@@ -177,13 +134,13 @@ def test_greedy_generation_equals_transformers(mllama_folder, prompt, which):
     assert pipe.generate(imgs, prompt, max_new_tokens=8) == expected
 
 
-def test_batched_left_padded_generation_equals_transformers(mllama_folder):
+def test_batched_left_padded_generation_equals_transformers(mllama_folder, monkeypatch):
     """Prompts of different lengths, one with text before its image: the cached image keys and each row's last
     mask row travel with the rows."""
     folder, ref, hf_proc = mllama_folder
     pipe = vlmkit.load(folder)
     prompts, imgs = [PROMPTS[0][0], "Look: <|image|>How many squares are there in it?"], [images()[0], images()[3]]
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     inputs = hf_proc(text=prompts, images=[[im] for im in imgs], padding="longest", return_tensors="pt")
     assert (inputs["attention_mask"] == 0).any()  # the batch is padded
     out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)

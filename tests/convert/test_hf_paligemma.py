@@ -18,7 +18,7 @@ from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.generation import GenerationConfig, generate
 
-from hf_fixtures import perturb_, real_images, sentencepiece_tokenizer
+from hf_fixtures import real_images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -26,34 +26,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROMPTS = ["caption en", "<image>answer en What colour is the small circle?",
            "<image><image>Compare: how many squares?"]
-
-
-@pytest.fixture(scope="module")
-def paligemma_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("paligemma")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<image>"]),
-                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                               pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-    images = transformers.SiglipImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.4, 0.5, 0.6],
-                                               image_std=[0.2, 0.3, 0.25], image_seq_length=16)
-    # the processor adds PaliGemma's 1152 <locNNNN>/<segNNN> tokens to the tokenizer: the LM's vocabulary has them
-    processor = transformers.PaliGemmaProcessor(image_processor=images, tokenizer=tok)
-    processor.save_pretrained(folder)
-    torch.manual_seed(0)
-    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                             num_attention_heads=4, image_size=28, patch_size=7, layer_norm_eps=1e-6)
-    # initializer_range 0.2, not 0.02: with Gemma's sqrt(width)-scaled tied embeddings a 0.02 model only ever
-    # repeats its last input token, and greedy tokens would agree without testing anything
-    text = transformers.GemmaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-                                    rope_theta=50000.0, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                                    pad_token_id=3, initializer_range=0.2)
-    cfg = transformers.PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                                       image_token_index=processor.image_token_id, projection_dim=48)
-    model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
-    perturb_(model)
-    model.save_pretrained(folder)
-    return folder, model, transformers.AutoProcessor.from_pretrained(folder)
 
 
 def images_for(prompt):
@@ -132,12 +104,12 @@ def test_greedy_generation_equals_transformers(paligemma_folder):
         assert pipe.generate(images, prompt, max_new_tokens=8) == expected
 
 
-def test_batched_left_padded_generation_equals_transformers(paligemma_folder):
+def test_batched_left_padded_generation_equals_transformers(paligemma_folder, monkeypatch):
     """Two prompts of different lengths in one batch: left padding, per-row positions, the prefix mask."""
     folder, ref, hf_proc = paligemma_folder
     pipe = vlmkit.load(folder)
     prompts, images = [PROMPTS[0], "answer en What colour is the small circle?"], real_images()[:2]
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     inputs = hf_proc(text=prompts, images=[[im] for im in images], padding="longest", return_tensors="pt")
     inputs.pop("labels")
     assert (inputs["attention_mask"] == 0).any()  # the batch is padded

@@ -24,7 +24,7 @@ from vlmkit.models import build_model
 from vlmkit.processing import Processor
 
 from hf_fixtures import real_images
-from test_hf_paligemma import PROMPTS, images_for, paligemma_folder  # noqa: F401  (the import test's fixture)
+from test_hf_paligemma import PROMPTS, images_for
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -38,7 +38,7 @@ TEMPLATE = ("{% for message in messages %}{% for c in message['content'] %}{% if
 
 
 @pytest.fixture(scope="module")
-def round_trip(paligemma_folder, tmp_path_factory):  # noqa: F811
+def round_trip(paligemma_folder, tmp_path_factory):
     """(original folder with a chat template, its transformers model and AutoProcessor, the vlmkit
     checkpoint, the exported folder)."""
     folder, ref, _ = paligemma_folder
@@ -101,7 +101,7 @@ def test_round_trip_keeps_the_chat_template_and_vlmkit_scores(round_trip):
         images, "What is it?", max_new_tokens=6)
 
 
-def test_a_folder_without_a_chat_template_exports_none(paligemma_folder, tmp_path):  # noqa: F811
+def test_a_folder_without_a_chat_template_exports_none(paligemma_folder, tmp_path):
     folder, _, hf_proc = paligemma_folder
     assert main(["convert", "--from", "hf", str(folder), "--out", str(tmp_path / "ours")]) == 0
     assert main(["convert", "--to", "hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0

@@ -27,27 +27,14 @@ from vlmkit.models.qwen2_vl import mrope_position_ids
 from vlmkit.nn import RotaryEmbedding
 from vlmkit.processing.image import MediaInputs
 
-from hf_fixtures import byte_level_tokenizer, perturb_, real_images, reference_logprobs
+from hf_fixtures import real_images, reference_logprobs
+from hf_folders import QWEN2_VL_TEMPLATE as TEMPLATE
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-
-# Qwen2-VL-Instruct's chat template
-TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
-    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}")
 
 
 def _images():
@@ -68,42 +55,6 @@ CASES = [
 def images_for(names):
     imgs = _images()
     return [imgs[n] for n in names]
-
-
-class ImageOnlyQwen2VLProcessor(transformers.Qwen2VLProcessor):
-    """transformers' Qwen2VLProcessor without its video processor (see the module docstring)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def qwen_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen2_vl")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(SPECIAL), eos_token="<|im_end|>",
-                                               pad_token="<|endoftext|>")
-    ids = dict(zip(("im_start", "im_end", "vs", "ve", "image", "video"), tok.convert_tokens_to_ids(SPECIAL)))
-    torch.manual_seed(0)
-    vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
-                  temporal_patch_size=2, hidden_size=64, initializer_range=0.2,
-                  rope_parameters={"rope_type": "axial", "rope_theta": 2000.0})
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rms_norm_eps=3e-6, max_position_embeddings=512, initializer_range=0.2,
-                rope_parameters={"rope_type": "default", "rope_theta": 50000.0, "mrope_section": [3, 2, 3]},
-                bos_token_id=None, eos_token_id=ids["im_end"], pad_token_id=tok.pad_token_id)
-    cfg = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image"],
-                                     video_token_id=ids["video"], vision_start_token_id=ids["vs"],
-                                     vision_end_token_id=ids["ve"])
-    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
-    perturb_(model)
-    model.save_pretrained(folder)
-    images = transformers.Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=2560, patch_size=4, merge_size=2,
-                                                   temporal_patch_size=2, resample=2, image_mean=[0.4, 0.5, 0.6],
-                                                   image_std=[0.2, 0.3, 0.25])
-    ImageOnlyQwen2VLProcessor(images, tok, chat_template=TEMPLATE).save_pretrained(folder)
-    path = folder / "processor_config.json"  # as a Hub folder says it
-    path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "Qwen2VLProcessor"}))
-    return folder, model, ImageOnlyQwen2VLProcessor.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("prompt, names", CASES)
@@ -131,10 +82,10 @@ def test_images_are_non_square_of_different_sizes_and_resized_both_ways(qwen_fol
     assert grids.tolist() == [[1, 10, 14], [1, 16, 10], [1, 4, 6]]  # 72x48 down, 40x60 rounded, 14x10 up
 
 
-def test_mrope_positions_equal_get_rope_index_for_a_left_padded_batch(qwen_folder):
+def test_mrope_positions_equal_get_rope_index_for_a_left_padded_batch(qwen_folder, monkeypatch):
     folder, ref, hf_proc = qwen_folder
     pipe = vlmkit.load(folder)
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     (p0, n0), (p1, n1) = CASES[1], CASES[0]
     images = images_for(n0) + images_for(n1)
     theirs = hf_proc(text=[p0, p1], images=images, padding=True, return_tensors="pt")
@@ -185,11 +136,11 @@ def test_greedy_generation_equals_transformers(qwen_folder):
     assert pipe.generate(images, prompt, max_new_tokens=8) == expected
 
 
-def test_left_padded_batch_generation_equals_transformers(qwen_folder):
+def test_left_padded_batch_generation_equals_transformers(qwen_folder, monkeypatch):
     """Two prompts of different lengths and image counts in one batch: rope deltas per sequence in the cache."""
     folder, ref, hf_proc = qwen_folder
     pipe = vlmkit.load(folder)
-    hf_proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
     cases = [CASES[1], CASES[2]]
     images = [im for _, names in cases for im in images_for(names)]
     theirs = hf_proc(text=[p for p, _ in cases], images=images, padding=True, return_tensors="pt")

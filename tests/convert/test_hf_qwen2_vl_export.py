@@ -30,7 +30,9 @@ from vlmkit.cli import main
 from vlmkit.convert.hf import convert_to_hf
 from vlmkit.errors import ConfigError
 
-from test_hf_qwen2_vl import CASES, TEMPLATE, ImageOnlyQwen2VLProcessor, images_for, qwen_folder  # noqa: F401
+from hf_folders import QWEN2_VL_TEMPLATE as TEMPLATE
+from hf_folders import ImageOnlyQwen2VLProcessor
+from test_hf_qwen2_vl import CASES, images_for
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -47,7 +49,7 @@ def round_trip_of(src, root):
 
 
 @pytest.fixture(scope="module")
-def round_trip(qwen_folder, tmp_path_factory):  # noqa: F811
+def round_trip(qwen_folder, tmp_path_factory):
     """(original folder, its transformers model and processor, the vlmkit checkpoint, the exported folder)."""
     src, ref, hf_proc = qwen_folder
     ours, back = round_trip_of(src, tmp_path_factory.mktemp("qwen2_vl_export"))
@@ -161,7 +163,7 @@ def test_vlmkit_scores_the_export_as_the_original(round_trip):
             vlmkit.load(src).score(images, prompt, " Two squares."), abs=1e-5)
 
 
-def test_tied_embeddings_export_tied(qwen_folder, tmp_path):  # noqa: F811
+def test_tied_embeddings_export_tied(qwen_folder, tmp_path):
     """tie_word_embeddings (Qwen2-VL-2B): no lm_head.weight written, and transformers ties the head again."""
     src, _, hf_proc = qwen_folder
     tied = tmp_path / "tied"

@@ -29,6 +29,8 @@ from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
 
 from hf_fixtures import CORPUS, perturb_, real_images
+from hf_folders import SIGLIP_CONTEXT as CONTEXT
+from hf_folders import SIGLIP_EXTRA as EXTRA
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 spm = pytest.importorskip("sentencepiece", reason="SiglipTokenizer and its conversion need sentencepiece")
@@ -36,52 +38,8 @@ pytest.importorskip("google.protobuf", reason="reading a SentencePiece model nee
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CONTEXT = 24  # text_config.max_position_embeddings: SigLIP pads every text to it; the last text is cut
 TEXTS = ["A photo of a CAT!", "two dogs, three Squares.", "  What's this?\tIt's a red-circle...", "naïve café, ＡＢＣ ﬁne",
          "the quick brown fox jumps over the lazy dog, then the small circle is red and the squares are blue"]
-EXTRA = ["a photo of a cat", "a photo of two dogs", "a red circle and a blue square", "three green triangles",
-         "the cafe is naive", "what is this", "it is a small star"]
-
-
-def train_sentencepiece(path) -> None:
-    """A unigram SentencePiece model laid out as SigLIP's (T5's): <pad> 0, </s> 1, <unk> 2, no BOS, NFKC."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter((CORPUS + EXTRA) * 20), model_writer=buf, vocab_size=80,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    path.write_bytes(buf.getvalue())
-
-
-def make_siglip(folder):
-    """A tiny SiglipModel (text narrower than its projection, norms, biases, probe, scale and bias away from their
-    init) saved with SiglipProcessor's files: spiece.model and no tokenizer.json, as google/siglip-*, and a
-    tokenizer that returns no attention mask (SiglipModel then attends over the padding, as vlmkit does)."""
-    train_sentencepiece(folder / "source.model")
-    tok = transformers.SiglipTokenizer(vocab_file=str(folder / "source.model"), model_max_length=CONTEXT,
-                                       model_input_names=["input_ids"])
-    torch.manual_seed(0)
-    text = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tok),
-                max_position_embeddings=CONTEXT, layer_norm_eps=1e-5, projection_size=32)
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=8)
-    model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision)).eval()
-    perturb_(model)
-    with torch.no_grad():
-        model.logit_scale.fill_(1.3)
-        model.logit_bias.fill_(-2.1)
-        model.vision_model.head.probe.normal_()
-    model.save_pretrained(folder)
-    images = transformers.SiglipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
-                                               image_std=[0.2, 0.3, 0.25])
-    transformers.SiglipProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
-    (folder / "source.model").unlink()
-    return model, transformers.AutoProcessor.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def siglip_folder(tmp_path_factory):
-    """(folder, transformers' model, its processor as AutoProcessor reads the folder)."""
-    folder = tmp_path_factory.mktemp("siglip")
-    return (folder, *make_siglip(folder))
 
 
 def random_texts(n: int = 400) -> list[str]:

@@ -12,15 +12,6 @@ from vlmkit.generation import GenerationConfig
 from vlmkit.serve.engine import Engine
 
 from hf_fixtures import real_images
-from test_hf_blip2 import blip2_folder  # noqa: F401
-from test_hf_idefics import idefics_folder  # noqa: F401  (fixtures)
-from test_hf_idefics3 import idefics3  # noqa: F401
-from test_hf_instructblip import instructblip_folder  # noqa: F401
-from test_hf_llava_next import next_folder  # noqa: F401
-from test_hf_llava_onevision import ov_folder  # noqa: F401
-from test_hf_mllama import mllama_folder  # noqa: F401
-from test_hf_paligemma import paligemma_folder  # noqa: F401
-from test_hf_qwen2_vl import qwen_folder  # noqa: F401
 
 pytest.importorskip("transformers", reason="transformers (a test extra) builds the families' tiny checkpoints")
 pytestmark = pytest.mark.usefixtures("single_thread")

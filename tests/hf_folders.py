@@ -1,0 +1,672 @@
+"""The tiny Hugging Face folders that the parity tests hold vlmkit against: one plain builder per folder.
+
+``build_<name>(folder)`` saves a tiny random transformers checkpoint with its processor's files into ``folder`` (an
+empty directory) and returns (the transformers model, in eval mode; the processor as the tests use it, which is
+``AutoProcessor.from_pretrained(folder)`` unless the builder says otherwise). :data:`BUILDERS` names them all and
+:data:`BASES` the folders that derive from another one. tests/conftest.py's ``hf_folder`` fixture builds each
+folder at most once per test session; being plain functions, the builders serve scripts too.
+
+Every builder seeds torch itself, so a folder's weights are the same whichever was built before it. The
+tokenizers trained on :data:`~hf_fixtures.CORPUS` are the same from run to run too, except two whose trainer
+breaks ties in hash-map order, which changes from process to process: CLIP's BPE (tied merges, and so a few ids,
+swap) and the Q-Former's WordPiece (a dozen of its 150 tokens differ); the tests compare vlmkit with
+transformers on one folder, whichever ids it has.
+
+What the builders share: :func:`~hf_fixtures.perturb_` moves norms off 1 and biases, class and newline embeddings off 0,
+and several families raise ``initializer_range`` above the usual 0.02 or open gates that start closed: a unit
+norm, a zero bias, a closed gate or a near-constant model would let a missing or misplaced tensor (or greedy
+decoding) agree without testing it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from hf_fixtures import CORPUS, LLAVA_TEMPLATE, byte_level_tokenizer, perturb_, sentencepiece_tokenizer
+
+transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA-1.5
+
+
+def build_llava(folder: Path):
+    """LLaVA-1.5: CLIP tower, Llama LM, llava-hf's chat template."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<image>"]),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                               pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                    rope_theta=50000.0, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                   image_token_index=image_id, image_seq_length=16)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 34}, crop_size={"height": 32, "width": 32},
+                                             image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8,
+                                            vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                                            num_additional_image_tokens=1)  # the class token, as llava-hf
+    processor.save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA-NeXT
+
+LLAVA_NEXT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{% for "
+    "content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{{ ' [/INST]' }}{% else %}{{ ' ' + message['content'][0]['text'] + '</s>' }}{% endif %}"
+    "{% endfor %}")
+# 16-pixel tiles: the wide image gets 4x5 tiles (feature rows unpadded), the tall one 4x3 (columns unpadded),
+# the square one 4x4 (nothing to unpad)
+LLAVA_NEXT_PINPOINTS = [[32, 32], [64, 48], [64, 64], [64, 80], [48, 64]]
+
+
+def build_llava_next(folder: Path):
+    """LLaVA-NeXT: CLIP tower at layer -2, Mistral LM with grouped-query attention, AnyRes tiles of 16 px."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<image>"]),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                               pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=16, patch_size=4, layer_norm_eps=1e-6)
+    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=None,
+                                      bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                       image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                       image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-2,
+                                       vision_feature_select_strategy="default")
+    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 18}, crop_size={"height": 16, "width": 16},
+                                                     image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+                                                     image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor = transformers.LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=4,
+                                                vision_feature_select_strategy="default",
+                                                chat_template=LLAVA_NEXT_TEMPLATE,
+                                                num_additional_image_tokens=1)  # the class token, as llava-hf
+    processor.save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA-OneVision
+
+# llava-onevision-hf's template: its assistant replies are marked {% generation %} (transformers' assistant mask),
+# and its generation prompt differs from how it writes a reply ("assistant\n" vs "assistant \n")
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}{% for "
+    "content in message['content'] | selectattr('type', 'equalto', 'text') %}{% if message['role'] != "
+    "'assistant' %}{{ '\n' + content['text'] }}{% else %}{% generation %}{{ '\n' + content['text'] }}"
+    "{% endgeneration %}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+# 16-pixel tiles: the wide image gets 4x5 tiles (rows unpadded, then reduced), the tall one 4x3 (columns
+# unpadded, not reduced), the square one 4x4 (reduced)
+ONEVISION_PINPOINTS = [[32, 32], [64, 48], [64, 64], [64, 80], [48, 64]]
+
+
+class ImageOnlyOnevisionProcessor(transformers.LlavaOnevisionProcessor):
+    """LlavaOnevisionProcessor without its video processor (which needs torchvision, absent here; AutoProcessor
+    insists on loading one): the same class code, saved as and reloaded from the folder's files."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                 video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
+        super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                         vision_feature_select_strategy=vision_feature_select_strategy,
+                         chat_template=chat_template, image_token=image_token, video_token=video_token,
+                         vision_aspect_ratio=vision_aspect_ratio, **kwargs)
+
+
+def build_llava_onevision(folder: Path):
+    """LLaVA-OneVision: SigLIP tower at layer -1 ("full"), Qwen2 LM with grouped-query attention and tied
+    embeddings, anyres_max_9. The processor returned is :class:`ImageOnlyOnevisionProcessor` read from the folder,
+    whose processor_config.json names LlavaOnevisionProcessor as a Hub folder does."""
+    special = {"image_token": "<image>", "video_token": "<video>"}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(["<image>", "<video>"]),
+                                               eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                               extra_special_tokens=special)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=16, patch_size=4, layer_norm_eps=1e-6,
+                                             vision_use_head=False)
+    text = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                    rope_theta=20000.0, max_position_embeddings=1024, tie_word_embeddings=True,
+                                    eos_token_id=eos, pad_token_id=eos)
+    cfg = transformers.LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                            image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                            video_token_index=tok.convert_tokens_to_ids("<video>"),
+                                            image_grid_pinpoints=ONEVISION_PINPOINTS, vision_feature_layer=-1,
+                                            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                            tie_word_embeddings=True)
+    model = transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16},
+                                                          image_grid_pinpoints=ONEVISION_PINPOINTS,
+                                                          image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor = ImageOnlyOnevisionProcessor(image_processor=images, tokenizer=tok, num_image_tokens=16,
+                                            vision_feature_select_strategy="full", chat_template=ONEVISION_TEMPLATE,
+                                            vision_aspect_ratio="anyres_max_9")
+    processor.save_pretrained(folder)
+    path = folder / "processor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "LlavaOnevisionProcessor"}))
+    return model, ImageOnlyOnevisionProcessor.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------ Qwen2-VL
+
+QWEN2_VL_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                    "<|video_pad|>"]
+
+# Qwen2-VL-Instruct's chat template
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+
+class ImageOnlyQwen2VLProcessor(transformers.Qwen2VLProcessor):
+    """transformers' Qwen2VLProcessor without its video processor. Qwen2VLProcessor holds a video processor,
+    which needs torchvision (absent here), so ``AutoProcessor.from_pretrained`` cannot build it; this class's
+    ``from_pretrained`` loads the image processor (AutoImageProcessor: the PIL backend) and the tokenizer from the
+    folder exactly as AutoProcessor would, and text and image processing are Qwen2VLProcessor's own."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def build_qwen2_vl(folder: Path):
+    """Qwen2-VL: byte-level tokenizer without BOS, M-RoPE sections [3, 2, 3], 4 px patches merged 2x2, min/max
+    pixels that scale small images up and large ones down. The processor returned is
+    :class:`ImageOnlyQwen2VLProcessor` read from the folder, whose processor_config.json names Qwen2VLProcessor as a
+    Hub folder does."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(QWEN2_VL_SPECIAL),
+                                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = dict(zip(("im_start", "im_end", "vs", "ve", "image", "video"), tok.convert_tokens_to_ids(QWEN2_VL_SPECIAL)))
+    torch.manual_seed(0)
+    vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, hidden_size=64, initializer_range=0.2,
+                  rope_parameters={"rope_type": "axial", "rope_theta": 2000.0})
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=3e-6, max_position_embeddings=512, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 50000.0, "mrope_section": [3, 2, 3]},
+                bos_token_id=None, eos_token_id=ids["im_end"], pad_token_id=tok.pad_token_id)
+    cfg = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image"],
+                                     video_token_id=ids["video"], vision_start_token_id=ids["vs"],
+                                     vision_end_token_id=ids["ve"])
+    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=2560, patch_size=4, merge_size=2,
+                                                   temporal_patch_size=2, resample=2, image_mean=[0.4, 0.5, 0.6],
+                                                   image_std=[0.2, 0.3, 0.25])
+    ImageOnlyQwen2VLProcessor(images, tok, chat_template=QWEN2_VL_TEMPLATE).save_pretrained(folder)
+    path = folder / "processor_config.json"  # as a Hub folder says it
+    path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "Qwen2VLProcessor"}))
+    return model, ImageOnlyQwen2VLProcessor.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------ Idefics3, SmolVLM
+
+IDEFICS3_SPECIAL = (["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+                    + [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)])  # grids up to 3x3 here
+# Idefics3's template, with the tokenizer's BOS in front as the released one has <|begin_of_text|>
+IDEFICS3_TEMPLATE = (
+    "<s>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == "
+    "'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == "
+    "'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def _idefics3_vision(cls, **kw):
+    return cls(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, **kw)
+
+
+def build_idefics3(folder: Path):
+    """Idefics3: SentencePiece tokenizer with BOS, 4x4 patch grid, pixel shuffle x2, grouped-query Llama; images
+    split into tiles of 32 px (longest edge 80: grids up to 3x3) plus the global view."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(IDEFICS3_SPECIAL),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    torch.manual_seed(0)
+    vision = _idefics3_vision(transformers.Idefics3VisionConfig, patch_size=8, layer_norm_eps=1e-5)
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                    rope_theta=50000.0, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
+                                      image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = transformers.Idefics3ForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.Idefics3ImageProcessorPil(size={"longest_edge": 80}, max_image_size={"longest_edge": 32},
+                                                    image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    transformers.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4,
+                                   chat_template=IDEFICS3_TEMPLATE).save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+def build_idefics3_nosplit(folder: Path, idefics3):
+    """The idefics3 folder (``idefics3``: its (folder, model, processor)) copied with do_image_splitting: false
+    (every image one tile); the model returned is the idefics3 one."""
+    source, model, _ = idefics3
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    path = folder / "processor_config.json"
+    data = json.loads(path.read_text())
+    data["image_processor"]["do_image_splitting"] = False
+    path.write_text(json.dumps(data))
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+def smolvlm_processor(image_processor, tokenizer):
+    """transformers' SmolVLMProcessor without its video half. SmolVLMProcessor cannot be built here as transformers
+    ships it: it requires a video processor (torchvision) and num2words, both only for videos; this is that class
+    with those two checks stepped around, its image and text path (``__call__``) transformers' own."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    class ImagesOnly(transformers.SmolVLMProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name != "video_processor":
+                return super().check_argument_for_proper_class(name, arg)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(processing_smolvlm, "num2words", processing_smolvlm.num2words or str)  # only videos use it
+        return ImagesOnly(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, image_seq_len=4)
+
+
+def build_smolvlm(folder: Path):
+    """SmolVLM: byte-level tokenizer without BOS, 8x8 patch grid, pixel shuffle x4, tied head, bicubic tiles; no
+    chat template. The folder is written file by file as a SmolVLM Hub folder has it (the processor cannot be saved
+    here, see :func:`smolvlm_processor`), and the processor returned is :func:`smolvlm_processor` on the image
+    processor and tokenizer, not a read of the folder."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(IDEFICS3_SPECIAL),
+                                               eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
+    torch.manual_seed(1)
+    vision = _idefics3_vision(transformers.SmolVLMVisionConfig, patch_size=4, hidden_act="gelu")
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=1, head_dim=12, rms_norm_eps=1e-5,
+                                    rope_theta=100000.0, max_position_embeddings=1024, bos_token_id=None,
+                                    eos_token_id=tok.convert_tokens_to_ids("<end_of_utterance>"))
+    cfg = transformers.SmolVLMConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=4,
+                                     image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True)
+    model = transformers.SmolVLMForConditionalGeneration(cfg).eval()
+    perturb_(model, seed=1)
+    model.save_pretrained(folder)
+    images = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 80}, max_image_size={"longest_edge": 32},
+                                                   resample=3)
+    processor = smolvlm_processor(images, tok)
+    images.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps({"image_seq_len": 4,
+                                                               "processor_class": "SmolVLMProcessor"}))
+    return model, processor
+
+
+# ------------------------------------------------------------------------------------------------ PaliGemma
+
+
+def build_paligemma(folder: Path):
+    """PaliGemma: SigLIP tower, Gemma LM (prefix-LM attention), no chat template, as the released checkpoints."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<image>"]),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                               pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    images = transformers.SiglipImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.4, 0.5, 0.6],
+                                               image_std=[0.2, 0.3, 0.25], image_seq_length=16)
+    # the processor adds PaliGemma's 1152 <locNNNN>/<segNNN> tokens to the tokenizer: the LM's vocabulary has them
+    processor = transformers.PaliGemmaProcessor(image_processor=images, tokenizer=tok)
+    processor.save_pretrained(folder)
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=28, patch_size=7, layer_norm_eps=1e-6)
+    # initializer_range 0.2, not 0.02: with Gemma's sqrt(width)-scaled tied embeddings a 0.02 model only ever
+    # repeats its last input token, and greedy tokens would agree without testing anything
+    text = transformers.GemmaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                                    rope_theta=50000.0, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                    pad_token_id=3, initializer_range=0.2)
+    cfg = transformers.PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                       image_token_index=processor.image_token_id, projection_dim=48)
+    model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------ Mllama
+
+# Llama 3's chat layout (the released template's, without its tool and date preamble)
+MLLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+MLLAMA_GATES = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
+
+
+def build_mllama(folder: Path):
+    """Llama 3.2 Vision with the released checkpoint's layout: the <|image|> token is the id right after the text
+    vocabulary (the embedding has 8 rows more than the head), cross-attention layers among the decoder layers (two
+    of them consecutive, one last), local and gated global vision layers with unsorted intermediate layers, tiles
+    of 28 px (up to 4), every gate open."""
+    special = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|image|>"]
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(special), bos_token="<s>",
+                                               eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    image_id = tok.convert_tokens_to_ids("<|image|>")
+    assert image_id == len(tok) - 1  # as the released tokenizer: the first id past the text vocabulary
+    images_proc = transformers.MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=4,
+                                                       image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    transformers.MllamaProcessor(image_processor=images_proc, tokenizer=tok,
+                                 chat_template=MLLAMA_TEMPLATE).save_pretrained(folder)
+    torch.manual_seed(0)
+    vision = transformers.MllamaVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                             num_global_layers=2, attention_heads=4, image_size=28, patch_size=7,
+                                             max_num_tiles=4, intermediate_layers_indices=[3, 1], vision_output_dim=96,
+                                             norm_eps=1e-6)
+    # initializer_range 0.2: greedy tokens of a 0.02 model barely depend on the input
+    text = transformers.MllamaTextConfig(vocab_size=image_id, hidden_size=48, intermediate_size=80, num_hidden_layers=5,
+                                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                         cross_attention_layers=[1, 2, 4], max_position_embeddings=256,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+                                         bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.2)
+    cfg = transformers.MllamaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                    image_token_index=image_id)
+    model = transformers.MllamaForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every gate open (they start at or near zero, which would hide their branches)
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in MLLAMA_GATES:
+                p.copy_(0.4 + 0.6 * torch.rand(p.shape, generator=g))
+    model.save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------ IDEFICS (Flamingo)
+
+IDEFICS_SIZE = 30
+
+
+def build_idefics(folder: Path):
+    """IDEFICS (vlmkit's flamingo family): perceiver resampler, gated cross-attention every 2 layers with qk norms
+    and vector gates (opened: they start at zero, and images would change nothing), decoupled embeddings (the added
+    tokens are the extra rows)."""
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=sentencepiece_tokenizer(["<fake_token_around_image>", "<image>"]), bos_token="<s>",
+        eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    images = transformers.IdeficsImageProcessorPil(image_size=IDEFICS_SIZE, image_mean=[0.4, 0.5, 0.6],
+                                                   image_std=[0.2, 0.3, 0.25])
+    transformers.IdeficsProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    torch.manual_seed(0)
+    base = tok.convert_tokens_to_ids("<fake_token_around_image>")  # the added tokens are the decoupled rows
+    cfg = transformers.IdeficsConfig(
+        vocab_size=base, additional_vocab_size=len(tok) - base, hidden_size=48, intermediate_size=80,
+        num_hidden_layers=4, num_attention_heads=4, rms_norm_eps=1e-5, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, cross_layer_interval=2,
+        qk_layer_norms=True, alpha_type="vector", use_resampler=True, initializer_range=0.1,
+        perceiver_config={"use_resampler": True, "resampler_n_latents": 3, "resampler_depth": 2,
+                          "resampler_n_heads": 2, "resampler_head_dim": 8, "qk_layer_norms_perceiver": True},
+        vision_config={"embed_dim": 32, "image_size": IDEFICS_SIZE, "patch_size": 6, "intermediate_size": 48,
+                       "num_hidden_layers": 2, "num_attention_heads": 4, "layer_norm_eps": 1e-6},
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, freeze_text_layers=False, freeze_vision_layers=False)
+    model = transformers.IdeficsForVisionText2Text(cfg).eval()
+    perturb_(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # open the gates (zero at init: images would change nothing) and move the MLP norms
+        for name, p in model.named_parameters():
+            if "alpha" in name or ".ln." in name:
+                p.copy_(1.0 * (".ln.weight" in name) + 0.5 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------ BLIP-2, InstructBLIP
+
+
+def opt_tokenizer():
+    """OPT's tokenizer, tiny: GPT-2 byte-level BPE with "</s>" (BOS and EOS) put in front of every text."""
+    tok = byte_level_tokenizer(["<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="<pad>")
+
+
+def wake_(model: torch.nn.Module, seed: int = 1) -> None:
+    """What transformers initialises at zero or 1e-10 (the query tokens, the tower's positions and class token)
+    gets a spread: identical queries or a blind tower would hide a misplaced tensor."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("query_tokens", "position_embedding", "embed_positions.weight")):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+
+def build_blip2(folder: Path):
+    """BLIP-2 with an OPT LM (LayerNorms, ReLU MLP, biases, learned positions offset by 2), 6 query tokens, a
+    3-layer Q-Former cross-attending every 2nd layer."""
+    images = transformers.BlipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.4, 0.5, 0.6],
+                                                image_std=[0.2, 0.3, 0.25])
+    processor = transformers.Blip2Processor(image_processor=images, tokenizer=opt_tokenizer(), num_query_tokens=6)
+    processor.save_pretrained(folder)  # the processor adds "<image>" to the tokenizer: the LM's vocabulary has it
+    tok = processor.tokenizer
+    torch.manual_seed(0)
+    vision = transformers.Blip2VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=28, patch_size=7, layer_norm_eps=1e-5,
+                                            initializer_range=0.3)
+    qformer = transformers.Blip2QFormerConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                              intermediate_size=40, cross_attention_frequency=2, layer_norm_eps=1e-6,
+                                              initializer_range=0.2)
+    text = transformers.OPTConfig(vocab_size=len(tok), hidden_size=48, ffn_dim=80, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=96, init_std=0.3, pad_token_id=1,
+                                  bos_token_id=2, eos_token_id=2)
+    cfg = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                   text_config=text.to_dict(), num_query_tokens=6,
+                                   image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                   initializer_range=0.2)  # 0.02 (and the tower's 1e-10): the image barely matters
+    model = transformers.Blip2ForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    wake_(model)
+    model.save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+def bert_tokenizer():
+    """A tiny BERT WordPiece tokenizer (lower-casing, [CLS] ... [SEP]): the Q-Former's, as bert-base-uncased."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(CORPUS * 10, trainers.WordPieceTrainer(
+        vocab_size=150, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return transformers.BertTokenizer(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                      sep_token="[SEP]", mask_token="[MASK]")
+
+
+def build_instructblip(folder: Path):
+    """InstructBLIP with a Llama (Vicuna) LM, 5 query tokens, and the Q-Former's own BERT WordPiece tokenizer in
+    qformer_tokenizer/ beside the LM's."""
+    lm_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer([]), bos_token="<s>",
+                                                  eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    images = transformers.BlipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.4, 0.5, 0.6],
+                                                image_std=[0.2, 0.3, 0.25])
+    processor = transformers.InstructBlipProcessor(image_processor=images, tokenizer=lm_tok,
+                                                   qformer_tokenizer=bert_tokenizer(), num_query_tokens=5)
+    processor.save_pretrained(folder)  # with qformer_tokenizer/ beside the LM's tokenizer
+    tok = processor.tokenizer
+    torch.manual_seed(0)
+    vision = transformers.InstructBlipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=28, patch_size=7,
+                                                   initializer_range=0.3)
+    qformer = transformers.InstructBlipQFormerConfig(vocab_size=len(processor.qformer_tokenizer), hidden_size=32,
+                                                     num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
+                                                     cross_attention_frequency=2, max_position_embeddings=64,
+                                                     initializer_range=0.2)
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                    rope_theta=50000.0, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                                    pad_token_id=3, initializer_range=0.2)
+    cfg = transformers.InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                          text_config=text.to_dict(), num_query_tokens=5, initializer_range=0.2,
+                                          image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = transformers.InstructBlipForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    wake_(model)
+    model.save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------ CLIP
+
+CLIP_CONTEXT = 20  # text_config.max_position_embeddings: the tests' last text is longer and is cut
+CLIP_TOWERS = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+
+
+def clip_tokenizer():
+    """CLIPTokenizer with a small vocabulary of CLIP's layout (byte symbols, the same with the end-of-word "</w>",
+    merges learnt with CLIP's pre-tokenisation) and its start/end-of-text tokens at ids 0 and 1, so that the
+    highest id of a text is not its end-of-text token and the two pooling rules read different positions."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    learner = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
+    learner.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+    learner.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    alphabet = list(bytes_to_unicode().values())
+    learner.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
+                                                                 end_of_word_suffix="</w>", show_progress=False))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+              for m in json.loads(learner.to_str())["model"]["merges"]]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges)]:
+        vocab.setdefault(token, len(vocab))
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_CONTEXT)
+
+
+def _clip(folder: Path, legacy: bool):
+    """A tiny CLIPModel (norms, biases, class embedding and temperature away from their init) saved with
+    CLIPProcessor's files; ``legacy``: text_config.eos_token_id 2, which makes transformers pool argmax(ids)."""
+    tok = clip_tokenizer()
+    torch.manual_seed(0)
+    text = transformers.CLIPTextConfig(**CLIP_TOWERS, vocab_size=len(tok), max_position_embeddings=CLIP_CONTEXT,
+                                       layer_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=2 if legacy else tok.eos_token_id)
+    vision = transformers.CLIPVisionConfig(**CLIP_TOWERS, image_size=32, patch_size=8, hidden_act="gelu")
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                           projection_dim=24)).eval()
+    perturb_(model)
+    with torch.no_grad():
+        model.logit_scale.fill_(1.7)
+    model.save_pretrained(folder)
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+                                             image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    transformers.CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+def build_clip_eos(folder: Path):
+    """CLIP as current checkpoints: the text is pooled at its first end-of-text token."""
+    return _clip(folder, legacy=False)
+
+
+def build_clip_legacy(folder: Path):
+    """CLIP with a legacy config (text_config.eos_token_id 2): transformers pools the text at its highest id."""
+    return _clip(folder, legacy=True)
+
+
+# ------------------------------------------------------------------------------------------------ SigLIP
+
+SIGLIP_CONTEXT = 24  # text_config.max_position_embeddings: SigLIP pads every text to it; the tests' last text is cut
+SIGLIP_EXTRA = ["a photo of a cat", "a photo of two dogs", "a red circle and a blue square", "three green triangles",
+                "the cafe is naive", "what is this", "it is a small star"]
+
+
+def train_sentencepiece(path: Path) -> None:
+    """A unigram SentencePiece model laid out as SigLIP's (T5's): <pad> 0, </s> 1, <unk> 2, no BOS, NFKC."""
+    spm = pytest.importorskip("sentencepiece", reason="SiglipTokenizer and its conversion need sentencepiece")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter((CORPUS + SIGLIP_EXTRA) * 20), model_writer=buf,
+                                   vocab_size=80, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   minloglevel=2)
+    path.write_bytes(buf.getvalue())
+
+
+def build_siglip(folder: Path):
+    """A tiny SiglipModel (text narrower than its projection, norms, biases, probe, scale and bias away from their
+    init) saved with SiglipProcessor's files: spiece.model and no tokenizer.json, as google/siglip-*, and a
+    tokenizer that returns no attention mask (SiglipModel then attends over the padding, as vlmkit does)."""
+    pytest.importorskip("google.protobuf", reason="reading a SentencePiece model needs protobuf")
+    train_sentencepiece(folder / "source.model")
+    tok = transformers.SiglipTokenizer(vocab_file=str(folder / "source.model"), model_max_length=SIGLIP_CONTEXT,
+                                       model_input_names=["input_ids"])
+    torch.manual_seed(0)
+    text = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tok),
+                max_position_embeddings=SIGLIP_CONTEXT, layer_norm_eps=1e-5, projection_size=32)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision)).eval()
+    perturb_(model)
+    with torch.no_grad():
+        model.logit_scale.fill_(1.3)
+        model.logit_bias.fill_(-2.1)
+        model.vision_model.head.probe.normal_()
+    model.save_pretrained(folder)
+    images = transformers.SiglipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
+                                               image_std=[0.2, 0.3, 0.25])
+    transformers.SiglipProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    (folder / "source.model").unlink()
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+
+#: every folder by name (vlmkit's family name where there is one folder per family; IDEFICS is the flamingo family)
+BUILDERS = {
+    "llava": build_llava,
+    "llava_next": build_llava_next,
+    "llava_onevision": build_llava_onevision,
+    "qwen2_vl": build_qwen2_vl,
+    "idefics3": build_idefics3,
+    "idefics3_nosplit": build_idefics3_nosplit,
+    "smolvlm": build_smolvlm,
+    "paligemma": build_paligemma,
+    "mllama": build_mllama,
+    "idefics": build_idefics,
+    "blip2": build_blip2,
+    "instructblip": build_instructblip,
+    "clip_eos": build_clip_eos,
+    "clip_legacy": build_clip_legacy,
+    "siglip": build_siglip,
+}
+#: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
+BASES = {"idefics3_nosplit": ("idefics3",)}
