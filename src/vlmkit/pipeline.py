@@ -62,8 +62,8 @@ class Pipeline:
     # ------------------------------------------------------------------ generation
     def _need_generative(self, what: str) -> None:
         if not self.can_generate:
-            raise DataError(f"{what} needs a generative model; this is a {self.family.name} model, which embeds "
-                            f"images and texts: use embed_images() / embed_texts()")
+            raise DataError(f"{what} needs a generative model; this is a dual encoder ({self.family.name}), which "
+                            f"embeds images and texts: use embed_images() / embed_texts()")
 
     def _run(self, items: list[Encoded], gen: GenerationConfig, image_keys: list[list] | None = None) -> list[str]:
         tok = self.processor.tokenizer

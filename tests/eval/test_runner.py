@@ -19,6 +19,8 @@ from vlmkit.eval.tasks import TASKS
 from vlmkit.train.loop import train
 from vlmkit.train.recipe import load_recipe
 
+from helpers import forward
+
 TINY = ["model.vision.image_size=[32, 32]", "model.vision.patch_size=8", "model.vision.width=32",
         "model.lm.width=64", "model.lm.depth=2", "model.lm.heads=4", "model.lm.kv_heads=2", "model.lm.mlp_dim=128",
         "train.batch_size=8", "train.eval_every=1000", "data.val_samples=8", "stages.0.steps=2",
@@ -122,8 +124,8 @@ def test_repeated_images_are_encoded_once_and_answer_the_same(trained, tmp_path,
     questions = ["What color is the circle?", "How many objects are there?", "Is there a red square?"]
     separate = pipe.chat_batch(list(zip(copies, questions)), max_new_tokens=6)
     encoded = []
-    real = pipe.model.encode_images
-    monkeypatch.setattr(pipe.model, "encode_images", lambda x: encoded.append(len(x)) or real(x))
+    real = pipe.model.encode_media
+    monkeypatch.setattr(pipe.model, "encode_media", lambda x: encoded.append(len(x)) or real(x))
     shared = pipe.chat_batch([(image, q) for q in questions] + [([], "hello")], max_new_tokens=6)
     assert shared[:3] == separate and encoded == [1]  # one image through the tower for three questions
 
@@ -139,11 +141,11 @@ def test_rank_is_the_replys_log_likelihood_through_the_chat_template(trained):
     candidates = ["1", "two", "a red circle"]
     ranked = pipe.rank(image, question, candidates, normalize=False)
     inputs = pipe.processor.prepare_images([image])
-    prompt = pipe.processor.encode_chat_prompt(question, inputs)
+    prompt = pipe.processor.chat(question, inputs).ids
     for cand, value in zip(candidates, ranked):  # one candidate at a time, by hand
         cont = pipe.processor.tokenizer.encode(cand)
         with torch.no_grad():
-            logits = pipe.model(torch.tensor([prompt + cont]), inputs).logits[0]
+            logits = forward(pipe.model, prompt + cont, inputs).logits[0]
         logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, torch.tensor(cont)[:, None]).sum()
         assert value == pytest.approx(float(logp), abs=1e-4)
     per_token = pipe.rank(image, question, candidates)
@@ -155,6 +157,8 @@ def test_ranking_tasks_refuse_a_model_that_only_generates(trained):
     from vlmkit.eval.tasks import get_task
 
     class Endpoint:  # what an OpenAI-compatible backend offers: generation only
+        can_generate, can_embed, can_score = True, False, False
+
         def chat_batch(self, requests, **gen):
             return ["1"] * len(requests)
 

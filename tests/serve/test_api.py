@@ -88,7 +88,7 @@ def test_text_chat_equals_pipeline_chat(client, llava_pipe, question):
     choice = out.choices[0]
     assert choice.message.content == expected and choice.message.role == "assistant"
     assert out.object == "chat.completion" and out.id.startswith("chatcmpl-") and out.model == "llava"
-    prompt = llava_pipe.processor.encode_chat_prompt(question, llava_pipe.processor.prepare_images([]))
+    prompt = llava_pipe.processor.chat(question, llava_pipe.processor.prepare_images([])).ids
     assert out.usage.prompt_tokens == len(prompt)
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
     # "length" exactly when the answer used every token it was allowed
@@ -100,7 +100,7 @@ def test_image_chat_equals_pipeline_chat(client, llava_pipe, image_path, image_u
     expected = llava_pipe.chat([image_path], QUESTION, max_new_tokens=50)
     assert out.choices[0].message.content == expected and len(expected) > 3
     inputs = llava_pipe.processor.prepare_images([image_path])
-    assert out.usage.prompt_tokens == len(llava_pipe.processor.encode_chat_prompt(QUESTION, inputs))
+    assert out.usage.prompt_tokens == len(llava_pipe.processor.chat(QUESTION, inputs).ids)
     # an image part after the text stands where it is: the placeholder at the end of the question
     out = chat(client, [text_part("Look: "), image_part(image_url)], max_tokens=50)
     assert out.choices[0].message.content == llava_pipe.chat([image_path], "Look: <image>", max_new_tokens=50)
@@ -118,7 +118,7 @@ def test_conversation_equals_the_processor_prompt(client, llava_pipe, image_path
     proc = llava_pipe.processor
     inputs = proc.prepare_images([image_path])
     as_text = messages[:3] + [{"role": "user", "content": "and here?<image>\nwhich?"}]
-    ids = proc.encode_chat_messages(as_text, inputs)
+    ids = proc.chat(as_text, inputs).ids
     new = generate(llava_pipe.model, [ids], inputs, proc.tokenizer.eos_id, proc.tokenizer.pad_id,
                    GenerationConfig(max_new_tokens=30))[0]
     assert out.choices[0].message.content == proc.tokenizer.decode(new)
@@ -558,7 +558,7 @@ def test_engine_failure_is_500_and_the_server_keeps_serving(switched, llava_pipe
 def test_unexpected_error_before_the_queue_is_500(switched, llava_pipe, serve_app, monkeypatch):
     """An exception the engine does not expect while building the prompt: a generic 500 in OpenAI's shape."""
     engine, _ = switched
-    monkeypatch.setattr(engine.processor, "encode_chat_messages", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(engine.processor, "chat", lambda *a, **k: 1 / 0)
     with serve_app(create_app(engine)) as srv:
         r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": [U]})
         assert r.status_code == 500
