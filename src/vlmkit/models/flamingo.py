@@ -37,6 +37,7 @@ from vlmkit.lm.decoder import DecoderLM
 from vlmkit.batch import Batch, Features, MediaInputs, ModelOutput
 from vlmkit.models.vlm import GenerativeModel, lm_output
 from vlmkit.nn import KVCache, init_linear_
+from vlmkit.nn.masks import per_document_cumsum
 
 
 @dataclass
@@ -198,9 +199,12 @@ class FlamingoModel(GenerativeModel):
         states = media.tower if media.tower is not None else self.encoder(media.pixel_values)
         return Features.stacked(self.connector(states, self.encoder.grid))
 
-    def group_images(self, input_ids: torch.Tensor, features: Features | None) -> torch.Tensor | None:
+    def group_images(self, input_ids: torch.Tensor, features: Features | None,
+                     document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Each row's image states concatenated in reading order: [B, n * M, D] (n = the most images in one row;
-        zeros where a row has fewer), from ``features`` [n_images, M, D] of all rows in reading order."""
+        zeros where a row has fewer), from ``features`` [n_images, M, D] of all rows in reading order. With
+        image-index embeddings, an image's place is counted within its own sample (``document_ids`` of a packed
+        row), as it would be alone."""
         counts = (input_ids == self.image_token_id).sum(-1)  # [B]
         given = 0 if features is None else len(features)
         if int(counts.sum()) != given:
@@ -215,10 +219,24 @@ class FlamingoModel(GenerativeModel):
         grouped[torch.arange(n, device=counts.device) < counts[:, None]] = image_features  # row-major = reading order
         index = getattr(self.connector, "image_index", None)
         if index is not None:
-            if n > index.shape[0]:
-                raise ValueError(f"a sample has {n} images; xattn.image_index_embed gives {index.shape[0]} places")
-            grouped = grouped + index[:n, None, :].to(grouped.dtype)  # [n, 1, D]: the j-th image of each row
+            places = self.image_places(input_ids, document_ids)  # [B, n]: each slot's image within its sample
+            if int(places.max()) >= index.shape[0]:
+                raise ValueError(f"a sample has {int(places.max()) + 1} images; xattn.image_index_embed gives "
+                                 f"{index.shape[0]} places")
+            grouped = grouped + index[places][:, :, None, :].to(grouped.dtype)  # [B, n, 1, D]
         return grouped.reshape(B, n * M, D)
+
+    def image_places(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+        """[B, n]: the place (0, 1, ...) of each row's j-th image among the images of its sample (0 for empty
+        slots)."""
+        is_image = (input_ids == self.image_token_id).long()
+        seen = per_document_cumsum(is_image, document_ids) if document_ids is not None else is_image.cumsum(-1)
+        B, n = input_ids.shape[0], int(is_image.sum(-1).max())
+        places = torch.zeros(B, n, dtype=torch.long, device=input_ids.device)
+        for b in range(B):
+            at = is_image[b].bool()
+            places[b, :int(at.sum())] = seen[b][at] - 1
+        return places
 
     def media_mask(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, n] which images each token sees; ``mask`` [B or 1, 1, T, T] is the self-attention pattern of a
@@ -249,7 +267,7 @@ class FlamingoModel(GenerativeModel):
 
     def _images(self, batch: Batch, mask: torch.Tensor | None):
         """(each row's image states [B, S, D], which of them each token sees [B, T, S]) of a whole sequence."""
-        images = self.group_images(batch.input_ids, self.media_features(batch))
+        images = self.group_images(batch.input_ids, self.media_features(batch), batch.document_ids)
         if images is None:
             return None, None
         B, T = batch.input_ids.shape

@@ -130,13 +130,13 @@ class Idefics3ImageProcessor(PreparedPlaceholders, ImageProcessor):
     def __call__(self, images: list[Image.Image]) -> MediaInputs:
         if not images:
             return MediaInputs(torch.zeros(0, 3, self.tile, self.tile), [], texts=[], rows=[])
-        pixels, tokens, texts, rows = [], [], [], []
+        pixels, tokens, texts, counts = [], [], [], []
         for image in images:
             tiles, rows, cols = self.split(image)
             pixels += [self.transform(tile) for tile in tiles]  # rescale + normalise (tiles are tile x tile)
             tokens.append(len(tiles) * self.cfg.image_seq_len)
-            rows.append(len(tiles))
+            counts.append(len(tiles))
             texts.append(image_prompt(rows, cols, self.cfg.image_seq_len, self.cfg.image_token))
-        return MediaInputs(torch.stack(pixels), tokens, texts=texts, rows=rows)
+        return MediaInputs(torch.stack(pixels), tokens, texts=texts, rows=counts)
 
 

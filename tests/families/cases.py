@@ -1,0 +1,152 @@
+"""The conformance table: one row per family (and per from-scratch preset family), every row checked the same way
+by test_conformance.py.
+
+A row of an imported family names the tiny Hugging Face folder it is built from (tests/hf_folders.py), a few raw
+prompts in the family's own convention with the images they read, and how transformers is asked for its numbers:
+the inputs its processor builds (:attr:`Case.hf_inputs`) and the log-probabilities it gives a continuation
+(:attr:`Case.reference`: the lmms-eval way by default, PaliGemma's suffix). A row of a vlmkit-trained family names its
+tiny preset. Adding a family adds one row here (docs/adding-a-family.md).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hf_fixtures import real_images
+
+
+def images() -> list:
+    """Real scenes of several sizes and shapes: 72x48, 40x60, 64x64, 96x32 and a small 24x20."""
+    from vlmkit.data.shapes import render_scene, sample_scene
+
+    rng = random.Random(1)
+    wide = render_scene(sample_scene(rng, 96, 32, min_objects=1, max_objects=2))
+    small = render_scene(sample_scene(rng, 48, 40, min_objects=1, max_objects=2)).resize((24, 20))
+    return real_images() + [wide, small]
+
+
+# ---------------------------------------------------------------------------------------------- transformers' side
+
+
+def hf_inputs(processor, prompt: str, imgs: list) -> dict:
+    """What the family's transformers processor gives for a raw prompt and its images."""
+    return processor(text=prompt, images=imgs or None, return_tensors="pt")
+
+
+def idefics_inputs(processor, prompt: str, imgs: list) -> dict:
+    """IdeficsProcessor takes a list of texts and images: the prompt's pieces with the images between them."""
+    if "<image>" not in prompt:
+        items = list(imgs) + [prompt]
+    else:
+        items = []
+        for i, piece in enumerate(prompt.split("<image>")):
+            if i:
+                items.append(imgs[i - 1])
+            if piece:
+                items.append(piece)
+    return processor(text=items, return_tensors="pt")
+
+
+def lmms_eval_logprobs(case: Case, model, processor, prompt: str, continuation: str, imgs: list) -> torch.Tensor:
+    """transformers' per-token log-probabilities of a continuation as lm-evaluation-harness / lmms-eval score it: the
+    tokens of prompt + continuation after those of the prompt alone, the model run on the whole."""
+    n = case.hf_inputs(processor, prompt, imgs)["input_ids"].shape[1]
+    full = dict(case.hf_inputs(processor, prompt + continuation, imgs))
+    if case.instruction_from_prompt:  # InstructBLIP's Q-Former reads the prompt, never the continuation
+        instruction = case.hf_inputs(processor, prompt, imgs)
+        full["qformer_input_ids"] = instruction["qformer_input_ids"]
+        full["qformer_attention_mask"] = instruction["qformer_attention_mask"]
+    with torch.no_grad():
+        logits = model(**full).logits[0]
+    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
+    return logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
+
+
+def suffix_logprobs(case: Case, model, processor, prompt: str, continuation: str, imgs: list) -> torch.Tensor:
+    """PaliGemma's: the log-probabilities of the processor's ``suffix`` (the continuation + EOS), its labels."""
+    inputs = processor(text=prompt, images=imgs, suffix=continuation, return_tensors="pt")
+    labels = inputs.pop("labels")[0]
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    keep = labels[1:] != -100
+    logp = torch.log_softmax(logits[:-1][keep].float(), -1)
+    return logp.gather(-1, labels[1:][keep, None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    family: str
+    folder: str = ""  # a tests/hf_folders.py folder; "" for a from-scratch preset
+    preset: str = ""  # the tiny preset of a vlmkit-trained family
+    prompts: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (raw prompt, indices into images())
+    continuation: str = " It is red."
+    single_turn: bool = False  # trains on one question and its answer (a prompt and its continuation or suffix)
+    hf_inputs: Callable = hf_inputs
+    reference: Callable = lmms_eval_logprobs
+    instruction_from_prompt: bool = False
+    # parameters no loss can reach, by name fragment, with the reason
+    no_gradient: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+IMAGE_QWEN = "<|vision_start|><|image_pad|><|vision_end|>"
+LAST_TEXT_MLP = "the Q-Former's last layer's text outputs feed nothing: the LM reads the queries"
+
+HF_CASES = [
+    Case("llava", "llava", "llava", prompts=(("USER: <image>\nWhat colour is the small circle? ASSISTANT:", (0,)),
+                                            ("<image> caption en", (1,)),
+                                            ("Compare <image> and <image>: how many squares?", (2, 0)))),
+    Case("llava_next", "llava_next", "llava_next",
+         prompts=(("[INST] <image>\nWhat colour is the small circle? [/INST]", (0,)), ("<image> caption en", (1,)),
+                  ("Compare <image> and <image>: how many squares?", (2, 0)))),
+    Case("llava_onevision", "llava_onevision", "llava_onevision",
+         prompts=(("<|im_start|>user <image>\nWhat colour is the small circle?<|im_end|>\n<|im_start|>assistant\n",
+                   (0,)), ("<image>caption en", (1,)), ("Compare <image> and <image>: how many squares?", (2, 0)))),
+    Case("qwen2_vl", "qwen2_vl", "qwen2_vl",
+         prompts=((f"{IMAGE_QWEN}{IMAGE_QWEN}Compare the two pictures: how many squares?", (0, 1)),
+                  (f"<|im_start|>user\n{IMAGE_QWEN}What colour is the small circle?<|im_end|>\n<|im_start|>"
+                   f"assistant\n", (0,)), ("the quick brown fox", ()))),
+    Case("idefics3", "idefics3", "idefics3",
+         prompts=(("User:<image>What colour is the small circle?<end_of_utterance>\nAssistant:", (0,)),
+                  ("<image> caption en", (1,)), ("Compare <image> and <image>: how many squares?", (2, 0)))),
+    Case("paligemma", "paligemma", "paligemma", single_turn=True, reference=suffix_logprobs,
+         prompts=(("caption en", (0,)), ("<image>answer en What colour is the small circle?", (1,)),
+                  ("<image><image>Compare: how many squares?", (0, 2)))),
+    Case("mllama", "mllama", "mllama",
+         prompts=(("<|image|>What colour is the small circle?", (0,)), ("Look: <|image|>How many squares?", (3,)),
+                  ("a <|image|> b <|image|> c", (1, 2)))),
+    Case("idefics", "flamingo", "idefics", hf_inputs=idefics_inputs,
+         prompts=(("<image>What colour is the small circle?", (0,)),
+                  ("User: what is in the picture? <image> Answer:", (1,)),
+                  ("Compare <image> and <image>: how many squares?", (2, 0)))),
+    Case("blip2", "blip2", "blip2", single_turn=True,
+         prompts=(("Question: what colour is the small circle? Answer:", (0,)), ("Describe the image.", (1,)))),
+    Case("instructblip", "instructblip", "instructblip", single_turn=True, instruction_from_prompt=True,
+         prompts=(("What colour is the small circle?", (0,)), ("How many squares are there?", (2,))),
+         no_gradient={"qformer.layers.2.text_mlp": LAST_TEXT_MLP}),
+]
+
+STAGE_ONE = "BLIP-2's stage-1 heads (ITC, ITM, ITG) train in the qformer stage, not through the LM"
+BLIP2_TEXT = "BLIP-2's Q-Former reads text only in stage 1; with the LM it reads the image alone"
+PRESET_CASES = [
+    Case("tiny-llava", "llava", preset="tiny-llava"),
+    Case("tiny-blip2", "blip2", preset="tiny-blip2",
+         no_gradient={"connector.heads": STAGE_ONE, "qformer.word_embed": BLIP2_TEXT, "qformer.pos_embed": BLIP2_TEXT,
+                      "text_mlp": BLIP2_TEXT}),
+    Case("tiny-instructblip", "instructblip", preset="tiny-instructblip",
+         no_gradient={"connector.heads": STAGE_ONE, "qformer.layers.1.text_mlp": LAST_TEXT_MLP}),
+    Case("tiny-flamingo", "flamingo", preset="tiny-flamingo"),
+    Case("tiny-mllama", "mllama", preset="tiny-mllama"),
+]
+
+CASES = HF_CASES + PRESET_CASES
