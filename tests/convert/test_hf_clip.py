@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from tokenizers import processors
 
 import vlmkit
+from vlmkit.batch import Batch
 from vlmkit.checkpoint import write_model_files
 from vlmkit.cli import main
 from vlmkit.convert.hf import convert_to_hf, dual_encoder_config_to_hf
@@ -25,6 +26,7 @@ from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
 
+from helpers import pairs
 from hf_fixtures import CORPUS, perturb_, real_images
 from hf_folders import CLIP_CONTEXT as CONTEXT
 
@@ -54,7 +56,7 @@ def test_token_ids_truncation_and_pixels_match_clip_processor(clip_folders):
     untruncated = hf_proc.tokenizer(TEXTS)["input_ids"]
     assert cut == sum(len(r) > CONTEXT for r in untruncated) == 1
     assert ids.shape[1] == CONTEXT and (ids[:, 0] == hf_proc.tokenizer.bos_token_id).all()
-    pixels = processor.preprocess_images(real_images())  # wide, tall and square scenes
+    pixels = processor.prepare_images(real_images()).pixel_values  # wide, tall and square scenes
     torch.testing.assert_close(pixels, theirs["pixel_values"], rtol=0, atol=1e-5)
 
 
@@ -70,7 +72,7 @@ def test_embeddings_and_logits_match_transformers(clip_folders, kind):
     assert (ids.argmax(-1) != (ids == eos).int().argmax(-1)).all()  # the two rules read different tokens here
     img, txt, logits = reference(ref, theirs)
     with torch.no_grad():
-        ours = pipe.model(pipe.processor.preprocess_images(images), ids, return_loss=False)
+        ours = pipe.model(Batch(ids, media=pipe.processor.prepare_images(images)), return_loss=False)
     torch.testing.assert_close(ours.image_embeds, img, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.text_embeds, txt, rtol=0, atol=1e-5)
     assert ours.logits_per_image.shape == (3, 4)
@@ -147,16 +149,16 @@ def test_vlmkit_trained_clip_with_end_of_text_id_2_exports(tmp_path):
     renumbered = ids.clone()
     renumbered[ids == 2], renumbered[ids == last] = last, 2
     assert theirs["input_ids"].tolist() == renumbered.tolist()
-    pixels = processor.preprocess_images(images)
+    pixels = processor.prepare_images(images).pixel_values
     torch.testing.assert_close(theirs["pixel_values"], pixels, rtol=0, atol=1e-5)
     with torch.no_grad():
-        expected = model(pixels, ids, return_loss=False).logits_per_image
+        expected = model(pairs(pixels, ids), return_loss=False).logits_per_image
         torch.testing.assert_close(ref.eval()(**theirs).logits_per_image, expected, rtol=0, atol=1e-4)
         # and vlmkit reads the export back as the same model
         again = vlmkit.load(tmp_path / "hf")
         assert again.config.text.pool == "eos" and again.config.text.eos_token_id == last
-        torch.testing.assert_close(again.model(pixels, theirs["input_ids"], return_loss=False).logits_per_image,
-                                   expected, rtol=0, atol=1e-5)
+        again_logits = again.model(pairs(pixels, theirs["input_ids"]), return_loss=False).logits_per_image
+        torch.testing.assert_close(again_logits, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -244,8 +246,8 @@ def test_fine_tuning_an_imported_clip_lowers_its_loss_and_exports(clip_folders, 
     texts = ["a red circle", "two shapes: a blue star and a green square."]
     images = real_images()[:2]
     ids, _ = ours.processor.encode_texts(texts)
-    pixels = ours.processor.preprocess_images(images)
+    pixels = ours.processor.prepare_images(images).pixel_values
     with torch.no_grad():
-        expected = ours.model(pixels, ids, return_loss=False).logits_per_image
+        expected = ours.model(pairs(pixels, ids), return_loss=False).logits_per_image
         got = theirs(input_ids=ids, pixel_values=pixels).logits_per_image
     assert torch.allclose(got, expected, atol=1e-4)

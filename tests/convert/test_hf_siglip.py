@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tokenizers import processors
 
 import vlmkit
+from vlmkit.batch import Batch
 from vlmkit.checkpoint import write_model_files
 from vlmkit.cli import main
 from vlmkit.convert.hf import dual_encoder_config_to_hf
@@ -28,6 +29,7 @@ from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
 
+from helpers import pairs
 from hf_fixtures import CORPUS, perturb_, real_images
 from hf_folders import SIGLIP_CONTEXT as CONTEXT
 from hf_folders import SIGLIP_EXTRA as EXTRA
@@ -71,7 +73,7 @@ def test_token_ids_truncation_and_pixels_match_siglip_processor(siglip_folder):
     assert ids.shape == (5, CONTEXT) and ids.tolist() == theirs["input_ids"].tolist()
     untruncated = hf_proc.tokenizer(TEXTS)["input_ids"]
     assert cut == sum(len(r) > CONTEXT for r in untruncated) == 1
-    pixels = processor.preprocess_images(real_images())  # wide, tall and square scenes
+    pixels = processor.prepare_images(real_images()).pixel_values  # wide, tall and square scenes
     torch.testing.assert_close(pixels, theirs["pixel_values"], rtol=0, atol=1e-5)
 
 
@@ -93,7 +95,7 @@ def test_embeddings_and_logits_match_transformers(siglip_folder):
     img, txt, logits = reference(ref, theirs)
     ids, _ = pipe.processor.encode_texts(TEXTS)
     with torch.no_grad():
-        ours = pipe.model(pipe.processor.preprocess_images(images), ids, return_loss=False)
+        ours = pipe.model(Batch(ids, media=pipe.processor.prepare_images(images)), return_loss=False)
     torch.testing.assert_close(ours.image_embeds, img, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.text_embeds, txt, rtol=0, atol=1e-5)
     assert ours.logits_per_image.shape == (3, 5)
@@ -156,11 +158,11 @@ def test_vlmkit_built_siglip_exports(tmp_path):
     theirs = hf_proc(text=TEXTS, images=images, padding="max_length", truncation=True, return_tensors="pt")
     ids, cut = processor.encode_texts(TEXTS)
     assert cut >= 1 and theirs["input_ids"].tolist() == ids.tolist()
-    pixels = processor.preprocess_images(images)
+    pixels = processor.prepare_images(images).pixel_values
     torch.testing.assert_close(theirs["pixel_values"], pixels, rtol=0, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(ref.eval()(**theirs).logits_per_image,
-                                   model(pixels, ids, return_loss=False).logits_per_image, rtol=0, atol=1e-4)
+        ours = model(pairs(pixels, ids), return_loss=False).logits_per_image
+        torch.testing.assert_close(ref.eval()(**theirs).logits_per_image, ours, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("change, match", [
