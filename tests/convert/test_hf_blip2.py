@@ -18,6 +18,7 @@ from vlmkit.data.conversations import ConversationDataset, Sample
 from vlmkit.errors import CheckpointError, ConfigError, DataError
 from vlmkit.generation import GenerationConfig, generate
 
+from helpers import forward
 from hf_fixtures import real_images, reference_logprobs
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
@@ -38,14 +39,14 @@ def test_input_ids_pixels_and_logits_equal_transformers(blip2_folder, pipe, prom
     images = real_images()[:1]
     theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
     inputs = pipe.processor.prepare_images(images)
-    ids = pipe.processor.encode_prompt(prompt, inputs)
+    ids = pipe.processor.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     assert ids[:7] == [ref.config.image_token_index] * 6 + [hf_proc.tokenizer.bos_token_id]  # queries, then BOS
     torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-5)
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ours = forward(pipe.model, ids, inputs).logits
         ref_logits = ref(**theirs).logits
-        other = pipe.model(torch.tensor([ids]), pipe.processor.prepare_images(real_images()[1:2])).logits
+        other = forward(pipe.model, ids, pipe.processor.prepare_images(real_images()[1:2])).logits
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
     assert (other - ref_logits).abs().max() > 1e-3  # the image is read
 
@@ -69,7 +70,7 @@ def test_loss_with_labels_equals_transformers(blip2_folder, pipe):
     labels[:, :-2] = -100
     with torch.no_grad():
         theirs = ref(**inputs, labels=labels).loss
-        ours = pipe.model(inputs["input_ids"], pipe.processor.prepare_images(images), labels=labels).loss
+        ours = forward(pipe.model, inputs["input_ids"], pipe.processor.prepare_images(images), labels=labels).loss
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
@@ -117,7 +118,7 @@ def test_chat_lays_the_question_out_as_the_processor(blip2_folder, pipe):
     images = real_images()[:1]
     inputs = pipe.processor.prepare_images(images)
     theirs = hf_proc(text="What is it?", images=images)["input_ids"][0]
-    assert pipe.processor.encode_chat_prompt("<image>\nWhat is it?", inputs) == list(theirs)
+    assert pipe.processor.chat("<image>\nWhat is it?", inputs).ids == list(theirs)
     assert pipe.chat(images, "What is it?", max_new_tokens=4) == pipe.generate(images, "What is it?",
                                                                                max_new_tokens=4)
     with pytest.raises(DataError, match=r"writes each image's tokens before the prompt itself; the prompt must not "
@@ -136,14 +137,14 @@ def test_training_sample_is_the_processors_prompt_and_continuation(blip2_folder,
     item = ConversationDataset([sample], pipe.processor)[0]
     theirs = hf_proc(text="What colour is the small circle? Red.</s>", images=[real_images()[0]],
                      return_tensors="pt")
-    assert item["input_ids"].tolist() == theirs["input_ids"][0].tolist()
+    assert item.input_ids.tolist() == theirs["input_ids"][0].tolist()
     n_prompt = len(hf_proc(text="What colour is the small circle?", images=[real_images()[0]])["input_ids"][0])
     labels = theirs["input_ids"].clone()
     labels[:, :n_prompt] = -100
-    assert item["labels"].tolist() == labels[0].tolist()
-    assert item["labels"][-1] == hf_proc.tokenizer.eos_token_id
+    assert item.labels.tolist() == labels[0].tolist()
+    assert item.labels[-1] == hf_proc.tokenizer.eos_token_id
     with torch.no_grad():
-        ours = pipe.model(item["input_ids"][None], item["pixel_values"], labels=item["labels"][None]).loss
+        ours = forward(pipe.model, item.input_ids[None], item.media, labels=item.labels[None]).loss
         torch.testing.assert_close(ours, ref(**theirs, labels=labels).loss, rtol=0, atol=1e-5)
 
 

@@ -21,6 +21,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
 from vlmkit.processing import Processor
 
+from helpers import forward
 from hf_fixtures import real_images
 from test_hf_finetune import fine_tune, shapes  # noqa: F401  (ShapesWorld and the other families' recipe)
 
@@ -97,7 +98,7 @@ def _variant(ours, tmp_path, model_edit=None, processor_edit=None, seed=0):
     cfg, pcfg = pipe.config, pipe.processor.cfg
     if processor_edit:
         pcfg = dataclasses.replace(pcfg, **processor_edit)
-    processor = Processor(pcfg, pipe.processor.tokenizer, pipe.processor.qformer_tokenizer)
+    processor = Processor(pcfg, pipe.processor.tokenizer, pipe.processor.files)
     model = pipe.model
     if model_edit:
         for part, changes in model_edit.items():
@@ -109,7 +110,7 @@ def _variant(ours, tmp_path, model_edit=None, processor_edit=None, seed=0):
         torch.manual_seed(seed)
         model = build_model(cfg, processor.image_token_id)
         processor = Processor(dataclasses.replace(pcfg, image_seq_len=model.image_seq_len), processor.tokenizer,
-                              processor.qformer_tokenizer)
+                              processor.files)
     folder = tmp_path / "variant"
     folder.mkdir()
     write_model_files(folder, model.eval(), cfg, processor)
@@ -129,11 +130,11 @@ def test_a_vlmkit_built_model_exports_and_gives_the_same_logits(round_trip, tmp_
     pipe = vlmkit.load(src)
     images = real_images()[:1]
     theirs = hf_proc(text=PROMPTS[0], images=images, return_tensors="pt")
-    inputs = pipe.processor.prepare_images(images)
-    assert theirs["input_ids"][0].tolist() == pipe.processor.encode_prompt(PROMPTS[0], inputs)
-    with torch.no_grad():
-        torch.testing.assert_close(ref(**theirs).logits, pipe.model(theirs["input_ids"], inputs).logits, rtol=0,
-                                   atol=1e-4)
+    enc = pipe.processor.prompt(PROMPTS[0], pipe.processor.prepare_images(images))
+    assert theirs["input_ids"][0].tolist() == enc.ids
+    with torch.no_grad():  # enc.media: the images with InstructBLIP's instruction, as the layout gives them
+        torch.testing.assert_close(ref(**theirs).logits, forward(pipe.model, theirs["input_ids"], enc.media).logits,
+                                   rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("model_edit, processor_edit, message", [
@@ -167,8 +168,8 @@ def test_a_recipe_fine_tunes_the_import_and_the_result_exports_back(request, fam
     hf_proc = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
     images = real_images()[:1]
     theirs = hf_proc(text="What shape is it?", images=images, return_tensors="pt")
-    inputs = tuned.processor.prepare_images(images)
-    assert tuned.processor.encode_prompt("What shape is it?", inputs) == theirs["input_ids"][0].tolist()
+    enc = tuned.processor.prompt("What shape is it?", tuned.processor.prepare_images(images))
+    assert enc.ids == theirs["input_ids"][0].tolist()
     with torch.no_grad():
-        torch.testing.assert_close(hf(**theirs).logits, tuned.model(theirs["input_ids"], inputs).logits, rtol=0,
-                                   atol=1e-4)
+        torch.testing.assert_close(hf(**theirs).logits, forward(tuned.model, theirs["input_ids"], enc.media).logits,
+                                   rtol=0, atol=1e-4)

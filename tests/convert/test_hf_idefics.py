@@ -21,8 +21,9 @@ import vlmkit
 from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.generation import GenerationConfig, generate
-from vlmkit.processing.image import MediaInputs
+from vlmkit.batch import MediaInputs
 
+from helpers import fixed_media, forward
 from hf_fixtures import real_images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
@@ -71,15 +72,15 @@ def test_inputs_media_mask_and_logits_equal_transformers(idefics_folder, prompt)
     images = images_for(prompt)
     theirs = hf_proc(text=as_idefics(prompt, images), return_tensors="pt")
     inputs = pipe.processor.prepare_images(images)
-    ids = pipe.processor.encode_prompt(prompt, inputs)
+    ids = pipe.processor.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"][0], rtol=0, atol=1e-5)
     ids = torch.tensor([ids])
     assert pipe.model.media_mask(ids).tolist() == theirs["image_attention_mask"].bool().tolist()
     with torch.no_grad():
-        ours = pipe.model(ids, inputs).logits
+        ours = forward(pipe.model, ids, inputs).logits
         ref_logits = ref(**theirs).logits
-        others = pipe.model(ids, pipe.processor.prepare_images(real_images()[2:] * len(images))).logits
+        others = forward(pipe.model, ids, pipe.processor.prepare_images(real_images()[2:] * len(images))).logits
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
     # the media mask is what makes them equal: other images change every token from the first image on, and
     # none before it
@@ -89,19 +90,20 @@ def test_inputs_media_mask_and_logits_equal_transformers(idefics_folder, prompt)
 
 
 def test_image_attention_mask_of_the_processor_gives_the_same_logits(idefics_folder):
-    """forward(image_attention_mask=...) takes IdeficsProcessor's mask as it is; here it is the one vlmkit computes,
-    and a different one (every token sees the first image) changes the logits."""
+    """Batch(extras={"image_attention_mask": ...}) takes IdeficsProcessor's mask as it is; here it is the one vlmkit
+    computes, and a different one (every token sees the first image) changes the logits."""
     folder, _, hf_proc = idefics_folder
     pipe = vlmkit.load(folder)
     images = images_for(PROMPTS[2])
     theirs = hf_proc(text=as_idefics(PROMPTS[2], images), return_tensors="pt")
     inputs = pipe.processor.prepare_images(images)
     with torch.no_grad():
-        ours = pipe.model(theirs["input_ids"], inputs).logits
-        given = pipe.model(theirs["input_ids"], inputs, image_attention_mask=theirs["image_attention_mask"]).logits
+        ours = forward(pipe.model, theirs["input_ids"], inputs).logits
+        given = forward(pipe.model, theirs["input_ids"], inputs,
+                        extras={"image_attention_mask": theirs["image_attention_mask"]}).logits
         first_only = torch.zeros_like(theirs["image_attention_mask"])
         first_only[..., 0] = 1
-        other = pipe.model(theirs["input_ids"], inputs, image_attention_mask=first_only).logits
+        other = forward(pipe.model, theirs["input_ids"], inputs, extras={"image_attention_mask": first_only}).logits
     torch.testing.assert_close(given, ours, rtol=0, atol=0)
     assert (other - ours).abs().max() > 1e-3
 
@@ -113,8 +115,8 @@ def test_media_mask_follows_idefics_rule_on_hand_made_sequences():
     from transformers.models.idefics.processing_idefics import (image_attention_mask_for_packed_input_ids_pt,
                                                                 incremental_to_binary_attention_mask)
 
-    from vlmkit.data.collate import document_mask
     from vlmkit.models.flamingo import image_visibility
+    from vlmkit.nn import document_mask
 
     IMG, EOS = 7, 2
 
@@ -169,7 +171,7 @@ def test_loss_with_labels_equals_transformers(idefics_folder):
     with torch.no_grad():
         logits = ref(**inputs).logits
         theirs = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
-        ours = pipe.model(inputs["input_ids"], pipe.processor.prepare_images(images), labels=labels)
+        ours = forward(pipe.model, inputs["input_ids"], pipe.processor.prepare_images(images), labels=labels)
     assert ours.n_tokens == int((labels[0, 1:] != -100).sum())
     torch.testing.assert_close(ours.loss, theirs, rtol=0, atol=1e-5)
 
@@ -228,10 +230,10 @@ def test_generation_without_cache_equals_cached(idefics_folder):
 def test_a_decoding_step_without_its_prefill_state_is_refused(idefics_folder):
     """A cache that lost the prefill's image states (cache.extra) would silently drop the images: refused."""
     pipe = vlmkit.load(idefics_folder[0])
-    cache = pipe.model.lm.new_cache(1, 16)
+    cache = pipe.model.new_cache(1, 16)
     cache.advance(3)
     with pytest.raises(ValueError, match=r"the KV cache carries no image states of its prefill"):
-        pipe.model(torch.tensor([[5]]), cache=cache)
+        forward(pipe.model, torch.tensor([[5]]), cache=cache)
 
 
 def test_conversation_is_laid_out_as_the_processor_lays_out_its_text(idefics_folder):
@@ -242,8 +244,9 @@ def test_conversation_is_laid_out_as_the_processor_lays_out_its_text(idefics_fol
     conversation = [{"from": "human", "value": "<image>\nWhat colour is the small circle?"},
                     {"from": "gpt", "value": "It is red."}]
     images = real_images()[:1]
-    ids, labels = pipe.processor.encode_conversation(conversation, pipe.processor.prepare_images(images))
-    rendered = "".join(s.text for s in pipe.processor.template.render(
+    enc = pipe.processor.supervised(conversation, pipe.processor.prepare_images(images))
+    ids, labels = enc.ids, enc.labels
+    rendered = "".join(s.text for s in pipe.processor.layout.template.render(
         [{"role": "user", "content": "<image>\nWhat colour is the small circle?"},
          {"role": "assistant", "content": "It is red."}]))
     assert ids == hf_proc(text=as_idefics(rendered, images), return_tensors="pt")["input_ids"][0].tolist()
@@ -269,31 +272,32 @@ def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(idefics_folder
 def test_a_from_scratch_flamingo_with_a_cnn_tower_is_its_lm_until_the_gates_open(tokenizer):
     """build_model(family flamingo, vision.arch cnn): the gates start at zero, so the logits are the bare LM's, and
     the gates get gradients; open gates make the images matter for the tokens from the image on."""
-    from vlmkit.config import CrossAttentionConfig, LanguageConfig, ModelConfig, PerceiverConfig, VisionConfig
+    from vlmkit.config import LanguageConfig, VisionConfig
     from vlmkit.models import build_model
+    from vlmkit.models.flamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig(family="flamingo",
-                      vision=VisionConfig(arch="cnn", image_size=(16, 16), patch_size=4, width=16),
-                      lm=LanguageConfig(vocab_size=tokenizer.vocab_size, width=32, depth=2, heads=4, kv_heads=2,
-                                        mlp_dim=64, max_seq_len=64),
-                      xattn=CrossAttentionConfig(every=1, perceiver=PerceiverConfig(depth=1, heads=2, head_dim=8,
-                                                                                    n_latents=4)))
+    cfg = FlamingoConfig(family="flamingo",
+                         vision=VisionConfig(arch="cnn", image_size=(16, 16), patch_size=4, width=16),
+                         lm=LanguageConfig(vocab_size=tokenizer.vocab_size, width=32, depth=2, heads=4, kv_heads=2,
+                                           mlp_dim=64, max_seq_len=64),
+                         xattn=CrossAttentionConfig(every=1, perceiver=PerceiverConfig(depth=1, heads=2, head_dim=8,
+                                                                                       n_latents=4)))
     image = tokenizer.token_id("<image>")
     model = build_model(cfg, image).eval()
     ids = torch.tensor([[5, image, 6, 7, 8]])
-    pixels = torch.randn(1, 3, 16, 16)
+    pixels = fixed_media(torch.randn(1, 3, 16, 16), 1)
     with torch.no_grad():
         bare = model.lm.lm_head(model.lm.lm(model.lm.embed_tokens(ids)))
-        torch.testing.assert_close(model(ids, pixels).logits, bare, rtol=0, atol=0)
-    loss = model(ids, pixels, labels=ids).loss
+        torch.testing.assert_close(forward(model, ids, pixels).logits, bare, rtol=0, atol=0)
+    loss = forward(model, ids, pixels, labels=ids).loss
     loss.backward()
     gates = [p for n, p in model.named_parameters() if "alpha" in n]
     assert len(gates) == 4 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
     with torch.no_grad():
         for p in gates:
             p.fill_(1.0)
-        a, b = model(ids, pixels).logits, model(ids, torch.randn(1, 3, 16, 16)).logits
+        a, b = forward(model, ids, pixels).logits, forward(model, ids, fixed_media(torch.randn(1, 3, 16, 16), 1)).logits
     assert (a - b)[:, 1:].abs().max() > 1e-4 and torch.equal(a[:, 0], b[:, 0])
 
 
@@ -364,6 +368,8 @@ def test_a_recipe_fine_tunes_the_imported_model(idefics_folder, tmp_path):
     """init_from an IDEFICS folder: the conversations are laid out as IdeficsProcessor's text, the loss goes down,
     and the checkpoint chats."""
     from vlmkit.data.shapes import generate_shapes
+    from vlmkit.processing.idefics import IdeficsLayout
+    from vlmkit.processing.image import ImageProcessor
     from vlmkit.train.loop import train
     from vlmkit.train.recipe import load_recipe
 
@@ -378,6 +384,8 @@ def test_a_recipe_fine_tunes_the_imported_model(idefics_folder, tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     tuned = vlmkit.load(res.checkpoint)
-    assert tuned.config.family == "flamingo" and tuned.processor.cfg.image_processor == "idefics"
+    # the family decides the processor now (no image_processor name): IdeficsProcessor's layout, fixed-size images
+    assert tuned.config.family == "flamingo" and tuned.processor.family.name == "flamingo"
+    assert type(tuned.processor.layout) is IdeficsLayout and type(tuned.processor.images) is ImageProcessor
     assert isinstance(tuned.chat(tmp_path / "shapes" / "images" / "000000.png", "What shape is it?",
                                  max_new_tokens=4), str)

@@ -7,6 +7,7 @@ named refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -18,8 +19,11 @@ import vlmkit
 from vlmkit.cli import main
 from vlmkit.data.conversations import ConversationDataset, Sample, group_by_image
 from vlmkit.errors import CheckpointError, ConfigError, DataError
+from vlmkit.batch import MediaInputs
+from vlmkit.data.collate import collate, collate_packed
 from vlmkit.generation import GenerationConfig, generate
 
+from helpers import forward
 from hf_fixtures import real_images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
@@ -47,18 +51,18 @@ def test_input_ids_qformer_ids_pixels_and_logits_equal_transformers(instructblip
     _, ref, hf_proc = instructblip_folder
     images = real_images()[:1]
     theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
-    inputs = pipe.processor.prepare_images(images)
-    ids = pipe.processor.encode_prompt(prompt, inputs)
+    enc = pipe.processor.prompt(prompt, pipe.processor.prepare_images(images))
+    ids, inputs = enc.ids, enc.media  # the images with the instruction the layout added
     assert ids == theirs["input_ids"][0].tolist()
     (ours_q, ours_m), (their_q, their_m) = ours_and_theirs_instruction(pipe, inputs, theirs)
     assert ours_q.tolist() == their_q.tolist() and ours_m.tolist() == their_m.tolist()
     torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-5)
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ours = forward(pipe.model, ids, inputs).logits
         ref_logits = ref(**theirs).logits
-        other = pipe.processor.prepare_images(images)
-        pipe.processor.encode_prompt(PROMPTS[(PROMPTS.index(prompt) + 1) % 3], other)  # another instruction
-        asked_otherwise = pipe.model(torch.tensor([ids]), other).logits
+        other = pipe.processor.prompt(PROMPTS[(PROMPTS.index(prompt) + 1) % 3],
+                                      pipe.processor.prepare_images(images)).media  # another instruction
+        asked_otherwise = forward(pipe.model, ids, other).logits
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
     assert (asked_otherwise - ref_logits).abs().max() > 1e-3  # the Q-Former reads the instruction
 
@@ -95,11 +99,10 @@ def test_loss_with_labels_equals_transformers(instructblip_folder, pipe):
     inputs = hf_proc(text=PROMPTS[0] + " Red.", images=images, return_tensors="pt")
     labels = inputs["input_ids"].clone()
     labels[:, :-3] = -100
-    ours_inputs = pipe.processor.prepare_images(images)
-    pipe.processor.encode_prompt(PROMPTS[0] + " Red.", ours_inputs)
+    ours_inputs = pipe.processor.prompt(PROMPTS[0] + " Red.", pipe.processor.prepare_images(images)).media
     with torch.no_grad():
         theirs = ref(**inputs, labels=labels).loss
-        ours = pipe.model(inputs["input_ids"], ours_inputs, labels=labels).loss
+        ours = forward(pipe.model, inputs["input_ids"], ours_inputs, labels=labels).loss
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
@@ -150,10 +153,11 @@ def test_chat_and_rank_read_the_question(pipe):
 
 
 def test_a_model_without_its_instruction_is_refused(pipe):
-    pixels = pipe.processor.prepare_images(real_images()[:1]).pixel_values
+    media = pipe.processor.prepare_images(real_images()[:1])  # the pixels, no layout added an instruction
+    assert "qformer_input_ids" not in media.extra
     with pytest.raises(ValueError, match=r"reads each image's instruction \(InstructBLIP\): pass the processor's "
                                          r"MediaInputs"):
-        pipe.model.encode_images(pixels)
+        pipe.model.encode_media(media)
 
 
 def _sample(tmp_path, i, question, answer):
@@ -174,16 +178,16 @@ def test_training_samples_read_their_own_question(instructblip_folder, pipe, tmp
         instruction = hf_proc(text=question, images=real_images()[:1], return_tensors="pt")
         theirs["qformer_input_ids"] = instruction["qformer_input_ids"]
         theirs["qformer_attention_mask"] = instruction["qformer_attention_mask"]
-        assert item["input_ids"].tolist() == theirs["input_ids"][0].tolist()
-        (ours_q, _), (their_q, _) = ours_and_theirs_instruction(pipe, item["pixel_values"], instruction)
+        assert item.input_ids.tolist() == theirs["input_ids"][0].tolist()
+        (ours_q, _), (their_q, _) = ours_and_theirs_instruction(pipe, item.media, instruction)
         assert ours_q.tolist() == their_q.tolist()
-        labels = torch.tensor([item["labels"].tolist()])
+        labels = torch.tensor([item.labels.tolist()])
         with torch.no_grad():
-            ours = pipe.model(item["input_ids"][None], item["pixel_values"], labels=labels).loss
+            ours = forward(pipe.model, item.input_ids[None], item.media, labels=labels).loss
             torch.testing.assert_close(ours, ref(**theirs, labels=labels).loss, rtol=0, atol=1e-5)
     grouped = group_by_image(samples)
-    with pytest.raises(DataError, match=r"Q-Former reads each question with the image \(InstructBLIP\); set "
-                                        r"data\.group_turns: 0"):
+    with pytest.raises(DataError, match=r"grouped questions share one encoding of their image and prompt, which the "
+                                        r"instructblip family does not allow .*; set data\.group_turns: 0"):
         ConversationDataset(grouped, pipe.processor)
 
 
@@ -197,9 +201,9 @@ def test_convert_from_hf_keeps_the_qformer_tokenizer(instructblip_folder, pipe, 
     images = real_images()[:1]
     assert converted.score(images, PROMPTS[0], " Red.") == pytest.approx(pipe.score(images, PROMPTS[0], " Red."),
                                                                          abs=1e-6)
-    (out / "qformer_tokenizer.json").unlink()
-    with pytest.raises(CheckpointError, match=r"qformer_max_length 64 \(the Q-Former reads an instruction\) but "
-                                              r"qformer_tokenizer\.json is missing"):
+    (out / "qformer_tokenizer.json").unlink()  # the Q-Former would read the LM's tokenizer: its [PAD] is not there
+    with pytest.raises(CheckpointError, match=r"qformer_pad_token '\[PAD\]' is not in the Q-Former tokenizer's "
+                                              r"vocabulary \(the LM's: qformer_tokenizer\.json is missing\)"):
         vlmkit.load(out)
 
 
@@ -240,15 +244,45 @@ def test_bad_folders_are_refused_by_name(instructblip_folder, tmp_path):
         vlmkit.load(folder)
 
 
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), out.n_tokens, grads
+
+
+def check_packed_equals_padded(model, items, pad_id, pack_length):
+    """The items packed give the loss and gradients of the items padded one per row (each image with its own
+    instruction), and the same rows under plain causal attention do not."""
+    model.train()
+    padded = collate(items, pad_id)
+    packed = collate_packed(items, pad_id, pack_length)
+    assert packed.input_ids.shape[0] < len(items), "the samples were not packed"
+    assert packed.real_tokens == padded.real_tokens
+    loss_a, n_a, grads_a = loss_and_grads(model, padded)
+    loss_b, n_b, grads_b = loss_and_grads(model, packed)
+    assert n_a == n_b > 0
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-5, msg=name)
+    # the proof can fail: the same rows under plain causal attention (samples see each other, positions run on)
+    # give gradients far outside that tolerance
+    leaky = dataclasses.replace(packed, position_ids=None, document_ids=None, segment_ids=None)
+    _, _, grads_c = loss_and_grads(model, leaky)
+    assert max(float((grads_c[n] - grads_a[n]).abs().max()) for n in grads_a) > 1e-3
+
+
 def test_a_from_scratch_instructblip_on_a_cnn_tower_trains_packs_and_saves(tmp_path):
     """vlmkit's own InstructBLIP: tiny-llava's CNN tower, a Q-Former reading the instruction through the LM's
     tokenizer, segment-mode text with the image placeholder where the template puts it. Each item carries the
     user turn that carries its image as the instruction (a multi-turn sample: the first question); packing is
-    exact; the checkpoint keeps the Q-Former's tokenizer and chat reads the question."""
-    from test_packing import check_packed_equals_padded
-
+    exact; the checkpoint reads the LM's tokenizer for the Q-Former again (it writes no second one) and chat reads
+    the question."""
     from vlmkit.checkpoint import write_model_files
-    from vlmkit.config import apply_overrides
+    from vlmkit.config import apply_overrides, to_dict
+    from vlmkit.family import processor_config_from_dict
     from vlmkit.models import build_model
     from vlmkit.presets import get_preset
     from vlmkit.processing import Processor, TextTokenizer, train_bpe
@@ -262,7 +296,9 @@ def test_a_from_scratch_instructblip_on_a_cnn_tower_trains_packs_and_saves(tmp_p
                                          "connector.kind": "qformer", "connector.qformer": qformer})
     model = build_model(cfg, tok.token_id(preset.processor.image_token))
     assert cfg.vision.arch == "cnn" and model.reads_instruction
-    processor = Processor(apply_overrides(preset.processor, {"image_seq_len": 6, "qformer_max_length": 24}), tok)
+    pcfg = processor_config_from_dict({**to_dict(preset.processor), "family": "instructblip", "image_seq_len": 6,
+                                       "qformer_max_length": 24})
+    processor = Processor(pcfg, tok)
     samples = [_sample(tmp_path, i, q, a) for i, (q, a) in enumerate(
         [(PROMPTS[0], "It is red."), (PROMPTS[2], "Two."), (PROMPTS[1], "A red circle and two squares.")])]
     samples[2].conversations += [{"from": "human", "value": "Is it red?"}, {"from": "gpt", "value": "yes"}]
@@ -270,22 +306,22 @@ def test_a_from_scratch_instructblip_on_a_cnn_tower_trains_packs_and_saves(tmp_p
     items = [ds[i] for i in range(len(ds))]
     for item, question in zip(items, (PROMPTS[0], PROMPTS[2], PROMPTS[1])):
         ids = tok.tok.encode(question).ids
-        assert item["pixel_values"].extra["qformer_input_ids"][0, :len(ids)].tolist() == ids
-        assert int(item["pixel_values"].extra["qformer_attention_mask"].sum()) == len(ids)
-    check_packed_equals_padded(model, items, tok.pad_id, max(len(x["input_ids"]) for x in items) + 20)
+        assert item.media.extra["qformer_input_ids"][0, :len(ids)].tolist() == ids
+        assert int(item.media.extra["qformer_attention_mask"].sum()) == len(ids)
+    check_packed_equals_padded(model, items, tok.pad_id, max(len(x) for x in items) + 20)
     small = build_model(apply_overrides(cfg, {"connector.qformer.vocab_size": 10}), model.image_token_id)
     with pytest.raises(ValueError, match=r"instruction token id \d+ is outside the Q-Former's vocabulary "
                                          r"\(connector\.qformer\.vocab_size 10\)"):
-        small.encode_images(items[0]["pixel_values"])
+        small.encode_media(items[0].media)
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
     write_model_files(folder, model.eval(), cfg, processor)
-    assert (folder / "qformer_tokenizer.json").is_file()
+    # the Q-Former reads the LM's tokenizer.json: no second tokenizer is written, and none is needed to load it
+    assert (folder / "tokenizer.json").is_file() and not (folder / "qformer_tokenizer.json").exists()
     pipe = vlmkit.load(folder)
     images = [samples[0].images[0]]
-    inputs = pipe.processor.prepare_images(images)
-    pipe.processor.encode_chat_prompt(PROMPTS[0], inputs)
-    assert inputs.extra["qformer_input_ids"][0, :len(tok.tok.encode(PROMPTS[0]).ids)].tolist() == \
+    enc = pipe.processor.chat(PROMPTS[0], pipe.processor.prepare_images(images))
+    assert enc.media.extra["qformer_input_ids"][0, :len(tok.tok.encode(PROMPTS[0]).ids)].tolist() == \
         tok.tok.encode(PROMPTS[0]).ids
     assert isinstance(pipe.chat(images, PROMPTS[0], max_new_tokens=3), str)

@@ -23,8 +23,9 @@ from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.models.mllama import cross_attention_mask, image_token_mask
-from vlmkit.processing.image import MediaInputs
+from vlmkit.batch import MediaInputs
 
+from helpers import forward
 from hf_fixtures import real_images, reference_logprobs
 from test_hf_finetune import CONVERSATION, fine_tune, shapes, structured  # noqa: F401  (shapes: a fixture)
 
@@ -60,7 +61,7 @@ def test_inputs_and_logits_equal_transformers(mllama_folder, prompt, which):
     imgs = [images()[i] for i in which]
     theirs = hf_proc(text=prompt, images=imgs, return_tensors="pt")
     inputs = pipe.processor.prepare_images(imgs)
-    ids = pipe.processor.encode_prompt(prompt, inputs)
+    ids = pipe.processor.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"].flatten(0, 2), rtol=0, atol=1e-5)
     assert inputs.extra["aspect_ratio_ids"].tolist() == theirs["aspect_ratio_ids"][0].tolist()
@@ -69,9 +70,9 @@ def test_inputs_and_logits_equal_transformers(mllama_folder, prompt, which):
                                 [inputs.extra["num_tiles"].tolist()], 4)
     assert torch.equal(mask, theirs["cross_attention_mask"])
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ours = forward(pipe.model, ids, inputs).logits
         ref_logits = ref(**theirs).logits
-        other = pipe.model(torch.tensor([ids]), pipe.processor.prepare_images([im.rotate(90) for im in imgs])).logits
+        other = forward(pipe.model, ids, pipe.processor.prepare_images([im.rotate(90) for im in imgs])).logits
     torch.testing.assert_close(ours[..., :vocab(ref)], ref_logits, rtol=0, atol=1e-4)
     assert ours.shape[-1] == vocab(ref) + 8 and torch.isneginf(ours[..., vocab(ref):]).all()
     # the images matter at every position: those that see an image, and (transformers' rule) those that see none
@@ -118,7 +119,7 @@ def test_loss_with_labels_equals_transformers(mllama_folder):
     labels[:, :8] = -100  # the prompt (with the image tokens, which the head does not predict)
     with torch.no_grad():
         theirs = ref(**inputs, labels=labels).loss
-        ours = pipe.model(inputs["input_ids"], pipe.processor.prepare_images(imgs), labels=labels).loss
+        ours = forward(pipe.model, inputs["input_ids"], pipe.processor.prepare_images(imgs), labels=labels).loss
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
@@ -177,7 +178,7 @@ def test_chat_uses_the_folders_template(mllama_folder):
     assert text.startswith("<s><|start_header_id|>user")
     theirs = hf_proc(text=text, images=imgs, add_special_tokens=False)["input_ids"][0]
     inputs = pipe.processor.prepare_images(imgs)
-    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs)
+    assert pipe.processor.chat("What is it?", inputs).ids == list(theirs)
     assert pipe.chat(imgs, "What is it?", max_new_tokens=4) == pipe.generate(imgs, text, max_new_tokens=4)
 
 
@@ -243,7 +244,8 @@ def test_conversation_ids_labels_and_loss_equal_transformers(mllama_folder):
     pipe = vlmkit.load(folder)
     imgs = images()[3:4]
     inputs = pipe.processor.prepare_images(imgs)
-    ids, labels = pipe.processor.encode_conversation(CONVERSATION, inputs)
+    enc = pipe.processor.supervised(CONVERSATION, inputs)
+    ids, labels = enc.ids, enc.labels
     text = hf_proc.apply_chat_template(structured(CONVERSATION), tokenize=False)
     theirs = hf_proc(text=text, images=imgs, return_tensors="pt", add_special_tokens=False)
     assert theirs["input_ids"][0].tolist() == ids
@@ -252,7 +254,7 @@ def test_conversation_ids_labels_and_loss_equal_transformers(mllama_folder):
     assert "It is red." in supervised and "Two squares." in supervised and "colour" not in supervised
     y = torch.tensor([labels])
     with torch.no_grad():
-        torch.testing.assert_close(pipe.model(torch.tensor([ids]), inputs, labels=y).loss,
+        torch.testing.assert_close(forward(pipe.model, ids, inputs, labels=y).loss,
                                    ref(**theirs, labels=y).loss, rtol=0, atol=1e-5)
 
 
@@ -267,33 +269,37 @@ def test_a_recipe_fine_tunes_it(mllama_folder, shapes, tmp_path):  # noqa: F811
 def test_a_from_scratch_mllama_with_a_cnn_on_every_tile_trains():
     """vision.arch "cnn": vlmkit's CNN on each tile (segment-mode text, one image token per image); the gradient
     reaches every parameter once the gates are open, and the closed gates of a fresh model leave it a plain LM."""
-    from vlmkit.config import ConnectorConfig, LanguageConfig, MllamaConfig, ModelConfig, ProcessorConfig, VisionConfig
+    from vlmkit.config import ConnectorConfig, LanguageConfig, VisionConfig
     from vlmkit.models import build_model
+    from vlmkit.models.mllama import MllamaConfig, MllamaFusionConfig
     from vlmkit.processing import Processor, TextTokenizer, train_bpe
+    from vlmkit.processing.mllama import MllamaProcessorConfig
 
     tok = TextTokenizer(train_bpe(["what colour is the small circle? it is red."] * 4, 300))
-    cfg = ModelConfig(family="mllama", vision=VisionConfig(arch="cnn", image_size=(32, 32), patch_size=8, width=32,
-                                                           pos_embed="sincos2d"),
-                      lm=LanguageConfig(vocab_size=tok.vocab_size, width=32, depth=2, heads=4, kv_heads=2, mlp_dim=64,
-                                        max_seq_len=128, tie_embeddings=False), connector=ConnectorConfig(kind="mlp"),
-                      mllama=MllamaConfig(xattn_positions=[0, 2], max_tiles=4, extra_embeddings=0))
+    cfg = MllamaConfig(family="mllama", vision=VisionConfig(arch="cnn", image_size=(32, 32), patch_size=8, width=32,
+                                                            pos_embed="sincos2d"),
+                       lm=LanguageConfig(vocab_size=tok.vocab_size, width=32, depth=2, heads=4, kv_heads=2,
+                                         mlp_dim=64, max_seq_len=128, tie_embeddings=False),
+                       connector=ConnectorConfig(kind="mlp"),
+                       mllama=MllamaFusionConfig(xattn_positions=[0, 2], max_tiles=4, extra_embeddings=0))
     torch.manual_seed(0)
     model = build_model(cfg, tok.token_id("<image>"))
-    proc = Processor(ProcessorConfig(image_size=(32, 32), image_processor="mllama", max_image_tiles=4,
-                                     image_seq_len=model.image_seq_len), tok)
+    proc = Processor(MllamaProcessorConfig(family="mllama", image_size=(32, 32), max_image_tiles=4,
+                                           image_seq_len=model.image_seq_len), tok)
     inputs = proc.prepare_images(images()[:2])
     conversation = [{"from": "human", "value": "<image>\n<image>\nwhat colour is it?"}, {"from": "gpt", "value": "red"}]
-    ids, labels = proc.encode_conversation(conversation, inputs)
+    enc = proc.supervised(conversation, inputs)
+    ids, labels = enc.ids, enc.labels
     assert ids.count(tok.token_id("<image>")) == 2 and len(inputs.pixel_values) == 8
     ids, labels = torch.tensor([ids]), torch.tensor([labels])
     with torch.no_grad():
-        blind = model(ids, proc.prepare_images([im.rotate(90) for im in images()[:2]])).logits
-        torch.testing.assert_close(model(ids, inputs).logits, blind, rtol=0, atol=0)
+        blind = forward(model, ids, proc.prepare_images([im.rotate(90) for im in images()[:2]])).logits
+        torch.testing.assert_close(forward(model, ids, inputs).logits, blind, rtol=0, atol=0)
         for block in model.lm.xattn:
             block.alpha_cross_attn.fill_(0.5)
             block.alpha_dense.fill_(0.5)
     model.train()
-    model(ids, inputs, labels=labels).loss.backward()
+    forward(model, ids, inputs, labels=labels).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()), \
         [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
 
@@ -314,5 +320,5 @@ def test_llama3_rope_scaling_of_the_released_checkpoints_matches_transformers(ml
     inputs = hf_proc(text=prompt, images=imgs, return_tensors="pt")
     with torch.no_grad():
         theirs = ref(**inputs).logits
-        ours = pipe.model(inputs["input_ids"], pipe.processor.prepare_images(imgs)).logits
+        ours = forward(pipe.model, inputs["input_ids"], pipe.processor.prepare_images(imgs)).logits
     torch.testing.assert_close(ours[..., :theirs.shape[-1]], theirs, rtol=0, atol=1e-4)

@@ -63,7 +63,11 @@ class InstructBlip(Blip2):
         pad = pcfg.qformer_pad_token or tokenizer.pad_token
         pad_id = qformer.token_to_id(pad)
         if pad_id is None:
-            raise CheckpointError(f"processor qformer_pad_token {pad!r} is not in the Q-Former tokenizer's vocabulary")
+            # without its file the Q-Former reads the LM's tokenizer; a pad token of its own (an imported BERT's
+            # [PAD]) says the file is missing, not that its tokenizer lacks the token: the message says which
+            missing = "" if QFORMER_TOKENIZER in files else f" (the LM's: {QFORMER_TOKENIZER} is missing)"
+            raise CheckpointError(f"processor qformer_pad_token {pad!r} is not in the Q-Former tokenizer's "
+                                  f"vocabulary{missing}")
         return InstructionLayout(super().layout(pcfg, tokenizer, files), qformer, pad_id, pcfg.qformer_max_length)
 
     def new_processor(self, model, pcfg, tokenizer):

@@ -197,6 +197,11 @@ def idefics_processor_to_hf(processor: Processor, cfg: FlamingoConfig) -> dict:
     """The processor's settings -> preprocessor_config.json (IdeficsImageProcessor). Refused: what IdeficsProcessor
     would lay out or resize differently."""
     pcfg = processor.cfg
+    # the processor's family decides its images and layout (no image processor is named any more): another
+    # family's would export as IdeficsProcessor while vlmkit lays its prompts out otherwise
+    if processor.family.name != cfg.family:
+        raise ConfigError(f"processor family {pcfg.family!r}: IdeficsProcessor's images and prompt layout are the "
+                          f"{cfg.family} family's")
     if pcfg.text_mode != "whole":
         raise ConfigError(f"processor text_mode {pcfg.text_mode!r}: IdeficsProcessor's prompt layout is text_mode "
                           f"'whole'")

@@ -279,6 +279,11 @@ def mllama_config_to_hf(cfg: MllamaConfig, image_token_id: int) -> dict:
 def mllama_processor_to_hf(processor: Processor) -> dict:
     """The processor's settings -> preprocessor_config.json (MllamaImageProcessor, for MllamaProcessor)."""
     pcfg = processor.cfg
+    # the processor's family decides its images and layout (no image processor is named any more): another
+    # family's (fixed-size images, no tiles) would export as MllamaProcessor while vlmkit prepares them otherwise
+    if processor.family.name != "mllama":
+        raise ConfigError(f"processor family {pcfg.family!r}: MllamaProcessor's tiled images and prompt layout are "
+                          f"the mllama family's")
     if pcfg.text_mode != "whole":
         raise ConfigError(f"processor text_mode {pcfg.text_mode!r}: MllamaProcessor's layout is text_mode 'whole'")
     if pcfg.image_token != "<|image|>":
