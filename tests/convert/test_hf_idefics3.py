@@ -21,7 +21,9 @@ from vlmkit.cli import main
 from vlmkit.connectors import pixel_shuffle
 from vlmkit.convert.hf.idefics3 import bucketed_positions
 from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.processing.idefics3 import Idefics3ImageProcessor
 
+from helpers import forward
 from hf_fixtures import real_images, reference_logprobs
 from hf_folders import IDEFICS3_TEMPLATE as TEMPLATE
 
@@ -76,8 +78,10 @@ def test_bucketed_positions_of_a_full_tile_are_transformers(side):
 
 def test_vlmkit_load_reads_the_processor_settings_from_the_folder(folders):
     for name, split in (("idefics3", True), ("idefics3_nosplit", False)):
-        cfg = vlmkit.load(folders[name][0]).processor.cfg
-        assert (cfg.image_processor, cfg.image_size, cfg.split.longest_edge, cfg.split.enabled) == (
+        processor = vlmkit.load(folders[name][0]).processor
+        cfg = processor.cfg
+        assert isinstance(processor.images, Idefics3ImageProcessor)  # the family's image processor: it tiles
+        assert (processor.family.name, cfg.image_size, cfg.split.longest_edge, cfg.split.enabled) == (
             "idefics3", (32, 32), 80, split)
         assert (cfg.mean, cfg.std, cfg.resample, cfg.image_seq_len) == (
             (0.4, 0.5, 0.6), (0.2, 0.3, 0.25), "lanczos", 4)
@@ -117,12 +121,12 @@ def test_input_ids_pixels_and_logits_equal_transformers(folders, name, prompt):
     images = images_for(prompt)
     theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
     inputs = pipe.processor.prepare_images(images)
-    ids = pipe.processor.encode_prompt(prompt, inputs)
+    ids = pipe.processor.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     assert theirs["pixel_attention_mask"].all()  # transformers pads nothing within one prompt
     torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"][0], rtol=0, atol=1e-5)
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ours = forward(pipe.model, ids, inputs).logits
         ref_logits = ref(**theirs).logits
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
 
@@ -162,7 +166,7 @@ def test_chat_uses_the_folders_template(idefics3):
                                              {"type": "text", "text": "What is it?"}]}]
     theirs = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     inputs = pipe.processor.prepare_images(images)
-    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs["input_ids"][0])
+    assert pipe.processor.chat("What is it?", inputs).ids == list(theirs["input_ids"][0])
 
 
 @pytest.mark.parametrize("name", ["idefics3", "smolvlm"])

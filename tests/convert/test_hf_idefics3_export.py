@@ -14,6 +14,7 @@ built from the exported tokenizer, image processor and image_seq_len."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,14 +25,17 @@ from safetensors.torch import load_file
 import vlmkit
 from vlmkit.checkpoint import load_checkpoint, write_model_files
 from vlmkit.cli import main
-from vlmkit.config import ConnectorConfig, ImageSplitConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
+from vlmkit.config import ConnectorConfig, LanguageConfig, VisionConfig, VLMConfig
 from vlmkit.convert.hf import convert_to_hf, read_chat_template, read_image_processor
 from vlmkit.convert.hf.idefics3 import export_idefics3
 from vlmkit.errors import ConfigError
+from vlmkit.family import get_family
 from vlmkit.models import build_model
 from vlmkit.processing import Processor, TextTokenizer, train_bpe
+from vlmkit.processing.idefics3 import Idefics3ProcessorConfig, ImageSplitConfig
 from vlmkit.processing.tokenizer import SPECIAL_TOKENS
 
+from helpers import forward
 from hf_fixtures import real_images
 from test_hf_export import randomize_
 from hf_folders import IDEFICS3_SPECIAL as SPECIAL
@@ -194,20 +198,23 @@ def scratch_model(vision: dict | None = None, connector: dict | None = None, pro
                   tokenizer: TextTokenizer | None = None):
     """(model, config, processor) of an Idefics3-shaped model built by vlmkit: SigLIP-style tower (no class token,
     patch bias, final norm) on 32-pixel tiles, pixel shuffle x2 and one linear without bias, a Llama LM; the
-    keyword dicts override config fields."""
+    keyword dicts override config fields (``processor``'s ``family`` builds that family's processor config from the
+    fields it has)."""
     tok = tokenizer or scratch_tokenizer()
     v = VisionConfig(image_size=(32, 32), patch_size=8, width=32, depth=2, heads=4, mlp_dim=48, act="gelu_tanh",
                      norm_eps=1e-6, class_token=False, pre_norm=False, post_norm=True, patch_bias=True)
     c = ConnectorConfig(kind="pixel_shuffle", scale_factor=2, layers=1, bias=False)
     lm = LanguageConfig(vocab_size=tok.vocab_size, width=48, depth=2, heads=4, kv_heads=2, mlp_dim=80,
                         rope_theta=20000.0, max_seq_len=512, tie_embeddings=True)
-    cfg = ModelConfig(family="idefics3", vision=VisionConfig(**{**v.__dict__, **(vision or {})}),
-                      connector=ConnectorConfig(**{**c.__dict__, **(connector or {})}), lm=lm)
-    pcfg = ProcessorConfig(image_size=(32, 32), mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25), resample="bicubic",
-                           image_processor="idefics3", text_mode="whole", split=ImageSplitConfig(80, True),
-                           chat_template_jinja=TEMPLATE, pad_token="<pad>", eos_token="<end_of_utterance>",
-                           max_length=512)
-    pcfg = ProcessorConfig(**{**pcfg.__dict__, "image_seq_len": 4, **(processor or {})})
+    cfg = VLMConfig(family="idefics3", vision=VisionConfig(**{**v.__dict__, **(vision or {})}),
+                    connector=ConnectorConfig(**{**c.__dict__, **(connector or {})}), lm=lm)
+    pcfg = Idefics3ProcessorConfig(family="idefics3", image_size=(32, 32), mean=(0.4, 0.5, 0.6),
+                                   std=(0.2, 0.3, 0.25), resample="bicubic", text_mode="whole",
+                                   split=ImageSplitConfig(80, True), chat_template_jinja=TEMPLATE, pad_token="<pad>",
+                                   eos_token="<end_of_utterance>", max_length=512)
+    fields = {**pcfg.__dict__, "image_seq_len": 4, **(processor or {})}
+    cls = get_family(fields["family"]).ProcessorConfig
+    pcfg = cls(**{k: v for k, v in fields.items() if k in {f.name for f in dataclasses.fields(cls)}})
     proc = Processor(pcfg, tok)
     model = build_model(cfg, proc.image_token_id)
     randomize_(model)
@@ -225,18 +232,18 @@ def test_an_idefics3_model_built_by_vlmkit_exports_and_transformers_gives_the_sa
         images = images_for(prompt)
         theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
         inputs = processor.prepare_images(images)
-        assert theirs["input_ids"][0].tolist() == processor.encode_prompt(prompt, inputs)
+        assert theirs["input_ids"][0].tolist() == processor.prompt(prompt, inputs).ids
         torch.testing.assert_close(theirs["pixel_values"][0], inputs.pixel_values, rtol=0, atol=1e-5)
         with torch.no_grad():
-            torch.testing.assert_close(ref(**theirs).logits, model(theirs["input_ids"], inputs).logits, rtol=0,
-                                       atol=1e-4)
+            torch.testing.assert_close(ref(**theirs).logits, forward(model, theirs["input_ids"], inputs).logits,
+                                       rtol=0, atol=1e-4)
     pipe = vlmkit.load(tmp_path / "ours")
     images = real_images()[:1]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
     text = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     theirs = hf_proc(text=text, images=images, return_tensors="pt")
     inputs = processor.prepare_images(images)
-    assert theirs["input_ids"][0].tolist() == processor.encode_chat_prompt("What shape is it?", inputs)
+    assert theirs["input_ids"][0].tolist() == processor.chat("What shape is it?", inputs).ids
     out = ref.generate(**theirs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     expected = hf_proc.tokenizer.decode(out[0, theirs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert pipe.chat(images[0], "What shape is it?", max_new_tokens=6) == expected
@@ -254,8 +261,8 @@ def test_an_idefics3_model_built_by_vlmkit_exports_and_transformers_gives_the_sa
      r"vision.image_size 38 / patch_size 2: on a 19x19 patch grid Idefics3's bucketed position ids are not"),
     ({}, dict(layers=2), {}, r"connector kind 'pixel_shuffle', layers 2, bias False: Idefics3's connector is"),
     ({}, dict(bias=True), {}, r"connector kind 'pixel_shuffle', layers 1, bias True"),
-    ({}, {}, dict(image_processor="fixed", text_mode="segments"),
-     r"processor image_processor 'fixed': an Idefics3 checkpoint's processor splits images"),
+    ({}, {}, dict(family="llava", text_mode="segments"),
+     r"processor family 'llava': an Idefics3 checkpoint's processor splits images"),
     ({}, {}, dict(text_mode="segments"), r"processor text_mode 'segments': Idefics3Processor tokenises the whole"),
 ])
 def test_what_idefics3_cannot_express_is_refused_and_nothing_is_written(tmp_path, vision, connector, processor,

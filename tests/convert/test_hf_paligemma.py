@@ -16,8 +16,10 @@ import torch
 import vlmkit
 from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.batch import Batch
 from vlmkit.generation import GenerationConfig, generate
 
+from helpers import forward
 from hf_fixtures import real_images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
@@ -51,13 +53,17 @@ def test_input_ids_pixels_and_logits_equal_transformers(paligemma_folder, prompt
     theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
     theirs.pop("labels")
     inputs = pipe.processor.prepare_images(images)
-    ids = pipe.processor.encode_prompt(prompt, inputs)
+    enc = pipe.processor.prompt(prompt, inputs)
+    ids = enc.ids
     assert ids == theirs["input_ids"][0].tolist()
     assert ids[-1] == hf_proc.tokenizer.convert_tokens_to_ids("\n") or hf_proc.tokenizer.decode(ids[-1:]) == "\n"
     torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-5)
+    # the whole prompt is the prefix: transformers' token_type_ids == 0 everywhere
+    assert enc.prompt_len == len(ids) == int((theirs["token_type_ids"][0] == 0).sum())
+    prompt_mask = torch.arange(len(ids))[None] < enc.prompt_len
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), inputs).logits  # the whole prompt is the prefix
-        causal = pipe.model(torch.tensor([ids]), inputs, prefix_len=0).logits
+        ours = forward(pipe.model, ids, inputs, prompt_mask=prompt_mask).logits
+        causal = forward(pipe.model, ids, inputs, prompt_mask=torch.zeros_like(prompt_mask)).logits  # no prefix
         ref_logits = ref(**theirs).logits
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
     assert (causal - ref_logits).abs().max() > 1e-3  # the prefix-LM mask is what makes them equal
@@ -80,15 +86,24 @@ def test_score_equals_transformers_suffix_logprobs(paligemma_folder, prompt, con
 
 
 def test_loss_with_suffix_labels_equals_transformers(paligemma_folder):
-    """Without prefix_len, labels mark the suffix (transformers' token_type_ids == 1): the same loss."""
+    """The prompt (transformers' token_type_ids == 0) as the batch's prompt_mask, labels on the suffix: the same
+    loss. The processor's supervised layout of that question and answer gives the same ids, labels and prompt."""
     folder, ref, hf_proc = paligemma_folder
     pipe = vlmkit.load(folder)
     images = images_for(PROMPTS[1])
     inputs = hf_proc(text=PROMPTS[1], images=images, suffix=" It is red.", return_tensors="pt")
+    media = pipe.processor.prepare_images(images)
+    enc = pipe.processor.supervised([{"role": "user", "content": PROMPTS[1]},
+                                     {"role": "assistant", "content": " It is red."}], media)
+    assert enc.ids == inputs["input_ids"][0].tolist() and enc.labels == inputs["labels"][0].tolist()
+    assert enc.prompt_len == int((inputs["token_type_ids"][0] == 0).sum())
+    prompt_mask = inputs["token_type_ids"] == 0
     with torch.no_grad():
         theirs = ref(**inputs).loss
-        ours = pipe.model(inputs["input_ids"], pipe.processor.prepare_images(images), labels=inputs["labels"]).loss
+        ours = forward(pipe.model, inputs["input_ids"], media, labels=inputs["labels"], prompt_mask=prompt_mask).loss
+        causal = forward(pipe.model, inputs["input_ids"], media, labels=inputs["labels"]).loss
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert abs(float(causal - theirs)) > 1e-4  # the prompt mask is what makes them equal
 
 
 def test_greedy_generation_equals_transformers(paligemma_folder):
@@ -141,7 +156,7 @@ def test_chat_uses_paligemmas_prompt_layout(paligemma_folder):
     images = images_for(PROMPTS[0])
     inputs = pipe.processor.prepare_images(images)
     theirs = hf_proc(text="What is it?", images=images)["input_ids"][0]
-    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs)
+    assert pipe.processor.chat("What is it?", inputs).ids == list(theirs)
     assert pipe.chat(images, "What is it?", max_new_tokens=4) == pipe.generate(images, "What is it?", max_new_tokens=4)
 
 
@@ -160,18 +175,37 @@ def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(paligemma_fold
                                                                                         max_new_tokens=8)
 
 
-def test_prefix_lm_mask_on_a_hand_made_case():
-    """Row 0: 1 pad + 2 prompt tokens + 1 suffix token; row 1: 3 prompt tokens + 1 suffix token (prefix_len 3)."""
-    from vlmkit.models.paligemma import prefix_lm_mask
+def test_prefix_lm_mask_on_a_hand_made_case(paligemma_folder):
+    """Row 0: 1 pad + 2 prompt tokens + 1 suffix token; row 1: 3 prompt tokens + 1 suffix token (the first 3
+    positions are the prompt: prompt_mask = arange(T) < 3)."""
+    from vlmkit.nn import causal_mask, with_prompt
 
-    mask = prefix_lm_mask(4, 3, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    attn = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    prompt = torch.arange(4)[None].expand(2, 4) < 3
+    mask = with_prompt(causal_mask(4, attn), prompt, attention_mask=attn)
     assert mask.int().squeeze(1).tolist() == [
         [[1, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 1]],  # no row sees the pad (its own row: unread)
         [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]]
-    after_cache = prefix_lm_mask(1, 3, torch.ones(1, 5), offset=4)  # a decoding step: causal
+    after_cache = causal_mask(1, torch.ones(1, 5), offset=4)  # a decoding step: causal
     assert after_cache.int().flatten().tolist() == [1, 1, 1, 1, 1]
-    per_row = prefix_lm_mask(3, torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="the prompt is read at a prefill"):  # no prompt after a filled cache
+        with_prompt(after_cache, torch.ones(1, 1, dtype=torch.bool))
+    per_row = with_prompt(causal_mask(3), torch.arange(3)[None] < torch.tensor([[1], [3]]))
     assert per_row.int().squeeze(1).tolist() == [[[1, 0, 0], [1, 1, 0], [1, 1, 1]], [[1, 1, 1]] * 3]
+
+    # PaliGemma's model at a decoding step (a filled cache) reads no prompt: the step's logits are the same with
+    # and without a prompt_mask (with_prompt above would refuse the step's mask)
+    model = vlmkit.load(paligemma_folder[0]).model
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+
+    def step(prompt_mask):
+        cache = model.new_cache(1, 8)
+        with torch.no_grad():
+            model(Batch(ids[:, :4], prompt_mask=torch.ones(1, 4, dtype=torch.bool)), cache=cache)
+            return model(Batch(ids[:, 4:], attention_mask=torch.ones(1, 5), prompt_mask=prompt_mask),
+                         cache=cache).logits
+
+    torch.testing.assert_close(step(torch.ones(1, 1, dtype=torch.bool)), step(None), rtol=0, atol=0)
 
 
 def _edit_json(path, edit):

@@ -23,6 +23,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
 from vlmkit.processing import Processor
 
+from helpers import forward
 from hf_fixtures import real_images
 from test_hf_paligemma import PROMPTS, images_for
 
@@ -165,11 +166,13 @@ def test_a_vlmkit_paligemma_with_an_untied_head_exports_and_gives_the_same_logit
     images = images_for(PROMPTS[2])
     theirs = hf_proc(text=PROMPTS[2], images=images, return_tensors="pt")
     inputs = pipe.processor.prepare_images(images)
-    assert theirs["input_ids"][0].tolist() == pipe.processor.encode_prompt(PROMPTS[2], inputs)
+    assert theirs["input_ids"][0].tolist() == pipe.processor.prompt(PROMPTS[2], inputs).ids
     theirs.pop("labels")
+    prompt_mask = theirs["token_type_ids"] == 0  # the whole prompt is the prefix
+    assert prompt_mask.all()
     with torch.no_grad():
-        torch.testing.assert_close(ref(**theirs).logits, pipe.model(theirs["input_ids"], inputs).logits, rtol=0,
-                                   atol=1e-4)
+        torch.testing.assert_close(ref(**theirs).logits, forward(pipe.model, theirs["input_ids"], inputs,
+                                                                 prompt_mask=prompt_mask).logits, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("model_edit, processor_edit, message", [
@@ -178,7 +181,7 @@ def test_a_vlmkit_paligemma_with_an_untied_head_exports_and_gives_the_same_logit
     ({"vision": {"act": "silu"}}, None, r"vision: not a SigLIP tower transformers can load: act 'silu'"),
     ({"connector": {"kind": "mlp"}}, None, r"connector\.kind 'mlp'"),
     ({"lm": {"norm_offset": False, "embed_scale": False}}, None, r"lm\.norm_offset False, lm\.embed_scale False"),
-    (None, {"image_processor": "fixed"}, r"processor image_processor 'fixed'"),
+    (None, {"family": "llava"}, r"processor family 'llava'"),
     (None, {"text_mode": "segments"}, r"text_mode 'segments'"),
     (None, {"image_token": "<loc0000>"}, r"processor image_token '<loc0000>'"),
     (None, {"shortest_edge": 32}, r"processor shortest_edge 32"),

@@ -25,8 +25,9 @@ from vlmkit.errors import CheckpointError, ConfigError, DataError
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.models.qwen2_vl import mrope_position_ids
 from vlmkit.nn import RotaryEmbedding
-from vlmkit.processing.image import MediaInputs
+from vlmkit.batch import MediaInputs
 
+from helpers import forward
 from hf_fixtures import real_images, reference_logprobs
 from hf_folders import QWEN2_VL_TEMPLATE as TEMPLATE
 
@@ -64,13 +65,13 @@ def test_input_ids_pixels_and_logits_equal_transformers(qwen_folder, prompt, nam
     images = images_for(names)
     theirs = hf_proc(text=prompt, images=images or None, return_tensors="pt")
     inputs = pipe.processor.prepare_images(images)
-    ids = pipe.processor.encode_prompt(prompt, inputs)
+    ids = pipe.processor.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     if images:
         assert inputs.extra["image_grid_thw"].tolist() == theirs["image_grid_thw"].tolist()
         torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-5)
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ours = forward(pipe.model, ids, inputs).logits
         ref_logits = ref(**theirs).logits
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
 
@@ -104,10 +105,10 @@ def test_logits_depend_on_the_mrope_positions(qwen_folder):
     pipe = vlmkit.load(folder)
     prompt, names = CASES[0]
     inputs = pipe.processor.prepare_images(images_for(names))
-    ids = torch.tensor([pipe.processor.encode_prompt(prompt, inputs)])
+    ids = torch.tensor([pipe.processor.prompt(prompt, inputs).ids])
     with torch.no_grad():
-        mrope = pipe.model(ids, inputs).logits
-        plain = pipe.model(ids, inputs, position_ids=torch.arange(ids.shape[1])[None]).logits
+        mrope = forward(pipe.model, ids, inputs).logits
+        plain = forward(pipe.model, ids, inputs, position_ids=torch.arange(ids.shape[1])[None]).logits
     assert (mrope - plain).abs().max() > 1e-2
 
 
@@ -164,7 +165,7 @@ def test_chat_uses_the_folders_template(qwen_folder):
     theirs = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     theirs_ids = hf_proc(text=theirs, images=images)["input_ids"][0]
     inputs = pipe.processor.prepare_images(images)
-    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs_ids)
+    assert pipe.processor.chat("What is it?", inputs).ids == list(theirs_ids)
 
 
 def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(qwen_folder, tmp_path):
@@ -305,8 +306,8 @@ def test_the_model_needs_image_grids(qwen_folder):
     folder, _, _ = qwen_folder
     pipe = vlmkit.load(folder)
     inputs = pipe.processor.prepare_images(images_for(("wide",)))
-    with pytest.raises(ValueError, match="not from a bare pixel tensor"):
-        pipe.model.encode_images(inputs.pixel_values)
+    with pytest.raises(ValueError, match="not from a bare pixel tensor"):  # the patches without their grid
+        pipe.model.encode_media(MediaInputs(inputs.pixel_values, inputs.tokens))
 
 
 def test_mrope_with_the_same_id_on_all_axes_is_plain_rope():
@@ -325,8 +326,8 @@ def test_training_loss_runs_through_the_mrope_model(qwen_folder):
     pipe = vlmkit.load(folder)
     prompt, names = CASES[0]
     inputs = pipe.processor.prepare_images(images_for(names))
-    ids = torch.tensor([pipe.processor.encode_prompt(prompt + " Two squares.", inputs)])
+    ids = torch.tensor([pipe.processor.prompt(prompt + " Two squares.", inputs).ids])
     labels = ids.masked_fill(ids == pipe.model.image_token_id, -100)
-    out = pipe.model(ids, inputs, labels=labels)
+    out = forward(pipe.model, ids, inputs, labels=labels)
     out.loss.backward()
     assert out.n_tokens == int((labels[:, 1:] != -100).sum()) and pipe.model.encoder.patch_embed.weight.grad is not None

@@ -197,7 +197,7 @@ def _edit(data: dict, path: str, value) -> None:
     ("config.json", "model.vision.norm", "rmsnorm", r"vision: not a Qwen2-VL tower .*norm 'rmsnorm'"),
     ("config.json", "model.lm.norm_offset", True, r"lm\.norm_offset True.*Gemma's"),
     ("processor.json", "native.patch_size", 8, r"processor native\.patch_size 8 is not the tower's vision\.patch_size 4"),
-    ("processor.json", "text_mode", "segments", r"processor image_processor 'qwen2_vl', text_mode 'segments'"),
+    ("processor.json", "text_mode", "segments", r"processor text_mode 'segments': Qwen2VLProcessor's layout"),
     ("processor.json", "image_token", "<|video_pad|>", r"processor image_token '<\|video_pad\|>'"),
 ])
 def test_what_qwen2_vl_cannot_express_is_refused_and_nothing_is_written(round_trip, tmp_path, file, path, value,

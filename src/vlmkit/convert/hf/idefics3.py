@@ -249,6 +249,12 @@ def export_idefics3(model: VisionLanguageModel, cfg: VLMConfig, processor: Proce
     config = idefics3_config_to_hf(cfg, model.image_token_id, model_type)
     pcfg, tok = processor.cfg, processor.tokenizer
     processor_class, image_processor_type = PROCESSOR_CLASSES[model_type]
+    # processor.json names the family whose image processor and layout the processor uses, and nothing makes it the
+    # model's: another family's processor neither tiles images nor has the split settings to write (before the
+    # family interface: image_processor 'idefics3')
+    if processor.family.name != "idefics3":
+        raise ConfigError(f"processor family {processor.family.name!r}: an Idefics3 checkpoint's processor splits "
+                          f"images into tiles with row/column markers (family: idefics3)")
     images = idefics3_image_processor_to_hf(pcfg, cfg.vision.image_size[0], image_processor_type)
     if pcfg.text_mode != "whole":
         raise ConfigError(f"processor text_mode {pcfg.text_mode!r}: {processor_class} tokenises the whole prompt "

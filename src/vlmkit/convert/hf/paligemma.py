@@ -135,9 +135,12 @@ def paligemma_processor_to_hf(processor: Processor, image_seq_len: int) -> dict:
     """The processor's settings -> preprocessor_config.json (SiglipImageProcessor with ``image_seq_length``,
     which PaliGemmaProcessor requires). Refused: what PaliGemmaProcessor would lay out or resize differently."""
     pcfg = processor.cfg
-    if pcfg.text_mode != "whole":
-        raise ConfigError(f"processor text_mode {pcfg.text_mode!r}: PaliGemmaProcessor's prompt layout is text_mode "
-                          f"'whole'")
+    # processor.json names the family whose layout the processor uses, and nothing makes it the model's: a processor
+    # of another family (a llava one lays prompts out without PaliGemma's BOS and "\n") would be exported as a
+    # PaliGemmaProcessor that lays them out differently (before the family interface: image_processor 'paligemma')
+    if processor.family.name != "paligemma" or pcfg.text_mode != "whole":
+        raise ConfigError(f"processor family {processor.family.name!r}, text_mode {pcfg.text_mode!r}: "
+                          f"PaliGemmaProcessor's prompt layout is family 'paligemma' with text_mode 'whole'")
     if pcfg.image_token != "<image>":
         raise ConfigError(f"processor image_token {pcfg.image_token!r}: PaliGemmaProcessor finds placeholders "
                           f"by the literal '<image>'")
