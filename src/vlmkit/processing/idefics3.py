@@ -132,11 +132,13 @@ class Idefics3ImageProcessor(PreparedPlaceholders, ImageProcessor):
             return MediaInputs(torch.zeros(0, 3, self.tile, self.tile), [], texts=[], rows=[])
         pixels, tokens, texts, rows = [], [], [], []
         for image in images:
-            tiles, rows, cols = self.split(image)
+            # the tile grid's rows/cols, not ``rows`` (each item's count of tiles, MediaInputs.rows), which they
+            # used to overwrite
+            tiles, grid_rows, grid_cols = self.split(image)
             pixels += [self.transform(tile) for tile in tiles]  # rescale + normalise (tiles are tile x tile)
             tokens.append(len(tiles) * self.cfg.image_seq_len)
             rows.append(len(tiles))
-            texts.append(image_prompt(rows, cols, self.cfg.image_seq_len, self.cfg.image_token))
+            texts.append(image_prompt(grid_rows, grid_cols, self.cfg.image_seq_len, self.cfg.image_token))
         return MediaInputs(torch.stack(pixels), tokens, texts=texts, rows=rows)
 
 
