@@ -20,6 +20,7 @@ from vlmkit.processing.chat import JinjaTemplate, normalize_messages
 from vlmkit.train.loop import train
 from vlmkit.train.recipe import load_recipe
 
+from helpers import forward
 from hf_fixtures import real_images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
@@ -49,8 +50,8 @@ def test_conversation_ids_labels_and_loss_equal_transformers(request, family):
     folder, ref, hf_proc = request.getfixturevalue(FOLDERS[family])
     pipe = vlmkit.load(folder)
     images = real_images()[:1]
-    inputs = pipe.processor.prepare_images(images)
-    ids, labels = pipe.processor.encode_conversation(CONVERSATION, inputs)
+    enc = pipe.processor.supervised(CONVERSATION, pipe.processor.prepare_images(images))
+    ids, labels = enc.ids, enc.labels
     # the conversation renders as transformers renders it, and tokenises to its processor's ids
     template = pipe.processor.cfg.chat_template_jinja
     assert template, f"the {family} fixture folder has a chat template"
@@ -69,7 +70,7 @@ def test_conversation_ids_labels_and_loss_equal_transformers(request, family):
     # the loss on those labels equals transformers'
     y = torch.tensor([labels])
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), inputs, labels=y).loss
+        ours = forward(pipe.model, ids, enc.media, labels=y).loss
         expected = ref(**theirs, labels=y).loss
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
@@ -80,15 +81,18 @@ def test_paligemma_trains_on_its_prompt_and_suffix(paligemma_folder):
     pipe = vlmkit.load(folder)
     images = real_images()[:1]
     conversation = [{"from": "human", "value": "<image>\ncaption en"}, {"from": "gpt", "value": "a red circle"}]
-    ids, labels = pipe.processor.encode_conversation(conversation, pipe.processor.prepare_images(images))
+    enc = pipe.processor.supervised(conversation, pipe.processor.prepare_images(images))
+    ids, labels = enc.ids, enc.labels
     theirs = hf_proc(text="<image>caption en", images=images, suffix="a red circle", return_tensors="pt")
     assert ids == theirs["input_ids"][0].tolist() and labels == theirs["labels"][0].tolist()
+    # the prompt (attended both ways) is transformers' token_type_ids == 0; the batch says it (prompt_mask)
+    prompt_mask = torch.arange(len(ids))[None] < enc.prompt_len
+    assert prompt_mask.tolist() == (theirs["token_type_ids"] == 0).tolist()
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), pipe.processor.prepare_images(images),
-                          labels=torch.tensor([labels])).loss
+        ours = forward(pipe.model, ids, enc.media, labels=torch.tensor([labels]), prompt_mask=prompt_mask).loss
         torch.testing.assert_close(ours, ref(**theirs).loss, rtol=0, atol=1e-5)
     with pytest.raises(DataError, match=r"trains on one question and its answer"):
-        pipe.processor.encode_conversation(CONVERSATION, pipe.processor.prepare_images(images))
+        pipe.processor.supervised(CONVERSATION, pipe.processor.prepare_images(images))
 
 
 @pytest.fixture(scope="module")
@@ -129,17 +133,19 @@ def test_a_fine_tuned_llava_exports_back_to_transformers(llava_folder, shapes, t
                   return_tensors="pt")
     inputs = tuned.processor.prepare_images([image])
     with torch.no_grad():
-        torch.testing.assert_close(hf(**theirs).logits, tuned.model(theirs["input_ids"], inputs).logits, rtol=0,
-                                   atol=1e-4)
+        torch.testing.assert_close(hf(**theirs).logits, forward(tuned.model, theirs["input_ids"], inputs).logits,
+                                   rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("fixture, match", [("qwen_folder", "M-RoPE positions"),
-                                            ("paligemma_folder", "prefix-LM attention")])
+# the refusal names the family (its Capabilities.shared_prefix), no longer why it attends its own way (M-RoPE
+# positions, prefix-LM attention)
+@pytest.mark.parametrize("fixture, match", [("qwen_folder", "qwen2_vl"), ("paligemma_folder", "paligemma")])
 def test_grouped_questions_are_refused_where_the_family_attends_its_own_way(request, fixture, match, shapes,
                                                                            tmp_path):
     recipe = load_recipe("tiny-llava", [f"data.path={shapes}", f"init_from={request.getfixturevalue(fixture)[0]}",
                                         "data.group_turns=4", "train.precompute_frozen_vision=false"])
-    with pytest.raises(ConfigError, match=rf"data.group_turns 4: grouped questions get plain positions .*{match}"):
+    with pytest.raises(ConfigError, match=rf"data.group_turns 4: grouped questions share one prompt prefix at plain "
+                                          rf"positions .*the {match} family reads each question its own way"):
         train(recipe, tmp_path / "run", progress=False, log=lambda m: None)
 
 

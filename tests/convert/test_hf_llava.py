@@ -11,6 +11,8 @@ import torch
 from vlmkit.errors import ConfigError
 from vlmkit.convert.hf import load_hf_llava
 
+from helpers import fixed_media, forward
+
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -49,14 +51,15 @@ def test_llava_logits_and_greedy_tokens_match_transformers(tmp_path):
     ids, pixels = prompt(), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         theirs = ref(input_ids=ids, pixel_values=pixels).logits
-        ours = model(ids, pixels).logits
+        ours = forward(model, ids, fixed_media(pixels, 16)).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     expected = ref.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False,
                             pad_token_id=0)[0, ids.shape[1]:].tolist()
     seq = ids
     with torch.no_grad():
         for _ in range(8):
-            seq = torch.cat([seq, model(seq, pixels).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            seq = torch.cat([seq, forward(model, seq, fixed_media(pixels, 16)).logits[:, -1].argmax(-1, keepdim=True)],
+                            1)
     ours = seq[0, ids.shape[1]:].tolist()
     # transformers stops at the end-of-sequence token (id 2 here); up to there the tokens must be the same
     eos = ref.generation_config.eos_token_id
@@ -84,8 +87,8 @@ def test_siglip_tower_at_the_last_layer_skips_its_final_norm(tmp_path):
     model = load_hf_llava(tmp_path)
     ids, pixels = prompt(), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, pixels).logits, ref(input_ids=ids, pixel_values=pixels).logits,
-                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(forward(model, ids, fixed_media(pixels, 16)).logits,
+                                   ref(input_ids=ids, pixel_values=pixels).logits, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("changes, match", [

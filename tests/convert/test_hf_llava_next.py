@@ -17,9 +17,10 @@ import vlmkit
 from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.generation import GenerationConfig, generate
-from vlmkit.processing.image import MediaInputs
+from vlmkit.batch import MediaInputs
 from vlmkit.processing.llava_next import tile_grid, unpad_slice
 
+from helpers import forward
 from hf_fixtures import real_images, reference_logprobs
 from hf_folders import LLAVA_NEXT_PINPOINTS as PINPOINTS
 from hf_folders import LLAVA_NEXT_TEMPLATE as TEMPLATE
@@ -58,7 +59,7 @@ def test_input_ids_pixels_features_and_logits_equal_transformers(next_folder, pi
     images = images_of(indices)
     theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
     inputs = pipe.processor.prepare_images(images)
-    ids = pipe.processor.encode_prompt(prompt, inputs)
+    ids = pipe.processor.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     assert inputs.extra["image_sizes"].tolist() == theirs["image_sizes"].tolist()
     tiles = inputs.extra["image_tiles"].tolist()
@@ -67,11 +68,12 @@ def test_input_ids_pixels_features_and_logits_equal_transformers(next_folder, pi
     torch.testing.assert_close(inputs.pixel_values, expected, rtol=0, atol=1e-5)
     assert all(float(pv[n:].abs().sum()) == 0 for pv, n in zip(theirs["pixel_values"], tiles))  # batch padding
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ours = forward(pipe.model, ids, inputs).logits
         ref_logits = ref(**theirs).logits
         feats = ref.model.get_image_features(theirs["pixel_values"], theirs["image_sizes"]).pooler_output
-        torch.testing.assert_close(pipe.model.encode_images(inputs), torch.cat(feats), rtol=0, atol=1e-5)
-    assert inputs.tokens == [f.shape[0] for f in feats]
+        features = pipe.model.encode_media(inputs)
+        torch.testing.assert_close(features.values, torch.cat(feats), rtol=0, atol=1e-5)
+    assert inputs.tokens == features.rows == [f.shape[0] for f in feats]
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
 
 
@@ -122,7 +124,7 @@ def test_chat_uses_the_folders_template(next_folder, pipe):
     theirs = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     theirs_ids = hf_proc(text=theirs, images=images)["input_ids"][0]
     inputs = pipe.processor.prepare_images(images)
-    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs_ids)
+    assert pipe.processor.chat("What is it?", inputs).ids == list(theirs_ids)
 
 
 def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(next_folder, pipe, tmp_path):
@@ -136,10 +138,12 @@ def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(next_folder, p
     assert converted.score(images, prompt, " Two squares.") == pytest.approx(direct, abs=1e-6)
 
 
-def test_a_pixel_tensor_without_image_sizes_is_refused(pipe):
+def test_tiles_without_image_sizes_are_refused(pipe):
+    """encode_media takes MediaInputs only (no bare pixel tensor any more): tiles without the image sizes and
+    tile counts the AnyRes processor gives them cannot be laid out, and are refused."""
     inputs = pipe.processor.prepare_images(images_of([0]))
     with pytest.raises(ValueError, match="MediaInputs"):
-        pipe.model.encode_images(inputs.pixel_values)
+        pipe.model.encode_media(MediaInputs(inputs.pixel_values, inputs.tokens, rows=inputs.rows))
 
 
 def _copy(folder, tmp_path):

@@ -25,9 +25,10 @@ from vlmkit.cli import main
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.processing import Processor
-from vlmkit.processing.image import MediaInputs
+from vlmkit.batch import MediaInputs
 from vlmkit.processing.llava_next import reduced_size, tile_grid, unpad_slice
 
+from helpers import forward
 from hf_fixtures import real_images, reference_logprobs
 from hf_folders import ONEVISION_PINPOINTS as PINPOINTS
 from hf_folders import ONEVISION_TEMPLATE as TEMPLATE
@@ -67,7 +68,7 @@ def test_input_ids_pixels_features_and_logits_equal_transformers(ov_folder, pipe
     images = images_of(indices)
     theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
     inputs = pipe.processor.prepare_images(images)
-    ids = pipe.processor.encode_prompt(prompt, inputs)
+    ids = pipe.processor.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     assert inputs.extra["image_sizes"].tolist() == theirs["image_sizes"].tolist()
     tiles = inputs.extra["image_tiles"].tolist()
@@ -75,12 +76,13 @@ def test_input_ids_pixels_features_and_logits_equal_transformers(ov_folder, pipe
     torch.testing.assert_close(inputs.pixel_values, expected, rtol=0, atol=1e-5)
     assert all(float(pv[n:].abs().sum()) == 0 for pv, n in zip(theirs["pixel_values"], tiles))  # batch padding
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ours = forward(pipe.model, ids, inputs).logits
         ref_logits = ref(**theirs).logits
         feats = ref.model.get_image_features(theirs["pixel_values"], theirs["image_sizes"],
                                              vision_aspect_ratio="anyres_max_9").pooler_output
-        torch.testing.assert_close(pipe.model.encode_images(inputs), torch.cat(feats), rtol=0, atol=1e-5)
-    assert inputs.tokens == [f.shape[0] for f in feats]
+        features = pipe.model.encode_media(inputs)
+        torch.testing.assert_close(features.values, torch.cat(feats), rtol=0, atol=1e-5)
+    assert inputs.tokens == features.rows == [f.shape[0] for f in feats]
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
 
 
@@ -95,12 +97,12 @@ def test_multi_image_square_mode_equals_transformers_with_nested_images(ov_folde
     images = images_of([0, 1])  # both non-square: the padding colour shows
     theirs = hf_proc(text=[prompt], images=[images], return_tensors="pt")
     inputs = square.prepare_images(images)
-    ids = square.encode_prompt(prompt, inputs)
+    ids = square.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     assert inputs.extra["image_tiles"].tolist() == [1, 1] and inputs.tokens == [17, 17]
     torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"].flatten(0, 1), rtol=0, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(pipe.model(torch.tensor([ids]), inputs).logits, ref(**theirs).logits,
+        torch.testing.assert_close(forward(pipe.model, ids, inputs).logits, ref(**theirs).logits,
                                    rtol=0, atol=1e-4)
     single = images_of([0])
     assert square.prepare_images(single).tokens == pipe.processor.prepare_images(single).tokens
@@ -151,7 +153,7 @@ def test_chat_uses_the_folders_template(ov_folder, pipe):
     theirs = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     theirs_ids = hf_proc(text=theirs, images=images)["input_ids"][0]
     inputs = pipe.processor.prepare_images(images)
-    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs_ids)
+    assert pipe.processor.chat("What is it?", inputs).ids == list(theirs_ids)
 
 
 def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(ov_folder, pipe, tmp_path):

@@ -15,6 +15,7 @@ from vlmkit.cli import main
 from vlmkit.convert.hf import read_chat_template
 from vlmkit.errors import CheckpointError, ConfigError
 
+from helpers import forward
 from hf_fixtures import LLAVA_TEMPLATE, real_images, reference_logprobs
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
@@ -36,11 +37,11 @@ def test_input_ids_pixels_and_logits_equal_transformers(llava_folder, prompt):
     images = images_for(prompt)
     theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
     inputs = pipe.processor.prepare_images(images)
-    ids = pipe.processor.encode_prompt(prompt, inputs)
+    ids = pipe.processor.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-5)
     with torch.no_grad():
-        ours = pipe.model(torch.tensor([ids]), inputs).logits
+        ours = forward(pipe.model, ids, inputs).logits
         ref_logits = ref(**theirs).logits
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
 
@@ -75,7 +76,7 @@ def test_chat_uses_the_folders_template(llava_folder):
     theirs = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     theirs_ids = hf_proc(text=theirs, images=images)["input_ids"][0]
     inputs = pipe.processor.prepare_images(images)
-    assert pipe.processor.encode_chat_prompt("What is it?", inputs) == list(theirs_ids)
+    assert pipe.processor.chat("What is it?", inputs).ids == list(theirs_ids)
 
 
 def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(llava_folder, tmp_path):

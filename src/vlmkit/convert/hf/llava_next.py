@@ -178,6 +178,12 @@ def llava_next_config_to_hf(cfg: LlavaNextConfig, image_token_id: int, image_seq
 def check_export_processor(pcfg, cfg: LlavaNextConfig, image_seq_len: int) -> None:
     """Refuse a processor whose tiling or token counts a transformers folder could not carry beside this model
     (its image processor takes the grid pinpoints and tile size from the files written with the model's)."""
+    # the family decides its image processor, but a checkpoint's processor.json may name another family's (fixed
+    # size images, no ``anyres`` section): refused by name, as transformers' processor tiles (it used to fail below
+    # with an AttributeError on ``pcfg.anyres``)
+    if not isinstance(pcfg, AnyResProcessorConfig):
+        raise ConfigError(f"processor family {pcfg.family!r} does not tile images: {cfg.family} tiles them "
+                          f"(AnyRes), and transformers' processor would")
     if tuple(pcfg.image_size) != tuple(cfg.vision.image_size):
         raise ConfigError(f"processor image_size {tuple(pcfg.image_size)} is not the tower's image_size "
                           f"{tuple(cfg.vision.image_size)}: AnyRes tiles are the tower's input")
