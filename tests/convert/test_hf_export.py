@@ -86,8 +86,6 @@ def save_vlmkit(folder, model, cfg, processor):
 
 
 def test_llava_built_by_vlmkit_exports_and_transformers_gives_the_same_logits(tmp_path, tokenizer):
-    pytest.xfail("shared-code bug: convert/hf/processor.py export_tokenizer reads processor.template, which "
-                 "the Processor no longer has (the template is processor.layout.template)")
     cfg, pcfg = tiny_vit_llava()
     processor_cfg = ProcessorConfig(**{**pcfg.__dict__, "image_seq_len": 16})
     processor = Processor(processor_cfg, tokenizer)
@@ -145,8 +143,6 @@ def test_a_demo_trained_vit_model_exports_as_llava_that_transformers_runs(tmp_pa
     """The demo's recipe with its LLaVA-layout sibling preset, trained a few steps, exported: transformers
     loads it with LlavaForConditionalGeneration and AutoProcessor, the chat template gives vlmkit's prompt ids,
     and greedy generation gives vlmkit's tokens."""
-    pytest.xfail("shared-code bug: convert/hf/processor.py export_tokenizer reads processor.template, which "
-                 "the Processor no longer has (the template is processor.layout.template)")
     data = tmp_path / "shapes"
     generate_shapes(data, n=40, seed=3, size=64, progress=False)
     recipe = load_recipe("tiny-llava", [f"data.path={data}", "preset=tiny-llava-vit", "model.vision.width=32",

@@ -201,7 +201,7 @@ def export_tokenizer(processor: Processor, folder: Path) -> None:
               "clean_up_tokenization_spaces": False, **special}
     template = processor.cfg.chat_template_jinja
     if not template and processor.cfg.text_mode == "segments":  # a vlmkit-trained model: its own template
-        template = processor.template.to_jinja(processor.cfg.image_token)
+        template = processor.layout.template.to_jinja(processor.cfg.image_token)
     if template:
         (folder / "chat_template.jinja").write_text(template)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
