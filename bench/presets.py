@@ -49,7 +49,7 @@ def visual_tokens(pipe) -> int:
 def run(name: str, data: Path, out: Path, overrides: list[str], multi: bool) -> dict:
     recipe = load_recipe(name, [f"data.path={data}", *overrides])
     t0 = time.perf_counter()
-    result = train(recipe, out / recipe.name, progress=True, log=lambda m: print(m, file=sys.stderr))
+    result = train(recipe, out / recipe.name, overwrite=True, progress=True, log=lambda m: print(m, file=sys.stderr))
     wall = time.perf_counter() - t0
     pipe = Pipeline.from_pretrained(result.checkpoint)
     single = evaluate_vqa(pipe, read_conversations(data / "test.json"), progress=True)

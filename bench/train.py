@@ -39,7 +39,8 @@ from vlmkit.data.collate import PaddingStats, collate, collate_packed
 from vlmkit.data.conversations import ConversationDataset, group_by_image, read_conversations
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.models import count_parameters
-from vlmkit.train.loop import build_for_recipe, forward_batch, prepare_tokenizer
+from vlmkit.objectives.lm import forward_batch
+from vlmkit.train.build import build_for_recipe, prepare_tokenizer
 from vlmkit.train.frozen_features import FrozenVisionFeatures
 from vlmkit.train.optim import freeze_for_stage, make_optimizer, set_train_mode
 from vlmkit.train.recipe import load_recipe

@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors.torch import load_model, save_model
 
 from vlmkit import __version__
-from vlmkit.config import ModelConfig, from_dict, to_dict
+from vlmkit.config import ModelConfig, to_dict
 from vlmkit.family import model_config_from_dict
 from vlmkit.errors import CheckpointError
 from vlmkit.models import build_model

@@ -29,7 +29,7 @@ def cmd_train(args) -> None:
         overrides.append("data.skip_bad_samples=true")
     recipe = load_recipe(args.recipe, overrides)
     out = args.out or f"runs/{recipe.name}"
-    res = train(recipe, out, resume=args.resume, progress=not args.quiet)
+    res = train(recipe, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the run
         return
     print(json.dumps({"checkpoint": str(res.checkpoint), "steps": res.steps, "train_seconds": res.train_seconds,
@@ -235,7 +235,10 @@ def _add_train(sub) -> None:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. train.batch_size=16 or stages.0.steps=50")
     t.add_argument("--out", help="run folder (default: runs/RECIPE)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    how = t.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    how.add_argument("--overwrite", action="store_true",
+                     help="start over in an OUT that holds a run, replacing its checkpoint and logs")
     t.add_argument("--skip-bad-samples", action="store_true", help="skip and count bad rows instead of failing")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)

@@ -35,7 +35,7 @@ def run_demo(out: str | Path = "vlmkit-demo", data: str | Path | None = None, ov
     else:
         log(f"using ShapesWorld in {data}")
     recipe = load_recipe("tiny-llava", [f"data.path={data}"] + list(overrides or []))
-    result = train(recipe, out, progress=progress)
+    result = train(recipe, out, overwrite=True, progress=progress)  # a demo reruns from scratch
     pipe = Pipeline.from_pretrained(result.checkpoint)
     test = read_conversations(data / "test.json")
     t0 = time.perf_counter()

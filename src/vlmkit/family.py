@@ -17,7 +17,7 @@ import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
@@ -120,7 +120,7 @@ class VLMFamily(Family):
     model fitted to the recipe's tokenizer."""
 
     Config = VLMConfig
-    objectives = ("lm", "cell_labels")
+    objectives = ("lm", "cell_labels", "qformer")  # qformer: a model whose connector is a Q-Former
 
     def image_processor(self, pcfg: ProcessorConfig):
         return ImageProcessor(pcfg)
@@ -136,8 +136,12 @@ class VLMFamily(Family):
         return "" if cfg.vision.arch == "cnn" else super().export_class(cfg)
 
     def configure(self, cfg, pcfg, tokenizer):
-        """The LM's vocabulary is the tokenizer's; images are the tower's size."""
+        """The LM's vocabulary is the tokenizer's, and so is that of a Q-Former connector that reads text (stage 1,
+        an instruction) unless it starts from a BERT (which brings its own); images are the tower's size."""
         cfg = apply_overrides(cfg, {"lm.vocab_size": tokenizer.vocab_size})
+        q = cfg.connector.qformer
+        if cfg.connector.kind == "qformer" and q.vocab_size and not q.init_from:
+            cfg = apply_overrides(cfg, {"connector.qformer.vocab_size": tokenizer.vocab_size})
         return cfg, apply_overrides(pcfg, {"image_size": list(cfg.vision.image_size), "family": cfg.family})
 
     def new_processor(self, model, pcfg, tokenizer):

@@ -143,7 +143,8 @@ def test_a_fine_tuned_llava_exports_back_to_transformers(llava_folder, shapes, t
 def test_grouped_questions_are_refused_where_the_family_attends_its_own_way(request, fixture, match, shapes,
                                                                            tmp_path):
     recipe = load_recipe("tiny-llava", [f"data.path={shapes}", f"init_from={request.getfixturevalue(fixture)[0]}",
-                                        "data.group_turns=4", "train.precompute_frozen_vision=false"])
+                                        "data.group_turns=4", "train.precompute_frozen_vision=false",
+                                        "stages=[{name: instruct, train: [connector, lm], steps: 1}]"])
     with pytest.raises(ConfigError, match=rf"data.group_turns 4: grouped questions share one prompt prefix at plain "
                                           rf"positions .*the {match} family reads each question its own way"):
         train(recipe, tmp_path / "run", progress=False, log=lambda m: None)

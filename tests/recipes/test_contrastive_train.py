@@ -1,4 +1,4 @@
-"""Contrastive training (train/contrastive.py) through vlmkit.train.loop.train on the tiny-clip / tiny-siglip
+"""Contrastive training (objectives/contrastive.py) through vlmkit.train.loop.train on the tiny-clip / tiny-siglip
 recipes, shrunk: the loss falls below chance, the checkpoint embeds, resume equals an uninterrupted run, a LiT
 stage keeps the image tower bit-identical, and the refusals (grad_accum, LM objective or modules, a batch larger
 than the data, bad rows) name what to change."""

@@ -117,7 +117,7 @@ def test_fsdp_run_killed_mid_checkpoint_resumes_from_its_shards_exactly(shapes, 
     """2 processes under FSDP2, rank 0 killed (SIGKILL) while writing the step-15 checkpoint; torchrun stops the
     run; --resume loads the step-10 shards (weights, optimizer, data position) and ends on the uninterrupted run's
     weights, bit for bit."""
-    from vlmkit.train.loop import KILL_IN_CHECKPOINT_ENV
+    from vlmkit.train.checkpointing import KILL_IN_CHECKPOINT_ENV
 
     extra = ["train.distributed=fsdp", "train.save_every=5"]
     train(shapes, tmp_path / "full", 2, *extra)

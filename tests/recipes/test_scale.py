@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 import vlmkit
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.errors import ConfigError
-from vlmkit.train.loop import KILL_IN_CHECKPOINT_ENV, train
+from vlmkit.train.checkpointing import KILL_IN_CHECKPOINT_ENV
+from vlmkit.train.loop import train
 from vlmkit.train.recipe import load_recipe
 
 TINY = [
@@ -210,12 +211,12 @@ def test_compiled_blocks_train_as_eager_ones(shapes, tmp_path):
 
 
 def test_a_kill_between_the_two_renames_leaves_the_previous_checkpoint_to_resume(tmp_path):
-    from vlmkit.train.loop import _clean_stale
+    from vlmkit.train.checkpointing import clean_stale
 
     (tmp_path / ".checkpoint.old-step6").mkdir()
     (tmp_path / ".checkpoint.old-step6" / "trainer_state.json").write_text('{"global_step": 6}')
     (tmp_path / ".checkpoint.tmp-step9").mkdir()
-    _clean_stale(tmp_path / "checkpoint")
+    clean_stale(tmp_path / "checkpoint")
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 

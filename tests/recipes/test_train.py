@@ -114,6 +114,38 @@ def test_resume_equals_uninterrupted(shapes, tmp_path, stop, saved, extra):
         assert torch.equal(a[k], b[k]), k
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
     assert losses(tmp_path / "full", "vision") == losses(tmp_path / "cut", "vision")
+    # the log is cut back to the resumed step: each stage's event once, as in the uninterrupted run
+    events = [[r for r in rows(tmp_path / run) if r.get("event") == "stage"] for run in ("full", "cut")]
+    assert events[0] == events[1] and [e["stage"] for e in events[1]] == ["vision", "instruct"]
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(shapes, tmp_path):
+    r = recipe(shapes, "stages.0.steps=1", "stages.1.steps=2")
+    train(r, tmp_path / "run", progress=False, log=lambda m: None)
+    kept = {f: (tmp_path / "run" / f).read_bytes() for f in ("metrics.jsonl", "checkpoint/model.safetensors")}
+    with pytest.raises(ConfigError, match=r"already holds a run .*--resume to continue it, or --overwrite"):
+        train(r, tmp_path / "run", progress=False, log=lambda m: None)
+    assert kept == {f: (tmp_path / "run" / f).read_bytes() for f in kept}  # nothing lost
+    longer = recipe(shapes, "stages.0.steps=1", "stages.1.steps=3")
+    res = train(longer, tmp_path / "run", overwrite=True, progress=False, log=lambda m: None)
+    assert res.steps == 4 and [r["step"] for r in rows(tmp_path / "run") if r.get("event") == "run"] == [0]
+
+
+def test_a_validation_file_that_does_not_exist_is_an_error(shapes, tmp_path):
+    r = recipe(shapes, "data.val=nope.json", "stages.0.steps=1", "stages.1.steps=1")
+    with pytest.raises(ConfigError, match=r"data\.val: .*nope\.json does not exist"):
+        train(r, tmp_path / "run", progress=False, log=lambda m: None)
+
+
+def test_the_start_says_how_many_threads_each_process_uses(shapes, tmp_path):
+    lines, threads = [], torch.get_num_threads()
+    try:
+        train(recipe(shapes, "stages.0.steps=1", "stages.1.steps=1", "train.threads=1"), tmp_path / "run",
+              progress=False, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)  # train.threads sets the process's count
+    assert any(line.endswith("; 1 thread") for line in lines), lines[:3]
+    assert next(r for r in rows(tmp_path / "run") if r.get("event") == "run")["threads"] == 1
 
 
 def test_precomputed_frozen_vision_trains_as_the_tower_would(shapes, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from vlmkit.data.shapes import COLORS, SHAPES, SIZES
 from vlmkit.errors import ConfigError
-from vlmkit.train.cell_labels import cell_labels, read_scenes
+from vlmkit.objectives.cell_labels import cell_labels, read_scenes
 
 
 def obj(color, shape, cx, cy, side, size="small"):

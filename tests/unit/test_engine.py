@@ -142,11 +142,11 @@ def test_a_failure_inside_the_model_ends_its_requests_and_the_engine_serves_on(p
 
 def test_a_dual_encoder_embeds_and_refuses_to_chat():
     from vlmkit.families.dual_encoder import train_caption_tokenizer
-    from vlmkit.train.contrastive import build_dual_for_recipe
+    from vlmkit.train.build import build_for_recipe
     from vlmkit.train.recipe import load_recipe
 
     tok = train_caption_tokenizer(["a red circle.", "two blue squares."] * 8, 300)
-    cfg, model, processor = build_dual_for_recipe(load_recipe("tiny-clip"), tok)
+    cfg, model, processor = build_for_recipe(load_recipe("tiny-clip"), tok)
     engine = Engine(Pipeline(model.eval(), processor, cfg)).start()
     with pytest.raises(ConfigError, match="dual encoder"):
         engine.submit_chat(user("hi"), [], GenerationConfig())

@@ -21,7 +21,6 @@ class Blip2(VLMFamily):
     """image tower -> Q-Former (learned queries) -> LM, the queries spliced at the image tokens (BLIP-2)"""
 
     name = "blip2"
-    objectives = ("lm", "cell_labels", "qformer")
     capabilities = Capabilities(tower_cache=True)
     hf = HFMapping(("blip-2",), load_blip2_folder, export_blip2, "Blip2ForConditionalGeneration")
 
@@ -30,15 +29,6 @@ class Blip2(VLMFamily):
 
     def layout(self, pcfg, tokenizer, files):
         return (SegmentLayout if pcfg.text_mode == "segments" else ImagesFirstLayout)(pcfg, tokenizer)
-
-    def configure(self, cfg, pcfg, tokenizer):
-        """As every VLM family's, and a Q-Former that reads text (stage 1, an instruction) reads the model's
-        tokenizer unless it starts from a BERT (which brings its own)."""
-        cfg, pcfg = super().configure(cfg, pcfg, tokenizer)
-        q = cfg.connector.qformer
-        if q.vocab_size and not q.init_from:
-            cfg = apply_overrides(cfg, {"connector.qformer.vocab_size": tokenizer.vocab_size})
-        return cfg, pcfg
 
 
 @register

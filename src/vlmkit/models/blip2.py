@@ -18,7 +18,6 @@ sequence attends as any other (``VisionLanguageModel.document_attention``).
 
 from __future__ import annotations
 
-import torch
 
 from vlmkit.config import VLMConfig
 from vlmkit.connectors import build_connector

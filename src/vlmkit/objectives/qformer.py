@@ -21,11 +21,20 @@ generation pass recomputes the queries instead of reusing their cached keys and 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vlmkit.connectors.qformer import QFormerConnector, resolve_bert_folder
+from vlmkit.data.pairs import read_pairs
+from vlmkit.errors import ConfigError
+from vlmkit.objectives import Objective, StepResult, register
+from vlmkit.train.frozen_features import FrozenVisionFeatures
+from vlmkit.train.stream import BatchStream
 
 
 class QFormerPretrainingHeads(nn.Module):
@@ -166,3 +175,154 @@ def blip2_stage1_losses(connector, image: torch.Tensor, text_ids: torch.Tensor, 
     itg = _itg_loss(connector, queries, image, text_ids, text_mask, dec_id, label_smoothing)
     return Stage1Losses(itc + itm + itg, float(itc.detach()), float(itm.detach()), float(itg.detach()),
                         itc_accuracy, itm_accuracy)
+
+
+# ------------------------------------------------------------------------------------------------ the stage objective
+
+MAX_TEXT = 64  # Q-Former text positions read per caption (ShapesWorld's longest caption is ~40 BPE tokens)
+
+
+class QFormerTexts:
+    """Captions -> Q-Former text ids: [CLS] first (its output is the ITC text embedding), [DEC] for generation."""
+
+    def __init__(self, connector: QFormerConnector, tokenizer):
+        from tokenizers import Tokenizer
+
+        cfg = connector.cfg
+        if cfg.init_from:
+            folder = resolve_bert_folder(cfg.init_from)
+            self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            vocab = self.tok.get_vocab_size()
+            if cfg.vocab_size != vocab + 1:
+                raise ConfigError(f"qformer.vocab_size {cfg.vocab_size}: a Q-Former initialised from {cfg.init_from!r} "
+                                  f"reads its tokenizer ({vocab} tokens) plus BLIP-2's [DEC]; set it to {vocab + 1}")
+            self.cls, self.end, self.dec = None, None, vocab  # the BERT post-processor adds [CLS] ... [SEP]
+            self.pad = self.tok.token_to_id("[PAD]") or 0
+        else:
+            if cfg.vocab_size != tokenizer.vocab_size:
+                raise ConfigError(f"qformer.vocab_size {cfg.vocab_size}: the Q-Former reads the model's tokenizer "
+                                  f"({tokenizer.vocab_size} tokens); set it to {tokenizer.vocab_size}")
+            self.tok = tokenizer.tok
+            self.cls, self.end = tokenizer.token_id("<s>"), tokenizer.eos_id
+            self.dec, self.pad = tokenizer.token_id("</s>"), tokenizer.pad_id
+
+    def encode(self, text: str) -> list[int]:
+        if self.cls is None:
+            ids = self.tok.encode(text).ids
+            return ids[:MAX_TEXT - 1] + ids[-1:] if len(ids) > MAX_TEXT else ids
+        return [self.cls] + self.tok.encode(text, add_special_tokens=False).ids[:MAX_TEXT - 2] + [self.end]
+
+    def pad_rows(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        return ids, mask
+
+
+def check_qformer_stage(model, stage) -> QFormerConnector:
+    connector = getattr(model, "connector", None)
+    if not isinstance(connector, QFormerConnector) or not hasattr(connector, "heads"):
+        raise ConfigError(f"stage {stage.name!r}: objective qformer trains a Q-Former's stage-1 heads; the model "
+                          f"needs connector.kind: qformer with qformer.embed_dim > 0 (and qformer.vocab_size > 0)")
+    return connector  # the stage trains [connector] alone (QFormerObjective.check_stage)
+
+
+@torch.no_grad()
+def held_out_retrieval(connector, encoder, processor, texts: QFormerTexts, path: Path, n_images: int = 256) -> float:
+    """Top-1 image -> text retrieval by ITC similarity among batches of 64 held-out images (first caption each)."""
+    pairs = read_pairs(path)
+    first: dict[Path, str] = {}
+    for p in pairs:
+        first.setdefault(p.image, p.caption)
+    images = sorted(first)[:n_images]
+    was = connector.training
+    connector.eval()
+    hits = 0
+    heads, Q = connector.heads, connector.cfg.num_query_tokens
+    for start in range(0, len(images), 64):
+        chunk = images[start:start + 64]
+        ids, mask = texts.pad_rows([texts.encode(first[p]) for p in chunk])
+        feats = encoder(processor.prepare_images(chunk, str(path)).pixel_values)
+        queries = connector.query_tokens.expand(len(chunk), -1, -1)
+        hidden = connector.qformer(queries, feats, text_ids=ids, text_mask=mask, attention="unimodal")
+        img = torch.nn.functional.normalize(heads.vision_proj(hidden[:, :Q]), dim=-1)
+        txt = torch.nn.functional.normalize(heads.text_proj(hidden[:, Q]), dim=-1)
+        sim = torch.einsum("iqe,je->ijq", img, txt).amax(-1)
+        hits += int((sim.argmax(1) == torch.arange(len(chunk))).sum())
+    connector.train(was)
+    return hits / max(len(images), 1)
+
+
+@register
+class QFormerObjective(Objective):
+    """BLIP-2's stage 1: the Q-Former and its heads learn ITC, ITM and ITG on image-caption pairs, the tower frozen"""
+
+    name = "qformer"
+    resumable = False  # an interrupted stage reruns whole
+    distributed = False  # every rank runs it whole (the same seeded computation: the replicas stay equal)
+    log_every = 10
+    trains = ["connector"]
+    own_batch_size = True
+
+    def start(self, stage, si: int, model) -> None:
+        run = self.run
+        self.connector = check_qformer_stage(model, stage)
+        self.texts = QFormerTexts(self.connector, run.processor.tokenizer)
+        self.root = Path(run.recipe.data.path or ".")
+        self.path = self.root / stage.pairs
+        pairs = read_pairs(self.path)
+        self.by_image: dict[Path, list[list[int]]] = {}
+        for p in pairs:
+            self.by_image.setdefault(p.image, []).append(self.texts.encode(p.caption))
+        self.images = sorted(self.by_image)
+        batch_size = stage.batch_size or run.recipe.train.batch_size
+        if len(self.images) < batch_size:
+            raise ConfigError(f"stage {stage.name!r}: batch_size {batch_size} > {len(self.images)} images in {self.path}")
+        t0 = time.perf_counter()
+        model.encoder.eval()
+        self.features = FrozenVisionFeatures(model.encoder, run.processor, self.images, progress=run.progress)
+        run.elapsed += time.perf_counter() - t0
+        run.log(f"  Q-Former stage 1: {len(pairs):,} captions of {len(self.images):,} images, vision features in "
+                f"{time.perf_counter() - t0:.1f} s; losses ITC + ITM + ITG")
+        self.seed, self.encoder = run.recipe.train.seed + si, model.encoder
+        self.stream = BatchStream(len(self.images), batch_size, self.seed, drop_last=True)
+        self.window: dict[str, float] = {}
+
+    def step(self, net, model) -> StepResult:
+        idx = self.stream.next()
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stream.position)
+        picks = torch.randint(0, 2**31 - 1, (len(idx),), generator=g).tolist()
+        rows = [self.by_image[self.images[i]][k % len(self.by_image[self.images[i]])] for i, k in zip(idx, picks)]
+        ids, mask = self.texts.pad_rows(rows)
+        feats = self.features.lookup([self.images[i] for i in idx])
+        res = blip2_stage1_losses(self.connector, feats, ids, mask, torch.tensor(idx), self.texts.dec, generator=g)
+        res.loss.backward()
+        for k in ("itc", "itm", "itg", "itc_accuracy", "itm_accuracy"):
+            self.window[k] = self.window.get(k, 0.0) + getattr(res, k)
+        self.window["n"] = self.window.get("n", 0) + 1
+        return StepResult(float(res.loss.detach()), metrics={"itc": res.itc, "itm": res.itm, "itg": res.itg})
+
+    def row(self, result: StepResult) -> dict:
+        """The means of the logging window; loss is their sum."""
+        n = self.window.pop("n")
+        means = {k: v / n for k, v in self.window.items()}
+        self.window = {}
+        return {"loss": means["itc"] + means["itm"] + means["itg"], "elapsed": self.run.elapsed, **means}
+
+    def postfix(self, result: StepResult) -> dict:
+        return {k: f"{v:.2f}" for k, v in result.metrics.items()}
+
+    def validation_due(self, step: int, last: bool) -> bool:
+        return last
+
+    def validate(self, model, last: bool) -> dict[str, float]:
+        held_out = self.root / self.path.name.replace("train", "val")
+        if held_out == self.path or not held_out.is_file():
+            return {}
+        acc = held_out_retrieval(self.connector, self.encoder, self.run.processor, self.texts, held_out)
+        self.run.log(f"  image -> text retrieval on {held_out.name} (batches of 64 images, one caption each): top-1 "
+                     f"{acc:.3f}")
+        return {"val_itc_accuracy": acc}

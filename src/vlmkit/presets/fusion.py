@@ -20,7 +20,7 @@ from vlmkit.processing.mllama import MllamaProcessorConfig
 
 # a Q-Former at the LM's width: 2 BERT layers, each cross-attending to the 8x8 cells, 16 queries (tiny-llava's
 # 16 image tokens). vocab_size 1 is a placeholder: a recipe gives the Q-Former the model's tokenizer
-# (train/loop.py), whose [CLS]/[DEC] are <s> / </s>; embed_dim: BLIP-2's stage-1 heads (ITC space of 64)
+# (objectives/qformer.py), whose [CLS]/[DEC] are <s> / </s>; embed_dim: BLIP-2's stage-1 heads (ITC space of 64)
 TINY_QFORMER = QFormerConfig(width=128, depth=2, heads=4, mlp_dim=256, num_query_tokens=16,
                              cross_attention_frequency=1, vocab_size=1, max_position_embeddings=128, embed_dim=64)
 

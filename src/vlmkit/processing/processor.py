@@ -18,7 +18,7 @@ import torch
 
 from vlmkit.batch import Encoded, MediaInputs
 from vlmkit.config import ProcessorConfig, to_dict
-from vlmkit.errors import CheckpointError, ConfigError, DataError
+from vlmkit.errors import ConfigError, DataError
 from vlmkit.processing.chat import normalize_messages
 from vlmkit.processing.image import load_image
 from vlmkit.processing.layouts import check_messages

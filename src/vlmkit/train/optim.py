@@ -77,8 +77,9 @@ def set_train_mode(model, stage: StageConfig) -> None:
                 m.train()
 
 
-def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
-    """One group per trained module (its own lr), no weight decay on norms/biases.
+def make_optimizer(model, stage: StageConfig, extra: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """One group per trained module (its own lr), no weight decay on norms/biases; ``extra``: parameters trained
+    beside the model's (an objective's heads), at the stage's lr with AdamW.
 
     ``stage.optimizer``: ``adamw`` for everything, or ``muon``: Muon for the 2D hidden weight matrices
     (attention, MLP, connector), AdamW for embeddings, the LM's output head, norms, biases and conv kernels
@@ -114,6 +115,10 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
         groups.append({**base, "params": decay, "weight_decay": stage.weight_decay})
         groups.append({**base, "params": no_decay, "weight_decay": 0.0})
         groups.append({**base, "params": hidden, "weight_decay": stage.weight_decay, "use_muon": True})
+    if extra:
+        base = {"lr": stage.lr, "base_lr": stage.lr, "module": "objective", "use_muon": False}
+        groups.append({**base, "params": [p for p in extra if p.ndim > 1], "weight_decay": stage.weight_decay})
+        groups.append({**base, "params": [p for p in extra if p.ndim <= 1], "weight_decay": 0.0})
     groups = [g for g in groups if g["params"]]
     if use_muon:
         return MuonAdamW(groups, betas=tuple(stage.betas))

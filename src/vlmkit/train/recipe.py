@@ -36,16 +36,15 @@ class StageConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     # lm: next-token loss on the assistant turns; cell_labels: the vision tower alone learns the colour and
-    # shape under each cell of its grid from ShapesWorld's scenes.json (train/cell_labels.py); contrastive: a dual
+    # shape under each cell of its grid from ShapesWorld's scenes.json (objectives/cell_labels.py); contrastive: a dual
     # encoder's loss (contrastive.loss of the model: CLIP's InfoNCE or SigLIP's sigmoid) on image-caption pairs;
-    # qformer: BLIP-2's stage 1 (ITC + ITM + ITG of a Q-Former connector on a frozen tower, train/qformer_stage.py)
+    # qformer: BLIP-2's stage 1 (ITC + ITM + ITG of a Q-Former connector on a frozen tower, objectives/qformer.py)
     objective: str = "lm"
     batch_size: int = 0  # cell_labels and qformer stages only; 0 = train.batch_size
     pairs: str = "pairs_train.csv"  # qformer stages: the image-caption pairs (CSV/TSV/COCO JSON) under data.path
     optimizer: str = "adamw"  # adamw, or muon: Muon on the hidden weight matrices, AdamW on the rest
 
 
-OBJECTIVES = ("lm", "cell_labels", "contrastive", "qformer")
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -53,7 +52,7 @@ OPTIMIZERS = ("adamw", "muon")
 class DataConfig:
     path: str = ""  # folder holding the split files (a ShapesWorld folder, say)
     train: list[str] = field(default_factory=lambda: ["train.json"])  # LLaVA JSON or COCO captions files
-    val: str = "val.json"
+    val: str = ""  # validation file under path (LLaVA JSON or pairs); "": none. A file named that is missing is an error
     image_root: str = ""  # image paths are relative to the JSON file unless this is set
     group_turns: int = 8  # merge questions about one image into conversations of up to N turns; 0 = off
     val_samples: int = 256  # dual encoders: validation images (with all their captions)
@@ -121,6 +120,7 @@ class Recipe:
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters; a stage trains them with train: [lora]
 
     def validate(self) -> None:
+        from vlmkit.objectives import objective_class
         from vlmkit.presets import PRESETS
 
         PRESETS.get(self.preset)  # an unknown preset fails before any data is read
@@ -139,22 +139,13 @@ class Recipe:
                 raise ConfigError(f"stages[{i}].lr_scale: unknown module {bad[0]!r}; valid: {', '.join(MODULE_GROUPS)}")
             if st.steps < 1:
                 raise ConfigError(f"stages[{i}].steps must be >= 1, got {st.steps}")
-            if st.objective not in OBJECTIVES:
-                raise ConfigError(f"stages[{i}].objective: {st.objective!r}; valid: {', '.join(OBJECTIVES)}")
             if st.optimizer not in OPTIMIZERS:
                 raise ConfigError(f"stages[{i}].optimizer: {st.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-            if st.optimizer != "adamw" and st.objective == "cell_labels":
-                raise ConfigError(f"stages[{i}].optimizer: {st.optimizer} is for lm, contrastive and qformer "
-                                  f"stages; cell_labels stages use adamw")
-            if st.objective == "qformer" and st.train != ["connector"]:
-                raise ConfigError(f"stages[{i}]: the qformer objective trains the Q-Former on a frozen image tower "
-                                  f"(BLIP-2's stage 1); set train: [connector], got {st.train}")
-            if st.objective == "cell_labels" and st.train != ["vision"]:
-                raise ConfigError(f"stages[{i}]: the cell_labels objective trains the vision tower alone; "
-                                  f"set train: [vision], got {st.train}")
-            if st.batch_size < 0 or (st.batch_size and st.objective not in ("cell_labels", "qformer")):
-                raise ConfigError(f"stages[{i}].batch_size: {st.batch_size}; it is for cell_labels and qformer stages "
-                                  f"(>= 1, or 0 for train.batch_size); lm stages use train.batch_size")
+            try:
+                objective = objective_class(st.objective)
+            except ConfigError as e:
+                raise ConfigError(f"stages[{i}].objective: {e}") from None
+            objective.check_stage(st, i)
         if self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
         t = self.train

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import ConnectorConfig, ProcessorConfig, VisionConfig, VLMConfig
+from vlmkit.config import ConnectorConfig, VisionConfig, VLMConfig
 from vlmkit.connectors.qformer import qformer_config_from_hf, qformer_key_map
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import is_opt, lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved

@@ -14,7 +14,6 @@ Missing config keys take transformers' IdeficsConfig defaults, as transformers r
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch

@@ -13,7 +13,6 @@ transformers 4 saved, which transformers 5, vLLM and SGLang read) with PaliGemma
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from vlmkit.config import ConnectorConfig, VLMConfig
