@@ -1,6 +1,6 @@
 """vlmkit: build, train, evaluate and serve vision-language models from composable parts."""
 
-__version__ = "0.1.0"
+from vlmkit.version import __version__
 
 
 def load(path, device="cpu"):

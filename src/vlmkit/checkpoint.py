@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import load_model, save_model
 
-from vlmkit import __version__
+from vlmkit.version import __version__
 from vlmkit.config import ModelConfig, to_dict
 from vlmkit.family import model_config_from_dict
 from vlmkit.errors import CheckpointError

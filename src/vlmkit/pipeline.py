@@ -34,6 +34,9 @@ class Pipeline:
         self.device = next(model.parameters()).device
         self.family = processor.family
         self.last_truncated = 0
+        # per request of the last chat_batch, why it failed (an endpoint backend's, eval/backends.py); a local
+        # model raises instead, so it has none
+        self.last_errors: list[str | None] = []
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu") -> Pipeline:

@@ -20,7 +20,8 @@ import vlmkit
 from vlmkit.batch import Batch
 from vlmkit.checkpoint import write_model_files
 from vlmkit.cli import main
-from vlmkit.convert.hf import convert_to_hf, dual_encoder_config_to_hf
+from vlmkit.convert.hf import convert_to_hf
+from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset

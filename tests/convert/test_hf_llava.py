@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlmkit.errors import ConfigError
-from vlmkit.convert.hf import load_hf_llava
+from vlmkit.convert.hf.llava import load_hf_llava
 
 from helpers import fixed_media, forward
 

@@ -21,15 +21,12 @@ import pytest
 import torch
 
 import vlmkit
-from vlmkit.cli import main
 from vlmkit.errors import ConfigError, DataError
-from vlmkit.generation import GenerationConfig, generate
 from vlmkit.processing import Processor
-from vlmkit.batch import MediaInputs
 from vlmkit.processing.llava_next import reduced_size, tile_grid, unpad_slice
 
 from helpers import forward
-from hf_fixtures import real_images, reference_logprobs
+from hf_fixtures import real_images
 from hf_folders import ONEVISION_PINPOINTS as PINPOINTS
 from hf_folders import ONEVISION_TEMPLATE as TEMPLATE
 
@@ -108,43 +105,6 @@ def test_multi_image_square_mode_equals_transformers_with_nested_images(ov_folde
     assert square.prepare_images(single).tokens == pipe.processor.prepare_images(single).tokens
 
 
-@pytest.mark.parametrize("prompt, indices, continuation", [
-    (*PROMPTS[0], "It is red."), (*PROMPTS[1], " a blue triangle"), (*PROMPTS[2], " Two squares.")])
-def test_score_equals_transformers_logprobs(ov_folder, pipe, prompt, indices, continuation):
-    _, ref, hf_proc = ov_folder
-    images = images_of(indices)
-    ours = pipe.score(images, prompt, continuation)
-    theirs = reference_logprobs(ref, hf_proc, images, prompt, continuation)
-    assert len(ours) == len(theirs) > 0
-    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
-
-
-def test_greedy_generation_equals_transformers(ov_folder, pipe):
-    _, ref, hf_proc = ov_folder
-    prompt, indices = PROMPTS[2]
-    images = images_of(indices)
-    inputs = hf_proc(text=prompt, images=images, return_tensors="pt")
-    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    ours = pipe.processor.prepare_images(images)
-    tok = pipe.processor.tokenizer
-    ids = generate(pipe.model, [pipe.processor.encode_prompt(prompt, ours)], ours, tok.eos_id, tok.pad_id,
-                   GenerationConfig(max_new_tokens=8, temperature=0.0))[0]
-    assert ids == new  # the tokens, not only their text (byte-level pieces can decode alike)
-    expected = hf_proc.tokenizer.decode(new, skip_special_tokens=True)
-    assert pipe.generate(images, prompt, max_new_tokens=8) == expected
-
-
-def test_batched_generation_with_left_padding_equals_one_by_one(pipe):
-    items = [(pipe.processor.prepare_images(images_of(i)), p) for p, i in PROMPTS]
-    ids = [pipe.processor.encode_prompt(p, inputs) for inputs, p in items]
-    gen = GenerationConfig(max_new_tokens=6, temperature=0.0)
-    tok = pipe.processor.tokenizer
-    batched = generate(pipe.model, ids, MediaInputs.cat([x for x, _ in items]), tok.eos_id, tok.pad_id, gen)
-    alone = [generate(pipe.model, [i], x, tok.eos_id, tok.pad_id, gen)[0] for i, (x, _) in zip(ids, items)]
-    assert batched == alone
-
-
 def test_chat_uses_the_folders_template(ov_folder, pipe):
     _, _, hf_proc = ov_folder
     assert pipe.processor.cfg.chat_template_jinja == TEMPLATE
@@ -154,18 +114,6 @@ def test_chat_uses_the_folders_template(ov_folder, pipe):
     theirs_ids = hf_proc(text=theirs, images=images)["input_ids"][0]
     inputs = pipe.processor.prepare_images(images)
     assert pipe.processor.chat("What is it?", inputs).ids == list(theirs_ids)
-
-
-def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(ov_folder, pipe, tmp_path):
-    out = tmp_path / "converted"
-    assert main(["convert", "--from", "hf", str(ov_folder[0]), "--out", str(out)]) == 0
-    prompt, indices = PROMPTS[2]
-    images = images_of(indices)
-    direct = pipe.score(images, prompt, " Two squares.")
-    converted = vlmkit.load(out)
-    assert converted.meta.get("format") == "vlmkit"
-    assert converted.processor.cfg.refused_placeholders == ["<video>"]
-    assert converted.score(images, prompt, " Two squares.") == pytest.approx(direct, abs=1e-6)
 
 
 def test_video_placeholders_are_refused(pipe):

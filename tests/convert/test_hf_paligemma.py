@@ -14,10 +14,8 @@ import pytest
 import torch
 
 import vlmkit
-from vlmkit.cli import main
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.batch import Batch
-from vlmkit.generation import GenerationConfig, generate
 
 from helpers import forward
 from hf_fixtures import real_images
@@ -69,22 +67,6 @@ def test_input_ids_pixels_and_logits_equal_transformers(paligemma_folder, prompt
     assert (causal - ref_logits).abs().max() > 1e-3  # the prefix-LM mask is what makes them equal
 
 
-@pytest.mark.parametrize("prompt, continuation", [
-    (PROMPTS[0], " a red circle"), (PROMPTS[1], "red"), (PROMPTS[2], " Two squares."), (PROMPTS[0], "")])
-def test_score_equals_transformers_suffix_logprobs(paligemma_folder, prompt, continuation):
-    folder, ref, hf_proc = paligemma_folder
-    pipe = vlmkit.load(folder)
-    images = images_for(prompt)
-    theirs, inputs = reference_logprobs(ref, hf_proc, images, prompt, continuation)
-    ids, start = pipe.processor.encode_score(prompt, continuation, pipe.processor.prepare_images(images))
-    assert ids == inputs["input_ids"][0].tolist()
-    assert start == int((inputs["token_type_ids"][0] == 0).sum())  # the suffix starts where transformers' does
-    assert ids[-1] == pipe.processor.tokenizer.eos_id  # ... and ends with the EOS the processor appends
-    ours = pipe.score(images, prompt, continuation)
-    assert len(ours) == len(theirs) == len(ids) - start > 0
-    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
-
-
 def test_loss_with_suffix_labels_equals_transformers(paligemma_folder):
     """The prompt (transformers' token_type_ids == 0) as the batch's prompt_mask, labels on the suffix: the same
     loss. The processor's supervised layout of that question and answer gives the same ids, labels and prompt."""
@@ -106,49 +88,6 @@ def test_loss_with_suffix_labels_equals_transformers(paligemma_folder):
     assert abs(float(causal - theirs)) > 1e-4  # the prompt mask is what makes them equal
 
 
-def test_greedy_generation_equals_transformers(paligemma_folder):
-    folder, ref, hf_proc = paligemma_folder
-    pipe = vlmkit.load(folder)
-    for prompt in PROMPTS[:2]:
-        images = images_for(prompt)
-        inputs = hf_proc(text=prompt, images=images, return_tensors="pt")
-        inputs.pop("labels")
-        out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-        expected = hf_proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert len(out[0]) - inputs["input_ids"].shape[1] == 8
-        assert pipe.generate(images, prompt, max_new_tokens=8) == expected
-
-
-def test_batched_left_padded_generation_equals_transformers(paligemma_folder, monkeypatch):
-    """Two prompts of different lengths in one batch: left padding, per-row positions, the prefix mask."""
-    folder, ref, hf_proc = paligemma_folder
-    pipe = vlmkit.load(folder)
-    prompts, images = [PROMPTS[0], "answer en What colour is the small circle?"], real_images()[:2]
-    monkeypatch.setattr(hf_proc.tokenizer, "padding_side", "left")  # the processor is shared: undone after
-    inputs = hf_proc(text=prompts, images=[[im] for im in images], padding="longest", return_tensors="pt")
-    inputs.pop("labels")
-    assert (inputs["attention_mask"] == 0).any()  # the batch is padded
-    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    expected = hf_proc.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert pipe.chat_batch([(im, p) for im, p in zip(images, prompts)], max_new_tokens=8) == expected
-    assert [pipe.generate(im, p, max_new_tokens=8) for im, p in zip(images, prompts)] == expected
-
-
-def test_generation_without_cache_equals_cached(paligemma_folder):
-    """generate(use_cache=False) reruns the whole sequence each step: the prompt must stay the prefix and the
-    generated tokens causal (generate passes prefix_len), or the tokens differ from the cached path's."""
-    folder, _, _ = paligemma_folder
-    pipe = vlmkit.load(folder)
-    proc, tok = pipe.processor, pipe.processor.tokenizer
-    items = [(proc.prepare_images(images_for(p)), p) for p in (PROMPTS[0], PROMPTS[2])]
-    prompts = [proc.encode_prompt(p, inputs) for inputs, p in items]
-    pixels = type(items[0][0]).cat([inputs for inputs, _ in items])
-    gen = GenerationConfig(max_new_tokens=8)
-    cached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen)
-    uncached = generate(pipe.model, prompts, pixels, tok.eos_id, tok.pad_id, gen, use_cache=False)
-    assert cached == uncached and all(len(c) > 0 for c in cached)
-
-
 def test_chat_uses_paligemmas_prompt_layout(paligemma_folder):
     """A folder without a chat template: chat() lays the question out as PaliGemmaProcessor does."""
     folder, _, hf_proc = paligemma_folder
@@ -158,21 +97,6 @@ def test_chat_uses_paligemmas_prompt_layout(paligemma_folder):
     theirs = hf_proc(text="What is it?", images=images)["input_ids"][0]
     assert pipe.processor.chat("What is it?", inputs).ids == list(theirs)
     assert pipe.chat(images, "What is it?", max_new_tokens=4) == pipe.generate(images, "What is it?", max_new_tokens=4)
-
-
-def test_convert_from_hf_writes_a_checkpoint_that_scores_the_same(paligemma_folder, tmp_path):
-    folder, _, _ = paligemma_folder
-    out = tmp_path / "converted"
-    assert main(["convert", "--from", "hf", str(folder), "--out", str(out)]) == 0
-    images = images_for(PROMPTS[1])
-    direct = vlmkit.load(folder)
-    converted = vlmkit.load(out)
-    assert converted.meta.get("format") == "vlmkit"
-    assert converted.config.family == "paligemma" and converted.processor.cfg.image_processor == "paligemma"
-    assert converted.score(images, PROMPTS[1], " It is red.") == pytest.approx(
-        direct.score(images, PROMPTS[1], " It is red."), abs=1e-6)
-    assert converted.generate(images, PROMPTS[1], max_new_tokens=8) == direct.generate(images, PROMPTS[1],
-                                                                                        max_new_tokens=8)
 
 
 def test_prefix_lm_mask_on_a_hand_made_case(paligemma_folder):

@@ -119,6 +119,11 @@ HF_CASES = [
     Case("idefics3", "idefics3", "idefics3",
          prompts=(("User:<image>What colour is the small circle?<end_of_utterance>\nAssistant:", (0,)),
                   ("<image> caption en", (1,)), ("Compare <image> and <image>: how many squares?", (2, 0)))),
+    Case("smolvlm", "idefics3", "smolvlm",  # SmolVLM's processor and template on the Idefics3 model
+         prompts=(("User:<image>What colour is the small circle?<end_of_utterance>\nAssistant:", (0,)),
+                  ("Compare <image> and <image>: how many squares?", (2, 0)))),
+    Case("idefics3_nosplit", "idefics3", "idefics3_nosplit",  # do_image_splitting off: one tile per image
+         prompts=(("<image> caption en", (1,)), ("Compare <image> and <image>: how many squares?", (2, 0)))),
     Case("paligemma", "paligemma", "paligemma", single_turn=True, reference=suffix_logprobs,
          prompts=(("caption en", (0,)), ("<image>answer en What colour is the small circle?", (1,)),
                   ("<image><image>Compare: how many squares?", (0, 2)))),

@@ -13,10 +13,10 @@ from vlmkit.connectors.qformer import (
     QFormerConnector,
     load_qformer_from_hf,
     qformer_body_key_map,
-    qformer_config_from_hf,
     qformer_key_map,
     qformer_state_to_hf,
 )
+from vlmkit.convert.hf.blip2 import qformer_config_from_hf
 from vlmkit.errors import CheckpointError, ConfigError
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")

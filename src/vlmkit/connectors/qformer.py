@@ -25,30 +25,6 @@ from vlmkit.config import QFormerConfig
 from vlmkit.errors import CheckpointError, ConfigError
 
 
-def qformer_config_from_hf(cfg: dict, where: str = "config.json") -> QFormerConfig:
-    """A transformers ``Blip2Config`` / ``InstructBlipConfig`` dict (the top level of config.json, holding
-    ``qformer_config`` and ``num_query_tokens``) -> QFormerConfig."""
-    model_type = cfg.get("model_type")
-    if model_type not in ("blip-2", "instructblip"):
-        raise ConfigError(f"{where}: model_type {model_type!r} is not 'blip-2' or 'instructblip'")
-    q = cfg.get("qformer_config") or {}
-    act = q.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ConfigError(f"{where}: qformer_config.hidden_act {act!r} is not implemented; supported: gelu")
-    if model_type == "blip-2" and q.get("use_qformer_text_input", False):
-        raise ConfigError(f"{where}: qformer_config.use_qformer_text_input (BLIP-2 retrieval heads) is not "
-                          f"supported; vlmkit's Q-Former takes text only in the InstructBLIP layout")
-    text = model_type == "instructblip"
-    return QFormerConfig(
-        width=q.get("hidden_size", 768), depth=q.get("num_hidden_layers", 12),
-        heads=q.get("num_attention_heads", 12), mlp_dim=q.get("intermediate_size", 3072),
-        num_query_tokens=cfg.get("num_query_tokens", 32),
-        cross_attention_frequency=q.get("cross_attention_frequency", 2),
-        vision_width=q.get("encoder_hidden_size", (cfg.get("vision_config") or {}).get("hidden_size", 1408)),
-        layer_norm_eps=q.get("layer_norm_eps", 1e-12), vocab_size=q.get("vocab_size", 30522) if text else 0,
-        max_position_embeddings=q.get("max_position_embeddings", 512))
-
-
 # ------------------------------------------------------------------------------------------------ modules
 
 
@@ -199,6 +175,26 @@ def qformer_self_mask(num_queries: int, text_len: int, text_mask: torch.Tensor |
     return allowed
 
 
+class QFormerPretrainingHeads(nn.Module):
+    """The heads BLIP-2's stage 1 trains on top of the Q-Former and drops afterwards: projections of the query and
+    [CLS] outputs into the ``embed_dim``-wide contrastive space, the 2-way matching head, the temperature, and
+    BERT's LM prediction head (dense, GELU, LayerNorm, then the word embeddings transposed plus a bias)."""
+
+    def __init__(self, width: int, embed_dim: int, vocab_size: int, eps: float = 1e-12):
+        super().__init__()
+        self.vision_proj = nn.Linear(width, embed_dim)
+        self.text_proj = nn.Linear(width, embed_dim)
+        self.itm_head = nn.Linear(width, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.lm_dense = nn.Linear(width, width)
+        self.lm_norm = nn.LayerNorm(width, eps=eps)
+        self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def lm_logits(self, hidden: torch.Tensor, word_embed: torch.Tensor) -> torch.Tensor:
+        """hidden [..., W] -> logits [..., vocab] (BertLMPredictionHead, decoder tied to ``word_embed``)."""
+        return F.linear(self.lm_norm(F.gelu(self.lm_dense(hidden))), word_embed, self.lm_bias)
+
+
 class QFormerConnector(nn.Module):
     """Vision features [B, N, D_v] -> [B, num_query_tokens, D_lm]: learned ``query_tokens`` read the image
     through the Q-Former, then ``language_projection`` maps them to the LM width (BLIP-2, InstructBLIP).
@@ -218,9 +214,7 @@ class QFormerConnector(nn.Module):
         nn.init.normal_(self.query_tokens, std=0.02)  # BLIP-2's initializer_range
         self.qformer = QFormer(cfg)
         self.language_projection = nn.Linear(cfg.width, d_lm)
-        if cfg.embed_dim:  # BLIP-2's stage-1 heads (objectives/qformer.py); not part of any exported checkpoint
-            from vlmkit.objectives.qformer import QFormerPretrainingHeads
-
+        if cfg.embed_dim:  # BLIP-2's stage-1 heads (trained by objectives/qformer.py); not part of any exported checkpoint
             self.heads = QFormerPretrainingHeads(cfg.width, cfg.embed_dim, cfg.vocab_size, cfg.layer_norm_eps)
 
     def num_tokens(self, n: int, grid: tuple[int, int] | None = None) -> int:
@@ -435,6 +429,7 @@ def init_qformer_from_bert(qformer: QFormer, spec: str) -> Path:
 
 
 __all__ = [
+    "QFormerPretrainingHeads",
     "QFormer",
     "QFormerConfig",
     "QFormerConnector",
@@ -442,7 +437,6 @@ __all__ = [
     "init_qformer_from_bert",
     "load_qformer_from_hf",
     "qformer_body_key_map",
-    "qformer_config_from_hf",
     "qformer_key_map",
     "qformer_self_mask",
     "qformer_state_to_hf",

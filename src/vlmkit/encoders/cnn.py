@@ -29,6 +29,8 @@ class ConvEncoder(nn.Module):
     Stage widths double up to ``width`` (e.g. 32, 64, 128 for width 128 and patch size 8).
     """
 
+    blocks = ()  # no transformer blocks (a ViT tower's ModuleList: scaled at init, sharded by FSDP)
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         n = cfg.patch_size.bit_length() - 1

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from vlmkit import __version__
+from vlmkit.version import __version__
 from vlmkit.errors import ConfigError
 from vlmkit.eval.backends import OpenAIBackend, is_endpoint_spec, parse_model_spec
 from vlmkit.eval.metrics.stats import bootstrap_ci
@@ -68,7 +68,7 @@ def run_task(pipe, task: Task, data: Path, split: str, limit: int | None, batch_
         prompts = [task.prompt(s) + post_prompt for s in chunk]
         answers = pipe.chat_batch([(s.images, p) for s, p in zip(chunk, prompts)],
                                   max_new_tokens=task.max_new_tokens)
-        errors = getattr(pipe, "last_errors", None) or [None] * len(chunk)  # an endpoint's per-request failures
+        errors = list(pipe.last_errors) or [None] * len(chunk)  # an endpoint's per-request failures
         for s, prompt, answer, error in zip(chunk, prompts, answers, errors):
             answer = answer.strip()
             score = task.score(answer, s)

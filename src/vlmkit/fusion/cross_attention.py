@@ -270,7 +270,7 @@ class CrossAttentionLM(nn.Module):
         lm = self.lm
         mask, is_causal, rope = lm.attention_inputs(embeds, position_ids, attention_mask, mask, cache)
         x = embeds
-        if getattr(lm, "embed_positions", None) is not None:  # learned absolute positions (OPT), as DecoderLM
+        if lm.embed_positions is not None:  # learned absolute positions (OPT), as DecoderLM
             x = x + lm.embed_positions(lm.positions(embeds, position_ids, attention_mask, cache) + lm.cfg.pos_offset)
         j = 0
         for i in range(len(lm.layers) + 1):

@@ -76,7 +76,7 @@ def _scale_residual_outputs(model, cfg: VLMConfig) -> None:
         for block in model.lm.layers:
             for lin in block.residual_outputs():
                 lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
-        for block in getattr(model.encoder, "blocks", ()):
+        for block in model.image_tower().blocks:  # a tiled tower's: those of the tower it runs on each tile
             for lin in block.residual_outputs():
                 lin.weight.mul_((2 * cfg.vision.depth) ** -0.5)
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vlmkit.connectors.qformer import QFormerConnector, resolve_bert_folder
 from vlmkit.data.pairs import read_pairs
@@ -35,26 +34,6 @@ from vlmkit.errors import ConfigError
 from vlmkit.objectives import Objective, StepResult, register
 from vlmkit.train.frozen_features import FrozenVisionFeatures
 from vlmkit.train.stream import BatchStream
-
-
-class QFormerPretrainingHeads(nn.Module):
-    """The heads BLIP-2's stage 1 trains on top of the Q-Former and drops afterwards: projections of the query and
-    [CLS] outputs into the ``embed_dim``-wide contrastive space, the 2-way matching head, the temperature, and
-    BERT's LM prediction head (dense, GELU, LayerNorm, then the word embeddings transposed plus a bias)."""
-
-    def __init__(self, width: int, embed_dim: int, vocab_size: int, eps: float = 1e-12):
-        super().__init__()
-        self.vision_proj = nn.Linear(width, embed_dim)
-        self.text_proj = nn.Linear(width, embed_dim)
-        self.itm_head = nn.Linear(width, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
-        self.lm_dense = nn.Linear(width, width)
-        self.lm_norm = nn.LayerNorm(width, eps=eps)
-        self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def lm_logits(self, hidden: torch.Tensor, word_embed: torch.Tensor) -> torch.Tensor:
-        """hidden [..., W] -> logits [..., vocab] (BertLMPredictionHead, decoder tied to ``word_embed``)."""
-        return F.linear(self.lm_norm(F.gelu(self.lm_dense(hidden))), word_embed, self.lm_bias)
 
 
 @dataclass
@@ -223,7 +202,7 @@ class QFormerTexts:
 
 
 def check_qformer_stage(model, stage) -> QFormerConnector:
-    connector = getattr(model, "connector", None)
+    connector = model.module_groups().get("connector")
     if not isinstance(connector, QFormerConnector) or not hasattr(connector, "heads"):
         raise ConfigError(f"stage {stage.name!r}: objective qformer trains a Q-Former's stage-1 heads; the model "
                           f"needs connector.kind: qformer with qformer.embed_dim > 0 (and qformer.vocab_size > 0)")

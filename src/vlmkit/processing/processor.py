@@ -19,6 +19,7 @@ import torch
 from vlmkit.batch import Encoded, MediaInputs
 from vlmkit.config import ProcessorConfig, to_dict
 from vlmkit.errors import ConfigError, DataError
+from vlmkit.families import family_of, get_family, processor_config_from_dict
 from vlmkit.processing.chat import normalize_messages
 from vlmkit.processing.image import load_image
 from vlmkit.processing.layouts import check_messages
@@ -31,8 +32,6 @@ class Processor:
     InstructBLIP's Q-Former tokenizer)."""
 
     def __init__(self, cfg: ProcessorConfig, tokenizer: TextTokenizer, files: dict | None = None):
-        from vlmkit.family import family_of
-
         if cfg.image_token and cfg.image_seq_len <= 0:
             raise ValueError("ProcessorConfig.image_seq_len must be set from the model (tokens per image)")
         if cfg.text_mode not in ("segments", "whole"):
@@ -61,8 +60,6 @@ class Processor:
         """The processor saved in ``folder``; ``family`` names the family of a processor.json written before it
         said it (a checkpoint's config.json says it too, and is read when neither does)."""
         from tokenizers import Tokenizer
-
-        from vlmkit.family import get_family, processor_config_from_dict
 
         folder = Path(folder)
         data = json.loads((folder / "processor.json").read_text())

@@ -204,7 +204,7 @@ def _add_chat_route(app: FastAPI, s: _Server) -> None:
         s.check_key(request)
         body = await s.read_json(request)
         engine = s.engine
-        limit = getattr(engine, "max_new_tokens", None)
+        limit = engine.max_new_tokens
         messages, refs, gen, stream, include_usage = parse_chat(body, limit)
         if not engine.can_generate:
             raise ApiError(400, f"{engine.model_name} is a dual encoder: it embeds texts and images "
@@ -430,9 +430,9 @@ def _embed(engine, texts: list[str], pictures: list):
 
 
 def _count_tokens(engine, texts: list[str]) -> int:
-    """Tokens of the texts as the text tower reads them (0 when the engine does not expose its processor)."""
-    processor = getattr(engine, "processor", None)
-    if processor is None or not texts:
+    """Tokens of the texts as the text tower reads them."""
+    processor = engine.processor
+    if not texts:
         return 0
     try:
         rows, _ = processor.tokenize_texts(texts)

@@ -143,7 +143,7 @@ class Engine:
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         self.image_cache_size = image_cache_size
         self.stats = EngineStats()
-        self.model_name = str(pipeline.meta.get("name") or getattr(pipeline.config, "family", "vlmkit"))
+        self.model_name = str(pipeline.meta.get("name") or pipeline.config.family)
         self._pending: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._features: OrderedDict[str, object] = OrderedDict()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from vlmkit.errors import ConfigError
 
@@ -108,8 +109,6 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
     """DDP or FSDP2 around ``model`` for a stage (parameters' requires_grad already set). FSDP2 shards in place
     once (re-wrapping is a no-op); DDP is rebuilt per stage, as it registers the trained parameters."""
     if info.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("nothing to train in this stage")
         return DistributedDataParallel(model, device_ids=[info.local_rank] if torch.cuda.is_available() else None)
@@ -138,7 +137,7 @@ def batchnorm_note(model: nn.Module, info: DistInfo) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor] | None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import ConnectorConfig, VisionConfig, VLMConfig
-from vlmkit.connectors.qformer import qformer_config_from_hf, qformer_key_map
+from vlmkit.config import ConnectorConfig, QFormerConfig, VisionConfig, VLMConfig
+from vlmkit.connectors.qformer import qformer_key_map
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import is_opt, lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
@@ -43,6 +43,30 @@ PROCESSORS = {"blip2": "Blip2Processor", "instructblip": "InstructBlipProcessor"
 VISION_TYPES = {"blip2": "blip_2_vision_model", "instructblip": "instructblip_vision_model"}
 QFORMER_TYPES = {"blip2": "blip_2_qformer", "instructblip": "instructblip_qformer"}
 QFORMER_FOLDER = "qformer_tokenizer"  # where InstructBlipProcessor saves its second tokenizer
+
+
+def qformer_config_from_hf(cfg: dict, where: str = "config.json") -> QFormerConfig:
+    """A transformers ``Blip2Config`` / ``InstructBlipConfig`` dict (the top level of config.json, holding
+    ``qformer_config`` and ``num_query_tokens``) -> QFormerConfig."""
+    model_type = cfg.get("model_type")
+    if model_type not in ("blip-2", "instructblip"):
+        raise ConfigError(f"{where}: model_type {model_type!r} is not 'blip-2' or 'instructblip'")
+    q = cfg.get("qformer_config") or {}
+    act = q.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ConfigError(f"{where}: qformer_config.hidden_act {act!r} is not implemented; supported: gelu")
+    if model_type == "blip-2" and q.get("use_qformer_text_input", False):
+        raise ConfigError(f"{where}: qformer_config.use_qformer_text_input (BLIP-2 retrieval heads) is not "
+                          f"supported; vlmkit's Q-Former takes text only in the InstructBLIP layout")
+    text = model_type == "instructblip"
+    return QFormerConfig(
+        width=q.get("hidden_size", 768), depth=q.get("num_hidden_layers", 12),
+        heads=q.get("num_attention_heads", 12), mlp_dim=q.get("intermediate_size", 3072),
+        num_query_tokens=cfg.get("num_query_tokens", 32),
+        cross_attention_frequency=q.get("cross_attention_frequency", 2),
+        vision_width=q.get("encoder_hidden_size", (cfg.get("vision_config") or {}).get("hidden_size", 1408)),
+        layer_norm_eps=q.get("layer_norm_eps", 1e-12), vocab_size=q.get("vocab_size", 30522) if text else 0,
+        max_position_embeddings=q.get("max_position_embeddings", 512))
 
 
 def blip2_vision_config_from_hf(cfg: dict, where: str) -> VisionConfig:
