@@ -155,6 +155,7 @@ def test_what_blip2_cannot_express_is_refused_and_nothing_is_written(round_trip,
     assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["variant"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_recipe_fine_tunes_the_import_and_the_result_exports_back(request, family, shapes, tmp_path):  # noqa: F811
     """``init_from`` a Hugging Face folder on ShapesWorld's questions (each question the prompt, its answer the

@@ -222,6 +222,7 @@ def test_clip_vit_b_16_preset_has_transformers_parameter_count():
     assert sum(p.numel() for p in ref.parameters()) == ours == 149_620_737  # openai/clip-vit-base-patch16
 
 
+@pytest.mark.slow
 def test_fine_tuning_an_imported_clip_lowers_its_loss_and_exports(clip_folders, tmp_path):
     """A recipe with init_from a CLIPModel folder trains it contrastively on image-caption pairs (its own tokenizer
     and image processor), and the fine-tuned checkpoint exports as a CLIPModel with the same logits."""

@@ -75,6 +75,7 @@ def test_conversation_ids_labels_and_loss_equal_transformers(request, family):
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_paligemma_trains_on_its_prompt_and_suffix(paligemma_folder):
     """PaliGemma's conversation is its processor's prompt and suffix: the same ids, labels and loss."""
     folder, ref, hf_proc = paligemma_folder
@@ -112,6 +113,7 @@ def fine_tune(folder, data, out, steps: int = 20) -> tuple[list[float], object]:
     return [r["loss"] for r in rows if "loss" in r], res
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FOLDERS) + ["paligemma"])
 def test_a_recipe_fine_tunes_each_imported_family(request, family, shapes, tmp_path):
     folder = request.getfixturevalue(FOLDERS.get(family, "paligemma_folder"))[0]
@@ -122,6 +124,7 @@ def test_a_recipe_fine_tunes_each_imported_family(request, family, shapes, tmp_p
     assert isinstance(tuned.chat(shapes / "images" / "000000.png", "What shape is it?", max_new_tokens=4), str)
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_llava_exports_back_to_transformers(llava_folder, shapes, tmp_path):
     _, res = fine_tune(llava_folder[0], shapes, tmp_path / "run", steps=3)
     assert main(["convert", "--to", "hf", str(res.checkpoint), "--out", str(tmp_path / "hf")]) == 0

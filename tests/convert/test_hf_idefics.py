@@ -280,6 +280,7 @@ def test_config_defaults_are_transformers():
         assert {k: getattr(ref, k) for k in defaults} == defaults
 
 
+@pytest.mark.slow
 def test_a_recipe_fine_tunes_the_imported_model(idefics_folder, tmp_path):
     """init_from an IDEFICS folder: the conversations are laid out as IdeficsProcessor's text, the loss goes down,
     and the checkpoint chats."""

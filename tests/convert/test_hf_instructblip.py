@@ -222,6 +222,7 @@ def check_packed_equals_padded(model, items, pad_id, pack_length):
     assert max(float((grads_c[n] - grads_a[n]).abs().max()) for n in grads_a) > 1e-3
 
 
+@pytest.mark.slow
 def test_a_from_scratch_instructblip_on_a_cnn_tower_trains_packs_and_saves(tmp_path):
     """vlmkit's own InstructBLIP: tiny-llava's CNN tower, a Q-Former reading the instruction through the LM's
     tokenizer, segment-mode text with the image placeholder where the template puts it. Each item carries the

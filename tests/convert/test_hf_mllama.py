@@ -186,6 +186,7 @@ def test_conversation_ids_labels_and_loss_equal_transformers(mllama_folder):
                                    ref(**theirs, labels=y).loss, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_recipe_fine_tunes_it(mllama_folder, shapes, tmp_path):  # noqa: F811
     losses, res = fine_tune(mllama_folder[0], shapes, tmp_path / "run")
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
@@ -194,6 +195,7 @@ def test_a_recipe_fine_tunes_it(mllama_folder, shapes, tmp_path):  # noqa: F811
     assert isinstance(tuned.chat(shapes / "images" / "000000.png", "What shape is it?", max_new_tokens=4), str)
 
 
+@pytest.mark.slow
 def test_a_from_scratch_mllama_with_a_cnn_on_every_tile_trains():
     """vision.arch "cnn": vlmkit's CNN on each tile (segment-mode text, one image token per image); the gradient
     reaches every parameter once the gates are open, and the closed gates of a fresh model leave it a plain LM."""

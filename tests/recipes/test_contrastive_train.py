@@ -58,6 +58,7 @@ def losses(run) -> list[float]:
     return [r["loss"] for r in rows(run) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_trains_end_to_end_loss_falls_and_checkpoint_embeds(shapes, tmp_path):
     said = []
     res = train(recipe(shapes, "stages.0.steps=60"), tmp_path / "run", progress=False, log=said.append)
@@ -80,6 +81,8 @@ def test_trains_end_to_end_loss_falls_and_checkpoint_embeds(shapes, tmp_path):
     assert res.val_loss is not None and res.val_loss < math.log(10)  # 10 validation images in one batch
     val = [r for r in rows(tmp_path / "run") if "val_loss" in r]
     assert len(val) == 1 and val[0]["val_n_images"] == 10 and val[0]["val_n_texts"] == 30
+    # the recall among distinct captions (ShapesWorld's repeat across images) is logged beside the retrieval's
+    assert 1 <= val[0]["val_n_distinct_captions"] <= 30 and 0 <= val[0]["val_distinct_caption_recall@1"] <= 1
     # the checkpoint is a dual encoder for the Pipeline: unit-norm rows of embed_dim
     pipe = vlmkit.load(res.checkpoint)
     assert pipe.can_embed and not pipe.can_generate
@@ -159,6 +162,7 @@ def test_lit_stage_keeps_every_vision_parameter(shapes, tmp_path):
     assert table == {"vision": False, "text": True, "logits": True}
 
 
+@pytest.mark.slow
 def test_lora_on_the_text_tower_trains_adapters_and_the_checkpoint_embeds(shapes, tmp_path):
     """LiT with LoRA: the image tower and the text tower's weights stay, the adapters and the temperature train."""
     r = recipe(shapes, "stages.0.steps=12", "stages.0.train=[lora, logits]", "lora.targets=['text.blocks.*.attn.*']",
@@ -207,6 +211,7 @@ def test_missing_image_fails_or_is_skipped_and_counted(shapes, tmp_path):
     assert data["skipped_rows"] == 1 and data["captions"] == 240
 
 
+@pytest.mark.slow
 def test_the_builtin_recipe_pretrains_the_image_tower_then_trains_contrastively(shapes, tmp_path):
     """The built-in recipe's two stages: cell_labels on the image tower alone (ShapesWorld's scenes.json), then
     contrastive training; interrupted at the stage boundary and resumed, it ends bit-identical to one run."""

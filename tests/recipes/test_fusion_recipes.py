@@ -29,6 +29,7 @@ def shapes(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_recipe_runs_and_the_model_answers(shapes, tmp_path, name):
     if name == "tiny-blip2-minilm":

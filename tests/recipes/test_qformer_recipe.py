@@ -37,6 +37,7 @@ def recipe(shapes, stages, qformer=QFORMER):
                                       f"stages={json.dumps(stages)}"])
 
 
+@pytest.mark.slow
 def test_stage_one_learns_then_the_lm_reads_the_queries(shapes, tmp_path):
     stages = [{"name": "qformer", "objective": "qformer", "train": ["connector"], "steps": 40, "lr": 3e-3,
                "batch_size": 16},

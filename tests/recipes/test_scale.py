@@ -101,6 +101,7 @@ def test_activation_checkpointing_gives_the_same_training(shapes, tmp_path):
     assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "ckpt"), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_stage_trains_adapters_alone_and_the_checkpoint_merges(shapes, tmp_path):
     lora = ["lora.targets=['lm.layers.*.attn.*_proj', 'lm.layers.*.mlp.*']", "lora.rank=4",
             "stages=[{name: lora, train: [connector, lora], steps: 12, lr: 3.0e-3}]"]

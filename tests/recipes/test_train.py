@@ -41,6 +41,7 @@ def losses(run, stage: str = "instruct") -> list[float]:
     return [r["loss"] for r in rows(run) if "loss" in r and r["stage"] == stage]
 
 
+@pytest.mark.slow
 def test_loss_goes_down(shapes, tmp_path):
     r = recipe(shapes, "stages.0.steps=2", "stages.1.steps=45", "stages.1.lr=3e-3")
     res = train(r, tmp_path / "run", progress=False, log=lambda m: None)
@@ -51,6 +52,7 @@ def test_loss_goes_down(shapes, tmp_path):
     assert res.val_loss is not None and res.val_loss < first
 
 
+@pytest.mark.slow
 def test_cell_label_stage_teaches_the_tower(tmp_path):
     data = tmp_path / "shapes64"
     generate_shapes(data, n=200, seed=2, size=64, progress=False)
@@ -148,6 +150,7 @@ def test_the_start_says_how_many_threads_each_process_uses(shapes, tmp_path):
     assert next(r for r in rows(tmp_path / "run") if r.get("event") == "run")["threads"] == 1
 
 
+@pytest.mark.slow
 def test_precomputed_frozen_vision_trains_as_the_tower_would(shapes, tmp_path):
     common = ["stages.0.steps=2", "stages.1.steps=6", "train.eval_every=3"]
     train(recipe(shapes, *common), tmp_path / "live", progress=False, log=lambda m: None)

@@ -253,6 +253,7 @@ def chance_loss(kind: str, n: int = 8) -> float:
     return -math.log(1 / n) - (n - 1) * math.log(1 - 1 / n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-clip", "tiny-siglip"])
 def test_short_training_learns_image_text_matching(preset):
     """8 classes of noisy solid-colour images, each paired with a fixed random "caption" (4 ids +
@@ -282,3 +283,33 @@ def test_short_training_learns_image_text_matching(preset):
     first, last = losses[0], float(out.loss)
     assert last < 0.5 * first and last < 0.5 * chance_loss(kind), f"loss {first:.3f} -> {last:.3f}"
     assert top1 >= 0.75, f"image->text top-1 {top1:.2f} (chance 0.125)"
+
+
+def test_distinct_caption_recall_reflects_learning_where_caption_recall_cannot():
+    """Class-like captions (every red circle is "a red circle."): a model that embeds each image exactly as its
+    class's caption ranks the image's own caption no higher than its class-mates' copies, so image -> text
+    recall@1 stays near 1 / images-per-class; among distinct captions it is the model's accuracy."""
+    from vlmkit.eval.metrics.retrieval import retrieval_metrics
+    from vlmkit.objectives.contrastive import distinct_caption_recall
+
+    classes, per_class = 6, 8
+    centres = F.normalize(torch.randn(classes, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    labels = [c for c in range(classes) for _ in range(per_class)]
+    images, texts = centres[labels], centres[labels]  # a perfect model: image = its caption
+    rows = [[100 + c] for c in labels]  # one caption per image, the same ids within a class
+    owner = list(range(len(labels)))
+    caption_recall = retrieval_metrics(images @ texts.t(), owner, ks=(1, 5))
+    distinct = distinct_caption_recall(images, texts, rows, owner, ks=(1, 5))
+    assert distinct["distinct_caption_recall@1"] == 1.0 and distinct["n_distinct_captions"] == classes
+    assert caption_recall["image_to_text_recall@1"] <= 1 / per_class + 1e-6, caption_recall  # ties: one wins
+    # a model that confuses two classes entirely is right on the others only
+    confused = centres[[0 if c == 1 else c for c in labels]]
+    assert distinct_caption_recall(confused, texts, rows, owner)["distinct_caption_recall@1"] == pytest.approx(
+        5 / 6)
+    # with unique captions it is image -> text recall
+    g = torch.Generator().manual_seed(1)
+    unique, own = [[100 + i] for i in owner], F.normalize(torch.randn(len(owner), 16, generator=g), dim=-1)
+    noisy = F.normalize(own + 0.35 * torch.randn(own.shape, generator=g), dim=-1)
+    recall = retrieval_metrics(noisy @ own.t(), owner, ks=(1,))["image_to_text_recall@1"]
+    assert 0.2 < recall < 1 and distinct_caption_recall(noisy, own, unique, owner, ks=(1,))[
+        "distinct_caption_recall@1"] == pytest.approx(recall)

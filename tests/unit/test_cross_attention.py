@@ -177,6 +177,7 @@ def tiny_lm(depth: int = 4) -> DecoderLM:
                                     max_seq_len=64)).eval()
 
 
+@pytest.mark.slow
 def test_wrapped_lm_at_zero_gates_gives_the_bare_lm_logits_and_learns_the_gates():
     lm = tiny_lm()
     model = add_cross_attention(lm, every=2, d_image=24)

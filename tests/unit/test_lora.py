@@ -125,6 +125,7 @@ def test_config_builds_from_a_dict_and_validates():
 # ------------------------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_training_moves_only_the_adapters_and_lowers_the_loss():
     _, model = tiny_model()
     ids, pixels, labels = batch(model)

@@ -69,6 +69,7 @@ def _batch(n: int, seed: int):
     return image, ids, torch.ones_like(ids), cls
 
 
+@pytest.mark.slow
 def test_stage1_losses_go_down():
     torch.manual_seed(0)
     conn = QFormerConnector(24, 40, CFG)
