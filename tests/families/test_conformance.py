@@ -6,6 +6,8 @@ For the families vlmkit imports, against transformers on tiny random checkpoints
 - the processor's ``input_ids`` equal transformers' processor's for the same prompt and images;
 - ``Pipeline.score`` equals transformers' per-token log-probabilities within 1e-4;
 - greedy generation gives transformers' greedy tokens;
+- a conversation of several turns is laid out as the folder's chat template does it (or, where the reference
+  processor takes one prompt, refused by name);
 - the vlmkit checkpoint ``convert --from hf`` writes scores the same, and ``convert --to hf`` of it loads in the
   family's transformers class with the original's logits.
 
@@ -27,6 +29,7 @@ import vlmkit
 from vlmkit.batch import Batch, MediaInputs
 from vlmkit.data.collate import collate, collate_packed
 from vlmkit.data.conversations import ConversationDataset, Sample
+from vlmkit.errors import DataError
 from vlmkit.family import get_family
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.pipeline import Pipeline
@@ -118,6 +121,38 @@ def test_greedy_tokens_equal_transformers(pipes, case):
     theirs = cut_at(out[0, inputs["input_ids"].shape[1]:].tolist(), ref.generation_config.eos_token_id)
     ours = greedy(pipe, [(prompt, imgs)])[0]
     assert ours == theirs and len(ours) > 0
+
+
+TURNS = [{"role": "user", "content": "What colour is the small circle?"},
+         {"role": "assistant", "content": "It is red."}, {"role": "user", "content": "How many squares are there?"}]
+
+
+@pytest.mark.parametrize("case", HF_CASES, ids=str)
+def test_multi_turn_chat_is_the_reference_template_or_refused(pipes, case):
+    """A conversation of several turns (the image with the first question) lays out as the folder's chat template
+    does through transformers' processor; a family whose reference processor takes one prompt refuses it by name.
+    A folder without a template (the tiny IDEFICS and SmolVLM ones) is refused by its family's layout, or laid out
+    in vlmkit's template as a single question is."""
+    pipe, _, hf_proc = pipes(case)
+    media = pipe.processor.prepare_images(images()[:1])
+    template = getattr(hf_proc, "chat_template", None)
+    if case.single_turn:
+        with pytest.raises(DataError, match=rf"this family \({pipe.family.name}\) answers one prompt"):
+            pipe.processor.chat(TURNS, media)
+        return
+    if not template:
+        try:
+            text = pipe.processor.decode(pipe.processor.chat(TURNS, media).ids)
+        except DataError as e:
+            assert "no chat template" in str(e)
+        else:
+            at = [text.index(t["content"]) for t in TURNS]
+            assert at == sorted(at), text
+        return
+    structured = [{"role": t["role"], "content": ([{"type": "image", "image": images()[0]}] if i == 0 else []) +
+                   [{"type": "text", "text": t["content"]}]} for i, t in enumerate(TURNS)]
+    theirs = hf_proc.apply_chat_template(structured, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert pipe.processor.chat(TURNS, media).ids == list(theirs["input_ids"][0])
 
 
 def cut_at(tokens: list[int], eos) -> list[int]:
