@@ -38,10 +38,8 @@ class ImagesFirstLayout(TemplateLayout):
         return self._ids(text, media, where)
 
     def chat(self, messages, media, where="prompt"):
-        if len(messages) != 1:
-            raise DataError(f"{where}: this family ({self.cfg.family}) answers one prompt; send a single user "
-                            f"message")
-        question = without_placeholders(messages[0]["content"], self.placeholders)
+        question = self.one_question(messages, where, f"this family ({self.cfg.family})")
+        question = without_placeholders(question, self.placeholders)
         if not self.cfg.chat_template_jinja:  # no template: the question is the prompt
             return self._ids(question, media, where)
         text = self.render([{"role": "user", "content": question}], generation=True)

@@ -19,7 +19,6 @@ tokenised (lm-evaluation-harness), and a conversation is laid out the same way, 
 
 from __future__ import annotations
 
-from vlmkit.errors import DataError
 from vlmkit.processing.layouts import TemplateLayout
 
 FAKE_TOKEN = "<fake_token_around_image>"
@@ -66,10 +65,8 @@ class IdeficsLayout(TemplateLayout):
 
     def chat(self, messages, media, where="prompt"):
         if not self.cfg.chat_template_jinja:
-            if len(messages) != 1:
-                raise DataError(f"{where}: this folder has no chat template, so the model answers one prompt; send "
-                                f"a single user message")
-            return self.prompt(messages[0]["content"], media, where)
+            question = self.one_question(messages, where, "this folder has no chat template, so the model")
+            return self.prompt(question, media, where)
         return self.prompt(self.render(self.images_in_front(messages, len(media)), generation=True), media, where)
 
     def supervised(self, messages, media, where="sample"):

@@ -99,6 +99,12 @@ class PromptLayout:
                 raise DataError(f"{where}: {refused!r} is a placeholder of an input kind vlmkit does not implement "
                                 f"for this model (images only, with {self.cfg.image_token!r}); remove it")
 
+    def one_question(self, messages: list[dict], where: str, why: str) -> str:
+        """The user message of a chat that must be a single one (``why``: what answers one prompt)."""
+        if len(messages) != 1:
+            raise DataError(f"{where}: {why} answers one prompt; send a single user message")
+        return messages[0]["content"]
+
     def images_in_front(self, messages: list[dict], n_images: int) -> list[dict]:
         """``messages`` with the images before the first user turn's text when no message places them (one
         placeholder and a newline each: how vlmkit's chat() puts images before a question)."""

@@ -24,7 +24,7 @@ from PIL import Image
 
 from vlmkit.batch import MediaInputs
 from vlmkit.config import ProcessorConfig
-from vlmkit.errors import ConfigError, DataError
+from vlmkit.errors import ConfigError
 from vlmkit.processing.image import ImageProcessor
 from vlmkit.processing.layouts import TemplateLayout
 
@@ -127,10 +127,8 @@ class MllamaLayout(TemplateLayout):
 
     def chat(self, messages, media, where="prompt"):
         if not self.cfg.chat_template_jinja:
-            if len(messages) != 1:
-                raise DataError(f"{where}: this folder has no chat template, so the model answers one prompt; send "
-                                f"a single user message")
-            return self.prompt(messages[0]["content"], media, where)
+            question = self.one_question(messages, where, "this folder has no chat template, so the model")
+            return self.prompt(question, media, where)
         text = self.render(self.images_in_front(messages, len(media)), generation=True)
         laid = mllama_prompt(text, self.tokenizer.bos_token, self.cfg.image_token)
         return self._prompt_of(self.tokenize(laid, [], media, where, special=not self.starts_with_bos(laid)))

@@ -40,10 +40,9 @@ class PaliGemmaLayout(TemplateLayout):
         return self._prompt_of(self.tokenize(laid, [], media, where, special=False))
 
     def chat(self, messages, media, where="prompt"):
-        if len(messages) != 1:
-            raise DataError(f"{where}: this family (paligemma) answers one prompt; send a single user message")
+        question = self.one_question(messages, where, "this family (paligemma)")
         if not self.cfg.chat_template_jinja:  # no template: the question is the prompt
-            return self.prompt(messages[0]["content"], media, where)
+            return self.prompt(question, media, where)
         return self.prompt(self.render(self.images_in_front(messages, len(media)), generation=True), media, where)
 
     def suffix(self, text: str) -> list[int]:
