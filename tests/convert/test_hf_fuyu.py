@@ -68,6 +68,8 @@ def test_input_ids_equal_fuyu_processor(fuyu):
     assert same == hf_proc(text="What colour?", images=ims[:1], return_tensors="pt")["input_ids"][0].tolist()
     chat = pipe.processor.chat("<image>\nWhat colour?", pipe.processor.prepare_images(ims[:1])).ids
     assert chat == same
+    two = pipe.processor.chat("What colour?", pipe.processor.prepare_images(ims[:2])).ids  # both images in front
+    assert two == hf_proc(text="|SPEAKER|What colour?", images=ims[:2], return_tensors="pt")["input_ids"][0].tolist()
 
 
 def test_prompts_fuyu_processor_cannot_lay_out_are_refused(fuyu):

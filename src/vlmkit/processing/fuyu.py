@@ -193,7 +193,8 @@ class FuyuLayout(TemplateLayout):
 
     def question(self, messages: list[dict], media: MediaInputs, where: str) -> str:
         """The prompt text of a chat: its single user message, or the folder's chat template's text; the first
-        image's placeholder (and a newline after it) dropped, since FuyuProcessor puts the first image in front."""
+        image's placeholder (and a newline after it) dropped, since FuyuProcessor puts the first image in front;
+        without placeholders every image goes before the text."""
         if self.cfg.chat_template_jinja:
             text = self.render(messages, generation=True)
         elif len(messages) != 1 or messages[0]["role"] != "user":
@@ -207,6 +208,8 @@ class FuyuLayout(TemplateLayout):
             i = text.index(token)
             after = text[i + len(token):]
             text = text[:i] + (after[1:] if after.startswith("\n") else after)
+        elif len(media) > 1 and token not in text:  # no placeholders: every image before the text, in order
+            text = token * (len(media) - 1) + text
         return text
 
     def chat(self, messages, media, where="prompt"):
