@@ -18,7 +18,7 @@ from vlmkit.checkpoint import write_model_files
 from vlmkit.config import ProcessorConfig
 from vlmkit.convert.hf import convert_from_hf, convert_to_hf
 from vlmkit.data.shapes import render_scene, sample_scene
-from vlmkit.errors import CheckpointError, ConfigError, DataError
+from vlmkit.errors import ConfigError, DataError
 from vlmkit.processing import Processor
 
 from hf_fixtures import real_images
