@@ -648,6 +648,73 @@ def build_siglip(folder: Path):
     return model, transformers.AutoProcessor.from_pretrained(folder)
 
 
+# ------------------------------------------------------------------------------------------------ Fuyu
+
+
+def fuyu_tokenizer() -> Tokenizer:
+    """Fuyu's tokenizer, tiny: a unigram model behind the SentencePiece normaliser (a "▁" put in front of the text,
+    spaces made "▁", no pre-tokeniser), whose vocabulary holds FuyuProcessor's |SPEAKER|, |NEWLINE|, <s> and <0x04>
+    as ordinary pieces (so that "▁" comes before the image tokens, the token FuyuProcessor drops), and the
+    post-processor adds |ENDOFTEXT| in front (adept/fuyu-8b: LlamaTokenizer with bos = eos = |ENDOFTEXT|)."""
+    from tokenizers import AddedToken
+
+    norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    probe = Tokenizer(models.Unigram())
+    probe.normalizer = norm
+    probe.train_from_iterator(CORPUS * 10, trainers.UnigramTrainer(vocab_size=150, special_tokens=["<unk>"],
+                                                                    unk_token="<unk>", show_progress=False))
+    learned = [(p, s) for p, s in json.loads(probe.to_str())["model"]["vocab"] if p != "<unk>"]
+    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("|ENDOFTEXT|", 0.0)] + learned + [(p, 0.0) for p in
+                                                                             ("|SPEAKER|", "|NEWLINE|", "<0x04>")]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    tok.normalizer = norm
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "|ENDOFTEXT|")])
+    tok.post_processor = processors.TemplateProcessing(single="|ENDOFTEXT| $A", pair="|ENDOFTEXT| $A |ENDOFTEXT| $B",
+                                                       special_tokens=[("|ENDOFTEXT|", 2)])
+    return tok
+
+
+def fuyu_patchify_fix(processor):
+    """``processor`` with transformers 5.25's FuyuImageProcessorPil.patchify_image made to take and give the torch
+    tensors FuyuProcessor hands it (it indexes them as numpy arrays and fails; the torchvision image processor, which
+    takes tensors, needs torchvision, absent here). The numbers are its own."""
+    import numpy as np
+
+    images = processor.image_processor
+    patchify = type(images).patchify_image
+
+    def fixed(image, patch_size=None):
+        array = image.numpy() if torch.is_tensor(image) else image
+        return torch.from_numpy(np.ascontiguousarray(patchify(images, array, patch_size)))
+
+    images.patchify_image = fixed
+    return processor
+
+
+def build_fuyu(folder: Path):
+    """Fuyu: Persimmon LM (partial rotary 0.5, qk LayerNorms, theta 25000), 6-px patches, a 36x48 target (every test
+    image gets its own grid of patches), normalisation per channel; the processor is FuyuProcessor's, patched to run
+    (:func:`fuyu_patchify_fix`)."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=fuyu_tokenizer(), bos_token="|ENDOFTEXT|",
+                                               eos_token="|ENDOFTEXT|", unk_token="<unk>")
+    torch.manual_seed(0)
+    text = transformers.PersimmonConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=512, qk_layernorm=True,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 25000.0,
+                                                         "partial_rotary_factor": 0.5},
+                                        bos_token_id=2, eos_token_id=2, initializer_range=0.1)
+    cfg = transformers.FuyuConfig(text_config=text.to_dict(), patch_size=6, num_channels=3,
+                                  image_token_id=tok.convert_tokens_to_ids("|SPEAKER|"))
+    model = transformers.FuyuForCausalLM(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.FuyuImageProcessor(size={"height": 36, "width": 48}, patch_size={"height": 6, "width": 6},
+                                              image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    transformers.FuyuProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    return model, fuyu_patchify_fix(transformers.AutoProcessor.from_pretrained(folder))
+
+
 # ------------------------------------------------------------------------------------------------ the registry
 
 #: every folder by name (vlmkit's family name where there is one folder per family; IDEFICS is the flamingo family)
@@ -667,6 +734,7 @@ BUILDERS = {
     "clip_eos": build_clip_eos,
     "clip_legacy": build_clip_legacy,
     "siglip": build_siglip,
+    "fuyu": build_fuyu,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
 BASES = {"idefics3_nosplit": ("idefics3",)}

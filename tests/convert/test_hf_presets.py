@@ -10,6 +10,7 @@ import torch
 
 from vlmkit.convert.hf.blip2 import blip2_config_to_hf
 from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
+from vlmkit.convert.hf.fuyu import fuyu_config_to_hf
 from vlmkit.convert.hf.idefics import idefics_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
 from vlmkit.convert.hf.llava import llava_config_to_hf
@@ -47,6 +48,8 @@ def hf_config(preset) -> dict:
         return blip2_config_to_hf(cfg, cfg.lm.vocab_size - 1)
     if cfg.family in ("clip", "siglip"):
         return dual_encoder_config_to_hf(cfg)
+    if cfg.family == "fuyu":
+        return fuyu_config_to_hf(cfg, 71011)
     raise AssertionError(cfg.family)
 
 
@@ -87,6 +90,7 @@ PRESETS = [
     ("tiny-llava-vit", None, 0),
     ("clip-vit-b-16", 149_620_737, 0),
     ("siglip-b-16", None, 0),
+    ("fuyu-8b", None, 0),
 ]
 
 

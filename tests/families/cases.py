@@ -136,6 +136,11 @@ HF_CASES = [
                   ("Compare <image> and <image>: how many squares?", (2, 0)))),
     Case("blip2", "blip2", "blip2", single_turn=True,
          prompts=(("Question: what colour is the small circle? Answer:", (0,)), ("Describe the image.", (1,)))),
+    # FuyuProcessor puts a prompt's first image before its text and each further one at a |SPEAKER| in the text;
+    # without images the text alone, with the tokenizer's BOS (|ENDOFTEXT|) and no beginning-of-answer token
+    Case("fuyu", "fuyu", "fuyu", single_turn=True,
+         prompts=(("What colour is the small circle?", (0,)), ("Compare |SPEAKER| how many squares?", (3, 1)),
+                  ("the quick brown fox", ()))),
     Case("instructblip", "instructblip", "instructblip", single_turn=True, instruction_from_prompt=True,
          prompts=(("What colour is the small circle?", (0,)), ("How many squares are there?", (2,))),
          no_gradient={"qformer.layers.2.text_mlp": LAST_TEXT_MLP}),
@@ -152,6 +157,7 @@ PRESET_CASES = [
          no_gradient={"connector.heads": STAGE_ONE, "qformer.layers.1.text_mlp": LAST_TEXT_MLP}),
     Case("tiny-flamingo", "flamingo", preset="tiny-flamingo"),
     Case("tiny-mllama", "mllama", preset="tiny-mllama"),
+    Case("tiny-fuyu", "fuyu", preset="tiny-fuyu"),
 ]
 
 CASES = HF_CASES + PRESET_CASES

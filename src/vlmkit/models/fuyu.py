@@ -1,0 +1,123 @@
+"""Fuyu (Bavishi et al. 2023, Adept's Fuyu-8B): a decoder-only LM that reads images without an image encoder.
+
+Each image is cut into ``patch_size`` x ``patch_size`` x ``num_channels`` patches (processing/fuyu.py); one Linear
+(transformers' ``vision_embed_tokens``, here :attr:`FuyuModel.patch_embed`) maps every patch to the LM's width, and
+the patch embeddings take the places of the image token (``|SPEAKER|``) in the text, in reading order. The text
+marks the end of each row of patches with ``|NEWLINE|``, an ordinary token: there are no image positions other
+than the LM's own. The LM is Persimmon (lm/decoder.py: LayerNorms, squared-ReLU MLP, query/key LayerNorms,
+rotary on half of each head).
+
+What an encoder-free model is to shared code:
+
+- ``encode_media`` is the patch projection: ``Features`` of flat rows [total patches, D], each image's patches its
+  rows, so a feature cache or the serving engine splits and joins them per image like any family's;
+- ``module_groups``: ``connector`` is the patch projection (the only image-specific weights: it maps pixels into
+  the LM's space, as a projector maps a tower's features) and ``lm`` the decoder. There is no ``vision`` group and
+  no ``image_tower``: nothing sees an image before the LM does, so there is nothing to pretrain or freeze alone;
+- attention and positions are the decoder's (causal; packed documents by ``Batch.document_ids``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vlmkit.batch import Batch, Features, MediaInputs
+from vlmkit.config import LanguageConfig, ModelConfig
+from vlmkit.errors import ConfigError
+from vlmkit.fusion.splice import splice_image_features
+from vlmkit.lm.decoder import DecoderLM
+from vlmkit.models.vlm import GenerativeModel, lm_output
+from vlmkit.nn import KVCache, init_linear_
+
+IMAGE_TOKEN = "|SPEAKER|"  # FuyuProcessor's image token: each patch's place in the text
+NEWLINE_TOKEN = "|NEWLINE|"  # the end of a row of patches
+
+
+def persimmon_lm(**kw) -> LanguageConfig:
+    """A LanguageConfig of Persimmon's kind (Fuyu's LM): LayerNorms with biases, biases on every projection, a plain
+    squared-ReLU MLP, query/key LayerNorms and rotary on half of each head; ``kw`` sets the shape."""
+    base = dict(norm="layernorm", mlp="plain", bias=True, act="relu2", qk_norm=True, rotary_fraction=0.5,
+                rope_theta=25000.0, norm_eps=1e-5, tie_embeddings=False)
+    return LanguageConfig(**{**base, **kw})
+
+
+@dataclass
+class FuyuConfig(ModelConfig):
+    """A Fuyu model: its LM, and the patches its one Linear reads (``patch_size`` x ``patch_size`` x
+    ``num_channels`` values each, in transformers' order: rows, columns, channels)."""
+
+    family: str = "fuyu"
+    lm: LanguageConfig = field(default_factory=persimmon_lm)
+    patch_size: int = 30
+    num_channels: int = 3
+    image_token: str = IMAGE_TOKEN
+
+    def __post_init__(self):
+        if self.patch_size < 1 or self.num_channels < 1:
+            raise ConfigError(f"fuyu patch_size {self.patch_size} and num_channels {self.num_channels} must be >= 1")
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.num_channels
+
+
+class FuyuModel(GenerativeModel):
+    """patches -> Linear -> spliced at the image tokens of a Persimmon ``DecoderLM`` (module docstring)."""
+
+    def __init__(self, patch_embed: nn.Linear, lm: DecoderLM, image_token_id: int):
+        super().__init__()
+        self.patch_embed = patch_embed
+        self.lm = lm
+        self.image_token_id = image_token_id
+
+    def encode_media(self, media: MediaInputs) -> Features:
+        """Patches [total patches, patch_dim] -> LM-space rows [total patches, D], each image's patches together."""
+        if media.pixel_values.ndim != 2 or media.pixel_values.shape[-1] != self.patch_embed.in_features:
+            raise ValueError(f"fuyu reads patches [n, {self.patch_embed.in_features}], got "
+                             f"{tuple(media.pixel_values.shape)}: the processor's patch_size must be the model's")
+        return Features(self.patch_embed(media.pixel_values), media.item_rows())
+
+    def embed(self, input_ids: torch.Tensor, features: Features | None) -> torch.Tensor:
+        ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
+        return splice_image_features(self.lm.embed_tokens(ids), input_ids, self.image_token_id,
+                                     features.values if features is not None else None)
+
+    def forward(self, batch: Batch, cache: KVCache | None = None, logits_to_keep: int = 0):
+        embeds = self.embed(batch.input_ids, self.media_features(batch))
+        hidden = self.lm(embeds, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+                         mask=self.attention(batch, cache), cache=cache)
+        return lm_output(self.lm.lm_head, hidden, batch.labels, logits_to_keep)
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        return {"connector": self.patch_embed, "lm": self.lm}
+
+    def image_tower(self) -> nn.Module:
+        raise ConfigError("the fuyu family has no image tower (its LM reads linearly embedded patches): nothing can "
+                          "be pretrained or frozen before the LM; drop the stage that trains 'vision'")
+
+
+def build_fuyu(cfg: FuyuConfig, image_token_id: int, init: bool = True) -> FuyuModel:
+    """A FuyuModel from its config; ``init``: vlmkit's from-scratch initialisation (GPT-2's std 0.02 for the LM,
+    residual outputs scaled by depth, the head at ``lm.head_init_std`` when set; fan-in for the patch projection,
+    so patch embeddings enter the LM at about unit scale, as a connector's do)."""
+    if cfg.lm.head_init_std is not None and cfg.lm.tie_embeddings:
+        raise ValueError("lm.head_init_std initialises an untied LM head; with lm.tie_embeddings: true the head "
+                         "is the token embedding (set tie_embeddings: false, or leave head_init_std unset)")
+    model = FuyuModel(nn.Linear(cfg.patch_dim, cfg.lm.width), DecoderLM(cfg.lm), image_token_id)
+    if init and not any(p.is_meta for p in model.parameters()):
+        with torch.no_grad():
+            nn.init.normal_(model.patch_embed.weight, std=cfg.patch_dim ** -0.5)
+            nn.init.zeros_(model.patch_embed.bias)
+            init_linear_(model.lm)
+            if cfg.lm.head_init_std is not None:
+                nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
+            for block in model.lm.layers:
+                for lin in block.residual_outputs():
+                    lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
+    return model
+
+
+__all__ = ["FuyuConfig", "FuyuModel", "IMAGE_TOKEN", "NEWLINE_TOKEN", "build_fuyu", "persimmon_lm"]
