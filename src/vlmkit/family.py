@@ -59,6 +59,9 @@ class Family:
     ProcessorConfig: ClassVar[type[ProcessorConfig]] = ProcessorConfig
     capabilities: ClassVar[Capabilities] = Capabilities()
     objectives: ClassVar[tuple[str, ...]] = ("lm",)  # the stage objectives its models train with
+    # the module groups that see an image before the LM reads it, which a cell_labels stage pretrains (through
+    # ``image_tower()``): a tower's ("vision"); an encoder-free model's patch projection and the LM itself
+    image_groups: ClassVar[tuple[str, ...]] = ("vision",)
     hf: ClassVar[HFMapping | None] = None
     # files beside tokenizer.json that its processor keeps (InstructBLIP's Q-Former tokenizer)
     processor_files: ClassVar[tuple[str, ...]] = ()

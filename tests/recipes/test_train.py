@@ -67,6 +67,14 @@ def test_cell_label_stage_teaches_the_tower(tmp_path):
     assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
 
 
+def test_a_cell_label_stage_trains_what_sees_images_alone(tmp_path):
+    # refused before any data is read (the data path does not exist)
+    r = load_recipe("tiny-llava", [f"data.path={tmp_path / 'nowhere'}", "stages.0.train=[vision, lm]"])
+    with pytest.raises(ConfigError, match=r"stages\[0\]: the cell_labels objective trains what sees an image before "
+                                          r"the LM reads it, alone \(llava: vision\); set train: \['vision'\]"):
+        train(r, tmp_path / "run", progress=False, log=lambda m: None)
+
+
 def test_cell_label_stage_needs_scene_annotations(shapes, tmp_path):
     data = tmp_path / "noscenes"
     data.mkdir()

@@ -151,7 +151,6 @@ def test_unknown_recipe_lists_builtins():
     ("stages.1.lr_scale={vison: 0.5}", r"stages\[1\]\.lr_scale: unknown module 'vison'"),
     ("stages.0.steps=0", r"stages\[0\]\.steps must be >= 1"),
     ("stages.1.objective=vqa", r"stages\[1\]\.objective: Unknown objective 'vqa'\. Available: cell_labels, contrastive, lm, qformer"),
-    ("stages.0.train=[vision, lm]", r"stages\[0\]: the cell_labels objective trains vision alone \(the image tower alone.*set train: \['vision'\]"),
     ("stages.1.batch_size=16", r"stages\[1\]\.batch_size: 16; lm stages use train.batch_size \(only cell_labels, qformer stages take their own"),
     ("stages.1.optimizer=sgd", r"stages\[1\]\.optimizer: 'sgd'; valid: adamw, muon"),
     ("stages.0.optimizer=muon", r"stages\[0\]\.optimizer: muon does not train cell_labels stages; valid: adamw"),

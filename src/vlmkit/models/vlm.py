@@ -12,7 +12,8 @@ calls, and all it calls:
 - ``new_cache(batch_size, max_len)``: an empty KV cache for generation;
 - ``module_groups()``: what a stage may train, freeze or adapt, by name;
 - ``image_tower()``: the module that maps whole images [n, C, H, W] to their patch features [n, N, D] (it has
-  ``grid`` and ``width``), which a stage can pretrain alone (``cell_labels``);
+  ``grid`` and ``width``), which a stage can pretrain alone (``cell_labels``): the tower, or for a model without
+  one, a view of the modules that see the image (``Family.image_groups``);
 - ``reserved_token_ids``: ids only the processor writes (image placeholders), never sampled.
 
 Composition, not inheritance, builds a model: it receives built parts; a family's ``build`` turns its config into

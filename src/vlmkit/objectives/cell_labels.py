@@ -6,7 +6,9 @@ gradient collapses once the LM has learned the text-only answer prior, and shape
 demo's budget (docs/design.md). This stage trains the tower alone, with temporary linear heads that predict,
 for every cell of its token grid, the colour, shape and size of the object over the cell centre (or none),
 taken from ShapesWorld's ``scenes.json`` (training split only). The heads are dropped after the stage;
-a later stage can then freeze the tower and train connector + LM on it, as LLaVA does.
+a later stage can then freeze the tower and train connector + LM on it, as LLaVA does. A model without a tower
+(Fuyu: patches -> one Linear -> the LM) pretrains what sees its images instead, the patch projection and the LM
+read at the image positions (``Family.image_groups``, the model's ``image_tower()``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from torch import nn
 
 from vlmkit.data.shapes import COLORS, SHAPES, SIZES
 from vlmkit.errors import ConfigError
+from vlmkit.family import family_of
 from vlmkit.objectives import Objective, StepResult, register
+from vlmkit.presets import get_preset
 from vlmkit.processing.image import load_image
 from vlmkit.train.stream import BatchStream
 
@@ -105,20 +109,35 @@ def _held_out_accuracy(encoder, heads, processor, root: Path, scenes: list[dict]
     return hits / max(total, 1)
 
 
+def check_trains(recipe, family) -> None:
+    """Each cell_labels stage trains the module groups that see images (``Family.image_groups``), and only them."""
+    want = list(family.image_groups)
+    for i, st in enumerate(recipe.stages):
+        if st.objective == "cell_labels" and st.train != want:
+            raise ConfigError(f"stages[{i}]: the cell_labels objective trains what sees an image before the LM reads "
+                              f"it, alone ({family.name}: {', '.join(want)}); set train: {want}, got {st.train}")
+
+
 @register
 class CellLabelsObjective(Objective):
-    """the image tower alone: colour, shape and size under each cell of its grid (ShapesWorld's scenes.json)"""
+    """what sees images, alone: colour, shape and size under each cell of its grid (ShapesWorld's scenes.json)"""
 
     name = "cell_labels"
     resumable = False  # short: an interrupted stage reruns whole
     distributed = False  # every rank runs it whole (the same seeded computation: the replicas stay equal)
     log_every = 10
     optimizers = ("adamw",)
-    trains = ["vision"]
     own_batch_size = True
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        """A from-scratch model's family is the preset's: its stages train what sees images alone."""
+        if not recipe.init_from:
+            check_trains(recipe, family_of(get_preset(recipe.preset).model))
 
     def start(self, stage, si: int, model) -> None:
         run = self.run
+        check_trains(run.recipe, family_of(run.cfg))
         if run.info.strategy == "fsdp":
             from torch.distributed.fsdp import FSDPModule
 
