@@ -39,6 +39,11 @@ def visual_tokens(pipe) -> int:
     """Image tokens the LM reads per image (spliced, or attended to through cross-attention)."""
     model = pipe.model
     encoder = getattr(model, "encoder", None)
+    if encoder is None:  # no image tower (Fuyu): the rows of one 64x64 scene's encoded patches
+        from PIL import Image
+
+        media = pipe.processor.prepare_images([Image.new("RGB", (64, 64), "white")])
+        return int(model.encode_media(media).split()[0].values.shape[0])
     n = getattr(encoder, "num_tokens", 0)
     connector = getattr(model, "connector", None)
     if connector is not None and hasattr(connector, "num_tokens"):

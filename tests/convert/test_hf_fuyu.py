@@ -77,7 +77,7 @@ def test_prompts_fuyu_processor_cannot_lay_out_are_refused(fuyu):
     two = pipe.processor.prepare_images(sized_images()[:2])
     with pytest.raises(DataError, match=r"2 image\(s\) need 1 placeholder"):
         pipe.processor.prompt("a |SPEAKER| b |SPEAKER| c |SPEAKER|", two)
-    with pytest.raises(DataError, match="no conversation format"):
+    with pytest.raises(DataError, match=r"this family \(fuyu\) answers one prompt"):
         pipe.processor.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
                              {"role": "user", "content": "and?"}], two)
     with pytest.raises(DataError, match="one question and its answer"):
@@ -203,3 +203,22 @@ def test_a_patch_size_the_model_does_not_read_is_refused_at_import(fuyu, tmp_pat
     (bad / "processor_config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"image_size \(35, 48\) must be whole multiples of patch_size 6"):
         vlmkit.load(bad)
+
+
+def test_the_image_tower_view_reads_the_patches_the_processor_cuts(fuyu_folder):
+    """image_tower() (what a cell_labels stage pretrains: the patch projection and the LM) on a whole target-size
+    image gives the LM's states at its patches, in the processor's order: the LM run on encode_media's rows."""
+    pipe = vlmkit.load(fuyu_folder[0])
+    h, w = pipe.processor.cfg.image_size
+    image = render_scene(sample_scene(random.Random(5), w, h, min_objects=2, max_objects=3))
+    tower = pipe.model.image_tower()
+    assert tower.grid == (h // pipe.config.patch_size, w // pipe.config.patch_size) and tower.width == \
+        pipe.config.lm.width
+    assert {id(p) for p in tower.parameters()} == {id(p) for p in pipe.model.parameters()}  # a view, nothing new
+    with torch.no_grad():
+        ours = tower(pipe.processor.transform(image)[None])
+        rows = pipe.model.encode_media(pipe.processor.prepare_images([image])).values
+        assert ours.shape == (1, tower.grid[0] * tower.grid[1], tower.width)
+        torch.testing.assert_close(ours, pipe.model.lm(rows[None]), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="cuts 36x48 images"):
+        tower(torch.zeros(1, 3, h + pipe.config.patch_size, w))

@@ -8,7 +8,8 @@ What the family decides for an encoder-free model:
 - capabilities: no ``tower_cache`` (there is no tower whose output could be precomputed: the patch projection is
   trained with the LM), ``shared_prefix`` (causal attention at plain positions: questions about one image can share
   its prefix);
-- objectives: ``lm`` only (``cell_labels`` pretrains an image tower, and there is none);
+- objectives: ``lm``, and ``cell_labels``, which pretrains what sees the images: with no tower, that is the patch
+  projection and the LM (``image_groups``), read at the patches through the model's ``image_tower()`` view;
 - module groups: ``connector`` (the patch projection) and ``lm``;
 - the tokenizer of a from-scratch model has the image token ``|SPEAKER|``, the row break ``|NEWLINE|`` and
   FuyuProcessor's beginning of answer ``<0x04>`` as special tokens; vlmkit's ``<image>`` placeholder in the data
@@ -39,7 +40,8 @@ class Fuyu(Family):
     Config = FuyuConfig
     ProcessorConfig = FuyuProcessorConfig
     capabilities = Capabilities(tower_cache=False, shared_prefix=True)
-    objectives = ("lm",)
+    objectives = ("lm", "cell_labels")
+    image_groups = ("connector", "lm")
     hf = HFMapping(("fuyu",), load_fuyu_folder, export_fuyu, "FuyuForCausalLM")
 
     def build(self, cfg, image_token_id, init=True):
@@ -55,11 +57,11 @@ class Fuyu(Family):
         return "by size"
 
     def configure(self, cfg, pcfg, tokenizer):
-        """The LM's vocabulary is the tokenizer's; the processor cuts the model's patches and writes its image
-        token."""
+        """The LM's vocabulary is the tokenizer's; the processor fits images into the model's target, cuts the
+        model's patches and writes its image token."""
         cfg = apply_overrides(cfg, {"lm.vocab_size": tokenizer.vocab_size})
-        return cfg, apply_overrides(pcfg, {"patch_size": cfg.patch_size, "image_token": cfg.image_token,
-                                           "family": cfg.family})
+        return cfg, apply_overrides(pcfg, {"image_size": list(cfg.image_size), "patch_size": cfg.patch_size,
+                                           "image_token": cfg.image_token, "family": cfg.family})
 
     def new_processor(self, model, pcfg, tokenizer):
         """``image_seq_len``: the image tokens of an image that fills the target (smaller images take fewer)."""

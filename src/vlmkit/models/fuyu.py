@@ -12,8 +12,10 @@ What an encoder-free model is to shared code:
 - ``encode_media`` is the patch projection: ``Features`` of flat rows [total patches, D], each image's patches its
   rows, so a feature cache or the serving engine splits and joins them per image like any family's;
 - ``module_groups``: ``connector`` is the patch projection (the only image-specific weights: it maps pixels into
-  the LM's space, as a projector maps a tower's features) and ``lm`` the decoder. There is no ``vision`` group and
-  no ``image_tower``: nothing sees an image before the LM does, so there is nothing to pretrain or freeze alone;
+  the LM's space, as a projector maps a tower's features) and ``lm`` the decoder. There is no ``vision`` group:
+  nothing sees an image before the LM does. What sees the images is the projection and the LM together, and
+  ``image_tower()`` is a view of them (:class:`PatchTower`: whole images -> the LM's states at their patches),
+  which a ``cell_labels`` stage pretrains (the family's ``image_groups``);
 - attention and positions are the decoder's (causal; packed documents by ``Batch.document_ids``).
 """
 
@@ -54,24 +56,52 @@ class FuyuConfig(ModelConfig):
     patch_size: int = 30
     num_channels: int = 3
     image_token: str = IMAGE_TOKEN
+    # the (height, width) images are fitted into: the processor's target, cut into the grid of image_tower()
+    image_size: tuple[int, int] = (1080, 1920)
 
     def __post_init__(self):
         if self.patch_size < 1 or self.num_channels < 1:
             raise ConfigError(f"fuyu patch_size {self.patch_size} and num_channels {self.num_channels} must be >= 1")
+        self.image_size = tuple(self.image_size)
+        if len(self.image_size) != 2 or any(s < self.patch_size or s % self.patch_size for s in self.image_size):
+            raise ConfigError(f"fuyu image_size {self.image_size} must be whole multiples of patch_size "
+                              f"{self.patch_size} (the (height, width) target images are fitted into)")
 
     @property
     def patch_dim(self) -> int:
         return self.patch_size * self.patch_size * self.num_channels
 
 
+class PatchTower(nn.Module):
+    """What sees a Fuyu model's images, as a tower (module docstring): whole images [n, C, H, W] -> the LM's final
+    states at their patches [n, rows * cols, D], the patches alone in reading order, cut as the processor cuts them
+    (rows, columns, then each patch's rows, columns and channels). A view: its modules are the model's own."""
+
+    def __init__(self, patch_embed: nn.Linear, lm: DecoderLM, patch_size: int, grid: tuple[int, int]):
+        super().__init__()
+        self.patch_embed, self.lm, self.patch, self.grid = patch_embed, lm, patch_size, grid
+        self.width = lm.cfg.width
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = pixel_values.shape
+        p = self.patch
+        if (h // p, w // p) != self.grid or h % p or w % p:
+            raise ValueError(f"fuyu's image tower cuts {self.grid[0] * p}x{self.grid[1] * p} images into "
+                             f"{self.grid[0]}x{self.grid[1]} patches of {p}; got {h}x{w}")
+        x = pixel_values.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(n, -1, p * p * c)
+        return self.lm(self.patch_embed(x))
+
+
 class FuyuModel(GenerativeModel):
     """patches -> Linear -> spliced at the image tokens of a Persimmon ``DecoderLM`` (module docstring)."""
 
-    def __init__(self, patch_embed: nn.Linear, lm: DecoderLM, image_token_id: int):
+    def __init__(self, patch_embed: nn.Linear, lm: DecoderLM, image_token_id: int, patch_size: int,
+                 grid: tuple[int, int]):
         super().__init__()
         self.patch_embed = patch_embed
         self.lm = lm
         self.image_token_id = image_token_id
+        self.patch_size, self.grid = patch_size, grid
 
     def encode_media(self, media: MediaInputs) -> Features:
         """Patches [total patches, patch_dim] -> LM-space rows [total patches, D], each image's patches together."""
@@ -94,9 +124,9 @@ class FuyuModel(GenerativeModel):
     def module_groups(self) -> dict[str, nn.Module]:
         return {"connector": self.patch_embed, "lm": self.lm}
 
-    def image_tower(self) -> nn.Module:
-        raise ConfigError("the fuyu family has no image tower (its LM reads linearly embedded patches): nothing can "
-                          "be pretrained or frozen before the LM; drop the stage that trains 'vision'")
+    def image_tower(self) -> PatchTower:
+        """The patch projection and the LM as a tower over whole target-size images (:class:`PatchTower`)."""
+        return PatchTower(self.patch_embed, self.lm, self.patch_size, self.grid)
 
 
 def build_fuyu(cfg: FuyuConfig, image_token_id: int, init: bool = True) -> FuyuModel:
@@ -106,7 +136,8 @@ def build_fuyu(cfg: FuyuConfig, image_token_id: int, init: bool = True) -> FuyuM
     if cfg.lm.head_init_std is not None and cfg.lm.tie_embeddings:
         raise ValueError("lm.head_init_std initialises an untied LM head; with lm.tie_embeddings: true the head "
                          "is the token embedding (set tie_embeddings: false, or leave head_init_std unset)")
-    model = FuyuModel(nn.Linear(cfg.patch_dim, cfg.lm.width), DecoderLM(cfg.lm), image_token_id)
+    grid = (cfg.image_size[0] // cfg.patch_size, cfg.image_size[1] // cfg.patch_size)
+    model = FuyuModel(nn.Linear(cfg.patch_dim, cfg.lm.width), DecoderLM(cfg.lm), image_token_id, cfg.patch_size, grid)
     if init and not any(p.is_meta for p in model.parameters()):
         with torch.no_grad():
             nn.init.normal_(model.patch_embed.weight, std=cfg.patch_dim ** -0.5)
@@ -120,4 +151,4 @@ def build_fuyu(cfg: FuyuConfig, image_token_id: int, init: bool = True) -> FuyuM
     return model
 
 
-__all__ = ["FuyuConfig", "FuyuModel", "IMAGE_TOKEN", "NEWLINE_TOKEN", "build_fuyu", "persimmon_lm"]
+__all__ = ["FuyuConfig", "FuyuModel", "PatchTower", "IMAGE_TOKEN", "NEWLINE_TOKEN", "build_fuyu", "persimmon_lm"]

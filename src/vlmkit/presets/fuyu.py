@@ -12,7 +12,7 @@ from vlmkit.processing.fuyu import FuyuProcessorConfig
 def fuyu_8b() -> Preset:
     lm = persimmon_lm(vocab_size=262144, width=4096, depth=36, heads=64, kv_heads=64, mlp_dim=16384, norm_eps=1e-5,
                       rope_theta=25000.0, rotary_fraction=0.5, max_seq_len=16384)
-    model = FuyuConfig(lm=lm, patch_size=30, num_channels=3)
+    model = FuyuConfig(lm=lm, patch_size=30, num_channels=3, image_size=(1080, 1920))
     proc = whole(FuyuProcessorConfig, image_size=(1080, 1920), patch_size=30, resample="bilinear",
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_length=16384, eos_token="|ENDOFTEXT|",
                  bos_token="|ENDOFTEXT|", pad_token="<unk>")
@@ -29,7 +29,7 @@ def tiny_fuyu() -> Preset:
     # pretrained on cell labels (recipes/tiny-fuyu.yaml).
     lm = persimmon_lm(vocab_size=1024, width=128, depth=4, heads=4, kv_heads=4, mlp_dim=512, max_seq_len=512,
                       head_init_std=0.25)
-    model = FuyuConfig(lm=lm, patch_size=16, num_channels=3)
-    proc = FuyuProcessorConfig(image_size=(64, 64), patch_size=16, resample="bilinear", mean=(0.5, 0.5, 0.5),
+    model = FuyuConfig(lm=lm, patch_size=8, num_channels=3, image_size=(64, 64))
+    proc = FuyuProcessorConfig(image_size=(64, 64), patch_size=8, resample="bilinear", mean=(0.5, 0.5, 0.5),
                                std=(0.5, 0.5, 0.5))
     return Preset(model, proc, source="Bavishi et al. 2023, Fuyu-8B (architecture only); tiny-llava's LM scale")

@@ -197,11 +197,8 @@ class FuyuLayout(TemplateLayout):
         without placeholders every image goes before the text."""
         if self.cfg.chat_template_jinja:
             text = self.render(messages, generation=True)
-        elif len(messages) != 1 or messages[0]["role"] != "user":
-            raise DataError(f"{where}: FuyuProcessor has no conversation format (and this folder no chat template): "
-                            f"send a single user message")
         else:
-            text = messages[0]["content"]
+            text = self.one_question(messages, where, "this family (fuyu)")  # FuyuProcessor has no turns
         text = _with_image_token(text, self.cfg.image_token)
         token = self.cfg.image_token
         if len(media) and text.count(token) == len(media):

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmkit.config import apply_overrides
-from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
+from vlmkit.convert.hf.io import (export_table, find_prefix, load_state, read_checkpoint, read_config, write_hf_weights,
+                                  write_json)
 from vlmkit.convert.hf.lm import (fuse_qkv, is_persimmon, lm_config_from_hf, lm_config_to_hf, lm_key_map,
                                   split_fused_qkv)
 from vlmkit.convert.hf.processor import PIL_CODES, PIL_RESAMPLE, export_tokenizer, load_hf_processor, read_image_processor
@@ -31,8 +32,10 @@ FLAT_TEXT_KEYS = ("vocab_size", "max_position_embeddings", "hidden_size", "inter
                   "rope_parameters", "partial_rotary_factor")
 
 
-def fuyu_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[FuyuConfig, int]:
-    """A FuyuConfig dict (either layout) -> (FuyuConfig, image token id)."""
+def fuyu_config_from_hf(cfg: dict, where: str = "config.json",
+                        image_size: tuple[int, int] | None = None) -> tuple[FuyuConfig, int]:
+    """A FuyuConfig dict (either layout) -> (FuyuConfig, image token id); ``image_size``: the processor's target
+    (FuyuConfig's default, Fuyu-8B's 1080x1920, when not given)."""
     if cfg.get("model_type") != "fuyu":
         raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not 'fuyu'")
     if isinstance(cfg.get("text_config"), dict):
@@ -49,12 +52,14 @@ def fuyu_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[FuyuConf
     lm = lm_config_from_hf(text, f"{where} (text_config)")
     patch, channels = int(cfg.get("patch_size", 30)), int(cfg.get("num_channels", 3))
     token = cfg.get("image_token_id", 71011)
-    return FuyuConfig(lm=lm, patch_size=patch, num_channels=channels), int(token)
+    size = {"image_size": tuple(image_size)} if image_size is not None else {}
+    return FuyuConfig(lm=lm, patch_size=patch, num_channels=channels, **size), int(token)
 
 
-def _load_fuyu(folder: str | Path) -> tuple[FuyuModel, FuyuConfig]:
+def _load_fuyu(folder: str | Path, image_size: tuple[int, int] | None = None) -> tuple[FuyuModel, FuyuConfig]:
+    """The model of a folder; ``image_size``: its processor's target (what the model's image_tower() cuts)."""
     ckpt = read_checkpoint(folder)
-    cfg, image_token = fuyu_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"))
+    cfg, image_token = fuyu_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"), image_size)
     t = ckpt.tensors
     lp = find_prefix(t, "model.language_model.", "language_model.model.")
     head = find_prefix(t, "lm_head.", "language_model.lm_head.") + "weight"
@@ -112,9 +117,9 @@ def fuyu_image_settings(settings: dict, patch_size: int, where: str) -> dict:
 
 def load_fuyu_folder(folder: Path):
     """(model, config, processor) of a Fuyu folder; the processor gives FuyuProcessor's input_ids and patches."""
-    model, cfg = _load_fuyu(folder)
     settings, path = read_image_processor(folder)
-    fields = fuyu_image_settings(settings, cfg.patch_size, str(path))
+    fields = fuyu_image_settings(settings, int(read_config(Path(folder)).get("patch_size", 30)), str(path))
+    model, cfg = _load_fuyu(folder, fields["image_size"])
     pcfg = FuyuProcessorConfig(**fields)  # checks the target against the patches
     processor = load_hf_processor(folder, "fuyu", model.image_token_id, max_patches(pcfg), cfg.lm.max_seq_len,
                                   config=FuyuProcessorConfig, fixed_images=False, **fields)
