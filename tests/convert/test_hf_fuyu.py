@@ -205,9 +205,10 @@ def test_a_patch_size_the_model_does_not_read_is_refused_at_import(fuyu, tmp_pat
         vlmkit.load(bad)
 
 
-def test_the_image_tower_view_reads_the_patches_the_processor_cuts(fuyu_folder):
+def test_the_image_tower_view_reads_the_patches_as_a_prompt_lays_them_out(fuyu_folder):
     """image_tower() (what a cell_labels stage pretrains: the patch projection and the LM) on a whole target-size
-    image gives the LM's states at its patches, in the processor's order: the LM run on encode_media's rows."""
+    image gives the LM's states at its patches exactly as in a prompt FuyuProcessor lays out: the image first, each
+    row of patches closed by |NEWLINE|, so what the tower learns is what a question meets."""
     pipe = vlmkit.load(fuyu_folder[0])
     h, w = pipe.processor.cfg.image_size
     image = render_scene(sample_scene(random.Random(5), w, h, min_objects=2, max_objects=3))
@@ -215,10 +216,12 @@ def test_the_image_tower_view_reads_the_patches_the_processor_cuts(fuyu_folder):
     assert tower.grid == (h // pipe.config.patch_size, w // pipe.config.patch_size) and tower.width == \
         pipe.config.lm.width
     assert {id(p) for p in tower.parameters()} == {id(p) for p in pipe.model.parameters()}  # a view, nothing new
+    enc = pipe.processor.prompt("What is in the picture?", pipe.processor.prepare_images([image]))
+    ids = torch.tensor([enc.ids])
     with torch.no_grad():
         ours = tower(pipe.processor.transform(image)[None])
-        rows = pipe.model.encode_media(pipe.processor.prepare_images([image])).values
+        states = pipe.model.lm(pipe.model.embed(ids, pipe.model.encode_media(enc.media)))
         assert ours.shape == (1, tower.grid[0] * tower.grid[1], tower.width)
-        torch.testing.assert_close(ours, pipe.model.lm(rows[None]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours[0], states[0, ids[0] == pipe.model.image_token_id], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="cuts 36x48 images"):
         tower(torch.zeros(1, 3, h + pipe.config.patch_size, w))

@@ -58,6 +58,8 @@ class FuyuConfig(ModelConfig):
     image_token: str = IMAGE_TOKEN
     # the (height, width) images are fitted into: the processor's target, cut into the grid of image_tower()
     image_size: tuple[int, int] = (1080, 1920)
+    # the tokenizer's |NEWLINE| (the row break): image_tower() lays patches out with it, as a prompt does
+    newline_token_id: int | None = None
 
     def __post_init__(self):
         if self.patch_size < 1 or self.num_channels < 1:
@@ -74,12 +76,16 @@ class FuyuConfig(ModelConfig):
 
 class PatchTower(nn.Module):
     """What sees a Fuyu model's images, as a tower (module docstring): whole images [n, C, H, W] -> the LM's final
-    states at their patches [n, rows * cols, D], the patches alone in reading order, cut as the processor cuts them
-    (rows, columns, then each patch's rows, columns and channels). A view: its modules are the model's own."""
+    states at their patches [n, rows * cols, D] in reading order. The LM reads each image as a prompt holds it: the
+    patches cut as the processor cuts them (rows, columns, then each patch's rows, columns and channels), each row
+    of patches followed by the ``|NEWLINE|`` token, so what it learns here (the patch above is a row plus one
+    back) is what it meets in a prompt. A view: its modules are the model's own."""
 
-    def __init__(self, patch_embed: nn.Linear, lm: DecoderLM, patch_size: int, grid: tuple[int, int]):
+    def __init__(self, patch_embed: nn.Linear, lm: DecoderLM, patch_size: int, grid: tuple[int, int],
+                 newline_token_id: int):
         super().__init__()
         self.patch_embed, self.lm, self.patch, self.grid = patch_embed, lm, patch_size, grid
+        self.newline = newline_token_id
         self.width = lm.cfg.width
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -88,19 +94,22 @@ class PatchTower(nn.Module):
         if (h // p, w // p) != self.grid or h % p or w % p:
             raise ValueError(f"fuyu's image tower cuts {self.grid[0] * p}x{self.grid[1] * p} images into "
                              f"{self.grid[0]}x{self.grid[1]} patches of {p}; got {h}x{w}")
-        x = pixel_values.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(n, -1, p * p * c)
-        return self.lm(self.patch_embed(x))
+        rows, cols = self.grid
+        x = pixel_values.reshape(n, c, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1).reshape(n, rows, cols, p * p * c)
+        breaks = self.lm.embed_tokens.weight[self.newline].expand(n, rows, 1, -1)
+        states = self.lm(torch.cat([self.patch_embed(x), breaks], dim=2).reshape(n, rows * (cols + 1), -1))
+        return states.reshape(n, rows, cols + 1, -1)[:, :, :cols].reshape(n, rows * cols, -1)
 
 
 class FuyuModel(GenerativeModel):
     """patches -> Linear -> spliced at the image tokens of a Persimmon ``DecoderLM`` (module docstring)."""
 
     def __init__(self, patch_embed: nn.Linear, lm: DecoderLM, image_token_id: int, patch_size: int,
-                 grid: tuple[int, int]):
+                 grid: tuple[int, int], newline_token_id: int | None = None):
         super().__init__()
         self.patch_embed = patch_embed
         self.lm = lm
-        self.image_token_id = image_token_id
+        self.image_token_id, self.newline_token_id = image_token_id, newline_token_id
         self.patch_size, self.grid = patch_size, grid
 
     def encode_media(self, media: MediaInputs) -> Features:
@@ -126,7 +135,10 @@ class FuyuModel(GenerativeModel):
 
     def image_tower(self) -> PatchTower:
         """The patch projection and the LM as a tower over whole target-size images (:class:`PatchTower`)."""
-        return PatchTower(self.patch_embed, self.lm, self.patch_size, self.grid)
+        if self.newline_token_id is None:
+            raise ValueError("fuyu's image tower lays each row of patches out with its |NEWLINE| token, and this "
+                             "model's config has no newline_token_id (set it to the tokenizer's |NEWLINE| id)")
+        return PatchTower(self.patch_embed, self.lm, self.patch_size, self.grid, self.newline_token_id)
 
 
 def build_fuyu(cfg: FuyuConfig, image_token_id: int, init: bool = True) -> FuyuModel:
@@ -137,7 +149,8 @@ def build_fuyu(cfg: FuyuConfig, image_token_id: int, init: bool = True) -> FuyuM
         raise ValueError("lm.head_init_std initialises an untied LM head; with lm.tie_embeddings: true the head "
                          "is the token embedding (set tie_embeddings: false, or leave head_init_std unset)")
     grid = (cfg.image_size[0] // cfg.patch_size, cfg.image_size[1] // cfg.patch_size)
-    model = FuyuModel(nn.Linear(cfg.patch_dim, cfg.lm.width), DecoderLM(cfg.lm), image_token_id, cfg.patch_size, grid)
+    model = FuyuModel(nn.Linear(cfg.patch_dim, cfg.lm.width), DecoderLM(cfg.lm), image_token_id, cfg.patch_size, grid,
+                      cfg.newline_token_id)
     if init and not any(p.is_meta for p in model.parameters()):
         with torch.no_grad():
             nn.init.normal_(model.patch_embed.weight, std=cfg.patch_dim ** -0.5)

@@ -130,7 +130,9 @@ def load_fuyu_folder(folder: Path):
         raise CheckpointError(f"{folder}: config.json's image_token_id {model.image_token_id} is "
                               f"{processor.cfg.image_token!r} in tokenizer.json; FuyuProcessor's image token is "
                               f"{IMAGE_TOKEN!r}")
-    return model, apply_overrides(cfg, {"image_token": processor.cfg.image_token}), processor
+    model.newline_token_id = processor.tokenizer.token_id(processor.cfg.newline_token)
+    cfg = apply_overrides(cfg, {"image_token": processor.cfg.image_token, "newline_token_id": model.newline_token_id})
+    return model, cfg, processor
 
 
 # ---------------------------------------------------------------------------------------------- export
