@@ -15,6 +15,7 @@ from PIL import Image
 
 from vlmkit.data import shapes as sw
 from vlmkit.data.conversations import read_conversations
+from vlmkit.data.shapes.language import _multi_questions
 from vlmkit.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -283,7 +284,7 @@ def test_multi_image_questions_when_every_shape_is_in_every_image():
                     for i, shape in enumerate(sw.SHAPES))
     scene = sw.Scene(64, 64, "white", objects)
     for seed in range(20):
-        qs = sw._multi_questions([scene, scene], random.Random(seed))
+        qs = _multi_questions([scene, scene], random.Random(seed))
         assert qs and "multi_all" not in {q["type"] for q in qs}
 
 

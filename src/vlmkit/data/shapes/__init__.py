@@ -29,25 +29,17 @@ from tqdm import tqdm
 
 # One module per concept: scenes (vocabulary, sampling, rendering), language (captions and questions,
 # multi-image ones included) and formats (the files); this one checks the arguments and drives the generation.
-# Every name of the former single module stays importable from here, private helpers included, and the
-# generation looks its helpers up here, so patching ``vlmkit.data.shapes.render_scene`` still reaches it.
+# The public names of the three stay importable from here (``__all__``), and the generation looks its helpers
+# up here, so patching ``vlmkit.data.shapes.render_scene`` still reaches it.
 from vlmkit.data.shapes.formats import (CHOICE_VOCABULARY, GENERATOR, GENERATOR_VERSION, OBJECT_TEMPLATES,
-                                        POPE_CATEGORIES, POPE_PER_IMAGE, _choice_rows, _coco_captions,
-                                        _conversation_records, _gqa_questions, _grounding_rows,
-                                        _multi_records, _pope_rows, _scene_record, _vqav2_files,
-                                        _write_eval_layouts, _write_image_folder, _write_object_folder,
+                                        POPE_CATEGORIES, POPE_PER_IMAGE, _scene_record, _write_object_folder,
                                         _write_rows, _write_split)
 from vlmkit.data.shapes.language import (CAPTIONS_PER_IMAGE, MULTI_TYPES, ORDINALS, POSITION_MARGIN,
-                                         QUADRANTS, QUESTION_TYPES, RELATION_MARGIN, _NUMBER_WORDS,
-                                         _QUESTION_MAKERS, _article, _color_questions, _count,
-                                         _count_questions, _exist_questions, _join, _left_to_right,
-                                         _multi_questions, _phrase, _plural, _position_questions, _q,
-                                         _referable, _relation_questions, _shape_questions, _unique_by,
-                                         make_captions, make_questions, quadrant)
+                                         QUADRANTS, QUESTION_TYPES, RELATION_MARGIN, make_captions,
+                                         make_questions, quadrant)
 from vlmkit.data.shapes.scenes import (BACKGROUNDS, COLORS, MAX_OBJECTS, MAX_SIDE, MIN_SIDE, SHAPES, SIZES,
-                                       _LAYOUT_TRIES, _OUTLINES, _PLACE_TRIES, Scene, ShapeObject, _apart,
-                                       _check_canvas, _check_object_range, _place_objects, _place_one,
-                                       render_scene, sample_scene)
+                                       Scene, ShapeObject, _check_canvas, _check_object_range, render_scene,
+                                       sample_scene)
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.utils import atomic_directory, atomic_write_json
 
@@ -222,3 +214,9 @@ def _generate_into(folder: Path, arguments: dict, progress: bool) -> dict:
     meta = {"generator": GENERATOR, "version": GENERATOR_VERSION, "arguments": arguments, **summary}
     atomic_write_json(folder / "meta.json", meta)
     return summary
+
+__all__ = ["BACKGROUNDS", "CAPTIONS_PER_IMAGE", "CHOICE_VOCABULARY", "COLORS", "GENERATOR", "GENERATOR_VERSION",
+           "MAX_OBJECTS", "MAX_SIDE", "MIN_SIDE", "MULTI_TYPES", "OBJECT_TEMPLATES", "ORDINALS", "POPE_CATEGORIES",
+           "POPE_PER_IMAGE", "POSITION_MARGIN", "QUADRANTS", "QUESTION_TYPES", "RELATION_MARGIN", "SHAPES", "SIZES",
+           "SPLITS", "Scene", "ShapeObject", "generate_shapes", "image_rng", "make_captions", "make_questions",
+           "parse_size", "quadrant", "render_scene", "sample_scene", "split_ranges"]
