@@ -35,6 +35,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlmkit.batch import Batch, MediaInputs
 from vlmkit.config import apply_overrides, parse_value
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
@@ -71,10 +72,15 @@ def make_batch(model, batch_size: int, text_length: int) -> tuple[torch.Tensor, 
     return pixels, ids
 
 
+def pairs(pixels: torch.Tensor, ids: torch.Tensor) -> Batch:
+    """The batch a dual encoder trains on: image i with text i."""
+    return Batch(input_ids=ids, media=MediaInputs(pixels, [1] * len(pixels)))
+
+
 def step_flops(model, pixels: torch.Tensor, ids: torch.Tensor) -> dict:
     """FLOPs of one forward + backward, by operator family."""
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        model(pixels, ids).loss.backward()
+        model(pairs(pixels, ids)).loss.backward()
     model.zero_grad(set_to_none=True)
     by_op = {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
     attention = sum(v for k, v in by_op.items() if "attention" in k)
@@ -87,7 +93,7 @@ def time_train(model, pixels, ids, steps: int, warmup: int) -> tuple[list[float]
     times, opt_time = [], 0.0
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        out = model(pixels, ids)
+        out = model(pairs(pixels, ids))
         out.loss.backward()
         t1 = time.perf_counter()
         opt.step()

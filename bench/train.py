@@ -39,7 +39,7 @@ from vlmkit.data.collate import PaddingStats, collate, collate_packed
 from vlmkit.data.conversations import ConversationDataset, group_by_image, read_conversations
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.models import count_parameters
-from vlmkit.objectives.lm import forward_batch
+from vlmkit.objectives.lm import conversation_texts, forward_batch
 from vlmkit.train.build import build_for_recipe, prepare_tokenizer
 from vlmkit.train.frozen_features import FrozenVisionFeatures
 from vlmkit.train.optim import freeze_for_stage, make_optimizer, set_train_mode
@@ -49,11 +49,11 @@ from vlmkit.train.stream import BatchStream
 PEAK_GFLOPS = 175.0
 
 
-def tower_forward_flops(model) -> float:
-    """Forward FLOPs of the vision tower for one image."""
-    x = torch.zeros(1, 3, *model.encoder.image_size)
+def tower_forward_flops(model, image_size) -> float:
+    """Forward FLOPs of the image tower for one image of ``image_size`` (height, width)."""
+    x = torch.zeros(1, 3, *image_size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.encoder.eval()(x)
+        model.image_tower().eval()(x)
     return float(counter.get_total_flops())
 
 
@@ -71,7 +71,7 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
 
 def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3, precompute: bool = False,
         pack_length: int = 0, measured_peak: float = 0.0) -> dict:
-    tower = tower_forward_flops(model) * (3 if "vision" in stage.train else 1)  # before the modes are set
+    tower = tower_forward_flops(model, ds.processor.cfg.image_size) * (3 if "vision" in stage.train else 1)  # before the modes are set
     n_lm = count_parameters(model.lm) - model.lm.embed_tokens.weight.numel()
     freeze_for_stage(model, stage)
     set_train_mode(model, stage)
@@ -79,7 +79,7 @@ def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3, 
     features, extra = None, {}
     if precompute:
         t0 = time.perf_counter()
-        features = FrozenVisionFeatures(model.encoder, ds.processor, [p for s in ds.samples for p in s.images],
+        features = FrozenVisionFeatures(model.image_tower(), ds.processor, [p for s in ds.samples for p in s.images],
                                         progress=False)
         extra = {"precompute_seconds": round(time.perf_counter() - t0, 2), "precomputed_images": len(features)}
         ds.load_images = False
@@ -106,14 +106,14 @@ def run(model, ds, pad_id, stage, batch_size: int, steps: int, warmup: int = 3, 
         t2 = time.perf_counter()
         elapsed += t2 - t0
         opt_time += t2 - t1
-        n_tok = int(batch["attention_mask"].sum())
-        n_img = len(batch["image_paths"])
-        seqs += batch["n_samples"]
+        n_tok = batch.real_tokens
+        n_img = len(batch.image_paths)
+        seqs += batch.n_samples
         tokens += n_tok
         padding.add(batch)
         images += n_img
         # an answer ends at each supervised end-of-turn: count label runs
-        lab = batch["labels"] != -100
+        lab = batch.labels != -100
         answers += int((lab[:, 1:] & ~lab[:, :-1]).sum() + lab[:, 0].sum())
         flops += 6.0 * n_lm * n_tok + tower * n_img
     gflops = flops / elapsed / 1e9
@@ -144,7 +144,7 @@ def main() -> None:
         generate_shapes(data, n=args.images, seed=0, progress=False)
         recipe = load_recipe("tiny-llava", [f"data.path={data}", f"preset={args.preset}", *args.set])
         samples = read_conversations(data / "train.json")
-        tokenizer = prepare_tokenizer(recipe, samples, None)
+        tokenizer = prepare_tokenizer(recipe, conversation_texts(samples), None)
         results = {}
         stage = recipe.stages[recipe.stage_index("lm")]
         peak = matmul_peak(args.threads)
@@ -161,7 +161,7 @@ def main() -> None:
             print(f"timing {name}: {args.steps} steps of {args.batch_size} ...", file=sys.stderr, flush=True)
             rows = mix if group == "mix" else group_by_image(samples, group, 0) if group else samples
             ds = ConversationDataset(rows, processor)
-            pack = max(len(e[0]) for e in ds.encoded) if packed else 0
+            pack = max(len(e) for e in ds.encoded) if packed else 0
             results[name] = run(model, ds, tokenizer.pad_id, stage, args.batch_size, args.steps,
                                 precompute=precompute, pack_length=pack, measured_peak=peak)
     ratio = results["grouped"]["answers_per_s"] / results["single_turn"]["answers_per_s"]

@@ -77,7 +77,8 @@ def evaluate_loss(model, ds: ConversationDataset, pad_id: int, batch_size: int =
     return total / max(n, 1)
 
 
-def _texts(samples) -> list[str]:
+def conversation_texts(samples) -> list[str]:
+    """The texts of conversations, image placeholders blanked: what a from-scratch tokenizer learns from."""
     return [str(turn.get("value", turn.get("content", ""))).replace("<image>", " ")
             for s in samples for turn in s.conversations]
 
@@ -94,7 +95,7 @@ class LMObjective(Objective):
         self.features = None
 
     def texts(self) -> list[str]:
-        return _texts(self.samples if not self.run.recipe.data.shards else shard_samples(self.run.recipe))
+        return conversation_texts(self.samples if not self.run.recipe.data.shards else shard_samples(self.run.recipe))
 
     def bind(self, model, processor) -> None:
         run, recipe, t = self.run, self.run.recipe, self.run.recipe.train
