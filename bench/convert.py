@@ -47,7 +47,7 @@ def watch():  # private (anonymous) memory: what cannot be dropped under pressur
 
 threading.Thread(target=watch, daemon=True).start()
 t0 = time.perf_counter()
-from vlmkit.convert.hf import {loader}
+from vlmkit.convert.hf.{module} import {loader}
 model = {loader}(folder)
 seconds = time.perf_counter() - t0
 time.sleep(0.05)
@@ -57,7 +57,7 @@ print(json.dumps({{"seconds": seconds, "peak_rss_mb": resource.getrusage(resourc
 
 
 def write_checkpoint(preset_name: str, folder: Path, dtype: torch.dtype) -> str:
-    """A random transformers checkpoint of the preset's shapes; returns the vlmkit loader's name."""
+    """A random transformers checkpoint of the preset's shapes; returns the vlmkit loader's (module, name)."""
     import transformers
 
     from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
@@ -66,11 +66,11 @@ def write_checkpoint(preset_name: str, folder: Path, dtype: torch.dtype) -> str:
     cfg = get_preset(preset_name).model
     if cfg.family == "idefics3":
         config, cls, loader = idefics3_config_to_hf(cfg, 0), transformers.Idefics3ForConditionalGeneration, \
-            "load_hf_idefics3"
+            ("idefics3", "load_hf_idefics3")
         config_class = transformers.Idefics3Config
     elif cfg.family == "llava":
         config, cls, loader = llava_config_to_hf(cfg, 0, 1), transformers.LlavaForConditionalGeneration, \
-            "load_hf_llava"
+            ("llava", "load_hf_llava")
         config_class = transformers.LlavaConfig
     else:
         raise SystemExit(f"bench/convert.py: preset {preset_name!r} (family {cfg.family}) is not supported here")
@@ -91,7 +91,8 @@ def main() -> None:
         folder = Path(tmp) / "hf"
         loader = write_checkpoint(args.preset, folder, getattr(torch, args.dtype))
         file_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
-        out = subprocess.run([sys.executable, "-c", LOAD.format(threads=args.threads, loader=loader), str(folder)],
+        code = LOAD.format(threads=args.threads, module=loader[0], loader=loader[1])
+        out = subprocess.run([sys.executable, "-c", code, str(folder)],
                              capture_output=True, text=True, check=True)
         run = json.loads(out.stdout.strip().splitlines()[-1])
     with torch.device("meta"):
