@@ -1,7 +1,7 @@
 """The README's own-data CLIP recipe, run as written on real images: how long it takes and what its validation
 says. One JSON line.
 
-    python bench/own_clip.py [--steps 2000] [--out DIR]      # needs scikit-learn (pip install scikit-learn)
+    python bench/own_clip.py [--steps 2000] [--out DIR] [--threads N]   # needs scikit-learn (pip install scikit-learn)
 
 The data is scikit-learn's handwritten digits (1,797 real 8x8 scans, upscaled to 64x64 PNGs), written the way a
 user brings their own: ``train.csv`` / ``val.csv`` of (filepath, title) pairs with class-like captions ("a
@@ -33,7 +33,7 @@ NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 CAPTION = "a handwritten digit {name}."
 RECIPE = """preset: tiny-clip
 data: {{path: {data}, train: [train.csv], val: val.csv, csv_image_key: filepath, csv_caption_key: title}}
-train: {{batch_size: 128}}
+train: {{batch_size: 128, threads: {threads}}}
 stages:
   - {{name: contrastive, objective: contrastive, steps: {steps}, lr: 1.0e-3, warmup: 0.1}}
 """
@@ -77,12 +77,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--out", help="working folder (default: a temporary one)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     args = ap.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="own-clip-"))
     data = root / "data"
     if not (data / "train.csv").exists():
         write_digits(data)
-    (root / "my-clip.yaml").write_text(RECIPE.format(data=data, steps=args.steps))
+    (root / "my-clip.yaml").write_text(RECIPE.format(data=data, steps=args.steps, threads=args.threads))
     t0 = time.perf_counter()
     res = train(load_recipe(str(root / "my-clip.yaml")), root / "run", overwrite=True, progress=True)
     wall = time.perf_counter() - t0

@@ -149,3 +149,14 @@ def test_lora_under_fsdp_follows_one_process_and_saves_the_adapters(shapes, tmp_
     ad1 = load_file(str(tmp_path / "one" / "checkpoint" / "adapter" / "adapter.safetensors"))
     ad2 = load_file(str(tmp_path / "two" / "checkpoint" / "adapter" / "adapter.safetensors"))
     assert ad1.keys() == ad2.keys() and max(float((ad1[k] - ad2[k]).abs().max()) for k in ad1) < 1e-3
+    # the sharded state of a LoRA model consolidates to the weights the run gathered
+    import vlmkit
+    from vlmkit.cli import main
+
+    ckpt = tmp_path / "two" / "checkpoint"
+    assert (ckpt / "dcp" / ".metadata").is_file()
+    before = {k: v.clone() for k, v in vlmkit.load(ckpt).model.state_dict().items()}
+    (ckpt / "model.safetensors").unlink()
+    assert main(["checkpoint", "consolidate", str(ckpt)]) == 0
+    after = vlmkit.load(ckpt).model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

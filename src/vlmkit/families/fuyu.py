@@ -57,8 +57,8 @@ class Fuyu(Family):
         return "by size"
 
     def configure(self, cfg, pcfg, tokenizer):
-        """The LM's vocabulary and row break are the tokenizer's; the processor fits images into the model's target, cuts the
-        model's patches and writes its image token."""
+        """The LM's vocabulary and row break are the tokenizer's; the processor fits images into the model's
+        target, cuts the model's patches and writes its image token."""
         cfg = apply_overrides(cfg, {"lm.vocab_size": tokenizer.vocab_size,
                                     "newline_token_id": tokenizer.token_id(pcfg.newline_token)})
         return cfg, apply_overrides(pcfg, {"image_size": list(cfg.image_size), "patch_size": cfg.patch_size,

@@ -95,7 +95,8 @@ class LMObjective(Objective):
         self.features = None
 
     def texts(self) -> list[str]:
-        return conversation_texts(self.samples if not self.run.recipe.data.shards else shard_samples(self.run.recipe))
+        recipe = self.run.recipe
+        return conversation_texts(self.samples if not recipe.data.shards else shard_samples(recipe))
 
     def bind(self, model, processor) -> None:
         run, recipe, t = self.run, self.run.recipe, self.run.recipe.train

@@ -188,8 +188,9 @@ def consolidate(checkpoint) -> None:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_model
 
-    from vlmkit.family import model_config_from_dict
+    from vlmkit.config import from_dict
     from vlmkit.errors import CheckpointError
+    from vlmkit.family import model_config_from_dict
     from vlmkit.models import build_model
     from vlmkit.processing import Processor
     from vlmkit.nn.lora import LoRAConfig, apply_lora

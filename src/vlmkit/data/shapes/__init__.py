@@ -215,6 +215,7 @@ def _generate_into(folder: Path, arguments: dict, progress: bool) -> dict:
     atomic_write_json(folder / "meta.json", meta)
     return summary
 
+
 __all__ = ["BACKGROUNDS", "CAPTIONS_PER_IMAGE", "CHOICE_VOCABULARY", "COLORS", "GENERATOR", "GENERATOR_VERSION",
            "MAX_OBJECTS", "MAX_SIDE", "MIN_SIDE", "MULTI_TYPES", "OBJECT_TEMPLATES", "ORDINALS", "POPE_CATEGORIES",
            "POPE_PER_IMAGE", "POSITION_MARGIN", "QUADRANTS", "QUESTION_TYPES", "RELATION_MARGIN", "SHAPES", "SIZES",
