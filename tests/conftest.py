@@ -27,10 +27,10 @@ def tokenizer() -> TextTokenizer:
 
 @pytest.fixture(scope="session")
 def tiny_config(tokenizer):
-    """Factory: a ModelConfig with 16x16 images (4x4 patches of 4 px), width 32 ViT and a 2-layer GQA LM."""
+    """Factory: a VLMConfig with 16x16 images (4x4 patches of 4 px), width 32 ViT and a 2-layer GQA LM."""
 
     def make(connector: str = "mlp", layers: int = 2, tie: bool = True, class_token: bool = False,
-             pre_norm: bool = False, qkv_bias: bool = False) -> ModelConfig:
+             pre_norm: bool = False, qkv_bias: bool = False) -> VLMConfig:
         vision = VisionConfig(image_size=(16, 16), patch_size=4, width=32, depth=1, heads=2, mlp_dim=64,
                               class_token=class_token, pre_norm=pre_norm)
         lm = LanguageConfig(vocab_size=tokenizer.vocab_size, width=32, depth=2, heads=4, kv_heads=2,
