@@ -1,6 +1,7 @@
-"""The architecture's rules, checked on the source: no import cycle (lazy imports included), and no family sniffing
-in shared code (docs/adding-a-family.md). Shared code asks a family's interface; only a family's own modules may
-know its types, names and attributes."""
+"""The architecture's rules, checked on the source: no import cycle (lazy imports included), no family
+sniffing in shared code (docs/adding-a-family.md), and no shared function over 60 lines or file over 600.
+Shared code asks a family's interface; only a family's own modules may know its types, names and
+attributes."""
 
 from __future__ import annotations
 
@@ -155,3 +156,32 @@ def test_family_parts_are_owned_and_shared_parts_are_not():
     assert not {"vlmkit.family", "vlmkit.families", "vlmkit.models.vlm", "vlmkit.processing.processor",
                 "vlmkit.processing.layouts", "vlmkit.generation", "vlmkit.serve.engine", "vlmkit.pipeline",
                 "vlmkit.train.loop", "vlmkit.convert.hf.lm"} & owned
+
+
+MAX_FUNCTION_LINES, MAX_FILE_LINES = 60, 600  # the size of a part a reader takes in at once
+
+
+def oversized(path: Path) -> list[str]:
+    """The functions of ``path`` over MAX_FUNCTION_LINES (decorators and docstring included), and the file itself
+    when it is over MAX_FILE_LINES."""
+    text = path.read_text()
+    lines = len(text.splitlines())
+    found = [f"{path.name}: {lines} lines"] if lines > MAX_FILE_LINES else []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            if node.end_lineno - start + 1 > MAX_FUNCTION_LINES:
+                found.append(f"{path.name}:{node.lineno} {node.name}: {node.end_lineno - start + 1} lines")
+    return found
+
+
+def test_shared_code_has_no_oversized_function_or_file():
+    owned = family_owned(graph())
+    mods = modules()
+    assert [f for m in sorted(set(mods) - owned) for f in oversized(mods[m])] == []
+
+
+def test_the_size_check_finds_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def long():\n{body}\n\n\ndef short():\n    return 1\n")
+    assert oversized(tmp_path / "long.py") == [f"long.py:1 long: {MAX_FUNCTION_LINES + 1} lines"]
