@@ -1,13 +1,14 @@
 """The README's own-data CLIP recipe, run as written on real images: how long it takes and what its validation
 says. One JSON line.
 
-    python bench/own_clip.py [--steps 2000] [--out DIR] [--threads N]   # needs scikit-learn (pip install scikit-learn)
+    python bench/own_clip.py [--steps 2000] [--out DIR] [--threads N]     # needs scikit-learn
 
 The data is scikit-learn's handwritten digits (1,797 real 8x8 scans, upscaled to 64x64 PNGs), written the way a
 user brings their own: ``train.csv`` / ``val.csv`` of (filepath, title) pairs with class-like captions ("a
 handwritten digit three.": every image of a class shares its caption) and an ImageFolder of
 held-out digits (one folder per class, ``classes.json`` naming them) for zero-shot classification. The recipe is
-the README's ``my-clip.yaml``: ``tiny-clip``, batch 128, one contrastive stage of ``--steps`` steps, lr 1e-3.
+the README's ``my-clip.yaml``: ``tiny-clip``, batch 128, one contrastive stage of ``--steps`` steps, lr 1e-3
+(``--threads``: torch threads, 0 for its default; scikit-learn: ``pip install scikit-learn``).
 
 Printed: training seconds, steps per second and threads; the last validation row (``val_image_to_text_recall@1``,
 which class-like captions keep near 1 / images-per-caption however well the model learns, and
