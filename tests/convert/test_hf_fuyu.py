@@ -225,3 +225,6 @@ def test_the_image_tower_view_reads_the_patches_as_a_prompt_lays_them_out(fuyu_f
         torch.testing.assert_close(ours[0], states[0, ids[0] == pipe.model.image_token_id], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="cuts 36x48 images"):
         tower(torch.zeros(1, 3, h + pipe.config.patch_size, w))
+    pipe.model.newline_token_id = None  # a model whose config never learned its tokenizer's row break
+    with pytest.raises(ValueError, match="no newline_token_id"):
+        pipe.model.image_tower()
