@@ -73,6 +73,12 @@ def test_a_cell_label_stage_trains_what_sees_images_alone(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[0\]: the cell_labels objective trains what sees an image before "
                                           r"the LM reads it, alone \(llava: vision\); set train: \['vision'\]"):
         train(r, tmp_path / "run", progress=False, log=lambda m: None)
+    # an encoder-free family's groups, in any order, pass the check; one of them alone does not
+    from vlmkit.objectives.cell_labels import CellLabelsObjective
+
+    CellLabelsObjective.check_recipe(load_recipe("tiny-fuyu", ["stages.0.train=[lm, connector]"]))
+    with pytest.raises(ConfigError, match=r"\(fuyu: connector, lm\)"):
+        CellLabelsObjective.check_recipe(load_recipe("tiny-fuyu", ["stages.0.train=[lm]"]))
 
 
 def test_cell_label_stage_needs_scene_annotations(shapes, tmp_path):

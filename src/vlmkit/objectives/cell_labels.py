@@ -113,7 +113,7 @@ def check_trains(recipe, family) -> None:
     """Each cell_labels stage trains the module groups that see images (``Family.image_groups``), and only them."""
     want = list(family.image_groups)
     for i, st in enumerate(recipe.stages):
-        if st.objective == "cell_labels" and st.train != want:
+        if st.objective == "cell_labels" and sorted(st.train) != sorted(want):  # in any order
             raise ConfigError(f"stages[{i}]: the cell_labels objective trains what sees an image before the LM reads "
                               f"it, alone ({family.name}: {', '.join(want)}); set train: {want}, got {st.train}")
 
