@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
 
 import vlmkit
 from vlmkit.checkpoint import write_model_files
@@ -225,6 +226,24 @@ def test_the_image_tower_view_reads_the_patches_as_a_prompt_lays_them_out(fuyu_f
         torch.testing.assert_close(ours[0], states[0, ids[0] == pipe.model.image_token_id], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="cuts 36x48 images"):
         tower(torch.zeros(1, 3, h + pipe.config.patch_size, w))
+    # tower_layers k (what a see stage labels when the layers above are left to the questions): the states after
+    # k layers of FuyuForCausalLM on the same prompt, at the patches, layer-normed without weights
+    hf_model, hf_proc = fuyu_folder[1], fuyu_folder[2]
+    inputs = hf_proc(text="What is in the picture?", images=image, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == enc.ids
+    with torch.no_grad():
+        hidden = hf_model(**inputs, output_hidden_states=True).hidden_states
+    for k in range(1, pipe.config.lm.depth):
+        pipe.model.tower_layers = k
+        with torch.no_grad():
+            ours = pipe.model.image_tower()(pipe.processor.transform(image)[None])
+        theirs = nn.functional.layer_norm(hidden[k][0, ids[0] == pipe.model.image_token_id], (tower.width,),
+                                          eps=pipe.config.lm.norm_eps)
+        torch.testing.assert_close(ours[0], theirs, rtol=0, atol=1e-4, msg=f"tower_layers {k}")
+    pipe.model.tower_layers = 0
+    depth = pipe.config.lm.depth
+    with pytest.raises(ConfigError, match=rf"tower_layers {depth + 1}: .* from 1 to lm.depth \({depth}\), or 0"):
+        dataclasses.replace(pipe.config, tower_layers=depth + 1)
     pipe.model.newline_token_id = None  # a model whose config never learned its tokenizer's row break
     with pytest.raises(ValueError, match="no newline_token_id"):
         pipe.model.image_tower()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from vlmkit.data.shapes import COLORS, SHAPES, SIZES
 from vlmkit.errors import ConfigError
-from vlmkit.objectives.cell_labels import cell_labels, read_scenes
+from vlmkit.objectives.cell_labels import CellLabelHeads, cell_labels, read_scenes
 
 
 def obj(color, shape, cx, cy, side, size="small"):
@@ -43,3 +44,27 @@ def test_read_scenes_refuses_a_folder_without_training_scenes(tmp_path):
     (tmp_path / "scenes.json").write_text(json.dumps([{"split": "val", "objects": []}]))
     with pytest.raises(ConfigError, match=r"scenes\.json has no scenes in the 'train' split"):
         read_scenes(tmp_path)
+
+
+def test_where_heads_learn_each_cells_row_and_column_in_reading_order():
+    """A stage's ``where: true``: the heads also predict the row and the column of every cell, the tower's tokens
+    taken in reading order (row by row); features that tell the cells apart are enough to learn them."""
+    torch.manual_seed(0)
+    gh, gw = 2, 4
+    heads = CellLabelHeads(gh * gw, (gh, gw))
+    feats = torch.eye(gh * gw).expand(3, -1, -1)  # each cell its own one-hot feature
+    labels = torch.zeros(3, 3, gh, gw, dtype=torch.long)  # no objects: only where is to learn
+    opt = torch.optim.Adam(heads.parameters(), lr=0.1)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss, _, objects, _ = heads.loss_and_hits(feats, labels)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    loss, _, objects, where = heads.loss_and_hits(feats, labels)
+    assert objects == 0 and where == 3 * gh * gw and float(loss.detach()) < 0.1 * losses[0]
+    assert heads.row(feats[0]).argmax(-1).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert heads.column(feats[0]).argmax(-1).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    plain = CellLabelHeads(gh * gw)  # without a grid: colour, shape and size only
+    assert not hasattr(plain, "row") and plain.loss_and_hits(feats, labels)[3] == 0

@@ -60,6 +60,10 @@ class FuyuConfig(ModelConfig):
     image_size: tuple[int, int] = (1080, 1920)
     # the tokenizer's |NEWLINE| (the row break): image_tower() lays patches out with it, as a prompt does
     newline_token_id: int | None = None
+    # training only (inference and transformers' FuyuForCausalLM have no such setting): image_tower() gives the LM's
+    # states after this many layers (0: all, its final states), so that a cell_labels stage teaches the lower
+    # layers to see and leaves the upper ones free to find and compare what they saw (recipes/tiny-fuyu.yaml)
+    tower_layers: int = 0
 
     def __post_init__(self):
         if self.patch_size < 1 or self.num_channels < 1:
@@ -68,6 +72,9 @@ class FuyuConfig(ModelConfig):
         if len(self.image_size) != 2 or any(s < self.patch_size or s % self.patch_size for s in self.image_size):
             raise ConfigError(f"fuyu image_size {self.image_size} must be whole multiples of patch_size "
                               f"{self.patch_size} (the (height, width) target images are fitted into)")
+        if not 0 <= self.tower_layers <= self.lm.depth:
+            raise ConfigError(f"fuyu tower_layers {self.tower_layers}: the LM layers image_tower() reads after, "
+                              f"from 1 to lm.depth ({self.lm.depth}), or 0 for all of them")
 
     @property
     def patch_dim(self) -> int:
@@ -75,17 +82,19 @@ class FuyuConfig(ModelConfig):
 
 
 class PatchTower(nn.Module):
-    """What sees a Fuyu model's images, as a tower (module docstring): whole images [n, C, H, W] -> the LM's final
-    states at their patches [n, rows * cols, D] in reading order. The LM reads each image as a prompt holds it: the
+    """What sees a Fuyu model's images, as a tower (module docstring): whole images [n, C, H, W] -> the LM's states
+    at their patches [n, rows * cols, D] in reading order. The LM reads each image as a prompt holds it: the
     patches cut as the processor cuts them (rows, columns, then each patch's rows, columns and channels), each row
     of patches followed by the ``|NEWLINE|`` token, so what it learns here (the patch above is a row plus one
-    back) is what it meets in a prompt. A view: its modules are the model's own."""
+    back) is what it meets in a prompt. The states are the LM's final ones, or with ``layers`` those after its
+    first ``layers`` blocks, layer-normed without weights (FuyuConfig.tower_layers). A view: its modules are the
+    model's own."""
 
     def __init__(self, patch_embed: nn.Linear, lm: DecoderLM, patch_size: int, grid: tuple[int, int],
-                 newline_token_id: int):
+                 newline_token_id: int, layers: int = 0):
         super().__init__()
         self.patch_embed, self.lm, self.patch, self.grid = patch_embed, lm, patch_size, grid
-        self.newline = newline_token_id
+        self.newline, self.layers = newline_token_id, layers
         self.width = lm.cfg.width
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -97,20 +106,32 @@ class PatchTower(nn.Module):
         rows, cols = self.grid
         x = pixel_values.reshape(n, c, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1).reshape(n, rows, cols, p * p * c)
         breaks = self.lm.embed_tokens.weight[self.newline].expand(n, rows, 1, -1)
-        states = self.lm(torch.cat([self.patch_embed(x), breaks], dim=2).reshape(n, rows * (cols + 1), -1))
+        embeds = torch.cat([self.patch_embed(x), breaks], dim=2).reshape(n, rows * (cols + 1), -1)
+        states = self.lm(embeds) if not self.layers else self._lower_states(embeds)
         return states.reshape(n, rows, cols + 1, -1)[:, :, :cols].reshape(n, rows * cols, -1)
+
+    def _lower_states(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The LM's forward (lm/decoder.py: causal, positions from 0) stopped after ``layers`` blocks."""
+        lm = self.lm
+        mask, is_causal, rope = lm.attention_inputs(embeds, None, None, None, None)
+        x = embeds
+        if lm.embed_positions is not None:
+            x = x + lm.embed_positions(lm.positions(embeds, None, None, None) + lm.cfg.pos_offset)
+        for i, layer in enumerate(lm.layers[:self.layers]):
+            x = layer(x, mask, is_causal, rope, None, i)
+        return nn.functional.layer_norm(x, x.shape[-1:], eps=lm.cfg.norm_eps)
 
 
 class FuyuModel(GenerativeModel):
     """patches -> Linear -> spliced at the image tokens of a Persimmon ``DecoderLM`` (module docstring)."""
 
     def __init__(self, patch_embed: nn.Linear, lm: DecoderLM, image_token_id: int, patch_size: int,
-                 grid: tuple[int, int], newline_token_id: int | None = None):
+                 grid: tuple[int, int], newline_token_id: int | None = None, tower_layers: int = 0):
         super().__init__()
         self.patch_embed = patch_embed
         self.lm = lm
         self.image_token_id, self.newline_token_id = image_token_id, newline_token_id
-        self.patch_size, self.grid = patch_size, grid
+        self.patch_size, self.grid, self.tower_layers = patch_size, grid, tower_layers
 
     def encode_media(self, media: MediaInputs) -> Features:
         """Patches [total patches, patch_dim] -> LM-space rows [total patches, D], each image's patches together."""
@@ -138,7 +159,8 @@ class FuyuModel(GenerativeModel):
         if self.newline_token_id is None:
             raise ValueError("fuyu's image tower lays each row of patches out with its |NEWLINE| token, and this "
                              "model's config has no newline_token_id (set it to the tokenizer's |NEWLINE| id)")
-        return PatchTower(self.patch_embed, self.lm, self.patch_size, self.grid, self.newline_token_id)
+        return PatchTower(self.patch_embed, self.lm, self.patch_size, self.grid, self.newline_token_id,
+                          self.tower_layers)
 
 
 def build_fuyu(cfg: FuyuConfig, image_token_id: int, init: bool = True) -> FuyuModel:
@@ -150,7 +172,7 @@ def build_fuyu(cfg: FuyuConfig, image_token_id: int, init: bool = True) -> FuyuM
                          "is the token embedding (set tie_embeddings: false, or leave head_init_std unset)")
     grid = (cfg.image_size[0] // cfg.patch_size, cfg.image_size[1] // cfg.patch_size)
     model = FuyuModel(nn.Linear(cfg.patch_dim, cfg.lm.width), DecoderLM(cfg.lm), image_token_id, cfg.patch_size, grid,
-                      cfg.newline_token_id)
+                      cfg.newline_token_id, cfg.tower_layers)
     if init and not any(p.is_meta for p in model.parameters()):
         with torch.no_grad():
             nn.init.normal_(model.patch_embed.weight, std=cfg.patch_dim ** -0.5)

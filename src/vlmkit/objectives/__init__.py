@@ -13,6 +13,7 @@ A family names the objectives its models train with (``Family.objectives``).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ from torch import nn
 
 from vlmkit.errors import ConfigError
 from vlmkit.registry import Registry
+
+# stage settings (train/recipe.py StageConfig) that only some objectives read: qformer's image-caption pairs,
+# cell_labels' rows and columns
+STAGE_OPTIONS = ("pairs", "where")
 
 
 @dataclass
@@ -52,6 +57,8 @@ class Objective:
     # the modules a stage of it must train (None: any); a stage's own batch_size is read (False: train.batch_size)
     trains: ClassVar[list[str] | None] = None
     own_batch_size: ClassVar[bool] = False
+    # the settings of STAGE_OPTIONS it reads; a stage of it that sets another is refused
+    stage_options: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
@@ -71,6 +78,12 @@ class Objective:
             raise ConfigError(f"stages[{i}].batch_size: {stage.batch_size}; {cls.name} stages use train.batch_size "
                               f"(only {', '.join(n for n in OBJECTIVES.names() if objective_class(n).own_batch_size)}"
                               f" stages take their own: >= 1, or 0 for train.batch_size)")
+        defaults = {f.name: f.default for f in dataclasses.fields(stage)}
+        for option in STAGE_OPTIONS:
+            if getattr(stage, option) != defaults[option] and option not in cls.stage_options:
+                readers = [n for n in OBJECTIVES.names() if option in objective_class(n).stage_options]
+                raise ConfigError(f"stages[{i}].{option}: {cls.name} stages do not read it (only "
+                                  f"{', '.join(readers)} stages do); drop it from this stage")
 
     def __init__(self, run):
         self.run = run

@@ -5,7 +5,9 @@ from dense labels than through a language model's answers: trained only through 
 gradient collapses once the LM has learned the text-only answer prior, and shapes are never learned in the
 demo's budget (docs/design.md). This stage trains the tower alone, with temporary linear heads that predict,
 for every cell of its token grid, the colour, shape and size of the object over the cell centre (or none),
-taken from ShapesWorld's ``scenes.json`` (training split only). The heads are dropped after the stage;
+taken from ShapesWorld's ``scenes.json`` (training split only), and with the stage's ``where: true`` each cell's
+row and column as well (a model whose image states do not carry where they were computed, Fuyu's LM, must learn
+them to answer where objects are; a tower with position embeddings has them). The heads are dropped after the stage;
 a later stage can then freeze the tower and train connector + LM on it, as LLaVA does. A model without a tower
 (Fuyu: patches -> one Linear -> the LM) pretrains what sees its images instead, the patch projection and the LM
 read at the image positions (``Family.image_groups``, the model's ``image_tower()``).
@@ -69,26 +71,42 @@ def read_scenes(root: Path) -> dict[str, list[dict]]:
 
 
 class CellLabelHeads(nn.Module):
-    """Linear heads on the tower's tokens: colour, shape and size, each with a "none" class.
+    """Linear heads on the tower's tokens: colour, shape and size, each with a "none" class, and with ``grid`` the
+    row and the column of the cell (the tokens in reading order).
 
     Size matters downstream: questions name an object by its size when another of the same shape or
-    colour is in the scene ("what colour is the small circle?")."""
+    colour is in the scene ("what colour is the small circle?"). Where matters to a model whose states do not
+    carry it (Fuyu's; recipes/tiny-fuyu.yaml): predicting the row and the column as classes taught tiny-fuyu where
+    objects are (position questions 0.99), regressing them scaled to [-1, 1] did not as well (0.81)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, grid: tuple[int, int] | None = None):
         super().__init__()
         self.color = nn.Linear(width, 1 + len(COLORS))
         self.shape = nn.Linear(width, 1 + len(SHAPES))
         self.size = nn.Linear(width, 1 + len(SIZES))
+        self.grid = grid
+        if grid:
+            self.row, self.column = nn.Linear(width, grid[0]), nn.Linear(width, grid[1])
 
-    def loss_and_hits(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """feats [B, N, D], labels [B, 3, gh, gw] -> (loss, object cells with all three right, object cells)."""
-        loss, right = 0.0, True
+    def loss_and_hits(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+        """feats [B, N, D], labels [B, 3, gh, gw] -> (loss, object cells with all three right, object cells, cells
+        with row and column right: 0 without a grid)."""
+        loss, right, where_hits = 0.0, True, 0
         for k, head in enumerate((self.color, self.shape, self.size)):
             target, logits = labels[:, k].flatten(1), head(feats)  # [B, N], [B, N, classes]
             loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten())
             right = right & (logits.argmax(-1) == target)
+        if self.grid:
+            gh, gw = self.grid
+            where = True
+            for head, target in ((self.row, torch.arange(gh).repeat_interleave(gw)),
+                                 (self.column, torch.arange(gw).repeat(gh))):
+                logits = head(feats)  # [B, N, gh or gw]; cells in reading order
+                loss = loss + F.cross_entropy(logits.flatten(0, 1), target.repeat(len(feats)))
+                where = where & (logits.argmax(-1) == target)
+            where_hits = int(where.sum())
         objects = labels[:, 0].flatten(1) > 0
-        return loss, int(right[objects].sum()), int(objects.sum())
+        return loss, int(right[objects].sum()), int(objects.sum()), where_hits
 
 
 def _pixels(processor, root: Path, scenes: list[dict]) -> torch.Tensor:
@@ -96,17 +114,22 @@ def _pixels(processor, root: Path, scenes: list[dict]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _held_out_accuracy(encoder, heads, processor, root: Path, scenes: list[dict]) -> float:
+def _held_out_accuracy(encoder, heads, processor, root: Path, scenes: list[dict]) -> dict[str, float]:
+    """val_cell_accuracy (object cells with colour, shape and size right) and, with where heads, val_where_accuracy
+    (cells with row and column right)."""
     was_training = encoder.training
     encoder.eval()
-    hits = total = 0
+    hits = total = where = 0
     for start in range(0, len(scenes), 64):
         chunk = scenes[start:start + 64]
         labels = torch.stack([cell_labels(s, encoder.grid) for s in chunk])
-        _, h, n = heads.loss_and_hits(encoder(_pixels(processor, root, chunk)), labels)
-        hits, total = hits + h, total + n
+        _, h, n, w = heads.loss_and_hits(encoder(_pixels(processor, root, chunk)), labels)
+        hits, total, where = hits + h, total + n, where + w
     encoder.train(was_training)
-    return hits / max(total, 1)
+    out = {"val_cell_accuracy": hits / max(total, 1)}
+    if heads.grid:
+        out["val_where_accuracy"] = where / (len(scenes) * heads.grid[0] * heads.grid[1])
+    return out
 
 
 def check_trains(recipe, family) -> None:
@@ -128,6 +151,7 @@ class CellLabelsObjective(Objective):
     log_every = 10
     optimizers = ("adamw",)
     own_batch_size = True
+    stage_options = ("where",)
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
@@ -148,12 +172,13 @@ class CellLabelsObjective(Objective):
         self.scenes, self.held_out = by_split["train"], by_split.get("val", [])[:256]
         self.tower = model.image_tower()
         self.labels = [cell_labels(s, self.tower.grid) for s in self.scenes]
-        self.heads = CellLabelHeads(self.tower.width)
+        self.heads = CellLabelHeads(self.tower.width, self.tower.grid if stage.where else None)
         self.batch_size = stage.batch_size or run.recipe.train.batch_size
         self.stream = BatchStream(len(self.scenes), self.batch_size, run.recipe.train.seed + si)
         self.hits = self.total = 0
         gh, gw = self.tower.grid
-        run.log(f"  cell labels: {len(self.scenes)} training images, {gh}x{gw} cells, batch {self.batch_size}")
+        run.log(f"  cell labels: {len(self.scenes)} training images, {gh}x{gw} cells"
+                f"{' (and their rows and columns)' if stage.where else ''}, batch {self.batch_size}")
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters())
@@ -161,7 +186,8 @@ class CellLabelsObjective(Objective):
     def step(self, net, model) -> StepResult:
         idx = self.stream.next()
         pixels = _pixels(self.run.processor, self.root, [self.scenes[i] for i in idx])
-        loss, hits, total = self.heads.loss_and_hits(self.tower(pixels), torch.stack([self.labels[i] for i in idx]))
+        loss, hits, total, _ = self.heads.loss_and_hits(self.tower(pixels),
+                                                        torch.stack([self.labels[i] for i in idx]))
         loss.backward()
         self.hits, self.total = self.hits + hits, self.total + total
         return StepResult(float(loss.detach()), metrics={"batch_accuracy": hits / max(total, 1)})
@@ -180,7 +206,9 @@ class CellLabelsObjective(Objective):
     def validate(self, model, last: bool) -> dict[str, float]:
         if not self.held_out:
             return {}
-        acc = _held_out_accuracy(self.tower, self.heads, self.run.processor, self.root, self.held_out)
-        self.run.log(f"  cell accuracy on {len(self.held_out)} validation images: {acc:.3f} (object cells: colour, "
-                     f"shape and size right)")
-        return {"val_cell_accuracy": acc}
+        out = _held_out_accuracy(self.tower, self.heads, self.run.processor, self.root, self.held_out)
+        where = (f"; rows and columns of all cells: {out['val_where_accuracy']:.3f}"
+                 if "val_where_accuracy" in out else "")
+        self.run.log(f"  cell accuracy on {len(self.held_out)} validation images: {out['val_cell_accuracy']:.3f} "
+                     f"(object cells: colour, shape and size right){where}")
+        return out

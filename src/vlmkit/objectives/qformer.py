@@ -245,6 +245,7 @@ class QFormerObjective(Objective):
     log_every = 10
     trains = ["connector"]
     own_batch_size = True
+    stage_options = ("pairs",)
 
     def start(self, stage, si: int, model) -> None:
         run = self.run

@@ -42,6 +42,9 @@ class StageConfig:
     objective: str = "lm"
     batch_size: int = 0  # cell_labels and qformer stages only; 0 = train.batch_size
     pairs: str = "pairs_train.csv"  # qformer stages: the image-caption pairs (CSV/TSV/COCO JSON) under data.path
+    # cell_labels stages: also each cell's row and column, for a model whose image states do not carry where they
+    # were computed (Fuyu: its LM reads the patches with 1-D rotary positions alone; recipes/tiny-fuyu.yaml)
+    where: bool = False
     optimizer: str = "adamw"  # adamw, or muon: Muon on the hidden weight matrices, AdamW on the rest
 
 
