@@ -39,6 +39,8 @@ def _full_run() -> list[dict]:
                      "tokens_per_second": 9000.0 + step, "padding_fraction": 0.4 - step / 1000,
                      "elapsed": step * 0.5})
     recs.append({"step": 100, "stage": "align", "val_loss": 1.75})
+    recs.append({"step": 100, "stage": "align", "elapsed": 50.0, "val_cell_accuracy": 0.89445,
+                 "val_where_accuracy": 0.5})  # an objective's own validation (cell_labels)
     recs.append({"event": "stage", "step": 100, "stage": "finetune", "modules": MODULES_FINETUNE})
     for step in range(110, 210, 10):
         recs.append({"step": step, "stage": "finetune", "loss": 5.0 / (1 + step / 20),
@@ -78,7 +80,9 @@ def test_report_full_run(tmp_path):
     assert "| connector | 98,765 | trainable | 0.001 |" in align
     assert "| **total** | 8,987,653 | 98,765 trainable | |" in align
     assert "| language | 7,654,321 | trainable | 2e-05 |" in finetune
-    assert "best val loss 1.7500 (step 100)" in align
+    assert "best val loss 1.7500 (step 100); validation at step 100: val_cell_accuracy 0.8944, " \
+           "val_where_accuracy 0.5" in align
+    assert "validation at" not in finetune  # its recall@1 is a training figure, not a val_ one
     assert "final loss 0.4321; best val loss 0.9876 (step 150)" in finetune
     assert "![training report](training_report.png)" in md
     _check_png(tmp_path / "training_report.png")
@@ -104,6 +108,7 @@ def test_report_old_style_metrics(tmp_path):
     _write(tmp_path / "metrics.jsonl", recs)
     md = write_report(tmp_path).read_text()
     assert "| final loss | 1.7000 |" in md
+    assert "best val loss 1.9000 (step 30); validation at step 30: val_i2t_recall@1 0.2" in md
     assert "| samples/s | 120.0 |" in md
     for absent in ("padding", "tokens/s", "world size", "packing", "parameters"):
         assert absent not in md, absent

@@ -98,6 +98,7 @@ class _Run:
         self.stages: list[dict] = []
         self.steps: list[dict] = []
         self.vals: list[dict] = []
+        self.checks: list[dict] = []  # validation records with figures other than val_loss (val_cell_accuracy, ...)
         for r in recs:
             event = r.get("event")
             if event == "run":
@@ -111,6 +112,8 @@ class _Run:
                     self.steps.append(r)
                 if _is_number(r.get("val_loss")):
                     self.vals.append(r)
+                if any(k.startswith("val_") and k != "val_loss" and _is_number(v) for k, v in r.items()):
+                    self.checks.append(r)
 
     def last(self, key: str, recs: list[dict] | None = None):
         for r in reversed(self.steps if recs is None else recs):
@@ -224,6 +227,11 @@ def _stage_section(run: _Run, i: int) -> list[str]:
         facts.append(f"final loss {loss:.4f}")
     if (best := _best_val(run.stage_vals(i))) is not None:
         facts.append(f"best val loss {best}")
+    checks = [r for r in run.checks if r.get("stage") == ev.get("stage")]
+    if checks:  # the stage's last validation, what the objective reports besides a loss
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in checks[-1].items()
+                            if k.startswith("val_") and k != "val_loss" and _is_number(v))
+        facts.append(f"validation at step {checks[-1]['step']:,}: {figures}")
     if facts:
         lines += ["; ".join(facts), ""]
     modules = [m for m in ev.get("modules") or [] if isinstance(m, dict)]
