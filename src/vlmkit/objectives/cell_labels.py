@@ -7,10 +7,10 @@ demo's budget (docs/design.md). This stage trains the tower alone, with temporar
 for every cell of its token grid, the colour, shape and size of the object over the cell centre (or none),
 taken from ShapesWorld's ``scenes.json`` (training split only), and with the stage's ``where: true`` each cell's
 row and column as well (a model whose image states do not carry where they were computed, Fuyu's LM, must learn
-them to answer where objects are; a tower with position embeddings has them). The heads are dropped after the stage;
-a later stage can then freeze the tower and train connector + LM on it, as LLaVA does. A model without a tower
-(Fuyu: patches -> one Linear -> the LM) pretrains what sees its images instead, the patch projection and the LM
-read at the image positions (``Family.image_groups``, the model's ``image_tower()``).
+them to answer where objects are; a tower with position embeddings has them). The heads are dropped after the
+stage; a later stage can then freeze the tower and train connector + LM on it, as LLaVA does. A model without a
+tower (Fuyu: patches -> one Linear -> the LM) pretrains what sees its images instead, the patch projection and the
+LM read at the image positions (``Family.image_groups``, the model's ``image_tower()``).
 """
 
 from __future__ import annotations
