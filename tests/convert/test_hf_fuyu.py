@@ -241,6 +241,8 @@ def test_the_image_tower_view_reads_the_patches_as_a_prompt_lays_them_out(fuyu_f
                                           eps=pipe.config.lm.norm_eps)
         torch.testing.assert_close(ours[0], theirs, rtol=0, atol=1e-4, msg=f"tower_layers {k}")
     pipe.model.tower_layers = 0
+    with pytest.raises(ValueError, match="a cache holds every layer"):
+        pipe.model.lm(torch.zeros(1, 2, tower.width), cache=pipe.model.lm.new_cache(1, 4), depth=1)
     depth = pipe.config.lm.depth
     with pytest.raises(ConfigError, match=rf"tower_layers {depth + 1}: .* from 1 to lm.depth \({depth}\), or 0"):
         dataclasses.replace(pipe.config, tower_layers=depth + 1)

@@ -86,20 +86,26 @@ class DecoderLM(nn.Module):
 
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, depth: int | None = None) -> torch.Tensor:
         """embeds [B, T, D] -> final hidden states [B, T, D]. ``position_ids`` are [B, T], or [3, B, T] for an
         LM with ``mrope_section`` (Qwen2-VL's temporal / height / width ids; its model computes them).
 
         ``attention_mask`` [B, T_cache + T] marks real tokens (1) and padding (0); ``mask`` overrides the
         attention pattern completely ([B, 1, T, T_k] booleans). With neither, plain causal attention runs.
+        ``depth``: the states after the first ``depth`` blocks instead, before the final norm (without a cache,
+        which holds every layer; Fuyu's image tower reads them).
         """
+        if depth is not None and cache is not None:
+            raise ValueError("DecoderLM.forward(depth=...) stops before the last layers; a cache holds every layer")
         mask, is_causal, rope = self.attention_inputs(embeds, position_ids, attention_mask, mask, cache)
         x = embeds
         if self.embed_positions is not None:  # OPT: learned absolute positions, added to the input
             x = x + self.embed_positions(self.positions(embeds, position_ids, attention_mask, cache)
                                          + self.cfg.pos_offset)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:depth]):
             x = layer(x, mask, is_causal, rope, cache, i)
+        if depth is not None:
+            return x
         if cache is not None:
             cache.advance(embeds.shape[1])
         return self.norm(x)

@@ -107,19 +107,12 @@ class PatchTower(nn.Module):
         x = pixel_values.reshape(n, c, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1).reshape(n, rows, cols, p * p * c)
         breaks = self.lm.embed_tokens.weight[self.newline].expand(n, rows, 1, -1)
         embeds = torch.cat([self.patch_embed(x), breaks], dim=2).reshape(n, rows * (cols + 1), -1)
-        states = self.lm(embeds) if not self.layers else self._lower_states(embeds)
+        if self.layers:
+            states = self.lm(embeds, depth=self.layers)
+            states = nn.functional.layer_norm(states, states.shape[-1:], eps=self.lm.cfg.norm_eps)
+        else:
+            states = self.lm(embeds)
         return states.reshape(n, rows, cols + 1, -1)[:, :, :cols].reshape(n, rows * cols, -1)
-
-    def _lower_states(self, embeds: torch.Tensor) -> torch.Tensor:
-        """The LM's forward (lm/decoder.py: causal, positions from 0) stopped after ``layers`` blocks."""
-        lm = self.lm
-        mask, is_causal, rope = lm.attention_inputs(embeds, None, None, None, None)
-        x = embeds
-        if lm.embed_positions is not None:
-            x = x + lm.embed_positions(lm.positions(embeds, None, None, None) + lm.cfg.pos_offset)
-        for i, layer in enumerate(lm.layers[:self.layers]):
-            x = layer(x, mask, is_causal, rope, None, i)
-        return nn.functional.layer_norm(x, x.shape[-1:], eps=lm.cfg.norm_eps)
 
 
 class FuyuModel(GenerativeModel):

@@ -112,7 +112,7 @@ class _Run:
                     self.steps.append(r)
                 if _is_number(r.get("val_loss")):
                     self.vals.append(r)
-                if any(k.startswith("val_") and k != "val_loss" and _is_number(v) for k, v in r.items()):
+                if _figures(r):
                     self.checks.append(r)
 
     def last(self, key: str, recs: list[dict] | None = None):
@@ -210,6 +210,11 @@ def _summary_rows(run: _Run) -> list[tuple[str, str]]:
     return rows
 
 
+def _figures(rec: dict) -> dict:
+    """A validation record's figures besides its loss (``val_cell_accuracy``, ``val_i2t_recall@1``, ...)."""
+    return {k: v for k, v in rec.items() if k.startswith("val_") and k != "val_loss" and _is_number(v)}
+
+
 def _lr(v) -> str:
     return f"{v:.3g}" if _is_number(v) else "—"
 
@@ -229,8 +234,7 @@ def _stage_section(run: _Run, i: int) -> list[str]:
         facts.append(f"best val loss {best}")
     checks = [r for r in run.checks if r.get("stage") == ev.get("stage")]
     if checks:  # the stage's last validation, what the objective reports besides a loss
-        figures = ", ".join(f"{k} {v:.4g}" for k, v in checks[-1].items()
-                            if k.startswith("val_") and k != "val_loss" and _is_number(v))
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in _figures(checks[-1]).items())
         facts.append(f"validation at step {checks[-1]['step']:,}: {figures}")
     if facts:
         lines += ["; ".join(facts), ""]
