@@ -715,6 +715,77 @@ def build_fuyu(folder: Path):
     return model, fuyu_patchify_fix(transformers.AutoProcessor.from_pretrained(folder))
 
 
+# ------------------------------------------------------------------------------------------------ Mistral 3 / Pixtral
+
+MISTRAL3_SPECIAL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+# Mistral Small 3.1's template in short: BOS, [INST]...[/INST] around each user turn with [IMG] at each image,
+# replies followed by EOS
+MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST]' }}{% for content in "
+    "message['content'] %}{% if content['type'] == 'image' %}{{ '[IMG]' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{{ '[/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'][0]['text'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def pixtral_processor_class():
+    """transformers' PixtralProcessor. ``transformers.PixtralProcessor`` is a stand-in that needs torchvision (absent
+    here): the module imports the torchvision image processor only for ``get_resize_output_image_size``, which the
+    PIL image processor's module defines the same; with that module standing in, the class is transformers' own."""
+    import sys
+    import types
+
+    from transformers.models.pixtral import image_processing_pil_pixtral as pil
+
+    name = "transformers.models.pixtral.image_processing_pixtral"
+    if name not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            stub = types.ModuleType(name)
+            stub.get_resize_output_image_size = pil.get_resize_output_image_size
+            sys.modules[name] = stub
+    from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+
+    return PixtralProcessor
+
+
+def build_mistral3(folder: Path):
+    """Mistral 3: a Pixtral tower (4-px patches, SiLU SwiGLU, rope theta 2000) whose features are merged 2x2, a
+    Mistral LM with grouped-query attention and head_dim 16 != width / heads, an untied head; a byte-level tokenizer
+    whose post-processor adds <s> (Tekken's); images fitted to a 40-px longest edge in 8-px units, so every test
+    image gets its own grid. The processor returned is PixtralProcessor read from the folder
+    (:func:`pixtral_processor_class`)."""
+    from tokenizers import processors as tok_processors
+
+    raw = byte_level_tokenizer(MISTRAL3_SPECIAL)
+    raw.post_processor = tok_processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>")
+    ids = dict(zip(MISTRAL3_SPECIAL, tok.convert_tokens_to_ids(MISTRAL3_SPECIAL)))
+    torch.manual_seed(0)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                              num_attention_heads=2, patch_size=4, image_size=40, hidden_act="silu",
+                                              rope_parameters={"rope_type": "axial", "rope_theta": 2000.0},
+                                              initializer_range=0.2)
+    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=3e-6,
+                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=None,
+                                      bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], initializer_range=0.2)
+    cfg = transformers.Mistral3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                      image_token_index=ids["[IMG]"], spatial_merge_size=2,
+                                      projector_hidden_act="gelu", tie_word_embeddings=False)
+    model = transformers.Mistral3ForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.PixtralImageProcessorPil(size={"longest_edge": 40}, patch_size={"height": 4, "width": 4},
+                                                   image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor = pixtral_processor_class()
+    processor(image_processor=images, tokenizer=tok, patch_size=4, spatial_merge_size=2,
+              chat_template=MISTRAL3_TEMPLATE).save_pretrained(folder)
+    return model, processor.from_pretrained(folder)
+
+
 # ------------------------------------------------------------------------------------------------ the registry
 
 #: every folder by name (vlmkit's family name where there is one folder per family; IDEFICS is the flamingo family)
@@ -735,6 +806,7 @@ BUILDERS = {
     "clip_legacy": build_clip_legacy,
     "siglip": build_siglip,
     "fuyu": build_fuyu,
+    "mistral3": build_mistral3,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
 BASES = {"idefics3_nosplit": ("idefics3",)}
