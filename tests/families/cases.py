@@ -144,6 +144,12 @@ HF_CASES = [
     Case("instructblip", "instructblip", "instructblip", single_turn=True, instruction_from_prompt=True,
          prompts=(("What colour is the small circle?", (0,)), ("How many squares are there?", (2,))),
          no_gradient={"qformer.layers.2.text_mlp": LAST_TEXT_MLP}),
+    # PixtralProcessor: each [IMG] becomes its image's rows of [IMG] (its own count: every image keeps its aspect
+    # ratio), [IMG_BREAK] after each row, [IMG_END] after the last
+    Case("mistral3", "mistral3", "mistral3",
+         prompts=(("[INST][IMG]What colour is the small circle?[/INST]", (0,)),
+                  ("[INST]Compare [IMG] and [IMG]: how many squares?[/INST]", (3, 4)),
+                  ("[IMG][IMG] caption en", (1, 2)), ("the quick brown fox", ()))),
 ]
 
 STAGE_ONE = "BLIP-2's stage-1 heads (ITC, ITM, ITG) train in the qformer stage, not through the LM"
