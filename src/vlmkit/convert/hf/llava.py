@@ -31,6 +31,11 @@ def llava_config_from_hf(cfg: dict, where: str = "config.json", model_type: str 
     strategy = cfg.get("vision_feature_select_strategy", default_strategy)
     if strategy not in ("default", "full"):
         raise ConfigError(f"{where}: vision_feature_select_strategy {strategy!r}; supported: default, full")
+    if (cfg.get("vision_config") or {}).get("model_type") == "pixtral":
+        raise ConfigError(f"{where}: vision_config.model_type 'pixtral' (Pixtral-12B's layout: a Pixtral tower at "
+                          f"each image's own resolution, read with PixtralProcessor) is not implemented in the llava "
+                          f"family; Mistral 3 folders (model_type 'mistral3') with the same tower load as family "
+                          f"mistral3")
     vision = vision_config_from_hf(cfg.get("vision_config") or {}, layer, f"{where} (vision_config)")
     if strategy == "default" and not vision.class_token:
         raise ConfigError(f"{where}: vision_feature_select_strategy 'default' drops a class token this tower "
