@@ -10,8 +10,6 @@ image end being ordinary tokens of the text. Positions and attention are the LM'
 
 from __future__ import annotations
 
-import torch
-
 from vlmkit.batch import Features, MediaInputs
 from vlmkit.config import VLMConfig
 from vlmkit.encoders.pixtral import Mistral3Projector, PixtralVisionEncoder

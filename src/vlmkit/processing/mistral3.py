@@ -50,7 +50,7 @@ def resized_size(height: int, width: int, longest_edge: int, unit: int) -> tuple
     """(height, width) an image is resized to: transformers' ``get_resize_output_image_size`` (module docstring)."""
     ratio = max(height / longest_edge, width / longest_edge)
     if ratio > 1:
-        height, width = int(math.floor(height / ratio)), int(math.floor(width / ratio))
+        height, width = math.floor(height / ratio), math.floor(width / ratio)
     return ((height - 1) // unit + 1) * unit, ((width - 1) // unit + 1) * unit
 
 
