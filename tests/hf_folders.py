@@ -786,6 +786,42 @@ def build_mistral3(folder: Path):
     return model, processor.from_pretrained(folder)
 
 
+
+def build_pixtral_llava(folder: Path):
+    """Pixtral-12B's Hub format: LlavaForConditionalGeneration with a Pixtral tower (6-px patches, GELU SwiGLU, read
+    at layer -1 with strategy "full"), LLaVA's projector with biases, no patch merger (PixtralProcessor's
+    spatial_merge_size 1), a Mistral LM with head_dim != width / heads; the tokenizer and template of
+    :func:`build_mistral3`, images fitted to a 30-px longest edge."""
+    from tokenizers import processors as tok_processors
+
+    raw = byte_level_tokenizer(MISTRAL3_SPECIAL)
+    raw.post_processor = tok_processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>")
+    ids = dict(zip(MISTRAL3_SPECIAL, tok.convert_tokens_to_ids(MISTRAL3_SPECIAL)))
+    torch.manual_seed(1)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                              num_attention_heads=4, patch_size=6, image_size=30, hidden_act="gelu",
+                                              rope_parameters={"rope_type": "axial", "rope_theta": 5000.0},
+                                              initializer_range=0.2)
+    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=3e-6,
+                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=None,
+                                      bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], initializer_range=0.2)
+    cfg = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                   image_token_index=ids["[IMG]"], vision_feature_layer=-1,
+                                   vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                                   image_seq_length=1, tie_word_embeddings=False)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.PixtralImageProcessorPil(size={"longest_edge": 30}, patch_size={"height": 6, "width": 6},
+                                                   image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor = pixtral_processor_class()
+    processor(image_processor=images, tokenizer=tok, patch_size=6, chat_template=MISTRAL3_TEMPLATE).save_pretrained(folder)
+    return model, processor.from_pretrained(folder)
+
 # ------------------------------------------------------------------------------------------------ the registry
 
 #: every folder by name (vlmkit's family name where there is one folder per family; IDEFICS is the flamingo family)
@@ -807,6 +843,7 @@ BUILDERS = {
     "siglip": build_siglip,
     "fuyu": build_fuyu,
     "mistral3": build_mistral3,
+    "pixtral_llava": build_pixtral_llava,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
 BASES = {"idefics3_nosplit": ("idefics3",)}

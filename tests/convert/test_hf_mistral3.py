@@ -1,8 +1,8 @@
 """Mistral 3 / Pixtral beyond the conformance row (tests/families/cases.py): PixtralImageProcessor's pixels and sizes
 for images larger and smaller than the longest edge, wide, tall and tiny, several in one call; PixtralProcessor's
 rows of [IMG] with [IMG_BREAK] / [IMG_END]; the tower and projector's features against transformers'
-``get_image_features`` (the last layer and an earlier one); the Hub's tensor layout read and written; and what
-vlmkit does not implement, refused by name."""
+``get_image_features`` (the last layer and an earlier one); the Hub's tensor layout read and written; Pixtral-12B's
+LLaVA format read as this family and written back as LLaVA; and what vlmkit does not implement, refused by name."""
 
 from __future__ import annotations
 
@@ -199,12 +199,42 @@ def test_what_vlmkit_does_not_implement_is_refused_by_name(mistral3, tmp_path, n
         vlmkit.load(edited(folder, tmp_path, name, edit))
 
 
-def test_pixtral_12b_in_the_llava_layout_is_refused_by_name(mistral3, tmp_path):
-    """Pixtral-12B's Hub format is LlavaForConditionalGeneration with a Pixtral tower (no patch merger)."""
-    folder = mistral3[0]
+@pytest.fixture(scope="module")
+def pixtral_llava(hf_folder):
+    return hf_folder("pixtral_llava")
 
-    def as_llava(c):
-        c.update(model_type="llava", architectures=["LlavaForConditionalGeneration"], vision_feature_layer=-1)
 
-    with pytest.raises(ConfigError, match=r"Pixtral-12B"):
-        vlmkit.load(edited(folder, tmp_path, "config.json", as_llava))
+def test_pixtral_12b_loads_as_mistral3_and_converts_back_to_llava(pixtral_llava, tmp_path):
+    """Pixtral-12B's Hub format (LlavaForConditionalGeneration with a Pixtral tower): the LLaVA family's loader hands
+    it to this family (conformance row ``pixtral_llava`` checks the numbers); the conversions say so."""
+    folder, ref, hf_proc = pixtral_llava
+    pipe = vlmkit.load(folder)
+    assert pipe.family.name == "mistral3" and pipe.config.connector.kind == "mlp" and pipe.processor.cfg.merge_size == 1
+    assert convert_from_hf(folder, tmp_path / "vlmkit")["family"] == "mistral3"
+    report = convert_to_hf(tmp_path / "vlmkit", tmp_path / "hf")
+    assert report["transformers_class"] == "LlavaForConditionalGeneration"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["vision_config"]["model_type"] == "pixtral"
+    assert config["vision_feature_select_strategy"] == "full"
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f, \
+            safe_open(str(folder / "model.safetensors"), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(vision_feature_select_strategy="default"),
+     r"vision_feature_select_strategy 'default': a Pixtral tower has no class token to drop"),
+    (lambda c: c.update(vision_feature_layer=[-1, -2]), r"only one layer \(an integer\) is implemented"),
+])
+def test_what_pixtral_12b_cannot_be_is_refused_by_name(pixtral_llava, tmp_path, edit, message):
+    with pytest.raises(ConfigError, match=message):
+        vlmkit.load(edited(pixtral_llava[0], tmp_path, "config.json", edit))
+
+
+def test_the_llava_config_reader_names_a_pixtral_tower(pixtral_llava):
+    """LLaVA's own config reader (which LLaVA-NeXT's shares) does not take a Pixtral tower for a CLIP one."""
+    from vlmkit.convert.hf.llava import llava_config_from_hf
+
+    config = json.loads((pixtral_llava[0] / "config.json").read_text())
+    with pytest.raises(ConfigError, match=r"vision_config.model_type 'pixtral' \(Pixtral-12B's layout"):
+        llava_config_from_hf(config)

@@ -150,6 +150,10 @@ HF_CASES = [
          prompts=(("[INST][IMG]What colour is the small circle?[/INST]", (0,)),
                   ("[INST]Compare [IMG] and [IMG]: how many squares?[/INST]", (3, 4)),
                   ("[IMG][IMG] caption en", (1, 2)), ("the quick brown fox", ()))),
+    # Pixtral-12B's Hub format (LlavaForConditionalGeneration with a Pixtral tower, no merger): family mistral3
+    Case("pixtral_llava", "mistral3", "pixtral_llava",
+         prompts=(("[INST][IMG]What colour is the small circle?[/INST]", (0,)),
+                  ("[INST]Compare [IMG] and [IMG]: how many squares?[/INST]", (3, 1)), ("the quick brown fox", ()))),
 ]
 
 STAGE_ONE = "BLIP-2's stage-1 heads (ITC, ITM, ITG) train in the qformer stage, not through the LM"

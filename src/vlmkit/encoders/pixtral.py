@@ -18,7 +18,9 @@ The tower:
 
 Mistral 3's projector (the connector, :class:`Mistral3Projector`): RMSNorm, the patch merger (each image's
 merge x merge windows of neighbouring patches unfolded into one vector, channel-major as ``torch.nn.functional.unfold``
-gives it, then a Linear back to the tower width), and Linear -> GELU -> Linear to the LM width.
+gives it, then a Linear back to the tower width), and Linear -> GELU -> Linear to the LM width. Pixtral-12B (its Hub
+format is ``LlavaForConditionalGeneration`` with this tower) has LLaVA's projector instead, Linear -> GELU -> Linear
+without norm or merger (:class:`PixtralLlavaProjector`).
 """
 
 from __future__ import annotations
@@ -179,4 +181,21 @@ class Mistral3Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(self.patch_merger(self.norm(x), grid))))
 
 
-__all__ = ["Mistral3Projector", "PatchMerger", "PixtralRotary", "PixtralVisionEncoder", "grid_positions"]
+class PixtralLlavaProjector(nn.Module):
+    """Pixtral-12B's projector (``LlavaMultiModalProjector`` on a Pixtral tower): Linear -> act -> Linear, every patch
+    one LM token (no merger: ``merge`` 1)."""
+
+    merge = 1
+
+    def __init__(self, d_vision: int, d_lm: int, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_vision, d_lm, bias=bias)
+        self.linear_2 = nn.Linear(d_lm, d_lm, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+__all__ = ["Mistral3Projector", "PatchMerger", "PixtralLlavaProjector", "PixtralRotary", "PixtralVisionEncoder",
+           "grid_positions"]

@@ -4,6 +4,10 @@ patch merger (encoders/pixtral.py), spliced into a Mistral LM (models/mistral3.p
 ratio, laid out in the text as rows of ``[IMG]`` closed by ``[IMG_BREAK]`` and the last by ``[IMG_END]``
 (processing/mistral3.py), as PixtralProcessor does.
 
+Pixtral-12B's Hub folders (``LlavaForConditionalGeneration`` with a Pixtral tower, LLaVA's projector and no merger)
+are this family too, with ``connector.kind: mlp``: the LLaVA family's loader hands them over
+(convert/hf/mistral3.py), and they export back as LlavaForConditionalGeneration.
+
 The family decides: plain causal positions (``shared_prefix``: questions about one image can share a prefix); no
 ``tower_cache`` (images do not share one size, so a tower output per image is not a fixed tensor the frozen-tower
 cache keeps); objective ``lm``.
@@ -35,3 +39,7 @@ class Mistral3(VLMFamily):
 
     def image_processor(self, pcfg):
         return PixtralImageProcessor(pcfg)
+
+    def export_class(self, cfg) -> str:
+        """Pixtral-12B (LLaVA's projector, ``connector.kind: mlp``) exports as LlavaForConditionalGeneration."""
+        return "LlavaForConditionalGeneration" if cfg.connector.kind == "mlp" else super().export_class(cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from vlmkit.batch import Features, MediaInputs
 from vlmkit.config import VLMConfig
-from vlmkit.encoders.pixtral import Mistral3Projector, PixtralVisionEncoder
+from vlmkit.encoders.pixtral import Mistral3Projector, PixtralLlavaProjector, PixtralVisionEncoder
 from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models.init import check_head_init, init_from_scratch
 from vlmkit.models.vlm import VisionLanguageModel
@@ -44,19 +44,26 @@ class Mistral3Model(VisionLanguageModel):
 
 def build_mistral3(cfg: VLMConfig, image_token_id: int, init: bool = True) -> Mistral3Model:
     """A Mistral3Model from its config: vision.arch "pixtral" (vision.merge_size: the patch merger's window),
-    connector.kind "patch_merger" (RMSNorm with the LM's eps, the merger, Linear -> connector.act -> Linear)."""
+    connector.kind "patch_merger" (RMSNorm with the LM's eps, the merger, Linear -> connector.act -> Linear), or
+    "mlp" with merge_size 1 (Pixtral-12B's LLaVA projector: Linear -> act -> Linear, no merger)."""
     if cfg.vision.arch != "pixtral":
         raise ValueError(f"family mistral3 needs vision.arch 'pixtral', got {cfg.vision.arch!r}")
-    if cfg.connector.kind != "patch_merger":
-        raise ValueError(f"family mistral3 needs connector.kind 'patch_merger', got {cfg.connector.kind!r}")
-    if cfg.connector.scale_factor != cfg.vision.merge_size or cfg.vision.merge_size < 1:
-        raise ValueError(f"connector.scale_factor {cfg.connector.scale_factor} must equal vision.merge_size "
-                         f"{cfg.vision.merge_size} (>= 1: the patch merger's window)")
+    if cfg.connector.kind == "mlp":
+        if cfg.vision.merge_size != 1:
+            raise ValueError(f"connector.kind 'mlp' (Pixtral-12B's projector) merges no patches: vision.merge_size "
+                             f"must be 1, got {cfg.vision.merge_size}")
+        connector = PixtralLlavaProjector(cfg.vision.width, cfg.lm.width, cfg.connector.act, cfg.connector.bias)
+    elif cfg.connector.kind == "patch_merger":
+        if cfg.connector.scale_factor != cfg.vision.merge_size or cfg.vision.merge_size < 1:
+            raise ValueError(f"connector.scale_factor {cfg.connector.scale_factor} must equal vision.merge_size "
+                             f"{cfg.vision.merge_size} (>= 1: the patch merger's window)")
+        connector = Mistral3Projector(cfg.vision.width, cfg.lm.width, cfg.vision.merge_size, cfg.connector.act,
+                                      cfg.connector.bias, cfg.lm.norm_eps)
+    else:
+        raise ValueError(f"family mistral3 needs connector.kind 'patch_merger' (Mistral 3) or 'mlp' (Pixtral-12B), "
+                         f"got {cfg.connector.kind!r}")
     check_head_init(cfg)
-    encoder = PixtralVisionEncoder(cfg.vision)
-    connector = Mistral3Projector(cfg.vision.width, cfg.lm.width, cfg.vision.merge_size, cfg.connector.act,
-                                  cfg.connector.bias, cfg.lm.norm_eps)
-    model = Mistral3Model(encoder, connector, DecoderLM(cfg.lm), image_token_id)
+    model = Mistral3Model(PixtralVisionEncoder(cfg.vision), connector, DecoderLM(cfg.lm), image_token_id)
     if init:
         init_from_scratch(model, cfg)
     return model

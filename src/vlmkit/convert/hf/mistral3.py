@@ -6,6 +6,11 @@ Both weight layouts are read: the Hub's (``vision_tower.``, ``multi_modal_projec
 ``language_model.lm_head.weight``), which the export writes and transformers 4 and 5 both load, and transformers 5's
 (``model.vision_tower.``, ``model.multi_modal_projector.``, ``model.language_model.``, ``lm_head.weight``).
 
+Pixtral-12B's Hub format (``LlavaForConditionalGeneration`` with a Pixtral ``vision_config``: LLaVA's projector,
+no merger) is read here too, handed over by the LLaVA family's loader (:func:`load_pixtral_llava_folder`): it is
+imported as family mistral3 with ``connector.kind: mlp`` (its tower and PixtralProcessor's processing are this
+family's) and exported back as ``LlavaForConditionalGeneration``.
+
 Refused by name: a ``vision_feature_layer`` list (features of several layers concatenated), a tower whose
 ``model_type`` is not "pixtral", a processor whose patch or merge size differs from the model's (transformers would
 lay out a number of image tokens the model cannot fill), image-processor settings vlmkit does not compute.
@@ -110,6 +115,36 @@ def mistral3_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[VLMC
         int(top["image_token_index"])
 
 
+def pixtral_llava_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[VLMConfig, int]:
+    """Pixtral-12B's Hub format, a LlavaConfig with a Pixtral ``vision_config`` -> (VLMConfig of family mistral3
+    with connector.kind "mlp" and no merger, image token id). The LLaVA family's loader hands such folders here."""
+    if cfg.get("model_type") != "llava" or (cfg.get("vision_config") or {}).get("model_type") != "pixtral":
+        raise ConfigError(f"{where}: not a LLaVA config with a Pixtral tower (model_type 'llava', "
+                          f"vision_config.model_type 'pixtral')")
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy != "full":
+        raise ConfigError(f"{where}: vision_feature_select_strategy {strategy!r}: a Pixtral tower has no class "
+                          f"token to drop ('default' drops every image's first patch); supported: full")
+    text = dict(cfg.get("text_config") or {})
+    text.setdefault("model_type", "mistral")
+    if text["model_type"] not in ("mistral", "llama"):
+        raise ConfigError(f"{where}: text_config.model_type {text['model_type']!r} is not implemented for "
+                          f"Pixtral; supported: mistral, llama")
+    text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    lm = lm_config_from_hf(text, f"{where} (text_config)")
+    vision = pixtral_vision_config(cfg["vision_config"], 1, cfg.get("vision_feature_layer", -2),
+                                   f"{where} (vision_config)")
+    act = cfg.get("projector_hidden_act", "gelu")
+    if act not in PROJECTOR_ACTS:
+        raise ConfigError(f"{where}: projector_hidden_act {act!r}; supported: {', '.join(PROJECTOR_ACTS)}")
+    connector = ConnectorConfig(kind="mlp", layers=2, act=PROJECTOR_ACTS[act],
+                                bias=bool(cfg.get("multimodal_projector_bias", True)))
+    token = cfg.get("image_token_index", cfg.get("image_token_id"))
+    if token is None:
+        raise ConfigError(f"{where}: missing key 'image_token_index'")
+    return VLMConfig(family="mistral3", vision=vision, connector=connector, lm=lm, image_token="[IMG]"), int(token)
+
+
 def mistral3_key_map(cfg: VLMConfig, vision: str = "vision_tower.", projector: str = "multi_modal_projector.",
                      lm: str = "language_model.model.", head: str = "language_model.lm_head.weight") -> dict[str, str]:
     """vlmkit Mistral3Model parameter name -> transformers Mistral3ForConditionalGeneration tensor name."""
@@ -119,17 +154,18 @@ def mistral3_key_map(cfg: VLMConfig, vision: str = "vision_tower.", projector: s
         names = ["attention_norm", "ffn_norm"] + [f"attention.{p}_proj" for p in "qkvo"] \
             + [f"feed_forward.{p}_proj" for p in ("gate", "up", "down")]
         table |= {f"{ours}{n}.weight": f"{theirs}{n}.weight" for n in names}
-    table |= {"connector.norm.weight": f"{projector}norm.weight",
-              "connector.patch_merger.merging_layer.weight": f"{projector}patch_merger.merging_layer.weight"}
+    if cfg.connector.kind == "patch_merger":
+        table |= {"connector.norm.weight": f"{projector}norm.weight",
+                  "connector.patch_merger.merging_layer.weight": f"{projector}patch_merger.merging_layer.weight"}
     for name in ("linear_1", "linear_2"):
         for w in ("weight", "bias") if cfg.connector.bias else ("weight",):
             table[f"connector.{name}.{w}"] = f"{projector}{name}.{w}"
     return table | {f"lm.{k}": v for k, v in lm_key_map(cfg.lm, lm, head).items()}
 
 
-def _load(folder: str | Path) -> tuple[Mistral3Model, VLMConfig]:
+def _load(folder: str | Path, read=mistral3_config_from_hf) -> tuple[Mistral3Model, VLMConfig]:
     ckpt = read_checkpoint(folder)
-    cfg, image_token = mistral3_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"))
+    cfg, image_token = read(ckpt.config, str(ckpt.folder / "config.json"))
     t = ckpt.tensors
     vp = find_prefix(t, "model.vision_tower.", "vision_tower.")
     pp = find_prefix(t, "model.multi_modal_projector.", "multi_modal_projector.")
@@ -191,11 +227,11 @@ def mistral3_processor_settings(folder: Path, vision: VisionConfig) -> dict:
     return out
 
 
-def load_mistral3_folder(folder: Path):
-    """(model, config, processor) of a Mistral 3 folder; the processor gives PixtralProcessor's input_ids and each
-    image's patches."""
+def load_mistral3_folder(folder: Path, read=mistral3_config_from_hf):
+    """(model, config, processor) of a Mistral 3 folder (or, with ``read`` :func:`pixtral_llava_config_from_hf`, a
+    Pixtral-12B one); the processor gives PixtralProcessor's input_ids and each image's patches."""
     folder = Path(folder)
-    model, cfg = _load(folder)
+    model, cfg = _load(folder, read)
     settings = mistral3_processor_settings(folder, cfg.vision)
     most = max_image_tokens(Mistral3ProcessorConfig(**settings))
     processor = load_hf_processor(folder, "mistral3", model.image_token_id, most, cfg.lm.max_seq_len,
@@ -210,6 +246,12 @@ def load_mistral3_folder(folder: Path):
             raise CheckpointError(f"{folder}: PixtralProcessor writes {token!r}, which is not a token of "
                                   f"tokenizer.json")
     return model, cfg, processor
+
+
+def load_pixtral_llava_folder(folder: Path):
+    """(model, config, processor) of a Pixtral-12B folder (``LlavaForConditionalGeneration`` with a Pixtral tower):
+    family mistral3 with LLaVA's projector, exported back as LlavaForConditionalGeneration."""
+    return load_mistral3_folder(folder, pixtral_llava_config_from_hf)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -240,16 +282,25 @@ def pixtral_vision_config_to_hf(cfg: VisionConfig) -> dict:
 
 
 def mistral3_config_to_hf(cfg: VLMConfig, image_token_id: int) -> dict:
-    """VLMConfig -> Mistral3Config's config.json (nested text_config and vision_config, as the Hub's)."""
+    """VLMConfig -> Mistral3Config's config.json (nested text_config and vision_config, as the Hub's); with LLaVA's
+    projector (connector.kind "mlp"), Pixtral-12B's LlavaConfig."""
     lm = cfg.lm
-    if cfg.connector.kind != "patch_merger" or cfg.connector.act not in HF_PROJECTOR_ACTS:
+    if cfg.connector.kind not in ("patch_merger", "mlp") or cfg.connector.act not in HF_PROJECTOR_ACTS:
         raise ConfigError(f"connector.kind {cfg.connector.kind!r}, connector.act {cfg.connector.act!r}: Mistral 3's "
-                          f"projector is kind patch_merger with act one of {', '.join(HF_PROJECTOR_ACTS)}")
+                          f"projector is kind patch_merger (Pixtral-12B's: mlp) with act one of "
+                          f"{', '.join(HF_PROJECTOR_ACTS)}")
     if lm.norm_offset or lm.embed_scale or lm.qkv_bias:
         raise ConfigError("lm: Mistral 3's LM is Mistral's (no norm_offset, embed_scale or qkv_bias)")
     text = lm_config_to_hf(lm, "lm")  # refuses what a Llama-kind LM cannot express
     text = {k: text[k] for k in TEXT_KEYS} | {"model_type": "mistral", "sliding_window": None,
                                               "attention_dropout": 0.0}
+    if cfg.connector.kind == "mlp":
+        return {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "text_config": text,
+                "vision_config": pixtral_vision_config_to_hf(cfg.vision), "image_token_index": image_token_id,
+                "projector_hidden_act": HF_PROJECTOR_ACTS[cfg.connector.act],
+                "vision_feature_layer": cfg.vision.feature_layer, "vision_feature_select_strategy": "full",
+                "multimodal_projector_bias": cfg.connector.bias, "image_seq_length": 1,
+                "tie_word_embeddings": lm.tie_embeddings, "torch_dtype": "float32"}
     return {"model_type": "mistral3", "architectures": ["Mistral3ForConditionalGeneration"], "text_config": text,
             "vision_config": pixtral_vision_config_to_hf(cfg.vision), "image_token_index": image_token_id,
             "projector_hidden_act": HF_PROJECTOR_ACTS[cfg.connector.act],
@@ -297,5 +348,6 @@ def export_mistral3(model: Mistral3Model, cfg: VLMConfig, processor: Processor, 
     export_tokenizer(processor, folder)
 
 
-__all__ = ["export_mistral3", "load_hf_mistral3", "load_mistral3_folder", "mistral3_config_from_hf",
-           "mistral3_config_to_hf", "mistral3_key_map", "mistral3_processor_settings"]
+__all__ = ["export_mistral3", "load_hf_mistral3", "load_mistral3_folder", "load_pixtral_llava_folder",
+           "mistral3_config_from_hf", "mistral3_config_to_hf", "mistral3_key_map", "mistral3_processor_settings",
+           "pixtral_llava_config_from_hf"]
