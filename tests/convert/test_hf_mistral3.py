@@ -207,7 +207,7 @@ def pixtral_llava(hf_folder):
 def test_pixtral_12b_loads_as_mistral3_and_converts_back_to_llava(pixtral_llava, tmp_path):
     """Pixtral-12B's Hub format (LlavaForConditionalGeneration with a Pixtral tower): the LLaVA family's loader hands
     it to this family (conformance row ``pixtral_llava`` checks the numbers); the conversions say so."""
-    folder, ref, hf_proc = pixtral_llava
+    folder = pixtral_llava[0]
     pipe = vlmkit.load(folder)
     assert pipe.family.name == "mistral3" and pipe.config.connector.kind == "mlp" and pipe.processor.cfg.merge_size == 1
     assert convert_from_hf(folder, tmp_path / "vlmkit")["family"] == "mistral3"
