@@ -168,6 +168,7 @@ PRESET_CASES = [
     Case("tiny-flamingo", "flamingo", preset="tiny-flamingo"),
     Case("tiny-mllama", "mllama", preset="tiny-mllama"),
     Case("tiny-fuyu", "fuyu", preset="tiny-fuyu"),
+    Case("tiny-mistral3", "mistral3", preset="tiny-mistral3"),
 ]
 
 CASES = HF_CASES + PRESET_CASES

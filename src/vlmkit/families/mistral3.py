@@ -15,10 +15,17 @@ cache keeps); objective ``lm``.
 
 from __future__ import annotations
 
+from vlmkit.config import apply_overrides
 from vlmkit.convert.hf.mistral3 import export_mistral3, load_mistral3_folder
 from vlmkit.family import Capabilities, HFMapping, VLMFamily, register
 from vlmkit.models.mistral3 import build_mistral3
-from vlmkit.processing.mistral3 import Mistral3ProcessorConfig, PixtralImageProcessor
+from vlmkit.processing.mistral3 import Mistral3ProcessorConfig, PixtralImageProcessor, max_image_tokens
+from vlmkit.processing.processor import Processor
+from vlmkit.processing.tokenizer import SPECIAL_TOKENS
+
+# a from-scratch model's tokens: vlmkit's (its <image> is the image token, as the data writes it) and
+# PixtralProcessor's row break and image end
+MISTRAL3_SPECIAL_TOKENS = [*SPECIAL_TOKENS, "[IMG_BREAK]", "[IMG_END]"]
 
 
 @register
@@ -39,6 +46,24 @@ class Mistral3(VLMFamily):
 
     def image_processor(self, pcfg):
         return PixtralImageProcessor(pcfg)
+
+    def configure(self, cfg, pcfg, tokenizer):
+        """The LM's vocabulary is the tokenizer's; the processor fits images into the tower's longest edge in its
+        patch and merge units and writes its image token."""
+        cfg = apply_overrides(cfg, {"lm.vocab_size": tokenizer.vocab_size})
+        v = cfg.vision
+        return cfg, apply_overrides(pcfg, {"longest_edge": max(v.image_size), "patch_size": v.patch_size,
+                                           "merge_size": v.merge_size, "image_size": list(v.image_size),
+                                           "image_token": cfg.image_token, "family": cfg.family})
+
+    def new_processor(self, model, pcfg, tokenizer):
+        """``image_seq_len``: the image tokens of a square image of the longest edge (smaller ones take fewer)."""
+        return Processor(apply_overrides(pcfg, {"image_seq_len": max_image_tokens(pcfg)}), tokenizer)
+
+    def new_tokenizer(self, texts, vocab_size):
+        from vlmkit.processing.tokenizer import TextTokenizer, train_bpe
+
+        return TextTokenizer(train_bpe(texts, vocab_size, MISTRAL3_SPECIAL_TOKENS))
 
     def export_class(self, cfg) -> str:
         """Pixtral-12B (LLaVA's projector, ``connector.kind: mlp``) exports as LlavaForConditionalGeneration."""
