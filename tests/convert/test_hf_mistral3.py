@@ -130,6 +130,25 @@ def _batch(pipe, theirs, group):
     return Batch(input_ids=theirs["input_ids"], media=pipe.processor.prepare_images(group))
 
 
+def test_a_hub_config_without_tie_word_embeddings_keeps_its_saved_head(mistral3, tmp_path):
+    """Mistral Small 3.1's config.json has no tie_word_embeddings (Mistral3Config's default: true) and its weights
+    carry a head of their own: transformers 5 then uses that head, untied, and so does vlmkit."""
+
+    def drop(c):
+        c.pop("tie_word_embeddings", None)
+        c["text_config"].pop("tie_word_embeddings", None)
+
+    folder = edited(mistral3[0], tmp_path, "config.json", drop)
+    ref = transformers.Mistral3ForConditionalGeneration.from_pretrained(folder).eval()
+    pipe = vlmkit.load(folder)
+    assert pipe.config.lm.tie_embeddings is False
+    group = sized_images()[:2]
+    theirs = mistral3[2](text="[INST][IMG][IMG]Which?[/INST]", images=group, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.model(_batch(pipe, theirs, group)).logits, ref(**theirs).logits,
+                                   rtol=0, atol=1e-4)
+
+
 IN_MEMORY = (("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
              ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
 
