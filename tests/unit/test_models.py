@@ -541,7 +541,8 @@ def test_skip_default_init_leaves_weights_alone_and_restores_the_init_functions(
     assert not bool((torch.nn.init.normal_(torch.full((4,), 7.0)) == 7.0).all())
 
 
-@pytest.mark.parametrize("preset", ["tiny-llava-vit", "paligemma-3b-224", "qwen2-vl-2b", "llava-onevision-0.5b"])
+@pytest.mark.parametrize("preset", ["tiny-llava-vit", "paligemma-3b-224", "qwen2-vl-2b", "llava-onevision-0.5b",
+                                    "mistral-small-3.1-24b"])
 def test_every_family_gets_the_same_from_scratch_initialisation(preset):
     """One init for every family's model: fan-in connector, GPT-2 std elsewhere, residual outputs scaled."""
     from vlmkit.config import apply_overrides

@@ -216,7 +216,9 @@ def mistral3_processor_settings(folder: Path, vision: VisionConfig) -> dict:
             raise ConfigError(f"{folder / 'processor_config.json'}: {key} {proc[key]!r} (PixtralProcessor's "
                               f"{DEFAULT_PROCESSOR[key]} when absent) does not match config.json's {ours}: the "
                               f"processor would lay out a number of image tokens the model does not produce")
-    out = {"longest_edge": size["longest_edge"], "patch_size": vision.patch_size, "merge_size": vision.merge_size,
+    edge = size["longest_edge"]
+    out = {"longest_edge": edge, "image_size": (edge, edge), "patch_size": vision.patch_size,
+           "merge_size": vision.merge_size,
            "resample": PIL_RESAMPLE[resample], "image_break_token": proc["image_break_token"],
            "image_end_token": proc["image_end_token"]}
     if raw.get("do_normalize", True):
