@@ -37,6 +37,12 @@ def hf_inputs(processor, prompt: str, imgs: list) -> dict:
     return processor(text=prompt, images=imgs or None, return_tensors="pt")
 
 
+def per_prompt_inputs(processor, prompt: str, imgs: list) -> dict:
+    """The prompt's images as its own list (images=[[a, b]]), as apply_chat_template passes them: OneVision's
+    processor then takes several images untiled (its multi-image mode)."""
+    return processor(text=[prompt], images=[imgs] if imgs else None, return_tensors="pt")
+
+
 def idefics_inputs(processor, prompt: str, imgs: list) -> dict:
     """IdeficsProcessor takes a list of texts and images: the prompt's pieces with the images between them."""
     if "<image>" not in prompt:
@@ -109,7 +115,7 @@ HF_CASES = [
     Case("llava_next", "llava_next", "llava_next",
          prompts=(("[INST] <image>\nWhat colour is the small circle? [/INST]", (0,)), ("<image> caption en", (1,)),
                   ("Compare <image> and <image>: how many squares?", (2, 0)))),
-    Case("llava_onevision", "llava_onevision", "llava_onevision",
+    Case("llava_onevision", "llava_onevision", "llava_onevision", hf_inputs=per_prompt_inputs,
          prompts=(("<|im_start|>user <image>\nWhat colour is the small circle?<|im_end|>\n<|im_start|>assistant\n",
                    (0,)), ("<image>caption en", (1,)), ("Compare <image> and <image>: how many squares?", (2, 0)))),
     Case("qwen2_vl", "qwen2_vl", "qwen2_vl",
