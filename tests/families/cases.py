@@ -32,18 +32,27 @@ def images() -> list:
 # ---------------------------------------------------------------------------------------------- transformers' side
 
 
-def hf_inputs(processor, prompt: str, imgs: list) -> dict:
+def hf_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
     """What the family's transformers processor gives for a raw prompt and its images."""
-    return processor(text=prompt, images=imgs or None, return_tensors="pt")
+    return processor(text=prompt, images=imgs or None, return_tensors="pt", **kwargs)
 
 
-def per_prompt_inputs(processor, prompt: str, imgs: list) -> dict:
+def per_prompt_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
     """The prompt's images as its own list (images=[[a, b]]), as apply_chat_template passes them: OneVision's
     processor then takes several images untiled (its multi-image mode)."""
-    return processor(text=[prompt], images=[imgs] if imgs else None, return_tensors="pt")
+    return processor(text=[prompt], images=[imgs] if imgs else None, return_tensors="pt", **kwargs)
 
 
-def idefics_inputs(processor, prompt: str, imgs: list) -> dict:
+def mllama_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
+    """MllamaProcessor writes BOS into the text (after the leading images), and its tokenizer adds another in front:
+    twice in a row for a prompt that does not begin with an image. vlmkit never writes BOS twice: a text beginning
+    with BOS is tokenised as transformers documents for it, with ``add_special_tokens=False``."""
+    if not prompt.startswith("<|image|>"):
+        kwargs.setdefault("add_special_tokens", False)
+    return processor(text=prompt, images=imgs or None, return_tensors="pt", **kwargs)
+
+
+def idefics_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
     """IdeficsProcessor takes a list of texts and images: the prompt's pieces with the images between them."""
     if "<image>" not in prompt:
         items = list(imgs) + [prompt]
@@ -54,7 +63,7 @@ def idefics_inputs(processor, prompt: str, imgs: list) -> dict:
                 items.append(imgs[i - 1])
             if piece:
                 items.append(piece)
-    return processor(text=items, return_tensors="pt")
+    return processor(text=items, return_tensors="pt", **kwargs)
 
 
 def lmms_eval_logprobs(case: Case, model, processor, prompt: str, continuation: str, imgs: list) -> torch.Tensor:
@@ -133,7 +142,7 @@ HF_CASES = [
     Case("paligemma", "paligemma", "paligemma", single_turn=True, reference=suffix_logprobs,
          prompts=(("caption en", (0,)), ("<image>answer en What colour is the small circle?", (1,)),
                   ("<image><image>Compare: how many squares?", (0, 2)))),
-    Case("mllama", "mllama", "mllama",
+    Case("mllama", "mllama", "mllama", hf_inputs=mllama_inputs,
          prompts=(("<|image|>What colour is the small circle?", (0,)), ("Look: <|image|>How many squares?", (3,)),
                   ("a <|image|> b <|image|> c", (1, 2)))),
     Case("idefics", "flamingo", "idefics", hf_inputs=idefics_inputs,
