@@ -736,14 +736,15 @@ def build_qwen2_5_vl(folder: Path):
                                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
     ids = dict(zip(("im_start", "im_end", "vs", "ve", "image", "video"), tok.convert_tokens_to_ids(QWEN2_VL_SPECIAL)))
     torch.manual_seed(0)
-    vision = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, hidden_act="silu", patch_size=4,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1, 3],
-                  out_hidden_size=64, tokens_per_second=2, initializer_range=0.2,
-                  rope_parameters={"rope_type": "axial", "rope_theta": 2000.0})
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rms_norm_eps=3e-6, max_position_embeddings=512, initializer_range=0.2,
-                rope_parameters={"rope_type": "default", "rope_theta": 50000.0, "mrope_section": [3, 2, 3]},
-                bos_token_id=None, eos_token_id=ids["im_end"], pad_token_id=tok.pad_token_id)
+    vision = {"depth": 4, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48, "hidden_act": "silu",
+              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16,
+              "fullatt_block_indexes": [1, 3], "out_hidden_size": 64, "tokens_per_second": 2, "initializer_range": 0.2,
+              "rope_parameters": {"rope_type": "axial", "rope_theta": 2000.0}}
+    text = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 80, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 3e-6, "max_position_embeddings": 512,
+            "initializer_range": 0.2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0, "mrope_section": [3, 2, 3]},
+            "bos_token_id": None, "eos_token_id": ids["im_end"], "pad_token_id": tok.pad_token_id}
     cfg = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image"],
                                         video_token_id=ids["video"], vision_start_token_id=ids["vs"],
                                         vision_end_token_id=ids["ve"], tie_word_embeddings=True)

@@ -17,8 +17,8 @@ from vlmkit.convert.hf.llava import llava_config_to_hf
 from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
 from vlmkit.convert.hf.mllama import mllama_config_to_hf
 from vlmkit.convert.hf.paligemma import paligemma_config_to_hf
-from vlmkit.convert.hf.qwen2_vl import qwen2_vl_config_to_hf
 from vlmkit.convert.hf.qwen2_5_vl import qwen2_5_vl_config_to_hf
+from vlmkit.convert.hf.qwen2_vl import qwen2_vl_config_to_hf
 from vlmkit.family import FAMILIES, family_of
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset

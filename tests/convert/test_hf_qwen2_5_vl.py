@@ -17,14 +17,13 @@ import shutil
 
 import pytest
 import torch
+from helpers import forward
+from hf_fixtures import real_images
 
 import vlmkit
 from vlmkit.encoders.qwen2_5_vl import window_order
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.models.qwen2_vl import mrope_position_ids
-
-from helpers import forward
-from hf_fixtures import real_images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 

@@ -147,8 +147,8 @@ HF_CASES = [
     # windowed tower: each image 2x2 to 3x4 windows (edge ones cut short), blocks 1 and 3 full attention
     Case("qwen2_5_vl", "qwen2_5_vl", "qwen2_5_vl",
          prompts=((f"{IMAGE_QWEN}{IMAGE_QWEN}Compare the two pictures: how many squares?", (0, 1)),
-                  (f"<|im_start|>user\n{IMAGE_QWEN}What colour is the small circle?<|im_end|>\n<|im_start|>"
-                   f"assistant\n", (3,)), (f"A: {IMAGE_QWEN} B: {IMAGE_QWEN} C: {IMAGE_QWEN}", (2, 4, 0)),
+                  (f"<|im_start|>user\n{IMAGE_QWEN}What colour is the small circle?<|im_end|>\n<|im_start|>assistant\n",
+                   (3,)), (f"A: {IMAGE_QWEN} B: {IMAGE_QWEN} C: {IMAGE_QWEN}", (2, 4, 0)),
                   ("the quick brown fox", ()))),
 ]
 

@@ -17,8 +17,17 @@ from pathlib import Path
 
 from vlmkit.config import ConnectorConfig, VisionConfig
 from vlmkit.convert.hf.lm import lm_key_map
-from vlmkit.convert.hf.qwen2_vl import (HF_VISION_ACTS, VISION_ACTS, VISION_NORM_EPS, _int, load_qwen2_vl_folder,
-                                        qwen2_vl_lm_config, qwen2_vl_text_to_hf, qwen2_vl_token_ids, write_folder)
+from vlmkit.convert.hf.qwen2_vl import (
+    HF_VISION_ACTS,
+    VISION_ACTS,
+    VISION_NORM_EPS,
+    _int,
+    load_qwen2_vl_folder,
+    qwen2_vl_lm_config,
+    qwen2_vl_text_to_hf,
+    qwen2_vl_token_ids,
+    write_folder,
+)
 from vlmkit.errors import ConfigError
 from vlmkit.models.qwen2_5_vl import Qwen25TowerConfig, Qwen25VLConfig, Qwen25VLModel
 from vlmkit.processing import Processor
