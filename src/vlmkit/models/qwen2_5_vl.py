@@ -47,7 +47,7 @@ class Qwen25VLConfig(VLMConfig):
 class Qwen25VLModel(Qwen2VLModel):
     """Qwen2_5_VLForConditionalGeneration: Qwen2VLModel on Qwen2.5-VL's windowed tower."""
 
-    family = "qwen2_5_vl"
+    family_name = "qwen2_5_vl"
 
 
 def build_qwen2_5_vl(cfg: Qwen25VLConfig, image_token_id: int, init: bool = True) -> Qwen25VLModel:

@@ -100,7 +100,7 @@ class Qwen2VLModel(VisionLanguageModel):
     DecoderLM with M-RoPE. Its features are flat [total tokens, D_lm] with each image's patch grid
     (``Features.extra["grid_thw"]``), which the M-RoPE position ids are computed from."""
 
-    family = "qwen2_vl"  # named in errors
+    family_name = "qwen2_vl"  # named in errors
 
     def __init__(self, encoder: Qwen2VLVisionEncoder, connector: PatchMerger, lm: DecoderLM, image_token_id: int):
         super().__init__(encoder, connector, lm, image_token_id)
@@ -108,15 +108,15 @@ class Qwen2VLModel(VisionLanguageModel):
 
     @property
     def image_seq_len(self) -> int:
-        raise NotImplementedError(f"{self.family} images fill a number of tokens that depends on their size "
-                                  "(MediaInputs.tokens); there is no fixed image_seq_len")
+        raise NotImplementedError(f"{self.family_name} images fill a number of tokens that depends on their "
+                                  "size (MediaInputs.tokens); there is no fixed image_seq_len")
 
     def encode_media(self, media: MediaInputs) -> Features:
         """The processor's MediaInputs (flattened patches + ``image_grid_thw``) -> features [total tokens, D_lm]
         with their grids."""
         if "image_grid_thw" not in media.extra:
-            raise ValueError(f"{self.family} encodes images from the processor's MediaInputs (flattened patches with "
-                             "extra['image_grid_thw']), not from a bare pixel tensor")
+            raise ValueError(f"{self.family_name} encodes images from the processor's MediaInputs (flattened "
+                             "patches with extra['image_grid_thw']), not from a bare pixel tensor")
         grid = media.extra["image_grid_thw"]
         feats = self.connector(self.encoder(media.pixel_values, grid))  # [total tokens, D_lm]
         return Features(feats, list(media.tokens), {"grid_thw": grid})
@@ -129,7 +129,7 @@ class Qwen2VLModel(VisionLanguageModel):
         grid = features.extra["grid_thw"] if features is not None else torch.zeros(0, 3, dtype=torch.long)
         if batch.document_ids is not None:
             if batch.segment_ids is not None and bool((batch.segment_ids > 0).any()):
-                raise ValueError(f"{self.family}: grouped questions (segment_ids) are not supported with M-RoPE "
+                raise ValueError(f"{self.family_name}: grouped questions (segment_ids) are not supported with M-RoPE "
                                  "positions; set data.group_turns: 0")
             return mrope_position_ids(input_ids, self.image_token_id, grid, self.merge_size,
                                       document_ids=batch.document_ids)[0]
