@@ -142,6 +142,11 @@ def qwen_folder(hf_folder):
 
 
 @pytest.fixture(scope="session")
+def qwen25_folder(hf_folder):
+    return hf_folder("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
 def idefics3(hf_folder):
     return hf_folder("idefics3")
 

@@ -715,6 +715,51 @@ def build_fuyu(folder: Path):
     return model, fuyu_patchify_fix(transformers.AutoProcessor.from_pretrained(folder))
 
 
+# ------------------------------------------------------------------------------------------------ Qwen2.5-VL
+
+
+class ImageOnlyQwen25VLProcessor(transformers.Qwen2_5_VLProcessor):
+    """transformers' Qwen2_5_VLProcessor without its video processor (as :class:`ImageOnlyQwen2VLProcessor`)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def build_qwen2_5_vl(folder: Path):
+    """Qwen2.5-VL: Qwen2-VL's tokenizer, template and image settings (4 px patches merged 2x2, min/max pixels that
+    scale small images up and large ones down); a tower of depth 4 whose blocks 1 and 3 attend over the whole image
+    and 0 and 2 within 16-px windows (2x2 merge units: the test images get 2x2 to 3x4 windows, edge ones cut
+    short), SwiGLU MLP, tied embeddings as Qwen2.5-VL-3B. The processor returned is
+    :class:`ImageOnlyQwen25VLProcessor` read from the folder, whose processor_config.json names Qwen2_5_VLProcessor
+    as a Hub folder does."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(QWEN2_VL_SPECIAL),
+                                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = dict(zip(("im_start", "im_end", "vs", "ve", "image", "video"), tok.convert_tokens_to_ids(QWEN2_VL_SPECIAL)))
+    torch.manual_seed(0)
+    vision = {"depth": 4, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48, "hidden_act": "silu",
+              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16,
+              "fullatt_block_indexes": [1, 3], "out_hidden_size": 64, "tokens_per_second": 2, "initializer_range": 0.2,
+              "rope_parameters": {"rope_type": "axial", "rope_theta": 2000.0}}
+    text = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 80, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 3e-6, "max_position_embeddings": 512,
+            "initializer_range": 0.2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0, "mrope_section": [3, 2, 3]},
+            "bos_token_id": None, "eos_token_id": ids["im_end"], "pad_token_id": tok.pad_token_id}
+    cfg = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image"],
+                                        video_token_id=ids["video"], vision_start_token_id=ids["vs"],
+                                        vision_end_token_id=ids["ve"], tie_word_embeddings=True)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=2560, patch_size=4, merge_size=2,
+                                                   temporal_patch_size=2, resample=2, image_mean=[0.4, 0.5, 0.6],
+                                                   image_std=[0.2, 0.3, 0.25])
+    ImageOnlyQwen25VLProcessor(images, tok, chat_template=QWEN2_VL_TEMPLATE).save_pretrained(folder)
+    path = folder / "processor_config.json"  # as a Hub folder says it
+    path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "Qwen2_5_VLProcessor"}))
+    return model, ImageOnlyQwen25VLProcessor.from_pretrained(folder)
+
+
 # ------------------------------------------------------------------------------------------------ the registry
 
 #: every folder by name (vlmkit's family name where there is one folder per family; IDEFICS is the flamingo family)
@@ -735,6 +780,7 @@ BUILDERS = {
     "clip_legacy": build_clip_legacy,
     "siglip": build_siglip,
     "fuyu": build_fuyu,
+    "qwen2_5_vl": build_qwen2_5_vl,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
 BASES = {"idefics3_nosplit": ("idefics3",)}

@@ -17,6 +17,7 @@ from vlmkit.convert.hf.llava import llava_config_to_hf
 from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
 from vlmkit.convert.hf.mllama import mllama_config_to_hf
 from vlmkit.convert.hf.paligemma import paligemma_config_to_hf
+from vlmkit.convert.hf.qwen2_5_vl import qwen2_5_vl_config_to_hf
 from vlmkit.convert.hf.qwen2_vl import qwen2_vl_config_to_hf
 from vlmkit.family import FAMILIES, family_of
 from vlmkit.models import build_model, count_parameters
@@ -50,6 +51,8 @@ def hf_config(preset) -> dict:
         return dual_encoder_config_to_hf(cfg)
     if cfg.family == "fuyu":
         return fuyu_config_to_hf(cfg, 71011)
+    if cfg.family == "qwen2_5_vl":
+        return qwen2_5_vl_config_to_hf(cfg, QWEN_IDS)
     raise AssertionError(cfg.family)
 
 
@@ -91,6 +94,7 @@ PRESETS = [
     ("clip-vit-b-16", 149_620_737, 0),
     ("siglip-b-16", None, 0),
     ("fuyu-8b", None, 0),
+    ("qwen2.5-vl-3b", 3_754_622_976, 0),  # the Hub's safetensors total (3.75B)
 ]
 
 

@@ -159,6 +159,12 @@ HF_CASES = [
     Case("instructblip", "instructblip", "instructblip", single_turn=True, instruction_from_prompt=True,
          prompts=(("What colour is the small circle?", (0,)), ("How many squares are there?", (2,))),
          no_gradient={"qformer.layers.2.text_mlp": LAST_TEXT_MLP}),
+    # windowed tower: each image 2x2 to 3x4 windows (edge ones cut short), blocks 1 and 3 full attention
+    Case("qwen2_5_vl", "qwen2_5_vl", "qwen2_5_vl",
+         prompts=((f"{IMAGE_QWEN}{IMAGE_QWEN}Compare the two pictures: how many squares?", (0, 1)),
+                  (f"<|im_start|>user\n{IMAGE_QWEN}What colour is the small circle?<|im_end|>\n<|im_start|>assistant\n",
+                   (3,)), (f"A: {IMAGE_QWEN} B: {IMAGE_QWEN} C: {IMAGE_QWEN}", (2, 4, 0)),
+                  ("the quick brown fox", ()))),
 ]
 
 STAGE_ONE = "BLIP-2's stage-1 heads (ITC, ITM, ITG) train in the qformer stage, not through the LM"
