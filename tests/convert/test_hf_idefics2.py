@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from families.cases import images
 
 import vlmkit
 from vlmkit.batch import Batch, MediaInputs
@@ -21,8 +22,6 @@ from vlmkit.convert.hf.idefics2 import idefics2_config_to_hf, load_idefics2_fold
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.family import get_family
 from vlmkit.models.idefics2 import bucketed_positions
-
-from families.cases import images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 

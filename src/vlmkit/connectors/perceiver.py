@@ -8,6 +8,10 @@ the LM's gated cross-attention maps the latents to its own width (see :mod:`vlmk
 
 Numerically the same as transformers' ``IdeficsPerceiverResampler``; :func:`idefics_perceiver_key_map` gives
 the tensor names to import its weights.
+
+:class:`PerceiverConnector` is Idefics2's variant (``Idefics2Connector``: RMSNorms, grouped-query heads, SwiGLU
+MLPs, a mask over padded features) behind a SwiGLU projection to the LM's width; it is the connector registered
+as ``perceiver`` (connectors/__init__.py), which any composed model (``ConnectorConfig.kind``) can use.
 """
 
 from __future__ import annotations

@@ -12,11 +12,10 @@ them here with the same masks, which gives the same numbers (a masked key has ze
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from vlmkit.batch import Features, MediaInputs
 from vlmkit.config import VLMConfig
-from vlmkit.connectors import PerceiverConnector, build_connector
+from vlmkit.connectors import build_connector
 from vlmkit.encoders.vit import ViTEncoder
 from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models.init import check_head_init, init_from_scratch
@@ -98,7 +97,6 @@ def build_idefics2(cfg: VLMConfig, image_token_id: int, init: bool = True) -> Id
         raise ValueError(f"the idefics2 family needs vision.arch: vit and connector.kind: perceiver, got "
                          f"{cfg.vision.arch!r} and {cfg.connector.kind!r}")
     connector = build_connector(cfg.connector, cfg.vision.width, cfg.lm.width)
-    assert isinstance(connector, PerceiverConnector)
     model = Idefics2Model(NaViTEncoder(cfg.vision), connector, DecoderLM(cfg.lm), image_token_id)
     if init:
         init_from_scratch(model, cfg)

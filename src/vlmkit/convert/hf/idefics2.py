@@ -16,11 +16,27 @@ from pathlib import Path
 from vlmkit.config import ConnectorConfig, ResamplerConfig, VLMConfig
 from vlmkit.connectors.perceiver import idefics2_connector_key_map
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
-from vlmkit.convert.hf.lm import (HF_ACTS, LM_ACTS, lm_config_from_hf, lm_config_to_hf, lm_key_map,
-                                  untie_if_head_saved)
-from vlmkit.convert.hf.processor import (PIL_CODES, export_tokenizer, image_processor_from_hf, load_hf_processor,
-                                         read_image_processor)
-from vlmkit.convert.hf.vision import export_vision_tensors, vision_config_from_hf, vision_config_to_hf, vision_tensors
+from vlmkit.convert.hf.lm import (
+    HF_ACTS,
+    LM_ACTS,
+    lm_config_from_hf,
+    lm_config_to_hf,
+    lm_key_map,
+    untie_if_head_saved,
+)
+from vlmkit.convert.hf.processor import (
+    PIL_CODES,
+    export_tokenizer,
+    image_processor_from_hf,
+    load_hf_processor,
+    read_image_processor,
+)
+from vlmkit.convert.hf.vision import (
+    export_vision_tensors,
+    vision_config_from_hf,
+    vision_config_to_hf,
+    vision_tensors,
+)
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.idefics2 import Idefics2Model, build_idefics2
 from vlmkit.processing import Processor
