@@ -188,3 +188,25 @@ def test_export_refuses_what_idefics2_cannot_compute(idefics2):
                       connector=ConnectorConfig(kind="perceiver", act="gelu", perceiver=cfg.connector.perceiver))
     with pytest.raises(ConfigError, match=r"connector: act 'gelu' .* must be the LM's act 'silu'"):
         idefics2_config_to_hf(other, 5)
+
+
+def test_a_hub_style_perceiver_config_takes_the_texts_width_and_eps(idefics2, tmp_path):
+    """The Hub's idefics2 configs name their sub-configs model_type "idefics2" and may leave the perceiver's
+    hidden_size and rms_norm_eps out: transformers then takes both from the text config, and so does vlmkit."""
+    folder = _copy(idefics2[0], tmp_path)
+
+    def hub_style(d):
+        for key in ("hidden_size", "rms_norm_eps"):
+            d["perceiver_config"].pop(key)
+        d["perceiver_config"]["model_type"] = d["vision_config"]["model_type"] = "idefics2"
+    _edit(folder / "config.json", hub_style)
+    ref = transformers.Idefics2ForConditionalGeneration.from_pretrained(folder).eval()
+    assert ref.config.perceiver_config.rms_norm_eps == ref.config.text_config.rms_norm_eps == 1e-6
+    pipe = vlmkit.load(folder)
+    assert pipe.model.connector.layers[0].latents_norm.eps == 1e-6
+    prompt, imgs = "Compare <image> and <image>: how many squares?", [images()[2], images()[3]]
+    theirs = idefics2[2](text=prompt, images=imgs, return_tensors="pt")
+    media = pipe.processor.prepare_images(imgs)
+    with torch.no_grad():
+        ours = pipe.model(Batch(theirs["input_ids"], media=media)).logits
+        torch.testing.assert_close(ours, ref(**theirs).logits, rtol=0, atol=1e-4)
