@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmkit.config import ConnectorConfig, LanguageConfig, QFormerConfig, VisionConfig
+from vlmkit.config import ConnectorConfig, LanguageConfig, QFormerConfig, ResamplerConfig, VisionConfig
 from vlmkit.connectors import CONNECTORS, build_connector, pixel_shuffle
 from vlmkit.encoders.cnn import ConvEncoder
 from vlmkit.encoders.vit import ViTEncoder
@@ -268,6 +268,8 @@ CONNECTOR_CASES = {  # name -> (ConnectorConfig, expected M for a 4x4 grid of 16
                       (ConnectorConfig(kind="pixel_shuffle", scale_factor=4, layers=1), 1)],
     "qformer": [(ConnectorConfig(kind="qformer", qformer=QFormerConfig(width=32, depth=2, heads=4, mlp_dim=64,
                                                                        num_query_tokens=5)), 5)],
+    "perceiver": [(ConnectorConfig(kind="perceiver", act="silu", perceiver=ResamplerConfig(n_latents=5, depth=2, heads=4,
+                                                                                          head_dim=8, kv_heads=2)), 5)],
 }
 
 
