@@ -58,6 +58,18 @@ def test_pixels_and_masks_equal_transformers(request, fixture, prompt, which):
     assert media.tokens == [len(crops) // len(imgs) * 4] * len(imgs)
 
 
+@pytest.mark.parametrize("prompt", ["<image>x", "<image><image><image>", "<image>\n<image> <image>", "a<image>b<image> c",
+                                    "<image><end_of_utterance>", "<s><image>caption", "<image>"])
+def test_placeholder_text_equals_transformers(idefics2, idefics2_nosplit, prompt):
+    """Adjacent images share one fake token; a closing fake token before a word gets a space, not before '<'."""
+    n = prompt.count("<image>")
+    imgs = [images()[i % 5] for i in range(n)]
+    for folder, _, hf_proc in (idefics2, idefics2_nosplit):
+        pipe = vlmkit.load(folder)
+        ours = pipe.processor.prompt(prompt, pipe.processor.prepare_images(imgs)).ids
+        assert ours == hf_proc(text=prompt, images=imgs)["input_ids"][0]
+
+
 @pytest.mark.parametrize("side, grids", [(8, [(8, 8), (4, 5), (7, 3), (1, 8)]), (70, [(70, 70), (27, 70), (70, 53)]),
                                          (27, [(27, 27), (13, 19)])])
 def test_navit_position_ids_are_transformers(side, grids):

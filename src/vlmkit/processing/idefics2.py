@@ -143,8 +143,6 @@ class Idefics2Layout(TemplateLayout):
             first = "" if i and starts[i - 1] + len(token) == q else fake  # the previous image's closing fake
             rest = text[after:after + 1]
             space = " " if rest and not rest.isspace() and rest != "<" else ""
-            if rest == "<" and text.startswith(token, after):
-                space = ""
             expansions.append(first + crop * self.cfg.crops_per_image + space)
 
         def moved(pos: int) -> int:
