@@ -146,7 +146,7 @@ HF_CASES = [
          no_gradient={"qformer.layers.2.text_mlp": LAST_TEXT_MLP}),
     Case("idefics2", "idefics2", "idefics2",  # four quarters + the whole image, padded to the largest crop
          prompts=(("User:<image>What colour is the small circle?<end_of_utterance>\nAssistant:", (0,)),
-                  ("<s><image>caption en", (1,)), ("Compare <image><image> and <image>: how many squares?", (2, 3, 4)))),
+                  ("<image>caption en", (1,)), ("Compare <image><image> and <image>: how many squares?", (2, 3, 4)))),
     Case("idefics2_nosplit", "idefics2", "idefics2_nosplit",  # do_image_splitting off: one crop per image
          prompts=(("<image> caption en", (1,)), ("Compare <image> and <image>: how many squares?", (2, 0)))),
 ]
