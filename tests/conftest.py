@@ -157,6 +157,16 @@ def idefics3_nosplit(hf_folder):
 
 
 @pytest.fixture(scope="session")
+def idefics2(hf_folder):
+    return hf_folder("idefics2")
+
+
+@pytest.fixture(scope="session")
+def idefics2_nosplit(hf_folder):
+    return hf_folder("idefics2_nosplit")
+
+
+@pytest.fixture(scope="session")
 def smolvlm(hf_folder):
     return hf_folder("smolvlm")
 

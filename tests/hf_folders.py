@@ -758,6 +758,55 @@ def build_qwen2_5_vl(folder: Path):
     path = folder / "processor_config.json"  # as a Hub folder says it
     path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "Qwen2_5_VLProcessor"}))
     return model, ImageOnlyQwen25VLProcessor.from_pretrained(folder)
+# ------------------------------------------------------------------------------------------------ Idefics2
+
+IDEFICS2_SPECIAL = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+# Idefics2's released chat template (the tokenizer adds BOS)
+IDEFICS2_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] == 'image' %}"
+    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
+    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def build_idefics2(folder: Path, split: bool = True):
+    """Idefics2: SentencePiece tokenizer with BOS, an 8x8 position table of 7-px patches (images resized to edges
+    between 28 and 56 px: grids of several shapes, off the patch grid), a perceiver of 4 latents with grouped
+    heads, a Mistral LM with grouped-query attention; images split into four quarters plus the whole."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(IDEFICS2_SPECIAL),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    torch.manual_seed(0)
+    vision = transformers.Idefics2VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=56, patch_size=7, layer_norm_eps=1e-5)
+    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=4096,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    perceiver = transformers.Idefics2PerceiverConfig(hidden_size=48, rms_norm_eps=1e-5, resampler_n_latents=4,
+                                                     resampler_depth=2, resampler_n_heads=4, resampler_head_dim=8,
+                                                     num_key_value_heads=2)
+    cfg = transformers.Idefics2Config(vision_config=vision.to_dict(), perceiver_config=perceiver.to_dict(),
+                                      text_config=text.to_dict(), image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = transformers.Idefics2ForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.Idefics2ImageProcessorPil(size={"shortest_edge": 28, "longest_edge": 56},
+                                                    do_image_splitting=split, image_mean=[0.4, 0.5, 0.6],
+                                                    image_std=[0.2, 0.3, 0.25])
+    transformers.Idefics2Processor(image_processor=images, tokenizer=tok, image_seq_len=4,
+                                   chat_template=IDEFICS2_TEMPLATE).save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+def build_idefics2_nosplit(folder: Path, idefics2):
+    """The idefics2 folder (``idefics2``: its (folder, model, processor)) copied with do_image_splitting: false."""
+    source, model, _ = idefics2
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    path = folder / "processor_config.json"
+    data = json.loads(path.read_text())
+    data["image_processor"]["do_image_splitting"] = False
+    path.write_text(json.dumps(data))
+    return model, transformers.AutoProcessor.from_pretrained(folder)
 
 
 # ------------------------------------------------------------------------------------------------ the registry
@@ -781,6 +830,8 @@ BUILDERS = {
     "siglip": build_siglip,
     "fuyu": build_fuyu,
     "qwen2_5_vl": build_qwen2_5_vl,
+    "idefics2": build_idefics2,
+    "idefics2_nosplit": build_idefics2_nosplit,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
-BASES = {"idefics3_nosplit": ("idefics3",)}
+BASES = {"idefics3_nosplit": ("idefics3",), "idefics2_nosplit": ("idefics2",)}

@@ -12,6 +12,7 @@ from vlmkit.convert.hf.blip2 import blip2_config_to_hf
 from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
 from vlmkit.convert.hf.fuyu import fuyu_config_to_hf
 from vlmkit.convert.hf.idefics import idefics_config_to_hf
+from vlmkit.convert.hf.idefics2 import idefics2_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
 from vlmkit.convert.hf.llava import llava_config_to_hf
 from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
@@ -53,6 +54,8 @@ def hf_config(preset) -> dict:
         return fuyu_config_to_hf(cfg, 71011)
     if cfg.family == "qwen2_5_vl":
         return qwen2_5_vl_config_to_hf(cfg, QWEN_IDS)
+    if cfg.family == "idefics2":
+        return idefics2_config_to_hf(cfg, 32001)
     raise AssertionError(cfg.family)
 
 
@@ -95,6 +98,7 @@ PRESETS = [
     ("siglip-b-16", None, 0),
     ("fuyu-8b", None, 0),
     ("qwen2.5-vl-3b", 3_754_622_976, 0),  # the Hub's safetensors total (3.75B)
+    ("idefics2-8b", None, 0),
 ]
 
 

@@ -165,6 +165,11 @@ HF_CASES = [
                   (f"<|im_start|>user\n{IMAGE_QWEN}What colour is the small circle?<|im_end|>\n<|im_start|>assistant\n",
                    (3,)), (f"A: {IMAGE_QWEN} B: {IMAGE_QWEN} C: {IMAGE_QWEN}", (2, 4, 0)),
                   ("the quick brown fox", ()))),
+    Case("idefics2", "idefics2", "idefics2",  # four quarters + the whole image, padded to the largest crop
+         prompts=(("User:<image>What colour is the small circle?<end_of_utterance>\nAssistant:", (0,)),
+                  ("<image>caption en", (1,)), ("Compare <image><image> and <image>: how many squares?", (2, 3, 4)))),
+    Case("idefics2_nosplit", "idefics2", "idefics2_nosplit",  # do_image_splitting off: one crop per image
+         prompts=(("<image> caption en", (1,)), ("Compare <image> and <image>: how many squares?", (2, 0)))),
 ]
 
 STAGE_ONE = "BLIP-2's stage-1 heads (ITC, ITM, ITG) train in the qformer stage, not through the LM"
