@@ -144,6 +144,11 @@ HF_CASES = [
     Case("instructblip", "instructblip", "instructblip", single_turn=True, instruction_from_prompt=True,
          prompts=(("What colour is the small circle?", (0,)), ("How many squares are there?", (2,))),
          no_gradient={"qformer.layers.2.text_mlp": LAST_TEXT_MLP}),
+    # InternVL: <IMG_CONTEXT> is the placeholder; the images tile 3x2, 2x2, 3x1 (each with a thumbnail) and 1x1
+    Case("internvl", "internvl", "internvl",
+         prompts=(("<|im_start|>user\n<IMG_CONTEXT>\nWhat colour is the small circle?<|im_end|>\n<|im_start|>"
+                   "assistant\n", (0,)), ("<IMG_CONTEXT> caption en", (3,)),
+                  ("Compare <IMG_CONTEXT> and <IMG_CONTEXT> and <IMG_CONTEXT>: how many squares?", (2, 4, 1)))),
 ]
 
 STAGE_ONE = "BLIP-2's stage-1 heads (ITC, ITM, ITG) train in the qformer stage, not through the LM"
