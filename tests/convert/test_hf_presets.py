@@ -13,6 +13,7 @@ from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
 from vlmkit.convert.hf.fuyu import fuyu_config_to_hf
 from vlmkit.convert.hf.idefics import idefics_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
+from vlmkit.convert.hf.internvl import internvl_config_to_hf
 from vlmkit.convert.hf.llava import llava_config_to_hf
 from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
 from vlmkit.convert.hf.mllama import mllama_config_to_hf
@@ -50,6 +51,8 @@ def hf_config(preset) -> dict:
         return dual_encoder_config_to_hf(cfg)
     if cfg.family == "fuyu":
         return fuyu_config_to_hf(cfg, 71011)
+    if cfg.family == "internvl":
+        return internvl_config_to_hf(cfg, 151667, 256)
     raise AssertionError(cfg.family)
 
 
@@ -91,6 +94,7 @@ PRESETS = [
     ("clip-vit-b-16", 149_620_737, 0),
     ("siglip-b-16", None, 0),
     ("fuyu-8b", None, 0),
+    ("internvl3-1b", None, 0),
 ]
 
 
