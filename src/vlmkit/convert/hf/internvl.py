@@ -8,8 +8,9 @@ Refused by name: a list of feature layers, "full" (transformers cannot reshape a
 
 Weights: either layout transformers reads (the legacy ``vision_tower.`` / ``multi_modal_projector.`` /
 ``language_model.model.`` one that transformers 5 writes, or ``model.``-prefixed); export writes the legacy one.
-The processor: GotOcr2's tiling settings (``crop_to_patches``, ``min_patches``, ``max_patches``, ``size``) from
-processor_config.json's ``image_processor`` (or preprocessor_config.json), ``image_seq_length`` from
+The processor: GotOcr2's tiling settings (``min_patches``, ``max_patches``, ``size``) from processor_config.json's
+``image_processor`` (or preprocessor_config.json; its ``crop_to_patches`` is not read: InternVLProcessor always
+passes ``crop_to_patches=True``, so only ``max_patches: 1`` gives one tile per image), ``image_seq_length`` from
 processor_config.json, and the image tokens' names from tokenizer_config.json's ``extra_special_tokens``.
 """
 
@@ -192,7 +193,8 @@ def internvl_image_settings(cfg: dict, where: str) -> dict:
     if not cfg.get("do_resize", True):
         raise ConfigError(f"{where}: do_resize: false is not implemented (the tower takes tiles of its size)")
     fixed = image_processor_from_hf({**cfg, "do_center_crop": False}, where)
-    tiling = TilingConfig(bool(cfg.get("crop_to_patches", True)), int(cfg["min_patches"]), int(cfg["max_patches"]))
+    # InternVLProcessor calls the image processor with crop_to_patches=True, whatever its own setting says
+    tiling = TilingConfig(True, int(cfg["min_patches"]), int(cfg["max_patches"]))
     check_tiling(tiling, f"{where}: min_patches / max_patches")
     return {**fixed, "tiling": tiling}
 
@@ -279,8 +281,9 @@ def internvl_image_processor_to_hf(pcfg: InternVLProcessorConfig) -> dict:
     return {"image_processor_type": "GotOcr2ImageProcessor", "do_convert_rgb": True, "do_resize": True,
             "size": {"height": int(pcfg.image_size[0]), "width": int(pcfg.image_size[1])},
             "resample": PIL_CODES[pcfg.resample], "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(pcfg.mean), "image_std": list(pcfg.std), "crop_to_patches": t.enabled,
-            "min_patches": t.min_tiles, "max_patches": t.max_tiles}
+            "image_mean": list(pcfg.mean), "image_std": list(pcfg.std), "crop_to_patches": True,
+            # InternVLProcessor always tiles; tiling off is one tile at most
+            "min_patches": t.min_tiles if t.enabled else 1, "max_patches": t.max_tiles if t.enabled else 1}
 
 
 def export_internvl(model, cfg: InternVLConfig, processor: Processor, folder: Path) -> None:
