@@ -771,12 +771,14 @@ def build_internvl(folder: Path, vision: dict | None = None, **top):
     thumbnail (PIL backend). ``vision`` / ``top``: vision_config / InternVLConfig overrides (variants)."""
     tok = internvl_tokenizer()
     torch.manual_seed(0)
-    vcfg = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                   patch_size=8, layer_norm_eps=1e-5, attention_bias=True, initializer_range=0.1), **(vision or {})}
-    text = dict(model_type="qwen2", vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=3e-6, max_position_embeddings=1024,
-                rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, initializer_range=0.1,
-                bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), tie_word_embeddings=True)
+    vcfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": 32, "patch_size": 8, "layer_norm_eps": 1e-5, "attention_bias": True,
+            "initializer_range": 0.1, **(vision or {})}
+    text = {"model_type": "qwen2", "vocab_size": len(tok), "hidden_size": 48, "intermediate_size": 80,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 3e-6,
+            "max_position_embeddings": 1024, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
+            "initializer_range": 0.1, "bos_token_id": None, "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+            "tie_word_embeddings": True}
     cfg = transformers.InternVLConfig(vision_config=vcfg, text_config=text, image_seq_length=4,
                                       image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), **top)
     model = transformers.InternVLForConditionalGeneration(cfg).eval()

@@ -13,16 +13,15 @@ import shutil
 
 import pytest
 import torch
+from helpers import forward
+from hf_fixtures import real_images
+from hf_folders import ImageOnlyInternVLProcessor, build_internvl
 
 import vlmkit
 from vlmkit.cli import main
 from vlmkit.connectors import pixel_shuffle
 from vlmkit.errors import ConfigError, DataError
-from vlmkit.processing.internvl import best_grid, tile_count, TilingConfig
-
-from helpers import forward
-from hf_fixtures import real_images
-from hf_folders import ImageOnlyInternVLProcessor, build_internvl
+from vlmkit.processing.internvl import TilingConfig, best_grid, tile_count
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -134,12 +133,12 @@ def assert_same_logits(folder, model, hf_proc, prompt=PROMPT, n=5):
 
 VARIANTS = {
     # InternViT-6B's kind: RMSNorm, query/key norm, no q/k/v bias; the tower's final LayerNorm read
-    "rms_qk_norm_final_norm": dict(vision=dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False,
-                                               use_mean_pooling=False)),
+    "rms_qk_norm_final_norm": {"vision": {"norm_type": "rms_norm", "use_qk_norm": True, "attention_bias": False,
+                                          "use_mean_pooling": False}},
     # hidden_states[-2]: the output of the first of two layers, before the final LayerNorm, which is not built
-    "feature_layer_-2": dict(vision=dict(use_mean_pooling=False), vision_feature_layer=-2),
+    "feature_layer_-2": {"vision": {"use_mean_pooling": False}, "vision_feature_layer": -2},
     # max_patches 1: every image one tile (crop_to_patches: false would not do it: InternVLProcessor passes true)
-    "one_tile": dict(processor=dict(max_patches=1, crop_to_patches=False)),
+    "one_tile": {"processor": {"max_patches": 1, "crop_to_patches": False}},
 }
 
 

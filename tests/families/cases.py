@@ -100,6 +100,7 @@ class Case:
 
 
 IMAGE_QWEN = "<|vision_start|><|image_pad|><|vision_end|>"
+INTERNVL_CHAT = "<|im_start|>user\n<IMG_CONTEXT>\nWhat colour is the small circle?<|im_end|>\n<|im_start|>assistant\n"
 LAST_TEXT_MLP = "the Q-Former's last layer's text outputs feed nothing: the LM reads the queries"
 
 HF_CASES = [
@@ -146,8 +147,7 @@ HF_CASES = [
          no_gradient={"qformer.layers.2.text_mlp": LAST_TEXT_MLP}),
     # InternVL: <IMG_CONTEXT> is the placeholder; the images tile 3x2, 2x2, 3x1 (each with a thumbnail) and 1x1
     Case("internvl", "internvl", "internvl",
-         prompts=(("<|im_start|>user\n<IMG_CONTEXT>\nWhat colour is the small circle?<|im_end|>\n<|im_start|>"
-                   "assistant\n", (0,)), ("<IMG_CONTEXT> caption en", (3,)),
+         prompts=((INTERNVL_CHAT, (0,)), ("<IMG_CONTEXT> caption en", (3,)),
                   ("Compare <IMG_CONTEXT> and <IMG_CONTEXT> and <IMG_CONTEXT>: how many squares?", (2, 4, 1)))),
 ]
 

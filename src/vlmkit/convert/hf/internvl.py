@@ -20,10 +20,22 @@ import json
 from pathlib import Path
 
 from vlmkit.config import ConnectorConfig, VisionConfig
-from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
+from vlmkit.convert.hf.io import (
+    export_table,
+    find_prefix,
+    load_state,
+    read_checkpoint,
+    write_hf_weights,
+    write_json,
+)
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
-from vlmkit.convert.hf.processor import (PIL_CODES, export_tokenizer, image_processor_from_hf, load_hf_processor,
-                                         read_image_processor)
+from vlmkit.convert.hf.processor import (
+    PIL_CODES,
+    export_tokenizer,
+    image_processor_from_hf,
+    load_hf_processor,
+    read_image_processor,
+)
 from vlmkit.encoders.internvit import InternViTConfig
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
