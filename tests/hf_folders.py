@@ -745,8 +745,13 @@ class ImageOnlyInternVLProcessor(transformers.InternVLProcessor):
             return super().check_argument_for_proper_class(name, arg)
 
 
-def internvl_tokenizer():
-    """A Qwen2-style tokenizer (byte-level, no BOS) naming InternVL's image tokens as the Hub's does."""
+def internvl_tokenizer(llama: bool = False):
+    """A Qwen2-style tokenizer (byte-level, no BOS) naming InternVL's image tokens as the Hub's does; ``llama``:
+    a SentencePiece-style one whose post-processor adds ``<s>`` (InternVL 2.5's Llama-converted InternLM2 LMs)."""
+    if llama:
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(INTERNVL_SPECIAL),
+                                                    bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
+                                                    pad_token="</s>", extra_special_tokens=INTERNVL_TOKENS)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(INTERNVL_SPECIAL),
                                                 eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                                 extra_special_tokens=INTERNVL_TOKENS)
@@ -765,11 +770,12 @@ def wake_internvl_(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
-def build_internvl(folder: Path, vision: dict | None = None, **top):
+def build_internvl(folder: Path, vision: dict | None = None, llama: bool = False, **top):
     """InternVL (2.5 / 3): InternViT (layer scale, class token, 4x4 patch grid of 32-px tiles), pixel shuffle 0.5,
     LayerNorm + MLP projector, grouped-query Qwen2 LM with a tied head; GotOcr2 tiling up to 6 tiles and a
-    thumbnail (PIL backend). ``vision`` / ``top``: vision_config / InternVLConfig overrides (variants)."""
-    tok = internvl_tokenizer()
+    thumbnail (PIL backend). ``vision`` / ``top``: vision_config / InternVLConfig overrides (variants); ``llama``:
+    a Llama LM with an untied head and a BOS-adding tokenizer instead (InternVL2.5-2B/8B's kind)."""
+    tok = internvl_tokenizer(llama)
     torch.manual_seed(0)
     vcfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
             "image_size": 32, "patch_size": 8, "layer_norm_eps": 1e-5, "attention_bias": True,
@@ -779,6 +785,9 @@ def build_internvl(folder: Path, vision: dict | None = None, **top):
             "max_position_embeddings": 1024, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
             "initializer_range": 0.1, "bos_token_id": None, "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
             "tie_word_embeddings": True}
+    if llama:
+        text |= {"model_type": "llama", "head_dim": 12, "bos_token_id": tok.bos_token_id, "tie_word_embeddings": False}
+        top.setdefault("tie_word_embeddings", False)
     cfg = transformers.InternVLConfig(vision_config=vcfg, text_config=text, image_seq_length=4,
                                       image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), **top)
     model = transformers.InternVLForConditionalGeneration(cfg).eval()

@@ -104,12 +104,12 @@ def test_a_video_placeholder_is_refused_by_name(internvl_folder):
 # ------------------------------------------------------------------------------------------------ variants
 
 
-def variant(tmp_path, name, vision=None, processor=None, **top):
+def variant(tmp_path, name, vision=None, processor=None, llama=False, **top):
     """A tiny InternVL folder with vision_config / InternVLConfig overrides and processor_config.json image
     processor overrides; (folder, transformers model, its processor)."""
     folder = tmp_path / name
     folder.mkdir()
-    model, _ = build_internvl(folder, vision=vision, **top)
+    model, _ = build_internvl(folder, vision=vision, llama=llama, **top)
     if processor:
         path = folder / "processor_config.json"
         data = json.loads(path.read_text())
@@ -140,6 +140,15 @@ VARIANTS = {
     # max_patches 1: every image one tile (crop_to_patches: false would not do it: InternVLProcessor passes true)
     "one_tile": {"processor": {"max_patches": 1, "crop_to_patches": False}},
 }
+
+
+def test_a_llama_lm_with_a_bos_adding_tokenizer_equals_transformers(tmp_path):
+    """InternVL 2.5's Llama LMs: an untied head, a tokenizer that adds <s>; prompts with and without it already."""
+    folder, model, hf_proc = variant(tmp_path, "llama", llama=True)
+    for prompt in (PROMPT, "<s>" + PROMPT, "<s><|im_start|>user\n<IMG_CONTEXT>\nWhat colour?<|im_end|>\n"):
+        assert_same_logits(folder, model, hf_proc, prompt, prompt.count("<IMG_CONTEXT>"))
+    pipe = vlmkit.load(folder)
+    assert not pipe.config.lm.tie_embeddings and pipe.processor.cfg.bos_token == "<s>"
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
