@@ -167,6 +167,22 @@ def test_variants_equal_transformers_and_export_back(tmp_path, name):
         torch.testing.assert_close(back(**again).logits, model(**theirs).logits, rtol=0, atol=1e-4)
 
 
+def test_the_model_prefixed_weight_layout_loads_the_same(internvl_folder, tmp_path):
+    """transformers reads both layouts: the legacy one it writes and the ``model.``-prefixed one (with the head
+    saved beside tied embeddings, as some Hub folders have it)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "prefixed"
+    shutil.copytree(internvl_folder[0], folder)
+    tensors = load_file(folder / "model.safetensors")
+    renamed = {("model." + k.replace("language_model.model.", "language_model.")): v for k, v in tensors.items()}
+    renamed["lm_head.weight"] = renamed["model.language_model.embed_tokens.weight"].clone()
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    _, model, hf_proc = internvl_folder
+    assert_same_logits(folder, model, hf_proc)
+    assert vlmkit.load(folder).config.lm.tie_embeddings
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 
