@@ -807,6 +807,91 @@ def build_idefics2_nosplit(folder: Path, idefics2):
     data["image_processor"]["do_image_splitting"] = False
     path.write_text(json.dumps(data))
     return model, transformers.AutoProcessor.from_pretrained(folder)
+# ------------------------------------------------------------------------------------------------ InternVL
+
+INTERNVL_SPECIAL = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+# InternVL3-hf's chat template (transformers' conversion script's, with the image placeholder its processor reads)
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}")
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
+
+
+class ImageOnlyInternVLProcessor(transformers.InternVLProcessor):
+    """transformers' InternVLProcessor without its video processor, which needs torchvision (absent here), so that
+    ``AutoProcessor.from_pretrained`` cannot build it; ``from_pretrained`` reads the image processor (the PIL
+    backend) and the tokenizer from the folder as AutoProcessor would, and text and image processing are
+    InternVLProcessor's own."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None,
+                 **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template, **kwargs)
+
+    def check_argument_for_proper_class(self, name, arg):
+        if name != "video_processor":
+            return super().check_argument_for_proper_class(name, arg)
+
+
+def internvl_tokenizer(llama: bool = False):
+    """A Qwen2-style tokenizer (byte-level, no BOS) naming InternVL's image tokens as the Hub's does; ``llama``:
+    a SentencePiece-style one whose post-processor adds ``<s>`` (InternVL 2.5's Llama-converted InternLM2 LMs)."""
+    if llama:
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(INTERNVL_SPECIAL),
+                                                    bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
+                                                    pad_token="</s>", extra_special_tokens=INTERNVL_TOKENS)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(INTERNVL_SPECIAL),
+                                                eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                                extra_special_tokens=INTERNVL_TOKENS)
+
+
+def wake_internvl_(model: torch.nn.Module, seed: int = 0) -> None:
+    """perturb_, and the InternViT parameters it leaves at their init: layer scales (0.1), class token and
+    positions (0)."""
+    perturb_(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lambda_" in name:
+                p.copy_(0.5 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith(("cls_token", "position_embeddings")):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def build_internvl(folder: Path, vision: dict | None = None, llama: bool = False, **top):
+    """InternVL (2.5 / 3): InternViT (layer scale, class token, 4x4 patch grid of 32-px tiles), pixel shuffle 0.5,
+    LayerNorm + MLP projector, grouped-query Qwen2 LM with a tied head; GotOcr2 tiling up to 6 tiles and a
+    thumbnail (PIL backend). ``vision`` / ``top``: vision_config / InternVLConfig overrides (variants); ``llama``:
+    a Llama LM with an untied head and a BOS-adding tokenizer instead (InternVL2.5-2B/8B's kind)."""
+    tok = internvl_tokenizer(llama)
+    torch.manual_seed(0)
+    vcfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": 32, "patch_size": 8, "layer_norm_eps": 1e-5, "attention_bias": True,
+            "initializer_range": 0.1, **(vision or {})}
+    text = {"model_type": "qwen2", "vocab_size": len(tok), "hidden_size": 48, "intermediate_size": 80,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 3e-6,
+            "max_position_embeddings": 1024, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
+            "initializer_range": 0.1, "bos_token_id": None, "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+            "tie_word_embeddings": True}
+    if llama:
+        text |= {"model_type": "llama", "head_dim": 12, "bos_token_id": tok.bos_token_id, "tie_word_embeddings": False}
+        top.setdefault("tie_word_embeddings", False)
+    cfg = transformers.InternVLConfig(vision_config=vcfg, text_config=text, image_seq_length=4,
+                                      image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), **top)
+    model = transformers.InternVLForConditionalGeneration(cfg).eval()
+    wake_internvl_(model)
+    model.save_pretrained(folder)
+    images = transformers.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                                   max_patches=6, image_mean=[0.485, 0.456, 0.406],
+                                                   image_std=[0.229, 0.224, 0.225])
+    ImageOnlyInternVLProcessor(images, tok, chat_template=INTERNVL_TEMPLATE, image_seq_length=4).save_pretrained(folder)
+    path = folder / "processor_config.json"  # as a Hub folder says it
+    path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "InternVLProcessor"}))
+    return model, ImageOnlyInternVLProcessor.from_pretrained(folder)
 
 
 # ------------------------------------------------------------------------------------------------ the registry
@@ -832,6 +917,7 @@ BUILDERS = {
     "qwen2_5_vl": build_qwen2_5_vl,
     "idefics2": build_idefics2,
     "idefics2_nosplit": build_idefics2_nosplit,
+    "internvl": build_internvl,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
 BASES = {"idefics3_nosplit": ("idefics3",), "idefics2_nosplit": ("idefics2",)}

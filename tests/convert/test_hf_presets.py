@@ -14,6 +14,7 @@ from vlmkit.convert.hf.fuyu import fuyu_config_to_hf
 from vlmkit.convert.hf.idefics import idefics_config_to_hf
 from vlmkit.convert.hf.idefics2 import idefics2_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
+from vlmkit.convert.hf.internvl import internvl_config_to_hf
 from vlmkit.convert.hf.llava import llava_config_to_hf
 from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
 from vlmkit.convert.hf.mllama import mllama_config_to_hf
@@ -56,6 +57,8 @@ def hf_config(preset) -> dict:
         return qwen2_5_vl_config_to_hf(cfg, QWEN_IDS)
     if cfg.family == "idefics2":
         return idefics2_config_to_hf(cfg, 32001)
+    if cfg.family == "internvl":
+        return internvl_config_to_hf(cfg, 151667, 256)
     raise AssertionError(cfg.family)
 
 
@@ -99,6 +102,7 @@ PRESETS = [
     ("fuyu-8b", None, 0),
     ("qwen2.5-vl-3b", 3_754_622_976, 0),  # the Hub's safetensors total (3.75B)
     ("idefics2-8b", None, 0),
+    ("internvl3-1b", None, 0),
 ]
 
 

@@ -115,6 +115,7 @@ class Case:
 
 
 IMAGE_QWEN = "<|vision_start|><|image_pad|><|vision_end|>"
+INTERNVL_CHAT = "<|im_start|>user\n<IMG_CONTEXT>\nWhat colour is the small circle?<|im_end|>\n<|im_start|>assistant\n"
 LAST_TEXT_MLP = "the Q-Former's last layer's text outputs feed nothing: the LM reads the queries"
 
 HF_CASES = [
@@ -170,6 +171,10 @@ HF_CASES = [
                   ("<image>caption en", (1,)), ("Compare <image><image> and <image>: how many squares?", (2, 3, 4)))),
     Case("idefics2_nosplit", "idefics2", "idefics2_nosplit",  # do_image_splitting off: one crop per image
          prompts=(("<image> caption en", (1,)), ("Compare <image> and <image>: how many squares?", (2, 0)))),
+    # InternVL: <IMG_CONTEXT> is the placeholder; the images tile 3x2, 2x2, 3x1 (each with a thumbnail) and 1x1
+    Case("internvl", "internvl", "internvl",
+         prompts=((INTERNVL_CHAT, (0,)), ("<IMG_CONTEXT> caption en", (3,)),
+                  ("Compare <IMG_CONTEXT> and <IMG_CONTEXT> and <IMG_CONTEXT>: how many squares?", (2, 4, 1)))),
 ]
 
 STAGE_ONE = "BLIP-2's stage-1 heads (ITC, ITM, ITG) train in the qformer stage, not through the LM"
