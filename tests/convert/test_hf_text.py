@@ -13,19 +13,18 @@ import shutil
 
 import pytest
 import torch
+from hf_fixtures import real_images
 
 import vlmkit
 from vlmkit.cli import main
-from vlmkit.convert.hf import convert_from_hf, convert_to_hf
+from vlmkit.convert.hf import convert_from_hf
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.generation import GenerationConfig
 from vlmkit.serve.engine import Engine
 
-from hf_fixtures import real_images
-
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
-from hf_folders import TEXT_FOLDERS  # noqa: E402  (after the skip: it builds with transformers)
+from hf_folders import TEXT_FOLDERS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -58,7 +57,7 @@ def logprobs(model, ids: list[int], start: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_folder_loads_as_the_text_family(pipes, name):
-    folder, pipe, ref, _ = pipes(name)
+    _, pipe, ref, _ = pipes(name)
     assert pipe.family.name == "text" and pipe.config.hf_model_type == ref.config.model_type
     assert pipe.family.export_class(pipe.config) == type(ref).__name__
     assert pipe.can_generate and pipe.model.module_groups().keys() == {"lm"}
@@ -251,8 +250,8 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0
 
 @pytest.mark.parametrize("name, edit, error, match", [
     ("phi3", lambda c: c.update(rope_parameters=LONGROPE), ConfigError,
-     r"rope_type 'longrope' \(Phi-3's long-context RoPE of the 128k variants\) is not implemented for phi3 in "
-     r"vlmkit; supported: default"),
+     (r"rope_type 'longrope' \(Phi-3's long-context RoPE of the 128k variants\) is not implemented for phi3 in "
+      r"vlmkit; supported: default")),
     ("phi3", lambda c: (c.pop("rope_parameters"), c.update(rope_scaling={"type": "su"})), ConfigError,
      r"rope_type 'su' .* is not implemented for phi3"),
     ("phi", lambda c: c.update(hidden_act="gelu_fast"), ConfigError,

@@ -14,9 +14,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
-from vlmkit.convert.hf.lm import (LM_TYPES, fuse_qkv, lm_config_from_hf, lm_config_to_hf, lm_key_map, lm_prefix,
-                                  split_fused_qkv, untie_if_head_saved)
-from vlmkit.convert.hf.phi import PHI_TYPES, fuse_phi3, phi_config_from_hf, phi_config_to_hf, phi_key_map, split_phi3
+from vlmkit.convert.hf.lm import (
+    LM_TYPES,
+    fuse_qkv,
+    lm_config_from_hf,
+    lm_config_to_hf,
+    lm_key_map,
+    lm_prefix,
+    split_fused_qkv,
+    untie_if_head_saved,
+)
+from vlmkit.convert.hf.phi import (
+    PHI_TYPES,
+    fuse_phi3,
+    phi_config_from_hf,
+    phi_config_to_hf,
+    phi_key_map,
+    split_phi3,
+)
 from vlmkit.convert.hf.processor import export_tokenizer, load_hf_tokenizer, read_chat_template
 from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
