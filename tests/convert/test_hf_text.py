@@ -279,3 +279,22 @@ def test_a_base_model_without_a_chat_template_refuses_chat_but_generates(hf_fold
                                         r"prompt"):
         pipe.chat(None, QUESTION)
     assert isinstance(pipe.generate([], QUESTION, max_new_tokens=3), str)
+
+
+def test_a_parallel_block_lm_exports_as_phi_and_never_as_persimmon(pipes, tmp_path):
+    """A Phi LM built without a source type exports as Phi; the shared LM export (Persimmon's for rotary with
+    LayerNorms) refuses a parallel block by field instead of writing a sequential model."""
+    import dataclasses
+
+    from vlmkit.convert.hf.lm import lm_config_to_hf
+    from vlmkit.convert.hf.text import export_text
+
+    _, pipe, ref, _ = pipes("phi")
+    export_text(pipe.model, dataclasses.replace(pipe.config, hf_model_type=""), pipe.processor, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["PhiForCausalLM"]
+    back = transformers.PhiForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[5, 17, 42, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-4)
+    with pytest.raises(ConfigError, match=r"parallel_block True \(Persimmon has False\); head_bias True"):
+        lm_config_to_hf(pipe.config.lm)

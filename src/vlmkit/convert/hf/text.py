@@ -56,8 +56,8 @@ def text_config_from_hf(cfg: dict, where: str = "config.json") -> TextLMConfig:
 
 def _key_map(cfg: TextLMConfig) -> dict[str, str]:
     prefix = lm_prefix(cfg.lm)
-    if cfg.hf_model_type in PHI_TYPES:
-        return phi_key_map(cfg.lm, cfg.hf_model_type, prefix, HEAD)
+    if cfg.hf_model_type in PHI_TYPES or cfg.lm.parallel_block:
+        return phi_key_map(cfg.lm, cfg.hf_model_type or "phi", prefix, HEAD)
     return lm_key_map(cfg.lm, prefix, HEAD)
 
 
@@ -89,7 +89,7 @@ def load_text_folder(folder: str | Path):
 def text_config_to_hf(cfg: TextLMConfig) -> dict:
     """The config.json of the transformers class that computes ``cfg``'s LM: its own model type's when it came
     from one, else the one lm.py picks; what that class cannot express is refused by field."""
-    kind = cfg.hf_model_type
+    kind = cfg.hf_model_type or ("phi" if cfg.lm.parallel_block else "")
     if kind in PHI_TYPES:
         return phi_config_to_hf(cfg.lm, kind, "lm")
     out = lm_config_to_hf(cfg.lm, "lm")
@@ -107,7 +107,7 @@ def export_text(model: TextLM, cfg: TextLMConfig, processor: Processor, folder: 
     tensors = export_table(model.lm, _key_map(cfg))
     if cfg.hf_model_type == "phi3":
         tensors = fuse_phi3(cfg.lm, tensors, prefix)
-    elif cfg.hf_model_type not in PHI_TYPES:
+    elif not (cfg.hf_model_type in PHI_TYPES or cfg.lm.parallel_block):
         tensors = fuse_qkv(cfg.lm, tensors, prefix)
     tok = processor.tokenizer
     special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id}
