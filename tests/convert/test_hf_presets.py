@@ -18,6 +18,7 @@ from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
 from vlmkit.convert.hf.mllama import mllama_config_to_hf
 from vlmkit.convert.hf.paligemma import paligemma_config_to_hf
 from vlmkit.convert.hf.qwen2_vl import qwen2_vl_config_to_hf
+from vlmkit.convert.hf.text import text_config_to_hf
 from vlmkit.family import FAMILIES, family_of
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
@@ -50,6 +51,8 @@ def hf_config(preset) -> dict:
         return dual_encoder_config_to_hf(cfg)
     if cfg.family == "fuyu":
         return fuyu_config_to_hf(cfg, 71011)
+    if cfg.family == "text":
+        return text_config_to_hf(cfg)
     raise AssertionError(cfg.family)
 
 
@@ -91,6 +94,10 @@ PRESETS = [
     ("clip-vit-b-16", 149_620_737, 0),
     ("siglip-b-16", None, 0),
     ("fuyu-8b", None, 0),
+    ("qwen2.5-0.5b", 494_032_768, 0),
+    ("llama-3.2-1b", 1_235_814_400, 0),
+    ("phi-2", 2_779_683_840, 0),
+    ("phi-3-mini-4k", 3_821_079_552, 0),
 ]
 
 
