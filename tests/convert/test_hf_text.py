@@ -298,3 +298,17 @@ def test_a_parallel_block_lm_exports_as_phi_and_never_as_persimmon(pipes, tmp_pa
         torch.testing.assert_close(back(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-4)
     with pytest.raises(ConfigError, match=r"parallel_block True \(Persimmon has False\); head_bias True"):
         lm_config_to_hf(pipe.config.lm)
+
+
+def test_every_model_type_is_read_by_one_family():
+    """The text family reads every LM_TYPES type (a type added there is read with no change to the family); no two
+    families claim one model_type (the lookup by model_type would silently take one of them)."""
+    from vlmkit.convert.hf.lm import LM_TYPES
+    from vlmkit.family import FAMILIES
+
+    claimed: dict[str, str] = {}
+    for family in FAMILIES.all():
+        for kind in family.hf.model_types if family.hf is not None else ():
+            assert kind not in claimed, f"model_type {kind!r}: {claimed[kind]} and {family.name}"
+            claimed[kind] = family.name
+    assert {claimed[t] for t in (*LM_TYPES, "phi", "phi3")} == {"text"}
