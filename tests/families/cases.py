@@ -37,10 +37,11 @@ def hf_inputs(processor, prompt: str, imgs: list) -> dict:
     return processor(text=prompt, images=imgs or None, return_tensors="pt")
 
 
-def text_inputs(tokenizer, prompt: str, imgs: list) -> dict:
-    """A text LM's transformers side is its tokenizer: a raw prompt's ids (with the tokenizer's special tokens)."""
+def text_inputs(tokenizer, prompt: str, imgs: list, **kwargs) -> dict:
+    """A text LM's transformers side is its tokenizer: a raw prompt's ids (with the tokenizer's special tokens
+    unless ``add_special_tokens=False``)."""
     assert not imgs, "a text-only LM reads no images"
-    enc = tokenizer(prompt, return_tensors="pt")
+    enc = tokenizer(prompt, return_tensors="pt", **kwargs)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
