@@ -12,11 +12,14 @@ from vlmkit.convert.hf.blip2 import blip2_config_to_hf
 from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
 from vlmkit.convert.hf.fuyu import fuyu_config_to_hf
 from vlmkit.convert.hf.idefics import idefics_config_to_hf
+from vlmkit.convert.hf.idefics2 import idefics2_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
+from vlmkit.convert.hf.internvl import internvl_config_to_hf
 from vlmkit.convert.hf.llava import llava_config_to_hf
 from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
 from vlmkit.convert.hf.mllama import mllama_config_to_hf
 from vlmkit.convert.hf.paligemma import paligemma_config_to_hf
+from vlmkit.convert.hf.qwen2_5_vl import qwen2_5_vl_config_to_hf
 from vlmkit.convert.hf.qwen2_vl import qwen2_vl_config_to_hf
 from vlmkit.convert.hf.text import text_config_to_hf
 from vlmkit.family import FAMILIES, family_of
@@ -51,6 +54,12 @@ def hf_config(preset) -> dict:
         return dual_encoder_config_to_hf(cfg)
     if cfg.family == "fuyu":
         return fuyu_config_to_hf(cfg, 71011)
+    if cfg.family == "qwen2_5_vl":
+        return qwen2_5_vl_config_to_hf(cfg, QWEN_IDS)
+    if cfg.family == "idefics2":
+        return idefics2_config_to_hf(cfg, 32001)
+    if cfg.family == "internvl":
+        return internvl_config_to_hf(cfg, 151667, 256)
     if cfg.family == "text":
         return text_config_to_hf(cfg)
     raise AssertionError(cfg.family)
@@ -94,6 +103,9 @@ PRESETS = [
     ("clip-vit-b-16", 149_620_737, 0),
     ("siglip-b-16", None, 0),
     ("fuyu-8b", None, 0),
+    ("qwen2.5-vl-3b", 3_754_622_976, 0),  # the Hub's safetensors total (3.75B)
+    ("idefics2-8b", None, 0),
+    ("internvl3-1b", None, 0),
     ("qwen2.5-0.5b", 494_032_768, 0),
     ("llama-3.2-1b", 1_235_814_400, 0),
     ("phi-2", 2_779_683_840, 0),
