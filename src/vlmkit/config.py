@@ -209,6 +209,10 @@ class LanguageConfig:
     # rotary on only the first int(head_dim * rotary_fraction) dims of each head (partial_rotary_factor, 0.5)
     qk_norm: bool = False
     rotary_fraction: float = 1.0
+    # Phi-1.5 / Phi-2 (PhiForCausalLM): a parallel block, one norm feeding attention and MLP side by side
+    # (x + attn(norm(x)) + mlp(norm(x)); no post_attn_norm), and an LM head with a bias
+    parallel_block: bool = False
+    head_bias: bool = False
 
     def __post_init__(self):
         for name, valid in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("gated", "plain")),

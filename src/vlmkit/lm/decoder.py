@@ -7,6 +7,8 @@ ReLU MLP (``mlp: plain``), biases everywhere (``bias``) and learned absolute pos
 (``pos_embed: learned``, its table offset by ``pos_offset`` = 2 rows as OPT's).
 Persimmon (Fuyu's LM) is OPT's block with rotary positions, a squared-ReLU MLP (``act: relu2``), a LayerNorm over
 each head's queries and keys (``qk_norm``) and rotary on part of each head (``rotary_fraction``).
+Phi-1.5 / Phi-2 is Persimmon's kind with a parallel block (``parallel_block``: :class:`ParallelBlock`, one norm
+feeding attention and MLP side by side) and a biased LM head (``head_bias``).
 The model takes embeddings, not ids, so that fusion modules can splice images into the sequence.
 """
 
@@ -58,6 +60,25 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.post_attn_norm(x))
 
 
+class ParallelBlock(nn.Module):
+    """Phi-1.5 / Phi-2's block (``parallel_block``): one norm feeding attention and the MLP side by side,
+    x + attn(norm(x)) + mlp(norm(x))."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.input_norm = _norm(cfg)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias or cfg.bias,
+                              out_bias=cfg.bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
+        self.mlp = (MLP if cfg.mlp == "plain" else SwiGLU)(cfg.width, cfg.mlp_dim, act=cfg.act, bias=cfg.bias)
+
+    def residual_outputs(self) -> tuple[nn.Linear, ...]:
+        return self.attn.o_proj, self.mlp.output
+
+    def forward(self, x, mask, is_causal, rope, cache, layer):
+        h = self.input_norm(x)
+        return x + self.attn(h, mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer) + self.mlp(h)
+
+
 class DecoderLM(nn.Module):
     """Token embedding -> blocks -> final norm -> LM head."""
 
@@ -65,9 +86,10 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = (ScaledEmbedding if cfg.embed_scale else nn.Embedding)(cfg.vocab_size, cfg.width)
-        self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.depth))
+        block = ParallelBlock if cfg.parallel_block else DecoderBlock
+        self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.depth))
         self.norm = _norm(cfg)
-        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.pos_embed == "learned":  # OPT: rows pos_offset .. pos_offset + max_seq_len - 1 are positions 0, 1, ...
