@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmkit.batch import Encoded, MediaInputs
+from vlmkit.batch import MediaInputs
 from vlmkit.config import ProcessorConfig
 from vlmkit.errors import DataError
 from vlmkit.processing.chat import TEMPLATES, JinjaTemplate
@@ -103,9 +103,6 @@ class TextLMLayout(TemplateLayout):
         self.check_refused(text, where)
         self.check_placeholders([text], len(media), where)
         return text, spans
-
-    def prompt(self, text: str, media: MediaInputs, where: str = "prompt") -> Encoded:
-        return self._prompt_of(self.tokenize(text, [], media, where, special=not self.starts_with_bos(text)))
 
     def jinja(self):
         tok = self.tokenizer
