@@ -10,6 +10,14 @@ Persimmon (Fuyu's LM) is read as ``norm: layernorm``, ``mlp: plain``, ``bias`` w
 projection, split into q, k and v on import (:func:`split_fused_qkv`) and fused again on export
 (:func:`fuse_qkv`). Which family a LanguageConfig is: :func:`is_opt` (learned positions), :func:`is_persimmon`
 (rotary with LayerNorms), else Llama's.
+
+Gemma 2 and Gemma 3's text decoder (``gemma2``, ``gemma3_text``) are Gemma with ``post_norms`` (their
+post_attention_layernorm is the attention output's norm, pre_feedforward_layernorm the MLP's pre-norm), the
+attention scale query_pre_attn_scalar ** -0.5, sliding layers (``layer_types``, ``sliding_window``) and
+final-logit soft-capping; Gemma 2 soft-caps attention scores, Gemma 3 norms each head's queries and keys and rotates
+its sliding layers with rope_local_base_freq (its full layers with ``rope_parameters.full_attention``, linear scaling
+included). transformers' Gemma 3 ignores ``attn_logit_softcapping``, and so does the import. Bidirectional Gemma
+(``use_bidirectional_attention``, EmbeddingGemma) is refused by name.
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ import torch
 from vlmkit.config import LanguageConfig, RopeScalingConfig
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.lm.decoder import DecoderLM, rotary_embedding
+from vlmkit.lm.decoder import DecoderLM, local_rotary_embedding, rotary_embedding
 
-LM_TYPES = ("llama", "qwen2", "mistral", "gemma", "opt", "persimmon")
+LM_TYPES = ("llama", "qwen2", "mistral", "gemma", "opt", "persimmon", "gemma2", "gemma3_text")
 LM_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 OPT_ACTS = {"relu": "relu", "gelu": "gelu"}
 OPT_POS_OFFSET = 2  # OPTLearnedPositionalEmbedding: position p is row p + 2
@@ -93,6 +101,8 @@ def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
         return _opt_config_from_hf(cfg, where)
     if kind == "persimmon":
         return _persimmon_config_from_hf(cfg, where)
+    if kind in ("gemma2", "gemma3_text"):
+        return _gemma_config_from_hf(cfg, where)
     try:
         width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")  # Gemma 1 writes both
@@ -118,6 +128,78 @@ def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
             norm_offset=kind == "gemma", embed_scale=kind == "gemma")
+    except KeyError as e:
+        raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type {kind!r}") from e
+
+
+GEMMA_LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
+GEMMA_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # sliding_window_pattern when a config has no layer_types
+
+
+def _gemma_layer_types(cfg: dict, kind: str, where: str) -> tuple[str, ...]:
+    depth = int(cfg["num_hidden_layers"])
+    theirs = cfg.get("layer_types")
+    if theirs is None:
+        pattern = int(cfg.get("sliding_window_pattern", GEMMA_PATTERN[kind]))
+        theirs = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(depth)]
+    bad = [t for t in theirs if t not in GEMMA_LAYER_TYPES]
+    if bad or len(theirs) != depth:
+        raise ConfigError(f"{where}: layer_types {theirs!r}: one of {', '.join(GEMMA_LAYER_TYPES)} per layer "
+                          f"({depth} layers)")
+    return tuple(GEMMA_LAYER_TYPES[t] for t in theirs)
+
+
+def _gemma3_rope(cfg: dict, where: str) -> tuple[float, float, RopeScalingConfig]:
+    """(full theta, sliding theta, full layers' scaling) of a Gemma3TextConfig dict: transformers 5's
+    rope_parameters per layer type, or 4.x's rope_theta, rope_local_base_freq and rope_scaling."""
+    params = cfg.get("rope_parameters") or {}
+    full = dict(params.get("full_attention") or cfg.get("rope_scaling") or {})
+    local = dict(params.get("sliding_attention") or {})
+    full.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10_000.0))
+    kinds = (full.get("rope_type", full.get("type", "default")), local.get("rope_type", local.get("type", "default")))
+    if kinds[0] not in ("default", "linear") or kinds[1] != "default":
+        raise ConfigError(f"{where}: rope types {kinds[0]!r} (full layers), {kinds[1]!r} (sliding layers) are not "
+                          f"implemented for gemma3_text; supported: default or linear, default")
+    scaling = RopeScalingConfig(kind="linear", factor=float(full["factor"])) if kinds[0] == "linear" \
+        else RopeScalingConfig()
+    return float(full["rope_theta"]), float(local["rope_theta"]), scaling
+
+
+def _int_if_whole(v: float) -> int | float:
+    """transformers' Gemma configs type query_pre_attn_scalar as int: a whole number is written as one."""
+    return int(v) if float(v).is_integer() else v
+
+
+def _number(v) -> float | None:
+    return None if v is None else float(v)
+
+
+def _gemma_config_from_hf(cfg: dict, where: str) -> LanguageConfig:
+    """A Gemma2Config / Gemma3TextConfig dict -> LanguageConfig: Gemma's, plus what Gemma 2 / 3 add. Keys a
+    config leaves out take transformers' defaults."""
+    kind = cfg["model_type"]
+    if cfg.get("use_bidirectional_attention"):
+        raise ConfigError(f"{where}: use_bidirectional_attention: true (bidirectional {kind}, as EmbeddingGemma) is "
+                          f"not implemented in vlmkit; supported: false")
+    try:
+        base = {"head_dim": 256, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+                "hidden_activation": "gelu_pytorch_tanh", **cfg,
+                "model_type": "gemma", "rope_scaling": None}
+        if kind == "gemma3_text":
+            theta, local, scaling = _gemma3_rope(cfg, where)
+            base["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        lm = lm_config_from_hf(base, where)
+        if kind == "gemma3_text":
+            extra = {"qk_norm": True, "local_rope_theta": local, "rope_scaling": scaling, "attn_softcap": None,
+                     "logit_softcap": _number(cfg.get("final_logit_softcapping"))}
+        else:
+            extra = {"attn_softcap": _number(cfg.get("attn_logit_softcapping", 50.0)),
+                     "logit_softcap": _number(cfg.get("final_logit_softcapping", 30.0))}
+        return dataclasses.replace(
+            lm, post_norms=True, attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+            sliding_window=int(cfg.get("sliding_window") or 4096), layer_types=_gemma_layer_types(cfg, kind, where),
+            **extra)
     except KeyError as e:
         raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type {kind!r}") from e
 
@@ -298,7 +380,15 @@ def lm_key_map(cfg: LanguageConfig, prefix: str = "model.", head: str = "lm_head
     for i in range(cfg.depth):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
         table[ours + "input_norm.weight"] = theirs + "input_layernorm.weight"
-        table[ours + "post_attn_norm.weight"] = theirs + "post_attention_layernorm.weight"
+        if cfg.post_norms:  # Gemma 2 / 3: post_attention_layernorm norms the attention's output
+            table[ours + "attn_out_norm.weight"] = theirs + "post_attention_layernorm.weight"
+            table[ours + "post_attn_norm.weight"] = theirs + "pre_feedforward_layernorm.weight"
+            table[ours + "mlp_out_norm.weight"] = theirs + "post_feedforward_layernorm.weight"
+        else:
+            table[ours + "post_attn_norm.weight"] = theirs + "post_attention_layernorm.weight"
+        if cfg.qk_norm:  # Gemma 3: an RMSNorm over each head's queries and keys
+            table[ours + "attn.q_norm.weight"] = theirs + "self_attn.q_norm.weight"
+            table[ours + "attn.k_norm.weight"] = theirs + "self_attn.k_norm.weight"
         for p in ("q", "k", "v", "o"):
             table[f"{ours}attn.{p}_proj.weight"] = f"{theirs}self_attn.{p}_proj.weight"
             if cfg.qkv_bias and p != "o":
@@ -328,6 +418,7 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
     lm = lm.to_empty(device="cpu")
     if lm.rotary is not None:  # buffers are not weights: rebuild
         lm.rotary = rotary_embedding(cfg)
+    lm.rotary_local = local_rotary_embedding(cfg)
     if cfg.tie_embeddings:
         lm.lm_head.weight = lm.embed_tokens.weight
     # a tied checkpoint may still carry lm_head.weight (a copy of the embeddings): not an error
@@ -342,7 +433,8 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
 HF_ACTS = {v: k for k, v in LM_ACTS.items()}
 HF_PERSIMMON_ACTS = {v: k for k, v in PERSIMMON_ACTS.items()}
 LM_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
-              "opt": "OPTForCausalLM", "persimmon": "PersimmonForCausalLM"}
+              "opt": "OPTForCausalLM", "persimmon": "PersimmonForCausalLM", "gemma2": "Gemma2ForCausalLM",
+              "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
@@ -354,7 +446,7 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
     if is_persimmon(cfg):
         return _persimmon_config_to_hf(cfg, where)
     not_llama = [f"{k} {v!r}" for k, v, ok in (("mlp", cfg.mlp, "gated"), ("bias", cfg.bias, False),
-                                                ("qk_norm", cfg.qk_norm, False),
+                                                ("qk_norm", cfg.qk_norm and not cfg.post_norms, False),
                                                 ("rotary_fraction", cfg.rotary_fraction, 1.0)) if v != ok]
     if not_llama:
         raise ConfigError(f"{where}: {', '.join(not_llama)}: with RMSNorms no transformers family computes this LM "
@@ -365,6 +457,14 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
                           f"is no transformers family")
     if cfg.act not in HF_ACTS:
         raise ConfigError(f"{where}.act {cfg.act!r} has no transformers name; exportable: {', '.join(HF_ACTS)}")
+    if cfg.post_norms:
+        return _gemma_config_to_hf(cfg, where)
+    gemma2 = [f"{k} {v!r}" for k, v in (("attn_softcap", cfg.attn_softcap), ("logit_softcap", cfg.logit_softcap),
+                                         ("attn_scalar", cfg.attn_scalar), ("local_rope_theta", cfg.local_rope_theta),
+                                         ("layer_types", cfg.layer_types or None)) if v is not None]
+    if gemma2 or cfg.rope_scaling.kind == "linear":
+        raise ConfigError(f"{where}: {', '.join(gemma2 or ['rope_scaling.kind linear'])}: only Gemma 2 / 3 "
+                          f"express these (with post_norms: true, norm_offset and embed_scale)")
     kind = "gemma" if cfg.norm_offset else "qwen2" if cfg.qkv_bias else "llama"
     if kind == "gemma" and cfg.qkv_bias:
         raise ConfigError(f"{where}: Gemma has no attention biases (qkv_bias: true)")
@@ -381,6 +481,44 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
     if kind == "qwen2":
         out |= {"use_sliding_window": False, "max_window_layers": cfg.depth}
     return out
+
+
+def _gemma_config_to_hf(cfg: LanguageConfig, where: str) -> dict:
+    """A LanguageConfig with sandwich norms -> Gemma2Config's dict, or Gemma3TextConfig's with qk_norm."""
+    kind = "gemma3_text" if cfg.qk_norm else "gemma2"
+    problems = [f"{k} {v!r}" for k, v, ok in (
+        ("norm_offset", cfg.norm_offset, True), ("embed_scale", cfg.embed_scale, True), ("qkv_bias", cfg.qkv_bias, False),
+        ("mrope_section", cfg.mrope_section, ())) if v != ok]
+    if kind == "gemma2":
+        problems += [f"{k} {v!r}" for k, v, ok in (("local_rope_theta", cfg.local_rope_theta, None),
+                                                    ("rope_scaling.kind", cfg.rope_scaling.kind, "")) if v != ok]
+    else:
+        if cfg.attn_softcap is not None:
+            problems.append(f"attn_softcap {cfg.attn_softcap!r} (Gemma 3 does not cap attention scores)")
+        if cfg.rope_scaling.kind not in ("", "linear"):
+            problems.append(f"rope_scaling.kind {cfg.rope_scaling.kind!r} (Gemma 3 has linear or none)")
+    if problems:
+        raise ConfigError(f"{where}: post_norms: true exports as {kind}, which cannot express: {'; '.join(problems)}")
+    hd = cfg.head_dim or cfg.width // cfg.heads
+    types = [{"sliding": "sliding_attention", "full": "full_attention"}[cfg.layer_kind(i)] for i in range(cfg.depth)]
+    out = {"model_type": kind, "architectures": [LM_CLASSES[kind]], "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.width, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.depth,
+           "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads, "head_dim": hd,
+           "hidden_activation": HF_ACTS[cfg.act], "hidden_act": HF_ACTS[cfg.act], "rms_norm_eps": cfg.norm_eps,
+           "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+           "attention_bias": False, "query_pre_attn_scalar": _int_if_whole(cfg.attn_scalar or hd),
+           "sliding_window": cfg.sliding_window or cfg.max_seq_len, "layer_types": types,
+           "attn_logit_softcapping": cfg.attn_softcap, "final_logit_softcapping": cfg.logit_softcap,
+           "rope_theta": cfg.rope_theta, "torch_dtype": "float32"}
+    if kind == "gemma2":
+        return out | {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+    full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling.kind == "linear":
+        full |= {"rope_type": "linear", "factor": cfg.rope_scaling.factor}
+        out["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling.factor}
+    local = cfg.local_rope_theta if cfg.local_rope_theta is not None else cfg.rope_theta
+    return out | {"rope_local_base_freq": local, "rope_parameters": {
+        "full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}}}
 
 
 def _rope_parameters(cfg: LanguageConfig) -> dict:
