@@ -191,8 +191,8 @@ class LanguageConfig:
     # None = head_dim), sliding-window attention over the last ``sliding_window`` positions on the layers that
     # ``layer_types`` marks "sliding" (the others "full"; () = every layer full) and, Gemma 3, a rotary theta of
     # their own on the sliding layers (``local_rope_theta``, rope_local_base_freq; None = rope_theta; rope_scaling
-    # then applies to the full layers only). Gemma 3's QK-norm is ``qk_norm`` with norm: rmsnorm (an RMSNorm over
-    # each head's queries and keys, 1 + weight with norm_offset).
+    # then applies to the full layers only). Gemma 3's QK-norm is ``qk_norm`` with qk_norm_kind: rmsnorm (an RMSNorm
+    # over each head's queries and keys, 1 + weight with norm_offset; Persimmon's is a layernorm).
     post_norms: bool = False
     attn_softcap: float | None = None
     logit_softcap: float | None = None
@@ -200,6 +200,7 @@ class LanguageConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
     local_rope_theta: float | None = None
+    qk_norm_kind: str = "layernorm"  # layernorm | rmsnorm
 
     def __post_init__(self):
         for name, valid in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("gated", "plain")),
@@ -221,6 +222,8 @@ class LanguageConfig:
         return self.layer_types[i] if self.layer_types else "full"
 
     def _check_windows(self) -> None:
+        if self.qk_norm_kind not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"lm.qk_norm_kind {self.qk_norm_kind!r}; valid: layernorm, rmsnorm")
         bad = [t for t in self.layer_types if t not in ("full", "sliding")]
         if bad or (self.layer_types and len(self.layer_types) != self.depth):
             raise ConfigError(f"lm.layer_types {list(self.layer_types)}: one of full, sliding per layer "

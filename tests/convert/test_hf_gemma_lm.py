@@ -9,32 +9,31 @@ import json
 
 import pytest
 import torch
+from hf_fixtures import perturb_
 
 from vlmkit.config import LanguageConfig
 from vlmkit.convert.hf import export_hf_lm, load_hf_lm
 from vlmkit.errors import ConfigError
 from vlmkit.nn import document_mask
 
-from hf_fixtures import perturb_
-
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 WINDOW = 5
-COMMON = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=128,
-              sliding_window=WINDOW, query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh")
+COMMON = {"vocab_size": 96, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5, "max_position_embeddings": 128,
+              "sliding_window": WINDOW, "query_pre_attn_scalar": 24, "hidden_activation": "gelu_pytorch_tanh"}
 KINDS = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
-               dict(attn_logit_softcapping=7.0, final_logit_softcapping=5.0, tie_word_embeddings=True,
-                    rope_parameters={"rope_type": "default", "rope_theta": 20000.0})),
+               {"attn_logit_softcapping": 7.0, "final_logit_softcapping": 5.0, "tie_word_embeddings": True,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 20000.0}}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                    dict(final_logit_softcapping=None, tie_word_embeddings=False,
-                         layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
-                         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                    {"final_logit_softcapping": None, "tie_word_embeddings": False,
+                         "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+                         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0,
                                                              "rope_theta": 1e6},
-                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
 }
 T = 20
 
@@ -154,11 +153,11 @@ def _edit(folder, **changes):
 
 
 @pytest.mark.parametrize("kind, changes, match", [
-    ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention: true"),
-    ("gemma2", dict(layer_types=["sliding_attention", "chunked_attention", "full_attention", "full_attention"]),
+    ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention: true"),
+    ("gemma2", {"layer_types": ["sliding_attention", "chunked_attention", "full_attention", "full_attention"]},
      "layer_types"),
-    ("gemma3_text", dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 2.0},
-                                          "sliding_attention": {"rope_type": "default"}}), "'yarn'"),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0},
+                                          "sliding_attention": {"rope_type": "default"}}}, "'yarn'"),
 ])
 def test_what_vlmkit_lacks_is_refused_by_key(kind, changes, match, tmp_path):
     make(kind, tmp_path)

@@ -10,7 +10,7 @@ each head's queries and keys (``qk_norm``) and rotary on part of each head (``ro
 Gemma 2 and Gemma 3 are Gemma's block with sandwich norms (``post_norms``), the attention scale
 ``attn_scalar`` ** -0.5, soft-capped attention scores and logits (``attn_softcap``, ``logit_softcap``: Gemma 2) and
 sliding-window attention on the layers ``layer_types`` marks "sliding"; Gemma 3 adds an RMSNorm over each head's
-queries and keys (``qk_norm`` with norm rmsnorm) and a rotary table of its own for the sliding layers
+queries and keys (``qk_norm`` with ``qk_norm_kind`` rmsnorm) and a rotary table of its own for the sliding layers
 (``local_rope_theta``). Each layer takes its kind's mask and rotary table from :meth:`DecoderLM.attention_inputs`.
 The model takes embeddings, not ids, so that fusion modules can splice images into the sequence.
 """
@@ -73,7 +73,7 @@ class DecoderBlock(nn.Module):
         self.input_norm = _norm(cfg)
         self.attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias or cfg.bias,
                               out_bias=cfg.bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-                              qk_norm_kind=cfg.norm if cfg.norm == "rmsnorm" else "layernorm",
+                              qk_norm_kind=cfg.qk_norm_kind,
                               norm_offset=cfg.norm_offset,
                               scale=cfg.attn_scalar ** -0.5 if cfg.attn_scalar is not None else None,
                               softcap=cfg.attn_softcap)

@@ -11,13 +11,8 @@ projection, split into q, k and v on import (:func:`split_fused_qkv`) and fused 
 (:func:`fuse_qkv`). Which family a LanguageConfig is: :func:`is_opt` (learned positions), :func:`is_persimmon`
 (rotary with LayerNorms), else Llama's.
 
-Gemma 2 and Gemma 3's text decoder (``gemma2``, ``gemma3_text``) are Gemma with ``post_norms`` (their
-post_attention_layernorm is the attention output's norm, pre_feedforward_layernorm the MLP's pre-norm), the
-attention scale query_pre_attn_scalar ** -0.5, sliding layers (``layer_types``, ``sliding_window``) and
-final-logit soft-capping; Gemma 2 soft-caps attention scores, Gemma 3 norms each head's queries and keys and rotates
-its sliding layers with rope_local_base_freq (its full layers with ``rope_parameters.full_attention``, linear scaling
-included). transformers' Gemma 3 ignores ``attn_logit_softcapping``, and so does the import. Bidirectional Gemma
-(``use_bidirectional_attention``, EmbeddingGemma) is refused by name.
+Gemma 2 and Gemma 3's text decoder (``gemma2``, ``gemma3_text``) are Gemma's with the fields that
+:mod:`vlmkit.convert.hf.gemma_lm` reads and writes (sandwich norms, sliding layers, soft-capping, QK-norm...).
 """
 
 from __future__ import annotations
@@ -28,6 +23,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import LanguageConfig, RopeScalingConfig
+from vlmkit.convert.hf.gemma_lm import GEMMA_CLASSES, gemma_config_to_hf, gemma_fields
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.lm.decoder import DecoderLM, local_rotary_embedding, rotary_embedding
@@ -101,8 +97,9 @@ def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
         return _opt_config_from_hf(cfg, where)
     if kind == "persimmon":
         return _persimmon_config_from_hf(cfg, where)
-    if kind in ("gemma2", "gemma3_text"):
-        return _gemma_config_from_hf(cfg, where)
+    if kind in GEMMA_CLASSES:
+        base, extra = gemma_fields(cfg, where)
+        return dataclasses.replace(lm_config_from_hf(base, where), **extra)
     try:
         width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")  # Gemma 1 writes both
@@ -128,78 +125,6 @@ def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
             norm_offset=kind == "gemma", embed_scale=kind == "gemma")
-    except KeyError as e:
-        raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type {kind!r}") from e
-
-
-GEMMA_LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
-GEMMA_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # sliding_window_pattern when a config has no layer_types
-
-
-def _gemma_layer_types(cfg: dict, kind: str, where: str) -> tuple[str, ...]:
-    depth = int(cfg["num_hidden_layers"])
-    theirs = cfg.get("layer_types")
-    if theirs is None:
-        pattern = int(cfg.get("sliding_window_pattern", GEMMA_PATTERN[kind]))
-        theirs = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(depth)]
-    bad = [t for t in theirs if t not in GEMMA_LAYER_TYPES]
-    if bad or len(theirs) != depth:
-        raise ConfigError(f"{where}: layer_types {theirs!r}: one of {', '.join(GEMMA_LAYER_TYPES)} per layer "
-                          f"({depth} layers)")
-    return tuple(GEMMA_LAYER_TYPES[t] for t in theirs)
-
-
-def _gemma3_rope(cfg: dict, where: str) -> tuple[float, float, RopeScalingConfig]:
-    """(full theta, sliding theta, full layers' scaling) of a Gemma3TextConfig dict: transformers 5's
-    rope_parameters per layer type, or 4.x's rope_theta, rope_local_base_freq and rope_scaling."""
-    params = cfg.get("rope_parameters") or {}
-    full = dict(params.get("full_attention") or cfg.get("rope_scaling") or {})
-    local = dict(params.get("sliding_attention") or {})
-    full.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
-    local.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10_000.0))
-    kinds = (full.get("rope_type", full.get("type", "default")), local.get("rope_type", local.get("type", "default")))
-    if kinds[0] not in ("default", "linear") or kinds[1] != "default":
-        raise ConfigError(f"{where}: rope types {kinds[0]!r} (full layers), {kinds[1]!r} (sliding layers) are not "
-                          f"implemented for gemma3_text; supported: default or linear, default")
-    scaling = RopeScalingConfig(kind="linear", factor=float(full["factor"])) if kinds[0] == "linear" \
-        else RopeScalingConfig()
-    return float(full["rope_theta"]), float(local["rope_theta"]), scaling
-
-
-def _int_if_whole(v: float) -> int | float:
-    """transformers' Gemma configs type query_pre_attn_scalar as int: a whole number is written as one."""
-    return int(v) if float(v).is_integer() else v
-
-
-def _number(v) -> float | None:
-    return None if v is None else float(v)
-
-
-def _gemma_config_from_hf(cfg: dict, where: str) -> LanguageConfig:
-    """A Gemma2Config / Gemma3TextConfig dict -> LanguageConfig: Gemma's, plus what Gemma 2 / 3 add. Keys a
-    config leaves out take transformers' defaults."""
-    kind = cfg["model_type"]
-    if cfg.get("use_bidirectional_attention"):
-        raise ConfigError(f"{where}: use_bidirectional_attention: true (bidirectional {kind}, as EmbeddingGemma) is "
-                          f"not implemented in vlmkit; supported: false")
-    try:
-        base = {"head_dim": 256, "tie_word_embeddings": True, "max_position_embeddings": 8192,
-                "hidden_activation": "gelu_pytorch_tanh", **cfg,
-                "model_type": "gemma", "rope_scaling": None}
-        if kind == "gemma3_text":
-            theta, local, scaling = _gemma3_rope(cfg, where)
-            base["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
-        lm = lm_config_from_hf(base, where)
-        if kind == "gemma3_text":
-            extra = {"qk_norm": True, "local_rope_theta": local, "rope_scaling": scaling, "attn_softcap": None,
-                     "logit_softcap": _number(cfg.get("final_logit_softcapping"))}
-        else:
-            extra = {"attn_softcap": _number(cfg.get("attn_logit_softcapping", 50.0)),
-                     "logit_softcap": _number(cfg.get("final_logit_softcapping", 30.0))}
-        return dataclasses.replace(
-            lm, post_norms=True, attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
-            sliding_window=int(cfg.get("sliding_window") or 4096), layer_types=_gemma_layer_types(cfg, kind, where),
-            **extra)
     except KeyError as e:
         raise ConfigError(f"{where}: missing key {e.args[0]!r} for model_type {kind!r}") from e
 
@@ -433,8 +358,7 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
 HF_ACTS = {v: k for k, v in LM_ACTS.items()}
 HF_PERSIMMON_ACTS = {v: k for k, v in PERSIMMON_ACTS.items()}
 LM_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
-              "opt": "OPTForCausalLM", "persimmon": "PersimmonForCausalLM", "gemma2": "Gemma2ForCausalLM",
-              "gemma3_text": "Gemma3ForCausalLM"}
+              "opt": "OPTForCausalLM", "persimmon": "PersimmonForCausalLM", **GEMMA_CLASSES}
 
 
 def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
@@ -458,7 +382,7 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
     if cfg.act not in HF_ACTS:
         raise ConfigError(f"{where}.act {cfg.act!r} has no transformers name; exportable: {', '.join(HF_ACTS)}")
     if cfg.post_norms:
-        return _gemma_config_to_hf(cfg, where)
+        return gemma_config_to_hf(cfg, HF_ACTS[cfg.act], where)
     gemma2 = [f"{k} {v!r}" for k, v in (("attn_softcap", cfg.attn_softcap), ("logit_softcap", cfg.logit_softcap),
                                          ("attn_scalar", cfg.attn_scalar), ("local_rope_theta", cfg.local_rope_theta),
                                          ("layer_types", cfg.layer_types or None)) if v is not None]
@@ -481,44 +405,6 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
     if kind == "qwen2":
         out |= {"use_sliding_window": False, "max_window_layers": cfg.depth}
     return out
-
-
-def _gemma_config_to_hf(cfg: LanguageConfig, where: str) -> dict:
-    """A LanguageConfig with sandwich norms -> Gemma2Config's dict, or Gemma3TextConfig's with qk_norm."""
-    kind = "gemma3_text" if cfg.qk_norm else "gemma2"
-    problems = [f"{k} {v!r}" for k, v, ok in (
-        ("norm_offset", cfg.norm_offset, True), ("embed_scale", cfg.embed_scale, True), ("qkv_bias", cfg.qkv_bias, False),
-        ("mrope_section", cfg.mrope_section, ())) if v != ok]
-    if kind == "gemma2":
-        problems += [f"{k} {v!r}" for k, v, ok in (("local_rope_theta", cfg.local_rope_theta, None),
-                                                    ("rope_scaling.kind", cfg.rope_scaling.kind, "")) if v != ok]
-    else:
-        if cfg.attn_softcap is not None:
-            problems.append(f"attn_softcap {cfg.attn_softcap!r} (Gemma 3 does not cap attention scores)")
-        if cfg.rope_scaling.kind not in ("", "linear"):
-            problems.append(f"rope_scaling.kind {cfg.rope_scaling.kind!r} (Gemma 3 has linear or none)")
-    if problems:
-        raise ConfigError(f"{where}: post_norms: true exports as {kind}, which cannot express: {'; '.join(problems)}")
-    hd = cfg.head_dim or cfg.width // cfg.heads
-    types = [{"sliding": "sliding_attention", "full": "full_attention"}[cfg.layer_kind(i)] for i in range(cfg.depth)]
-    out = {"model_type": kind, "architectures": [LM_CLASSES[kind]], "vocab_size": cfg.vocab_size,
-           "hidden_size": cfg.width, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.depth,
-           "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads, "head_dim": hd,
-           "hidden_activation": HF_ACTS[cfg.act], "hidden_act": HF_ACTS[cfg.act], "rms_norm_eps": cfg.norm_eps,
-           "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
-           "attention_bias": False, "query_pre_attn_scalar": _int_if_whole(cfg.attn_scalar or hd),
-           "sliding_window": cfg.sliding_window or cfg.max_seq_len, "layer_types": types,
-           "attn_logit_softcapping": cfg.attn_softcap, "final_logit_softcapping": cfg.logit_softcap,
-           "rope_theta": cfg.rope_theta, "torch_dtype": "float32"}
-    if kind == "gemma2":
-        return out | {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
-    full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling.kind == "linear":
-        full |= {"rope_type": "linear", "factor": cfg.rope_scaling.factor}
-        out["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling.factor}
-    local = cfg.local_rope_theta if cfg.local_rope_theta is not None else cfg.rope_theta
-    return out | {"rope_local_base_freq": local, "rope_parameters": {
-        "full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}}}
 
 
 def _rope_parameters(cfg: LanguageConfig) -> dict:
@@ -558,7 +444,8 @@ def _persimmon_config_to_hf(cfg: LanguageConfig, where: str) -> dict:
         ("mlp", cfg.mlp, "plain"), ("bias", cfg.bias, True), ("kv_heads", cfg.kv_heads, cfg.heads),
         ("head_dim", cfg.head_dim or cfg.width // cfg.heads, cfg.width // cfg.heads),
         ("embed_scale", cfg.embed_scale, False), ("mrope_section", cfg.mrope_section, ()),
-        ("rope_scaling.kind", cfg.rope_scaling.kind, "")) if v != ok]
+        ("rope_scaling.kind", cfg.rope_scaling.kind, ""), ("qk_norm_kind", cfg.qk_norm_kind, "layernorm"),
+        ("post_norms", cfg.post_norms, False), ("layer_types", cfg.layer_types, ())) if v != ok]
     if cfg.act not in HF_PERSIMMON_ACTS:
         problems.append(f"act {cfg.act!r} (exportable: {', '.join(HF_PERSIMMON_ACTS)})")
     if problems:
