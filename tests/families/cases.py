@@ -144,6 +144,13 @@ HF_CASES = [
     Case("instructblip", "instructblip", "instructblip", single_turn=True, instruction_from_prompt=True,
          prompts=(("What colour is the small circle?", (0,)), ("How many squares are there?", (2,))),
          no_gradient={"qformer.layers.2.text_mlp": LAST_TEXT_MLP}),
+    # Gemma 3: 9 tokens per image against a 5-token sliding window; prompts with BOS already, several images
+    Case("gemma3", "gemma3", "gemma3",
+         prompts=(("<start_of_turn>user\n<start_of_image>What colour is the small circle?<end_of_turn>\n"
+                   "<start_of_turn>model\n", (0,)),
+                  ("<s>Compare <start_of_image> and <start_of_image>: how many squares?", (2, 3)),
+                  ("<s>the quick brown fox", ()),
+                  ("a <start_of_image> b <start_of_image> c <start_of_image>", (1, 4, 0)))),
 ]
 
 STAGE_ONE = "BLIP-2's stage-1 heads (ITC, ITM, ITG) train in the qformer stage, not through the LM"
