@@ -11,6 +11,7 @@ import torch
 from vlmkit.convert.hf.blip2 import blip2_config_to_hf
 from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
 from vlmkit.convert.hf.fuyu import fuyu_config_to_hf
+from vlmkit.convert.hf.gemma3 import gemma3_config_to_hf
 from vlmkit.convert.hf.idefics import idefics_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
 from vlmkit.convert.hf.llava import llava_config_to_hf
@@ -50,6 +51,8 @@ def hf_config(preset) -> dict:
         return dual_encoder_config_to_hf(cfg)
     if cfg.family == "fuyu":
         return fuyu_config_to_hf(cfg, 71011)
+    if cfg.family == "gemma3":
+        return gemma3_config_to_hf(cfg, 262144, 255999, 256000)
     raise AssertionError(cfg.family)
 
 
@@ -91,6 +94,7 @@ PRESETS = [
     ("clip-vit-b-16", 149_620_737, 0),
     ("siglip-b-16", None, 0),
     ("fuyu-8b", None, 0),
+    ("gemma-3-4b-it", 4_300_079_472, 0),
 ]
 
 
