@@ -781,6 +781,53 @@ def build_gemma3(folder: Path):
     return model, transformers.AutoProcessor.from_pretrained(folder)
 
 
+# ------------------------------------------------------------------------------------------------ Gemma 2 / 3 text
+
+# google/gemma-2-*-it's turn template, with string contents as a tokenizer's apply_chat_template passes them
+GEMMA_TURNS_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def _gemma_text_folder(folder: Path, cls, cfg, tok):
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def _gemma_tokenizer():
+    """SentencePiece-style, adding <s> to raw prompts as Gemma's does; the turn template."""
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<start_of_turn>",
+                                                                                        "<end_of_turn>"]),
+                                                bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                                pad_token="<pad>", chat_template=GEMMA_TURNS_TEMPLATE)
+
+
+def build_gemma2_text(folder: Path):
+    """Gemma 2 (Gemma2ForCausalLM): sandwich norms, attention and final-logit soft-capping (7 and 5: they bite on
+    a random model), query_pre_attn_scalar 24, a 5-token sliding window on every other layer. (model, tokenizer)."""
+    tok = _gemma_tokenizer()
+    cfg = transformers.Gemma2Config(vocab_size=len(tok), attn_logit_softcapping=7.0, final_logit_softcapping=5.0,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 20000.0},
+                                    **gemma_text_kwargs())
+    return _gemma_text_folder(folder, transformers.Gemma2ForCausalLM, cfg, tok)
+
+
+def build_gemma3_text(folder: Path):
+    """Gemma 3's text decoder (Gemma3ForCausalLM): QK-norm, a 5-token sliding window, rope_local_base_freq on the
+    sliding layers and linear rope scaling on the full one, untied head, final-logit soft-capping 5 (the text-only
+    class applies it). (model, tokenizer)."""
+    tok = _gemma_tokenizer()
+    cfg = transformers.Gemma3TextConfig(vocab_size=len(tok), rope_parameters=GEMMA3_TEXT_ROPE,
+                                        layer_types=GEMMA3_LAYERS, final_logit_softcapping=5.0,
+                                        tie_word_embeddings=False, **gemma_text_kwargs())
+    return _gemma_text_folder(folder, transformers.Gemma3ForCausalLM, cfg, tok)
+
+
 # ------------------------------------------------------------------------------------------------ the registry
 
 #: every folder by name (vlmkit's family name where there is one folder per family; IDEFICS is the flamingo family)
@@ -802,6 +849,8 @@ BUILDERS = {
     "siglip": build_siglip,
     "fuyu": build_fuyu,
     "gemma3": build_gemma3,
+    "gemma2_text": build_gemma2_text,
+    "gemma3_text": build_gemma3_text,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
 BASES = {"idefics3_nosplit": ("idefics3",)}

@@ -190,3 +190,20 @@ def test_gemma_only_settings_are_checked_and_refused_on_other_exports():
         lm_config_to_hf(LanguageConfig(depth=2, layer_types=("sliding", "full"), sliding_window=4))
     with pytest.raises(ConfigError, match="cannot express"):
         lm_config_to_hf(LanguageConfig(depth=2, post_norms=True))  # no norm_offset / embed_scale
+
+
+@pytest.mark.parametrize("name", ["gemma2_text", "gemma3_text"])
+def test_the_tiny_folders_for_the_text_family_load_with_transformers_logits(hf_folder, name):
+    """tests/hf_folders.py's gemma2_text / gemma3_text (BOS-adding tokenizer, 5-token window): a 20+ token prompt
+    with the tokenizer's BOS scores as transformers does, greedy tokens equal."""
+    folder, ref, tok = hf_folder(name)
+    lm = load_hf_lm(folder)
+    ids = tok("the quick brown fox jumps over the lazy dog, how many squares?", return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == tok.bos_token_id and ids.shape[1] > 2 * WINDOW
+    with torch.no_grad():
+        torch.testing.assert_close(logits(lm, ids), ref(ids).logits, rtol=0, atol=1e-4)
+        expected = ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        seq = ids
+        for _ in range(6):
+            seq = torch.cat([seq, logits(lm, seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert seq.tolist() == expected.tolist()
