@@ -207,3 +207,15 @@ def test_the_tiny_folders_for_the_text_family_load_with_transformers_logits(hf_f
         for _ in range(6):
             seq = torch.cat([seq, logits(lm, seq)[:, -1].argmax(-1, keepdim=True)], 1)
     assert seq.tolist() == expected.tolist()
+
+
+def test_a_soft_capped_head_takes_no_lora_adapter(tmp_path):
+    """An adapter adds after its Linear's forward: on a capped head it would skip the cap, so it is refused."""
+    from vlmkit.nn.lora import LoRAConfig, apply_lora
+
+    make("gemma2", tmp_path)
+    lm = load_hf_lm(tmp_path)
+    lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone())  # untied: only the cap refuses
+    with pytest.raises(ConfigError, match="more than a linear map"):
+        apply_lora(lm, LoRAConfig(targets=["lm_head"]))
+    apply_lora(lm, LoRAConfig(targets=["*.q_proj"]))
