@@ -1,8 +1,8 @@
 """Gemma 3 specifics the conformance table does not check: pixels equal Gemma3ImageProcessor's for images of every
 shape, the mask (each image's tokens see each other both ways; on the sliding layers only within the window behind
 a query), left-padded batches with images equal transformers' logits, the Hub's 4.x tensor layout and tokenizer
-keys, the exported folder read by transformers' AutoProcessor to the same ids and pixels, and named refusals
-(pan-and-scan, a mismatched image_seq_length, a text decoder that is not Gemma 3's)."""
+keys, the exported folder read by transformers' AutoProcessor to the same ids and pixels, pan-and-scan crops, and
+named refusals (a mismatched image_seq_length, a text decoder that is not Gemma 3's)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import shutil
 
 import pytest
 import torch
+from helpers import forward
+from hf_fixtures import real_images
 from safetensors.torch import load_file, save_file
 
 import vlmkit
@@ -19,9 +21,6 @@ from vlmkit.convert.hf import convert_from_hf, convert_to_hf
 from vlmkit.errors import ConfigError
 from vlmkit.models.gemma3 import image_groups, with_image_blocks
 from vlmkit.nn import causal_mask, sliding_window
-
-from helpers import forward
-from hf_fixtures import real_images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
@@ -155,7 +154,7 @@ def test_export_is_read_by_autoprocessor_to_the_same_ids_and_pixels(gemma3_folde
 
 
 @pytest.mark.parametrize("file, edit, match", [
-    ("preprocessor_config.json", lambda d: d.update(do_pan_and_scan=True), "do_pan_and_scan: true"),
+    ("preprocessor_config.json", lambda d: d.update(pan_and_scan_max_num_crops=1), "pan_and_scan_max_num_crops 1"),
     ("processor_config.json", lambda d: d.update(image_seq_length=16), "image_seq_length 16"),
     ("config.json", lambda d: d["text_config"].update(model_type="gemma2"), "text_config.model_type 'gemma2'"),
     ("config.json", lambda d: d.update(mm_tokens_per_image=8), "mm_tokens_per_image 8"),
@@ -170,3 +169,32 @@ def test_what_vlmkit_lacks_is_refused_by_name(gemma3_folder, tmp_path, file, edi
         _edit_json(path, edit)
     with pytest.raises(ConfigError, match=match):
         vlmkit.load(folder)
+
+
+def test_pan_and_scan_crops_ids_pixels_and_logits_equal_transformers(gemma3_folder, tmp_path):
+    """A folder whose image processor says do_pan_and_scan (crops of at least 8 px here): a wide 96x32 image gets 3
+    crops, a tall 40x60 one 2, a square one none; transformers' Gemma3Processor applies the setting when called
+    with it (its own default, False, wins over the folder's), and gives the same ids, pixels and logits."""
+    folder = _copy(gemma3_folder[0], tmp_path)
+    settings = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8, "pan_and_scan_max_num_crops": 4,
+                "pan_and_scan_min_ratio_to_activate": 1.2}
+    _edit_json(folder / "processor_config.json", lambda d: d["image_processor"].update(settings))
+    _, ref, hf_proc = gemma3_folder
+    pipe = vlmkit.load(folder)
+    imgs = [real_images()[0].resize((96, 32)), real_images()[1], real_images()[2]]
+    prompt = "<start_of_image> <start_of_image> <start_of_image> which?"
+    theirs = hf_proc(text=prompt, images=imgs, return_tensors="pt", **settings)
+    media = pipe.processor.prepare_images(imgs)
+    assert media.rows == [4, 3, 1] and media.tokens == [36, 27, 9]
+    ours = pipe.processor.prompt(prompt, media)
+    assert ours.ids == theirs["input_ids"][0].tolist()
+    torch.testing.assert_close(media.pixel_values, theirs["pixel_values"], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(pipe.model, ours.ids, media).logits, ref(**theirs).logits, rtol=0,
+                                   atol=1e-4)
+    # the placeholders of a dataset read the images (crops depend on their size), and the export keeps the setting
+    assert pipe.processor.placeholders(imgs).tokens == [36, 27, 9]
+    convert_from_hf(folder, tmp_path / "vlmkit")
+    convert_to_hf(tmp_path / "vlmkit", tmp_path / "hf")
+    exported = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert {k: exported[k] for k in settings} == settings

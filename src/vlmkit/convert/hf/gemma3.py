@@ -3,7 +3,7 @@ at its last layer through the post-layernorm, Gemma 3's projector (``multi_modal
 ``mm_tokens_per_image``, ``mm_soft_emb_norm``, ``mm_input_projection_weight`` [D_vision, D_lm], transposed into
 vlmkit's Linear) and a Gemma 3 text decoder (``convert/hf/gemma_lm.py``) with bidirectional attention within each
 image (:mod:`vlmkit.models.gemma3`). The processor lays prompts out as Gemma3Processor does
-(:mod:`vlmkit.processing.gemma3`); pan-and-scan is refused by name.
+(:mod:`vlmkit.processing.gemma3`), pan-and-scan included.
 
 Export writes transformers 5's layout ("model.vision_tower.vision_model.", "model.multi_modal_projector.",
 "model.language_model.", "lm_head.weight" when untied) with Gemma3Processor's files (its tokenizer naming
@@ -16,11 +16,28 @@ import dataclasses
 import json
 from pathlib import Path
 
-from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
+from vlmkit.convert.hf.io import (
+    export_table,
+    find_prefix,
+    load_state,
+    read_checkpoint,
+    write_hf_weights,
+    write_json,
+)
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
-from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
-                                         load_hf_processor, read_image_processor)
-from vlmkit.convert.hf.vision import export_vision_tensors, vision_config_from_hf, vision_config_to_hf, vision_tensors
+from vlmkit.convert.hf.processor import (
+    export_tokenizer,
+    image_processor_from_hf,
+    image_processor_to_hf,
+    load_hf_processor,
+    read_image_processor,
+)
+from vlmkit.convert.hf.vision import (
+    export_vision_tensors,
+    vision_config_from_hf,
+    vision_config_to_hf,
+    vision_tensors,
+)
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
 from vlmkit.models.gemma3 import GEMMA3_CONNECTOR, Gemma3Config, Gemma3Model
@@ -92,13 +109,18 @@ def _special_tokens(folder: Path) -> dict:
     return out
 
 
+PAN_AND_SCAN = {"do_pan_and_scan": False, "pan_and_scan_min_crop_size": 256, "pan_and_scan_max_num_crops": 4,
+                "pan_and_scan_min_ratio_to_activate": 1.2}  # Gemma3Processor's defaults where the settings have none
+
+
+def _pan_and_scan(settings: dict) -> dict:
+    return {k: type(v)(settings[k]) if settings.get(k) is not None else v for k, v in PAN_AND_SCAN.items()}
+
+
 def load_gemma3_folder(folder: Path):
     """(model, config, processor) of a Gemma 3 folder; the processor gives Gemma3Processor's input_ids."""
     model, cfg = _load_gemma3(folder)
     settings, path = read_image_processor(folder)
-    if settings.get("do_pan_and_scan"):
-        raise ConfigError(f"{path}: do_pan_and_scan: true (Gemma 3's extra crops) is not implemented in vlmkit; "
-                          f"supported: false")
     proc_path = Path(folder) / "processor_config.json"
     proc = json.loads(proc_path.read_text()) if proc_path.is_file() else {}
     seq_len = proc.get("image_seq_length", settings.get("image_seq_length"))
@@ -107,7 +129,8 @@ def load_gemma3_folder(folder: Path):
                           f"{model.image_seq_len}")
     processor = load_hf_processor(folder, "gemma3", model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len,
                                   config=Gemma3ProcessorConfig, fixed_images=False,
-                                  **image_processor_from_hf(settings, str(path)), **_special_tokens(Path(folder)))
+                                  **image_processor_from_hf(settings, str(path)), **_special_tokens(Path(folder)),
+                                  **_pan_and_scan(settings))
     for token in (processor.cfg.boi_token, processor.cfg.eoi_token):
         if processor.tokenizer.tok.token_to_id(token) is None:
             raise CheckpointError(f"{folder}: Gemma 3's {token!r} is not in tokenizer.json's vocabulary")
@@ -158,8 +181,7 @@ def export_gemma3(model: Gemma3Model, cfg: Gemma3Config, processor: Processor, f
         raise ConfigError(f"processor shortest_edge {pcfg.shortest_edge}: Gemma3ImageProcessor resizes straight to "
                           f"height x width; set shortest_edge: 0")
     del images["do_center_crop"]
-    images |= {"do_pan_and_scan": False, "pan_and_scan_min_crop_size": 256, "pan_and_scan_max_num_crops": 4,
-               "pan_and_scan_min_ratio_to_activate": 1.2}
+    images |= {k: getattr(pcfg, k) for k in PAN_AND_SCAN}
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
     write_json(folder / "generation_config.json", special)
