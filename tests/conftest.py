@@ -142,6 +142,11 @@ def qwen_folder(hf_folder):
 
 
 @pytest.fixture(scope="session")
+def qwen25_folder(hf_folder):
+    return hf_folder("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
 def idefics3(hf_folder):
     return hf_folder("idefics3")
 
@@ -149,6 +154,16 @@ def idefics3(hf_folder):
 @pytest.fixture(scope="session")
 def idefics3_nosplit(hf_folder):
     return hf_folder("idefics3_nosplit")
+
+
+@pytest.fixture(scope="session")
+def idefics2(hf_folder):
+    return hf_folder("idefics2")
+
+
+@pytest.fixture(scope="session")
+def idefics2_nosplit(hf_folder):
+    return hf_folder("idefics2_nosplit")
 
 
 @pytest.fixture(scope="session")
@@ -184,6 +199,16 @@ def instructblip_folder(hf_folder):
 @pytest.fixture(scope="session")
 def fuyu_folder(hf_folder):
     return hf_folder("fuyu")
+
+
+@pytest.fixture(scope="session")
+def internvl_folder(hf_folder):
+    return hf_folder("internvl")
+
+
+@pytest.fixture(scope="session")
+def mistral3_folder(hf_folder):
+    return hf_folder("mistral3")
 
 
 @pytest.fixture(scope="session")

@@ -715,6 +715,291 @@ def build_fuyu(folder: Path):
     return model, fuyu_patchify_fix(transformers.AutoProcessor.from_pretrained(folder))
 
 
+# ------------------------------------------------------------------------------------------------ Qwen2.5-VL
+
+
+class ImageOnlyQwen25VLProcessor(transformers.Qwen2_5_VLProcessor):
+    """transformers' Qwen2_5_VLProcessor without its video processor (as :class:`ImageOnlyQwen2VLProcessor`)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def build_qwen2_5_vl(folder: Path):
+    """Qwen2.5-VL: Qwen2-VL's tokenizer, template and image settings (4 px patches merged 2x2, min/max pixels that
+    scale small images up and large ones down); a tower of depth 4 whose blocks 1 and 3 attend over the whole image
+    and 0 and 2 within 16-px windows (2x2 merge units: the test images get 2x2 to 3x4 windows, edge ones cut
+    short), SwiGLU MLP, tied embeddings as Qwen2.5-VL-3B. The processor returned is
+    :class:`ImageOnlyQwen25VLProcessor` read from the folder, whose processor_config.json names Qwen2_5_VLProcessor
+    as a Hub folder does."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(QWEN2_VL_SPECIAL),
+                                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = dict(zip(("im_start", "im_end", "vs", "ve", "image", "video"), tok.convert_tokens_to_ids(QWEN2_VL_SPECIAL)))
+    torch.manual_seed(0)
+    vision = {"depth": 4, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48, "hidden_act": "silu",
+              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16,
+              "fullatt_block_indexes": [1, 3], "out_hidden_size": 64, "tokens_per_second": 2, "initializer_range": 0.2,
+              "rope_parameters": {"rope_type": "axial", "rope_theta": 2000.0}}
+    text = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 80, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 3e-6, "max_position_embeddings": 512,
+            "initializer_range": 0.2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0, "mrope_section": [3, 2, 3]},
+            "bos_token_id": None, "eos_token_id": ids["im_end"], "pad_token_id": tok.pad_token_id}
+    cfg = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image"],
+                                        video_token_id=ids["video"], vision_start_token_id=ids["vs"],
+                                        vision_end_token_id=ids["ve"], tie_word_embeddings=True)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=2560, patch_size=4, merge_size=2,
+                                                   temporal_patch_size=2, resample=2, image_mean=[0.4, 0.5, 0.6],
+                                                   image_std=[0.2, 0.3, 0.25])
+    ImageOnlyQwen25VLProcessor(images, tok, chat_template=QWEN2_VL_TEMPLATE).save_pretrained(folder)
+    path = folder / "processor_config.json"  # as a Hub folder says it
+    path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "Qwen2_5_VLProcessor"}))
+    return model, ImageOnlyQwen25VLProcessor.from_pretrained(folder)
+# ------------------------------------------------------------------------------------------------ Idefics2
+
+IDEFICS2_SPECIAL = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+# Idefics2's released chat template (the tokenizer adds BOS)
+IDEFICS2_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] == 'image' %}"
+    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
+    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def build_idefics2(folder: Path, split: bool = True):
+    """Idefics2: SentencePiece tokenizer with BOS, an 8x8 position table of 7-px patches (images resized to edges
+    between 28 and 56 px: grids of several shapes, off the patch grid), a perceiver of 4 latents with grouped
+    heads, a Mistral LM with grouped-query attention; images split into four quarters plus the whole."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(IDEFICS2_SPECIAL),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    torch.manual_seed(0)
+    vision = transformers.Idefics2VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=56, patch_size=7, layer_norm_eps=1e-5)
+    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=4096,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    perceiver = transformers.Idefics2PerceiverConfig(hidden_size=48, rms_norm_eps=1e-5, resampler_n_latents=4,
+                                                     resampler_depth=2, resampler_n_heads=4, resampler_head_dim=8,
+                                                     num_key_value_heads=2)
+    cfg = transformers.Idefics2Config(vision_config=vision.to_dict(), perceiver_config=perceiver.to_dict(),
+                                      text_config=text.to_dict(), image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = transformers.Idefics2ForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.Idefics2ImageProcessorPil(size={"shortest_edge": 28, "longest_edge": 56},
+                                                    do_image_splitting=split, image_mean=[0.4, 0.5, 0.6],
+                                                    image_std=[0.2, 0.3, 0.25])
+    transformers.Idefics2Processor(image_processor=images, tokenizer=tok, image_seq_len=4,
+                                   chat_template=IDEFICS2_TEMPLATE).save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
+def build_idefics2_nosplit(folder: Path, idefics2):
+    """The idefics2 folder (``idefics2``: its (folder, model, processor)) copied with do_image_splitting: false."""
+    source, model, _ = idefics2
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    path = folder / "processor_config.json"
+    data = json.loads(path.read_text())
+    data["image_processor"]["do_image_splitting"] = False
+    path.write_text(json.dumps(data))
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+# ------------------------------------------------------------------------------------------------ InternVL
+
+INTERNVL_SPECIAL = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+# InternVL3-hf's chat template (transformers' conversion script's, with the image placeholder its processor reads)
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}")
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
+
+
+class ImageOnlyInternVLProcessor(transformers.InternVLProcessor):
+    """transformers' InternVLProcessor without its video processor, which needs torchvision (absent here), so that
+    ``AutoProcessor.from_pretrained`` cannot build it; ``from_pretrained`` reads the image processor (the PIL
+    backend) and the tokenizer from the folder as AutoProcessor would, and text and image processing are
+    InternVLProcessor's own."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None,
+                 **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template, **kwargs)
+
+    def check_argument_for_proper_class(self, name, arg):
+        if name != "video_processor":
+            return super().check_argument_for_proper_class(name, arg)
+
+
+def internvl_tokenizer(llama: bool = False):
+    """A Qwen2-style tokenizer (byte-level, no BOS) naming InternVL's image tokens as the Hub's does; ``llama``:
+    a SentencePiece-style one whose post-processor adds ``<s>`` (InternVL 2.5's Llama-converted InternLM2 LMs)."""
+    if llama:
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(INTERNVL_SPECIAL),
+                                                    bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
+                                                    pad_token="</s>", extra_special_tokens=INTERNVL_TOKENS)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(INTERNVL_SPECIAL),
+                                                eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                                extra_special_tokens=INTERNVL_TOKENS)
+
+
+def wake_internvl_(model: torch.nn.Module, seed: int = 0) -> None:
+    """perturb_, and the InternViT parameters it leaves at their init: layer scales (0.1), class token and
+    positions (0)."""
+    perturb_(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lambda_" in name:
+                p.copy_(0.5 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith(("cls_token", "position_embeddings")):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def build_internvl(folder: Path, vision: dict | None = None, llama: bool = False, **top):
+    """InternVL (2.5 / 3): InternViT (layer scale, class token, 4x4 patch grid of 32-px tiles), pixel shuffle 0.5,
+    LayerNorm + MLP projector, grouped-query Qwen2 LM with a tied head; GotOcr2 tiling up to 6 tiles and a
+    thumbnail (PIL backend). ``vision`` / ``top``: vision_config / InternVLConfig overrides (variants); ``llama``:
+    a Llama LM with an untied head and a BOS-adding tokenizer instead (InternVL2.5-2B/8B's kind)."""
+    tok = internvl_tokenizer(llama)
+    torch.manual_seed(0)
+    vcfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": 32, "patch_size": 8, "layer_norm_eps": 1e-5, "attention_bias": True,
+            "initializer_range": 0.1, **(vision or {})}
+    text = {"model_type": "qwen2", "vocab_size": len(tok), "hidden_size": 48, "intermediate_size": 80,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 3e-6,
+            "max_position_embeddings": 1024, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
+            "initializer_range": 0.1, "bos_token_id": None, "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+            "tie_word_embeddings": True}
+    if llama:
+        text |= {"model_type": "llama", "head_dim": 12, "bos_token_id": tok.bos_token_id, "tie_word_embeddings": False}
+        top.setdefault("tie_word_embeddings", False)
+    cfg = transformers.InternVLConfig(vision_config=vcfg, text_config=text, image_seq_length=4,
+                                      image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), **top)
+    model = transformers.InternVLForConditionalGeneration(cfg).eval()
+    wake_internvl_(model)
+    model.save_pretrained(folder)
+    images = transformers.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                                   max_patches=6, image_mean=[0.485, 0.456, 0.406],
+                                                   image_std=[0.229, 0.224, 0.225])
+    ImageOnlyInternVLProcessor(images, tok, chat_template=INTERNVL_TEMPLATE, image_seq_length=4).save_pretrained(folder)
+    path = folder / "processor_config.json"  # as a Hub folder says it
+    path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "InternVLProcessor"}))
+    return model, ImageOnlyInternVLProcessor.from_pretrained(folder)
+
+# ------------------------------------------------------------------------------------------------ Mistral 3 / Pixtral
+
+MISTRAL3_SPECIAL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+# Mistral Small 3.1's template in short: BOS, [INST]...[/INST] around each user turn with [IMG] at each image,
+# replies followed by EOS
+MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST]' }}{% for content in "
+    "message['content'] %}{% if content['type'] == 'image' %}{{ '[IMG]' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{{ '[/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'][0]['text'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def pixtral_processor_class():
+    """transformers' PixtralProcessor. ``transformers.PixtralProcessor`` is a stand-in that needs torchvision (absent
+    here): the module imports the torchvision image processor only for ``get_resize_output_image_size``, which the
+    PIL image processor's module defines the same; with that module standing in, the class is transformers' own."""
+    import sys
+    import types
+
+    from transformers.models.pixtral import image_processing_pil_pixtral as pil
+
+    name = "transformers.models.pixtral.image_processing_pixtral"
+    if name not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            stub = types.ModuleType(name)
+            stub.get_resize_output_image_size = pil.get_resize_output_image_size
+            sys.modules[name] = stub
+    from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+
+    return PixtralProcessor
+
+
+def build_mistral3(folder: Path):
+    """Mistral 3: a Pixtral tower (4-px patches, SiLU SwiGLU, rope theta 2000) whose features are merged 2x2, a
+    Mistral LM with grouped-query attention and head_dim 16 != width / heads, an untied head; a byte-level tokenizer
+    whose post-processor adds <s> (Tekken's); images fitted to a 40-px longest edge in 8-px units, so every test
+    image gets its own grid. The processor returned is PixtralProcessor read from the folder
+    (:func:`pixtral_processor_class`)."""
+    from tokenizers import processors as tok_processors
+
+    raw = byte_level_tokenizer(MISTRAL3_SPECIAL)
+    raw.post_processor = tok_processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>")
+    ids = dict(zip(MISTRAL3_SPECIAL, tok.convert_tokens_to_ids(MISTRAL3_SPECIAL)))
+    torch.manual_seed(0)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                              num_attention_heads=2, patch_size=4, image_size=40, hidden_act="silu",
+                                              rope_parameters={"rope_type": "axial", "rope_theta": 2000.0},
+                                              initializer_range=0.2)
+    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=3e-6,
+                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=None,
+                                      bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], initializer_range=0.2)
+    cfg = transformers.Mistral3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                      image_token_index=ids["[IMG]"], spatial_merge_size=2,
+                                      projector_hidden_act="gelu", tie_word_embeddings=False)
+    model = transformers.Mistral3ForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.PixtralImageProcessorPil(size={"longest_edge": 40}, patch_size={"height": 4, "width": 4},
+                                                   image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor = pixtral_processor_class()
+    processor(image_processor=images, tokenizer=tok, patch_size=4, spatial_merge_size=2,
+              chat_template=MISTRAL3_TEMPLATE).save_pretrained(folder)
+    return model, processor.from_pretrained(folder)
+
+
+
+def build_pixtral_llava(folder: Path):
+    """Pixtral-12B's Hub format: LlavaForConditionalGeneration with a Pixtral tower (6-px patches, GELU SwiGLU, read
+    at layer -1 with strategy "full"), LLaVA's projector with biases, no patch merger (PixtralProcessor's
+    spatial_merge_size 1), a Mistral LM with head_dim != width / heads; the tokenizer and template of
+    :func:`build_mistral3`, images fitted to a 30-px longest edge."""
+    from tokenizers import processors as tok_processors
+
+    raw = byte_level_tokenizer(MISTRAL3_SPECIAL)
+    raw.post_processor = tok_processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>")
+    ids = dict(zip(MISTRAL3_SPECIAL, tok.convert_tokens_to_ids(MISTRAL3_SPECIAL)))
+    torch.manual_seed(1)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                              num_attention_heads=4, patch_size=6, image_size=30, hidden_act="gelu",
+                                              rope_parameters={"rope_type": "axial", "rope_theta": 5000.0},
+                                              initializer_range=0.2)
+    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=3e-6,
+                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=None,
+                                      bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], initializer_range=0.2)
+    cfg = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                   image_token_index=ids["[IMG]"], vision_feature_layer=-1,
+                                   vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                                   image_seq_length=1, tie_word_embeddings=False)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    images = transformers.PixtralImageProcessorPil(size={"longest_edge": 30}, patch_size={"height": 6, "width": 6},
+                                                   image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor = pixtral_processor_class()
+    processor(image_processor=images, tokenizer=tok, patch_size=6, chat_template=MISTRAL3_TEMPLATE).save_pretrained(folder)
+    return model, processor.from_pretrained(folder)
+
 # ------------------------------------------------------------------------------------------------ Gemma 3
 
 GEMMA3_SPECIAL = ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
@@ -848,9 +1133,15 @@ BUILDERS = {
     "clip_legacy": build_clip_legacy,
     "siglip": build_siglip,
     "fuyu": build_fuyu,
+    "qwen2_5_vl": build_qwen2_5_vl,
+    "idefics2": build_idefics2,
+    "idefics2_nosplit": build_idefics2_nosplit,
+    "internvl": build_internvl,
+    "mistral3": build_mistral3,
+    "pixtral_llava": build_pixtral_llava,
     "gemma3": build_gemma3,
     "gemma2_text": build_gemma2_text,
     "gemma3_text": build_gemma3_text,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
-BASES = {"idefics3_nosplit": ("idefics3",)}
+BASES = {"idefics3_nosplit": ("idefics3",), "idefics2_nosplit": ("idefics2",)}

@@ -112,15 +112,41 @@ class QFormerConfig:
 
 
 @dataclass
+class ResamplerConfig:
+    """Shape of the perceiver connector's resampler (Idefics2's ``perceiver_config``; defaults idefics2-8b's): a
+    SwiGLU projection to the LM's width, then ``n_latents`` learned latents attend to [features; latents] in
+    ``depth`` RMSNorm blocks with grouped-query heads."""
+
+    n_latents: int = 64  # resampler_n_latents: M, the tokens each image gives
+    depth: int = 3  # resampler_depth
+    heads: int = 16  # resampler_n_heads
+    head_dim: int = 96  # resampler_head_dim
+    kv_heads: int = 4  # num_key_value_heads
+    norm_eps: float = 1e-6  # rms_norm_eps
+    act: str = "silu"  # the resampler MLP's gate activation (hidden_act); its hidden width is 4 x the LM width
+    proj_dim: int = 0  # hidden width of the SwiGLU projection (Idefics2: the LM's intermediate_size); 0 = 4 x D_lm
+
+    def __post_init__(self):
+        for name in ("n_latents", "depth", "heads", "head_dim", "kv_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"connector.perceiver.{name} must be >= 1, got {getattr(self, name)}")
+        if self.heads % self.kv_heads:
+            raise ConfigError(f"connector.perceiver.heads {self.heads} must be a multiple of kv_heads "
+                              f"{self.kv_heads}")
+
+
+@dataclass
 class ConnectorConfig:
     """Maps vision features [B, N, D_vision] to LM embeddings [B, M, D_lm]."""
 
-    kind: str = "mlp"  # linear | mlp | pixel_shuffle | qformer
+    kind: str = "mlp"  # linear | mlp | pixel_shuffle | qformer | perceiver
     scale_factor: int = 2  # pixel_shuffle only: M = N / scale_factor**2
     layers: int = 2  # pixel_shuffle: 1 = linear (Idefics3), 2 = MLP
     act: str = "gelu"
     bias: bool = True
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # qformer only: M = qformer.num_query_tokens
+    # perceiver only (Idefics2): a SwiGLU projection (gate activation ``act``) and a resampler, M = n_latents
+    perceiver: ResamplerConfig = field(default_factory=ResamplerConfig)
 
 
 @dataclass

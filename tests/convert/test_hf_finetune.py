@@ -28,7 +28,8 @@ transformers = pytest.importorskip("transformers", reason="transformers (a test 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FOLDERS = {"llava": "llava_folder", "llava_next": "next_folder", "llava_onevision": "ov_folder",
-           "qwen2_vl": "qwen_folder", "idefics3": "idefics3", "gemma3": "gemma3_folder"}
+           "qwen2_vl": "qwen_folder", "idefics3": "idefics3", "qwen2_5_vl": "qwen25_folder", "idefics2": "idefics2", "internvl": "internvl_folder",
+           "mistral3": "mistral3_folder", "gemma3": "gemma3_folder"}
 CONVERSATION = [{"from": "human", "value": "<image>\nWhat colour is the small circle?"},
                 {"from": "gpt", "value": "It is red."},
                 {"from": "human", "value": "And how many squares?"}, {"from": "gpt", "value": "Two squares."}]
@@ -142,7 +143,8 @@ def test_a_fine_tuned_llava_exports_back_to_transformers(llava_folder, shapes, t
 
 # the refusal names the family (its Capabilities.shared_prefix), no longer why it attends its own way (M-RoPE
 # positions, prefix-LM attention)
-@pytest.mark.parametrize("fixture, match", [("qwen_folder", "qwen2_vl"), ("paligemma_folder", "paligemma")])
+@pytest.mark.parametrize("fixture, match", [("qwen_folder", "qwen2_vl"), ("paligemma_folder", "paligemma"),
+                                            ("qwen25_folder", "qwen2_5_vl")])
 def test_grouped_questions_are_refused_where_the_family_attends_its_own_way(request, fixture, match, shapes,
                                                                            tmp_path):
     recipe = load_recipe("tiny-llava", [f"data.path={shapes}", f"init_from={request.getfixturevalue(fixture)[0]}",

@@ -44,6 +44,12 @@ def pipe(ov_folder):
     return vlmkit.load(ov_folder[0])
 
 
+def with_multi_image(pipe, mode):
+    cfg = pipe.processor.cfg
+    return Processor(dataclasses.replace(cfg, anyres=dataclasses.replace(cfg.anyres, multi_image=mode)),
+                     pipe.processor.tokenizer)
+
+
 def images_of(indices):
     ims = real_images()
     return [ims[i] for i in indices]
@@ -61,11 +67,13 @@ def test_fixture_images_exercise_tiling_unpadding_and_reduction():
 
 @pytest.mark.parametrize("prompt, indices", PROMPTS)
 def test_input_ids_pixels_features_and_logits_equal_transformers(ov_folder, pipe, prompt, indices):
+    """Every image tiled: the processor given a flat list of images, or anyres.multi_image "tile"."""
     _, ref, hf_proc = ov_folder
     images = images_of(indices)
     theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
-    inputs = pipe.processor.prepare_images(images)
-    ids = pipe.processor.prompt(prompt, inputs).ids
+    tiled = with_multi_image(pipe, "tile")
+    inputs = tiled.prepare_images(images)
+    ids = tiled.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     assert inputs.extra["image_sizes"].tolist() == theirs["image_sizes"].tolist()
     tiles = inputs.extra["image_tiles"].tolist()
@@ -83,18 +91,18 @@ def test_input_ids_pixels_features_and_logits_equal_transformers(ov_folder, pipe
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
 
 
-def test_multi_image_square_mode_equals_transformers_with_nested_images(ov_folder, pipe):
-    """anyres.multi_image "square": a prompt's several images are padded to squares in the mean colour and
-    not tiled, as LlavaOnevisionProcessor does for images=[[a, b]]; a single image is still tiled."""
+def test_several_images_are_squares_by_default_as_transformers_takes_a_prompts_images(ov_folder, pipe):
+    """An imported folder's default (anyres.multi_image "square"): a prompt's several images are padded to squares
+    in the mean colour and not tiled, as LlavaOnevisionProcessor does for the prompt's images as one list
+    (images=[[a, b]], what apply_chat_template passes); a single image is still tiled. Tiling them all (the flat-list
+    call) was the default before, and scored such prompts differently from transformers."""
     _, ref, hf_proc = ov_folder
-    cfg = pipe.processor.cfg
-    square = Processor(dataclasses.replace(cfg, anyres=dataclasses.replace(cfg.anyres, multi_image="square")),
-                       pipe.processor.tokenizer)
-    prompt, indices = PROMPTS[2]
+    assert pipe.processor.cfg.anyres.multi_image == "square"
+    prompt, _ = PROMPTS[2]
     images = images_of([0, 1])  # both non-square: the padding colour shows
     theirs = hf_proc(text=[prompt], images=[images], return_tensors="pt")
-    inputs = square.prepare_images(images)
-    ids = square.prompt(prompt, inputs).ids
+    inputs = pipe.processor.prepare_images(images)
+    ids = pipe.processor.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
     assert inputs.extra["image_tiles"].tolist() == [1, 1] and inputs.tokens == [17, 17]
     torch.testing.assert_close(inputs.pixel_values, theirs["pixel_values"].flatten(0, 1), rtol=0, atol=1e-5)
@@ -102,7 +110,8 @@ def test_multi_image_square_mode_equals_transformers_with_nested_images(ov_folde
         torch.testing.assert_close(forward(pipe.model, ids, inputs).logits, ref(**theirs).logits,
                                    rtol=0, atol=1e-4)
     single = images_of([0])
-    assert square.prepare_images(single).tokens == pipe.processor.prepare_images(single).tokens
+    assert pipe.processor.prepare_images(single).tokens == with_multi_image(pipe, "tile").prepare_images(single).tokens
+    assert pipe.processor.prepare_images(single).extra["image_tiles"].item() > 1
 
 
 def test_chat_uses_the_folders_template(ov_folder, pipe):

@@ -46,6 +46,13 @@ def images():
     return real_images() + [wide, small]
 
 
+def special(prompt: str) -> dict:
+    """MllamaProcessor writes BOS in front of a prompt that does not begin with an image, and its tokenizer adds
+    another unless asked not to (``add_special_tokens=False``, transformers' call for a text beginning with BOS):
+    vlmkit never writes BOS twice."""
+    return {} if prompt.startswith("<|image|>") else {"add_special_tokens": False}
+
+
 def vocab(ref) -> int:
     return ref.config.text_config.vocab_size
 
@@ -56,7 +63,7 @@ def test_inputs_and_logits_equal_transformers(mllama_folder, prompt, which):
     pipe = vlmkit.load(folder)
     assert pipe.config.family == "mllama" and pipe.config.mllama.xattn_positions == [1, 1, 2]
     imgs = [images()[i] for i in which]
-    theirs = hf_proc(text=prompt, images=imgs, return_tensors="pt")
+    theirs = hf_proc(text=prompt, images=imgs, return_tensors="pt", **special(prompt))
     inputs = pipe.processor.prepare_images(imgs)
     ids = pipe.processor.prompt(prompt, inputs).ids
     assert ids == theirs["input_ids"][0].tolist()
@@ -122,6 +129,29 @@ def test_chat_uses_the_folders_template(mllama_folder):
     inputs = pipe.processor.prepare_images(imgs)
     assert pipe.processor.chat("What is it?", inputs).ids == list(theirs)
     assert pipe.chat(imgs, "What is it?", max_new_tokens=4) == pipe.generate(imgs, text, max_new_tokens=4)
+
+
+def test_a_prompt_rendered_by_the_chat_template_is_scored_and_generated_with_one_bos(mllama_folder):
+    """score(), generate() and the engine's prompts on text that already begins with BOS (the chat template's):
+    the log-probabilities are transformers' for ``add_special_tokens=False``, its documented call for such text
+    (its default call would put BOS twice in front)."""
+    folder, ref, hf_proc = mllama_folder
+    pipe = vlmkit.load(folder)
+    imgs = images()[:1]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    n = len(hf_proc(text=text, images=imgs, add_special_tokens=False)["input_ids"][0])
+    full = hf_proc(text=text + " It is red.", images=imgs, add_special_tokens=False, return_tensors="pt")
+    assert full["input_ids"][0, :2].tolist() != [pipe.processor.tokenizer.bos_id] * 2
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(**full).logits[0, n - 1:-1].float(), -1)
+    theirs = logp.gather(-1, full["input_ids"][0, n:, None]).squeeze(-1)
+    ours = pipe.score(imgs, text, " It is red.")
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        greedy = ref.generate(**hf_proc(text=text, images=imgs, add_special_tokens=False, return_tensors="pt"),
+                              max_new_tokens=4, do_sample=False)[0, n:].tolist()
+    assert pipe.generate(imgs, text, max_new_tokens=4) == pipe.processor.tokenizer.decode(greedy)
 
 
 def _edit_json(path, edit):

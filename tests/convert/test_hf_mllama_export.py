@@ -127,7 +127,7 @@ def test_a_vlmkit_built_mllama_exports_and_transformers_computes_the_same(round_
     pipe = vlmkit.load(src)
     prompt, which = PROMPTS[3]
     imgs = [images()[i] for i in which]
-    theirs = hf_proc(text=prompt, images=imgs, return_tensors="pt")
+    theirs = hf_proc(text=prompt, images=imgs, return_tensors="pt", add_special_tokens=False)  # BOS is in front
     inputs = pipe.processor.prepare_images(imgs)
     assert theirs["input_ids"][0].tolist() == pipe.processor.prompt(prompt, inputs).ids
     with torch.no_grad():

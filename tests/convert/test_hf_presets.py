@@ -13,11 +13,15 @@ from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
 from vlmkit.convert.hf.fuyu import fuyu_config_to_hf
 from vlmkit.convert.hf.gemma3 import gemma3_config_to_hf
 from vlmkit.convert.hf.idefics import idefics_config_to_hf
+from vlmkit.convert.hf.idefics2 import idefics2_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
+from vlmkit.convert.hf.internvl import internvl_config_to_hf
 from vlmkit.convert.hf.llava import llava_config_to_hf
 from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
+from vlmkit.convert.hf.mistral3 import mistral3_config_to_hf
 from vlmkit.convert.hf.mllama import mllama_config_to_hf
 from vlmkit.convert.hf.paligemma import paligemma_config_to_hf
+from vlmkit.convert.hf.qwen2_5_vl import qwen2_5_vl_config_to_hf
 from vlmkit.convert.hf.qwen2_vl import qwen2_vl_config_to_hf
 from vlmkit.family import FAMILIES, family_of
 from vlmkit.models import build_model, count_parameters
@@ -51,6 +55,14 @@ def hf_config(preset) -> dict:
         return dual_encoder_config_to_hf(cfg)
     if cfg.family == "fuyu":
         return fuyu_config_to_hf(cfg, 71011)
+    if cfg.family == "qwen2_5_vl":
+        return qwen2_5_vl_config_to_hf(cfg, QWEN_IDS)
+    if cfg.family == "idefics2":
+        return idefics2_config_to_hf(cfg, 32001)
+    if cfg.family == "internvl":
+        return internvl_config_to_hf(cfg, 151667, 256)
+    if cfg.family == "mistral3":
+        return mistral3_config_to_hf(cfg, 10)
     if cfg.family == "gemma3":
         return gemma3_config_to_hf(cfg, 262144, 255999, 256000)
     raise AssertionError(cfg.family)
@@ -94,6 +106,10 @@ PRESETS = [
     ("clip-vit-b-16", 149_620_737, 0),
     ("siglip-b-16", None, 0),
     ("fuyu-8b", None, 0),
+    ("qwen2.5-vl-3b", 3_754_622_976, 0),  # the Hub's safetensors total (3.75B)
+    ("idefics2-8b", None, 0),
+    ("internvl3-1b", None, 0),
+    ("mistral-small-3.1-24b", None, 0),
     ("gemma-3-4b-it", 4_300_079_472, 0),
 ]
 

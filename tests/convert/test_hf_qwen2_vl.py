@@ -187,10 +187,12 @@ def test_tied_embeddings_as_transformers_ties_them(qwen_folder, tmp_path, saved_
     torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-4)
 
 
-def test_qwen2_5_vl_is_refused_by_name(qwen_folder, tmp_path):
+def test_a_qwen2_vl_tower_labelled_qwen2_5_vl_is_refused_by_name(qwen_folder, tmp_path):
+    """model_type qwen2_5_vl is the Qwen2.5-VL family's (test_hf_qwen2_5_vl.py), which refuses Qwen2-VL's tower."""
     folder, _, _ = qwen_folder
     edited = _copy(folder, tmp_path, lambda c: c.update(model_type="qwen2_5_vl"))
-    with pytest.raises(ConfigError, match=r"config\.json: model_type 'qwen2_5_vl' \(Qwen2\.5-VL\) is not implemented"):
+    with pytest.raises(ConfigError, match=r"config\.json \(vision_config\): model_type 'qwen2_vl_vision' is not "
+                                          r"Qwen2\.5-VL's tower"):
         vlmkit.load(edited)
 
 

@@ -32,12 +32,27 @@ def images() -> list:
 # ---------------------------------------------------------------------------------------------- transformers' side
 
 
-def hf_inputs(processor, prompt: str, imgs: list) -> dict:
+def hf_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
     """What the family's transformers processor gives for a raw prompt and its images."""
-    return processor(text=prompt, images=imgs or None, return_tensors="pt")
+    return processor(text=prompt, images=imgs or None, return_tensors="pt", **kwargs)
 
 
-def idefics_inputs(processor, prompt: str, imgs: list) -> dict:
+def per_prompt_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
+    """The prompt's images as its own list (images=[[a, b]]), as apply_chat_template passes them: OneVision's
+    processor then takes several images untiled (its multi-image mode)."""
+    return processor(text=[prompt], images=[imgs] if imgs else None, return_tensors="pt", **kwargs)
+
+
+def mllama_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
+    """MllamaProcessor writes BOS into the text (after the leading images), and its tokenizer adds another in front:
+    twice in a row for a prompt that does not begin with an image. vlmkit never writes BOS twice: a text beginning
+    with BOS is tokenised as transformers documents for it, with ``add_special_tokens=False``."""
+    if not prompt.startswith("<|image|>"):
+        kwargs.setdefault("add_special_tokens", False)
+    return processor(text=prompt, images=imgs or None, return_tensors="pt", **kwargs)
+
+
+def idefics_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
     """IdeficsProcessor takes a list of texts and images: the prompt's pieces with the images between them."""
     if "<image>" not in prompt:
         items = list(imgs) + [prompt]
@@ -48,7 +63,7 @@ def idefics_inputs(processor, prompt: str, imgs: list) -> dict:
                 items.append(imgs[i - 1])
             if piece:
                 items.append(piece)
-    return processor(text=items, return_tensors="pt")
+    return processor(text=items, return_tensors="pt", **kwargs)
 
 
 def lmms_eval_logprobs(case: Case, model, processor, prompt: str, continuation: str, imgs: list) -> torch.Tensor:
@@ -100,6 +115,7 @@ class Case:
 
 
 IMAGE_QWEN = "<|vision_start|><|image_pad|><|vision_end|>"
+INTERNVL_CHAT = "<|im_start|>user\n<IMG_CONTEXT>\nWhat colour is the small circle?<|im_end|>\n<|im_start|>assistant\n"
 LAST_TEXT_MLP = "the Q-Former's last layer's text outputs feed nothing: the LM reads the queries"
 
 HF_CASES = [
@@ -109,7 +125,7 @@ HF_CASES = [
     Case("llava_next", "llava_next", "llava_next",
          prompts=(("[INST] <image>\nWhat colour is the small circle? [/INST]", (0,)), ("<image> caption en", (1,)),
                   ("Compare <image> and <image>: how many squares?", (2, 0)))),
-    Case("llava_onevision", "llava_onevision", "llava_onevision",
+    Case("llava_onevision", "llava_onevision", "llava_onevision", hf_inputs=per_prompt_inputs,
          prompts=(("<|im_start|>user <image>\nWhat colour is the small circle?<|im_end|>\n<|im_start|>assistant\n",
                    (0,)), ("<image>caption en", (1,)), ("Compare <image> and <image>: how many squares?", (2, 0)))),
     Case("qwen2_vl", "qwen2_vl", "qwen2_vl",
@@ -127,7 +143,7 @@ HF_CASES = [
     Case("paligemma", "paligemma", "paligemma", single_turn=True, reference=suffix_logprobs,
          prompts=(("caption en", (0,)), ("<image>answer en What colour is the small circle?", (1,)),
                   ("<image><image>Compare: how many squares?", (0, 2)))),
-    Case("mllama", "mllama", "mllama",
+    Case("mllama", "mllama", "mllama", hf_inputs=mllama_inputs,
          prompts=(("<|image|>What colour is the small circle?", (0,)), ("Look: <|image|>How many squares?", (3,)),
                   ("a <|image|> b <|image|> c", (1, 2)))),
     Case("idefics", "flamingo", "idefics", hf_inputs=idefics_inputs,
@@ -144,6 +160,31 @@ HF_CASES = [
     Case("instructblip", "instructblip", "instructblip", single_turn=True, instruction_from_prompt=True,
          prompts=(("What colour is the small circle?", (0,)), ("How many squares are there?", (2,))),
          no_gradient={"qformer.layers.2.text_mlp": LAST_TEXT_MLP}),
+    # windowed tower: each image 2x2 to 3x4 windows (edge ones cut short), blocks 1 and 3 full attention
+    Case("qwen2_5_vl", "qwen2_5_vl", "qwen2_5_vl",
+         prompts=((f"{IMAGE_QWEN}{IMAGE_QWEN}Compare the two pictures: how many squares?", (0, 1)),
+                  (f"<|im_start|>user\n{IMAGE_QWEN}What colour is the small circle?<|im_end|>\n<|im_start|>assistant\n",
+                   (3,)), (f"A: {IMAGE_QWEN} B: {IMAGE_QWEN} C: {IMAGE_QWEN}", (2, 4, 0)),
+                  ("the quick brown fox", ()))),
+    Case("idefics2", "idefics2", "idefics2",  # four quarters + the whole image, padded to the largest crop
+         prompts=(("User:<image>What colour is the small circle?<end_of_utterance>\nAssistant:", (0,)),
+                  ("<image>caption en", (1,)), ("Compare <image><image> and <image>: how many squares?", (2, 3, 4)))),
+    Case("idefics2_nosplit", "idefics2", "idefics2_nosplit",  # do_image_splitting off: one crop per image
+         prompts=(("<image> caption en", (1,)), ("Compare <image> and <image>: how many squares?", (2, 0)))),
+    # InternVL: <IMG_CONTEXT> is the placeholder; the images tile 3x2, 2x2, 3x1 (each with a thumbnail) and 1x1
+    Case("internvl", "internvl", "internvl",
+         prompts=((INTERNVL_CHAT, (0,)), ("<IMG_CONTEXT> caption en", (3,)),
+                  ("Compare <IMG_CONTEXT> and <IMG_CONTEXT> and <IMG_CONTEXT>: how many squares?", (2, 4, 1)))),
+    # PixtralProcessor: each [IMG] becomes its image's rows of [IMG] (its own count: every image keeps its aspect
+    # ratio), [IMG_BREAK] after each row, [IMG_END] after the last
+    Case("mistral3", "mistral3", "mistral3",
+         prompts=(("[INST][IMG]What colour is the small circle?[/INST]", (0,)),
+                  ("[INST]Compare [IMG] and [IMG]: how many squares?[/INST]", (3, 4)),
+                  ("[IMG][IMG] caption en", (1, 2)), ("the quick brown fox", ()))),
+    # Pixtral-12B's Hub format (LlavaForConditionalGeneration with a Pixtral tower, no merger): family mistral3
+    Case("pixtral_llava", "mistral3", "pixtral_llava",
+         prompts=(("[INST][IMG]What colour is the small circle?[/INST]", (0,)),
+                  ("[INST]Compare [IMG] and [IMG]: how many squares?[/INST]", (3, 1)), ("the quick brown fox", ()))),
     # Gemma 3: 9 tokens per image against a 5-token sliding window; prompts with BOS already, several images
     Case("gemma3", "gemma3", "gemma3",
          prompts=(("<start_of_turn>user\n<start_of_image>What colour is the small circle?<end_of_turn>\n"
@@ -165,6 +206,7 @@ PRESET_CASES = [
     Case("tiny-flamingo", "flamingo", preset="tiny-flamingo"),
     Case("tiny-mllama", "mllama", preset="tiny-mllama"),
     Case("tiny-fuyu", "fuyu", preset="tiny-fuyu"),
+    Case("tiny-mistral3", "mistral3", preset="tiny-mistral3"),
 ]
 
 CASES = HF_CASES + PRESET_CASES

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmkit.config import ConnectorConfig, LanguageConfig, QFormerConfig, VisionConfig
+from vlmkit.batch import Batch
+from vlmkit.config import ConnectorConfig, LanguageConfig, QFormerConfig, ResamplerConfig, VisionConfig, VLMConfig
 from vlmkit.connectors import CONNECTORS, build_connector, pixel_shuffle
 from vlmkit.encoders.cnn import ConvEncoder
 from vlmkit.encoders.vit import ViTEncoder
@@ -268,6 +269,8 @@ CONNECTOR_CASES = {  # name -> (ConnectorConfig, expected M for a 4x4 grid of 16
                       (ConnectorConfig(kind="pixel_shuffle", scale_factor=4, layers=1), 1)],
     "qformer": [(ConnectorConfig(kind="qformer", qformer=QFormerConfig(width=32, depth=2, heads=4, mlp_dim=64,
                                                                        num_query_tokens=5)), 5)],
+    "perceiver": [(ConnectorConfig(kind="perceiver", act="silu", perceiver=ResamplerConfig(n_latents=5, depth=2, heads=4,
+                                                                                          head_dim=8, kv_heads=2)), 5)],
 }
 
 
@@ -283,6 +286,31 @@ def test_connector_maps_vision_to_lm_width_with_stated_token_count(cfg, m):
     out = conn(x, (4, 4))
     assert conn.num_tokens(16, (4, 4)) == m
     assert out.shape == (2, m, 40)
+
+
+def test_a_llava_model_with_the_perceiver_connector_builds_runs_and_trains():
+    """The perceiver (Idefics2's connector) is a registered connector any composed model can use."""
+    cfg = VLMConfig(family="llava", vision=VisionConfig(image_size=(16, 16), patch_size=4, width=32, depth=1, heads=4,
+                                                        mlp_dim=64),
+                    connector=ConnectorConfig(kind="perceiver", act="silu", perceiver=ResamplerConfig(
+                        n_latents=5, depth=2, heads=4, head_dim=8, kv_heads=2)),
+                    lm=LanguageConfig(vocab_size=50, width=32, depth=1, heads=4, kv_heads=2, mlp_dim=64))
+    torch.manual_seed(0)
+    model = build_model(cfg, image_token_id=3)
+    assert model.image_seq_len == 5
+    ids = torch.tensor([[1, 3, 3, 3, 3, 3, 7, 8, 9, 10, 11]] * 2)
+    media = fixed_media(torch.randn(2, 3, 16, 16), 5)
+    labels = ids.masked_fill(ids == 3, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss = model(Batch(ids, labels=labels, media=media)).loss
+        opt.zero_grad()
+        loss.backward()
+        assert model.connector.latents.grad.abs().sum() > 0 and model.connector.proj.gate_proj.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_pixel_shuffle_bad_grid_and_layers_raise():
@@ -541,7 +569,8 @@ def test_skip_default_init_leaves_weights_alone_and_restores_the_init_functions(
     assert not bool((torch.nn.init.normal_(torch.full((4,), 7.0)) == 7.0).all())
 
 
-@pytest.mark.parametrize("preset", ["tiny-llava-vit", "paligemma-3b-224", "qwen2-vl-2b", "llava-onevision-0.5b"])
+@pytest.mark.parametrize("preset", ["tiny-llava-vit", "paligemma-3b-224", "qwen2-vl-2b", "llava-onevision-0.5b",
+                                    "mistral-small-3.1-24b"])
 def test_every_family_gets_the_same_from_scratch_initialisation(preset):
     """One init for every family's model: fan-in connector, GPT-2 std elsewhere, residual outputs scaled."""
     from vlmkit.config import apply_overrides

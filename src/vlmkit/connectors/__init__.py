@@ -3,6 +3,7 @@
 from torch import nn
 
 from vlmkit.config import ConnectorConfig
+from vlmkit.connectors.perceiver import PerceiverConnector
 from vlmkit.connectors.projector import LinearConnector, MLPConnector, PixelShuffleConnector, pixel_shuffle
 from vlmkit.connectors.qformer import QFormer, QFormerConnector
 from vlmkit.registry import Registry
@@ -30,6 +31,11 @@ def _qformer(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
     return QFormerConnector(d_vision, d_lm, cfg.qformer)
 
 
+@CONNECTORS.register("perceiver", "SwiGLU projection then a perceiver resampler with n_latents queries (Idefics2)")
+def _perceiver(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
+    return PerceiverConnector(d_vision, d_lm, cfg.perceiver, cfg.act)
+
+
 def build_connector(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
     return CONNECTORS.build(cfg.kind, cfg, d_vision, d_lm)
 
@@ -38,6 +44,7 @@ __all__ = [
     "CONNECTORS",
     "LinearConnector",
     "MLPConnector",
+    "PerceiverConnector",
     "PixelShuffleConnector",
     "QFormer",
     "QFormerConnector",

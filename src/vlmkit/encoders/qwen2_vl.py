@@ -66,7 +66,11 @@ class Qwen2VLVisionBlock(nn.Module):
         self.norm1 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
         self.attn = PackedAttention(cfg.width, cfg.heads)
         self.norm2 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
-        self.mlp = MLP(cfg.width, cfg.mlp_dim, act=cfg.act)
+        self.mlp = self.make_mlp(cfg)
+
+    @staticmethod
+    def make_mlp(cfg: VisionConfig) -> nn.Module:
+        return MLP(cfg.width, cfg.mlp_dim, act=cfg.act)
 
     def residual_outputs(self) -> tuple[nn.Linear, ...]:
         """The projections that write into the residual stream (scaled by depth at a from-scratch init)."""
@@ -80,6 +84,8 @@ class Qwen2VLVisionBlock(nn.Module):
 class Qwen2VLVisionEncoder(nn.Module):
     """Flattened patches [N, C * T * p * p] + grid_thw [n, 3] -> patch features [N, width] (same order)."""
 
+    Block = Qwen2VLVisionBlock  # Qwen2.5-VL's tower (encoders/qwen2_5_vl.py) has its own
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         if cfg.temporal_patch_size < 1 or cfg.merge_size < 1:
@@ -90,13 +96,22 @@ class Qwen2VLVisionEncoder(nn.Module):
         kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
         self.patch_embed = nn.Conv3d(cfg.channels, cfg.width, kernel, stride=kernel, bias=False)
         self.rope = Rotary2D(cfg.width // cfg.heads, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Qwen2VLVisionBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(self.Block(cfg) for _ in range(cfg.depth))
 
     @property
     def patch_dim(self) -> int:
         return self.channels * self.temporal_patch_size * self.patch_size**2
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        x = self.embed(pixel_values, grid_thw)
+        rope = self.rope.at(window_positions(grid_thw, self.merge_size).to(x.device))  # ([1, N, hd], [1, N, hd])
+        lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]  # attention segments: frames
+        for block in self.blocks:
+            x = block(x, rope, lengths)
+        return x
+
+    def embed(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The patch embeddings [N, width] of the processor's flattened patches, checked against the grids."""
         if pixel_values.ndim != 2 or pixel_values.shape[1] != self.patch_dim:
             raise ValueError(f"the qwen2_vl tower takes flattened patches [N, {self.patch_dim}] (channels x "
                              f"temporal_patch_size x patch_size^2), got {tuple(pixel_values.shape)}; check the "
@@ -107,23 +122,20 @@ class Qwen2VLVisionEncoder(nn.Module):
                              f"{pixel_values.shape[0]}")
         dtype = self.patch_embed.weight.dtype
         x = pixel_values.to(dtype).view(-1, self.channels, self.temporal_patch_size, self.patch_size, self.patch_size)
-        x = self.patch_embed(x).view(-1, self.width)  # [N, D]
-        rope = self.rope.at(window_positions(grid_thw, self.merge_size).to(x.device))  # ([1, N, hd], [1, N, hd])
-        lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]  # attention segments: frames
-        for block in self.blocks:
-            x = block(x, rope, lengths)
-        return x
+        return self.patch_embed(x).view(-1, self.width)  # [N, D]
 
 
 class PatchMerger(nn.Module):
-    """LayerNorm, then each merge_size**2 consecutive patch features (one window) concatenated and mapped by
-    Linear -> GELU -> Linear to the LM width: [N, D_v] -> [N / merge_size**2, D_lm]."""
+    """LayerNorm (Qwen2.5-VL's: RMSNorm, ``norm="rmsnorm"``), then each merge_size**2 consecutive patch features
+    (one window) concatenated and mapped by Linear -> GELU -> Linear to the LM width:
+    [N, D_v] -> [N / merge_size**2, D_lm]."""
 
-    def __init__(self, d_vision: int, d_lm: int, merge_size: int, act: str = "gelu", eps: float = 1e-6):
+    def __init__(self, d_vision: int, d_lm: int, merge_size: int, act: str = "gelu", eps: float = 1e-6,
+                 norm: str = "layernorm"):
         super().__init__()
         self.merge_size = merge_size
         self.hidden = d_vision * merge_size**2
-        self.norm = nn.LayerNorm(d_vision, eps=eps)
+        self.norm = make_norm(norm, d_vision, eps)
         self.mlp = MLP(self.hidden, self.hidden, act=act, out_dim=d_lm)
 
     def num_tokens(self, n: int, grid: tuple[int, int] | None = None) -> int:

@@ -18,9 +18,7 @@ class Qwen2VL(VLMFamily):
     ProcessorConfig = Qwen2VLProcessorConfig
     objectives = ("lm",)
     capabilities = Capabilities(shared_prefix=False)  # M-RoPE positions are not the plain ones grouping shares
-    # Qwen2.5-VL folders are read to be refused with the reason (convert/hf/qwen2_vl.py)
-    hf = HFMapping(("qwen2_vl", "qwen2_5_vl"), load_qwen2_vl_folder, export_qwen2_vl,
-                   "Qwen2VLForConditionalGeneration")
+    hf = HFMapping(("qwen2_vl",), load_qwen2_vl_folder, export_qwen2_vl, "Qwen2VLForConditionalGeneration")
 
     def image_tokens(self, model) -> str:
         return "by size"

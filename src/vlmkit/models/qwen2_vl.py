@@ -26,14 +26,30 @@ from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.nn import KVCache
 
 
+def vision_position_ids(start: int, t: int, lh: int, lw: int, scale: float = 1, device=None) -> torch.Tensor:
+    """The M-RoPE ids [3, t * lh * lw] of an item of t temporal patches over an lh x lw merged grid whose first
+    token sits at ``start``: (start + int(k * scale), start + row, start + col) (transformers'
+    ``get_vision_position_ids``; ``scale`` the temporal step, computed in float32 as there)."""
+    frames = torch.arange(t, device=device)
+    if scale != 1:
+        frames = (frames * torch.tensor(scale, dtype=torch.float32, device=device)).long()
+    tt, hh, ww = torch.meshgrid(frames, torch.arange(lh, device=device), torch.arange(lw, device=device),
+                                indexing="ij")
+    return torch.stack([tt, hh, ww]).reshape(3, -1) + start
+
+
 def mrope_position_ids(input_ids: torch.Tensor, image_token_id: int, grid_thw: torch.Tensor, merge_size: int,
-                       attention_mask: torch.Tensor | None = None,
-                       document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       attention_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                       time_scales: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(position ids [3, B, T], delta [B]) of a batch whose image tokens belong, in reading order, to images
     with patch grids ``grid_thw`` [n, 3] (transformers' ``get_rope_index``, for images).
 
     In a packed batch (``document_ids`` [B, T], -1 = padding) every sample gets its own ids, starting at 0, as
-    if it ran alone (the deltas are then meaningless: a packed batch is never continued by decoding)."""
+    if it ran alone (the deltas are then meaningless: a packed batch is never continued by decoding).
+
+    ``time_scales``: per grid, the temporal id step of one temporal patch (Qwen2.5-VL's absolute time for a video:
+    ``tokens_per_second * second_per_grid_t``, its frame k at id start + int(k * scale), in float32 as
+    transformers); None: 1 for every grid (images; Qwen2-VL's videos)."""
     B, T = input_ids.shape
     device = input_ids.device
     positions = torch.zeros(3, B, T, dtype=torch.long, device=device)
@@ -60,15 +76,14 @@ def mrope_position_ids(input_ids: torch.Tensor, image_token_id: int, grid_thw: t
             if next_image >= len(grids):
                 raise ValueError(f"the batch has more image placeholders than the {len(grids)} images given")
             t, h, w = grids[next_image]
+            scale = 1 if time_scales is None else time_scales[next_image]
             next_image += 1
             lh, lw = h // merge_size, w // merge_size
             count = t * lh * lw
             if i + count > n or not all(is_image[i:i + count]):
                 raise ValueError(f"image {next_image - 1} (grid {t}x{h}x{w}) needs {count} consecutive image "
                                  f"tokens in sequence {b}; the processor expands each placeholder to that many")
-            tt, hh, ww = torch.meshgrid(torch.arange(t, device=device), torch.arange(lh, device=device),
-                                        torch.arange(lw, device=device), indexing="ij")
-            pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + start)
+            pieces.append(vision_position_ids(start, t, lh, lw, scale, device))
             start += max(h, w) // merge_size
             i += count
         if pieces:
@@ -85,21 +100,23 @@ class Qwen2VLModel(VisionLanguageModel):
     DecoderLM with M-RoPE. Its features are flat [total tokens, D_lm] with each image's patch grid
     (``Features.extra["grid_thw"]``), which the M-RoPE position ids are computed from."""
 
+    family_name = "qwen2_vl"  # named in errors
+
     def __init__(self, encoder: Qwen2VLVisionEncoder, connector: PatchMerger, lm: DecoderLM, image_token_id: int):
         super().__init__(encoder, connector, lm, image_token_id)
         self.merge_size = encoder.merge_size
 
     @property
     def image_seq_len(self) -> int:
-        raise NotImplementedError("qwen2_vl images fill a number of tokens that depends on their size "
-                                  "(MediaInputs.tokens); there is no fixed image_seq_len")
+        raise NotImplementedError(f"{self.family_name} images fill a number of tokens that depends on their "
+                                  "size (MediaInputs.tokens); there is no fixed image_seq_len")
 
     def encode_media(self, media: MediaInputs) -> Features:
         """The processor's MediaInputs (flattened patches + ``image_grid_thw``) -> features [total tokens, D_lm]
         with their grids."""
         if "image_grid_thw" not in media.extra:
-            raise ValueError("qwen2_vl encodes images from the processor's MediaInputs (flattened patches with "
-                             "extra['image_grid_thw']), not from a bare pixel tensor")
+            raise ValueError(f"{self.family_name} encodes images from the processor's MediaInputs (flattened "
+                             "patches with extra['image_grid_thw']), not from a bare pixel tensor")
         grid = media.extra["image_grid_thw"]
         feats = self.connector(self.encoder(media.pixel_values, grid))  # [total tokens, D_lm]
         return Features(feats, list(media.tokens), {"grid_thw": grid})
@@ -112,7 +129,7 @@ class Qwen2VLModel(VisionLanguageModel):
         grid = features.extra["grid_thw"] if features is not None else torch.zeros(0, 3, dtype=torch.long)
         if batch.document_ids is not None:
             if batch.segment_ids is not None and bool((batch.segment_ids > 0).any()):
-                raise ValueError("qwen2_vl: grouped questions (segment_ids) are not supported with M-RoPE "
+                raise ValueError(f"{self.family_name}: grouped questions (segment_ids) are not supported with M-RoPE "
                                  "positions; set data.group_turns: 0")
             return mrope_position_ids(input_ids, self.image_token_id, grid, self.merge_size,
                                       document_ids=batch.document_ids)[0]

@@ -35,7 +35,7 @@ class ImagesFirstLayout(TemplateLayout):
         return Encoded(ids, None, len(ids), media)
 
     def prompt(self, text, media, where="prompt"):
-        return self._ids(text, media, where)
+        return self._ids(text, media, where, special=not self.starts_with_bos(text))
 
     def chat(self, messages, media, where="prompt"):
         question = self.one_question(messages, where, f"this family ({self.cfg.family})")

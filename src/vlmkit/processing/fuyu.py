@@ -180,9 +180,9 @@ class FuyuLayout(TemplateLayout):
         if not len(media):
             if self.cfg.image_token in text:
                 raise DataError(f"{where}: {text.count(self.cfg.image_token)} image placeholder(s) but no images")
-            ids = self.tokenizer.encode(text, special=True)
+            ids = self.tokenizer.encode(text, special=not self.starts_with_bos(text))
         else:
-            laid = self.laid_out(text, media, where)
+            laid = self.laid_out(self.without_bos(text), media, where)  # the images come first, and no BOS
             head, end, rest = laid.partition(self.cfg.image_end)  # FuyuProcessor: split after the first image
             ids = self.tokenizer.encode(head + end)[1:] + self.tokenizer.encode(rest)
         if ids.count(self.image_token_id) != sum(media.tokens):

@@ -60,7 +60,7 @@ class IdeficsLayout(TemplateLayout):
         return laid, [(where[a], where[b]) for a, b in spans]
 
     def prompt(self, text, media, where="prompt"):
-        laid, _ = self.lay_out(text, [], len(media))
+        laid, _ = self.lay_out(self.without_bos(text), [], len(media))
         return self._prompt_of(self.tokenize(laid, [], media, where, special=False))
 
     def chat(self, messages, media, where="prompt"):

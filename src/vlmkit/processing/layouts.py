@@ -122,6 +122,11 @@ class PromptLayout:
         bos = self.tokenizer.bos_token
         return bool(bos) and text.startswith(bos)
 
+    def without_bos(self, text: str) -> str:
+        """``text`` without the BOS it begins with: for layouts that write BOS themselves (after the images), so
+        that a prompt already holding one (rendered by a chat template) does not get BOS twice."""
+        return text[len(self.tokenizer.bos_token):] if self.starts_with_bos(text) else text
+
 
 class SegmentLayout(PromptLayout):
     """vlmkit's own layout (module docstring): segments of text tokenised on their own, placeholders expanded to
@@ -237,7 +242,9 @@ class TemplateLayout(PromptLayout):
         return text, spans
 
     def prompt(self, text, media, where="prompt"):
-        return self._prompt_of(self.tokenize(text, [], media, where))
+        """A raw prompt's ids; one that already begins with BOS (e.g. rendered by a chat template) is tokenised
+        without the special tokens, transformers' documented call for it (``add_special_tokens=False``)."""
+        return self._prompt_of(self.tokenize(text, [], media, where, special=not self.starts_with_bos(text)))
 
     def chat(self, messages, media, where="prompt"):
         text = self.render(self.images_in_front(messages, len(media)), generation=True)

@@ -37,7 +37,8 @@ class AnyResConfig:
     max_tiles: int = 0
     # processor only, for prompts with several images. "tile": every image is tiled (LlavaOnevisionProcessor
     # given a flat list of images); "square": each is padded to a square in the mean colour and not tiled
-    # (OneVision's own multi-image mode; the processor given a nested list [[image, image]])
+    # (OneVision's own multi-image mode; the processor given a prompt's images as its list [[image, image]], as
+    # apply_chat_template gives them): an imported OneVision folder's default
     multi_image: str = "tile"
 
 

@@ -10,7 +10,9 @@ its ``aspect_ratio_ids`` (1 + the index of its layout among :func:`~vlmkit.encod
 text: the LM reads the image through cross-attention, not through spliced tokens.
 
 Text: MllamaProcessor puts BOS after the image tokens a prompt starts with (none when the prompt already contains
-BOS), then tokenises with the tokenizer's special tokens (which add another BOS in front, as Llama 3's do).
+BOS), then tokenises with the tokenizer's special tokens (which add another BOS in front, as Llama 3's do) unless
+the text begins with BOS: transformers' default call would put BOS twice in front of a prompt that does not begin
+with an image; vlmkit follows its documented call for such text (``add_special_tokens=False``).
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class MllamaLayout(TemplateLayout):
 
     def prompt(self, text, media, where="prompt"):
         laid = mllama_prompt(text, self.tokenizer.bos_token, self.cfg.image_token)
-        return self._prompt_of(self.tokenize(laid, [], media, where))
+        return self._prompt_of(self.tokenize(laid, [], media, where, special=not self.starts_with_bos(laid)))
 
     def chat(self, messages, media, where="prompt"):
         if not self.cfg.chat_template_jinja:

@@ -36,7 +36,7 @@ class PaliGemmaLayout(TemplateLayout):
     processor has no conversation format."""
 
     def prompt(self, text, media, where="prompt"):
-        laid = paligemma_prompt(text, len(media), self.cfg.image_token, self.tokenizer.bos_token or "")
+        laid = paligemma_prompt(self.without_bos(text), len(media), self.cfg.image_token, self.tokenizer.bos_token or "")
         return self._prompt_of(self.tokenize(laid, [], media, where, special=False))
 
     def chat(self, messages, media, where="prompt"):

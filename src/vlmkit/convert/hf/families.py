@@ -46,7 +46,7 @@ def convert_from_hf(src, out, overwrite: bool = False) -> dict:
     model, processor, cfg, meta = load_hf(src)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_model_files(tmp, model, cfg, processor, extra={"converted_from": meta})
-    return {"out": str(out), "family": meta["hf_family"], "parameters": count_parameters(model)}
+    return {"out": str(out), "family": family_of(cfg).name, "parameters": count_parameters(model)}
 
 
 def convert_to_hf(src, out, overwrite: bool = False) -> dict:
@@ -64,4 +64,4 @@ def convert_to_hf(src, out, overwrite: bool = False) -> dict:
         raise ConfigError(f"exporting the {family.name} family to Hugging Face is not implemented yet")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         family.hf.export(model, cfg, processor, tmp)
-    return {"out": str(out), "family": family.name, "transformers_class": family.hf.transformers_class}
+    return {"out": str(out), "family": family.name, "transformers_class": family.export_class(cfg)}

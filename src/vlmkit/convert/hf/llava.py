@@ -31,6 +31,11 @@ def llava_config_from_hf(cfg: dict, where: str = "config.json", model_type: str 
     strategy = cfg.get("vision_feature_select_strategy", default_strategy)
     if strategy not in ("default", "full"):
         raise ConfigError(f"{where}: vision_feature_select_strategy {strategy!r}; supported: default, full")
+    if (cfg.get("vision_config") or {}).get("model_type") == "pixtral":
+        raise ConfigError(f"{where}: vision_config.model_type 'pixtral' (Pixtral-12B's layout: a Pixtral tower at "
+                          f"each image's own resolution, read with PixtralProcessor) is not a {model_type} tower; "
+                          f"load the folder with vlmkit.load, which reads a LLaVA folder with a Pixtral tower as "
+                          f"family mistral3")
     vision = vision_config_from_hf(cfg.get("vision_config") or {}, layer, f"{where} (vision_config)")
     if strategy == "default" and not vision.class_token:
         raise ConfigError(f"{where}: vision_feature_select_strategy 'default' drops a class token this tower "
@@ -88,7 +93,15 @@ def load_llava_weights(model, t: dict, cfg: VLMConfig, where: str, extra: dict[s
 
 
 def load_llava_folder(folder: Path):
-    """(model, config, processor) of a LLaVA-1.5 folder; the processor gives LlavaProcessor's input_ids."""
+    """(model, config, processor) of a LLaVA-1.5 folder; the processor gives LlavaProcessor's input_ids. A folder
+    whose tower is Pixtral's (Pixtral-12B) is read by the mistral3 family's reader, which owns that tower and
+    PixtralProcessor's processing (convert/hf/mistral3.py)."""
+    from vlmkit.convert.hf.io import read_config
+
+    if (read_config(Path(folder)).get("vision_config") or {}).get("model_type") == "pixtral":
+        from vlmkit.convert.hf.mistral3 import load_pixtral_llava_folder
+
+        return load_pixtral_llava_folder(folder)
     model, cfg = _load_llava(folder)
     processor = load_hf_processor(folder, "llava", model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len)
     return model, cfg, processor

@@ -58,7 +58,10 @@ def llava_next_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[Ll
     pinpoints = cfg.get("image_grid_pinpoints") or DEFAULT_PINPOINTS[kind]
     check_anyres(pinpoints, base.vision.image_size[0], where)
     max_tiles = max_tiles_from_hf(cfg.get("vision_aspect_ratio", "anyres_max_9"), where) if kind == ONEVISION else 0
-    anyres = AnyResConfig(grid_pinpoints=[(int(h), int(w)) for h, w in pinpoints], max_tiles=max_tiles)
+    # OneVision takes a prompt's several images untiled (squares), as its processor does for a prompt's images
+    # (a nested list: what apply_chat_template passes); "tile" is the flat-list call, set by hand
+    anyres = AnyResConfig(grid_pinpoints=[(int(h), int(w)) for h, w in pinpoints], max_tiles=max_tiles,
+                          multi_image="square" if kind == ONEVISION else "tile")
     return LlavaNextConfig(family=kind, vision=base.vision, connector=base.connector, lm=base.lm,
                            image_token=base.image_token, anyres=anyres), token
 

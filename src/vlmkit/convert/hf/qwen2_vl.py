@@ -8,16 +8,16 @@ layouts too (``visual.`` / ``model.`` as transformers 5 still saves them, or ``m
 ``model.language_model.``). The export (:func:`export_qwen2_vl`) writes the Hub's layouts (flat config, ``visual.`` /
 ``model.`` / ``lm_head.`` tensors), which transformers 4 and 5 both read.
 
-Not implemented, and refused by name: videos (the ``<|video_pad|>`` placeholder in a prompt), Qwen2.5-VL
-(model_type ``qwen2_5_vl``: window attention, RMSNorm and SwiGLU in its tower), sliding-window attention and
-RoPE scaling in the LM.
+Not implemented, and refused by name: videos (the ``<|video_pad|>`` placeholder in a prompt), sliding-window
+attention and RoPE scaling in the LM. Qwen2.5-VL (model_type ``qwen2_5_vl``) is its own family
+(convert/hf/qwen2_5_vl.py), which reads its folders with the helpers here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vlmkit.config import ConnectorConfig, ProcessorConfig, VisionConfig, VLMConfig
+from vlmkit.config import ConnectorConfig, LanguageConfig, ProcessorConfig, VisionConfig, VLMConfig
 from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (PIL_CODES, PIL_RESAMPLE, export_tokenizer, load_hf_processor,
@@ -83,12 +83,23 @@ def qwen2_vl_vision_config(cfg: dict, where: str) -> VisionConfig:
 def qwen2_vl_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[VLMConfig, int]:
     """A Qwen2VLForConditionalGeneration config -> (VLMConfig, image token id)."""
     kind = cfg.get("model_type")
-    if kind == "qwen2_5_vl":
-        raise ConfigError(f"{where}: model_type 'qwen2_5_vl' (Qwen2.5-VL) is not implemented in vlmkit: its vision "
-                          f"tower (window attention, RMSNorm, SwiGLU MLP) differs from Qwen2-VL's; supported: "
-                          f"qwen2_vl")
     if kind != "qwen2_vl":
         raise ConfigError(f"{where}: model_type {kind!r} is not 'qwen2_vl'")
+    lm = qwen2_vl_lm_config(cfg, where)
+    vision = qwen2_vl_vision_config(cfg.get("vision_config") or {}, f"{where} (vision_config)")
+    out = int((cfg.get("vision_config") or {}).get("hidden_size", DEFAULT_VISION["hidden_size"]))
+    if out != lm.width:
+        raise ConfigError(f"{where}: vision_config.hidden_size {out} (the patch merger's output) must equal the "
+                          f"text hidden_size {lm.width}")
+    connector = ConnectorConfig(kind="patch_merger", scale_factor=vision.merge_size, layers=2, act="gelu", bias=True)
+    token = cfg.get("image_token_id", 151655)
+    return VLMConfig(family="qwen2_vl", vision=vision, connector=connector, lm=lm,
+                       image_token="<|image_pad|>"), int(token)
+
+
+def qwen2_vl_lm_config(cfg: dict, where: str) -> LanguageConfig:
+    """The LM of a Qwen2-VL or Qwen2.5-VL config.json (its text_config, or the 4.x flat keys): a Qwen2 decoder
+    with M-RoPE sections."""
     nested = isinstance(cfg.get("text_config"), dict)
     text = dict(cfg["text_config"]) if nested else {k: v for k, v in cfg.items() if k not in NOT_TEXT_KEYS}
     text_where = f"{where} (text_config)" if nested else where
@@ -107,16 +118,7 @@ def qwen2_vl_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[VLMC
     rope["rope_type"] = rope.pop("type", rope.get("rope_type", "default"))
     text.update(model_type="qwen2", rope_parameters=rope, head_dim=None, rope_scaling=None,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings")))
-    lm = lm_config_from_hf(text, text_where)
-    vision = qwen2_vl_vision_config(cfg.get("vision_config") or {}, f"{where} (vision_config)")
-    out = int((cfg.get("vision_config") or {}).get("hidden_size", DEFAULT_VISION["hidden_size"]))
-    if out != lm.width:
-        raise ConfigError(f"{where}: vision_config.hidden_size {out} (the patch merger's output) must equal the "
-                          f"text hidden_size {lm.width}")
-    connector = ConnectorConfig(kind="patch_merger", scale_factor=vision.merge_size, layers=2, act="gelu", bias=True)
-    token = cfg.get("image_token_id", 151655)
-    return VLMConfig(family="qwen2_vl", vision=vision, connector=connector, lm=lm,
-                       image_token="<|image_pad|>"), int(token)
+    return lm_config_from_hf(text, text_where)
 
 
 def qwen2_vl_key_map(cfg: VLMConfig, vision: str = "visual.", lm: str = "model.",
@@ -140,13 +142,16 @@ def load_hf_qwen2_vl(folder: str | Path) -> Qwen2VLModel:
     return _load(folder)[0]
 
 
-def _load(folder: str | Path) -> tuple[Qwen2VLModel, VLMConfig, dict]:
+def _load(folder: str | Path, read_config=None, key_map=None) -> tuple[Qwen2VLModel, VLMConfig, dict]:
+    """(model, config, config.json) of a folder; ``read_config`` / ``key_map``: Qwen2-VL's unless given
+    (Qwen2.5-VL's, convert/hf/qwen2_5_vl.py)."""
     ckpt = read_checkpoint(folder)
-    cfg, image_token = qwen2_vl_config_from_hf(ckpt.config, str(ckpt.folder / "config.json"))
+    cfg, image_token = (read_config or qwen2_vl_config_from_hf)(ckpt.config, str(ckpt.folder / "config.json"))
     t = ckpt.tensors
     lm_prefix = find_prefix(t, "model.language_model.", "model.")
     cfg = untie_if_head_saved(cfg, t, "lm_head.weight", f"{lm_prefix}embed_tokens.weight")
-    table = qwen2_vl_key_map(cfg, find_prefix(t, "model.visual.", "visual."), lm_prefix, "lm_head.weight")
+    table = (key_map or qwen2_vl_key_map)(cfg, find_prefix(t, "model.visual.", "visual."), lm_prefix,
+                                          "lm_head.weight")
     model = build_model(cfg, image_token, init=False)
     # a tied checkpoint may still carry lm_head.weight (a copy of the embeddings): not an error
     load_state(model, t, table, str(ckpt.folder), ignore=("lm_head.weight",) if cfg.lm.tie_embeddings else ())
@@ -194,10 +199,11 @@ def qwen2_vl_processor_settings(folder: Path, vision: VisionConfig) -> dict:
     return out
 
 
-def load_qwen2_vl_folder(folder: Path):
+def load_qwen2_vl_folder(folder: Path, family: str = "qwen2_vl", read_config=None, key_map=None):
     """(model, config, processor) of a Qwen2-VL folder; the processor gives Qwen2VLProcessor's input_ids and
-    pixel_values / image_grid_thw."""
-    model, cfg, hf_config = _load(folder)
+    pixel_values / image_grid_thw. ``family``, ``read_config``, ``key_map``: Qwen2.5-VL's for its folders, whose
+    processor is Qwen2-VL's."""
+    model, cfg, hf_config = _load(folder, read_config, key_map)
     settings = qwen2_vl_processor_settings(Path(folder), cfg.vision)
     # the processor's image_seq_len is the most tokens an image can fill (each fills its own number)
     n = settings["native"]
@@ -205,7 +211,7 @@ def load_qwen2_vl_folder(folder: Path):
     # videos are not implemented: a prompt with the video placeholder is refused instead of read as text
     video = load_hf_tokenizer(folder).tok.id_to_token(int(hf_config.get("video_token_id", 151656)))
     refused = [video or "<|video_pad|>"]
-    processor = load_hf_processor(folder, "qwen2_vl", model.image_token_id, most, cfg.lm.max_seq_len,
+    processor = load_hf_processor(folder, family, model.image_token_id, most, cfg.lm.max_seq_len,
                                   Qwen2VLProcessorConfig, fixed_images=False, refused_placeholders=refused, **settings)
     return model, cfg, processor
 
@@ -257,6 +263,13 @@ def qwen2_vl_config_to_hf(cfg: VLMConfig, token_ids: dict[str, int]) -> dict:
     ``rope_scaling: {"type": "mrope", "mrope_section": ...}``), which transformers 4 (>= 4.45) and 5 both read;
     a nested ``text_config`` would be ignored by the 4.x releases before the nested configs. ``token_ids``: the
     image / video / markup token ids (:func:`qwen2_vl_token_ids`)."""
+    return {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"], **qwen2_vl_text_to_hf(cfg),
+            "vision_config": qwen2_vl_vision_config_to_hf(cfg.vision, cfg.lm.width), **token_ids,
+            "tie_word_embeddings": cfg.lm.tie_embeddings, "torch_dtype": "float32"}
+
+
+def qwen2_vl_text_to_hf(cfg: VLMConfig) -> dict:
+    """The LM's (and the merger's checked) top-level keys of a Qwen2-VL or Qwen2.5-VL config.json (flat layout)."""
     lm = cfg.lm
     if cfg.connector.kind != "patch_merger" or cfg.connector.act != "gelu":
         raise ConfigError(f"connector.kind {cfg.connector.kind!r}, connector.act {cfg.connector.act!r}: Qwen2-VL's "
@@ -273,11 +286,8 @@ def qwen2_vl_config_to_hf(cfg: VLMConfig, token_ids: dict[str, int]) -> dict:
     if not lm.mrope_section:
         raise ConfigError("lm.mrope_section: empty: Qwen2-VL's LM rotates with multimodal RoPE sections")
     text = lm_config_to_hf(lm, "lm")  # refuses an activation without a transformers name
-    return {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"],
-            **{k: text[k] for k in TEXT_KEYS}, "attention_dropout": 0.0,
-            "rope_scaling": {"type": "mrope", "mrope_section": list(lm.mrope_section)},
-            "vision_config": qwen2_vl_vision_config_to_hf(cfg.vision, lm.width), **token_ids,
-            "tie_word_embeddings": lm.tie_embeddings, "torch_dtype": "float32"}
+    return {**{k: text[k] for k in TEXT_KEYS}, "attention_dropout": 0.0,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(lm.mrope_section)}}
 
 
 def qwen2_vl_token_ids(processor: Processor) -> dict[str, int]:
@@ -330,18 +340,25 @@ def export_qwen2_vl(model: Qwen2VLModel, cfg: VLMConfig, processor: Processor, f
     config.json, preprocessor_config.json. Video settings are not written (vlmkit has no video processor): the
     video processor transformers builds from this folder has its defaults."""
     config = qwen2_vl_config_to_hf(cfg, qwen2_vl_token_ids(processor))
-    images = qwen2_vl_processor_to_hf(processor.cfg, cfg.vision)
+    write_folder(model, cfg, processor, folder, config, qwen2_vl_key_map(cfg), "Qwen2VLProcessor")
+
+
+def write_folder(model: Qwen2VLModel, cfg: VLMConfig, processor: Processor, folder: Path, config: dict,
+                 table: dict[str, str], processor_class: str) -> None:
+    """Write a Qwen2-VL or Qwen2.5-VL export: weights through ``table``, ``config`` with the tokenizer's special
+    ids, the image processor's settings for ``processor_class``, the tokenizer and its template."""
+    images = qwen2_vl_processor_to_hf(processor.cfg, cfg.vision) | {"processor_class": processor_class}
     if config["image_token_id"] != model.image_token_id:
         raise ConfigError(f"processor image_token {processor.cfg.image_token!r} has id {config['image_token_id']}, "
                           f"the model splices images at {model.image_token_id}")
     tok = processor.tokenizer
     special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id}
     config |= special  # generation stops where vlmkit's does (and transformers' default Qwen ids are not used)
-    write_hf_weights(folder, export_table(model, qwen2_vl_key_map(cfg)))
+    write_hf_weights(folder, export_table(model, table))
     write_json(folder / "config.json", config)
     write_json(folder / "generation_config.json", special)
     write_json(folder / "preprocessor_config.json", images)
-    write_json(folder / "processor_config.json", {"processor_class": "Qwen2VLProcessor"})
+    write_json(folder / "processor_config.json", {"processor_class": processor_class})
     export_tokenizer(processor, folder)
 
 
