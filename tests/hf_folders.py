@@ -1066,16 +1066,49 @@ def build_gemma3(folder: Path):
     return model, transformers.AutoProcessor.from_pretrained(folder)
 
 
-# ------------------------------------------------------------------------------------------------ Gemma 2 / 3 text
+# ------------------------------------------------------------------------------------------------ text-only LMs
 
-# google/gemma-2-*-it's turn template, with string contents as a tokenizer's apply_chat_template passes them
-GEMMA_TURNS_TEMPLATE = (
+# chat templates of the released instruct models' kinds (their layouts, without tool and date preambles); contents
+# are strings, as a tokenizer's apply_chat_template passes them
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] "
+    "+ ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
     "message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+TEXT_SHAPE = {"hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 0.1}
 
 
-def _gemma_text_folder(folder: Path, cls, cfg, tok):
+def _llama_tokenizer(special: list[str], template: str):
+    """A SentencePiece-style tokenizer whose post-processor adds <s> (Llama, Mistral, Gemma, Phi-3's kind)."""
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(special), bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                                chat_template=template)
+
+
+def _byte_tokenizer(special: list[str], template: str):
+    """A byte-level BPE without BOS (Qwen2's, and Phi-1.5 / 2's CodeGen kind); <|endoftext|> ends and pads."""
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(special),
+                                                eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                                chat_template=template)
+
+
+def _text_folder(folder: Path, cls, cfg, tok):
+    """Save a random ``cls`` model of ``cfg`` (norms and biases perturbed) and its tokenizer; (model, the tokenizer
+    as AutoTokenizer reads it back)."""
     torch.manual_seed(0)
     model = cls(cfg).eval()
     perturb_(model)
@@ -1084,33 +1117,92 @@ def _gemma_text_folder(folder: Path, cls, cfg, tok):
     return model, transformers.AutoTokenizer.from_pretrained(folder)
 
 
-def _gemma_tokenizer():
-    """SentencePiece-style, adding <s> to raw prompts as Gemma's does; the turn template."""
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<start_of_turn>",
-                                                                                        "<end_of_turn>"]),
-                                                bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                                pad_token="<pad>", chat_template=GEMMA_TURNS_TEMPLATE)
+def build_llama(folder: Path):
+    """Llama 3 style: grouped-query attention, Llama 3's RoPE scaling, its header chat template (BOS written by the
+    template, and added by the tokenizer to raw prompts)."""
+    tok = _llama_tokenizer(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], LLAMA3_TEMPLATE)
+    rope = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), head_dim=16, rms_norm_eps=1e-5, rope_parameters=rope,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=3, **TEXT_SHAPE)
+    return _text_folder(folder, transformers.LlamaForCausalLM, cfg, tok)
+
+
+def build_mistral(folder: Path):
+    """Mistral: a sliding window longer than the context, [INST] template."""
+    tok = _llama_tokenizer([], MISTRAL_TEMPLATE)
+    cfg = transformers.MistralConfig(vocab_size=len(tok), head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6,
+                                     sliding_window=512, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                                     **TEXT_SHAPE)
+    return _text_folder(folder, transformers.MistralForCausalLM, cfg, tok)
+
+
+def build_qwen2(folder: Path):
+    """Qwen2 / 2.5: q, k, v biases, tied embeddings (as the small ones), byte-level BPE without BOS, ChatML."""
+    tok = _byte_tokenizer(["<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
+                                   use_sliding_window=False, bos_token_id=None, eos_token_id=eos, pad_token_id=eos,
+                                   **TEXT_SHAPE)
+    return _text_folder(folder, transformers.Qwen2ForCausalLM, cfg, tok)
+
+
+def build_gemma(folder: Path):
+    """Gemma 1: 1 + weight norms, embeddings scaled by sqrt(width), GELU-gated MLP, tied, turn template."""
+    tok = _llama_tokenizer(["<start_of_turn>", "<end_of_turn>"], GEMMA_TEMPLATE)
+    cfg = transformers.GemmaConfig(vocab_size=len(tok), head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                                   hidden_activation="gelu_pytorch_tanh", bos_token_id=1, eos_token_id=2,
+                                   pad_token_id=3, **TEXT_SHAPE)
+    return _text_folder(folder, transformers.GemmaForCausalLM, cfg, tok)
+
+
+def build_phi(folder: Path):
+    """Phi-1.5 / Phi-2: parallel attention + MLP block, partial rotary (0.4, Phi-2's), biases and a biased head,
+    gelu_new; here with grouped-query heads and qk_layernorm on too (Phi's options), a byte-level tokenizer."""
+    tok = _byte_tokenizer(["<|user|>", "<|assistant|>", "<|end|>"], PHI3_TEMPLATE)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = transformers.PhiConfig(vocab_size=len(tok), hidden_act="gelu_new", layer_norm_eps=1e-5, qk_layernorm=True,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 0.4},
+                                 bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, **TEXT_SHAPE)
+    return _text_folder(folder, transformers.PhiForCausalLM, cfg, tok)
+
+
+def build_phi3(folder: Path):
+    """Phi-3: fused qkv_proj and gate_up_proj, partial rotary (0.75, Phi-4-mini's), a sliding window, its
+    <|user|> template; a Llama tokenizer adding BOS to raw prompts."""
+    tok = _llama_tokenizer(["<|user|>", "<|assistant|>", "<|end|>"], PHI3_TEMPLATE)
+    cfg = transformers.Phi3Config(vocab_size=len(tok), rms_norm_eps=1e-5, sliding_window=300,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.75},
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=3, **TEXT_SHAPE | {"hidden_size": 64})
+    return _text_folder(folder, transformers.Phi3ForCausalLM, cfg, tok)
 
 
 def build_gemma2_text(folder: Path):
     """Gemma 2 (Gemma2ForCausalLM): sandwich norms, attention and final-logit soft-capping (7 and 5: they bite on
-    a random model), query_pre_attn_scalar 24, a 5-token sliding window on every other layer. (model, tokenizer)."""
-    tok = _gemma_tokenizer()
+    a random model), query_pre_attn_scalar 24, a 5-token sliding window on every other layer."""
+    tok = _llama_tokenizer(["<start_of_turn>", "<end_of_turn>"], GEMMA_TEMPLATE)
     cfg = transformers.Gemma2Config(vocab_size=len(tok), attn_logit_softcapping=7.0, final_logit_softcapping=5.0,
                                     rope_parameters={"rope_type": "default", "rope_theta": 20000.0},
                                     **gemma_text_kwargs())
-    return _gemma_text_folder(folder, transformers.Gemma2ForCausalLM, cfg, tok)
+    return _text_folder(folder, transformers.Gemma2ForCausalLM, cfg, tok)
 
 
 def build_gemma3_text(folder: Path):
     """Gemma 3's text decoder (Gemma3ForCausalLM): QK-norm, a 5-token sliding window, rope_local_base_freq on the
     sliding layers and linear rope scaling on the full one, untied head, final-logit soft-capping 5 (the text-only
-    class applies it). (model, tokenizer)."""
-    tok = _gemma_tokenizer()
+    class applies it)."""
+    tok = _llama_tokenizer(["<start_of_turn>", "<end_of_turn>"], GEMMA_TEMPLATE)
     cfg = transformers.Gemma3TextConfig(vocab_size=len(tok), rope_parameters=GEMMA3_TEXT_ROPE,
                                         layer_types=GEMMA3_LAYERS, final_logit_softcapping=5.0,
                                         tie_word_embeddings=False, **gemma_text_kwargs())
-    return _gemma_text_folder(folder, transformers.Gemma3ForCausalLM, cfg, tok)
+    return _text_folder(folder, transformers.Gemma3ForCausalLM, cfg, tok)
+
+
+#: the text-only LM folders (the text family; tests/convert/test_hf_text.py and the conformance table run each)
+TEXT_FOLDERS = {"llama": build_llama, "mistral": build_mistral, "qwen2": build_qwen2, "gemma": build_gemma,
+                "phi": build_phi, "phi3": build_phi3, "gemma2_text": build_gemma2_text, "gemma3_text": build_gemma3_text}
 
 
 # ------------------------------------------------------------------------------------------------ the registry
@@ -1140,8 +1232,7 @@ BUILDERS = {
     "mistral3": build_mistral3,
     "pixtral_llava": build_pixtral_llava,
     "gemma3": build_gemma3,
-    "gemma2_text": build_gemma2_text,
-    "gemma3_text": build_gemma3_text,
+    **TEXT_FOLDERS,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
 BASES = {"idefics3_nosplit": ("idefics3",), "idefics2_nosplit": ("idefics2",)}

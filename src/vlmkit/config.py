@@ -211,6 +211,10 @@ class LanguageConfig:
     # rotary on only the first int(head_dim * rotary_fraction) dims of each head (partial_rotary_factor, 0.5)
     qk_norm: bool = False
     rotary_fraction: float = 1.0
+    # Phi-1.5 / Phi-2 (PhiForCausalLM): a parallel block, one norm feeding attention and MLP side by side
+    # (x + attn(norm(x)) + mlp(norm(x)); no post_attn_norm), and an LM head with a bias
+    parallel_block: bool = False
+    head_bias: bool = False
     # Gemma 2 / Gemma 3: sandwich norms (``post_norms``: a norm on the attention's and on the MLP's output before
     # each residual add, besides the pre-norms), tanh soft-capping of the attention scores (``attn_softcap``) and
     # of the final logits (``logit_softcap``), the attention scale attn_scalar ** -0.5 (query_pre_attn_scalar;
@@ -248,6 +252,12 @@ class LanguageConfig:
         return self.layer_types[i] if self.layer_types else "full"
 
     def _check_windows(self) -> None:
+        gemma = [k for k, v in (("post_norms", self.post_norms), ("layer_types", self.layer_types),
+                                ("attn_softcap", self.attn_softcap), ("attn_scalar", self.attn_scalar),
+                                ("local_rope_theta", self.local_rope_theta),
+                                ("qk_norm_kind", self.qk_norm_kind != "layernorm")) if v]
+        if self.parallel_block and gemma:
+            raise ConfigError(f"lm.parallel_block (Phi's block) takes none of Gemma's {', '.join(gemma)}")
         if self.qk_norm_kind not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"lm.qk_norm_kind {self.qk_norm_kind!r}; valid: layernorm, rmsnorm")
         bad = [t for t in self.layer_types if t not in ("full", "sliding")]

@@ -23,6 +23,7 @@ from vlmkit.convert.hf.mllama import mllama_config_to_hf
 from vlmkit.convert.hf.paligemma import paligemma_config_to_hf
 from vlmkit.convert.hf.qwen2_5_vl import qwen2_5_vl_config_to_hf
 from vlmkit.convert.hf.qwen2_vl import qwen2_vl_config_to_hf
+from vlmkit.convert.hf.text import text_config_to_hf
 from vlmkit.family import FAMILIES, family_of
 from vlmkit.models import build_model, count_parameters
 from vlmkit.presets import get_preset
@@ -63,6 +64,8 @@ def hf_config(preset) -> dict:
         return internvl_config_to_hf(cfg, 151667, 256)
     if cfg.family == "mistral3":
         return mistral3_config_to_hf(cfg, 10)
+    if cfg.family == "text":
+        return text_config_to_hf(cfg)
     if cfg.family == "gemma3":
         return gemma3_config_to_hf(cfg, 262144, 255999, 256000)
     raise AssertionError(cfg.family)
@@ -110,6 +113,10 @@ PRESETS = [
     ("idefics2-8b", None, 0),
     ("internvl3-1b", None, 0),
     ("mistral-small-3.1-24b", None, 0),
+    ("qwen2.5-0.5b", 494_032_768, 0),
+    ("llama-3.2-1b", 1_235_814_400, 0),
+    ("phi-2", 2_779_683_840, 0),
+    ("phi-3-mini-4k", 3_821_079_552, 0),
     ("gemma-3-4b-it", 4_300_079_472, 0),
 ]
 

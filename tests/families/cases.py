@@ -52,6 +52,14 @@ def mllama_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
     return processor(text=prompt, images=imgs or None, return_tensors="pt", **kwargs)
 
 
+def text_inputs(tokenizer, prompt: str, imgs: list, **kwargs) -> dict:
+    """A text LM's transformers side is its tokenizer: a raw prompt's ids (with the tokenizer's special tokens
+    unless ``add_special_tokens=False``)."""
+    assert not imgs, "a text-only LM reads no images"
+    enc = tokenizer(prompt, return_tensors="pt", **kwargs)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 def idefics_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
     """IdeficsProcessor takes a list of texts and images: the prompt's pieces with the images between them."""
     if "<image>" not in prompt:
@@ -107,6 +115,7 @@ class Case:
     hf_inputs: Callable = hf_inputs
     reference: Callable = lmms_eval_logprobs
     instruction_from_prompt: bool = False
+    images: bool = True  # False: a text-only LM (the text family), whose checks run without images
     # parameters no loss can reach, by name fragment, with the reason
     no_gradient: dict[str, str] = field(default_factory=dict)
 
@@ -185,14 +194,31 @@ HF_CASES = [
     Case("pixtral_llava", "mistral3", "pixtral_llava",
          prompts=(("[INST][IMG]What colour is the small circle?[/INST]", (0,)),
                   ("[INST]Compare [IMG] and [IMG]: how many squares?[/INST]", (3, 1)), ("the quick brown fox", ()))),
-    # Gemma 3: 9 tokens per image against a 5-token sliding window; prompts with BOS already, several images
+    # Gemma 3: 9 tokens per image against a 5-token sliding window, several images per prompt (the prompts holding
+    # BOS are test_a_prompt_already_holding_bos_gets_no_second_bos's)
     Case("gemma3", "gemma3", "gemma3",
          prompts=(("<start_of_turn>user\n<start_of_image>What colour is the small circle?<end_of_turn>\n"
                    "<start_of_turn>model\n", (0,)),
-                  ("<s>Compare <start_of_image> and <start_of_image>: how many squares?", (2, 3)),
-                  ("<s>the quick brown fox", ()),
+                  ("Compare <start_of_image> and <start_of_image>: how many squares?", (2, 3)),
+                  ("the quick brown fox", ()),
                   ("a <start_of_image> b <start_of_image> c <start_of_image>", (1, 4, 0)))),
 ]
+
+
+def text_rows() -> list[Case]:
+    """One row per text-only LM folder (tests/hf_folders.py's TEXT_FOLDERS; none without transformers)."""
+    import pytest
+
+    try:
+        from hf_folders import TEXT_FOLDERS
+    except pytest.skip.Exception:
+        return []
+    prompts = (("What colour is the small circle?", ()), ("the quick brown fox jumps over", ()),
+               ("Describe the image. A blue triangle", ()))
+    return [Case(name, "text", name, prompts=prompts, hf_inputs=text_inputs, images=False) for name in TEXT_FOLDERS]
+
+
+HF_CASES += text_rows()
 
 STAGE_ONE = "BLIP-2's stage-1 heads (ITC, ITM, ITG) train in the qformer stage, not through the LM"
 BLIP2_TEXT = "BLIP-2's Q-Former reads text only in stage 1; with the LM it reads the image alone"

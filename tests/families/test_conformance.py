@@ -155,8 +155,12 @@ def test_multi_turn_chat_is_the_reference_template_or_refused(pipes, case):
     A folder without a template (the tiny IDEFICS and SmolVLM ones) is refused by its family's layout, or laid out
     in vlmkit's template as a single question is."""
     pipe, _, hf_proc = pipes(case)
-    media = pipe.processor.prepare_images(images()[:1])
+    media = pipe.processor.prepare_images(images()[:1] if case.images else [])
     template = getattr(hf_proc, "chat_template", None)
+    if not case.images:  # a text LM: its tokenizer's template, with string contents
+        theirs = hf_proc.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert pipe.processor.chat(TURNS, media).ids == list(theirs["input_ids"])
+        return
     if case.single_turn:
         with pytest.raises(DataError, match=rf"this family \({pipe.family.name}\) answers one prompt"):
             pipe.processor.chat(TURNS, media)
@@ -231,9 +235,10 @@ def test_cached_generation_equals_uncached(pipes, case):
     assert greedy(pipe, requests, use_cache=True) == greedy(pipe, requests, use_cache=False)
 
 
-def samples(tmp_path, single_turn: bool) -> list[Sample]:
+def samples(tmp_path, single_turn: bool, with_images: bool = True) -> list[Sample]:
     """Four training samples of different lengths on images of different sizes (tiled and native-resolution
-    families give each its own number of tokens); one question each for families that train on one."""
+    families give each its own number of tokens); one question each for families that train on one; without
+    images for a text-only LM."""
     paths = []
     for i, im in enumerate(images()[:3]):
         paths.append(tmp_path / f"im{i}.png")
@@ -245,10 +250,11 @@ def samples(tmp_path, single_turn: bool) -> list[Sample]:
         pairs = qa[k:k + 1] if single_turn else qa[:k + 1]
         turns = []
         for j, (q, a) in enumerate(pairs):
-            turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
+            image = "<image>\n" if j == 0 and with_images else ""
+            turns += [{"from": "human", "value": image + q}, {"from": "gpt", "value": a}]
         convs.append(turns)
-    return [Sample(id=str(i), images=[paths[i % len(paths)]], conversations=c, source=f"sample {i}")
-            for i, c in enumerate(convs)]
+    return [Sample(id=str(i), images=[paths[i % len(paths)]] if with_images else [], conversations=c,
+                   source=f"sample {i}") for i, c in enumerate(convs)]
 
 
 def loss_and_grads(model, batch: Batch):
@@ -260,7 +266,7 @@ def loss_and_grads(model, batch: Batch):
 
 
 def training_items(case, pipe, tmp_path):
-    ds = ConversationDataset(samples(tmp_path, case.single_turn), pipe.processor)
+    ds = ConversationDataset(samples(tmp_path, case.single_turn, case.images), pipe.processor)
     return [ds[i] for i in range(len(ds))]
 
 

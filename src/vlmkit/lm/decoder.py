@@ -12,6 +12,8 @@ Gemma 2 and Gemma 3 are Gemma's block with sandwich norms (``post_norms``), the 
 sliding-window attention on the layers ``layer_types`` marks "sliding"; Gemma 3 adds an RMSNorm over each head's
 queries and keys (``qk_norm`` with ``qk_norm_kind`` rmsnorm) and a rotary table of its own for the sliding layers
 (``local_rope_theta``). Each layer takes its kind's mask and rotary table from :meth:`DecoderLM.attention_inputs`.
+Phi-1.5 / Phi-2 is Persimmon's kind with a parallel block (``parallel_block``: :class:`ParallelBlock`, one norm
+feeding attention and MLP side by side) and a biased LM head (``head_bias``).
 The model takes embeddings, not ids, so that fusion modules can splice images into the sequence.
 """
 
@@ -47,8 +49,8 @@ def rotary_embedding(cfg: LanguageConfig) -> RotaryEmbedding:
 class CappedLinear(nn.Linear):
     """An LM head whose logits are capped at +-cap through tanh (Gemma 2's final_logit_softcapping)."""
 
-    def __init__(self, width: int, vocab: int, cap: float):
-        super().__init__(width, vocab, bias=False)
+    def __init__(self, width: int, vocab: int, cap: float, bias: bool = False):
+        super().__init__(width, vocab, bias=bias)
         self.cap = cap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +97,25 @@ class DecoderBlock(nn.Module):
         return x + self.mlp_out_norm(self.mlp(self.post_attn_norm(x)))
 
 
+class ParallelBlock(nn.Module):
+    """Phi-1.5 / Phi-2's block (``parallel_block``): one norm feeding attention and the MLP side by side,
+    x + attn(norm(x)) + mlp(norm(x)). ``layer``: as DecoderBlock's (Phi has no per-layer kinds)."""
+
+    def __init__(self, cfg: LanguageConfig, layer: int = 0):
+        super().__init__()
+        self.input_norm = _norm(cfg)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias or cfg.bias,
+                              out_bias=cfg.bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
+        self.mlp = (MLP if cfg.mlp == "plain" else SwiGLU)(cfg.width, cfg.mlp_dim, act=cfg.act, bias=cfg.bias)
+
+    def residual_outputs(self) -> tuple[nn.Linear, ...]:
+        return self.attn.o_proj, self.mlp.output
+
+    def forward(self, x, mask, is_causal, rope, cache, layer):
+        h = self.input_norm(x)
+        return x + self.attn(h, mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer) + self.mlp(h)
+
+
 class DecoderLM(nn.Module):
     """Token embedding -> blocks -> final norm -> LM head."""
 
@@ -102,10 +123,11 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = (ScaledEmbedding if cfg.embed_scale else nn.Embedding)(cfg.vocab_size, cfg.width)
-        self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.depth))
+        block = ParallelBlock if cfg.parallel_block else DecoderBlock
+        self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.depth))
         self.norm = _norm(cfg)
-        self.lm_head = (nn.Linear(cfg.width, cfg.vocab_size, bias=False) if cfg.logit_softcap is None
-                        else CappedLinear(cfg.width, cfg.vocab_size, cfg.logit_softcap))
+        self.lm_head = (nn.Linear(cfg.width, cfg.vocab_size, bias=cfg.head_bias) if cfg.logit_softcap is None
+                        else CappedLinear(cfg.width, cfg.vocab_size, cfg.logit_softcap, cfg.head_bias))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.pos_embed == "learned":  # OPT: rows pos_offset .. pos_offset + max_seq_len - 1 are positions 0, 1, ...

@@ -95,7 +95,7 @@ def gemma_config_to_hf(cfg: LanguageConfig, hf_act: str, where: str) -> dict:
     problems = [f"{k} {v!r}" for k, v, ok in (("qk_norm_kind", cfg.qk_norm_kind, "rmsnorm" if cfg.qk_norm else
                                                 cfg.qk_norm_kind),
         ("norm_offset", cfg.norm_offset, True), ("embed_scale", cfg.embed_scale, True), ("qkv_bias", cfg.qkv_bias, False),
-        ("mrope_section", cfg.mrope_section, ())) if v != ok]
+        ("mrope_section", cfg.mrope_section, ()), ("head_bias", cfg.head_bias, False)) if v != ok]
     if kind == "gemma2":
         problems += [f"{k} {v!r}" for k, v, ok in (("local_rope_theta", cfg.local_rope_theta, None),
                                                     ("rope_scaling.kind", cfg.rope_scaling.kind, "")) if v != ok]

@@ -371,7 +371,9 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
         return _persimmon_config_to_hf(cfg, where)
     not_llama = [f"{k} {v!r}" for k, v, ok in (("mlp", cfg.mlp, "gated"), ("bias", cfg.bias, False),
                                                 ("qk_norm", cfg.qk_norm and not cfg.post_norms, False),
-                                                ("rotary_fraction", cfg.rotary_fraction, 1.0)) if v != ok]
+                                                ("rotary_fraction", cfg.rotary_fraction, 1.0),
+                                                ("parallel_block", cfg.parallel_block, False),
+                                                ("head_bias", cfg.head_bias, False)) if v != ok]
     if not_llama:
         raise ConfigError(f"{where}: {', '.join(not_llama)}: with RMSNorms no transformers family computes this LM "
                           f"(a plain-MLP / biased LM exports as OPT with pos_embed: learned, or as Persimmon with "
@@ -423,7 +425,8 @@ def _opt_config_to_hf(cfg: LanguageConfig, where: str) -> dict:
                                                  cfg.width // cfg.heads),
         ("norm_eps", cfg.norm_eps, 1e-5), ("qkv_bias", cfg.qkv_bias and not cfg.bias, False),
         ("embed_scale", cfg.embed_scale, False), ("norm_offset", cfg.norm_offset, False),
-        ("qk_norm", cfg.qk_norm, False))
+        ("qk_norm", cfg.qk_norm, False), ("parallel_block", cfg.parallel_block, False),
+        ("head_bias", cfg.head_bias, False))
         if v != ok]
     if cfg.act not in OPT_ACTS:
         problems.append(f"act {cfg.act!r} (exportable: {', '.join(OPT_ACTS)})")
@@ -444,8 +447,10 @@ def _persimmon_config_to_hf(cfg: LanguageConfig, where: str) -> dict:
         ("mlp", cfg.mlp, "plain"), ("bias", cfg.bias, True), ("kv_heads", cfg.kv_heads, cfg.heads),
         ("head_dim", cfg.head_dim or cfg.width // cfg.heads, cfg.width // cfg.heads),
         ("embed_scale", cfg.embed_scale, False), ("mrope_section", cfg.mrope_section, ()),
-        ("rope_scaling.kind", cfg.rope_scaling.kind, ""), ("qk_norm_kind", cfg.qk_norm_kind, "layernorm"),
-        ("post_norms", cfg.post_norms, False), ("layer_types", cfg.layer_types, ())) if v != ok]
+        ("rope_scaling.kind", cfg.rope_scaling.kind, ""), ("parallel_block", cfg.parallel_block, False),
+        ("head_bias", cfg.head_bias, False),
+        ("qk_norm_kind", cfg.qk_norm_kind, "layernorm"), ("post_norms", cfg.post_norms, False),
+        ("layer_types", cfg.layer_types, ())) if v != ok]
     if cfg.act not in HF_PERSIMMON_ACTS:
         problems.append(f"act {cfg.act!r} (exportable: {', '.join(HF_PERSIMMON_ACTS)})")
     if problems:
