@@ -198,3 +198,26 @@ def test_pan_and_scan_crops_ids_pixels_and_logits_equal_transformers(gemma3_fold
     convert_to_hf(tmp_path / "vlmkit", tmp_path / "hf")
     exported = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
     assert {k: exported[k] for k in settings} == settings
+
+
+def test_a_from_scratch_tiny_gemma3_exports_to_transformers(tmp_path):
+    """tiny-gemma3 built from scratch (its own BPE tokenizer, <image> as the image token) exports to a folder that
+    Gemma3ForConditionalGeneration and AutoProcessor load to the same ids, pixels and logits."""
+    from vlmkit.convert.hf.gemma3 import export_gemma3
+    from vlmkit.family import get_family
+    from vlmkit.presets import get_preset
+
+    preset, family = get_preset("tiny-gemma3"), get_family("gemma3")
+    tok = family.new_tokenizer(["what colour is the small circle? it is red.", "how many squares? two."] * 8, 320)
+    torch.manual_seed(0)
+    cfg, model, proc = family.new_model(preset.model, preset.processor, tok)
+    export_gemma3(model.eval(), cfg, proc, tmp_path)
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    hf_proc = transformers.AutoProcessor.from_pretrained(tmp_path)
+    imgs = real_images()[:2]
+    inputs = hf_proc(text="<start_of_image> and <start_of_image> how many squares?", images=imgs, return_tensors="pt")
+    media = proc.prepare_images(imgs)
+    torch.testing.assert_close(media.pixel_values, inputs["pixel_values"], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(model, inputs["input_ids"], media).logits, hf(**inputs).logits, rtol=0,
+                                   atol=1e-4)

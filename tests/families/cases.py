@@ -233,6 +233,7 @@ PRESET_CASES = [
     Case("tiny-mllama", "mllama", preset="tiny-mllama"),
     Case("tiny-fuyu", "fuyu", preset="tiny-fuyu"),
     Case("tiny-mistral3", "mistral3", preset="tiny-mistral3"),
+    Case("tiny-gemma3", "gemma3", preset="tiny-gemma3"),
 ]
 
 CASES = HF_CASES + PRESET_CASES

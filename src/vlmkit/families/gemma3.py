@@ -8,6 +8,8 @@ from vlmkit.convert.hf.gemma3 import export_gemma3, load_gemma3_folder
 from vlmkit.family import Capabilities, HFMapping, VLMFamily, register
 from vlmkit.models.gemma3 import Gemma3Config, build_gemma3
 from vlmkit.processing.gemma3 import Gemma3ImageProcessor, Gemma3Layout, Gemma3ProcessorConfig
+
+BOI, EOI = Gemma3ProcessorConfig.boi_token, Gemma3ProcessorConfig.eoi_token
 from vlmkit.processing.layouts import SegmentLayout
 
 
@@ -31,3 +33,9 @@ class Gemma3(VLMFamily):
 
     def layout(self, pcfg, tokenizer, files):
         return (SegmentLayout if pcfg.text_mode == "segments" else Gemma3Layout)(pcfg, tokenizer)
+
+    def new_tokenizer(self, texts, vocab_size):
+        """vlmkit's special tokens and the two that open and close an image."""
+        from vlmkit.processing.tokenizer import SPECIAL_TOKENS, TextTokenizer, train_bpe
+
+        return TextTokenizer(train_bpe(texts, vocab_size, [*SPECIAL_TOKENS, BOI, EOI]))

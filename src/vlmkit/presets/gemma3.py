@@ -28,3 +28,22 @@ def gemma_3_4b_it() -> Preset:
     proc = whole(Gemma3ProcessorConfig, image_size=(896, 896), resample="bilinear", max_length=131072,
                  eos_token="<eos>", bos_token="<bos>", pad_token="<pad>")
     return Preset(model, proc, source="google/gemma-3-4b-it")
+
+
+@PRESETS.register("tiny-gemma3", "from-scratch Gemma 3-style model (SigLIP-style ViT pooled to 16 tokens, Gemma 3 LM "
+                                 "with 16-token sliding windows) for ShapesWorld")
+def tiny_gemma3() -> Preset:
+    # ShapesWorld's 64x64 images: an 8x8 patch grid average-pooled 2x2 into 16 image tokens, which see each other both
+    # ways; three sliding layers of a 16-token window (shorter than an image and its question) and a full one. The LM
+    # is tiny-llava's scale; vlmkit's <image> is the image token and <start_of_image> / <end_of_image> close it
+    vision = VisionConfig(image_size=(64, 64), patch_size=8, width=64, depth=2, heads=2, mlp_dim=128, act="gelu_tanh",
+                          norm_eps=1e-6, class_token=False, post_norm=True, feature_layer=-1, drop_class_token=False)
+    lm = LanguageConfig(vocab_size=1024, width=128, depth=4, heads=4, kv_heads=2, head_dim=32, mlp_dim=256,
+                        act="gelu_tanh", max_seq_len=512, norm_offset=True, embed_scale=True, post_norms=True,
+                        qk_norm=True, qk_norm_kind="rmsnorm", attn_scalar=32.0, sliding_window=16,
+                        layer_types=gemma3_layers(4, 4), local_rope_theta=10000.0, rope_theta=1e6,
+                        tie_embeddings=False, head_init_std=0.25)
+    model = Gemma3Config(vision=vision, connector=GEMMA3_CONNECTOR, lm=lm, mm_tokens_per_image=16, image_token="<image>")
+    proc = Gemma3ProcessorConfig(image_size=(64, 64), image_token="<image>", resample="bilinear",
+                                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return Preset(model, proc, source="Gemma Team 2025, Gemma 3 (architecture only); tiny-llava's LM scale")
