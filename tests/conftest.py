@@ -212,6 +212,11 @@ def mistral3_folder(hf_folder):
 
 
 @pytest.fixture(scope="session")
+def gemma3_folder(hf_folder):
+    return hf_folder("gemma3")
+
+
+@pytest.fixture(scope="session")
 def clip_folders(hf_folder):
     """{"eos" | "legacy": (folder, model, processor)}: CLIP pooling at the end-of-text token, and at the highest id."""
     return {"eos": hf_folder("clip_eos"), "legacy": hf_folder("clip_legacy")}

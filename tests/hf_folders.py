@@ -1000,6 +1000,72 @@ def build_pixtral_llava(folder: Path):
     processor(image_processor=images, tokenizer=tok, patch_size=6, chat_template=MISTRAL3_TEMPLATE).save_pretrained(folder)
     return model, processor.from_pretrained(folder)
 
+# ------------------------------------------------------------------------------------------------ Gemma 3
+
+GEMMA3_SPECIAL = ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
+# google/gemma-3-*-it's chat template
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- else -%}"
+    "{{ raise_exception(\"Invalid content type\") }}{%- endif -%}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}")
+GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
+
+def gemma_text_kwargs(**extra) -> dict:
+    """A tiny Gemma 2 / 3 text decoder: grouped-query attention, a 5-token sliding window (prompts are longer),
+    query_pre_attn_scalar not head_dim, a large initializer (a 0.02 Gemma only repeats its last token)."""
+    return dict(hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256, sliding_window=5,
+                query_pre_attn_scalar=24, bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.2,
+                **extra)
+
+
+GEMMA3_TEXT_ROPE = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+GEMMA3_LAYERS = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+
+
+def build_gemma3(folder: Path):
+    """Gemma 3: SigLIP tower on 30-px images (a 6x6 grid pooled to 3x3 = 9 tokens per image, more than the 5-token
+    sliding window), Gemma 3 LM with linear rope scaling on its full layer, BOS-adding tokenizer naming boi / eoi /
+    image tokens, the released chat template."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(GEMMA3_SPECIAL),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                               pad_token="<pad>", extra_special_tokens=GEMMA3_TOKENS)
+    images = transformers.Gemma3ImageProcessorPil(size={"height": 30, "width": 30}, image_mean=[0.4, 0.5, 0.6],
+                                                  image_std=[0.2, 0.3, 0.25])
+    transformers.Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=GEMMA3_TEMPLATE,
+                                 image_seq_length=9).save_pretrained(folder)
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=30, patch_size=5, layer_norm_eps=1e-6,
+                                             vision_use_head=False)
+    text = transformers.Gemma3TextConfig(vocab_size=len(tok), rope_parameters=GEMMA3_TEXT_ROPE,
+                                         layer_types=GEMMA3_LAYERS, **gemma_text_kwargs())
+    ids = tok.convert_tokens_to_ids(GEMMA3_SPECIAL[:3])
+    cfg = transformers.Gemma3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), mm_tokens_per_image=9,
+                                    boi_token_index=ids[0], eoi_token_index=ids[1], image_token_index=ids[2])
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    with torch.no_grad():  # transformers initialises the projection at zero: the images would not count
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
 # ------------------------------------------------------------------------------------------------ text-only LMs
 
 # chat templates of the released instruct models' kinds (their layouts, without tool and date preambles); contents
@@ -1113,9 +1179,30 @@ def build_phi3(folder: Path):
     return _text_folder(folder, transformers.Phi3ForCausalLM, cfg, tok)
 
 
+def build_gemma2_text(folder: Path):
+    """Gemma 2 (Gemma2ForCausalLM): sandwich norms, attention and final-logit soft-capping (7 and 5: they bite on
+    a random model), query_pre_attn_scalar 24, a 5-token sliding window on every other layer."""
+    tok = _llama_tokenizer(["<start_of_turn>", "<end_of_turn>"], GEMMA_TEMPLATE)
+    cfg = transformers.Gemma2Config(vocab_size=len(tok), attn_logit_softcapping=7.0, final_logit_softcapping=5.0,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 20000.0},
+                                    **gemma_text_kwargs())
+    return _text_folder(folder, transformers.Gemma2ForCausalLM, cfg, tok)
+
+
+def build_gemma3_text(folder: Path):
+    """Gemma 3's text decoder (Gemma3ForCausalLM): QK-norm, a 5-token sliding window, rope_local_base_freq on the
+    sliding layers and linear rope scaling on the full one, untied head, final-logit soft-capping 5 (the text-only
+    class applies it)."""
+    tok = _llama_tokenizer(["<start_of_turn>", "<end_of_turn>"], GEMMA_TEMPLATE)
+    cfg = transformers.Gemma3TextConfig(vocab_size=len(tok), rope_parameters=GEMMA3_TEXT_ROPE,
+                                        layer_types=GEMMA3_LAYERS, final_logit_softcapping=5.0,
+                                        tie_word_embeddings=False, **gemma_text_kwargs())
+    return _text_folder(folder, transformers.Gemma3ForCausalLM, cfg, tok)
+
+
 #: the text-only LM folders (the text family; tests/convert/test_hf_text.py and the conformance table run each)
 TEXT_FOLDERS = {"llama": build_llama, "mistral": build_mistral, "qwen2": build_qwen2, "gemma": build_gemma,
-                "phi": build_phi, "phi3": build_phi3}
+                "phi": build_phi, "phi3": build_phi3, "gemma2_text": build_gemma2_text, "gemma3_text": build_gemma3_text}
 
 
 # ------------------------------------------------------------------------------------------------ the registry
@@ -1144,6 +1231,7 @@ BUILDERS = {
     "internvl": build_internvl,
     "mistral3": build_mistral3,
     "pixtral_llava": build_pixtral_llava,
+    "gemma3": build_gemma3,
     **TEXT_FOLDERS,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder

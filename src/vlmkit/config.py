@@ -155,16 +155,18 @@ class RopeScalingConfig:
     exceeds ``original_max_len / low_freq_factor`` are divided by ``factor``, those shorter than
     ``original_max_len / high_freq_factor`` kept, and those between interpolated. ``kind`` "": none."""
 
-    kind: str = ""  # "" | llama3
+    kind: str = ""  # "" | llama3 | linear (Gemma 3's global layers: every frequency divided by factor)
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_len: int = 8192
 
     def __post_init__(self):
-        if self.kind not in ("", "llama3"):
-            raise ConfigError(f"lm.rope_scaling.kind {self.kind!r}; valid: '' (none), llama3")
-        if self.kind and not (self.factor > 0 and self.high_freq_factor > self.low_freq_factor > 0
+        if self.kind not in ("", "llama3", "linear"):
+            raise ConfigError(f"lm.rope_scaling.kind {self.kind!r}; valid: '' (none), llama3, linear")
+        if self.kind == "linear" and not self.factor > 0:
+            raise ConfigError(f"lm.rope_scaling.factor {self.factor}: linear scaling needs a factor > 0")
+        if self.kind == "llama3" and not (self.factor > 0 and self.high_freq_factor > self.low_freq_factor > 0
                               and self.original_max_len > 0):
             raise ConfigError(f"lm.rope_scaling: factor {self.factor} > 0, high_freq_factor {self.high_freq_factor} > "
                               f"low_freq_factor {self.low_freq_factor} > 0 and original_max_len "
@@ -213,6 +215,22 @@ class LanguageConfig:
     # (x + attn(norm(x)) + mlp(norm(x)); no post_attn_norm), and an LM head with a bias
     parallel_block: bool = False
     head_bias: bool = False
+    # Gemma 2 / Gemma 3: sandwich norms (``post_norms``: a norm on the attention's and on the MLP's output before
+    # each residual add, besides the pre-norms), tanh soft-capping of the attention scores (``attn_softcap``) and
+    # of the final logits (``logit_softcap``), the attention scale attn_scalar ** -0.5 (query_pre_attn_scalar;
+    # None = head_dim), sliding-window attention over the last ``sliding_window`` positions on the layers that
+    # ``layer_types`` marks "sliding" (the others "full"; () = every layer full) and, Gemma 3, a rotary theta of
+    # their own on the sliding layers (``local_rope_theta``, rope_local_base_freq; None = rope_theta; rope_scaling
+    # then applies to the full layers only). Gemma 3's QK-norm is ``qk_norm`` with qk_norm_kind: rmsnorm (an RMSNorm
+    # over each head's queries and keys, 1 + weight with norm_offset; Persimmon's is a layernorm).
+    post_norms: bool = False
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
+    attn_scalar: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None
+    qk_norm_kind: str = "layernorm"  # layernorm | rmsnorm
 
     def __post_init__(self):
         for name, valid in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("gated", "plain")),
@@ -227,6 +245,33 @@ class LanguageConfig:
             raise ConfigError("lm.mrope_section is multimodal RoPE; it needs lm.pos_embed: rope")
         if self.norm == "layernorm" and self.norm_offset:
             raise ConfigError("lm.norm_offset (Gemma's 1 + weight) is an RMSNorm variant; lm.norm is layernorm")
+        self._check_windows()
+
+    def layer_kind(self, i: int) -> str:
+        """The attention of layer ``i``: "sliding" or "full"."""
+        return self.layer_types[i] if self.layer_types else "full"
+
+    def _check_windows(self) -> None:
+        gemma = [k for k, v in (("post_norms", self.post_norms), ("layer_types", self.layer_types),
+                                ("attn_softcap", self.attn_softcap), ("attn_scalar", self.attn_scalar),
+                                ("local_rope_theta", self.local_rope_theta),
+                                ("qk_norm_kind", self.qk_norm_kind != "layernorm")) if v]
+        if self.parallel_block and gemma:
+            raise ConfigError(f"lm.parallel_block (Phi's block) takes none of Gemma's {', '.join(gemma)}")
+        if self.qk_norm_kind not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"lm.qk_norm_kind {self.qk_norm_kind!r}; valid: layernorm, rmsnorm")
+        bad = [t for t in self.layer_types if t not in ("full", "sliding")]
+        if bad or (self.layer_types and len(self.layer_types) != self.depth):
+            raise ConfigError(f"lm.layer_types {list(self.layer_types)}: one of full, sliding per layer "
+                              f"({self.depth} layers), or [] (every layer full)")
+        if "sliding" in self.layer_types and not (self.sliding_window or 0) > 0:
+            raise ConfigError(f"lm.sliding_window {self.sliding_window}: sliding layers need a window > 0")
+        for name in ("attn_softcap", "logit_softcap", "attn_scalar", "local_rope_theta"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"lm.{name} {getattr(self, name)}: a positive number, or null (none)")
+        if self.local_rope_theta is not None and (self.pos_embed != "rope" or self.mrope_section):
+            raise ConfigError("lm.local_rope_theta (a second rotary table) needs lm.pos_embed: rope without "
+                              "mrope_section")
 
     @property
     def rotary_dim(self) -> int:

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 FOLDERS = {"llava": "llava_folder", "llava_next": "next_folder", "llava_onevision": "ov_folder",
            "qwen2_vl": "qwen_folder", "idefics3": "idefics3", "qwen2_5_vl": "qwen25_folder", "idefics2": "idefics2", "internvl": "internvl_folder",
-           "mistral3": "mistral3_folder"}
+           "mistral3": "mistral3_folder", "gemma3": "gemma3_folder"}
 CONVERSATION = [{"from": "human", "value": "<image>\nWhat colour is the small circle?"},
                 {"from": "gpt", "value": "It is red."},
                 {"from": "human", "value": "And how many squares?"}, {"from": "gpt", "value": "Two squares."}]

@@ -11,6 +11,7 @@ import torch
 from vlmkit.convert.hf.blip2 import blip2_config_to_hf
 from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
 from vlmkit.convert.hf.fuyu import fuyu_config_to_hf
+from vlmkit.convert.hf.gemma3 import gemma3_config_to_hf
 from vlmkit.convert.hf.idefics import idefics_config_to_hf
 from vlmkit.convert.hf.idefics2 import idefics2_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
@@ -65,6 +66,8 @@ def hf_config(preset) -> dict:
         return mistral3_config_to_hf(cfg, 10)
     if cfg.family == "text":
         return text_config_to_hf(cfg)
+    if cfg.family == "gemma3":
+        return gemma3_config_to_hf(cfg, 262144, 255999, 256000)
     raise AssertionError(cfg.family)
 
 
@@ -114,6 +117,7 @@ PRESETS = [
     ("llama-3.2-1b", 1_235_814_400, 0),
     ("phi-2", 2_779_683_840, 0),
     ("phi-3-mini-4k", 3_821_079_552, 0),
+    ("gemma-3-4b-it", 4_300_079_472, 0),
 ]
 
 

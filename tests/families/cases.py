@@ -194,6 +194,14 @@ HF_CASES = [
     Case("pixtral_llava", "mistral3", "pixtral_llava",
          prompts=(("[INST][IMG]What colour is the small circle?[/INST]", (0,)),
                   ("[INST]Compare [IMG] and [IMG]: how many squares?[/INST]", (3, 1)), ("the quick brown fox", ()))),
+    # Gemma 3: 9 tokens per image against a 5-token sliding window, several images per prompt (the prompts holding
+    # BOS are test_a_prompt_already_holding_bos_gets_no_second_bos's)
+    Case("gemma3", "gemma3", "gemma3",
+         prompts=(("<start_of_turn>user\n<start_of_image>What colour is the small circle?<end_of_turn>\n"
+                   "<start_of_turn>model\n", (0,)),
+                  ("Compare <start_of_image> and <start_of_image>: how many squares?", (2, 3)),
+                  ("the quick brown fox", ()),
+                  ("a <start_of_image> b <start_of_image> c <start_of_image>", (1, 4, 0)))),
 ]
 
 
@@ -225,6 +233,7 @@ PRESET_CASES = [
     Case("tiny-mllama", "mllama", preset="tiny-mllama"),
     Case("tiny-fuyu", "fuyu", preset="tiny-fuyu"),
     Case("tiny-mistral3", "mistral3", preset="tiny-mistral3"),
+    Case("tiny-gemma3", "gemma3", preset="tiny-gemma3"),
 ]
 
 CASES = HF_CASES + PRESET_CASES

@@ -7,6 +7,11 @@ ReLU MLP (``mlp: plain``), biases everywhere (``bias``) and learned absolute pos
 (``pos_embed: learned``, its table offset by ``pos_offset`` = 2 rows as OPT's).
 Persimmon (Fuyu's LM) is OPT's block with rotary positions, a squared-ReLU MLP (``act: relu2``), a LayerNorm over
 each head's queries and keys (``qk_norm``) and rotary on part of each head (``rotary_fraction``).
+Gemma 2 and Gemma 3 are Gemma's block with sandwich norms (``post_norms``), the attention scale
+``attn_scalar`` ** -0.5, soft-capped attention scores and logits (``attn_softcap``, ``logit_softcap``: Gemma 2) and
+sliding-window attention on the layers ``layer_types`` marks "sliding"; Gemma 3 adds an RMSNorm over each head's
+queries and keys (``qk_norm`` with ``qk_norm_kind`` rmsnorm) and a rotary table of its own for the sliding layers
+(``local_rope_theta``). Each layer takes its kind's mask and rotary table from :meth:`DecoderLM.attention_inputs`.
 Phi-1.5 / Phi-2 is Persimmon's kind with a parallel block (``parallel_block``: :class:`ParallelBlock`, one norm
 feeding attention and MLP side by side) and a biased LM head (``head_bias``).
 The model takes embeddings, not ids, so that fusion modules can splice images into the sequence.
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import LanguageConfig
-from vlmkit.nn import MLP, Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask
+from vlmkit.nn import MLP, Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask, sliding_window
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -41,30 +46,62 @@ def rotary_embedding(cfg: LanguageConfig) -> RotaryEmbedding:
     return RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, cfg.rope_scaling)
 
 
+class CappedLinear(nn.Linear):
+    """An LM head whose logits are capped at +-cap through tanh (Gemma 2's final_logit_softcapping)."""
+
+    def __init__(self, width: int, vocab: int, cap: float, bias: bool = False):
+        super().__init__(width, vocab, bias=bias)
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(x) / self.cap) * self.cap
+
+
+def local_rotary_embedding(cfg: LanguageConfig) -> RotaryEmbedding | None:
+    """The sliding layers' own rotary table (Gemma 3's rope_local_base_freq, unscaled), or None."""
+    if cfg.local_rope_theta is None:
+        return None
+    return RotaryEmbedding(cfg.rotary_dim, cfg.local_rope_theta)
+
+
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: LanguageConfig):
+    """Pre-norm attention and MLP; with ``post_norms`` (Gemma 2 / 3) each output is normed again before its
+    residual add (``attn_out_norm``, ``mlp_out_norm``; ``post_attn_norm`` is the MLP's pre-norm). Layer
+    ``layer``'s kind (cfg.layer_kind) picks its mask and rotary table when they come per kind (dicts)."""
+
+    def __init__(self, cfg: LanguageConfig, layer: int = 0):
         super().__init__()
+        self.kind = cfg.layer_kind(layer)
         self.input_norm = _norm(cfg)
         self.attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias or cfg.bias,
-                              out_bias=cfg.bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
+                              out_bias=cfg.bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                              qk_norm_kind=cfg.qk_norm_kind,
+                              norm_offset=cfg.norm_offset,
+                              scale=cfg.attn_scalar ** -0.5 if cfg.attn_scalar is not None else None,
+                              softcap=cfg.attn_softcap)
         self.post_attn_norm = _norm(cfg)
         mlp = MLP if cfg.mlp == "plain" else SwiGLU
         self.mlp = mlp(cfg.width, cfg.mlp_dim, act=cfg.act, bias=cfg.bias)
+        self.attn_out_norm = _norm(cfg) if cfg.post_norms else nn.Identity()
+        self.mlp_out_norm = _norm(cfg) if cfg.post_norms else nn.Identity()
 
     def residual_outputs(self) -> tuple[nn.Linear, ...]:
         """The projections that write into the residual stream (scaled by depth at a from-scratch init)."""
         return self.attn.o_proj, self.mlp.output
 
     def forward(self, x, mask, is_causal, rope, cache, layer):
-        x = x + self.attn(self.input_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
-        return x + self.mlp(self.post_attn_norm(x))
+        mask = mask[self.kind] if isinstance(mask, dict) else mask
+        rope = rope[self.kind] if isinstance(rope, dict) else rope
+        h = self.attn(self.input_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
+        x = x + self.attn_out_norm(h)
+        return x + self.mlp_out_norm(self.mlp(self.post_attn_norm(x)))
 
 
 class ParallelBlock(nn.Module):
     """Phi-1.5 / Phi-2's block (``parallel_block``): one norm feeding attention and the MLP side by side,
-    x + attn(norm(x)) + mlp(norm(x))."""
+    x + attn(norm(x)) + mlp(norm(x)). ``layer``: as DecoderBlock's (Phi has no per-layer kinds)."""
 
-    def __init__(self, cfg: LanguageConfig):
+    def __init__(self, cfg: LanguageConfig, layer: int = 0):
         super().__init__()
         self.input_norm = _norm(cfg)
         self.attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias or cfg.bias,
@@ -87,9 +124,10 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = (ScaledEmbedding if cfg.embed_scale else nn.Embedding)(cfg.vocab_size, cfg.width)
         block = ParallelBlock if cfg.parallel_block else DecoderBlock
-        self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.depth))
+        self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.depth))
         self.norm = _norm(cfg)
-        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=cfg.head_bias)
+        self.lm_head = (nn.Linear(cfg.width, cfg.vocab_size, bias=cfg.head_bias) if cfg.logit_softcap is None
+                        else CappedLinear(cfg.width, cfg.vocab_size, cfg.logit_softcap, cfg.head_bias))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.pos_embed == "learned":  # OPT: rows pos_offset .. pos_offset + max_seq_len - 1 are positions 0, 1, ...
@@ -98,6 +136,7 @@ class DecoderLM(nn.Module):
         else:
             self.embed_positions = None
             self.rotary = rotary_embedding(cfg)
+        self.rotary_local = local_rotary_embedding(cfg)
 
     @property
     def head_dim(self) -> int:
@@ -138,15 +177,24 @@ class DecoderLM(nn.Module):
         """(mask, is_causal, rotary cos/sin) every layer of a forward takes: positions from the padding mask
         (or counted from the cache offset), and the causal fast path when nothing needs a mask. Wrappers that
         interleave their own blocks with the layers (fusion/cross_attention.py) start from the same. An LM with
-        learned positions has no rotary (None); :meth:`forward` adds its positions to the input."""
+        learned positions has no rotary (None); :meth:`forward` adds its positions to the input. An LM with
+        sliding layers gets its masks per layer kind ({"full": ..., "sliding": ...}), and one with a local rotary
+        table its rotary pairs the same way: each block picks its own."""
         T = embeds.shape[1]
         offset = cache.length if cache is not None else 0
         is_causal = mask is None and attention_mask is None and offset == 0
         if mask is None and not is_causal:
             mask = causal_mask(T, attention_mask, offset, device=embeds.device)
+        positions = self.positions(embeds, position_ids, attention_mask, cache)
+        if "sliding" in self.cfg.layer_types:  # sliding layers: the same pattern within the window
+            base = mask if mask is not None else causal_mask(T, None, offset, device=embeds.device)
+            mask = {"full": mask, "sliding": sliding_window(base, self.cfg.sliding_window, positions)}
         if self.rotary is None:
             return mask, is_causal, None
-        return mask, is_causal, self.rotary(self.positions(embeds, position_ids, attention_mask, cache), embeds.dtype)
+        rope = self.rotary(positions, embeds.dtype)
+        if self.rotary_local is not None:
+            rope = {"full": rope, "sliding": self.rotary_local(positions, embeds.dtype)}
+        return mask, is_causal, rope
 
     @staticmethod
     def positions(embeds: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.nn.cache import KVCache
+from vlmkit.nn.norm import RMSNorm
 from vlmkit.nn.rope import apply_rope
 
 
@@ -18,10 +19,15 @@ class Attention(nn.Module):
     """Self-attention with optional grouped-query heads, rotary embeddings and a KV cache.
 
     ``qk_norm`` adds a LayerNorm (with bias, eps ``norm_eps``) over each head's queries and keys, applied
-    before the rotary embedding (Persimmon's ``qk_layernorm``; one norm shared by all heads)."""
+    before the rotary embedding (Persimmon's ``qk_layernorm``; one norm shared by all heads); with
+    ``qk_norm_kind`` "rmsnorm" an RMSNorm instead (Gemma 3's, scaled by 1 + weight with ``norm_offset``).
+    ``scale`` replaces 1 / sqrt(head_dim) (Gemma's query_pre_attn_scalar ** -0.5); ``softcap`` caps the scores
+    at +-softcap through tanh before the softmax (Gemma 2's attn_logit_softcapping), which SDPA cannot."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None,
-                 qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-5):
+                 qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-5,
+                 qk_norm_kind: str = "layernorm", norm_offset: bool = False, scale: float | None = None,
+                 softcap: float | None = None):
         super().__init__()
         self.heads = heads
         self.kv_heads = kv_heads or heads
@@ -32,8 +38,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=out_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        if qk_norm_kind not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"qk_norm_kind {qk_norm_kind!r}; valid: layernorm, rmsnorm")
+
+        def qk():
+            if qk_norm_kind == "rmsnorm":
+                return RMSNorm(self.head_dim, norm_eps, norm_offset)
+            return nn.LayerNorm(self.head_dim, eps=norm_eps)
+
+        self.q_norm = qk() if qk_norm else None
+        self.k_norm = qk() if qk_norm else None
+        self.scale, self.softcap = scale, softcap
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
@@ -52,5 +67,23 @@ class Attention(nn.Module):
             rep = self.heads // self.kv_heads
             k = k.repeat_interleave(rep, dim=1)  # [B, H, Tk, hd]
             v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        if self.softcap is not None:
+            out = softcapped_attention(q, k, v, mask, is_causal and mask is None, self.scale, self.softcap)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                                 scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         is_causal: bool, scale: float | None, softcap: float) -> torch.Tensor:
+    """Attention whose scores are capped, softcap * tanh(scores / softcap), before the mask and the softmax (fp32),
+    as transformers' Gemma 2 eager attention. q [B, H, Tq, hd], k and v [B, H, Tk, hd]."""
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and is_causal:
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v

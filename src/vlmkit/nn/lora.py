@@ -173,7 +173,10 @@ def _linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:
                     refused[_join(name, child)] = ("it belongs to an nn.MultiheadAttention, which reads its "
                                                    "weight directly instead of calling it")
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name not in refused:
+        if isinstance(mod, nn.Linear) and type(mod).forward is not nn.Linear.forward:
+            refused[name] = ("its forward is more than a linear map (a soft-capped LM head): an adapter added "
+                             "after it would not pass through the rest")
+        elif isinstance(mod, nn.Linear) and name not in refused:
             ok[name] = mod
     # a Linear whose weight another module also holds (a head tied to the token embedding): merging would
     # change the other module too

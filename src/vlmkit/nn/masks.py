@@ -5,6 +5,8 @@
   share a prefix see the prefix and themselves);
 - :func:`with_prompt`: any of these with the prompt tokens of each row (or sample) attending to each other both
   ways: the prefix-LM pattern (PaliGemma);
+- :func:`sliding_window`: any of these restricted to the keys within a window before each query (Gemma 2 / 3's
+  sliding layers);
 - :func:`document_starts`, :func:`per_document_cumsum`: helpers over ``document_ids``.
 
 In every mask a query row that is padding keeps its own diagonal, so that no row is fully masked (SDPA would return
@@ -63,6 +65,23 @@ def with_prompt(mask: torch.Tensor, prompt_mask: torch.Tensor, document_ids: tor
     return mask | both[:, None]
 
 
+def sliding_window(mask: torch.Tensor, window: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """``mask`` [B or 1, 1, Tq, Tk] minus the keys ``window`` or more positions before their query: a key k stays
+    where k > q - window (transformers' ``sliding_window_overlay``, ANDed after any bidirectional block, so keys
+    after the query stay as ``mask`` has them).
+
+    Distances are counted in the columns of the mask (its queries being its last Tq columns, after a cache), or,
+    when the queries are the keys (no cache), in ``positions`` [B, T] if given: the same within a left-padded row
+    or a packed sample, and right for questions grouped after a shared prefix, which continue its positions."""
+    Tq, Tk = mask.shape[-2:]
+    if positions is not None and positions.ndim == 2 and Tq == Tk:
+        q, k = positions[:, None, :, None], positions[:, None, None, :]
+    else:
+        q = torch.arange(Tk - Tq, Tk, device=mask.device)[:, None]
+        k = torch.arange(Tk, device=mask.device)[None, :]
+    return mask & (k > q - window)
+
+
 def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
     """[B, T] booleans: the first token of each document of a packed batch."""
     prev = torch.nn.functional.pad(document_ids, (1, 0), value=-1)[:, :-1]
@@ -77,4 +96,4 @@ def per_document_cumsum(x: torch.Tensor, document_ids: torch.Tensor) -> torch.Te
     return total - before.cummax(-1).values
 
 
-__all__ = ["causal_mask", "document_mask", "document_starts", "per_document_cumsum", "with_prompt"]
+__all__ = ["causal_mask", "document_mask", "document_starts", "per_document_cumsum", "sliding_window", "with_prompt"]

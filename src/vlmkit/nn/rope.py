@@ -14,7 +14,8 @@ class RotaryEmbedding(nn.Module):
     section i rotating with axis i % 3. [B, T] ids then mean the same id on all three axes (plain RoPE)."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0, mrope_section: tuple[int, ...] = (), scaling=None):
-        """``scaling``: a :class:`~vlmkit.config.RopeScalingConfig` (Llama 3's frequency scaling) or None."""
+        """``scaling``: a :class:`~vlmkit.config.RopeScalingConfig` (Llama 3's frequency scaling, or linear) or
+        None."""
         super().__init__()
         if mrope_section and sum(mrope_section) != head_dim // 2:
             raise ValueError(f"mrope_section {tuple(mrope_section)} must sum to head_dim / 2 = {head_dim // 2}")
@@ -23,6 +24,8 @@ class RotaryEmbedding(nn.Module):
         if scaling is not None and scaling.kind == "llama3":
             inv_freq = llama3_inv_freq(inv_freq, scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
                                        scaling.original_max_len)
+        elif scaling is not None and scaling.kind == "linear":  # transformers' "linear" (Gemma 3's full layers)
+            inv_freq = inv_freq / scaling.factor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype=torch.float32):

@@ -10,6 +10,9 @@ Persimmon (Fuyu's LM) is read as ``norm: layernorm``, ``mlp: plain``, ``bias`` w
 projection, split into q, k and v on import (:func:`split_fused_qkv`) and fused again on export
 (:func:`fuse_qkv`). Which family a LanguageConfig is: :func:`is_opt` (learned positions), :func:`is_persimmon`
 (rotary with LayerNorms), else Llama's.
+
+Gemma 2 and Gemma 3's text decoder (``gemma2``, ``gemma3_text``) are Gemma's with the fields that
+:mod:`vlmkit.convert.hf.gemma_lm` reads and writes (sandwich norms, sliding layers, soft-capping, QK-norm...).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import LanguageConfig, RopeScalingConfig
+from vlmkit.convert.hf.gemma_lm import GEMMA_CLASSES, gemma_config_to_hf, gemma_fields
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.lm.decoder import DecoderLM, rotary_embedding
+from vlmkit.lm.decoder import DecoderLM, local_rotary_embedding, rotary_embedding
 
-LM_TYPES = ("llama", "qwen2", "mistral", "gemma", "opt", "persimmon")
+LM_TYPES = ("llama", "qwen2", "mistral", "gemma", "opt", "persimmon", "gemma2", "gemma3_text")
 LM_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 OPT_ACTS = {"relu": "relu", "gelu": "gelu"}
 OPT_POS_OFFSET = 2  # OPTLearnedPositionalEmbedding: position p is row p + 2
@@ -93,6 +97,9 @@ def lm_config_from_hf(cfg: dict, where: str = "config.json") -> LanguageConfig:
         return _opt_config_from_hf(cfg, where)
     if kind == "persimmon":
         return _persimmon_config_from_hf(cfg, where)
+    if kind in GEMMA_CLASSES:
+        base, extra = gemma_fields(cfg, where)
+        return dataclasses.replace(lm_config_from_hf(base, where), **extra)
     try:
         width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")  # Gemma 1 writes both
@@ -298,7 +305,15 @@ def lm_key_map(cfg: LanguageConfig, prefix: str = "model.", head: str = "lm_head
     for i in range(cfg.depth):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
         table[ours + "input_norm.weight"] = theirs + "input_layernorm.weight"
-        table[ours + "post_attn_norm.weight"] = theirs + "post_attention_layernorm.weight"
+        if cfg.post_norms:  # Gemma 2 / 3: post_attention_layernorm norms the attention's output
+            table[ours + "attn_out_norm.weight"] = theirs + "post_attention_layernorm.weight"
+            table[ours + "post_attn_norm.weight"] = theirs + "pre_feedforward_layernorm.weight"
+            table[ours + "mlp_out_norm.weight"] = theirs + "post_feedforward_layernorm.weight"
+        else:
+            table[ours + "post_attn_norm.weight"] = theirs + "post_attention_layernorm.weight"
+        if cfg.qk_norm:  # Gemma 3: an RMSNorm over each head's queries and keys
+            table[ours + "attn.q_norm.weight"] = theirs + "self_attn.q_norm.weight"
+            table[ours + "attn.k_norm.weight"] = theirs + "self_attn.k_norm.weight"
         for p in ("q", "k", "v", "o"):
             table[f"{ours}attn.{p}_proj.weight"] = f"{theirs}self_attn.{p}_proj.weight"
             if cfg.qkv_bias and p != "o":
@@ -328,6 +343,7 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
     lm = lm.to_empty(device="cpu")
     if lm.rotary is not None:  # buffers are not weights: rebuild
         lm.rotary = rotary_embedding(cfg)
+    lm.rotary_local = local_rotary_embedding(cfg)
     if cfg.tie_embeddings:
         lm.lm_head.weight = lm.embed_tokens.weight
     # a tied checkpoint may still carry lm_head.weight (a copy of the embeddings): not an error
@@ -342,7 +358,7 @@ def load_hf_lm(folder: str | Path) -> DecoderLM:
 HF_ACTS = {v: k for k, v in LM_ACTS.items()}
 HF_PERSIMMON_ACTS = {v: k for k, v in PERSIMMON_ACTS.items()}
 LM_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
-              "opt": "OPTForCausalLM", "persimmon": "PersimmonForCausalLM"}
+              "opt": "OPTForCausalLM", "persimmon": "PersimmonForCausalLM", **GEMMA_CLASSES}
 
 
 def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
@@ -354,7 +370,7 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
     if is_persimmon(cfg):
         return _persimmon_config_to_hf(cfg, where)
     not_llama = [f"{k} {v!r}" for k, v, ok in (("mlp", cfg.mlp, "gated"), ("bias", cfg.bias, False),
-                                                ("qk_norm", cfg.qk_norm, False),
+                                                ("qk_norm", cfg.qk_norm and not cfg.post_norms, False),
                                                 ("rotary_fraction", cfg.rotary_fraction, 1.0),
                                                 ("parallel_block", cfg.parallel_block, False),
                                                 ("head_bias", cfg.head_bias, False)) if v != ok]
@@ -367,6 +383,14 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
                           f"is no transformers family")
     if cfg.act not in HF_ACTS:
         raise ConfigError(f"{where}.act {cfg.act!r} has no transformers name; exportable: {', '.join(HF_ACTS)}")
+    if cfg.post_norms:
+        return gemma_config_to_hf(cfg, HF_ACTS[cfg.act], where)
+    gemma2 = [f"{k} {v!r}" for k, v in (("attn_softcap", cfg.attn_softcap), ("logit_softcap", cfg.logit_softcap),
+                                         ("attn_scalar", cfg.attn_scalar), ("local_rope_theta", cfg.local_rope_theta),
+                                         ("layer_types", cfg.layer_types or None)) if v is not None]
+    if gemma2 or cfg.rope_scaling.kind == "linear":
+        raise ConfigError(f"{where}: {', '.join(gemma2 or ['rope_scaling.kind linear'])}: only Gemma 2 / 3 "
+                          f"express these (with post_norms: true, norm_offset and embed_scale)")
     kind = "gemma" if cfg.norm_offset else "qwen2" if cfg.qkv_bias else "llama"
     if kind == "gemma" and cfg.qkv_bias:
         raise ConfigError(f"{where}: Gemma has no attention biases (qkv_bias: true)")
@@ -424,7 +448,9 @@ def _persimmon_config_to_hf(cfg: LanguageConfig, where: str) -> dict:
         ("head_dim", cfg.head_dim or cfg.width // cfg.heads, cfg.width // cfg.heads),
         ("embed_scale", cfg.embed_scale, False), ("mrope_section", cfg.mrope_section, ()),
         ("rope_scaling.kind", cfg.rope_scaling.kind, ""), ("parallel_block", cfg.parallel_block, False),
-        ("head_bias", cfg.head_bias, False)) if v != ok]
+        ("head_bias", cfg.head_bias, False),
+        ("qk_norm_kind", cfg.qk_norm_kind, "layernorm"), ("post_norms", cfg.post_norms, False),
+        ("layer_types", cfg.layer_types, ())) if v != ok]
     if cfg.act not in HF_PERSIMMON_ACTS:
         problems.append(f"act {cfg.act!r} (exportable: {', '.join(HF_PERSIMMON_ACTS)})")
     if problems:
