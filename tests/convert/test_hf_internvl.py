@@ -121,7 +121,10 @@ def variant(tmp_path, name, vision=None, processor=None, llama=False, **top):
 def assert_same_logits(folder, model, hf_proc, prompt=PROMPT, n=5):
     pipe = vlmkit.load(folder)
     imgs = images()[:n]
-    theirs = hf_proc(text=prompt, images=imgs, return_tensors="pt")
+    bos = pipe.processor.tokenizer.bos_token
+    # a prompt already holding BOS: transformers' documented call for it (its default would put BOS twice)
+    special = {"add_special_tokens": False} if bos and prompt.startswith(bos) else {}
+    theirs = hf_proc(text=prompt, images=imgs, return_tensors="pt", **special)
     media = pipe.processor.prepare_images(imgs)
     ids = pipe.processor.prompt(prompt, media).ids
     assert ids == theirs["input_ids"][0].tolist()

@@ -192,7 +192,8 @@ def test_a_vlmkit_built_model_with_the_other_tower_exports(trip, tmp_path):
     assert ref.config.vision_feature_select_strategy == ("full" if tower is SIGLIP else "default")
     prompt, indices = FAMILIES[family]["module"].PROMPTS[2]
     images = [real_images()[i] for i in indices]
-    theirs = hf_proc(text=prompt, images=images, return_tensors="pt")
+    # OneVision: the prompt's images as its list, which its processor squares, as an imported folder does
+    theirs = hf_proc(text=[prompt], images=[images] if family == "llava_onevision" else images, return_tensors="pt")
     inputs = processor.prepare_images(images)
     assert theirs["input_ids"][0].tolist() == processor.prompt(prompt, inputs).ids
     with torch.no_grad():
