@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vlmkit
+from vlmkit.batch import Batch
 from vlmkit.convert.hf.paligemma import paligemma_config_to_hf
 from vlmkit.errors import ConfigError
 
@@ -69,9 +70,13 @@ def test_each_part_of_the_mask_is_needed(paligemma2_folder):
         torch.testing.assert_close(logits(prompt_mask=prompt_mask), expected, rtol=0, atol=1e-4)
         gaps = {"causal": logits(prompt_mask=torch.zeros_like(prompt_mask))}
         own = model.attention
-        try:  # one mask for every layer: the LM cuts the sliding layers' copy, prompt pairs included
-            model.attention = lambda batch, cache=None: (lambda m: m["full"] if isinstance(m, dict) else m)(
-                own(batch, cache))
+
+        def one_mask(batch, cache=None):  # one mask for every layer: the LM cuts the sliding layers' copy, prompt
+            masks = own(batch, cache)     # pairs included
+            return masks["full"] if isinstance(masks, dict) else masks
+
+        try:
+            model.attention = one_mask
             gaps["window after prefix"] = logits(prompt_mask=prompt_mask)
         finally:
             del model.attention
@@ -87,6 +92,20 @@ def test_each_part_of_the_mask_is_needed(paligemma2_folder):
         assert (got - expected).abs().max() > 1e-3, name
     prompt_len = int(prompt_mask.sum())  # the window cuts only the suffix's view
     torch.testing.assert_close(gaps["no window"][:, :prompt_len], expected[:, :prompt_len], rtol=0, atol=1e-4)
+
+
+def test_sliding_mask_on_a_hand_made_case(paligemma2_folder):
+    """10 tokens, the first 8 the prompt, a 6-token window: every prompt token sees the whole prompt; suffix token
+    t sees keys t-5..t. The full layers' mask is the prefix-LM mask without the window."""
+    model = vlmkit.load(paligemma2_folder[0]).model
+    assert model.lm.cfg.sliding_window == 6
+    masks = model.attention(Batch(torch.zeros(1, 10, dtype=torch.long),
+                                  prompt_mask=torch.arange(10)[None] < 8))
+    sliding, full = masks["sliding"][0, 0].int(), masks["full"][0, 0].int()
+    assert sliding[:8, :8].all() and not sliding[:8, 8:].any()
+    assert sliding[8].tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1, 0]
+    assert sliding[9].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    assert full[:8, :8].all() and full[9].all() and full[8].tolist() == [1] * 9 + [0]
 
 
 def test_greedy_tokens_equal_transformers_generate(paligemma2_folder):
@@ -110,8 +129,8 @@ def _copy_with(folder, tmp_path, edit):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["text_config"].update(model_type="gemma3_text"),
-     r"text_config\.model_type 'gemma3_text' is not implemented for PaliGemma; supported: gemma \(PaliGemma 1\), "
-     r"gemma2 \(PaliGemma 2\)"),
+     (r"text_config\.model_type 'gemma3_text' is not implemented for PaliGemma; supported: gemma \(PaliGemma 1\), "
+      r"gemma2 \(PaliGemma 2\)")),
     (lambda c: c["text_config"].update(sliding_window=None),
      r"text_config\.sliding_window null: PaliGemma 2 without sliding-window layers is not implemented"),
 ])
