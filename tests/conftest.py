@@ -177,6 +177,11 @@ def paligemma_folder(hf_folder):
 
 
 @pytest.fixture(scope="session")
+def paligemma2_folder(hf_folder):
+    return hf_folder("paligemma2")
+
+
+@pytest.fixture(scope="session")
 def mllama_folder(hf_folder):
     return hf_folder("mllama")
 

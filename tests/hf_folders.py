@@ -1205,6 +1205,36 @@ TEXT_FOLDERS = {"llama": build_llama, "mistral": build_mistral, "qwen2": build_q
                 "phi": build_phi, "phi3": build_phi3, "gemma2_text": build_gemma2_text, "gemma3_text": build_gemma3_text}
 
 
+# ------------------------------------------------------------------------------------------------ PaliGemma 2
+
+
+def build_paligemma2(folder: Path):
+    """PaliGemma 2: build_paligemma's tower and processor on a Gemma 2 LM (google/paligemma2-*): sandwich norms,
+    attention and final-logit soft-capping (7 and 5: they bite on a random model; PaliGemmaForConditionalGeneration
+    caps the logits itself), query_pre_attn_scalar 24, a 6-token sliding window on layers 0, 2 and 3: a prompt is 16
+    image tokens + BOS + text, so the window cuts what the suffix sees while the prefix still sees all of itself."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sentencepiece_tokenizer(["<image>"]),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                               pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    images = transformers.SiglipImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.4, 0.5, 0.6],
+                                               image_std=[0.2, 0.3, 0.25], image_seq_length=16)
+    processor = transformers.PaliGemmaProcessor(image_processor=images, tokenizer=tok)
+    processor.save_pretrained(folder)
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=28, patch_size=7, layer_norm_eps=1e-6)
+    layers = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    text = transformers.Gemma2Config(vocab_size=len(tok), attn_logit_softcapping=7.0, final_logit_softcapping=5.0,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 20000.0},
+                                     layer_types=layers, **{**gemma_text_kwargs(), "sliding_window": 6})
+    cfg = transformers.PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                       image_token_index=processor.image_token_id, projection_dim=48)
+    model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    perturb_(model)
+    model.save_pretrained(folder)
+    return model, transformers.AutoProcessor.from_pretrained(folder)
+
+
 # ------------------------------------------------------------------------------------------------ the registry
 
 #: every folder by name (vlmkit's family name where there is one folder per family; IDEFICS is the flamingo family)
@@ -1232,6 +1262,7 @@ BUILDERS = {
     "mistral3": build_mistral3,
     "pixtral_llava": build_pixtral_llava,
     "gemma3": build_gemma3,
+    "paligemma2": build_paligemma2,
     **TEXT_FOLDERS,
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder

@@ -115,9 +115,9 @@ def fine_tune(folder, data, out, steps: int = 20) -> tuple[list[float], object]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(FOLDERS) + ["paligemma"])
+@pytest.mark.parametrize("family", sorted(FOLDERS) + ["paligemma", "paligemma2"])
 def test_a_recipe_fine_tunes_each_imported_family(request, family, shapes, tmp_path):
-    folder = request.getfixturevalue(FOLDERS.get(family, "paligemma_folder"))[0]
+    folder = request.getfixturevalue(FOLDERS.get(family, f"{family}_folder"))[0]
     losses, res = fine_tune(folder, shapes, tmp_path / "run")
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     tuned = vlmkit.load(res.checkpoint)

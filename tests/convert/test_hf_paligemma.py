@@ -3,7 +3,8 @@ as transformers' PaliGemmaProcessor (BOS after the images, "\\n" after the promp
 greedy tokens as PaliGemmaForConditionalGeneration (prefix-LM attention: bidirectional over image + prompt,
 causal over the suffix; 1-indexed positions), in batches with left padding too, the score() contract
 (per-token log-probabilities of the processor's ``suffix``, its EOS included), ``vlmkit convert --from hf`` to a
-checkpoint that scores the same, and named refusals (PaliGemma 2's Gemma 2 among them)."""
+checkpoint that scores the same, and named refusals (a Gemma 3 LM among them; PaliGemma 2's Gemma 2 is
+tests/convert/test_hf_paligemma2.py)."""
 
 from __future__ import annotations
 
@@ -144,10 +145,10 @@ def _copy(folder, tmp_path):
     return dst
 
 
-def test_paligemma2_gemma2_lm_is_refused_by_name(paligemma_folder, tmp_path):
+def test_a_gemma3_lm_is_refused_by_name(paligemma_folder, tmp_path):
     folder = _copy(paligemma_folder[0], tmp_path)
-    _edit_json(folder / "config.json", lambda c: c["text_config"].update(model_type="gemma2"))
-    with pytest.raises(ConfigError, match=r"config\.json: text_config\.model_type 'gemma2' is not implemented"):
+    _edit_json(folder / "config.json", lambda c: c["text_config"].update(model_type="gemma3_text"))
+    with pytest.raises(ConfigError, match=r"config\.json: text_config\.model_type 'gemma3_text' is not implemented"):
         vlmkit.load(folder)
 
 

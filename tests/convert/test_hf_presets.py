@@ -98,6 +98,7 @@ PRESETS = [
     ("llava-next-mistral-7b", 7_566_747_648, CLIP_L_LAYER + CLIP_L_NORM),
     ("llava-onevision-0.5b", None, 0),
     ("paligemma-3b-224", 2_923_466_480, 0),
+    ("paligemma2-3b-224", None, 0),
     ("qwen2-vl-2b", 2_208_985_600, 0),
     ("idefics3-8b", None, 0),
     ("smolvlm-256m", None, 0),

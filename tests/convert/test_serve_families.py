@@ -20,7 +20,7 @@ FOLDERS = {"llava": "llava_folder", "llava_next": "next_folder", "llava_onevisio
            "qwen2_vl": "qwen_folder", "idefics3": "idefics3", "paligemma": "paligemma_folder",
            "blip2": "blip2_folder", "instructblip": "instructblip_folder", "flamingo": "idefics_folder",
            "mllama": "mllama_folder", "fuyu": "fuyu_folder", "qwen2_5_vl": "qwen25_folder", "idefics2": "idefics2", "internvl": "internvl_folder",
-           "mistral3": "mistral3_folder", "gemma3": "gemma3_folder"}
+           "mistral3": "mistral3_folder", "gemma3": "gemma3_folder", "paligemma2": "paligemma2_folder"}
 QUESTIONS = ["What colour is the small circle?", "How many squares?", "Describe the image."]
 
 

@@ -202,6 +202,12 @@ HF_CASES = [
                   ("Compare <start_of_image> and <start_of_image>: how many squares?", (2, 3)),
                   ("the quick brown fox", ()),
                   ("a <start_of_image> b <start_of_image> c <start_of_image>", (1, 4, 0)))),
+    # PaliGemma 2: the paligemma row on a Gemma 2 LM with a 6-token sliding window, shorter than a prompt (16 image
+    # tokens + BOS + text) and than the continuation: the suffix sees only the window, the prefix all of itself
+    Case("paligemma2", "paligemma", "paligemma2", single_turn=True, reference=suffix_logprobs,
+         continuation=" It is a red circle next to a blue square.",
+         prompts=(("caption en", (0,)), ("<image>answer en What colour is the small circle?", (1,)),
+                  ("<image><image>Compare: how many squares?", (0, 2)))),
 ]
 
 

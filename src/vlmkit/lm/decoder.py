@@ -152,7 +152,8 @@ class DecoderLM(nn.Module):
         LM with ``mrope_section`` (Qwen2-VL's temporal / height / width ids; its model computes them).
 
         ``attention_mask`` [B, T_cache + T] marks real tokens (1) and padding (0); ``mask`` overrides the
-        attention pattern completely ([B, 1, T, T_k] booleans). With neither, plain causal attention runs.
+        attention pattern completely ([B, 1, T, T_k] booleans, or a dict of them per layer kind for an LM with
+        sliding layers). With neither, plain causal attention runs.
         ``depth``: the states after the first ``depth`` blocks instead, before the final norm (without a cache,
         which holds every layer; Fuyu's image tower reads them).
         """
@@ -178,15 +179,16 @@ class DecoderLM(nn.Module):
         (or counted from the cache offset), and the causal fast path when nothing needs a mask. Wrappers that
         interleave their own blocks with the layers (fusion/cross_attention.py) start from the same. An LM with
         learned positions has no rotary (None); :meth:`forward` adds its positions to the input. An LM with
-        sliding layers gets its masks per layer kind ({"full": ..., "sliding": ...}), and one with a local rotary
-        table its rotary pairs the same way: each block picks its own."""
+        sliding layers gets its masks per layer kind ({"full": ..., "sliding": ...}; a caller may give them so, as
+        PaliGemma 2's prefix-LM mask, whose prompt pairs escape the window), and one with a local rotary table its
+        rotary pairs the same way: each block picks its own."""
         T = embeds.shape[1]
         offset = cache.length if cache is not None else 0
         is_causal = mask is None and attention_mask is None and offset == 0
         if mask is None and not is_causal:
             mask = causal_mask(T, attention_mask, offset, device=embeds.device)
         positions = self.positions(embeds, position_ids, attention_mask, cache)
-        if "sliding" in self.cfg.layer_types:  # sliding layers: the same pattern within the window
+        if "sliding" in self.cfg.layer_types and not isinstance(mask, dict):  # the same pattern within the window
             base = mask if mask is not None else causal_mask(T, None, offset, device=embeds.device)
             mask = {"full": mask, "sliding": sliding_window(base, self.cfg.sliding_window, positions)}
         if self.rotary is None:

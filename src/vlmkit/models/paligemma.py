@@ -5,6 +5,11 @@ The image tokens and the prompt (the *prefix*) attend to each other bidirectiona
 marks the prefix with ``token_type_ids == 0``; here the batch says which tokens are the prompt (``prompt_mask``:
 the layout's prompt when training and scoring, the whole input at a generation's prefill, nothing after it).
 
+PaliGemma 2's Gemma 2 LM has sliding-window layers. transformers' ``PaliGemmaModel`` ORs the prefix into each
+mask *after* the window: on a sliding layer the prompt still sees all of itself both ways, however long, and only
+the suffix's view is cut to the window (causal AND window, OR both in the prompt). ``attention`` therefore gives
+the LM its masks per layer kind (Gemma 3 differs: there the window cuts the image blocks too).
+
 Two details copied from transformers' ``PaliGemmaModel``:
 
 - positions are 1-indexed (rotary angles of positions 1..T, not 0..T-1);
@@ -27,7 +32,7 @@ from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models.init import init_from_scratch
 from vlmkit.batch import Batch, Features
 from vlmkit.models.vlm import VisionLanguageModel
-from vlmkit.nn import KVCache, causal_mask, document_mask, with_prompt
+from vlmkit.nn import KVCache, causal_mask, document_mask, sliding_window, with_prompt
 
 
 class PaliGemmaModel(VisionLanguageModel):
@@ -35,9 +40,11 @@ class PaliGemmaModel(VisionLanguageModel):
     (``batch.prompt_mask``: what transformers' PaliGemmaProcessor marks with ``token_type_ids == 0``) and
     1-indexed positions."""
 
-    def attention(self, batch: Batch, cache: KVCache | None = None) -> torch.Tensor | None:
+    def attention(self, batch: Batch, cache: KVCache | None = None) -> torch.Tensor | dict | None:
         """Causal attention (within each sample of a packed batch), plus the prompt tokens of each row or sample
-        attending to each other both ways. A decoding step (a filled cache) reads no prompt: causal."""
+        attending to each other both ways; with sliding layers (PaliGemma 2) a dict per layer kind, the sliding
+        layers' causal part cut to the window before the prompt pairs are added. A decoding step (a filled cache)
+        reads no prompt: causal (the LM cuts its sliding layers' view itself)."""
         if batch.document_ids is not None and batch.segment_ids is not None and bool((batch.segment_ids > 0).any()):
             raise ValueError("paligemma: grouped questions (segment_ids) are not supported with prefix-LM "
                              "attention; set data.group_turns: 0")
@@ -49,7 +56,12 @@ class PaliGemmaModel(VisionLanguageModel):
             base = document_mask(batch.document_ids)
         else:
             base = causal_mask(T, batch.attention_mask, device=batch.input_ids.device)
-        return with_prompt(base, batch.prompt_mask, batch.document_ids, batch.attention_mask)
+        full = with_prompt(base, batch.prompt_mask, batch.document_ids, batch.attention_mask)
+        if "sliding" not in self.lm.cfg.layer_types:
+            return full
+        local = sliding_window(base, self.lm.cfg.sliding_window, self.positions(batch, None, cache))
+        return {"full": full, "sliding": with_prompt(local, batch.prompt_mask, batch.document_ids,
+                                                     batch.attention_mask)}
 
     def positions(self, batch: Batch, features: Features | None, cache: KVCache | None) -> torch.Tensor:
         """1-indexed positions, counted from each row's first real token (or each sample's own, packed)."""

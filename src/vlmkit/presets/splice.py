@@ -1,5 +1,5 @@
 """Presets of the splice families: vlmkit's tiny LLaVA, and the shapes of released LLaVA-1.5, LLaVA-NeXT,
-LLaVA-OneVision, PaliGemma, Qwen2-VL, SmolVLM and Idefics3 checkpoints."""
+LLaVA-OneVision, PaliGemma (1 and 2), Qwen2-VL, SmolVLM and Idefics3 checkpoints."""
 
 from __future__ import annotations
 
@@ -124,6 +124,19 @@ def paligemma_3b_224() -> Preset:
     proc = whole(image_size=(224, 224), resample="bicubic", max_length=8192,
                   eos_token="<eos>", bos_token="<bos>", pad_token="<pad>")
     return Preset(model, proc, source="google/paligemma-3b-pt-224")
+
+
+@PRESETS.register("paligemma2-3b-224", "PaliGemma 2-3B-224 shapes: SigLIP-So400m/14-224 + linear + Gemma 2 2B "
+                                       "(sliding-window layers of 4096 : full, soft-capping), prefix-LM attention")
+def paligemma2_3b_224() -> Preset:
+    base = paligemma_3b_224()
+    layers = tuple("sliding" if i % 2 == 0 else "full" for i in range(26))  # Gemma 2: every other layer full
+    lm = LanguageConfig(vocab_size=257216, width=2304, depth=26, heads=8, kv_heads=4, head_dim=256, mlp_dim=9216,
+                        act="gelu_tanh", norm_eps=1e-6, max_seq_len=8192, tie_embeddings=True, norm_offset=True,
+                        embed_scale=True, post_norms=True, attn_scalar=256.0, attn_softcap=50.0, logit_softcap=30.0,
+                        sliding_window=4096, layer_types=layers)
+    model = VLMConfig(family="paligemma", vision=base.model.vision, connector=ConnectorConfig(kind="linear"), lm=lm)
+    return Preset(model, base.processor, source="google/paligemma2-3b-pt-224")
 
 
 @PRESETS.register("qwen2-vl-2b", "Qwen2-VL-2B shapes: its 675M ViT (2D RoPE, 2x2 merger) at native resolution + "

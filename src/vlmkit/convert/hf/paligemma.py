@@ -4,8 +4,11 @@ projector with bias (``multi_modal_projector.linear``), and a Gemma LM with pref
 (:mod:`vlmkit.models.paligemma`). The processor lays prompts out as PaliGemmaProcessor does
 (:mod:`vlmkit.processing.paligemma`).
 
-PaliGemma 2 (a Gemma 2 LM: sliding-window layers, logit soft-capping, extra norms) is not implemented and
-is refused by name.
+PaliGemma 2 is the same with a Gemma 2 LM (``text_config.model_type`` "gemma2": sandwich norms, soft-capped
+attention scores and logits, query_pre_attn_scalar, sliding-window layers; read by
+:mod:`vlmkit.convert.hf.gemma_lm`). PaliGemmaForConditionalGeneration caps the logits itself
+(final_logit_softcapping, as Gemma2ForCausalLM does), and its sliding layers' mask is causal AND window, OR the
+prefix: the prompt sees all of itself on every layer (:mod:`vlmkit.models.paligemma`).
 
 Export (:func:`export_paligemma`) writes the folder back in the Hub's layout (google/paligemma-*: the tensors
 transformers 4 saved, which transformers 5, vLLM and SGLang read) with PaliGemmaProcessor's files.
@@ -34,11 +37,17 @@ def paligemma_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[VLM
         raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not 'paligemma'")
     text = dict(cfg.get("text_config") or {})
     text.setdefault("model_type", "gemma")
-    if text["model_type"] != "gemma":
+    if text["model_type"] not in ("gemma", "gemma2"):
         raise ConfigError(f"{where}: text_config.model_type {text['model_type']!r} is not implemented for PaliGemma; "
-                          f"supported: gemma (PaliGemma 1). PaliGemma 2's gemma2 (sliding-window layers, logit "
-                          f"soft-capping, extra norms) is not implemented in vlmkit")
-    if text.get("final_logit_softcapping") is not None:
+                          f"supported: gemma (PaliGemma 1), gemma2 (PaliGemma 2)")
+    if text["model_type"] == "gemma2" and "sliding_window" in text and text["sliding_window"] is None:
+        # transformers then gives every layer the full mask, which no Gemma 2 LanguageConfig expresses
+        raise ConfigError(f"{where}: text_config.sliding_window null: PaliGemma 2 without sliding-window layers is "
+                          f"not implemented in vlmkit; supported: a window > 0")
+    # PaliGemmaConfig sets it true by default, but the model hands the LM its own masks (prefix-LM), so it only
+    # turns off the LM's causal fast path; it is no bidirectional Gemma (EmbeddingGemma)
+    text.pop("use_bidirectional_attention", None)
+    if text["model_type"] == "gemma" and text.get("final_logit_softcapping") is not None:
         raise ConfigError(f"{where}: text_config.final_logit_softcapping {text['final_logit_softcapping']!r}: logit "
                           f"soft-capping is not implemented in vlmkit; supported: null")
     # transformers ties PaliGemma's head by the top-level flag (default true), whatever text_config says
@@ -109,7 +118,7 @@ def load_paligemma_folder(folder: Path):
 def paligemma_config_to_hf(cfg: VLMConfig, image_token_id: int, image_seq_len: int) -> dict:
     """VLMConfig -> PaliGemmaConfig's config.json. What PaliGemmaForConditionalGeneration cannot compute is
     refused by field: its tower is SigLIP read at ``last_hidden_state`` (through the post-layernorm), its
-    projector one linear layer with bias, its LM Gemma."""
+    projector one linear layer with bias, its LM Gemma or (``post_norms``: PaliGemma 2) Gemma 2."""
     if cfg.vision.arch == "vit" and cfg.vision.class_token:
         raise ConfigError("vision.class_token: true: PaliGemma's tower is SigLIP (no class token); a CLIP-style "
                           "tower is not expressible as a PaliGemma checkpoint")
@@ -123,6 +132,9 @@ def paligemma_config_to_hf(cfg: VLMConfig, image_token_id: int, image_seq_len: i
     if not (cfg.lm.norm_offset and cfg.lm.embed_scale):
         raise ConfigError(f"lm.norm_offset {cfg.lm.norm_offset}, lm.embed_scale {cfg.lm.embed_scale}: PaliGemma's "
                           f"LM is Gemma (both true); vlmkit's PaliGemma import reads no other")
+    if cfg.lm.qk_norm:  # post_norms with qk_norm export as gemma3_text
+        raise ConfigError("lm.qk_norm: true: PaliGemma's LM is Gemma or Gemma 2 (no QK-norm); vlmkit's PaliGemma "
+                          "import reads no Gemma 3 LM")
     text = lm_config_to_hf(cfg.lm, "lm") | {"num_image_tokens": image_seq_len}
     return {"model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"],
             "vision_config": vision, "text_config": text, "image_token_index": image_token_id,
