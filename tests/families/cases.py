@@ -158,6 +158,10 @@ PRESET_CASES = [
     Case("tiny-flamingo", "flamingo", preset="tiny-flamingo"),
     Case("tiny-mllama", "mllama", preset="tiny-mllama"),
     Case("tiny-fuyu", "fuyu", preset="tiny-fuyu"),
+    Case("tiny-llava-ldp", "llava", preset="tiny-llava-ldp"),
+    Case("tiny-llava-cabs", "llava", preset="tiny-llava-cabs"),
+    Case("tiny-llava-avgpool", "llava", preset="tiny-llava-avgpool"),
+    Case("tiny-llava-attnpool", "llava", preset="tiny-llava-attnpool"),
 ]
 
 CASES = HF_CASES + PRESET_CASES

@@ -3,8 +3,14 @@
 from torch import nn
 
 from vlmkit.config import ConnectorConfig
+from vlmkit.connectors.pooling import (
+    AttnPoolConnector,
+    AvgPoolConnector,
+    CAbstractor,
+    LDPConnector,
+    LDPv2Connector,
+)
 from vlmkit.connectors.projector import LinearConnector, MLPConnector, PixelShuffleConnector, pixel_shuffle
-from vlmkit.connectors.pooling import AttnPoolConnector, AvgPoolConnector, CAbstractor, LDPConnector, LDPv2Connector
 from vlmkit.connectors.qformer import QFormer, QFormerConnector
 from vlmkit.registry import Registry
 
