@@ -163,3 +163,11 @@ def test_tiny_presets_give_the_processor_16_tokens(name):
     if bad.connector.kind != "ldp":  # ldp's stride 3 pads: 8x8 -> 3x3
         with pytest.raises(ConfigError, match=r"connector\.(pool|num_queries)"):
             _ = family.build(bad, image_token_id=5).image_seq_len
+
+
+def test_export_to_transformers_refuses_a_pooling_connector_by_name():
+    from vlmkit.convert.hf.llava import llava_config_to_hf
+
+    vit = get_preset("tiny-llava-vit").model  # a tower transformers has, so the connector is what is refused
+    with pytest.raises(ConfigError, match=r"connector\.kind 'ldp'.*kind: mlp"):
+        llava_config_to_hf(dataclasses.replace(vit, connector=KINDS["ldp"]), 5, 16)
