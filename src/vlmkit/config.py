@@ -121,10 +121,11 @@ class ConnectorConfig:
     act: str = "gelu"
     bias: bool = True
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # qformer only: M = qformer.num_query_tokens
-    # the pooling connectors (connectors/pooling.py, docs/connectors.md): ldp | ldp_v2 | c_abstractor | avg_pool |
-    # attn_pool. avg_pool / attn_pool / ldp_v2: each pool x pool window of the patch grid -> 1 token (M = N / pool**2;
-    # ldp: its depthwise conv's stride, M = ceil(h/pool) * ceil(w/pool)); num_queries > 0 (a square): adaptive
-    # average pooling to that many tokens instead (c_abstractor: required)
+    # the pooling connectors (connectors/pooling.py, docs/connectors.md): ldp | ldp_v2 | c_abstractor |
+    # avg_pool | attn_pool. avg_pool / attn_pool / ldp_v2: each pool x pool window of the patch grid -> 1
+    # token (M = N / pool**2; ldp: its depthwise conv's stride, M = ceil(h/pool) * ceil(w/pool));
+    # num_queries > 0 (a square): adaptive average pooling to that many tokens instead (c_abstractor:
+    # required)
     pool: int = 2
     num_queries: int = 0
     depth: int = 3  # c_abstractor: ResNet blocks before and after the pooling (Honeybee's 3)

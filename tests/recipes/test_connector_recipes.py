@@ -1,6 +1,6 @@
-"""The connector presets' recipes (tiny-llava with LDP, C-Abstractor, average or attention pooling) learn in a short
-run: the tower's cell-label stage and the answers' loss both fall, and the checkpoint answers. How well they learn at
-full length is measured by bench/presets.py (docs/connectors.md), not here."""
+"""The connector presets' recipes (tiny-llava with LDP, C-Abstractor, average or attention pooling) learn in a
+short run: the answers' loss falls, and the checkpoint answers with 16 tokens per image. How well they learn
+at full length is measured by bench/presets.py (docs/connectors.md), not here."""
 
 from __future__ import annotations
 

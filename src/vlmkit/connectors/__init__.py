@@ -37,17 +37,18 @@ def _qformer(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
     return QFormerConnector(d_vision, d_lm, cfg.qformer)
 
 
-@CONNECTORS.register("ldp", "MLP then depthwise-conv blocks, one of stride 2: 4x fewer tokens (MobileVLM's LDP)")
+@CONNECTORS.register("ldp", "MLP then depthwise-conv blocks, one of stride 2: 4x fewer tokens (MobileVLM)")
 def _ldp(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
     return LDPConnector(d_vision, d_lm, cfg.pool, cfg.act, cfg.bias)
 
 
-@CONNECTORS.register("ldp_v2", "MLP, 2x2 average pooling, depthwise-conv positional encoding (MobileVLM V2's LDPv2)")
+@CONNECTORS.register("ldp_v2", "MLP, 2x2 average pooling, depthwise-conv positional encoding (MobileVLM V2)")
 def _ldp_v2(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
     return LDPv2Connector(d_vision, d_lm, cfg.pool, cfg.num_queries, cfg.act, cfg.bias)
 
 
-@CONNECTORS.register("c_abstractor", "ResNet blocks, adaptive pooling to num_queries, ResNet blocks, MLP (Honeybee / MM1)")
+@CONNECTORS.register("c_abstractor", "ResNet blocks, adaptive pooling to num_queries, ResNet blocks, MLP "
+                                     "(Honeybee / MM1)")
 def _c_abstractor(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
     return CAbstractor(d_vision, d_lm, cfg.num_queries, cfg.depth, cfg.act, cfg.bias)
 

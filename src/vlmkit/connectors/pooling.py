@@ -1,20 +1,22 @@
 """Connectors that shrink the patch grid: vision features [B, h*w, D_vision] on a grid (h, w) -> [B, M, D_lm].
 
-- :class:`LDPConnector` (MobileVLM's Lightweight Downsample Projector, Chu et al. 2023): a pointwise MLP, then two
-  MobileNetV3 inverted-residual blocks of depthwise 3x3 convolutions, the second of stride 2, which halves each
-  side of the grid (M = ceil(h/2) * ceil(w/2): 24x24 -> 12x12 in MobileVLM, 8x8 -> 4x4 in tiny-llava-ldp).
+- :class:`LDPConnector` (MobileVLM's Lightweight Downsample Projector, Chu et al. 2023): a pointwise MLP, then
+  two MobileNetV3 inverted-residual blocks of depthwise 3x3 convolutions, the second of stride 2, which halves
+  each side of the grid (M = ceil(h/2) * ceil(w/2): 24x24 -> 12x12 in MobileVLM, 8x8 -> 4x4 in
+  tiny-llava-ldp).
 - :class:`LDPv2Connector` (MobileVLM V2's LDPv2, Chu et al. 2024): the MLP, average pooling of each 2x2 window
   (or adaptive, to a fixed number of tokens), then a depthwise 3x3 convolution as a positional encoding (PEG)
   added back residually.
-- :class:`CAbstractor` (Honeybee's C-Abstractor, Cha et al. 2024, the connector of MM1): ResNet blocks on the grid,
-  adaptive average pooling to ``num_queries`` tokens (a square), ResNet blocks again, then an MLP readout.
-- :class:`AvgPoolConnector` (LLaVA-NeXT-Video's pooler): each pool x pool window averaged (or adaptive pooling to
-  ``num_queries``), then LLaVA-1.5's two-layer MLP.
-- :class:`AttnPoolConnector` (Molmo's ``attention-meanq`` pooling, Deitke et al. 2024): each pool x pool window
-  of patches read by one cross-attention whose query is the window's mean, then the MLP.
+- :class:`CAbstractor` (Honeybee's C-Abstractor, Cha et al. 2024, the connector of MM1): ResNet blocks on the
+  grid, adaptive average pooling to ``num_queries`` tokens (a square), ResNet blocks again, then an MLP
+  readout.
+- :class:`AvgPoolConnector` (LLaVA-NeXT-Video's pooler): each pool x pool window averaged (or adaptive pooling
+  to ``num_queries``), then LLaVA-1.5's two-layer MLP.
+- :class:`AttnPoolConnector` (Molmo's ``attention-meanq`` pooling, Deitke et al. 2024): each pool x pool
+  window of patches read by one cross-attention whose query is the window's mean, then the MLP.
 
-Every connector states its M through ``num_tokens(n, grid)``, which the processor's ``image_seq_len`` comes from,
-and refuses a grid it cannot pool by name (``connector.pool`` / ``connector.num_queries``).
+Every connector states its M through ``num_tokens(n, grid)``, which the processor's ``image_seq_len`` comes
+from, and refuses a grid it cannot pool by name (``connector.pool`` / ``connector.num_queries``).
 """
 
 from __future__ import annotations
@@ -46,21 +48,22 @@ def as_tokens(x: torch.Tensor) -> torch.Tensor:
 def square_side(num_queries: int, kind: str) -> int:
     side = math.isqrt(max(num_queries, 0))
     if num_queries <= 0 or side * side != num_queries:
-        raise ConfigError(f"connector.num_queries {num_queries}: {kind} pools to a square grid of tokens; valid: a "
-                          f"square such as 16, 64, 144")
+        raise ConfigError(f"connector.num_queries {num_queries}: {kind} pools to a square grid of tokens; "
+                          f"valid: a square such as 16, 64, 144")
     return side
 
 
 class GridPool(nn.Module):
-    """Average pooling of the grid: each ``pool`` x ``pool`` window -> 1 token, or (``num_queries`` > 0) adaptive
-    pooling to a sqrt(num_queries)-sided square whatever the grid."""
+    """Average pooling of the grid: each ``pool`` x ``pool`` window -> 1 token, or (``num_queries`` > 0)
+    adaptive pooling to a sqrt(num_queries)-sided square whatever the grid."""
 
     def __init__(self, kind: str, pool: int = 2, num_queries: int = 0):
         super().__init__()
         if num_queries:
             self.side = square_side(num_queries, kind)
         elif pool < 1:
-            raise ConfigError(f"connector.pool {pool}: {kind} needs a window of at least 1 (or num_queries > 0)")
+            raise ConfigError(f"connector.pool {pool}: {kind} needs a window of at least 1 (or "
+                              f"num_queries > 0)")
         self.kind, self.pool, self.num_queries = kind, pool, num_queries
 
     def out_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
@@ -68,8 +71,9 @@ class GridPool(nn.Module):
             return self.side, self.side
         h, w = grid
         if h % self.pool or w % self.pool:
-            raise ConfigError(f"connector.pool {self.pool}: {self.kind} pools {self.pool}x{self.pool} windows and "
-                              f"the tower's {h}x{w} grid does not divide; use a pool dividing both sides or "
+            p = self.pool
+            raise ConfigError(f"connector.pool {p}: {self.kind} pools {p}x{p} windows and the tower's "
+                              f"{h}x{w} grid does not divide; use a pool dividing both sides or "
                               f"connector.num_queries (adaptive pooling)")
         return h // self.pool, w // self.pool
 
@@ -112,9 +116,9 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV3's block as MobileVLM's LDP builds it (timm ``InvertedResidual``, expansion 1): pointwise conv ->
-    LN -> Hardswish, depthwise 3x3 (``stride``) -> LN -> Hardswish, squeeze-excite (ReLU, hard sigmoid), pointwise
-    conv -> LN; a residual when the grid keeps its size."""
+    """MobileNetV3's block as MobileVLM's LDP builds it (timm ``InvertedResidual``, expansion 1): pointwise
+    conv -> LN -> Hardswish, depthwise 3x3 (``stride``) -> LN -> Hardswish, squeeze-excite (ReLU, hard
+    sigmoid), pointwise conv -> LN; a residual when the grid keeps its size."""
 
     def __init__(self, dim: int, stride: int):
         super().__init__()
@@ -136,8 +140,8 @@ class InvertedResidual(nn.Module):
 
 
 class LDPConnector(nn.Module):
-    """MobileVLM's LDP: MLP per patch (D_vision -> D_lm -> D_lm), an inverted-residual block of stride 1, one of
-    stride ``pool`` (2): the grid's sides shrink to ceil(side / pool)."""
+    """MobileVLM's LDP: MLP per patch (D_vision -> D_lm -> D_lm), an inverted-residual block of stride 1, one
+    of stride ``pool`` (2): the grid's sides shrink to ceil(side / pool)."""
 
     def __init__(self, d_vision: int, d_lm: int, pool: int = 2, act: str = "gelu", bias: bool = True):
         super().__init__()
@@ -157,8 +161,8 @@ class LDPConnector(nn.Module):
 
 
 class LDPv2Connector(nn.Module):
-    """MobileVLM V2's LDPv2: MLP per patch, average pooling (2x2 windows, or adaptive to ``num_queries``), then a
-    depthwise 3x3 conv (with bias) added to its input, the positional-encoding generator (PEG)."""
+    """MobileVLM V2's LDPv2: MLP per patch, average pooling (2x2 windows, or adaptive to ``num_queries``),
+    then a depthwise 3x3 conv (with bias) added to its input, the positional-encoding generator (PEG)."""
 
     def __init__(self, d_vision: int, d_lm: int, pool: int = 2, num_queries: int = 0, act: str = "gelu",
                  bias: bool = True):
@@ -176,9 +180,9 @@ class LDPv2Connector(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Honeybee's ResNet block (timm RegNet ``Bottleneck``: group size 1, SE 0.25, SiLU, LayerNorm2d): 1x1 -> LN ->
-    SiLU, depthwise 3x3 -> LN -> SiLU, squeeze-excite, 1x1 -> LN, plus the shortcut (1x1 -> LN when the width
-    changes), then SiLU."""
+    """Honeybee's ResNet block (timm RegNet ``Bottleneck``: group size 1, SE 0.25, SiLU, LayerNorm2d): 1x1 ->
+    LN -> SiLU, depthwise 3x3 -> LN -> SiLU, squeeze-excite, 1x1 -> LN, plus the shortcut (1x1 -> LN when the
+    width changes), then SiLU."""
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
@@ -208,8 +212,8 @@ class CAbstractor(nn.Module):
                  bias: bool = True):
         super().__init__()
         if depth < 1:
-            raise ConfigError(f"connector.depth {depth}: c_abstractor needs at least 1 ResNet block on each side "
-                              f"of its pooling (Honeybee: 3)")
+            raise ConfigError(f"connector.depth {depth}: c_abstractor needs at least 1 ResNet block on each "
+                              f"side of its pooling (Honeybee: 3)")
         square_side(num_queries, "c_abstractor")  # required: its readout is num_queries tokens
         self.sampler = GridPool("c_abstractor", num_queries=num_queries)
         self.before = nn.Sequential(*[ResBlock(d_vision if i == 0 else d_lm, d_lm) for i in range(depth)])
@@ -242,7 +246,8 @@ class AvgPoolConnector(nn.Module):
 
 
 def windows(x: torch.Tensor, grid: tuple[int, int] | None, pool: int) -> torch.Tensor:
-    """[B, h*w, D] -> [B * (h/p) * (w/p), p*p, D]: the patches of each p x p window, windows in row-major order."""
+    """[B, h*w, D] -> [B * (h/p) * (w/p), p*p, D]: the patches of each p x p window, windows in row-major
+    order."""
     g = as_grid(x, grid)  # [B, D, h, w]
     B, D, h, w = g.shape
     g = g.reshape(B, D, h // pool, pool, w // pool, pool).permute(0, 2, 4, 3, 5, 1)  # [B, h', w', p, p, D]
@@ -251,8 +256,9 @@ def windows(x: torch.Tensor, grid: tuple[int, int] | None, pool: int) -> torch.T
 
 class AttnPoolConnector(nn.Module):
     """Molmo's attention pooling: the patches of each ``pool`` x ``pool`` window are keys and values of one
-    multi-head cross-attention at the tower's width whose single query is their mean; the pooled token then goes
-    through the MLP (D_vision -> D_lm -> D_lm; Molmo's is a SwiGLU, and it pools two tower layers concatenated)."""
+    multi-head cross-attention at the tower's width whose single query is their mean; the pooled token then
+    goes through the MLP (D_vision -> D_lm -> D_lm; Molmo's is a SwiGLU, and it pools two tower layers
+    concatenated)."""
 
     def __init__(self, d_vision: int, d_lm: int, pool: int = 2, heads: int = 4, act: str = "gelu",
                  bias: bool = True):
