@@ -147,6 +147,15 @@ class ConnectorConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # qformer only: M = qformer.num_query_tokens
     # perceiver only (Idefics2): a SwiGLU projection (gate activation ``act``) and a resampler, M = n_latents
     perceiver: ResamplerConfig = field(default_factory=ResamplerConfig)
+    # the pooling connectors (connectors/pooling.py, docs/connectors.md): ldp | ldp_v2 | c_abstractor |
+    # avg_pool | attn_pool. avg_pool / attn_pool / ldp_v2: each pool x pool window of the patch grid -> 1
+    # token (M = N / pool**2; ldp: its depthwise conv's stride, M = ceil(h/pool) * ceil(w/pool));
+    # num_queries > 0 (a square): adaptive average pooling to that many tokens instead (c_abstractor:
+    # required)
+    pool: int = 2
+    num_queries: int = 0
+    depth: int = 3  # c_abstractor: ResNet blocks before and after the pooling (Honeybee's 3)
+    heads: int = 4  # attn_pool: heads of the window's cross-attention (its width is the tower's)
 
 
 @dataclass

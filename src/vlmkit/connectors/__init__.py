@@ -4,6 +4,13 @@ from torch import nn
 
 from vlmkit.config import ConnectorConfig
 from vlmkit.connectors.perceiver import PerceiverConnector
+from vlmkit.connectors.pooling import (
+    AttnPoolConnector,
+    AvgPoolConnector,
+    CAbstractor,
+    LDPConnector,
+    LDPv2Connector,
+)
 from vlmkit.connectors.projector import LinearConnector, MLPConnector, PixelShuffleConnector, pixel_shuffle
 from vlmkit.connectors.qformer import QFormer, QFormerConnector
 from vlmkit.registry import Registry
@@ -34,6 +41,30 @@ def _qformer(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
 @CONNECTORS.register("perceiver", "SwiGLU projection then a perceiver resampler with n_latents queries (Idefics2)")
 def _perceiver(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
     return PerceiverConnector(d_vision, d_lm, cfg.perceiver, cfg.act)
+@CONNECTORS.register("ldp", "MLP then depthwise-conv blocks, one of stride 2: 4x fewer tokens (MobileVLM)")
+def _ldp(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
+    return LDPConnector(d_vision, d_lm, cfg.pool, cfg.act, cfg.bias)
+
+
+@CONNECTORS.register("ldp_v2", "MLP, 2x2 average pooling, depthwise-conv positional encoding (MobileVLM V2)")
+def _ldp_v2(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
+    return LDPv2Connector(d_vision, d_lm, cfg.pool, cfg.num_queries, cfg.act, cfg.bias)
+
+
+@CONNECTORS.register("c_abstractor", "ResNet blocks, adaptive pooling to num_queries, ResNet blocks, MLP "
+                                     "(Honeybee / MM1)")
+def _c_abstractor(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
+    return CAbstractor(d_vision, d_lm, cfg.num_queries, cfg.depth, cfg.act, cfg.bias)
+
+
+@CONNECTORS.register("avg_pool", "average pooling of the patch grid, then the MLP (LLaVA-NeXT-Video)")
+def _avg_pool(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
+    return AvgPoolConnector(d_vision, d_lm, cfg.pool, cfg.num_queries, cfg.act, cfg.bias)
+
+
+@CONNECTORS.register("attn_pool", "each 2x2 window pooled by attention from its mean, then the MLP (Molmo)")
+def _attn_pool(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
+    return AttnPoolConnector(d_vision, d_lm, cfg.pool, cfg.heads, cfg.act, cfg.bias)
 
 
 def build_connector(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module:
@@ -42,6 +73,11 @@ def build_connector(cfg: ConnectorConfig, d_vision: int, d_lm: int) -> nn.Module
 
 __all__ = [
     "CONNECTORS",
+    "AttnPoolConnector",
+    "AvgPoolConnector",
+    "CAbstractor",
+    "LDPConnector",
+    "LDPv2Connector",
     "LinearConnector",
     "MLPConnector",
     "PerceiverConnector",
