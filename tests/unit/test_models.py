@@ -271,6 +271,12 @@ CONNECTOR_CASES = {  # name -> (ConnectorConfig, expected M for a 4x4 grid of 16
                                                                        num_query_tokens=5)), 5)],
     "perceiver": [(ConnectorConfig(kind="perceiver", act="silu", perceiver=ResamplerConfig(n_latents=5, depth=2, heads=4,
                                                                                           head_dim=8, kv_heads=2)), 5)],
+    # the pooling connectors (connectors/pooling.py): each 2x2 window one token, or adaptive pooling to num_queries
+    "ldp": [(ConnectorConfig(kind="ldp", pool=2), 4)],
+    "ldp_v2": [(ConnectorConfig(kind="ldp_v2", pool=2), 4), (ConnectorConfig(kind="ldp_v2", num_queries=1), 1)],
+    "c_abstractor": [(ConnectorConfig(kind="c_abstractor", num_queries=4, depth=1), 4)],
+    "avg_pool": [(ConnectorConfig(kind="avg_pool", pool=2), 4), (ConnectorConfig(kind="avg_pool", pool=4), 1)],
+    "attn_pool": [(ConnectorConfig(kind="attn_pool", pool=2, heads=2), 4)],
 }
 
 
@@ -442,8 +448,9 @@ def test_every_parameter_gets_a_finite_gradient(tiny_config, tokenizer, connecto
 
 
 def test_every_registered_connector_builds_into_a_model(tiny_config, tokenizer):
-    for name in CONNECTORS.names():
-        model = build_model(tiny_config(connector=name), tokenizer.token_id("<image>"))
+    for name in CONNECTORS.names():  # each with its first test case's settings (c_abstractor needs num_queries)
+        cfg = dataclasses.replace(tiny_config(), connector=CONNECTOR_CASES[name][0][0])
+        model = build_model(cfg, tokenizer.token_id("<image>"))
         feats = model.encode_media(fixed_media(torch.randn(2, 3, 16, 16), model.image_seq_len))
         assert feats.values.shape == (2, model.image_seq_len, 32) and feats.rows == [1, 1]
 
