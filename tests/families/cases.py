@@ -241,6 +241,7 @@ PRESET_CASES = [
     Case("tiny-mistral3", "mistral3", preset="tiny-mistral3"),
     Case("tiny-gemma3", "gemma3", preset="tiny-gemma3"),
     Case("tiny-llava-ldp", "llava", preset="tiny-llava-ldp"),
+    Case("tiny-llava-ldpv2", "llava", preset="tiny-llava-ldpv2"),
     Case("tiny-llava-cabs", "llava", preset="tiny-llava-cabs"),
     Case("tiny-llava-avgpool", "llava", preset="tiny-llava-avgpool"),
     Case("tiny-llava-attnpool", "llava", preset="tiny-llava-attnpool"),

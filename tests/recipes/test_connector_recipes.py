@@ -16,8 +16,8 @@ from vlmkit.train.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-KINDS = {"tiny-llava-ldp": "ldp", "tiny-llava-cabs": "c_abstractor", "tiny-llava-avgpool": "avg_pool",
-         "tiny-llava-attnpool": "attn_pool"}
+KINDS = {"tiny-llava-ldp": "ldp", "tiny-llava-ldpv2": "ldp_v2", "tiny-llava-cabs": "c_abstractor",
+         "tiny-llava-avgpool": "avg_pool", "tiny-llava-attnpool": "attn_pool"}
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,7 @@ def test_unknown_connector_lists_the_pooling_ones():
         build_connector(ConnectorConfig(kind="ldpv3"), DV, DLM)
 
 
-PRESETS = ["tiny-llava-ldp", "tiny-llava-cabs", "tiny-llava-avgpool", "tiny-llava-attnpool"]
+PRESETS = ["tiny-llava-ldp", "tiny-llava-ldpv2", "tiny-llava-cabs", "tiny-llava-avgpool", "tiny-llava-attnpool"]
 
 
 @pytest.mark.parametrize("name", PRESETS)

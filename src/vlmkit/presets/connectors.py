@@ -24,6 +24,13 @@ def tiny_llava_ldp() -> Preset:
                           "MobileVLM's Lightweight Downsample Projector (Chu et al. 2023, MobileVLM)")
 
 
+@PRESETS.register("tiny-llava-ldpv2", "tiny-llava with MobileVLM V2's LDPv2 connector (MLP, 2x2 average pooling, "
+                                      "depthwise-conv positional encoding: 8x8 -> 16 tokens)")
+def tiny_llava_ldpv2() -> Preset:
+    return with_connector(ConnectorConfig(kind="ldp_v2", pool=2),
+                          "MobileVLM V2's LDPv2 (Chu et al. 2024, MobileVLM V2)")
+
+
 @PRESETS.register("tiny-llava-cabs", "tiny-llava with Honeybee's C-Abstractor (ResNet blocks, adaptive "
                                      "pooling to 16 queries, ResNet blocks, MLP)")
 def tiny_llava_cabs() -> Preset:
