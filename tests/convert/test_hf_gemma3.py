@@ -154,7 +154,6 @@ def test_export_is_read_by_autoprocessor_to_the_same_ids_and_pixels(gemma3_folde
 
 
 @pytest.mark.parametrize("file, edit, match", [
-    ("preprocessor_config.json", lambda d: d.update(pan_and_scan_max_num_crops=1), "pan_and_scan_max_num_crops 1"),
     ("processor_config.json", lambda d: d.update(image_seq_length=16), "image_seq_length 16"),
     ("config.json", lambda d: d["text_config"].update(model_type="gemma2"), "text_config.model_type 'gemma2'"),
     ("config.json", lambda d: d.update(mm_tokens_per_image=8), "mm_tokens_per_image 8"),
@@ -172,17 +171,25 @@ def test_what_vlmkit_lacks_is_refused_by_name(gemma3_folder, tmp_path, file, edi
 
 
 def test_pan_and_scan_crops_ids_pixels_and_logits_equal_transformers(gemma3_folder, tmp_path):
-    """A folder whose image processor says do_pan_and_scan (crops of at least 8 px here): a wide 96x32 image gets 3
-    crops, a tall 40x60 one 2, a square one none; transformers' Gemma3Processor applies the setting when called
-    with it (its own default, False, wins over the folder's), and gives the same ids, pixels and logits."""
+    """Pan-and-scan (crops of at least 8 px here): a wide 96x32 image gets 3 crops, a tall 40x60 one 2, a square one
+    none, with transformers' ids, pixels and logits when Gemma3Processor is called with the settings. A folder that
+    writes them in its image-processor settings crops nothing by default: Gemma3Processor's own defaults win over
+    the folder's on every call, and vlmkit follows transformers' default call. A converted checkpoint whose
+    processor.json turns them on crops, and exports them."""
     folder = _copy(gemma3_folder[0], tmp_path)
     settings = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8, "pan_and_scan_max_num_crops": 4,
                 "pan_and_scan_min_ratio_to_activate": 1.2}
     _edit_json(folder / "processor_config.json", lambda d: d["image_processor"].update(settings))
     _, ref, hf_proc = gemma3_folder
-    pipe = vlmkit.load(folder)
     imgs = [real_images()[0].resize((96, 32)), real_images()[1], real_images()[2]]
     prompt = "<start_of_image> <start_of_image> <start_of_image> which?"
+    by_default = vlmkit.load(folder).processor
+    plain = hf_proc(text=prompt, images=imgs, return_tensors="pt")
+    assert by_default.prompt(prompt, by_default.prepare_images(imgs)).ids == plain["input_ids"][0].tolist()
+    assert by_default.prepare_images(imgs).rows == [1, 1, 1] and not by_default.cfg.do_pan_and_scan
+    convert_from_hf(folder, tmp_path / "vlmkit")
+    _edit_json(tmp_path / "vlmkit" / "processor.json", lambda d: d.update(settings))
+    pipe = vlmkit.load(tmp_path / "vlmkit")
     theirs = hf_proc(text=prompt, images=imgs, return_tensors="pt", **settings)
     media = pipe.processor.prepare_images(imgs)
     assert media.rows == [4, 3, 1] and media.tokens == [36, 27, 9]
@@ -194,7 +201,6 @@ def test_pan_and_scan_crops_ids_pixels_and_logits_equal_transformers(gemma3_fold
                                    atol=1e-4)
     # the placeholders of a dataset read the images (crops depend on their size), and the export keeps the setting
     assert pipe.processor.placeholders(imgs).tokens == [36, 27, 9]
-    convert_from_hf(folder, tmp_path / "vlmkit")
     convert_to_hf(tmp_path / "vlmkit", tmp_path / "hf")
     exported = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
     assert {k: exported[k] for k in settings} == settings

@@ -109,12 +109,11 @@ def _special_tokens(folder: Path) -> dict:
     return out
 
 
+# Gemma3Processor passes these to its image processor on every call unless the caller passes others, over the
+# folder's own settings: an imported folder takes them (no crops), as transformers' processor(...) does. Crops are
+# a processor setting (``do_pan_and_scan`` in a converted checkpoint's processor.json), exported as such.
 PAN_AND_SCAN = {"do_pan_and_scan": False, "pan_and_scan_min_crop_size": 256, "pan_and_scan_max_num_crops": 4,
-                "pan_and_scan_min_ratio_to_activate": 1.2}  # Gemma3Processor's defaults where the settings have none
-
-
-def _pan_and_scan(settings: dict) -> dict:
-    return {k: type(v)(settings[k]) if settings.get(k) is not None else v for k, v in PAN_AND_SCAN.items()}
+                "pan_and_scan_min_ratio_to_activate": 1.2}
 
 
 def load_gemma3_folder(folder: Path):
@@ -130,7 +129,7 @@ def load_gemma3_folder(folder: Path):
     processor = load_hf_processor(folder, "gemma3", model.image_token_id, model.image_seq_len, cfg.lm.max_seq_len,
                                   config=Gemma3ProcessorConfig, fixed_images=False,
                                   **image_processor_from_hf(settings, str(path)), **_special_tokens(Path(folder)),
-                                  **_pan_and_scan(settings))
+                                  **PAN_AND_SCAN)
     for token in (processor.cfg.boi_token, processor.cfg.eoi_token):
         if processor.tokenizer.tok.token_to_id(token) is None:
             raise CheckpointError(f"{folder}: Gemma 3's {token!r} is not in tokenizer.json's vocabulary")
