@@ -351,6 +351,9 @@ class ProcessorConfig:
     pad_token: str = "<pad>"
     eos_token: str = "<|end|>"
     bos_token: str = ""
+    # further tokens that end a generation as EOS does (an imported folder's generation_config.json eos_token_id
+    # list beyond the tokenizer's EOS: Gemma 3's <end_of_turn>, Phi-3's <|end|>, Llama 3's <|eom_id|>)
+    stop_tokens: list[str] = field(default_factory=list)
     # placeholders of inputs the imported family has but vlmkit does not implement (OneVision's "<video>"): a
     # prompt containing one is refused by name instead of being read as text
     refused_placeholders: list[str] = field(default_factory=list)

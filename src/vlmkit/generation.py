@@ -6,6 +6,7 @@ positions are counted from each sequence's first real token, so padding never ch
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,10 +56,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], media: MediaInputs | None, eos_id: int, pad_id: int,
+def generate(model, prompts: list[list[int]], media: MediaInputs | None, eos_id: int | Iterable[int], pad_id: int,
              gen: GenerationConfig, decode=None, use_cache: bool = True,
              features: Features | None = None) -> list[list[int]]:
-    """Generate continuations for a batch of prompt id lists; returns the new tokens of each (no eos).
+    """Generate continuations for a batch of prompt id lists; returns the new tokens of each (no eos). ``eos_id``:
+    the id that ends a sequence, or several (``Processor.stop_ids``: EOS and the folder's other end tokens).
 
     ``media``: the images of all prompts in reading order (the processor's MediaInputs); or ``features``, already
     encoded (``model.encode_media``'s output in reading order). Each prompt is the model's input: the prefill marks
@@ -82,12 +84,13 @@ def generate(model, prompts: list[list[int]], media: MediaInputs | None, eos_id:
     new = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     reserved = list(model.reserved_token_ids)
+    stops = frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
     for step in range(gen.max_new_tokens):
         logits = out.logits[:, -1].clone()
         logits[:, reserved] = float("-inf")  # an image slot can only come from the processor
         nxt = sample_next(logits, gen.temperature, gen.top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        _append(new, done, nxt, eos_id, gen, decode)
+        _append(new, done, nxt, stops, gen, decode)
         if bool(done.all()) or step == gen.max_new_tokens - 1:
             break
         ids = torch.cat([ids, nxt[:, None]], dim=1)
@@ -100,14 +103,15 @@ def generate(model, prompts: list[list[int]], media: MediaInputs | None, eos_id:
     return new
 
 
-def _append(new: list[list[int]], done: torch.Tensor, nxt: torch.Tensor, eos_id: int, gen: GenerationConfig,
-            decode) -> None:
-    """Add each unfinished row's sampled token, and mark the rows that end (EOS, a stop string)."""
+def _append(new: list[list[int]], done: torch.Tensor, nxt: torch.Tensor, stops: frozenset[int],
+            gen: GenerationConfig, decode) -> None:
+    """Add each unfinished row's sampled token, and mark the rows that end (EOS or another stop id, a stop
+    string)."""
     for i in range(len(new)):
         if done[i]:
             continue
         t = int(nxt[i])
-        if t == eos_id:
+        if t in stops:
             done[i] = True
             continue
         new[i].append(t)

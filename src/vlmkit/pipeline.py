@@ -72,7 +72,8 @@ class Pipeline:
         tok = self.processor.tokenizer
         features = self._shared_features(items, image_keys) if image_keys else None
         media = None if features is not None else MediaInputs.cat([e.media for e in items]).to(self.device)
-        out = generate(self.model, [e.ids for e in items], media, tok.eos_id, tok.pad_id, gen, decode=tok.decode,
+        out = generate(self.model, [e.ids for e in items], media, self.processor.stop_ids, tok.pad_id, gen,
+                       decode=tok.decode,
                        features=features)
         return [_cut_at_stop(tok.decode(ids), gen.stop) for ids in out]
 

@@ -312,3 +312,44 @@ def test_every_model_type_is_read_by_one_family():
             assert kind not in claimed, f"model_type {kind!r}: {claimed[kind]} and {family.name}"
             claimed[kind] = family.name
     assert {claimed[t] for t in (*LM_TYPES, "phi", "phi3")} == {"text"}
+
+
+
+def test_generation_stops_at_every_end_token_of_generation_config_as_transformers(hf_folder, tmp_path):
+    """generation_config.json's eos_token_id list (Gemma 3's [<eos>, <end_of_turn>], Phi-3's three ids): transformers'
+    generate stops at any of them, and so do chat(), generate() and the serving engine; the export writes the list.
+    Here the token that greedy decoding of a chat prompt reaches third is made an end token: the answer stops before
+    it, where it would otherwise go on."""
+    folder, ref, _ = hf_folder("llama")
+    question = "What colour is the small circle?"
+    free = vlmkit.load(folder)
+    ids = free.processor.chat(question, free.processor.prepare_images([])).ids
+    with torch.no_grad():
+        greedy = ref.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(ids):]
+    stop = int(greedy[2])
+    assert stop not in greedy[:2].tolist() and stop != free.processor.tokenizer.eos_id
+    dst = tmp_path / "stops"
+    shutil.copytree(folder, dst)
+    gen_cfg = json.loads((dst / "generation_config.json").read_text())
+    gen_cfg["eos_token_id"] = [free.processor.tokenizer.eos_id, stop]
+    (dst / "generation_config.json").write_text(json.dumps(gen_cfg))
+    pipe = vlmkit.load(dst)
+    assert pipe.processor.stop_ids == (free.processor.tokenizer.eos_id, stop)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(dst).eval()
+    with torch.no_grad():
+        out = theirs.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    assert out == greedy[:3].tolist()  # transformers ends on the stop token
+    answer = pipe.processor.tokenizer.decode(out[:2])
+    assert pipe.chat(None, question, max_new_tokens=6) == answer != free.chat(None, question, max_new_tokens=6)
+    engine = Engine(pipe).start()
+    try:
+        events = list(engine.submit_chat([{"role": "user", "content": question}], [],
+                                         GenerationConfig(max_new_tokens=6)))
+    finally:
+        engine.stop()
+    assert "".join(e.text for e in events) == answer and events[-1].finish_reason == "stop"
+    assert main(["convert", "--from", "hf", str(dst), "--out", str(tmp_path / "ours")]) == 0
+    assert vlmkit.load(tmp_path / "ours").processor.stop_ids == pipe.processor.stop_ids
+    assert main(["convert", "--to", "hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0
+    written = json.loads((tmp_path / "back" / "generation_config.json").read_text())["eos_token_id"]
+    assert written == list(pipe.processor.stop_ids)

@@ -43,6 +43,8 @@ class Processor:
         self.images = self.family.image_processor(cfg)
         self.layout = self.family.layout(cfg, tokenizer, self.files)
         self.image_token_id = tokenizer.token_id(cfg.image_token) if cfg.image_token else None
+        # what ends a generation: EOS and the processor's stop_tokens (each must be one token of the tokenizer)
+        self.stop_ids = tuple(dict.fromkeys([tokenizer.eos_id, *(tokenizer.token_id(t) for t in cfg.stop_tokens)]))
 
     @property
     def transform(self):

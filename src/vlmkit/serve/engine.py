@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmkit.batch import Batch, Features, MediaInputs, item_key
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.generation import GenerationConfig, left_pad, sample_next
-from vlmkit.batch import Batch, Features, MediaInputs, item_key
 from vlmkit.nn import KVCache
 
 
@@ -154,7 +154,7 @@ class Engine:
         self._stop = False
         self._lock = threading.Lock()  # the model: one forward at a time (embeddings come from request threads)
         tok = self.processor.tokenizer
-        self.eos_id, self.pad_id = tok.eos_id, tok.pad_id
+        self.stop_ids, self.pad_id = frozenset(self.processor.stop_ids), tok.pad_id
 
     @property
     def can_generate(self) -> bool:
@@ -325,7 +325,7 @@ class Engine:
                 done.append((r, "timeout"))
                 continue
             t = int(sample_next(logits[i:i + 1], r.gen.temperature, r.gen.top_p, r.generator)[0])
-            if t == self.eos_id:  # flush what was held back
+            if t in self.stop_ids:  # EOS or another end token: flush what was held back
                 self._send(r, decode(r.new), final=True)
                 done.append((r, "stop"))
                 continue

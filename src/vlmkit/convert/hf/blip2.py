@@ -29,6 +29,7 @@ from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, writ
 from vlmkit.convert.hf.lm import is_opt, lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
                                          load_hf_processor, read_image_processor)
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.convert.hf.vision import HF_VISION_ACTS, VISION_ACTS, _pair
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
@@ -328,7 +329,7 @@ def export_blip2(model: QueryVisionLanguageModel, cfg: VLMConfig, processor: Pro
     config["text_config"] |= special  # generation stops where vlmkit's does
     write_hf_weights(folder, export_tensors(model, cfg))
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "processor_config.json", proc)
     export_tokenizer(processor, folder)
     if QFORMER_TOKENIZER in processor.files:

@@ -19,6 +19,7 @@ from vlmkit.convert.hf.io import (export_table, find_prefix, load_state, read_ch
 from vlmkit.convert.hf.lm import (fuse_qkv, is_persimmon, lm_config_from_hf, lm_config_to_hf, lm_key_map,
                                   split_fused_qkv)
 from vlmkit.convert.hf.processor import PIL_CODES, PIL_RESAMPLE, export_tokenizer, load_hf_processor, read_image_processor
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
 from vlmkit.models.fuyu import IMAGE_TOKEN, NEWLINE_TOKEN, FuyuConfig, FuyuModel
@@ -186,7 +187,7 @@ def export_fuyu(model: FuyuModel, cfg: FuyuConfig, processor: Processor, folder:
     tensors["vision_embed_tokens.bias"] = model.patch_embed.bias
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "processor_config.json", {"image_processor": images, "processor_class": "FuyuProcessor"})
     export_tokenizer(processor, folder)
 

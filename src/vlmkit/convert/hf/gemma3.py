@@ -32,6 +32,7 @@ from vlmkit.convert.hf.processor import (
     load_hf_processor,
     read_image_processor,
 )
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.convert.hf.vision import (
     export_vision_tensors,
     vision_config_from_hf,
@@ -183,7 +184,7 @@ def export_gemma3(model: Gemma3Model, cfg: Gemma3Config, processor: Processor, f
     images |= {k: getattr(pcfg, k) for k in PAN_AND_SCAN}
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "preprocessor_config.json", images)
     write_json(folder / "processor_config.json", {"processor_class": "Gemma3Processor",
                                                   "image_seq_length": model.image_seq_len})

@@ -23,6 +23,7 @@ from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, writ
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
 from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
                                          load_hf_processor, load_hf_tokenizer, read_image_processor)
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.convert.hf.vision import export_vision_tensors, vision_config_from_hf, vision_config_to_hf, vision_tensors
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.fusion.cross_attention import idefics_gated_xattn_key_map
@@ -237,7 +238,7 @@ def export_idefics(model: FlamingoModel, cfg: FlamingoConfig, processor: Process
             tensors[base], tensors[additional] = whole[:split], whole[split:]
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "processor_config.json", {"processor_class": "IdeficsProcessor",
                                                   "image_size": cfg.vision.image_size[0],
                                                   "image_processor": preprocessor})

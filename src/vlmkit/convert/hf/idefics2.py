@@ -31,6 +31,7 @@ from vlmkit.convert.hf.processor import (
     load_hf_processor,
     read_image_processor,
 )
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.convert.hf.vision import (
     export_vision_tensors,
     vision_config_from_hf,
@@ -238,7 +239,7 @@ def export_idefics2(model: Idefics2Model, cfg: VLMConfig, processor: Processor, 
     tensors |= export_table(model.connector, idefics2_connector_key_map(cfg.connector.perceiver.depth))
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "preprocessor_config.json", {**idefics2_image_processor_to_hf(pcfg),
                                                      "processor_class": "Idefics2Processor"})
     write_json(folder / "processor_config.json", {"processor_class": "Idefics2Processor",

@@ -29,6 +29,7 @@ from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, writ
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (PIL_CODES, export_tokenizer, image_processor_from_hf, load_hf_processor,
                                          read_image_processor)
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.convert.hf.vision import export_vision_tensors, vision_config_from_hf, vision_config_to_hf, vision_tensors
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
@@ -277,7 +278,7 @@ def export_idefics3(model: VisionLanguageModel, cfg: VLMConfig, processor: Proce
     tensors |= export_table(model, CONNECTOR_TABLE)
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "preprocessor_config.json", {**images, "processor_class": processor_class})
     write_json(folder / "processor_config.json", {"processor_class": processor_class,
                                                   "image_seq_len": model.image_seq_len})

@@ -36,6 +36,7 @@ from vlmkit.convert.hf.processor import (
     load_hf_processor,
     read_image_processor,
 )
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.encoders.internvit import InternViTConfig
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
@@ -320,7 +321,7 @@ def export_internvl(model, cfg: InternVLConfig, processor: Processor, folder: Pa
     tensors |= export_table(model.lm, lm_key_map(cfg.lm, "language_model.model.", "language_model.lm_head.weight"))
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "processor_config.json", {"processor_class": "InternVLProcessor",
                                                   "image_seq_length": model.image_seq_len,
                                                   "image_processor": internvl_image_processor_to_hf(pcfg)})

@@ -11,6 +11,7 @@ from vlmkit.config import ConnectorConfig, VLMConfig
 from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_checkpoint, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
 from vlmkit.convert.hf.processor import export_tokenizer, image_processor_to_hf, load_hf_processor
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.convert.hf.vision import export_vision_tensors, vision_config_from_hf, vision_config_to_hf, vision_tensors
 from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
@@ -156,7 +157,7 @@ def export_llava(model: VisionLanguageModel, cfg: VLMConfig, processor: Processo
     tensors = export_llava_tensors(model, cfg)
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     images = image_processor_to_hf(processor.cfg)
     write_json(folder / "preprocessor_config.json", {**images, "processor_class": "LlavaProcessor"})
     write_json(folder / "processor_config.json", {

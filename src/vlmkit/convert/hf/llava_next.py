@@ -24,6 +24,7 @@ from vlmkit.convert.hf.io import find_prefix, read_checkpoint, write_hf_weights,
 from vlmkit.convert.hf.llava import export_llava_tensors, llava_config_from_hf, llava_config_to_hf, load_llava_weights
 from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
                                          load_hf_processor, read_image_processor)
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
 from vlmkit.models.llava_next import LlavaNextConfig
@@ -239,7 +240,7 @@ def export_llava_next(model, cfg: LlavaNextConfig, processor: Processor, folder:
             settings["video_token"] = video
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "preprocessor_config.json", images)
     write_json(folder / "processor_config.json", settings)
     export_tokenizer(processor, folder)

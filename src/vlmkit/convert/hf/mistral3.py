@@ -25,6 +25,7 @@ from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_che
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (PIL_CODES, PIL_RESAMPLE, export_tokenizer, load_hf_processor,
                                          read_image_processor)
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.encoders.pixtral import PIXTRAL_NORM_EPS
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
@@ -344,7 +345,7 @@ def export_mistral3(model: Mistral3Model, cfg: VLMConfig, processor: Processor, 
     config["text_config"] |= special
     write_hf_weights(folder, export_table(model, mistral3_key_map(cfg)))
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "preprocessor_config.json", images)
     write_json(folder / "processor_config.json", proc)
     export_tokenizer(processor, folder)

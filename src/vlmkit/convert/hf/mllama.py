@@ -23,6 +23,7 @@ from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_che
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
 from vlmkit.convert.hf.processor import (PIL_CODES, PIL_RESAMPLE, export_tokenizer, load_hf_processor,
                                          read_image_processor)
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.convert.hf.vision import HF_VISION_ACTS, VISION_ACTS
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
@@ -313,7 +314,7 @@ def export_mllama(model: MllamaModel, cfg: MllamaConfig, processor: Processor, f
     config["text_config"] |= special  # generation stops where vlmkit's does
     write_hf_weights(folder, export_table(model, mllama_key_map(cfg)))
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "preprocessor_config.json", preprocessor)
     write_json(folder / "processor_config.json", {"processor_class": "MllamaProcessor"})
     export_tokenizer(processor, folder)

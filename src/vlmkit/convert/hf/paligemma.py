@@ -23,6 +23,7 @@ from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_che
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map
 from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
                                          load_hf_processor, read_image_processor)
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.convert.hf.vision import export_vision_tensors, vision_config_from_hf, vision_config_to_hf, vision_tensors
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models import build_model
@@ -182,7 +183,7 @@ def export_paligemma(model: PaliGemmaModel, cfg: VLMConfig, processor: Processor
     tensors["multi_modal_projector.linear.bias"] = model.connector.proj.bias
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "preprocessor_config.json", preprocessor)
     write_json(folder / "processor_config.json", {"processor_class": "PaliGemmaProcessor"})
     export_tokenizer(processor, folder)

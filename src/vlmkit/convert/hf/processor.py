@@ -125,6 +125,32 @@ def load_hf_tokenizer(folder: str | Path) -> TextTokenizer:
 # ---------------------------------------------------------------------------------------------- chat templates
 
 
+def read_stop_tokens(folder: str | Path, tok: TextTokenizer) -> list[str]:
+    """The tokens besides the tokenizer's EOS that end a generation: generation_config.json's ``eos_token_id``
+    when it lists several (transformers' generate stops at any of them; Gemma 3's <end_of_turn>, Phi-3's
+    <|end|>, Llama 3's <|eom_id|>). [] without the file or with one id."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return []
+    ids = json.loads(path.read_text()).get("eos_token_id")
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    out = []
+    for i in ids:
+        token = tok.tok.id_to_token(int(i))
+        if token is None:
+            raise CheckpointError(f"{path}: eos_token_id {i} is not in tokenizer.json's vocabulary")
+        if token != tok.eos_token and token not in out:
+            out.append(token)
+    return out
+
+
+def generation_settings(special: dict, processor: Processor) -> dict:
+    """generation_config.json's ids for an export: ``special`` (eos, pad, bos), eos_token_id listing every id the
+    processor stops at when it has more than EOS."""
+    stops = list(processor.stop_ids)
+    return {**special, "eos_token_id": stops} if len(stops) > 1 else special
+
+
 def read_chat_template(folder: str | Path) -> str:
     """The folder's Jinja chat template, from wherever transformers saved it: ``chat_template.jinja``,
     ``chat_template.json``, ``processor_config.json`` or ``tokenizer_config.json`` (a string, or a list of
@@ -163,6 +189,7 @@ def load_hf_processor(folder: str | Path, family: str, image_token_id: int, imag
     if fixed_images:
         cfg, path = read_image_processor(folder)
         settings = {**image_processor_from_hf(cfg, str(path)), **settings}
+    settings.setdefault("stop_tokens", read_stop_tokens(folder, tok))
     pcfg = config(family=family, image_token=image_token, image_seq_len=image_seq_len, max_length=max_length,
                   text_mode="whole", chat_template_jinja=read_chat_template(folder), pad_token=tok.pad_token,
                   eos_token=tok.eos_token, bos_token=tok.bos_token or "", **settings)
@@ -263,8 +290,18 @@ def siglip_tokenizer_from_sentencepiece(path: str | Path, eos_token: str = "</s>
     pieces are found per word ("▁" + word) by the unigram model. Texts that contain the tokenizer's special
     tokens literally (``</s>``, ``<unk>``) are split at them as transformers does, but the words after one
     are not tokenised exactly as SiglipTokenizer does (it runs them through the model glued to "<unk>")."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     import string
+
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
     path = Path(path)
     proto = read_sentencepiece_model(path)

@@ -22,6 +22,7 @@ from vlmkit.convert.hf.io import export_table, find_prefix, load_state, read_che
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (PIL_CODES, PIL_RESAMPLE, export_tokenizer, load_hf_processor,
                                          load_hf_tokenizer, read_image_processor)
+from vlmkit.convert.hf.processor import generation_settings
 from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
 from vlmkit.processing.qwen2_vl import NativeResolutionConfig, Qwen2VLProcessorConfig
@@ -356,7 +357,7 @@ def write_folder(model: Qwen2VLModel, cfg: VLMConfig, processor: Processor, fold
     config |= special  # generation stops where vlmkit's does (and transformers' default Qwen ids are not used)
     write_hf_weights(folder, export_table(model, table))
     write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "preprocessor_config.json", images)
     write_json(folder / "processor_config.json", {"processor_class": processor_class})
     export_tokenizer(processor, folder)

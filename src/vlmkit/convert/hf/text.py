@@ -32,7 +32,13 @@ from vlmkit.convert.hf.phi import (
     phi_key_map,
     split_phi3,
 )
-from vlmkit.convert.hf.processor import export_tokenizer, load_hf_tokenizer, read_chat_template
+from vlmkit.convert.hf.processor import (
+    export_tokenizer,
+    generation_settings,
+    load_hf_tokenizer,
+    read_chat_template,
+    read_stop_tokens,
+)
 from vlmkit.errors import ConfigError
 from vlmkit.models import build_model
 from vlmkit.models.text import TextLM, TextLMConfig
@@ -79,7 +85,7 @@ def load_text_folder(folder: str | Path):
     tok = load_hf_tokenizer(ckpt.folder)
     pcfg = TextLMProcessorConfig(max_length=cfg.lm.max_seq_len, chat_template_jinja=read_chat_template(ckpt.folder),
                                  pad_token=tok.pad_token, eos_token=tok.eos_token, bos_token=tok.bos_token or "",
-                                 source=model.name)
+                                 stop_tokens=read_stop_tokens(ckpt.folder, tok), source=model.name)
     return model.eval(), cfg, Processor(pcfg, tok)
 
 
@@ -113,7 +119,7 @@ def export_text(model: TextLM, cfg: TextLMConfig, processor: Processor, folder: 
     special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id}
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config | special)
-    write_json(folder / "generation_config.json", special)
+    write_json(folder / "generation_config.json", generation_settings(special, processor))
     export_tokenizer(processor, folder)
 
 
