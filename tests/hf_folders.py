@@ -927,12 +927,9 @@ def pixtral_processor_class():
     return PixtralProcessor
 
 
-def build_mistral3(folder: Path):
-    """Mistral 3: a Pixtral tower (4-px patches, SiLU SwiGLU, rope theta 2000) whose features are merged 2x2, a
-    Mistral LM with grouped-query attention and head_dim 16 != width / heads, an untied head; a byte-level tokenizer
-    whose post-processor adds <s> (Tekken's); images fitted to a 40-px longest edge in 8-px units, so every test
-    image gets its own grid. The processor returned is PixtralProcessor read from the folder
-    (:func:`pixtral_processor_class`)."""
+def mistral3_tokenizer():
+    """(tokenizer, special token ids) of the Mistral 3 / Pixtral folders: byte-level, its post-processor adding <s>
+    (Tekken's)."""
     from tokenizers import processors as tok_processors
 
     raw = byte_level_tokenizer(MISTRAL3_SPECIAL)
@@ -940,7 +937,16 @@ def build_mistral3(folder: Path):
                                                            special_tokens=[("<s>", raw.token_to_id("<s>"))])
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
                                                unk_token="<unk>")
-    ids = dict(zip(MISTRAL3_SPECIAL, tok.convert_tokens_to_ids(MISTRAL3_SPECIAL)))
+    return tok, dict(zip(MISTRAL3_SPECIAL, tok.convert_tokens_to_ids(MISTRAL3_SPECIAL)))
+
+
+def build_mistral3(folder: Path):
+    """Mistral 3: a Pixtral tower (4-px patches, SiLU SwiGLU, rope theta 2000) whose features are merged 2x2, a
+    Mistral LM with grouped-query attention and head_dim 16 != width / heads, an untied head; a byte-level tokenizer
+    whose post-processor adds <s> (Tekken's); images fitted to a 40-px longest edge in 8-px units, so every test
+    image gets its own grid. The processor returned is PixtralProcessor read from the folder
+    (:func:`pixtral_processor_class`)."""
+    tok, ids = mistral3_tokenizer()
     torch.manual_seed(0)
     vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                               num_attention_heads=2, patch_size=4, image_size=40, hidden_act="silu",
@@ -970,14 +976,7 @@ def build_pixtral_llava(folder: Path):
     at layer -1 with strategy "full"), LLaVA's projector with biases, no patch merger (PixtralProcessor's
     spatial_merge_size 1), a Mistral LM with head_dim != width / heads; the tokenizer and template of
     :func:`build_mistral3`, images fitted to a 30-px longest edge."""
-    from tokenizers import processors as tok_processors
-
-    raw = byte_level_tokenizer(MISTRAL3_SPECIAL)
-    raw.post_processor = tok_processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", raw.token_to_id("<s>"))])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
-                                               unk_token="<unk>")
-    ids = dict(zip(MISTRAL3_SPECIAL, tok.convert_tokens_to_ids(MISTRAL3_SPECIAL)))
+    tok, ids = mistral3_tokenizer()
     torch.manual_seed(1)
     vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                                               num_attention_heads=4, patch_size=6, image_size=30, hidden_act="gelu",
