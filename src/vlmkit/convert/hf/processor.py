@@ -290,18 +290,8 @@ def siglip_tokenizer_from_sentencepiece(path: str | Path, eos_token: str = "</s>
     pieces are found per word ("▁" + word) by the unigram model. Texts that contain the tokenizer's special
     tokens literally (``</s>``, ``<unk>``) are split at them as transformers does, but the words after one
     are not tokenised exactly as SiglipTokenizer does (it runs them through the model glued to "<unk>")."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     import string
-
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-    )
 
     path = Path(path)
     proto = read_sentencepiece_model(path)
