@@ -173,3 +173,19 @@ def test_checkpoint_folder_is_relocatable(tmp_path, tiny_config, make_processor,
     with torch.no_grad():
         loaded = load_checkpoint(tmp_path / "b")[0]
         assert torch.equal(forward(loaded, ids, pixels).logits, forward(model, ids, pixels).logits)
+
+
+def test_an_optional_hugging_face_json_file_is_read_or_refused_by_name(tmp_path):
+    """convert/hf's reader of processor_config.json, tokenizer_config.json, ...: absent or not an object gives {},
+    invalid JSON is refused naming the file."""
+    from vlmkit.convert.hf.io import read_json
+
+    path = tmp_path / "processor_config.json"
+    assert read_json(path) == {}
+    path.write_text("[1, 2]")
+    assert read_json(path) == {}
+    path.write_text('{"image_seq_len": 64}')
+    assert read_json(path) == {"image_seq_len": 64}
+    path.write_text('{"image_seq_len": ')
+    with pytest.raises(CheckpointError, match=r"processor_config\.json: not valid JSON"):
+        read_json(path)

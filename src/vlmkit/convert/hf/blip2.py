@@ -18,14 +18,13 @@ transformers saves and the processor files its AutoProcessor reads back.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from vlmkit.config import ConnectorConfig, QFormerConfig, VisionConfig, VLMConfig
 from vlmkit.connectors.qformer import qformer_key_map
-from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
+from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, read_json, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import is_opt, lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (export_tokenizer, image_processor_from_hf, image_processor_to_hf,
                                          load_hf_processor, read_image_processor)
@@ -168,15 +167,6 @@ def load_hf_blip2(folder: str | Path) -> QueryVisionLanguageModel:
     return _load(folder)[0]
 
 
-def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-
-
 def _qformer_tokenizer(folder: Path, vocab_size: int):
     """(InstructBLIP's Q-Former tokenizer, its pad token) from ``qformer_tokenizer/``."""
     from tokenizers import Tokenizer
@@ -190,7 +180,7 @@ def _qformer_tokenizer(folder: Path, vocab_size: int):
     if tok.get_vocab_size() > vocab_size:
         raise CheckpointError(f"{path}: {tok.get_vocab_size()} tokens, more than the Q-Former's "
                               f"qformer_config.vocab_size {vocab_size} in config.json")
-    special = _json(sub / "special_tokens_map.json") | _json(sub / "tokenizer_config.json")
+    special = read_json(sub / "special_tokens_map.json") | read_json(sub / "tokenizer_config.json")
     pad = special.get("pad_token", "[PAD]")
     return tok, pad.get("content") if isinstance(pad, dict) else pad
 
@@ -201,7 +191,7 @@ def load_blip2_folder(folder: Path):
     model, cfg = _load(folder)
     settings, path = read_image_processor(folder)
     proc_path = folder / "processor_config.json"
-    n_query = _json(proc_path).get("num_query_tokens", settings.get("num_query_tokens"))
+    n_query = read_json(proc_path).get("num_query_tokens", settings.get("num_query_tokens"))
     if n_query is None:
         raise ConfigError(f"{proc_path}: no num_query_tokens: {PROCESSORS[cfg.family]} then writes no image tokens "
                           f"(a layout transformers 5 no longer runs); set it to config.json's num_query_tokens "

@@ -21,6 +21,7 @@ from vlmkit.convert.hf.io import (
     find_prefix,
     load_state,
     read_checkpoint,
+    read_json,
     write_hf_weights,
     write_json,
 )
@@ -122,7 +123,7 @@ def load_gemma3_folder(folder: Path):
     model, cfg = _load_gemma3(folder)
     settings, path = read_image_processor(folder)
     proc_path = Path(folder) / "processor_config.json"
-    proc = json.loads(proc_path.read_text()) if proc_path.is_file() else {}
+    proc = read_json(proc_path)
     seq_len = proc.get("image_seq_length", settings.get("image_seq_length"))
     if seq_len is not None and int(seq_len) != model.image_seq_len:
         raise ConfigError(f"{proc_path}: image_seq_length {seq_len} does not match config.json's mm_tokens_per_image "

@@ -10,12 +10,11 @@ is the text's ``intermediate_size`` with the text's ``hidden_act``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vlmkit.config import ConnectorConfig, ResamplerConfig, VLMConfig
 from vlmkit.connectors.perceiver import idefics2_connector_key_map
-from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
+from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, read_json, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import (
     HF_ACTS,
     LM_ACTS,
@@ -127,26 +126,16 @@ def idefics2_image_settings(cfg: dict, where: str = "preprocessor_config.json") 
     return {**shared, "min_edge": min_edge, "max_edge": max_edge, "split": bool(cfg.get("do_image_splitting"))}
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    return data if isinstance(data, dict) else {}
-
-
 def load_idefics2_processor(folder: Path, model: Idefics2Model, cfg: VLMConfig) -> Processor:
     """The folder's processor as Idefics2Processor builds input_ids and pixels."""
     image_cfg, path = read_image_processor(folder)
     settings = idefics2_image_settings(image_cfg, str(path))
     proc_path = folder / "processor_config.json"
-    seq_len = _read_json(proc_path).get("image_seq_len", IMAGE_SEQ_LEN_DEFAULT)
+    seq_len = read_json(proc_path).get("image_seq_len", IMAGE_SEQ_LEN_DEFAULT)
     if seq_len != model.image_seq_len:
         raise ConfigError(f"{proc_path}: image_seq_len {seq_len} differs from the model's {model.image_seq_len} "
                           f"(perceiver_config.resampler_n_latents in config.json)")
-    named = _read_json(folder / "tokenizer_config.json").get("extra_special_tokens")
+    named = read_json(folder / "tokenizer_config.json").get("extra_special_tokens")
     named = named if isinstance(named, dict) else {}
     for key, default in (("image_token", IMAGE_TOKEN), ("image_boundary_token", FAKE_IMAGE_TOKEN)):
         if named.get(key, default) != default:  # Idefics2Processor then takes these names from the tokenizer

@@ -19,13 +19,12 @@ Export (:func:`export_idefics3`) writes such a model back as an Idefics3 folder 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from vlmkit.config import ConnectorConfig, ProcessorConfig, VLMConfig
-from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, write_hf_weights, write_json
+from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, read_json, write_hf_weights, write_json
 from vlmkit.convert.hf.lm import lm_config_from_hf, lm_config_to_hf, lm_key_map, untie_if_head_saved
 from vlmkit.convert.hf.processor import (PIL_CODES, export_tokenizer, image_processor_from_hf, load_hf_processor,
                                          read_image_processor)
@@ -130,16 +129,6 @@ def idefics3_image_settings(cfg: dict, where: str = "preprocessor_config.json") 
     return {**fixed, "split": ImageSplitConfig(longest, bool(cfg.get("do_image_splitting", True)))}
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    return data if isinstance(data, dict) else {}
-
-
 def load_idefics3_processor(folder: Path, model: VisionLanguageModel, cfg: VLMConfig, kind: str) -> Processor:
     """The folder's processor as Idefics3Processor / SmolVLMProcessor builds input_ids: each ``<image>`` becomes
     its tiles' markers and image tokens, the whole string tokenised with the tokenizer's special tokens."""
@@ -150,11 +139,11 @@ def load_idefics3_processor(folder: Path, model: VisionLanguageModel, cfg: VLMCo
                           f"config.json vision_config.image_size {cfg.vision.image_size[0]}: tiles of another size "
                           f"than the tower's would go through its position buckets, which vlmkit does not implement")
     proc_path = folder / "processor_config.json"
-    seq_len = _read_json(proc_path).get("image_seq_len", IMAGE_SEQ_LEN_DEFAULT)
+    seq_len = read_json(proc_path).get("image_seq_len", IMAGE_SEQ_LEN_DEFAULT)
     if seq_len != model.image_seq_len:
         raise ConfigError(f"{proc_path}: image_seq_len {seq_len} differs from the model's {model.image_seq_len} "
                           f"((image_size // patch_size)^2 / scale_factor^2 from config.json)")
-    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    tok_cfg = read_json(folder / "tokenizer_config.json")
     named = tok_cfg.get("extra_special_tokens") if isinstance(tok_cfg.get("extra_special_tokens"), dict) else {}
     if kind == "smolvlm":  # SmolVLMProcessor takes the names of these tokens from the tokenizer
         for key, default in (("image_token", IMAGE_TOKEN), ("fake_image_token", FAKE_IMAGE_TOKEN),

@@ -25,6 +25,7 @@ from vlmkit.convert.hf.io import (
     find_prefix,
     load_state,
     read_checkpoint,
+    read_json,
     write_hf_weights,
     write_json,
 )
@@ -187,16 +188,6 @@ def load_internvl(folder: str | Path):
     return model.eval(), cfg
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    return data if isinstance(data, dict) else {}
-
-
 def internvl_image_settings(cfg: dict, where: str) -> dict:
     """GotOcr2ImageProcessor settings (as InternVLProcessor calls it) -> InternVLProcessorConfig fields."""
     cfg = {**IMAGE_DEFAULTS, **cfg}
@@ -216,7 +207,7 @@ def image_token_names(folder: Path) -> dict:
     """start / end / context image token strings of the tokenizer (the attributes InternVLProcessor reads), from
     tokenizer_config.json: top-level keys as transformers 5 writes them, or its ``extra_special_tokens``."""
     path = folder / "tokenizer_config.json"
-    data = _read_json(path)
+    data = read_json(path)
     named = data.get("extra_special_tokens")
     named = {**(named if isinstance(named, dict) else {}), **{k: data[k] for k in IMAGE_TOKENS if k in data}}
     missing = [k for k in IMAGE_TOKENS if k not in named]
@@ -236,7 +227,7 @@ def load_internvl_processor(folder: Path, model, cfg: InternVLConfig) -> Process
                           f"image_size {cfg.vision.image_size[0]}: InternVL's tiles are the tower's size (vlmkit does "
                           f"not interpolate the positions)")
     proc_path = folder / "processor_config.json"
-    seq_len = _read_json(proc_path).get("image_seq_length", IMAGE_SEQ_LEN_DEFAULT)
+    seq_len = read_json(proc_path).get("image_seq_length", IMAGE_SEQ_LEN_DEFAULT)
     if seq_len != model.image_seq_len:
         raise ConfigError(f"{proc_path}: image_seq_length {seq_len} differs from the model's {model.image_seq_len} "
                           f"((image_size // patch_size)^2 * downsample_ratio^2 from config.json)")

@@ -108,6 +108,18 @@ def write_hf_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
               metadata={"format": "pt"})
 
 
+def read_json(path: Path) -> dict:
+    """An optional JSON file of a folder (processor_config.json, tokenizer_config.json, ...): {} when absent or not
+    an object; invalid JSON is refused naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    return data if isinstance(data, dict) else {}
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
