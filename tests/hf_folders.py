@@ -940,6 +940,14 @@ def mistral3_tokenizer():
     return tok, dict(zip(MISTRAL3_SPECIAL, tok.convert_tokens_to_ids(MISTRAL3_SPECIAL)))
 
 
+def mistral3_text_config(tok, ids: dict):
+    """The Mistral LM of the Mistral 3 / Pixtral folders: grouped-query attention, head_dim 16 != width / heads."""
+    return transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=3e-6,
+                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=None,
+                                      bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], initializer_range=0.2)
+
+
 def build_mistral3(folder: Path):
     """Mistral 3: a Pixtral tower (4-px patches, SiLU SwiGLU, rope theta 2000) whose features are merged 2x2, a
     Mistral LM with grouped-query attention and head_dim 16 != width / heads, an untied head; a byte-level tokenizer
@@ -952,10 +960,7 @@ def build_mistral3(folder: Path):
                                               num_attention_heads=2, patch_size=4, image_size=40, hidden_act="silu",
                                               rope_parameters={"rope_type": "axial", "rope_theta": 2000.0},
                                               initializer_range=0.2)
-    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=3e-6,
-                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=None,
-                                      bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], initializer_range=0.2)
+    text = mistral3_text_config(tok, ids)
     cfg = transformers.Mistral3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                       image_token_index=ids["[IMG]"], spatial_merge_size=2,
                                       projector_hidden_act="gelu", tie_word_embeddings=False)
@@ -982,10 +987,7 @@ def build_pixtral_llava(folder: Path):
                                               num_attention_heads=4, patch_size=6, image_size=30, hidden_act="gelu",
                                               rope_parameters={"rope_type": "axial", "rope_theta": 5000.0},
                                               initializer_range=0.2)
-    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=3e-6,
-                                      rope_theta=50000.0, max_position_embeddings=1024, sliding_window=None,
-                                      bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], initializer_range=0.2)
+    text = mistral3_text_config(tok, ids)
     cfg = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                    image_token_index=ids["[IMG]"], vision_feature_layer=-1,
                                    vision_feature_select_strategy="full", projector_hidden_act="gelu",
