@@ -181,3 +181,16 @@ def test_replies_are_found_by_generation_marks_or_by_prefix_and_otherwise_refuse
     with pytest.raises(DataError, match=r"t: the chat template renders earlier turns differently once turn 1 is "
                                         r"added"):
         JinjaTemplate(template(False, False), "<image>", None, "</s>").render_with_spans(messages, "t")
+    # Phi-3's: EOS after a conversation's last turn (no generation prompt), so the conversation up to the first
+    # reply ends in an EOS the whole one has only at its end: the first reply stops before it, the last has it
+    phi3 = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'][0]['text'] + "
+            "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}"
+            "{{ eos_token }}{% endif %}")
+    text, spans = JinjaTemplate(phi3, "<image>", None, "</s>").render_with_spans(messages, "t")
+    assert [text[a:b] for a, b in spans] == ["hello<|end|>\n", "bye<|end|>\n</s>"]
+    # a template that writes an earlier reply differently once the conversation goes on is still refused
+    rewritten = phi3.replace("message['content'][0]['text']",
+                             "(message['content'][0]['text'] if loop.last or message['role'] != 'assistant' "
+                             "else 'x')")
+    with pytest.raises(DataError, match=r"turn 1 is added"):
+        JinjaTemplate(rewritten, "<image>", None, "</s>").render_with_spans(messages, "t")

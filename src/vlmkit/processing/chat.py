@@ -174,7 +174,8 @@ class JinjaTemplate:
         marks them with ``{% generation %}`` says where they are (transformers' assistant mask); otherwise each
         reply is what the template adds to the conversation before it (with the generation prompt) to write
         the reply and its end-of-turn markup, and a template whose earlier text changes when a turn is added
-        cannot be split that way and is refused."""
+        cannot be split that way and is refused. An EOS a template writes only after a conversation's last turn
+        (Phi-3's, without a generation prompt) belongs to the last reply alone."""
         if self.marks_generation:
             chunks: list[str] = []
             self._tracked[:] = [chunks, []]
@@ -191,10 +192,14 @@ class JinjaTemplate:
                 continue
             before = self.render(messages[:i], add_generation_prompt=True)
             upto = self.render(messages[:i + 1])
-            if not (upto.startswith(before) and text.startswith(upto)):
+            end = len(upto)
+            eos = self.eos_token
+            if eos and not text.startswith(upto) and upto.endswith(eos) and text.endswith(eos):
+                end -= len(eos)  # the EOS after a conversation's last turn only: not part of an earlier reply
+            if not (upto.startswith(before) and text.startswith(upto[:end]) and end > len(before)):
                 raise DataError(f"{where}: the chat template renders earlier turns differently once turn {i} is "
                                 f"added, so the assistant replies cannot be located for the label mask")
-            spans.append((len(before), len(upto)))
+            spans.append((len(before), end))
         return text, spans
 
 

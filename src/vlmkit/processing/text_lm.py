@@ -11,7 +11,6 @@ BOS where the model wants one).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -65,25 +64,6 @@ class StringContentTemplate(JinjaTemplate):
 
     def parts(self, content: str, images_first: int = 0) -> str:
         return content
-
-    def render_with_spans(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
-        """As JinjaTemplate's, but a template that closes a conversation after its last turn (Phi-3's EOS when
-        there is no generation prompt) is allowed: each reply ends where the conversation up to it and the
-        whole one part (the closing text belongs to the last reply only)."""
-        if self.marks_generation:
-            return super().render_with_spans(messages, where)
-        text, spans = self.render(messages), []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[:i + 1])
-            end = len(os.path.commonprefix([upto, text]))
-            if not (upto.startswith(before) and text.startswith(before)) or end <= len(before):
-                raise DataError(f"{where}: the chat template renders earlier turns differently once turn {i} is "
-                                f"added, so the assistant replies cannot be located for the label mask")
-            spans.append((len(before), end))
-        return text, spans
 
 
 class TextLMLayout(TemplateLayout):
