@@ -34,6 +34,50 @@ class EvalSample:
     meta: dict = field(default_factory=dict)
 
 
+class EmbeddedImage:
+    """An image held inside a benchmark file (MMBench's base64 TSV column, MMMU's parquet struct): its encoded
+    bytes and where they came from. Readers keep the bytes, not decoded pixels, so a large benchmark fits in
+    memory; :meth:`open` decodes it when the batch that needs it is asked. ``str()`` names the source (the file
+    and the row), which is what the predictions file records."""
+
+    __slots__ = ("data", "source")
+
+    def __init__(self, data: bytes, source: str):
+        self.data, self.source = data, source
+
+    def open(self):
+        """The decoded PIL image (RGB unless it is L/RGBA); a corrupt image is refused naming its source."""
+        import io
+
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(self.data)) as im:
+                im.load()
+                return im.copy()
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.source}: the embedded image cannot be decoded ({e})") from e
+
+    def __str__(self) -> str:
+        return self.source
+
+    __repr__ = __str__
+
+
+def load_media(image):
+    """What a model is given for one of a sample's images: a path as it is, an :class:`EmbeddedImage` decoded."""
+    return image.open() if isinstance(image, EmbeddedImage) else image
+
+
+def benchmark_root(root: str | Path, task: str, split: str) -> Path:
+    """Where a benchmark's official files are: ``root/{task}_{split}/`` when that folder exists (ShapesWorld
+    writes each benchmark's exact layout there, one folder per split), else ``root`` itself (the folder a user
+    downloaded the benchmark into)."""
+    root = Path(root)
+    sub = root / f"{task}_{split}"
+    return sub if sub.is_dir() else root
+
+
 def _load_json(path: Path):
     if not path.is_file():
         raise DataError(f"file not found: {path}")

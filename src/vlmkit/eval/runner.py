@@ -24,6 +24,7 @@ from vlmkit.version import __version__
 from vlmkit.errors import ConfigError
 from vlmkit.eval.backends import OpenAIBackend, is_endpoint_spec, parse_model_spec
 from vlmkit.eval.metrics.stats import bootstrap_ci
+from vlmkit.eval.readers import load_media
 from vlmkit.eval.tasks import TASKS, Task, aggregate, get_task
 from vlmkit.utils import atomic_write_json, atomic_write_text
 
@@ -66,7 +67,7 @@ def run_task(pipe, task: Task, data: Path, split: str, limit: int | None, batch_
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         prompts = [task.prompt(s) + post_prompt for s in chunk]
-        answers = pipe.chat_batch([(s.images, p) for s, p in zip(chunk, prompts)],
+        answers = pipe.chat_batch([([load_media(im) for im in s.images], p) for s, p in zip(chunk, prompts)],
                                   max_new_tokens=task.max_new_tokens)
         errors = list(pipe.last_errors) or [None] * len(chunk)  # an endpoint's per-request failures
         for s, prompt, answer, error in zip(chunk, prompts, answers, errors):

@@ -340,3 +340,7 @@ register_task(Task(
     "retrieval", "Image-caption retrieval over a captions file: recall@1/5/10 both ways, by embedding similarity "
     "(dual encoders) or caption likelihood", "image_to_text_recall@1", "captions_{split}.json (COCO captions layout)",
     _retrieval_samples, lambda s: RETRIEVAL_PROMPT, lambda p, s: {}, evaluate=_retrieve))
+
+
+# the benchmarks in their official layouts (MMMU, MMBench, MME, TextVQA, DocVQA, ...) register themselves
+from vlmkit.eval import benchmarks  # noqa: E402,F401

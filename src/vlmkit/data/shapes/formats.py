@@ -24,8 +24,9 @@ from vlmkit.errors import DataError
 from vlmkit.utils import atomic_write_json
 
 GENERATOR = "vlmkit.data.shapes"
-# bump whenever the same arguments would give different files (2: objects_{split}; 3: multi_{split})
-GENERATOR_VERSION = 3
+# bump whenever the same arguments would give different files (2: objects_{split}; 3: multi_{split}; 4: the
+# benchmark layouts of vlmkit.eval.benchmarks in {task}_{split}/)
+GENERATOR_VERSION = 4
 
 
 def _scene_record(item: dict) -> dict:
@@ -272,3 +273,6 @@ def _write_eval_layouts(folder: Path, split: str, items: list[dict]) -> None:
     for category, rows in _pope_rows(items).items():
         (folder / f"pope_{split}_{category}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
                                                               encoding="utf-8")
+    from vlmkit.eval.benchmarks import write_shapes_layouts  # MMMU, MMBench, MME, ... in {task}_{split}/
+
+    write_shapes_layouts(folder, split, items)
