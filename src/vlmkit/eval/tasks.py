@@ -1,4 +1,5 @@
-"""The task registry: a task is a data reader + a prompt format + a per-sample score + an aggregate.
+"""The built-in tasks (a task is a data reader + a prompt format + a per-sample score + an aggregate, see
+:mod:`vlmkit.eval.registry`); importing this module also registers the official benchmarks' tasks.
 
 Tasks read the official layouts (:mod:`vlmkit.eval.readers`) from a data folder; ShapesWorld writes every layout,
 so each task runs on it out of the box (``vlmkit data shapes``). The runner (:mod:`vlmkit.eval.runner`) asks the
@@ -9,13 +10,12 @@ task's headline ``metric``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from vlmkit.errors import ConfigError, DataError
+from vlmkit.errors import DataError
+from vlmkit.eval.registry import TASKS, Task, aggregate, get_task, register_task  # noqa: F401 (re-exported)
 from vlmkit.eval.metrics.caption import evaluate_captions
 from vlmkit.eval.metrics.choice import circular_accuracy, circular_rotations, score_choice
 from vlmkit.eval.metrics.grounding import score_grounding
@@ -29,60 +29,6 @@ from vlmkit.eval.readers import (COCO_IMAGE_PATTERN, SHAPES_IMAGE_PATTERN, EvalS
                                  read_scienceqa, read_vqav2)
 
 POPE_CATEGORIES = ("random", "popular", "adversarial")
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    description: str
-    metric: str  # the headline metric: each sample's score of that name is what the confidence interval is of
-    data: str  # the files it reads under the data folder ({split} filled in), for `vlmkit tasks`
-    read: Callable[[Path, str, int | None], list[EvalSample]]  # (data folder, split, limit) -> samples
-    prompt: Callable[[EvalSample], str]  # the question as asked (the model's chat template is applied after)
-    score: Callable[[str, EvalSample], dict[str, float]]  # (prediction, sample) -> per-sample scores
-    group_by: str = ""  # a meta key whose groups get their own headline score (e.g. question type)
-    max_new_tokens: int = 16
-    # (predictions, samples) -> metrics, for metrics that are not means of per-sample scores (POPE's F1, the
-    # caption metrics); None: the mean of each per-sample score, and the headline per group. A "_per_sample"
-    # entry (the headline per sample) is what the confidence interval is computed from, when score gives none
-    summarize: Callable[[list[str], list[EvalSample]], dict[str, float]] | None = None
-    # tasks that rank candidates instead of generating (zero-shot classification, retrieval): (pipeline,
-    # samples, data folder, progress) -> (predictions, per-sample scores, metrics over the set); the runner skips
-    # generation and ``score``
-    evaluate: Callable | None = None
-
-
-TASKS: dict[str, Task] = {}
-
-
-def register_task(task: Task) -> Task:
-    if task.name in TASKS:
-        raise ValueError(f"task {task.name!r} registered twice")
-    TASKS[task.name] = task
-    return task
-
-
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))} (see `vlmkit tasks`)")
-    return TASKS[name]
-
-
-def aggregate(task: Task, scores: list[dict[str, float]], samples: list[EvalSample],
-              predictions: list[str]) -> dict[str, float]:
-    """The task's own ``summarize``, or the mean of every per-sample score over the samples and the headline
-    metric per ``group_by`` group."""
-    if task.summarize is not None:
-        return task.summarize(predictions, samples)
-    out: dict[str, float] = {}
-    for key in scores[0] if scores else ():
-        out[key] = sum(s[key] for s in scores) / len(scores)
-    if task.group_by:
-        groups: dict[str, list[float]] = defaultdict(list)
-        for s, sample in zip(scores, samples):
-            groups[str(sample.meta.get(task.group_by))].append(s[task.metric])
-        out |= {f"{task.metric}/{g}": sum(v) / len(v) for g, v in sorted(groups.items())}
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ tasks

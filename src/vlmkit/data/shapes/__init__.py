@@ -204,9 +204,12 @@ def _generate_into(folder: Path, arguments: dict, progress: bool) -> dict:
                 render_scene(item["scene"]).save(folder / item["file_name"], format="PNG")
                 items.append(item)
                 bar.update(1)
+    from vlmkit.eval.benchmarks import write_shapes_layouts  # MMMU, MMBench, MME, ... in {task}_{split}/
+
     for split in SPLITS:
         _write_split(folder, split, [it for it in items if it["split"] == split], a["seed"])
         if split != "train":
+            write_shapes_layouts(folder, split, [it for it in items if it["split"] == split])
             n_split = sum(it["split"] == split for it in items)
             _write_object_folder(folder, split, n_split, a["seed"], *a["size"])
     _write_rows(folder / "scenes.json", [_scene_record(it) for it in items])

@@ -273,6 +273,3 @@ def _write_eval_layouts(folder: Path, split: str, items: list[dict]) -> None:
     for category, rows in _pope_rows(items).items():
         (folder / f"pope_{split}_{category}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
                                                               encoding="utf-8")
-    from vlmkit.eval.benchmarks import write_shapes_layouts  # MMMU, MMBench, MME, ... in {task}_{split}/
-
-    write_shapes_layouts(folder, split, items)

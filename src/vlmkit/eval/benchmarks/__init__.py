@@ -1,9 +1,14 @@
 """The benchmarks people report, read from their official release layouts and scored by their official rules.
 
-Each module registers its tasks (:func:`vlmkit.eval.tasks.register_task`) and a ShapesWorld writer
+Each module registers its tasks (:func:`vlmkit.eval.registry.register_task`) and a ShapesWorld writer
 (:func:`shapes_writer`) that writes the same layout from ShapesWorld's scenes, so every task also runs on
 ``vlmkit data shapes`` output: ShapesWorld puts a benchmark's files in ``{task}_{split}/`` under its folder
 (:func:`vlmkit.eval.readers.benchmark_root`), a downloaded benchmark is read from ``--data`` itself.
+
+Import rules (tests/unit/test_architecture.py forbids import cycles, lazy ones included): a benchmark module
+imports :mod:`vlmkit.eval.registry` (never :mod:`vlmkit.eval.tasks`, which imports this package) and, for its
+ShapesWorld writer, :mod:`vlmkit.data.shapes.formats` / ``.scenes`` (never the package ``vlmkit.data.shapes``,
+which calls :func:`write_shapes_layouts`).
 """
 
 from __future__ import annotations
