@@ -116,10 +116,29 @@ def cmd_eval(args) -> None:
     tasks = [t for t in args.tasks.split(",") if t]
     res = run_eval(args.model, tasks, args.data, args.out, split=args.split, limit=args.limit,
                    batch_size=args.batch_size, seed=args.seed, post_prompt=args.post_prompt.replace("\\n", "\n"),
-                   progress=not args.quiet, cache=args.cache, concurrency=args.concurrency)
-    print(json.dumps({name: {r["metric"]: r["metrics"][r["metric"]], "n": r["n"]}
+                   progress=not args.quiet, cache=args.cache, concurrency=args.concurrency, retries=args.retries,
+                   backoff=args.backoff, timeout=args.timeout)
+    print(json.dumps({name: {r["metric"]: r["metrics"].get(r["metric"]), "n": r["n"]}
                       | ({"n_errors": r["n_errors"]} if r.get("n_errors") else {})
                       for name, r in res["tasks"].items()}))
+    failed = {name: r["n_errors"] for name, r in res["tasks"].items() if r["n_errors"]}
+    if failed and not args.allow_errors:
+        print(f"vlmkit: error: the endpoint failed on {sum(failed.values())} sample(s) "
+              f"({', '.join(f'{k} {v}' for k, v in failed.items())}): they are left out of the metrics and listed "
+              f"with their error in the predictions files beside {args.out}, which says \"complete\": false. Rerun "
+              f"the same command to ask again for them only (answers are cached), or pass --allow-errors to accept "
+              f"the results without them", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_eval_report(args) -> None:
+    """Compare several `vlmkit eval` runs (results.json files): one markdown table of models x tasks with the 95%
+    confidence intervals, and a plot beside it."""
+    from vlmkit.eval.report import compare_results
+
+    out = compare_results(args.results, args.out, names=args.names.split(",") if args.names else None)
+    print(json.dumps({"table": str(out), "plot": str(out.with_suffix(".png"))}))
 
 
 def cmd_embed(args) -> None:
@@ -322,7 +341,9 @@ def _add_chat(sub) -> None:
 
 def _add_eval(sub) -> None:
     """``vlmkit eval``: the model or endpoint, the tasks and their data, and ``vlmkit tasks`` that lists them."""
-    ev = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    ev = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__,
+                        epilog="`vlmkit eval report RESULTS.json...` compares several runs in one table and plot "
+                        "(see `vlmkit eval report --help`).")
     ev.add_argument("--model", required=True, help="a vlmkit checkpoint or Hugging Face folder, or "
                     "openai:BASE_URL#MODEL for an OpenAI-compatible chat-completions endpoint (API key from "
                     "OPENAI_API_KEY if set), e.g. openai:http://127.0.0.1:8000/v1#my-model for a vLLM server")
@@ -338,9 +359,28 @@ def _add_eval(sub) -> None:
     ev.add_argument("--cache", help="endpoint only: where answers are cached so an interrupted run resumes "
                     "(default: .openai_cache beside --out)")
     ev.add_argument("--concurrency", type=int, default=4, help="endpoint only: requests in flight (default 4)")
+    ev.add_argument("--retries", type=int, default=3, help="endpoint only: times a request that failed on a "
+                    "connection error, timeout, HTTP 429 or 5xx is asked again (default 3)")
+    ev.add_argument("--backoff", type=float, default=1.0, help="endpoint only: seconds before the first retry, "
+                    "doubled each time; a server's Retry-After wins when longer (default 1)")
+    ev.add_argument("--timeout", type=float, default=60.0, help="endpoint only: seconds an attempt may take to "
+                    "connect or between reads (default 60)")
+    ev.add_argument("--allow-errors", action="store_true", help="exit 0 even when the endpoint failed on samples "
+                    "(they are left out of the metrics either way)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(fn=cmd_eval)
     sub.add_parser("tasks", help=cmd_tasks.__doc__).set_defaults(fn=cmd_tasks)
+
+
+def _eval_report_parser() -> argparse.ArgumentParser:
+    """``vlmkit eval report RESULTS.json...`` (a parser of its own: ``vlmkit eval`` itself takes options only)."""
+    p = argparse.ArgumentParser(prog="vlmkit eval report", description=cmd_eval_report.__doc__)
+    p.add_argument("results", nargs="+", help="results.json files written by `vlmkit eval`")
+    p.add_argument("--out", default="comparison.md", help="the markdown table; the plot goes beside it as .png")
+    p.add_argument("--names", help="comma-separated model names for the table, one per results file (default: "
+                   "each run's model path or endpoint model)")
+    p.set_defaults(fn=cmd_eval_report)
+    return p
 
 
 def _add_embed(sub) -> None:
@@ -386,16 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    report = argv[:2] == ["eval", "report"]
+    args = _eval_report_parser().parse_args(argv[2:]) if report else build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        rc = args.fn(args)
     except VlmkitError as e:
         print(f"vlmkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vlmkit: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

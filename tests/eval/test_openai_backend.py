@@ -251,7 +251,8 @@ def test_a_second_run_with_the_same_cache_makes_no_request(fake, tmp_path):
     assert again.chat_batch(reqs, max_new_tokens=4) == first and fake.requests == 6 and again.requests_sent == 0
     again.chat_batch(reqs[:1], max_new_tokens=5)  # max_tokens is part of the key
     assert fake.requests == 7
-    key = request_key(again.request_body(reqs[0][0], qs[0], 4, 0.0))  # the sha256 of the request body
+    key = again.cache_key(again.request_body(reqs[0][0], qs[0], 4, 0.0))  # the sha256 of URL + request body
+    assert key == request_key(again.request_body(reqs[0][0], qs[0], 4, 0.0), fake.url + "/chat/completions")
     assert json.loads((tmp_path / f"{key}.json").read_text())["answer"] == rule(qs[0])
 
 
@@ -294,7 +295,7 @@ def test_vlmkit_eval_against_an_endpoint(fake, shapes, tmp_path):
     assert res["model"]["fingerprint"] == hashlib.sha256(spec.encode()).hexdigest()
     assert res["model"]["endpoint"] == {"api": "openai-chat-completions", "base_url": fake.url, "model": "fake"}
     assert res["config"]["cache"] == str(tmp_path / ".openai_cache")
-    assert res["tasks"]["shapes_vqa"]["n"] == 4 and res["tasks"]["pope"]["n"] == 12
+    assert res["tasks"]["shapes_vqa"]["n"] == 4 and res["tasks"]["pope"]["n"] == 4  # --limit: samples per task
     shapes_rows, pope_rows = _records(tmp_path / "predictions_shapes_vqa.jsonl"), _records(
         tmp_path / "predictions_pope.jsonl")
     assert all(r["prediction"] == rule(r["prompt"]) and "error" not in r for r in shapes_rows + pope_rows)
@@ -314,42 +315,166 @@ def test_vlmkit_eval_against_an_endpoint(fake, shapes, tmp_path):
 
 
 def test_an_interrupted_eval_resumes_from_its_cache(fake, shapes, tmp_path, monkeypatch):
+    """The resumed run asks only for what is missing, and reports the time of the whole evaluation (it used to
+    report its own seconds as if the evaluation had taken that long) and how many answers were cached."""
     fake.image_size = (32, 32)
+    fake.delay = 0.15
     calls = []
     real_ask = OpenAIBackend._ask
 
-    def ask_then_interrupt(self, body):
+    def ask_then_interrupt(self, body, key):
         calls.append(1)
         if len(calls) >= 4:
             raise KeyboardInterrupt  # as Ctrl-C would, after three answers were cached
-        return real_ask(self, body)
+        return real_ask(self, body, key)
 
     monkeypatch.setattr(OpenAIBackend, "_ask", ask_then_interrupt)
     out = tmp_path / "results.json"
+    t0 = time.perf_counter()
     assert _eval(fake, shapes, out, "--concurrency", "1") == 130 and not out.exists()
+    first_run = time.perf_counter() - t0
     assert len(list((tmp_path / ".openai_cache").glob("*.json"))) == fake.requests == 3  # answered and kept
     monkeypatch.setattr(OpenAIBackend, "_ask", real_ask)
+    fake.delay = 0.0
     assert _eval(fake, shapes, out) == 0
-    rows = _records(tmp_path / "predictions_shapes_vqa.jsonl") + _records(tmp_path / "predictions_pope.jsonl")
-    distinct = {(tuple(r["images"]), r["prompt"]) for r in rows}
-    assert fake.requests == len(distinct) > 3  # the second run asked only for what the first had not cached
+    rows = _records(tmp_path / "predictions_shapes_vqa.jsonl")
     assert all(r["prediction"] == rule(r["prompt"]) for r in rows)
+    assert fake.requests == len({(tuple(r["images"]), r["prompt"]) for r in rows}
+                                | {(tuple(r["images"]), r["prompt"]) for r in _records(
+                                    tmp_path / "predictions_pope.jsonl")}) > 3
+    task = json.loads(out.read_text())["tasks"]["shapes_vqa"]
+    assert task["runs"] == 2 and task["answers_from_cache"] == 3
+    assert task["seconds"] >= 3 * 0.15 and task["seconds"] > task["seconds_this_run"]
+    assert task["seconds"] <= first_run + task["seconds_this_run"] + 0.5
+    assert task["samples_per_second"] == pytest.approx(task["n"] / task["seconds"], rel=0.01)
 
 
-def test_eval_records_endpoint_failures_per_sample_and_goes_on(fake, shapes, tmp_path, monkeypatch, capsys):
+def test_eval_leaves_failed_samples_out_of_the_metrics_and_exits_non_zero(fake, shapes, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A failed request used to be scored as an empty answer, which POPE's parser reads as "yes": failed probes
+    labelled "yes" counted as right and the yes-ratio moved; and the run exited 0."""
+    fake.image_size = (32, 32)
+    monkeypatch.setattr(runner, "OpenAIBackend", functools.partial(OpenAIBackend, backoff=0.01))
+    probes = [json.loads(x) for x in (shapes / "pope_test_random.jsonl").read_text().splitlines()]
+    broken = {p["text"] for p in probes if p["label"] == "yes"}
+    assert broken and len(broken) < len(probes)
+    fake.fail_when = {q: 500 for q in broken}  # every "yes" probe fails; the fake answers "yes" to the rest
+    out = tmp_path / "results.json"
+    args = ["eval", "--model", f"openai:{fake.url}#{fake.model}", "--tasks", "pope,shapes_vqa", "--data",
+            str(shapes), "--out", str(out), "--quiet"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "the endpoint failed on" in err and "--allow-errors" in err and "left out of the metrics" in err
+    res = json.loads(out.read_text())
+    assert res["complete"] is False
+    rows = _records(tmp_path / "predictions_pope.jsonl")
+    failed, scored = [r for r in rows if "error" in r], [r for r in rows if "error" not in r]
+    assert failed and all(r["prediction"] is None and "accuracy" not in r and "HTTP 500" in r["error"]
+                          and "gave up after 4 attempts" in r["error"] for r in failed)
+    assert {r["prompt"] for r in failed} <= broken and all(r["answers"] == ["no"] for r in scored)
+    pope = res["tasks"]["pope"]
+    assert pope["n_errors"] == len(failed) and pope["n"] == len(scored) and pope["n_excluded"] == 0
+    # only the answered probes are scored: every one is a "no" the fake answered "yes" to
+    assert pope["metrics"]["accuracy"] == 0.0 and pope["metrics"]["yes_ratio"] == 1.0
+    assert res["tasks"]["shapes_vqa"]["n_errors"] == 0
+    assert "**Incomplete**" in (tmp_path / "results.md").read_text()
+    capsys.readouterr()
+    fake.requests = 0
+    assert main(args + ["--allow-errors"]) == 0  # accepted as it is; the answers came from the cache
+    distinct = {(tuple(r["images"]), r["prompt"]) for r in failed}  # a probe asked in two samplings: asked once
+    assert fake.requests == len(distinct) * 4  # only the failed probes were asked again (and failed again)
+
+
+def test_a_failed_sample_takes_its_failure_unit_out_with_it(fake, shapes, tmp_path, monkeypatch):
+    """CircularEval scores a question by all its rotations: one failed rotation leaves the question out, not the
+    other rotations scored alone."""
+    fake.image_size = (32, 32)
+    monkeypatch.setattr(runner, "OpenAIBackend", functools.partial(OpenAIBackend, backoff=0.01, retries=0))
+    rows = json.loads((shapes / "choice_test.json").read_text())
+    first = rows[0]["options"][0]
+    fake.fail_when = {f"A. {first}\n": 500}  # the rotations that show the first question's first option as A
+    out = tmp_path / "results.json"
+    assert main(["eval", "--model", f"openai:{fake.url}#{fake.model}", "--tasks", "multiple_choice_circular",
+                 "--data", str(shapes), "--out", str(out), "--quiet", "--limit", "3", "--allow-errors"]) == 0
+    res = json.loads(out.read_text())["tasks"]["multiple_choice_circular"]
+    records = _records(tmp_path / "predictions_multiple_choice_circular.jsonl")
+    failed_q = {r["meta"]["question_id"] for r in records if "error" in r}
+    assert rows[0]["id"] in failed_q
+    excluded = [r for r in records if "excluded" in r]
+    assert excluded and all(r["meta"]["question_id"] in failed_q for r in excluded)
+    assert res["n_errors"] + res["n_excluded"] == sum(r["meta"]["question_id"] in failed_q for r in records)
+    assert res["metrics"]["n"] == 3 - len(failed_q)  # questions scored
+
+
+def test_the_cache_is_keyed_by_the_endpoint_not_only_the_model_name(fake, shapes, tmp_path):
+    """A second server with the same model name and the same --out used to receive no request at all."""
+    fake.image_size = (32, 32)
+    out = tmp_path / "results.json"
+    assert _eval(fake, shapes, out) == 0 and fake.requests > 0
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    other.fake = Fake()  # same model name ("fake"), another address
+    other.fake.image_size, other.fake.url = (32, 32), f"http://127.0.0.1:{other.server_address[1]}/v1"
+    thread = threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        assert _eval(other.fake, shapes, out) == 0
+        assert other.fake.requests == fake.requests  # asked everything itself
+        assert json.loads(out.read_text())["model"]["endpoint"]["base_url"] == other.fake.url
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_a_failing_request_does_not_hold_up_the_others(fake, tmp_path):
+    """Requests used to go one batch at a time, so a request retrying stalled its batch and every batch after it."""
+    shapes = tmp_path / "shapes"
+    generate_shapes(shapes, n=60, seed=3, size=32, progress=False)
+    fake.image_size = (32, 32)
+    fake.fail_when = {"How many": 503}
+    events = []
+    real_post = OpenAIBackend._post
+
+    def post(self, data):
+        q = json.loads(data)["messages"][0]["content"][-1]["text"]
+        events.append(("ask", q))
+        return real_post(self, data)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(OpenAIBackend, "_post", post)
+        mp.setattr(runner, "OpenAIBackend", functools.partial(OpenAIBackend, backoff=0.4, retries=2))
+        assert main(["eval", "--model", f"openai:{fake.url}#{fake.model}", "--tasks", "shapes_vqa", "--data",
+                     str(shapes), "--out", str(tmp_path / "r.json"), "--quiet", "--batch-size", "4",
+                     "--concurrency", "3", "--allow-errors", "--retries", "2", "--backoff", "0.4"]) == 0
+    asks = [q for _, q in events]
+    rows = _records(tmp_path / "predictions_shapes_vqa.jsonl")
+    first_failing = min(i for i, r in enumerate(rows) if "How many" in r["prompt"])
+    assert first_failing < len(rows) - 8  # batches of 4 followed the first failing one's
+    last_attempt = max(i for i, q in enumerate(asks) if "How many" in q)
+    good = [i for i, q in enumerate(asks) if "How many" not in q]
+    assert sum("How many" in q for q in asks) % 3 == 0  # every failing one was tried 3 times
+    assert max(good) < last_attempt  # all the others were answered while the failing ones were still retrying
+
+
+def test_retries_and_timeout_are_options(fake, shapes, tmp_path):
     fake.image_size = (32, 32)
     fake.fail_when = {"How many": 500}
-    monkeypatch.setattr(runner, "OpenAIBackend", functools.partial(OpenAIBackend, backoff=0.01))
-    out = tmp_path / "results.json"
-    assert _eval(fake, shapes, out) == 0
-    res = json.loads(out.read_text())
+    assert main(["eval", "--model", f"openai:{fake.url}#{fake.model}", "--tasks", "shapes_vqa", "--data",
+                 str(shapes), "--out", str(tmp_path / "r.json"), "--quiet", "--retries", "0", "--timeout", "5",
+                 "--allow-errors"]) == 0
     rows = _records(tmp_path / "predictions_shapes_vqa.jsonl")
-    failed = [r for r in rows if "error" in r]
-    assert failed and all("How many" in r["prompt"] and r["prediction"] == "" for r in failed)
-    assert all("HTTP 500" in r["error"] and "gave up after 4 attempts" in r["error"] for r in failed)
-    assert res["tasks"]["shapes_vqa"]["n_errors"] == len(failed) and res["tasks"]["pope"]["n_errors"] == 0
-    assert json.loads(capsys.readouterr().out)["shapes_vqa"]["n_errors"] == len(failed)
-    assert "Samples the endpoint failed on" in (tmp_path / "results.md").read_text()
+    failing = [r for r in rows if "How many" in r["prompt"]]
+    assert failing and all("HTTP 500" in r["error"] and "gave up after 1 attempt)" in r["error"] for r in failing)
+    assert fake.requests == len({r["prompt"] for r in rows})  # each asked once: no retry
+    config = json.loads((tmp_path / "r.json").read_text())["config"]
+    assert (config["retries"], config["timeout"], config["backoff"]) == (0, 5.0, 1.0)
+
+
+def test_the_progress_bar_counts_errors_live(fake, shapes, tmp_path, capsys):
+    fake.image_size = (32, 32)
+    fake.fail_when = {"How many": 400}
+    assert main(["eval", "--model", f"openai:{fake.url}#{fake.model}", "--tasks", "shapes_vqa", "--data",
+                 str(shapes), "--out", str(tmp_path / "r.json"), "--allow-errors"]) == 0
+    assert "errors=" in capsys.readouterr().err
 
 
 def test_a_malformed_spec_is_named_by_the_cli(shapes, tmp_path, capsys):

@@ -47,7 +47,7 @@ def test_eval_writes_results_predictions_and_report(trained, tmp_path):
     for name, r in res["tasks"].items():
         value, (lo, hi) = r["metrics"][r["metric"]], r["ci95"][r["metric"]]
         assert 0 <= lo <= value <= hi <= 1 and r["samples_per_second"] > 0
-    assert res["tasks"]["vqav2"]["n"] == 6 and res["tasks"]["pope"]["n"] == 18  # 6 per negative sampling
+    assert res["tasks"]["vqav2"]["n"] == 6 and res["tasks"]["pope"]["n"] == 6  # --limit: samples per task
     # the metrics are those of the predictions written
     rows = [json.loads(x) for x in (tmp_path / "predictions_vqav2.jsonl").read_text().splitlines()]
     expected = sum(vqa_accuracy(r["prediction"], r["answers"]).score for r in rows) / len(rows)

@@ -1,12 +1,14 @@
 """Evaluation backends besides a vlmkit checkpoint: any OpenAI-compatible chat-completions endpoint.
 
 ``vlmkit eval --model openai:BASE_URL#MODEL`` evaluates proprietary models and vLLM / SGLang servers the same way
-a checkpoint is evaluated: :class:`OpenAIBackend` offers the one call the runner makes on a
-:class:`~vlmkit.pipeline.Pipeline` (``chat_batch``). Each (images, question) is one chat-completions request, images
-sent as base64 PNG data URLs. Requests run in a bounded thread pool; connection errors, timeouts, HTTP 429 and 5xx
-are retried with exponential back-off, then the sample is recorded as failed (answer ``""``, its message in
-``last_errors``) and the run goes on. Answers are cached on disk, one JSON file per request keyed by the sha256 of
-the request body, so an interrupted run resumes without asking again. Standard library only.
+a checkpoint is evaluated. :class:`OpenAIBackend` answers a whole task as a stream (:meth:`~OpenAIBackend.stream`):
+``concurrency`` requests are in flight at once, each built (images encoded as base64 PNG data URLs) in its worker
+only when it starts, so a large benchmark is never held encoded in memory, and answers come back as they finish,
+so one slow or failing request never holds up the others. Connection errors, timeouts, HTTP 429 and 5xx are
+retried with exponential back-off; a request that still fails is reported as failed (never as an answer). Answers
+are cached on disk, one JSON file per request keyed by the sha256 of the endpoint's URL and the full request
+body, so an interrupted run resumes without asking again and another endpoint never gets this one's answers.
+``chat_batch`` (a Pipeline's call) is the same stream collected in order. Standard library only.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlmkit.errors import ConfigError, DataError
+from vlmkit.eval.readers import EmbeddedImage
 from vlmkit.utils import atomic_write_json
 
 SPEC_PREFIX = "openai:"
@@ -57,14 +62,16 @@ def image_data_url(image) -> str:
     """A path or PIL image -> ``data:image/png;base64,...`` (re-encoded as PNG whatever the file's format)."""
     from PIL import Image
 
-    if isinstance(image, (str, Path)):
+    if isinstance(image, EmbeddedImage):  # held inside a benchmark file: decoded here, in the request's worker
+        image = image.open()
+    elif isinstance(image, (str, Path)):
         try:
             with Image.open(image) as im:
                 im.load()
                 image = im.copy()
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read image {image}: {e}") from e
-    elif not isinstance(image, Image.Image):
+    if not isinstance(image, Image.Image):
         raise DataError(f"an image must be a path or a PIL image, got {type(image).__name__}")
     if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
         image = image.convert("RGB")  # e.g. CMYK or YCbCr JPEGs: PNG cannot hold those modes
@@ -104,15 +111,26 @@ class _Failed(Exception):
     """A failure asking again would not fix (HTTP 4xx other than 429, a reply without an answer)."""
 
 
+@dataclass
+class Answer:
+    """One request's outcome: its index in the stream, the answer (None when it failed), why it failed, and whether
+    it came from the cache."""
+
+    index: int
+    answer: str | None
+    error: str | None = None
+    cached: bool = False
+
+
 class OpenAIBackend:
-    """An OpenAI-compatible chat-completions endpoint that answers like a Pipeline (``chat_batch``).
+    """An OpenAI-compatible chat-completions endpoint that answers like a Pipeline (``chat_batch``) or as a stream.
 
     ``api_key`` defaults to the environment's ``OPENAI_API_KEY``; without one no Authorization header is sent
     (local vLLM / SGLang servers need none). ``concurrency`` requests are in flight at most; a request is tried
-    ``1 + retries`` times, waiting ``backoff * 2**attempt`` seconds (or the server's Retry-After) in between;
-    ``timeout`` bounds each attempt's connection and every read. With ``cache_dir``, answers are read from and
-    written to it. After each ``chat_batch``, ``last_errors`` holds, per request, None or why it failed, and
-    ``requests_sent`` counts the HTTP requests made so far (retries included).
+    ``1 + retries`` times, waiting ``backoff * 2**attempt`` seconds (or the server's Retry-After, at most
+    ``MAX_RETRY_AFTER``) in between; ``timeout`` bounds each attempt's connection and every read. With
+    ``cache_dir``, answers are read from and written to it. After each ``chat_batch``, ``last_errors`` holds, per
+    request, None or why it failed; ``requests_sent`` counts the HTTP requests made so far (retries included).
     """
 
     can_generate, can_embed, can_score = True, False, False  # it answers chats; it neither embeds nor scores
@@ -135,6 +153,8 @@ class OpenAIBackend:
         self.last_errors: list[str | None] = []
         self.requests_sent = 0
         self._lock = threading.Lock()
+        self._pending: dict[str, threading.Event] = {}  # cache key -> set when the request asking it is done
+        self._done: dict[str, tuple[str | None, str | None]] = {}  # this stream's outcomes, by cache key
 
     @classmethod
     def from_spec(cls, spec: str, **kwargs) -> OpenAIBackend:
@@ -142,40 +162,44 @@ class OpenAIBackend:
         base_url, model = parse_model_spec(spec)
         return cls(base_url, model, **kwargs)
 
-    # ------------------------------------------------------------------ the Pipeline call
+    # ------------------------------------------------------------------ the calls
+    def stream(self, requests, max_new_tokens: int = 16, temperature: float = 0.0) -> Iterator[Answer]:
+        """``requests`` (an iterable of (images, question)) -> an :class:`Answer` per request, in the order they
+        finish. At most ``concurrency`` requests are in flight, and only as many are taken from ``requests`` as
+        are running, so images are encoded when their request starts. A request identical to one already asked
+        in this stream (same images, question and settings) is asked once. Ctrl-C stops the stream; what finished
+        is already cached."""
+        self._pending, self._done = {}, {}
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai")
+        running: dict = {}
+        todo = enumerate(requests)
+        try:
+            while True:
+                for index, (images, question) in todo:
+                    running[pool.submit(self._answer, images, question, max_new_tokens, temperature)] = index
+                    if len(running) >= self.concurrency:
+                        break
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    answer, error, cached = fut.result()
+                    yield Answer(running.pop(fut), answer, error, cached)
+        finally:  # also on Ctrl-C or when the caller stops iterating: drop what has not started
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def chat_batch(self, requests: list[tuple[object, str]], max_new_tokens: int = 16,
                    temperature: float = 0.0) -> list[str]:
         """[(images, question), ...] -> answers in the same order; a request that failed answers ``""`` and its
-        message is in ``last_errors`` at the same index. Identical requests are asked once."""
-        bodies = [self.request_body(images, question, max_new_tokens, temperature) for images, question in requests]
-        keys = [request_key(b) for b in bodies]
-        answers: dict[str, str] = {}
-        errors: dict[str, str] = {}
-        todo: dict[str, dict] = {}
-        for key, body in zip(keys, bodies):
-            if key in answers or key in todo:
-                continue
-            cached = self._cached(key)
-            if cached is not None:
-                answers[key] = cached
-            else:
-                todo[key] = body
-        if todo:
-            pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(todo)), thread_name_prefix="openai")
-            try:
-                futures = {key: pool.submit(self._ask, body) for key, body in todo.items()}
-                for key, fut in futures.items():
-                    answer, error = fut.result()
-                    if error is None:
-                        answers[key] = answer
-                    else:
-                        errors[key] = error
-            except BaseException:  # e.g. Ctrl-C: drop what has not started; what finished is already cached
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            pool.shutdown()
-        self.last_errors = [errors.get(k) for k in keys]
-        return [answers.get(k, "") for k in keys]
+        message is in ``last_errors`` at the same index (the evaluation runner uses :meth:`stream`, which never
+        mistakes a failure for an answer)."""
+        answers: list[str] = [""] * len(requests)
+        errors: list[str | None] = [None] * len(requests)
+        for a in self.stream(requests, max_new_tokens, temperature):
+            answers[a.index] = a.answer if a.answer is not None else ""
+            errors[a.index] = a.error
+        self.last_errors = errors
+        return answers
 
     def chat(self, images, question: str, max_new_tokens: int = 16, temperature: float = 0.0) -> str:
         """One question about ``images``; raises RuntimeError when the endpoint failed on it."""
@@ -185,26 +209,56 @@ class OpenAIBackend:
         return answer
 
     def request_body(self, images, question: str, max_new_tokens: int, temperature: float) -> dict:
-        """The chat-completions request body for one question (what the cache key is the hash of)."""
+        """The chat-completions request body for one question."""
         return {"model": self.model, "messages": [{"role": "user", "content": message_content(images, question)}],
                 "max_tokens": int(max_new_tokens), "temperature": float(temperature)}
 
+    def cache_key(self, body: dict) -> str:
+        """What an answer is cached under: the endpoint's URL and the full request body (see :func:`request_key`)."""
+        return request_key(body, self.url)
+
+    def _answer(self, images, question: str, max_new_tokens: int, temperature: float):
+        """(answer, None, cached) or (None, why it failed, False): the cache, else the endpoint, asked once per
+        distinct request of the stream. Runs in a worker thread; an answer is cached at once, so a run interrupted
+        later keeps it; failures are not cached (a resumed run asks again)."""
+        try:
+            body = self.request_body(images, question, max_new_tokens, temperature)
+        except DataError as e:  # an unreadable image, placeholders that do not match: this sample fails
+            return None, str(e), False
+        key = self.cache_key(body)
+        with self._lock:
+            first = key not in self._pending
+            if first:
+                self._pending[key] = threading.Event()
+            event = self._pending[key]
+        if not first:  # the same request is being (or was) asked by another worker: its outcome is this one's
+            event.wait()
+            answer, error = self._done[key]
+            return answer, error, False
+        try:
+            cached = self._cached(key)
+            answer, error = (cached, None) if cached is not None else self._ask(body, key)
+            self._done[key] = (answer, error)
+            return answer, error, cached is not None
+        finally:
+            self._done.setdefault(key, (None, "the request was interrupted"))
+            event.set()
+
     # ------------------------------------------------------------------ HTTP with retries
-    def _ask(self, body: dict) -> tuple[str, str | None]:
-        """(answer, None) or ("", why it failed after the retries). Runs in a worker thread and caches the answer
-        at once, so a run interrupted later keeps it; failures are not cached (a resumed run asks again)."""
+    def _ask(self, body: dict, key: str) -> tuple[str | None, str | None]:
+        """(answer, None) or (None, why it failed after the retries); the answer is cached under ``key``."""
         data = json.dumps(body).encode("utf-8")
         attempts = self.retries + 1
         for attempt in range(attempts):
             try:
                 answer = self._post(data)
-                self._store(request_key(body), answer)
+                self._store(key, answer)
                 return answer, None
             except _Failed as e:
-                return "", str(e)
+                return None, str(e)
             except _Retryable as e:
                 if attempt == attempts - 1:
-                    return "", f"{e} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"
+                    return None, f"{e} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"
                 wait = self.backoff * 2 ** attempt
                 if e.retry_after is not None:
                     wait = max(wait, min(e.retry_after, MAX_RETRY_AFTER))
@@ -260,9 +314,10 @@ class OpenAIBackend:
                                                       "answer": answer})
 
 
-def request_key(body: dict) -> str:
-    """sha256 of a request body (model, messages, max_tokens, temperature) in a canonical JSON form."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def request_key(body: dict, url: str) -> str:
+    """sha256 of the endpoint's URL and a request body (model, messages, max_tokens, temperature) in a canonical
+    JSON form: two endpoints serving a model of the same name never share answers."""
+    canonical = json.dumps({"url": url, "body": body}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

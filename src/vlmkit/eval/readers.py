@@ -78,6 +78,21 @@ def benchmark_root(root: str | Path, task: str, split: str) -> Path:
     return sub if sub.is_dir() else root
 
 
+def limit_across(groups: list[list], limit: int | None) -> list:
+    """A task's samples from several files (POPE's three negative samplings, ChartQA's two sets) with ``--limit``
+    meaning samples per task: ``limit`` in all, shared out as evenly as the groups allow (one from each in turn),
+    each group's samples kept in order and the groups in order."""
+    if not limit:
+        return [s for g in groups for s in g]
+    take, n = [0] * len(groups), 0
+    while n < limit and any(t < len(g) for t, g in zip(take, groups)):
+        for i, g in enumerate(groups):
+            if n < limit and take[i] < len(g):
+                take[i] += 1
+                n += 1
+    return [s for g, t in zip(groups, take) for s in g[:t]]
+
+
 def _load_json(path: Path):
     if not path.is_file():
         raise DataError(f"file not found: {path}")

@@ -34,6 +34,10 @@ class Task:
     # samples, data folder, progress) -> (predictions, per-sample scores, metrics over the set); the runner skips
     # generation and ``score``
     evaluate: Callable | None = None
+    # a meta key naming the samples that are scored together (MMBench's circular copies of one question, MME's two
+    # questions of one image): when the model failed on one of them (an endpoint's failed request), all of them
+    # are left out of the metrics, not only the failed one; "" = each sample on its own
+    failure_unit: str = ""
 
 
 TASKS: dict[str, Task] = {}

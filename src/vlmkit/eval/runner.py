@@ -7,8 +7,10 @@ the model's files and the seed; ``predictions_<task>.jsonl`` holds every sample'
 and scores; ``<results>.md`` is a report with a plot of the grouped scores. Everything is written atomically.
 
 ``model`` may also be ``openai:BASE_URL#MODEL``, an OpenAI-compatible endpoint (:mod:`vlmkit.eval.backends`):
-its answers are cached on disk so an interrupted run resumes, the fingerprint is the sha256 of the spec, and a
-sample the endpoint failed on (after retries) answers "" with an ``"error"`` in its record; the run goes on.
+its requests run concurrently, its answers are cached on disk so an interrupted run resumes (and reports the time
+of the whole evaluation and how many answers came from the cache), and the fingerprint is the sha256 of the spec.
+A sample the endpoint failed on (after its retries) is never scored: it is left out of every metric, recorded with
+its ``"error"`` in the predictions, counted in ``n_errors``, and results.json says ``"complete": false``.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from vlmkit.version import __version__
 from vlmkit.errors import ConfigError
-from vlmkit.eval.backends import OpenAIBackend, is_endpoint_spec, parse_model_spec
+from vlmkit.eval import backends
+from vlmkit.eval.backends import Answer, OpenAIBackend, is_endpoint_spec, parse_model_spec
 from vlmkit.eval.metrics.stats import bootstrap_ci
-from vlmkit.eval.readers import load_media
+from vlmkit.eval.readers import EvalSample, load_media
 from vlmkit.eval.tasks import TASKS, Task, aggregate, get_task
 from vlmkit.utils import atomic_write_json, atomic_write_text
 
@@ -42,65 +46,141 @@ def fingerprint(path: str | Path) -> str:
 
 
 def run_task(pipe, task: Task, data: Path, split: str, limit: int | None, batch_size: int, post_prompt: str = "",
-             seed: int = 0, progress: bool = True) -> tuple[dict, list[dict]]:
+             seed: int = 0, progress: bool = True, ledger: RunLedger | None = None) -> tuple[dict, list[dict]]:
     """(the task's results, its per-sample records). Answers are stripped of surrounding whitespace before they
     are scored, as LLaVA's and lmms-eval's evaluation scripts do; ``post_prompt`` is appended to every prompt
-    (e.g. LLaVA-1.5's "\nAnswer the question using a single word or phrase.")."""
+    (e.g. LLaVA-1.5's "\nAnswer the question using a single word or phrase."). A sample the model failed on (an
+    endpoint's request that failed after its retries) is left out of every metric, with the samples scored
+    together with it (``Task.failure_unit``), and recorded with its ``error``; ``n_errors`` counts them.
+    ``ledger`` (an endpoint's) adds the seconds of earlier, interrupted runs of the task to this one's."""
     samples = task.read(data, split, limit)
     t0 = time.perf_counter()
     if task.evaluate is not None:  # a ranking task: no generation
-        if not pipe.can_score and not pipe.can_embed:
-            raise ConfigError(f"task {task.name!r} ranks candidates by the model's likelihoods; an endpoint only "
-                              f"generates text: evaluate a checkpoint or folder")
-        predictions, scores, extra = task.evaluate(pipe, samples, data, progress)
-        records = [{"id": s.id, "images": [str(p) for p in s.images], "prompt": task.prompt(s), "prediction": p,
-                    "answers": s.answers, **sc, "meta": {k: v for k, v in s.meta.items() if k != "classes"}}
-                   for s, p, sc in zip(samples, predictions, scores)]
-        seconds = time.perf_counter() - t0
-        metrics = {**aggregate(task, scores, samples, predictions), **extra}
-        result = {"metric": task.metric, "metrics": metrics, "n": len(samples), "n_errors": 0,
-                  "ci95": {task.metric: list(bootstrap_ci([s[task.metric] for s in scores], seed=seed))},
-                  "seconds": round(seconds, 3), "samples_per_second": round(len(samples) / max(seconds, 1e-9), 3)}
-        return result, records
-    records, scores, predictions, n_errors = [], [], [], 0
+        return _run_ranking(pipe, task, samples, data, seed, progress, t0)
+    prompts = [task.prompt(s) + post_prompt for s in samples]
+    answers: list[str | None] = [None] * len(samples)
+    errors: list[str | None] = [None] * len(samples)
+    n_cached = 0
     bar = tqdm(total=len(samples), desc=task.name, unit="sample", disable=not progress, dynamic_ncols=True)
+    try:
+        for a in _answers(pipe, samples, prompts, task.max_new_tokens, batch_size):
+            answers[a.index], errors[a.index] = (a.answer.strip() if a.answer is not None else None), a.error
+            n_cached += a.cached
+            bar.update(1)
+            if a.error is not None or a.cached:
+                bar.set_postfix(errors=sum(e is not None for e in errors), cached=n_cached, refresh=False)
+            if ledger is not None:
+                ledger.tick(time.perf_counter() - t0)
+    finally:
+        bar.close()
+        if ledger is not None:
+            ledger.save(time.perf_counter() - t0)
+    result, records = _score(task, samples, prompts, answers, errors, seed)
+    seconds = time.perf_counter() - t0
+    total = seconds + (ledger.before if ledger is not None else 0.0)
+    result |= {"seconds": round(total, 3), "samples_per_second": round(len(samples) / max(total, 1e-9), 3)}
+    if ledger is not None:
+        result |= {"runs": ledger.runs + 1, "seconds_this_run": round(seconds, 3), "answers_from_cache": n_cached}
+    return result, records
+
+
+def _answers(pipe, samples: list[EvalSample], prompts: list[str], max_new_tokens: int,
+             batch_size: int) -> Iterator[Answer]:
+    """The model's answer to every sample, as :class:`Answer` s: an endpoint streams them as its concurrent
+    requests finish; a Pipeline generates ``batch_size`` at a time (its images decoded per batch)."""
+    if isinstance(pipe, backends.OpenAIBackend):
+        yield from pipe.stream(((s.images, p) for s, p in zip(samples, prompts)), max_new_tokens=max_new_tokens)
+        return
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        prompts = [task.prompt(s) + post_prompt for s in chunk]
-        answers = pipe.chat_batch([([load_media(im) for im in s.images], p) for s, p in zip(chunk, prompts)],
-                                  max_new_tokens=task.max_new_tokens)
-        errors = list(pipe.last_errors) or [None] * len(chunk)  # an endpoint's per-request failures
-        for s, prompt, answer, error in zip(chunk, prompts, answers, errors):
-            answer = answer.strip()
+        chunk = range(start, min(start + batch_size, len(samples)))
+        out = pipe.chat_batch([([load_media(im) for im in samples[i].images], prompts[i]) for i in chunk],
+                              max_new_tokens=max_new_tokens)
+        yield from (Answer(i, answer) for i, answer in zip(chunk, out))
+
+
+def _score(task: Task, samples: list[EvalSample], prompts: list[str], answers: list[str | None],
+           errors: list[str | None], seed: int) -> tuple[dict, list[dict]]:
+    """Scores and metrics over the samples answered (those failed, and their ``failure_unit``, left out), and a
+    record per sample in the task's order."""
+    unit = task.failure_unit
+    failed_units = {s.meta.get(unit) for s, e in zip(samples, errors) if unit and e is not None}
+    records, kept, scores = [], [], []
+    for i, (s, prompt, answer, error) in enumerate(zip(samples, prompts, answers, errors)):
+        record = {"id": s.id, "images": [str(p) for p in s.images], "prompt": prompt, "prediction": answer,
+                  "answers": s.answers}
+        if error is not None:
+            record["error"] = error
+        elif unit and s.meta.get(unit) in failed_units:
+            record["excluded"] = f"another sample of its {unit} {s.meta.get(unit)!r} failed"
+        else:
             score = task.score(answer, s)
             scores.append(score)
-            predictions.append(answer)
-            records.append({"id": s.id, "images": [str(p) for p in s.images], "prompt": prompt,
-                            "prediction": answer, "answers": s.answers, **score, "meta": s.meta})
-            if error is not None:
-                records[-1]["error"] = error
-                n_errors += 1
-        bar.update(len(chunk))
-    bar.close()
-    seconds = time.perf_counter() - t0
-    metrics = aggregate(task, scores, samples, predictions)
-    headline = metrics.pop("_per_sample", None) or [s[task.metric] for s in scores]
-    result = {"metric": task.metric, "metrics": metrics, "n": len(samples),
-              "ci95": {task.metric: list(bootstrap_ci(headline, seed=seed))}, "seconds": round(seconds, 3),
-              "samples_per_second": round(len(samples) / max(seconds, 1e-9), 3), "n_errors": n_errors}
+            kept.append(i)
+            record |= score
+        records.append(record | {"meta": s.meta})
+    kept_samples, predictions = [samples[i] for i in kept], [answers[i] for i in kept]
+    metrics = aggregate(task, scores, kept_samples, predictions) if kept else {}
+    headline = metrics.pop("_per_sample", None) or [sc[task.metric] for sc in scores]
+    n_errors = sum(e is not None for e in errors)
+    result = {"metric": task.metric, "metrics": metrics, "n": len(kept), "n_errors": n_errors,
+              "n_excluded": len(samples) - len(kept) - n_errors,
+              "ci95": {task.metric: list(bootstrap_ci(headline, seed=seed)) if headline else None}}
     return result, records
+
+
+def _run_ranking(pipe, task: Task, samples: list[EvalSample], data: Path, seed: int, progress: bool,
+                 t0: float) -> tuple[dict, list[dict]]:
+    """A task that ranks candidates by the model's likelihoods or embeddings (no generation)."""
+    if not pipe.can_score and not pipe.can_embed:
+        raise ConfigError(f"task {task.name!r} ranks candidates by the model's likelihoods; an endpoint only "
+                          f"generates text: evaluate a checkpoint or folder")
+    predictions, scores, extra = task.evaluate(pipe, samples, data, progress)
+    records = [{"id": s.id, "images": [str(p) for p in s.images], "prompt": task.prompt(s), "prediction": p,
+                "answers": s.answers, **sc, "meta": {k: v for k, v in s.meta.items() if k != "classes"}}
+               for s, p, sc in zip(samples, predictions, scores)]
+    seconds = time.perf_counter() - t0
+    metrics = {**aggregate(task, scores, samples, predictions), **extra}
+    result = {"metric": task.metric, "metrics": metrics, "n": len(samples), "n_errors": 0, "n_excluded": 0,
+              "ci95": {task.metric: list(bootstrap_ci([s[task.metric] for s in scores], seed=seed))},
+              "seconds": round(seconds, 3), "samples_per_second": round(len(samples) / max(seconds, 1e-9), 3)}
+    return result, records
+
+
+class RunLedger:
+    """How long earlier runs of one task against one endpoint cache took, so a run that resumes an interrupted one
+    reports the time of the whole evaluation. One small JSON file per (endpoint, model, task, data, settings)
+    under ``<cache>/runs/``, rewritten at most every ``every`` seconds and when the run stops (Ctrl-C included),
+    so a killed run loses at most that much of its time."""
+
+    def __init__(self, cache_dir: Path, identity: dict, every: float = 2.0):
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+        self.path, self.every, self._saved_at = Path(cache_dir) / "runs" / f"{key}.json", every, 0.0
+        try:
+            entry = json.loads(self.path.read_text(encoding="utf-8"))
+            self.before, self.runs = float(entry["seconds"]), int(entry["runs"])
+        except (OSError, ValueError, KeyError, TypeError):  # the first run (or an unreadable ledger: start over)
+            self.before, self.runs = 0.0, 0
+
+    def tick(self, elapsed: float) -> None:
+        if elapsed - self._saved_at >= self.every:
+            self.save(elapsed)
+
+    def save(self, elapsed: float) -> None:
+        self._saved_at = elapsed
+        atomic_write_json(self.path, {"seconds": round(self.before + elapsed, 3), "runs": self.runs + 1})
 
 
 def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | Path, split: str = "test",
              limit: int | None = None, batch_size: int = 32, seed: int = 0, post_prompt: str = "",
-             progress: bool = True, cache: str | Path | None = None, concurrency: int = 4) -> dict:
+             progress: bool = True, cache: str | Path | None = None, concurrency: int = 4, retries: int = 3,
+             backoff: float = 1.0, timeout: float = 60.0) -> dict:
     """Evaluate the model folder, or the endpoint ``openai:BASE_URL#MODEL``, on ``tasks`` (names) with the data
     under ``data``; write ``out`` (results.json), ``predictions_<task>.jsonl`` beside it and ``<out>.md``. Unknown
-    task names fail before the model loads. An endpoint gets ``concurrency`` requests in flight and caches its
-    answers under ``cache`` (default: ``.openai_cache`` beside ``out``)."""
+    task names fail before the model loads. An endpoint gets ``concurrency`` requests in flight (each tried
+    ``1 + retries`` times, ``backoff`` seconds doubling in between, ``timeout`` seconds per attempt) and caches its
+    answers under ``cache`` (default: ``.openai_cache`` beside ``out``). ``results["complete"]`` is False when
+    samples failed (they are left out of the metrics and listed in the predictions)."""
     import torch
-
-    from vlmkit.pipeline import Pipeline
 
     resolved = [get_task(name) for name in tasks]
     torch.manual_seed(seed)
@@ -111,29 +191,44 @@ def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | P
     if is_endpoint_spec(model):
         base_url, name = parse_model_spec(model)
         cache = Path(cache) if cache is not None else out.parent / ".openai_cache"
-        pipe = OpenAIBackend(base_url, name, concurrency=concurrency, cache_dir=cache)
+        pipe = OpenAIBackend(base_url, name, concurrency=concurrency, retries=retries, backoff=backoff,
+                             timeout=timeout, cache_dir=cache)
         model_info = {"path": model, "endpoint": {"api": "openai-chat-completions", "base_url": base_url,
                                                   "model": name},
                       "fingerprint": hashlib.sha256(model.encode("utf-8")).hexdigest()}
-        config |= {"cache": str(cache), "concurrency": concurrency}
+        config |= {"cache": str(cache), "concurrency": concurrency, "retries": retries, "backoff": backoff,
+                   "timeout": timeout}
     else:
-        pipe = Pipeline.from_pretrained(model)
-        model_info = {"path": str(model), "fingerprint": fingerprint(model)}
-        generative = [t.name for t in resolved if t.evaluate is None]
-        if not pipe.can_generate and generative:
-            raise ConfigError(f"{model} is a dual encoder ({pipe.family.name}): it embeds, it does not answer, so "
-                              f"task {generative[0]!r} cannot run; its tasks: "
-                              f"{', '.join(t for t in TASKS if TASKS[t].evaluate is not None)}")
+        pipe, model_info = _load_checkpoint(model, resolved)
     results = {"vlmkit_version": __version__, "model": model_info, "config": config, "seed": seed, "tasks": {}}
     for task in resolved:
-        result, records = run_task(pipe, task, data, split, limit, batch_size, post_prompt, seed, progress)
+        ledger = None
+        if isinstance(pipe, backends.OpenAIBackend):
+            ledger = RunLedger(cache, {"url": pipe.url, "model": pipe.model, "task": task.name, "data": str(
+                data.resolve()), "split": split, "limit": limit, "post_prompt": post_prompt})
+        result, records = run_task(pipe, task, data, split, limit, batch_size, post_prompt, seed, progress, ledger)
         results["tasks"][task.name] = result
         atomic_write_text(out.parent / f"predictions_{task.name}.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     results["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    results["complete"] = not any(r["n_errors"] for r in results["tasks"].values())
     atomic_write_json(out, results)
     write_report(results, out.with_suffix(".md"))
     return results
+
+
+def _load_checkpoint(model: str | Path, tasks: list[Task]):
+    """(the Pipeline of a checkpoint or Hugging Face folder, what results.json says of it); a dual encoder is
+    refused for the tasks that need answers."""
+    from vlmkit.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(model)
+    generative = [t.name for t in tasks if t.evaluate is None]
+    if not pipe.can_generate and generative:
+        raise ConfigError(f"{model} is a dual encoder ({pipe.family.name}): it embeds, it does not answer, so "
+                          f"task {generative[0]!r} cannot run; its tasks: "
+                          f"{', '.join(t for t in TASKS if TASKS[t].evaluate is not None)}")
+    return pipe, {"path": str(model), "fingerprint": fingerprint(model)}
 
 
 def write_report(results: dict, path: Path) -> None:
@@ -144,13 +239,15 @@ def write_report(results: dict, path: Path) -> None:
              f"seed {results['seed']}, {results['wall_seconds']:.0f} s", "",
              "| task | metric | value | 95% CI | samples | samples/s |", "|---|---|---|---|---|---|"]
     for name, r in results["tasks"].items():
-        lo, hi = r["ci95"][r["metric"]]
-        lines.append(f"| {name} | {r['metric']} | {r['metrics'][r['metric']]:.4f} | [{lo:.4f}, {hi:.4f}] | {r['n']} "
-                     f"| {r['samples_per_second']:.1f} |")
-    failed = {name: r["n_errors"] for name, r in results["tasks"].items() if r.get("n_errors")}
+        value, ci = r["metrics"].get(r["metric"]), r["ci95"][r["metric"]]
+        shown = (f"{value:.4f} | [{ci[0]:.4f}, {ci[1]:.4f}]" if value is not None and ci else "n/a | n/a")
+        lines.append(f"| {name} | {r['metric']} | {shown} | {r['n']} | {r['samples_per_second']:.1f} |")
+    failed = {name: r for name, r in results["tasks"].items() if r.get("n_errors")}
     if failed:
-        lines += ["", "Samples the endpoint failed on (scored as empty answers; see `error` in the predictions): "
-                  + ", ".join(f"{name} {n}" for name, n in failed.items())]
+        lines += ["", "**Incomplete**: samples the endpoint failed on are left out of every metric (their `error` is "
+                  "in the predictions; a rerun with the same cache asks only for them): " + ", ".join(
+                      f"{name} {r['n_errors']} failed" + (f" + {r['n_excluded']} scored with them" if r.get(
+                          "n_excluded") else "") for name, r in failed.items())]
     for name, r in results["tasks"].items():
         groups = {k.split("/", 1)[1]: v for k, v in r["metrics"].items() if k.startswith(r["metric"] + "/")}
         if not groups:

@@ -26,7 +26,7 @@ from vlmkit.eval.metrics.retrieval import (classification_ranks, image_to_text_r
 from vlmkit.eval.readers import (COCO_IMAGE_PATTERN, SHAPES_IMAGE_PATTERN, EvalSample, read_coco_captions,
                                  read_class_templates, read_gqa, read_grounding, read_image_folder,
                                  read_multiple_choice, read_pope,
-                                 read_scienceqa, read_vqav2)
+                                 read_scienceqa, read_vqav2, limit_across)
 
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 
@@ -53,12 +53,13 @@ def _vqav2(root: Path, split: str, limit: int | None) -> list[EvalSample]:
 
 
 def _pope(root: Path, split: str, limit: int | None) -> list[EvalSample]:
-    samples: list[EvalSample] = []
+    """The three negative samplings; ``limit`` samples in all, shared out evenly among them."""
+    groups = []
     for category in POPE_CATEGORIES:
         path = _first(root, f"pope_{split}_{category}.jsonl", f"coco_pope_{category}.json")
         images = root if path.name.startswith("pope_") else root / "val2014"
-        samples += read_pope(path, images, category, limit)
-    return samples
+        groups.append(read_pope(path, images, category, limit))
+    return limit_across(groups, limit)
 
 
 def _exact(prediction: str, sample: EvalSample) -> dict[str, float]:
@@ -183,7 +184,7 @@ register_task(Task(
 register_task(Task(
     "multiple_choice_circular", "MMBench CircularEval: each question asked once per rotation of its options, "
     "right only if every rotation is", "circular_accuracy", "choice_{split}.json", _circular, _choice_prompt,
-    _choice_score, max_new_tokens=8, summarize=_circular_summary))
+    _choice_score, max_new_tokens=8, summarize=_circular_summary, failure_unit="question_id"))
 
 
 def _gqa(root: Path, split: str, limit: int | None) -> list[EvalSample]:
