@@ -320,21 +320,21 @@ def test_an_interrupted_eval_resumes_from_its_cache(fake, shapes, tmp_path, monk
     fake.image_size = (32, 32)
     fake.delay = 0.15
     calls = []
-    real_ask = OpenAIBackend._ask
+    real_post = OpenAIBackend._post
 
-    def ask_then_interrupt(self, body, key):
+    def post_then_interrupt(self, data):
         calls.append(1)
         if len(calls) >= 4:
             raise KeyboardInterrupt  # as Ctrl-C would, after three answers were cached
-        return real_ask(self, body, key)
+        return real_post(self, data)
 
-    monkeypatch.setattr(OpenAIBackend, "_ask", ask_then_interrupt)
+    monkeypatch.setattr(OpenAIBackend, "_post", post_then_interrupt)
     out = tmp_path / "results.json"
     t0 = time.perf_counter()
     assert _eval(fake, shapes, out, "--concurrency", "1") == 130 and not out.exists()
     first_run = time.perf_counter() - t0
     assert len(list((tmp_path / ".openai_cache").glob("*.json"))) == fake.requests == 3  # answered and kept
-    monkeypatch.setattr(OpenAIBackend, "_ask", real_ask)
+    monkeypatch.setattr(OpenAIBackend, "_post", real_post)
     fake.delay = 0.0
     assert _eval(fake, shapes, out) == 0
     rows = _records(tmp_path / "predictions_shapes_vqa.jsonl")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import http.client
 import io
 import json
@@ -122,6 +123,20 @@ class Answer:
     cached: bool = False
 
 
+@dataclass
+class _Job:
+    """A request on its way: what it asks, then (after its first step) its body and cache key, and its attempts."""
+
+    index: int
+    images: object
+    question: str
+    max_new_tokens: int
+    temperature: float
+    body: dict | None = None
+    key: str | None = None
+    attempt: int = 0
+
+
 class OpenAIBackend:
     """An OpenAI-compatible chat-completions endpoint that answers like a Pipeline (``chat_batch``) or as a stream.
 
@@ -153,7 +168,7 @@ class OpenAIBackend:
         self.last_errors: list[str | None] = []
         self.requests_sent = 0
         self._lock = threading.Lock()
-        self._pending: dict[str, threading.Event] = {}  # cache key -> set when the request asking it is done
+        self._asked: set[str] = set()  # the cache keys this stream has asked (or is asking)
         self._done: dict[str, tuple[str | None, str | None]] = {}  # this stream's outcomes, by cache key
 
     @classmethod
@@ -166,27 +181,59 @@ class OpenAIBackend:
     def stream(self, requests, max_new_tokens: int = 16, temperature: float = 0.0) -> Iterator[Answer]:
         """``requests`` (an iterable of (images, question)) -> an :class:`Answer` per request, in the order they
         finish. At most ``concurrency`` requests are in flight, and only as many are taken from ``requests`` as
-        are running, so images are encoded when their request starts. A request identical to one already asked
-        in this stream (same images, question and settings) is asked once. Ctrl-C stops the stream; what finished
-        is already cached."""
-        self._pending, self._done = {}, {}
+        are running, so images are encoded when their request starts. A request waiting for its retry holds no
+        slot: its back-off is scheduled, and the slot serves other requests meanwhile. A request identical to one
+        already asked in this stream (same images, question and settings) is asked once. Ctrl-C stops the stream;
+        what finished is already cached."""
+        self._asked, self._done = set(), {}
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai")
-        running: dict = {}
-        todo = enumerate(requests)
+        running: dict = {}  # future -> its _Job
+        delayed: list = []  # heap of (when a retry is due, tie-break, its _Job)
+        waiters: dict[str, list[int]] = {}  # cache key -> indices of the requests identical to the one asking
+        todo, exhausted = enumerate(requests), False
         try:
             while True:
-                for index, (images, question) in todo:
-                    running[pool.submit(self._answer, images, question, max_new_tokens, temperature)] = index
-                    if len(running) >= self.concurrency:
+                while delayed and delayed[0][0] <= time.monotonic() and len(running) < self.concurrency:
+                    job = heapq.heappop(delayed)[2]
+                    running[pool.submit(self._attempt, job)] = job
+                while not exhausted and len(running) < self.concurrency:
+                    nxt = next(todo, None)
+                    if nxt is None:
+                        exhausted = True
                         break
-                if not running:
+                    job = _Job(nxt[0], nxt[1][0], nxt[1][1], max_new_tokens, temperature)
+                    running[pool.submit(self._attempt, job)] = job
+                if not running and not delayed:
                     break
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                due = max(0.0, delayed[0][0] - time.monotonic()) if delayed else None
+                if not running:  # only retries are left, none due yet
+                    time.sleep(due)
+                    continue
+                finished, _ = wait(running, timeout=due, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    answer, error, cached = fut.result()
-                    yield Answer(running.pop(fut), answer, error, cached)
+                    job = running.pop(fut)
+                    yield from self._settle(job, fut.result(), delayed, waiters)
         finally:  # also on Ctrl-C or when the caller stops iterating: drop what has not started
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _settle(self, job: _Job, outcome: tuple, delayed: list, waiters: dict) -> list[Answer]:
+        """The answers one finished step of ``job`` settles (its own, and those of identical requests waiting for
+        it); a step that must be retried goes back on the ``delayed`` heap instead."""
+        kind = outcome[0]
+        if kind == "retry":
+            heapq.heappush(delayed, (time.monotonic() + outcome[1], job.index, job))
+            return []
+        if kind == "duplicate":
+            if job.key not in self._done:
+                waiters.setdefault(job.key, []).append(job.index)
+                return []
+            return [Answer(job.index, *self._done[job.key])]
+        answer, error, cached = (outcome[1], None, outcome[2]) if kind == "answer" else (None, outcome[1], False)
+        out = [Answer(job.index, answer, error, cached)]
+        if job.key is not None:
+            self._done[job.key] = (answer, error)
+            out += [Answer(i, answer, error) for i in waiters.pop(job.key, [])]
+        return out
 
     def chat_batch(self, requests: list[tuple[object, str]], max_new_tokens: int = 16,
                    temperature: float = 0.0) -> list[str]:
@@ -217,54 +264,41 @@ class OpenAIBackend:
         """What an answer is cached under: the endpoint's URL and the full request body (see :func:`request_key`)."""
         return request_key(body, self.url)
 
-    def _answer(self, images, question: str, max_new_tokens: int, temperature: float):
-        """(answer, None, cached) or (None, why it failed, False): the cache, else the endpoint, asked once per
-        distinct request of the stream. Runs in a worker thread; an answer is cached at once, so a run interrupted
-        later keeps it; failures are not cached (a resumed run asks again)."""
-        try:
-            body = self.request_body(images, question, max_new_tokens, temperature)
-        except DataError as e:  # an unreadable image, placeholders that do not match: this sample fails
-            return None, str(e), False
-        key = self.cache_key(body)
-        with self._lock:
-            first = key not in self._pending
-            if first:
-                self._pending[key] = threading.Event()
-            event = self._pending[key]
-        if not first:  # the same request is being (or was) asked by another worker: its outcome is this one's
-            event.wait()
-            answer, error = self._done[key]
-            return answer, error, False
-        try:
-            cached = self._cached(key)
-            answer, error = (cached, None) if cached is not None else self._ask(body, key)
-            self._done[key] = (answer, error)
-            return answer, error, cached is not None
-        finally:
-            self._done.setdefault(key, (None, "the request was interrupted"))
-            event.set()
-
-    # ------------------------------------------------------------------ HTTP with retries
-    def _ask(self, body: dict, key: str) -> tuple[str | None, str | None]:
-        """(answer, None) or (None, why it failed after the retries); the answer is cached under ``key``."""
-        data = json.dumps(body).encode("utf-8")
-        attempts = self.retries + 1
-        for attempt in range(attempts):
+    def _attempt(self, job: _Job) -> tuple:
+        """One step of a request, in a worker thread: ``("answer", text, cached)``, ``("failed", why)``,
+        ``("retry", seconds to wait)`` or ``("duplicate",)`` (an identical request of the stream is being asked).
+        The first step builds the request (encoding its images) and looks in the cache; an answer is cached at
+        once, so a run interrupted later keeps it; failures are not cached (a resumed run asks again)."""
+        if job.key is None:
             try:
-                answer = self._post(data)
-                self._store(key, answer)
-                return answer, None
-            except _Failed as e:
-                return None, str(e)
-            except _Retryable as e:
-                if attempt == attempts - 1:
-                    return None, f"{e} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"
-                wait = self.backoff * 2 ** attempt
-                if e.retry_after is not None:
-                    wait = max(wait, min(e.retry_after, MAX_RETRY_AFTER))
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+                job.body = self.request_body(job.images, job.question, job.max_new_tokens, job.temperature)
+            except DataError as e:  # an unreadable image, placeholders that do not match: this sample fails
+                return ("failed", str(e))
+            job.images, job.key = None, self.cache_key(job.body)
+            with self._lock:
+                if job.key in self._asked:
+                    return ("duplicate",)
+                self._asked.add(job.key)
+            cached = self._cached(job.key)
+            if cached is not None:
+                return ("answer", cached, True)
+        try:
+            answer = self._post(json.dumps(job.body).encode("utf-8"))
+        except _Failed as e:
+            return ("failed", str(e))
+        except _Retryable as e:
+            if job.attempt >= self.retries:
+                n = job.attempt + 1
+                return ("failed", f"{e} (gave up after {n} attempt{'s' if n > 1 else ''})")
+            wait_s = self.backoff * 2 ** job.attempt
+            if e.retry_after is not None:
+                wait_s = max(wait_s, min(e.retry_after, MAX_RETRY_AFTER))
+            job.attempt += 1
+            return ("retry", wait_s)
+        self._store(job.key, answer)
+        return ("answer", answer, False)
 
+    # ------------------------------------------------------------------ HTTP
     def _post(self, data: bytes) -> str:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
