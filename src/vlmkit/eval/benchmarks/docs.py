@@ -39,6 +39,7 @@ shapes and counts, not text), and ChartQA's charts are tiny bar charts of the ob
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 from collections import Counter
@@ -271,18 +272,23 @@ def _questions(items: list, types: tuple[str, ...] | None = None):
     return rows[:MAX_SHAPES_ROWS]
 
 
-def _copy_image(folder: Path, item: dict, dst: Path) -> None:
-    """The item's PNG at ``dst``: copied, or re-encoded when ``dst`` names a JPEG."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
+def _copy_image(folder: Path, item: dict, dst: Path, done: set) -> None:
+    """The item's PNG at ``dst`` (once per writer, ``done`` holding the paths written): hard-linked (copied where
+    links are refused), or re-encoded when ``dst`` names a JPEG."""
+    if dst in done:
         return
+    done.add(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     src = folder / item["file_name"]
     if dst.suffix.lower() in (".jpg", ".jpeg"):
         from PIL import Image
 
         with Image.open(src) as im:
             im.convert("RGB").save(dst, format="JPEG", quality=90)
-    else:
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
         shutil.copyfile(src, dst)
 
 
@@ -291,9 +297,10 @@ def write_textvqa(folder: Path, split: str, items: list) -> None:
     out = folder / f"textvqa_{split}"
     image_dir = out / ("test_images" if split == "test" else "train_images")
     data = []
+    done: set = set()
     for it, j, q in _questions(items):
         image_id = f"{it['index']:016x}"
-        _copy_image(folder, it, image_dir / f"{image_id}.jpg")
+        _copy_image(folder, it, image_dir / f"{image_id}.jpg", done)
         data.append({"question": q["question"], "image_id": image_id, "image_classes": [],
                      "flickr_original_url": "", "flickr_300k_url": "", "image_width": it["scene"].width,
                      "image_height": it["scene"].height, "answers": [q["answer"]] * 10,
@@ -345,9 +352,10 @@ DOC_TYPES = ("color", "shape", "count")
 def write_docvqa(folder: Path, split: str, items: list) -> None:
     out = folder / f"docvqa_{split}"
     data = []
+    done: set = set()
     for it, j, q in _questions(items, DOC_TYPES):
         image = f"documents/shapes{it['index']:06d}_p1.png"
-        _copy_image(folder, it, out / image)
+        _copy_image(folder, it, out / image, done)
         data.append({"questionId": it["index"] * 100 + j, "question": q["question"], "question_types": [q["type"]],
                      "image": image, "docId": it["index"], "ucsf_document_id": f"shapes{it['index']:06d}",
                      "ucsf_document_page_no": "1", "answers": [q["answer"]], "data_split": split})
@@ -359,9 +367,10 @@ def write_docvqa(folder: Path, split: str, items: list) -> None:
 def write_infovqa(folder: Path, split: str, items: list) -> None:
     out = folder / f"infovqa_{split}"
     data = []
+    done: set = set()
     for it, j, q in _questions(items, DOC_TYPES):
         name = f"{it['index']}.jpeg"
-        _copy_image(folder, it, out / f"infographicVQA_{split}_v1.0_images" / name)
+        _copy_image(folder, it, out / f"infographicVQA_{split}_v1.0_images" / name, done)
         data.append({"questionId": it["index"] * 100 + j, "question": q["question"], "image_local_name": name,
                      "image_url": "", "ocr_output_file": f"{it['index']}.json", "answers": [q["answer"]],
                      "data_split": split})
@@ -382,10 +391,11 @@ OCRBENCH_SHAPES = {"color": ("ESTVQA", "Scene Text-centric VQA"), "shape": ("doc
 def write_ocrbench(folder: Path, split: str, items: list) -> None:
     out = folder / f"ocrbench_{split}"
     rows = []
+    done: set = set()
     for it, j, q in _questions(items, tuple(OCRBENCH_SHAPES)):
         dataset, kind = OCRBENCH_SHAPES[q["type"]]
         path = f"ShapesWorld/{it['index']:06d}.png"
-        _copy_image(folder, it, out / "OCRBench_Images" / path)
+        _copy_image(folder, it, out / "OCRBench_Images" / path, done)
         rows.append({"dataset_name": dataset, "id": it["index"] * 100 + j, "image_path": path,
                      "question": q["question"], "answers": [q["answer"]] if j % 2 else q["answer"], "type": kind})
     atomic_write_json(out / "OCRBench" / "OCRBench.json", rows)
