@@ -32,8 +32,8 @@ provided. ``--limit N`` reads N questions; for ChartQA ⌈N/2⌉ from the human 
 a file without them is refused (evaluate ``--split val``).
 
 ShapesWorld writes each layout in ``{task}_{split}/`` (ChartQA's as the contents of ``ChartQA Dataset/``),
-at most 200 questions each, from its own scenes: these are layout round trips (the questions are about colours,
-shapes and counts, not text), and ChartQA's charts are tiny bar charts of the objects per colour.
+at most 200 questions each, from its own scenes: these are layout round trips (ShapesWorld's questions on colours,
+shapes, counts, positions, not on text), and ChartQA's charts are tiny bar charts of the objects per colour.
 """
 
 from __future__ import annotations
