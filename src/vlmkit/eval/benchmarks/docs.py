@@ -24,8 +24,9 @@ ocrbench   ``OCRBench/OCRBench.json`` (or ``OCRBench.json``,                   M
            ``OCRBench_Images/``; one set, whatever the split
 =========  ===============================================================  ==========================================
 
-Prompts are lmms-eval's defaults: the question then "\\nAnswer the question using a single word or phrase."
-(TextVQA's question passes through ``str.capitalize()`` first, as lmms-eval's ``textvqa_doc_to_text`` does, which
+Prompts and answer lengths are lmms-eval's defaults (new tokens: ChartQA 16, InfographicVQA 32, DocVQA and
+OCRBench 128; TextVQA 32, where lmms-eval sets none): the question then "\\nAnswer the question using a single
+word or phrase." (TextVQA's question passes through ``str.capitalize()`` first, as lmms-eval's ``textvqa_doc_to_text`` does, which
 also lower-cases the rest of it); OCRBench's question alone. The OCR-token variant of TextVQA's prompt is not
 provided. ``--limit N`` reads N questions; for ChartQA ⌈N/2⌉ from the human file and ⌊N/2⌋ from the augmented one
 (the other file makes up a shortfall). The test splits of TextVQA, DocVQA and InfographicVQA ship without answers:
@@ -104,7 +105,7 @@ register_task(Task(
     "textvqa", "TextVQA: questions about text in photos, the official TextVQA accuracy (mmf m4c_evaluators)",
     "accuracy", "TextVQA_0.5.1_{split}.json + train_images/ (test_images/ for test)", read_textvqa,
     lambda s: s.question.capitalize() + SHORT_ANSWER,
-    lambda p, s: {"accuracy": textvqa_accuracy(p, s.answers).score}, max_new_tokens=16))
+    lambda p, s: {"accuracy": textvqa_accuracy(p, s.answers).score}, max_new_tokens=32))
 
 
 # ------------------------------------------------------------------------------------------------ ChartQA
@@ -215,7 +216,7 @@ def _anls_score(prediction: str, sample: EvalSample) -> dict[str, float]:
 register_task(Task(
     "docvqa", "DocVQA: questions about document scans, ANLS (the RRC evaluation script)", "anls",
     "{split}_v1.0.json (or {split}/{split}_v1.0.json) + documents/", read_docvqa,
-    lambda s: s.question + SHORT_ANSWER, _anls_score, max_new_tokens=32))
+    lambda s: s.question + SHORT_ANSWER, _anls_score, max_new_tokens=128))
 register_task(Task(
     "infovqa", "InfographicVQA: questions about infographics, ANLS (the RRC evaluation script)", "anls",
     "infographicVQA_{split}_v1.0.json + infographicVQA_{split}_v1.0_images/ (or infographicsVQA_*.json + "
