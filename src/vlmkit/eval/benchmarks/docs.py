@@ -26,10 +26,13 @@ ocrbench   ``OCRBench/OCRBench.json`` (or ``OCRBench.json``,                   M
 
 Prompts and answer lengths are lmms-eval's defaults (new tokens: ChartQA 16, InfographicVQA 32, DocVQA and
 OCRBench 128; TextVQA 32, where lmms-eval sets none): the question then "\\nAnswer the question using a single
-word or phrase." (TextVQA's question passes through ``str.capitalize()`` first, as lmms-eval's ``textvqa_doc_to_text`` does, which
-also lower-cases the rest of it); OCRBench's question alone. The OCR-token variant of TextVQA's prompt is not
-provided. ``--limit N`` reads N questions; for ChartQA ⌈N/2⌉ from the human file and ⌊N/2⌋ from the augmented one
-(the other file makes up a shortfall). The test splits of TextVQA, DocVQA and InfographicVQA ship without answers:
+word or phrase." (TextVQA's question passes through ``str.capitalize()`` first, as lmms-eval's
+``textvqa_doc_to_text`` does, which also lower-cases the rest of it); OCRBench's question alone. The OCR-token
+variant of TextVQA's prompt is not provided.
+
+``--limit N`` reads N questions; for ChartQA ⌈N/2⌉ from the human file and ⌊N/2⌋ from the augmented one (the
+other file makes up a shortfall), and its headline is the mean of the two files' accuracies (of the one file
+read when N is 1). The test splits of TextVQA, DocVQA and InfographicVQA ship without answers:
 a file without them is refused (evaluate ``--split val``).
 
 ShapesWorld writes each layout in ``{task}_{split}/`` (ChartQA's as the contents of ``ChartQA Dataset/``),
