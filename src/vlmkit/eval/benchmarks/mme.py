@@ -5,15 +5,17 @@ group (HallusionBench's fAcc / qAcc), read from their official releases; ShapesW
   per subtask; a subtask holds ``<name>.jpg|png`` and ``<name>.txt`` side by side, or ``images/`` and
   ``questions_answers_YN/`` (how LLaVA's ``playground/data/eval/MME/convert_answer_to_mme.py::get_gt`` and the
   official tool read it); each txt has two lines ``question<TAB>Yes|No`` about its image. The question is
-  asked as written (it ends with "Please answer yes or no."; lmms-eval swaps that for its ``post_prompt``,
-  e.g. "\\nAnswer the question using a single word or phrase.": use ``--post-prompt`` for that). Scored by
-  :mod:`vlmkit.eval.metrics.mme` (the official ``eval_tool/calculation.py``); headline ``total`` = perception
-  + cognition score.
+  asked as the release writes it, ending in "Please answer yes or no." (LLaVA-1.5's question file and
+  lmms-eval replace that sentence by "Answer the question using a single word or phrase."; LLaVA's
+  ``convert_answer_to_mme.py`` maps them back; vlmkit's ``--post-prompt`` appends, it does not replace).
+  Scored by :mod:`vlmkit.eval.metrics.mme` (the official ``eval_tool/calculation.py``); headline ``total`` =
+  perception + cognition score.
 * ``hallusionbench`` reads tianyi-lab/HallusionBench's ``HallusionBench.json`` (a list of ``{"category":
   "VD"|"VS", "subcategory", "visual_input": "0"|"1"|"2", "set_id", "figure_id", "question_id", "question",
   "gt_answer": "0"|"1", "gt_answer_details", "filename": "./hallusion_bench/..png"}``; no ``filename`` (or
   null) when ``visual_input`` is "0": the question is asked without an image) and the images relative to the
-  JSON's folder. Scored by :mod:`vlmkit.eval.metrics.hallusion` (official ``utils.py``, VLMEvalKit's
+  JSON's folder. The question is asked as written (``--post-prompt " Please answer yes or no."`` asks for a
+  short answer). Scored by :mod:`vlmkit.eval.metrics.hallusion` (official ``utils.py``, VLMEvalKit's
   judge-free yes/no extraction); headline ``qAcc``.
 
 ``--limit N`` reads exactly N questions: MME takes images round-robin over the subtasks (each image's two
