@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlmkit.eval.tasks import TASKS
+
 from vlmkit.data import shapes as sw
 from vlmkit.data.conversations import read_conversations
 from vlmkit.data.shapes.language import _multi_questions
@@ -139,7 +141,12 @@ def test_same_arguments_give_byte_identical_files(tmp_path):
     # and new single-object renders by colour and shape (30 classes, at least one image each, classes.json)
     object_images = sum(f.startswith(("objects_val/", "objects_test/")) and f.endswith(".png") for f in a)
     assert object_images == 2 * 30
-    assert len(a) == 24 + 3 * 4 + 2 + 2 * (2 + 3 + 3) + eval_images + 2 + object_images + 2 and a == b
+    # and the official benchmarks' layouts, each in its own {task}_{split}/ folder (vlmkit.eval.benchmarks)
+    folders = {f.split("/")[0] for f in a if "/" in f and f.split("/")[0].rpartition("_")[0] in TASKS}
+    benchmark_files = sum(f.split("/")[0] in folders for f in a)
+    assert {"mme_val", "mme_test", "docvqa_val", "docvqa_test", "hallusionbench_test"} <= folders
+    assert len(a) == 24 + 3 * 4 + 2 + 2 * (2 + 3 + 3) + eval_images + 2 + object_images + 2 + benchmark_files
+    assert a == b
 
     sw.generate_shapes(tmp_path / "c", **{**args, "seed": 6})
     c = file_hashes(tmp_path / "c")
