@@ -6,6 +6,9 @@
 - :mod:`.grounding`: boxes parsed from model text (Qwen-VL, normalised, pixels), IoU, accuracy at IoU >= 0.5;
 - :mod:`.retrieval`: recall@K both ways (CLIP_benchmark), zero-shot top-K accuracy;
 - :mod:`.caption`: BLEU-1..4, METEOR, ROUGE-L, CIDEr with pycocoevalcap (the eval extra; needs Java);
+- :mod:`.text`: TextVQA accuracy (mmf), ANLS (DocVQA / InfographicVQA), ChartQA's relaxed accuracy, OCRBench;
+- :mod:`.mme`: MME's yes/no parsing, acc and acc+ per subtask, perception / cognition scores;
+- :mod:`.hallusion`: HallusionBench's yes/no extraction, aAcc, fAcc, qAcc;
 - :mod:`.stats`: percentile-bootstrap confidence intervals.
 
 Importing this package needs neither pycocoevalcap nor Java: the caption scorers load when first used.
@@ -14,6 +17,10 @@ Importing this package needs neither pycocoevalcap nor Java: the caption scorers
 from vlmkit.eval.metrics.caption import caption_scores, evaluate_captions
 from vlmkit.eval.metrics.choice import (choice_accuracy, circular_accuracy, circular_rotations, extract_choice,
                                         score_choice)
+from vlmkit.eval.metrics.hallusion import extract_yes_no, hallusion_metrics, score_hallusion
+from vlmkit.eval.metrics.mme import MME_SUBTASKS, mme_metrics, parse_mme_answer, score_mme
+from vlmkit.eval.metrics.text import (anls, ocrbench_match, ocrbench_summary, relaxed_correctness, textvqa_accuracy,
+                                      textvqa_normalize_answer)
 from vlmkit.eval.metrics.grounding import box_iou, grounding_metrics, parse_box, score_grounding
 from vlmkit.eval.metrics.pope import parse_pope_answer, pope_metrics, score_pope
 from vlmkit.eval.metrics.retrieval import retrieval_metrics, zero_shot_classification_metrics
@@ -21,6 +28,9 @@ from vlmkit.eval.metrics.stats import bootstrap_ci
 from vlmkit.eval.metrics.vqa import exact_match, gqa_accuracy, vqa_accuracy, vqa_aggregate, vqa_normalize_answer
 
 __all__ = [
+    "MME_SUBTASKS", "anls", "extract_yes_no", "hallusion_metrics", "mme_metrics", "ocrbench_match",
+    "ocrbench_summary", "parse_mme_answer", "relaxed_correctness", "score_hallusion", "score_mme",
+    "textvqa_accuracy", "textvqa_normalize_answer",
     "bootstrap_ci", "box_iou", "caption_scores", "choice_accuracy", "circular_accuracy", "circular_rotations",
     "evaluate_captions", "exact_match", "extract_choice", "gqa_accuracy", "grounding_metrics", "parse_box",
     "parse_pope_answer", "pope_metrics", "retrieval_metrics", "score_choice", "score_grounding", "score_pope",
