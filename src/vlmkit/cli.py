@@ -190,12 +190,14 @@ def cmd_embed(args) -> None:
 
 def cmd_tasks(args) -> None:
     """List the evaluation tasks with their metric and the data files they read."""
+    import textwrap
+
     from vlmkit.eval.tasks import TASKS
 
-    rows = [(name, t.metric, t.data, t.description) for name, t in sorted(TASKS.items())]
-    widths = [max(len(r[i]) for r in rows + [("task", "metric", "data (under --data)", "")]) for i in range(3)]
-    for row in [("task", "metric", "data (under --data)", "description")] + rows:
-        print("  ".join(f"{v:<{w}}" for v, w in zip(row[:3], widths)) + "  " + row[3])
+    for name, t in sorted(TASKS.items()):
+        print(f"{name}  [{t.metric}]")
+        print(textwrap.fill(t.description, 110, initial_indent="    ", subsequent_indent="    "))
+        print(textwrap.fill(f"reads: {t.data}", 110, initial_indent="    ", subsequent_indent="           "))
 
 
 def cmd_convert(args) -> None:

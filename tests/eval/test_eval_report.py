@@ -58,3 +58,14 @@ def test_names_and_bad_input(tmp_path, capsys):
         assert main(["eval", "report", str(a), str(path), "--out", str(tmp_path / "u.md")]) == 2
         assert why in capsys.readouterr().err
     assert not (tmp_path / "u.md").exists()  # nothing written when an input is refused
+
+
+def test_vlmkit_tasks_lists_every_task_with_its_metric_and_files(capsys):
+    from vlmkit.eval.tasks import TASKS
+
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name, task in TASKS.items():
+        assert f"{name}  [{task.metric}]" in out
+        assert task.data.split()[0] in out
+    assert {"mme", "hallusionbench", "textvqa", "chartqa", "docvqa", "infovqa", "ocrbench"} <= set(TASKS)
