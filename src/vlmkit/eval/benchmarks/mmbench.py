@@ -82,7 +82,7 @@ def read_tsv(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
         raise DataError(f"file not found: {path}")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are far over csv's 128 KiB default
     rows = []
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM is no part of the first column's name
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
         if not header:
