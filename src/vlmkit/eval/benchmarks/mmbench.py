@@ -296,6 +296,7 @@ def write_shapes_seedbench(folder: Path, split: str, items: list) -> None:
     """``seedbench_{split}/SEED-Bench.json`` and ``SEED-Bench-image/``: colour -> Instance Attributes, shape ->
     Instance Identity, count -> Instances Counting."""
     out = folder / f"seedbench_{split}"
+    out.mkdir(exist_ok=True)  # a split without images gets its empty layout
     rows = _choice_rows(items)[:SHAPES_ROWS]
     kinds = {"color": 3, "shape": 2, "count": 5}
     questions = [{"answer": r["answer"], **{f"choice_{c}": o for c, o in zip("abcd", r["options"])},
@@ -369,6 +370,7 @@ def write_shapes_mme_realworld(folder: Path, split: str, items: list) -> None:
     Category ``Shapes/attribute/{color,shape}`` (merged officially into ``shapes/attribute``) or
     ``Shapes/counting``."""
     out = folder / f"mme_realworld_{split}"
+    out.mkdir(exist_ok=True)  # a split without images gets its empty layout
     rows = _choice_rows(items)[:SHAPES_ROWS]
     rng = random.Random(f"mme_realworld/{split}")  # which questions are Reasoning, so both Tasks appear
     questions = []
