@@ -295,10 +295,24 @@ def oracle(truth, question_of, pattern):
 @pytest.mark.parametrize("task,question_of,pattern", [
     ("mmbench", lambda p: p.split("\n")[0], r"^([A-Z])\. (.*)$"),
     ("seedbench", lambda p: p.split("\n")[0], r"^([A-Z])\. (.*)$"),
-    ("mme_realworld", lambda p: p.split(" The choices are listed below")[0], r"^\(([A-Z])\) (.*)$")])
+    ("mme_realworld", lambda p: p.split(" The choices are listed below")[0], r"^\(([A-Z])\) (.*)$"),
+    ("mme_realworld_cn", lambda p: p.split(" 选项如下所示")[0], r"^\(([A-Z])\) (.*)$")])
 def test_shapesworld_oracle_scores_perfectly(shapes, task, question_of, pattern):
     root, truth = shapes
     result, records = run_canned(task, root, oracle(truth, question_of, pattern), split="test")
     assert result["metrics"][result["metric"]] == 1.0 and result["n"] > 0
     if task == "mmbench":  # every question with its 4 rotated copies
         assert result["n"] == 4 * result["metrics"]["n_questions"] and result["metrics"]["vanilla_accuracy"] == 1.0
+
+
+def test_mme_realworld_cn_prompt_and_score(tmp_path):
+    write_mme_rw(tmp_path)
+    rows = json.loads((tmp_path / "MME_RealWorld.json").read_text())[:2]
+    rows[0]["Text"] = "图中的数字是多少？"
+    (tmp_path / "MME_RealWorld_CN.json").write_text(json.dumps(rows, ensure_ascii=False))
+    result, records = run_canned("mme_realworld_cn", tmp_path, lambda i, p: "答案是B")
+    # row 0 (key B) read as B, right; row 1 (key A) read as B, wrong -> 1/2
+    assert result["metrics"]["accuracy"] == 0.5
+    assert records[0]["prompt"] == ("图中的数字是多少？ 选项如下所示:\n(A) 458\n(B) 456\n(C) 455\n(D) 457\n(E) The image does "
+                                    "not feature the number.\n根据图像选择上述多项选择题的最佳答案。只需回答正确选项的字母（A, B, C, "
+                                    "D 或 E）。\n最佳答案为： ")

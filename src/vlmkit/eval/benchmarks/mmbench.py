@@ -23,14 +23,17 @@ official rules (the scorers: :mod:`vlmkit.eval.metrics.mmbench`).
 ``mme_realworld`` -- ``MME_RealWorld.json`` (yfzhang114/MME-RealWorld; a list of ``{"Question_id", "Image"
     (path under the folder), "Text", "Answer choices": ["(A) ...", ...], "Ground truth": "A", "Task", "Subtask",
     "Category"}``), the prompt of its ``evaluation/model_vqa_mme_real_world.py`` (the README shows one more
-    space before "\\nThe best answer is:") and the scoring of ``evaluation/eval_your_results.py``. The Chinese
-    ``MME_RealWorld_CN.json`` is not registered.
+    space before "\\nThe best answer is:") and the scoring of ``evaluation/eval_your_results.py``.
+``mme_realworld_cn`` -- ``MME_RealWorld_CN.json`` beside it (the same layout and images, Chinese questions),
+    asked with the Chinese prompt of lmms-eval ``tasks/mme_realworld/utils.py::mme_realworld_cn_doc_to_text``
+    (VLMEvalKit's MME-RealWorld-CN prompt), scored as ``mme_realworld``.
 
 ShapesWorld writes each layout from its colour / shape / count questions (4 options, ``formats._choice_rows``):
 ``mmbench_{split}/MMBench_{SPLIT}.tsv`` (so ``--split test`` reads it), up to 50 questions, each with its 4
 rotated copies as rows ``index + k * 1e6`` whose image refers to the question's row;
 ``seedbench_{split}/SEED-Bench.json`` + ``SEED-Bench-image/``; ``mme_realworld_{split}/MME_RealWorld.json`` +
-``images/`` (a fifth option "(E) None of the above." as MME-RealWorld's questions have), up to 200 each.
+``images/`` (a fifth option "(E) None of the above." as MME-RealWorld's questions have; ``MME_RealWorld_CN.json``
+holds the same, English, questions: a check of the layout, not of Chinese), up to 200 each.
 """
 
 from __future__ import annotations
@@ -310,6 +313,7 @@ def write_shapes_seedbench(folder: Path, split: str, items: list) -> None:
 # -------------------------------------------------------------------------------------------- MME-RealWorld
 MME_RW_INSTRUCTION = ("Select the best answer to the above multiple-choice question based on the image. Respond "
                       "with only the letter (A, B, C, D, or E) of the correct option.")
+MME_RW_INSTRUCTION_CN = "根据图像选择上述多项选择题的最佳答案。只需回答正确选项的字母（A, B, C, D 或 E）。\n最佳答案为： "  # the trailing space as lmms-eval
 MME_RW_FIELDS = ("Question_id", "Image", "Text", "Ground truth", "Task", "Subtask", "Category")
 
 
@@ -339,11 +343,22 @@ def _mme_realworld(root: Path, split: str, limit: int | None) -> list[EvalSample
     return read_mme_realworld(base / "MME_RealWorld.json", base, limit)
 
 
+def _mme_realworld_cn(root: Path, split: str, limit: int | None) -> list[EvalSample]:
+    base = benchmark_root(root, "mme_realworld", split)  # the CN file sits beside the English one
+    return read_mme_realworld(base / "MME_RealWorld_CN.json", base, limit)
+
+
 def mme_realworld_prompt(sample: EvalSample) -> str:
     """``model_vqa_mme_real_world.py``: the text, " The choices are listed below: \\n", a line per choice, the
     instruction and "\\nThe best answer is:"."""
     choices = "".join(f"{c}\n" for c in sample.meta["choices"])
     return f"{sample.question} The choices are listed below: \n{choices}{MME_RW_INSTRUCTION}\nThe best answer is:"
+
+
+def mme_realworld_cn_prompt(sample: EvalSample) -> str:
+    """lmms-eval's ``mme_realworld_cn_doc_to_text``: the text, " 选项如下所示:\\n", the choices joined by newlines,
+    a newline and the Chinese instruction."""
+    return f"{sample.question} 选项如下所示:\n" + "\n".join(sample.meta["choices"]) + f"\n{MME_RW_INSTRUCTION_CN}"
 
 
 def _mme_rw_score(prediction: str, sample: EvalSample) -> dict[str, float]:
@@ -362,6 +377,10 @@ register_task(Task(
     "mme_realworld", "MME-RealWorld multiple choice (A-E): accuracy overall, per Task, Subtask and Category, the "
     "official letter extraction", "accuracy", "MME_RealWorld.json and its images (paths as in 'Image')",
     _mme_realworld, mme_realworld_prompt, _mme_rw_score, max_new_tokens=16, summarize=_mme_rw_summary))
+register_task(Task(
+    "mme_realworld_cn", "MME-RealWorld-CN (Chinese questions), asked and scored as mme_realworld", "accuracy",
+    "MME_RealWorld_CN.json and its images", _mme_realworld_cn, mme_realworld_cn_prompt, _mme_rw_score,
+    max_new_tokens=16, summarize=_mme_rw_summary))
 
 
 @shapes_writer
@@ -383,4 +402,5 @@ def write_shapes_mme_realworld(folder: Path, split: str, items: list) -> None:
                           "Answer choices": choices, "Ground truth": r["answer"], "Task": task,
                           "Subtask": "Monitoring", "Category": category})
     _copy_images(folder, out, rows, lambda r: r["image"])
-    (out / "MME_RealWorld.json").write_text(json.dumps(questions, indent=1), encoding="utf-8")
+    for name in ("MME_RealWorld.json", "MME_RealWorld_CN.json"):
+        (out / name).write_text(json.dumps(questions, indent=1), encoding="utf-8")
