@@ -163,3 +163,29 @@ def test_ranking_tasks_refuse_a_model_that_only_generates(trained):
 
     with pytest.raises(ConfigError, match=r"task 'retrieval' ranks candidates by the model's likelihoods"):
         run_task(Endpoint(), get_task("retrieval"), trained[1], "test", 2, 8)
+
+
+@pytest.mark.parametrize("name", ["multiple_choice_circular", "mmbench", "mme", "hallusionbench"])
+def test_a_failed_sample_takes_the_samples_scored_with_it_out_of_the_metrics(name, tmp_path_factory):
+    """A sample that failed (an endpoint's request) is scored in groups with others (the circular copies of a
+    question, MME's image pair, HallusionBench's figure and question groups): the whole group leaves the metrics,
+    never a group judged on what is left of it."""
+    from vlmkit.eval import runner
+    from vlmkit.eval.tasks import get_task
+
+    root = tmp_path_factory.getbasetemp() / "units_shapes"
+    if not root.exists():
+        generate_shapes(root, n=60, seed=0, size=32, progress=False)
+    task = get_task(name)
+    samples = task.read(root, "test", None)
+    failed = len(samples) // 2
+    answers = [s.answers[0] for s in samples]
+    errors = [None] * len(samples)
+    answers[failed], errors[failed] = None, "HTTP 500"
+    result, records = runner._score(task, samples, [task.prompt(s) for s in samples], answers, errors, 0)
+    groups = set(task.units(samples[failed]))
+    shares = [bool(set(task.units(s)) & groups) for s in samples]
+    assert groups and sum(shares) > 1  # the failed sample is scored with others
+    assert [("excluded" in r) for r in records] == [sh and i != failed for i, sh in enumerate(shares)]
+    assert result["n_errors"] == 1 and result["n_excluded"] == sum(shares) - 1
+    assert result["n"] == len(samples) - sum(shares)

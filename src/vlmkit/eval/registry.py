@@ -34,10 +34,19 @@ class Task:
     # samples, data folder, progress) -> (predictions, per-sample scores, metrics over the set); the runner skips
     # generation and ``score``
     evaluate: Callable | None = None
-    # a meta key naming the samples that are scored together (MMBench's circular copies of one question, MME's two
-    # questions of one image): when the model failed on one of them (an endpoint's failed request), all of them
-    # are left out of the metrics, not only the failed one; "" = each sample on its own
-    failure_unit: str = ""
+    # the samples that are scored together (the circular copies of one question, MME's two questions of one image,
+    # HallusionBench's figure and question groups): a meta key, or sample -> the keys of the groups it is in. When
+    # the model failed on a sample (an endpoint's failed request), every sample sharing a group with it is left
+    # out of the metrics too, not only the failed one; "" = each sample on its own
+    failure_unit: str | Callable[[EvalSample], tuple] = ""
+
+    def units(self, sample: EvalSample) -> tuple:
+        """The groups ``sample`` is scored in (see ``failure_unit``), as hashable keys."""
+        if not self.failure_unit:
+            return ()
+        if callable(self.failure_unit):
+            return tuple(self.failure_unit(sample))
+        return ((self.failure_unit, sample.meta.get(self.failure_unit)),)
 
 
 TASKS: dict[str, Task] = {}

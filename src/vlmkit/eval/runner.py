@@ -102,16 +102,16 @@ def _score(task: Task, samples: list[EvalSample], prompts: list[str], answers: l
            errors: list[str | None], seed: int) -> tuple[dict, list[dict]]:
     """Scores and metrics over the samples answered (those failed, and their ``failure_unit``, left out), and a
     record per sample in the task's order."""
-    unit = task.failure_unit
-    failed_units = {s.meta.get(unit) for s, e in zip(samples, errors) if unit and e is not None}
+    failed_units = {u for s, e in zip(samples, errors) if e is not None for u in task.units(s)}
     records, kept, scores = [], [], []
     for i, (s, prompt, answer, error) in enumerate(zip(samples, prompts, answers, errors)):
         record = {"id": s.id, "images": [str(p) for p in s.images], "prompt": prompt, "prediction": answer,
                   "answers": s.answers}
+        shared = [u for u in task.units(s) if u in failed_units] if error is None else []
         if error is not None:
             record["error"] = error
-        elif unit and s.meta.get(unit) in failed_units:
-            record["excluded"] = f"another sample of its {unit} {s.meta.get(unit)!r} failed"
+        elif shared:
+            record["excluded"] = f"another sample scored with it failed ({shared[0]!r})"
         else:
             score = task.score(answer, s)
             scores.append(score)

@@ -130,8 +130,8 @@ register_task(Task(
     "an image right), official calculation.py; headline total = perception + cognition score (max 2800)",
     "total", "MME_Benchmark_release_version/<subtask>/ (<name>.jpg + <name>.txt, or images/ + "
     "questions_answers_YN/), or mme_{split}/ (ShapesWorld)", read_mme, lambda s: s.question, _mme_score,
-    max_new_tokens=16,
-    summarize=_mme_summary))
+    max_new_tokens=16, summarize=_mme_summary,
+    failure_unit=lambda s: (("image", s.meta["subtask"], s.meta["image"]),)))
 
 
 # ------------------------------------------------------------------------------------------- HallusionBench
@@ -193,12 +193,19 @@ def _hallusion_score(prediction: str, sample: EvalSample) -> dict[str, float]:
     return {"correct": float(r.correct), "unknown": float(r.prediction == "unknown")}
 
 
+def _hallusion_groups(sample: EvalSample) -> tuple:
+    """The figure group and the question group a question is scored in (fAcc, qAcc)."""
+    m = sample.meta
+    return (("figure", m["category"], m["subcategory"], m["set_id"], m["figure_id"]),
+            ("question", m["category"], m["subcategory"], m["set_id"], m["question_id"]))
+
+
 register_task(Task(
     "hallusionbench", "HallusionBench yes/no on original, edited and no images: aAcc, fAcc (figure), qAcc "
     "(question across figures, headline), official utils.py with VLMEvalKit's judge-free yes/no extraction",
     "qAcc", "HallusionBench.json and hallusion_bench/ images (or hallusionbench_{split}/)",
     read_hallusionbench, lambda s: s.question, _hallusion_score, max_new_tokens=32,
-    summarize=_hallusion_summary))
+    summarize=_hallusion_summary, failure_unit=_hallusion_groups))
 
 
 # --------------------------------------------------------------------------------------- ShapesWorld layouts
