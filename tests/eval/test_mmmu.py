@@ -1,5 +1,6 @@
-"""MMMU, MMMU-Pro and MMStar: small files in the official parquet layouts, scored through the task as `vlmkit eval`
-runs it, against hand-checked scores; the official parsers' tricky cases; bad input; ShapesWorld's oracle."""
+"""MMMU, MMMU-Pro and MMStar: small files in the official parquet layouts, scored through the task as
+`vlmkit eval` runs it, against hand-checked scores; the official parsers' tricky cases; bad input;
+ShapesWorld's oracle."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import io
 import random
 
 import pytest
+from canned import run_canned
 from PIL import Image
 
-from canned import run_canned
 from vlmkit.errors import DataError
-from vlmkit.eval.metrics.mmmu import (eval_open, mmstar_match, parse_mmmu_choice, parse_open_response,
-                                      score_mmmu)
+from vlmkit.eval.metrics.mmmu import (
+    eval_open,
+    mmstar_match,
+    parse_mmmu_choice,
+    parse_open_response,
+    score_mmmu,
+)
 from vlmkit.eval.tasks import get_task
 
 pa = pytest.importorskip("pyarrow")
@@ -30,12 +36,14 @@ def _png(color: str = "red") -> dict:
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 MMMU_FIELDS = ([(n, pa.string()) for n in ("id", "question", "options", "explanation")]
                + [(f"image_{k}", IMAGE) for k in range(1, 8)]
-               + [(n, pa.string()) for n in ("img_type", "answer", "topic_difficulty", "question_type", "subfield")])
+               + [(n, pa.string())
+                  for n in ("img_type", "answer", "topic_difficulty", "question_type", "subfield")])
 
 
 def _mmmu_row(qid: str, question: str, answer: str, options=OPTS, qtype="multiple-choice", **images) -> dict:
-    row = {"id": qid, "question": question, "options": repr(list(options)), "explanation": "", "img_type": "[]",
-           "answer": answer, "topic_difficulty": "Easy", "question_type": qtype, "subfield": "x"}
+    row = {"id": qid, "question": question, "options": repr(list(options)), "explanation": "",
+           "img_type": "[]", "answer": answer, "topic_difficulty": "Easy", "question_type": qtype,
+           "subfield": "x"}
     row |= {f"image_{k}": None for k in range(1, 8)}
     return row | {"image_1": _png()} | images
 
@@ -103,13 +111,15 @@ def _mmmu_folder(root):
         _mmmu_row("validation_Accounting_3", "acc3 <image 1>", "A")])
     _write(root / "Art" / "validation-00000-of-00001.parquet", [
         _mmmu_row("validation_Art_1", "art1: in <image 2> but not in <image 1>?", "D",
-                  ["a red circle", "a blue square", "a green star", "a yellow triangle"], image_2=_png("blue")),
+                  ["a red circle", "a blue square", "a green star", "a yellow triangle"],
+                  image_2=_png("blue")),
         _mmmu_row("validation_Art_2", "art2 <image 1>", "B")])
     _write(root / "Math" / "validation-00000-of-00001.parquet", [
         _mmmu_row("validation_Math_1", "math1 <image 1>", "3", [], "open"),
         _mmmu_row("validation_Math_2", "math2 <image 1>", "12", [], "open"),
         _mmmu_row("validation_Math_3", "math3 <image 1>", "C")])
-    _write(root / "Accounting" / "test-00000-of-00001.parquet", [_mmmu_row("test_Accounting_1", "t <image 1>", "?")])
+    _write(root / "Accounting" / "test-00000-of-00001.parquet",
+           [_mmmu_row("test_Accounting_1", "t <image 1>", "?")])
 
 
 def test_mmmu_end_to_end_random_picks_and_disciplines(tmp_path):
@@ -165,17 +175,18 @@ def test_mmmu_bad_input(tmp_path):
     with pytest.raises(DataError, match="no <subject>/dev-"):
         task.read(tmp_path, "dev", None)
     bad = tmp_path / "bad"
-    _write(bad / "Art" / "validation-0.parquet", [_mmmu_row("v_Art_1", "q <image 1>", "A")], drop=("question_type",))
+    path = bad / "Art" / "validation-0.parquet"
+    _write(path, [_mmmu_row("v_Art_1", "q <image 1>", "A")], drop=("question_type",))
     with pytest.raises(DataError, match="validation-0.parquet: missing column.*'question_type'"):
         task.read(bad, "validation", None)
     _write(bad / "Art" / "validation-0.parquet", [_mmmu_row("v_Art_1", "q <image 1>", "A"),
                                                   _mmmu_row("v_Art_2", "q <image 1>", "E")])
-    with pytest.raises(DataError, match=r"validation-0.parquet row 1: field 'answer' must be one of .* got 'E'"):
+    with pytest.raises(DataError, match=r"validation-0.parquet row 1: field 'answer' must be one .* got 'E'"):
         task.read(bad, "validation", None)
-    _write(bad / "Art" / "validation-0.parquet", [_mmmu_row("v_Art_1", "compare <image 1> and <image 2>", "A")])
+    _write(path, [_mmmu_row("v_Art_1", "compare <image 1> and <image 2>", "A")])
     with pytest.raises(DataError, match=r"row 0: the text names <image 2> but field 'image_2' is empty"):
         task.read(bad, "validation", None)
-    _write(bad / "Art" / "validation-0.parquet", [_mmmu_row("v_Art_1", "q <image 1>", "A") | {"options": "[oops"}])
+    _write(path, [_mmmu_row("v_Art_1", "q <image 1>", "A") | {"options": "[oops"}])
     with pytest.raises(DataError, match="field 'options'"):
         task.read(bad, "validation", None)
 
@@ -190,7 +201,8 @@ def test_unnamed_images_go_first_and_repeated_tags_repeat(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ MMMU-Pro
-PRO_FIELDS = [f for f in MMMU_FIELDS if f[0] not in ("question_type", "subfield")] + [("subject", pa.string())]
+PRO_FIELDS = [f for f in MMMU_FIELDS if f[0] not in ("question_type", "subfield")] + [("subject",
+                                                                                       pa.string())]
 VISION_FIELDS = [("id", pa.string()), ("image", IMAGE), ("options", pa.string()), ("answer", pa.string()),
                  ("subject", pa.string())]
 
@@ -200,7 +212,8 @@ def test_mmmu_pro_standard_and_vision(tmp_path):
     rows = []
     for i, (answer, subject) in enumerate((("B", "Art"), ("J", "Art"), ("C", "Math"))):
         r = _mmmu_row(f"pro{i}", f"pro{i} <image 1>", answer, ten)
-        rows.append({k: v for k, v in r.items() if k not in ("question_type", "subfield")} | {"subject": subject})
+        r = {k: v for k, v in r.items() if k not in ("question_type", "subfield")}
+        rows.append(r | {"subject": subject})
     _write(tmp_path / "standard (10 options)" / "test-00000-of-00001.parquet", rows, PRO_FIELDS)
     answers = {"pro0": "B. 1",                      # the "B." tier (not in MMMU's parser): right
                "pro1": "Answer: J",                 # the "Answer:" rule: right
@@ -210,7 +223,8 @@ def test_mmmu_pro_standard_and_vision(tmp_path):
     # 2 of 3 right; Art 2/2 (Art and Design), Math 0/1 (Science)
     assert m["accuracy"] == pytest.approx(2 / 3) and m["n_random_picks"] == 1
     assert m["accuracy/Art and Design"] == 1.0 and m["accuracy/Science"] == 0.0
-    assert records[0]["prompt"].endswith("I. 8\nJ. 9\nAnswer with the option letter from the given choices directly.")
+    assert records[0]["prompt"].endswith("I. 8\nJ. 9\nAnswer with the option letter from the given choices "
+                                         "directly.")
 
     vision = [{"id": f"v{i}", "image": _png(c), "options": repr(OPTS), "answer": a, "subject": "Art"}
               for i, (c, a) in enumerate((("red", "A"), ("blue", "B")))]
@@ -232,13 +246,15 @@ MMSTAR_FIELDS = [("index", pa.int64()), ("question", pa.string()), ("image", IMA
 
 
 def _mmstar_row(i, answer, category, l2):
-    return {"index": i, "question": f"q{i}: what?\nOptions: A: red, B: blue, C: green, D: yellow", "image": _png(),
-            "answer": answer, "category": category, "l2_category": l2, "meta_info": {"source": "x"}}
+    return {"index": i, "question": f"q{i}: what?\nOptions: A: red, B: blue, C: green, D: yellow",
+            "image": _png(), "answer": answer, "category": category, "l2_category": l2,
+            "meta_info": {"source": "x"}}
 
 
 def test_mmstar_end_to_end(tmp_path):
     rows = [_mmstar_row(0, "B", "math", "geometry"), _mmstar_row(1, "A", "math", "geometry"),
-            _mmstar_row(2, "C", "math", "statistical reasoning"), _mmstar_row(3, "D", "coarse perception", "x")]
+            _mmstar_row(2, "C", "math", "statistical reasoning"),
+            _mmstar_row(3, "D", "coarse perception", "x")]
     _write(tmp_path / "mmstar.parquet", rows, MMSTAR_FIELDS)
     answers = {"q0": "(B) blue", "q1": "the answer is (A)", "q2": "Option C", "q3": "Definitely"}
     result, records = run_canned("mmstar", tmp_path, _answer_by_key(answers), split="val")

@@ -1,33 +1,34 @@
 """MMMU, MMMU-Pro and MMStar from their Hugging Face parquet releases, scored by the official rules.
 
-``mmmu`` -- MMMU/MMMU: one folder per subject under ``--data`` (``Accounting/validation-00000-of-00001.parquet``,
-``dev-*``, ``test-*``; columns id, question, options (a Python-literal list), explanation, image_1..image_7
-(struct {bytes, path}, null when absent), img_type, answer, topic_difficulty, question_type ("multiple-choice" |
-"open"), subfield). The prompt is lmms-eval's (``tasks/mmmu/utils.py`` ``construct_prompt``, interleaved):
-``{question}\\n{A. option ...}\\n\\nAnswer with the option's letter from the given choices directly.``, or
-``{question}\\n\\nAnswer the question using a single word or phrase.`` for open questions; each ``<image N>`` of
-the question and the options becomes vlmkit's ``<image>`` placeholder and brings ``image_N``, in order of
-appearance (a tag used twice brings its image twice: N placeholders, N images). Images a row holds but its text
-never names go first, each with its placeholder (lmms-eval drops them). Scored by MMMU's ``eval/eval_utils.py``
-(:mod:`vlmkit.eval.metrics.mmmu`): the random pick for unparsable letters is in the headline, and reported.
-``--split validation`` is what papers report; the test split has no answers ("?") and is refused.
+``mmmu`` -- MMMU/MMMU: one folder per subject under ``--data``
+(``Accounting/validation-00000-of-00001.parquet``, ``dev-*``, ``test-*``; columns id, question, options (a
+Python-literal list), explanation, image_1..image_7 (struct {bytes, path}, null when absent), img_type,
+answer, topic_difficulty, question_type ("multiple-choice" | "open"), subfield). The prompt is lmms-eval's
+(``tasks/mmmu/utils.py`` ``construct_prompt``, interleaved): ``{question}\\n{A. option ...}\\n\\nAnswer with
+the option's letter from the given choices directly.``, or ``{question}\\n\\nAnswer the question using a
+single word or phrase.`` for open questions; each ``<image N>`` of the question and the options becomes
+vlmkit's ``<image>`` placeholder and brings ``image_N``, in order of appearance (a tag used twice brings its
+image twice: N placeholders, N images). Images a row holds but its text never names go first, each with its
+placeholder (lmms-eval drops them). Scored by MMMU's ``eval/eval_utils.py`` (:mod:`vlmkit.eval.metrics.mmmu`):
+the random pick for unparsable letters is in the headline, and reported. ``--split validation`` is what papers
+report; the test split has no answers ("?") and is refused.
 
 ``mmmu_pro`` / ``mmmu_pro_4`` / ``mmmu_pro_vision`` -- MMMU/MMMU_Pro's three settings, one task each:
-``standard (10 options)/``, ``standard (4 options)/`` and ``vision/`` hold ``{split}-*.parquet`` (the release has
-``test`` only, with answers: ``--split test``). Standard rows as MMMU's (a ``subject`` column instead of the
-folder); vision rows: id, image (the question photographed with its options), options, answer, subject. Prompts
-of ``mmmu-pro/infer`` (``{question}\\n{options}\\n{instruction}``, "direct" instructions of prompts.yaml), scored
-by ``mmmu-pro/evaluate.py`` (its "Answer:" rule first; overall accuracy, per subject).
+``standard (10 options)/``, ``standard (4 options)/`` and ``vision/`` hold ``{split}-*.parquet`` (the release
+has ``test`` only, with answers: ``--split test``). Standard rows as MMMU's (a ``subject`` column instead of
+the folder); vision rows: id, image (the question photographed with its options), options, answer, subject.
+Prompts of ``mmmu-pro/infer`` (``{question}\\n{options}\\n{instruction}``, "direct" instructions of
+prompts.yaml), scored by ``mmmu-pro/evaluate.py`` (its "Answer:" rule first; overall accuracy, per subject).
 
-``mmstar`` -- Lin-Chen/MMStar: ``mmstar.parquet`` (index, question with its options inline, image, answer letter,
-category, l2_category, meta_info), any ``--split`` (the release has one, ``val``). The prompt is lmms-eval's
-(the question, then "\\nAnswer with the option's letter from the given choices directly", no full stop, as
-there); scored by its ``exact_match`` (``tasks/mmstar/utils.py``).
+``mmstar`` -- Lin-Chen/MMStar: ``mmstar.parquet`` (index, question with its options inline, image, answer
+letter, category, l2_category, meta_info), any ``--split`` (the release has one, ``val``). The prompt is
+lmms-eval's (the question, then "\\nAnswer with the option's letter from the given choices directly", no full
+stop, as there); scored by its ``exact_match`` (``tasks/mmstar/utils.py``).
 
-ShapesWorld writes ``mmmu_{split}/`` (subject folders Art: colours, Design: shapes, Math: counts, multiple choice
-and open; the parquet named by ShapesWorld's split, ``val-00000-of-00001.parquet``, with answers, so ``--split
-val`` and ``--split test`` both read it), ``mmmu_pro_{split}/`` (the three settings, count questions with the ten
-options 0-9) and ``mmstar_{split}/mmstar.parquet``.
+ShapesWorld writes ``mmmu_{split}/`` (subject folders Art: colours, Design: shapes, Math: counts, multiple
+choice and open; the parquet named by ShapesWorld's split, ``val-00000-of-00001.parquet``, with answers, so
+``--split val`` and ``--split test`` both read it), ``mmmu_pro_{split}/`` (the three settings, count questions
+with the ten options 0-9) and ``mmstar_{split}/mmstar.parquet``.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ from vlmkit.eval.registry import Task, register_task
 
 MC_PROMPT = "Answer with the option's letter from the given choices directly."  # lmms-eval mmmu
 OPEN_PROMPT = "Answer the question using a single word or phrase."
-PRO_STANDARD_PROMPT = "Answer with the option letter from the given choices directly."  # mmmu-pro prompts.yaml
-PRO_VISION_PROMPT = ("Answer with the option letter from the given choices directly. The last line of your response "
-                     "should be of the following format: 'Answer: $LETTER' (without quotes) where LETTER is one of "
-                     "options.")
+# mmmu-pro/prompts.yaml, "direct"
+PRO_STANDARD_PROMPT = "Answer with the option letter from the given choices directly."
+PRO_VISION_PROMPT = ("Answer with the option letter from the given choices directly. The last line of your "
+                     "response should be of the following format: 'Answer: $LETTER' (without quotes) where "
+                     "LETTER is one of options.")
 MMSTAR_PROMPT = "\nAnswer with the option's letter from the given choices directly"  # lmms-eval, as written
 PRO_SETTINGS = {"mmmu_pro": "standard (10 options)", "mmmu_pro_4": "standard (4 options)",
                 "mmmu_pro_vision": "vision"}
@@ -98,7 +100,8 @@ def _image(value, where: str, source: str) -> EmbeddedImage | None:
         return None
     data = value.get("bytes") if isinstance(value, dict) else value
     if not isinstance(data, (bytes, bytearray)) or not data:
-        raise DataError(f"{where}: the image holds no bytes (got {type(data).__name__}); the release embeds them")
+        raise DataError(f"{where}: the image holds no bytes (got {type(data).__name__}); the release embeds "
+                        f"them")
     return EmbeddedImage(bytes(data), source)
 
 
@@ -114,7 +117,8 @@ def _options(row: dict, where: str) -> list[str]:
     try:
         options = ast.literal_eval(raw)
     except (ValueError, SyntaxError) as e:
-        raise DataError(f"{where}: field 'options' must be a Python-literal list of strings, got {raw!r}") from e
+        raise DataError(f"{where}: field 'options' must be a Python-literal list of strings, "
+                        f"got {raw!r}") from e
     if not isinstance(options, list) or len(options) > 26:
         raise DataError(f"{where}: field 'options' must be a list of at most 26 option texts, got {raw!r}")
     return [str(o) for o in options]
@@ -129,7 +133,8 @@ def _interleave(text: str, row: dict, where: str, source: str) -> tuple[str, lis
     def swap(match: re.Match) -> str:
         k = int(match.group(1))
         if not 1 <= k <= N_IMAGES:
-            raise DataError(f"{where}: the text names <image {k}>, but MMMU rows hold image_1..image_{N_IMAGES}")
+            raise DataError(f"{where}: the text names <image {k}>, but MMMU rows hold "
+                            f"image_1..image_{N_IMAGES}")
         image = _image(row.get(f"image_{k}"), f"{where} field 'image_{k}'", f"{source} image_{k}")
         if image is None:
             raise DataError(f"{where}: the text names <image {k}> but field 'image_{k}' is empty")
@@ -153,8 +158,8 @@ def _answer(row: dict, qtype: str, options: list[str], where: str):
     if qtype == "multiple-choice":
         letters = [chr(65 + i) for i in range(len(options))]
         if answer not in letters:
-            raise DataError(f"{where}: field 'answer' must be one of the option letters {', '.join(letters)}, "
-                            f"got {answer!r}")
+            raise DataError(f"{where}: field 'answer' must be one of the option letters "
+                            f"{', '.join(letters)}, got {answer!r}")
         return answer
     if answer.startswith("["):
         try:
@@ -167,7 +172,8 @@ def _answer(row: dict, qtype: str, options: list[str], where: str):
 
 
 # ---------------------------------------------------------------------------------------------------- MMMU
-MMMU_COLUMNS = ("id", "question", "options", "answer", "question_type") + tuple(f"image_{k}" for k in range(1, 8))
+MMMU_COLUMNS = ("id", "question", "options", "answer", "question_type") + tuple(f"image_{k}"
+                                                                                for k in range(1, 8))
 
 
 def _mmmu_sample(row: dict, subject: str, where: str, source: str, options_prompt: str = "\n") -> EvalSample:
@@ -213,8 +219,8 @@ def _mmmu_prompt(sample: EvalSample) -> str:
 def _mmmu_score(prediction: str, sample: EvalSample, style: str = "mmmu") -> dict[str, float]:
     """Per sample, without the random pick (which depends on the order: see :func:`_mmmu_summary`): right when
     parsed, and whether the letter would be a random pick."""
-    s = score_mmmu(prediction, sample.meta["question_type"], sample.meta["options"], sample.meta["answer"], None,
-                   style)
+    meta = sample.meta
+    s = score_mmmu(prediction, meta["question_type"], meta["options"], meta["answer"], None, style)
     return {"correct_parsed": float(s.correct), "random_pick": float(s.random_pick)}
 
 
@@ -230,7 +236,8 @@ def _mmmu_summary(predictions: list[str], samples: list[EvalSample], style: str 
 
 register_task(Task(
     "mmmu", "MMMU (multi-discipline college-level questions, interleaved images), MMMU's official scorer: "
-    "accuracy incl. its random pick for unparsable letters (reported), per discipline and subject", "accuracy",
+    "accuracy incl. its random pick for unparsable letters (reported), per discipline and subject",
+    "accuracy",
     "<subject>/{split}-*.parquet (MMMU/MMMU; --split validation)", read_mmmu, _mmmu_prompt, _mmmu_score,
     max_new_tokens=32, summarize=_mmmu_summary))
 
@@ -273,8 +280,8 @@ def _pro_sample(row: dict, setting: str, where: str, source: str) -> EvalSample:
     if image is None:
         raise DataError(f"{where}: field 'image' is empty (the vision setting's question is the image)")
     answer = _answer(row, "multiple-choice", options, where)
-    return EvalSample(str(row.get("id")), [image], "", [answer],
-                      {"subject": subject, "question_type": "multiple-choice", "options": options, "answer": answer})
+    meta = {"subject": subject, "question_type": "multiple-choice", "options": options, "answer": answer}
+    return EvalSample(str(row.get("id")), [image], "", [answer], meta)
 
 
 def _pro_prompt(sample: EvalSample) -> str:
@@ -285,11 +292,13 @@ def _pro_summary(predictions: list[str], samples: list[EvalSample]) -> dict:
     return _mmmu_summary(predictions, samples, "mmmu_pro")
 
 
-for _name, _what in (("mmmu_pro", "standard setting, 10 options"), ("mmmu_pro_4", "standard setting, 4 options"),
+for _name, _what in (("mmmu_pro", "standard setting, 10 options"),
+                     ("mmmu_pro_4", "standard setting, 4 options"),
                      ("mmmu_pro_vision", "vision setting: the question and options inside the image")):
     register_task(Task(
-        _name, f"MMMU-Pro ({_what}), mmmu-pro/evaluate.py's scorer: accuracy incl. its random pick (reported), "
-        "per subject", "accuracy", f"mmmu_pro_{{split}}/ or '{PRO_SETTINGS[_name]}/{{split}}-*.parquet' "
+        _name, f"MMMU-Pro ({_what}), mmmu-pro/evaluate.py's scorer: accuracy incl. its random pick "
+        "(reported), per subject", "accuracy",
+        f"mmmu_pro_{{split}}/ or '{PRO_SETTINGS[_name]}/{{split}}-*.parquet' "
         "(MMMU/MMMU_Pro; --split test)", _pro_reader(_name), _pro_prompt,
         lambda p, s: _mmmu_score(p, s, "mmmu_pro"), max_new_tokens=64 if _name.endswith("vision") else 32,
         summarize=_pro_summary))
@@ -313,8 +322,8 @@ def read_mmstar(root: Path, split: str, limit: int | None) -> list[EvalSample]:
         letters = _OPTION_LETTER.findall(options) or list("ABCD")
         answer = _text(row, "answer", where).strip()
         if answer not in letters:
-            raise DataError(f"{where}: field 'answer' must be one of the option letters {', '.join(letters)}, "
-                            f"got {answer!r}")
+            raise DataError(f"{where}: field 'answer' must be one of the option letters "
+                            f"{', '.join(letters)}, got {answer!r}")
         image = _image(row.get("image"), f"{where} field 'image'", f"mmstar.parquet row {i} image")
         if image is None:
             raise DataError(f"{where}: field 'image' is empty")
@@ -382,9 +391,9 @@ def _shapes_choice_rows(items: list) -> list[dict]:
 
 @shapes_writer
 def write_mmmu_shapes(folder: Path, split: str, items: list) -> None:
-    """``mmmu_{split}/{Art,Design,Math}/{split}-00000-of-00001.parquet``: ShapesWorld's colour, shape and count
-    questions as MMMU rows (every second count question open, answered by the number), ``<image 1>`` in the
-    question, answers included."""
+    """``mmmu_{split}/{Art,Design,Math}/{split}-00000-of-00001.parquet``: ShapesWorld's colour, shape and
+    count questions as MMMU rows (every second count question open, answered by the number), ``<image 1>`` in
+    the question, answers included."""
     pa, _ = _pyarrow()
     per_subject: dict[str, list[dict]] = defaultdict(list)
     for n, r in enumerate(_shapes_choice_rows(items)):
@@ -420,8 +429,8 @@ def _render_question(image_bytes: bytes, lines: list[str]) -> bytes:
 
 
 def _pro_shapes_rows(folder: Path, split: str, items: list) -> list[tuple[dict, dict, dict]]:
-    """(10-option row, 4-option row, vision row) per count question: options 0-9 in a random order, four of them
-    for the 4-option setting."""
+    """(10-option row, 4-option row, vision row) per count question: options 0-9 in a random order, four of
+    them for the 4-option setting."""
     out = []
     count_rows = [r for r in _shapes_choice_rows(items) if r["category"] == "count"]
     for n, r in enumerate(count_rows):
@@ -437,20 +446,21 @@ def _pro_shapes_rows(folder: Path, split: str, items: list) -> list[tuple[dict, 
         lines = [r["question"]] + [f"{chr(65 + i)}. {o}" for i, o in enumerate(ten)]
         out.append(({**base, "options": repr(ten), "answer": chr(65 + ten.index(truth))},
                     {**base, "options": repr(four), "answer": chr(65 + four.index(truth))},
-                    {"id": base["id"], "image": {"bytes": _render_question(image["bytes"], lines), "path": None},
+                    {"id": base["id"],
+                     "image": {"bytes": _render_question(image["bytes"], lines), "path": None},
                      "options": repr(ten), "answer": chr(65 + ten.index(truth)), "subject": "Math"}))
     return out
 
 
 @shapes_writer
 def write_mmmu_pro_shapes(folder: Path, split: str, items: list) -> None:
-    """``mmmu_pro_{split}/{standard (10 options),standard (4 options),vision}/{split}-00000-of-00001.parquet``:
-    ShapesWorld's count questions in MMMU-Pro's three settings."""
+    """``mmmu_pro_{split}/{standard (10 options),standard (4 options),vision}/``, each with
+    ``{split}-00000-of-00001.parquet``: ShapesWorld's count questions in MMMU-Pro's three settings."""
     pa, _ = _pyarrow()
     rows = _pro_shapes_rows(folder, split, items)
     standard = _mmmu_fields(pa, ("img_type", "answer", "topic_difficulty", "subject"))
-    vision = [("id", pa.string()), ("image", _image_struct(pa)), ("options", pa.string()), ("answer", pa.string()),
-              ("subject", pa.string())]
+    vision = [("id", pa.string()), ("image", _image_struct(pa)), ("options", pa.string()),
+              ("answer", pa.string()), ("subject", pa.string())]
     root = folder / f"mmmu_pro_{split}"
     for k, (setting, fields) in enumerate(zip(PRO_SETTINGS.values(), (standard, standard, vision))):
         _write_parquet(root / setting / f"{split}-00000-of-00001.parquet", [r[k] for r in rows], fields)
@@ -470,10 +480,12 @@ def write_mmstar_shapes(folder: Path, split: str, items: list) -> None:
     for n, r in enumerate(_shapes_choice_rows(items)):
         category, l2 = MMSTAR_CATEGORIES[r["category"]]
         options = ", ".join(f"{chr(65 + i)}: {o}" for i, o in enumerate(r["options"]))
-        rows.append({"index": n, "question": f"{r['question']}\nOptions: {options}", "image": _png(folder, r["image"]),
-                     "answer": r["answer"], "category": category, "l2_category": l2,
+        rows.append({"index": n, "question": f"{r['question']}\nOptions: {options}",
+                     "image": _png(folder, r["image"]), "answer": r["answer"], "category": category,
+                     "l2_category": l2,
                      "meta_info": {"source": "ShapesWorld", "split": split, "image_path": r["image"]}})
     meta = pa.struct([("source", pa.string()), ("split", pa.string()), ("image_path", pa.string())])
     fields = [("index", pa.int64()), ("question", pa.string()), ("image", _image_struct(pa)),
-              ("answer", pa.string()), ("category", pa.string()), ("l2_category", pa.string()), ("meta_info", meta)]
+              ("answer", pa.string()), ("category", pa.string()), ("l2_category", pa.string()),
+              ("meta_info", meta)]
     _write_parquet(folder / f"mmstar_{split}" / "mmstar.parquet", rows, fields)

@@ -2,35 +2,36 @@
 
 MMMU -- MMMU-Benchmark/MMMU ``eval/eval_utils.py`` (``parse_multi_choice_response``, ``parse_open_response``,
 ``extract_numbers``, ``normalize_str``, ``eval_multi_choice``, ``eval_open``, ``evaluate``), with
-``calculate_ins_level_acc`` and ``DOMAIN_CAT2SUB_CAT`` (as lmms-eval ``tasks/mmmu/utils.py`` vendors them) for the
-per-discipline accuracy. Multiple choice, in tiers, the first tier with any candidate wins: (1) ``"(B)"``;
+``calculate_ins_level_acc`` and ``DOMAIN_CAT2SUB_CAT`` (as lmms-eval ``tasks/mmmu/utils.py`` vendors them) for
+the per-discipline accuracy. Multiple choice, in tiers, the first tier with any candidate wins: (1) ``"(B)"``;
 (2) ``" B "`` (the response is first stripped of ``, . ! ? ; : '`` at both ends, one character class after the
 other, and padded with a space each side); (3) only for a response of more than 5 words, an option's text
 (case-insensitive substring); several candidates: the one found last in the response (ties: the earlier
 option, numpy.argmax); (4) nothing found: a RANDOM letter (``random.choice(all_choices)`` after
 ``random.seed(42)`` at import, one stream for the whole run). Open questions: the response's key sub-responses
-(the text after the last "could be", "so", "is", "thus", "therefore", "final", "answer", "result" of each line,
-"=" in the last), the numbers in them, each normalised (numbers to floats rounded to 2 decimals, text lower-case);
-right if a normalised gold number equals a predicted number or a gold string is a substring of a predicted
-string (a one-letter gold answer must appear with a space beside it).
+(the text after the last "could be", "so", "is", "thus", "therefore", "final", "answer", "result" of each
+line, "=" in the last), the numbers in them, each normalised (numbers to floats rounded to 2 decimals, text
+lower-case); right if a normalised gold number equals a predicted number or a gold string is a substring of a
+predicted string (a one-letter gold answer must appear with a space beside it).
 
 MMMU-Pro -- MMMU-Benchmark/MMMU ``mmmu-pro/evaluate.py`` (``parse_multi_choice_response``): first, if the
 response holds "Answer:", the letters (A, B, ...) contained in the text after its last occurrence: exactly one
 wins; else the tiers of MMMU with tier (2) the letter followed by a space (``"B "``, no space before: "USA is"
-reads as A, as officially), a tier ``"B."`` after it, then option texts, then a random letter. Several candidates
-of the letter tiers are ordered by the position of ``" B "`` (for ``"B."`` candidates that is usually -1 for all:
-the first one wins), as officially. ``evaluate.py`` never seeds ``random``; vlmkit uses seed 42 as MMMU does.
+reads as A, as officially), a tier ``"B."`` after it, then option texts, then a random letter. Several
+candidates of the letter tiers are ordered by the position of ``" B "`` (for ``"B."`` candidates that is
+usually -1 for all: the first one wins), as officially. ``evaluate.py`` never seeds ``random``; vlmkit uses
+seed 42 as MMMU does.
 
-The random pick, deterministic here: :class:`random.Random` seeded 42 (what ``random.seed(42)`` gives the global
-stream), one draw per unparsable multiple-choice answer in the order the answers are scored (vlmkit: the order the
-samples are read). That is the official stream when the official script sees the answers in the same order. The
-headline accuracy includes the random picks, as the official numbers do; ``n_random_picks`` and
-``accuracy_without_random`` (random picks counted wrong) report how much of it is luck.
+The random pick, deterministic here: :class:`random.Random` seeded 42 (what ``random.seed(42)`` gives the
+global stream), one draw per unparsable multiple-choice answer in the order the answers are scored (vlmkit:
+the order the samples are read). That is the official stream when the official script sees the answers in the
+same order. The headline accuracy includes the random picks, as the official numbers do; ``n_random_picks``
+and ``accuracy_without_random`` (random picks counted wrong) report how much of it is luck.
 
-MMStar -- lmms-eval ``tasks/mmstar/utils.py`` ``exact_match`` (from MMStar's own code): the answer letter, lower
-case, equals the prediction's first character (lower-cased, stripped), or the second after "(", or the 8th after
-"option ", or the 15th after "the answer is "; anything else (an empty answer too) is wrong. So "Because..."
-reads as B, exactly as officially.
+MMStar -- lmms-eval ``tasks/mmstar/utils.py`` ``exact_match`` (from MMStar's own code): the answer letter,
+lower case, equals the prediction's first character (lower-cased, stripped), or the second after "(", or the
+8th after "option ", or the 15th after "the answer is "; anything else (an empty answer too) is wrong. So
+"Because..." reads as B, exactly as officially.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ DOMAIN_SUBJECTS: dict[str, tuple[str, ...]] = {
     "Art and Design": ("Art", "Art_Theory", "Design", "Music"),
     "Business": ("Accounting", "Economics", "Finance", "Manage", "Marketing"),
     "Science": ("Biology", "Chemistry", "Geography", "Math", "Physics"),
-    "Health and Medicine": ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
-                            "Pharmacy", "Public_Health"),
+    "Health and Medicine": ("Basic_Medical_Science", "Clinical_Medicine",
+                            "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health"),
     "Humanities and Social Science": ("History", "Literature", "Sociology", "Psychology"),
     "Tech and Engineering": ("Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
                              "Energy_and_Power", "Materials", "Mechanical_Engineering"),
@@ -144,7 +145,7 @@ _INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answ
 
 def _key_subresponses(response: str) -> list[str]:
     response = response.strip().strip(".").lower()
-    subs = re.split(r"\.\s(?=[A-Z])|\n", response)  # lower-cased first: only the newlines split, as officially
+    subs = re.split(r"\.\s(?=[A-Z])|\n", response)  # lower-cased already: only newlines split, as officially
     keys = []
     for index, sub in enumerate(subs):
         indicators = _INDICATORS + (("=",) if index == len(subs) - 1 else ())
@@ -196,8 +197,9 @@ class MMMUScore:
 
 def score_mmmu(response: str, question_type: str, options: Sequence[str], answer: str | Sequence[str],
                rng: random.Random | None, style: Style = "mmmu") -> MMMUScore:
-    """Score one answer as MMMU's ``evaluate`` does (``question_type`` "multiple-choice" or "open"); a multiple-
-    choice ``answer`` is a letter (or a list of letters), an open one a string or a list of accepted strings."""
+    """Score one answer as MMMU's ``evaluate`` does (``question_type`` "multiple-choice" or "open"); a
+    multiple-choice ``answer`` is a letter (or a list of letters), an open one a string or a list of accepted
+    strings."""
     if question_type == "multiple-choice":
         letter, picked = parse_mmmu_choice(response, options, rng, style)
         golds = [answer] if isinstance(answer, str) else list(answer)
