@@ -290,3 +290,13 @@ def test_shapesworld_oracle_is_perfect(tmp_path):
             assert result["metrics"]["accuracy"] == 1.0, (task, split, result["metrics"])
             assert result["metrics"].get("n_random_picks", 0) == 0
 
+
+
+def test_missing_pyarrow_names_the_eval_extra(tmp_path, monkeypatch):
+    import sys
+
+    _write(tmp_path / "mmstar.parquet", [_mmstar_row(0, "A", "math", "geometry")], MMSTAR_FIELDS)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match=r"needs pyarrow: pip install 'vlmkit\[eval\]'"):
+        get_task("mmstar").read(tmp_path, "val", None)

@@ -298,8 +298,7 @@ for _name, _what in (("mmmu_pro", "standard setting, 10 options"),
     register_task(Task(
         _name, f"MMMU-Pro ({_what}), mmmu-pro/evaluate.py's scorer: accuracy incl. its random pick "
         "(reported), per subject", "accuracy",
-        f"mmmu_pro_{{split}}/ or '{PRO_SETTINGS[_name]}/{{split}}-*.parquet' "
-        "(MMMU/MMMU_Pro; --split test)", _pro_reader(_name), _pro_prompt,
+        f"'{PRO_SETTINGS[_name]}/{{split}}-*.parquet' (MMMU/MMMU_Pro; --split test)", _pro_reader(_name), _pro_prompt,
         lambda p, s: _mmmu_score(p, s, "mmmu_pro"), max_new_tokens=64 if _name.endswith("vision") else 32,
         summarize=_pro_summary))
 
