@@ -191,6 +191,15 @@ def test_mmmu_bad_input(tmp_path):
         task.read(bad, "validation", None)
 
 
+def test_mmmu_answer_lists(tmp_path):
+    _write(tmp_path / "Art" / "validation-0.parquet", [
+        _mmmu_row("v_Art_1", "q1 <image 1>", "['A', 'C']"),
+        _mmmu_row("v_Art_2", "q2 <image 1>", "['24/7', '3.429']", [], "open")])
+    answers = {"q1": "(C)", "q2": "3.43"}  # C is one of the accepted letters; 3.43 == round(3.429, 2)
+    result, _ = run_canned("mmmu", tmp_path, _answer_by_key(answers), split="validation")
+    assert result["metrics"]["accuracy"] == 1.0
+
+
 def test_unnamed_images_go_first_and_repeated_tags_repeat(tmp_path):
     _write(tmp_path / "Art" / "validation-0.parquet", [
         _mmmu_row("v_Art_1", "no tag here", "A", image_2=_png("blue")),

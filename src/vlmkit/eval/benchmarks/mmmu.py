@@ -156,27 +156,35 @@ def _interleave(text: str, row: dict, where: str, source: str) -> tuple[str, lis
     return "<image>\n" * len(extra) + text, extra + images
 
 
+def _literal_list(text: str) -> list[str] | None:
+    """``"['24/7', '3.429']"`` -> the list of strings; anything else None."""
+    if not text.startswith("["):
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+    if isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value):
+        return [str(v) for v in value]
+    return None
+
+
 def _answer(row: dict, qtype: str, options: list[str], where: str):
-    """A multiple-choice answer must be an option letter; an open one is a string, or a Python-literal list of
-    accepted strings (as MMMU's answer_dict_val.json gives some)."""
+    """A multiple-choice answer is an option letter (or a Python-literal list of them: any one is right, as
+    ``eval_multi_choice``); an open one a string, or a Python-literal list of accepted strings (as MMMU's
+    answer_dict_val.json gives some)."""
     answer = _text(row, "answer", where).strip()
     if answer in ("?", ""):
         raise DataError(f"{where}: no answer ({answer!r}): this split's answers are not public (MMMU's test "
                         f"split); use --split validation (or dev)")
-    if qtype == "multiple-choice":
-        letters = [chr(65 + i) for i in range(len(options))]
-        if answer not in letters:
-            raise DataError(f"{where}: field 'answer' must be one of the option letters "
-                            f"{', '.join(letters)}, got {answer!r}")
-        return answer
-    if answer.startswith("["):
-        try:
-            value = ast.literal_eval(answer)
-            if isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value):
-                return [str(v) for v in value]
-        except (ValueError, SyntaxError):
-            pass
-    return answer
+    listed = _literal_list(answer)
+    if qtype != "multiple-choice":
+        return listed or answer
+    letters = [chr(65 + i) for i in range(len(options))]
+    if not all(a in letters for a in listed or [answer]):
+        raise DataError(f"{where}: field 'answer' must be one of the option letters "
+                        f"{', '.join(letters)}, got {answer!r}")
+    return listed or answer
 
 
 # ---------------------------------------------------------------------------------------------------- MMMU
@@ -184,7 +192,7 @@ MMMU_COLUMNS = ("id", "question", "options", "answer", "question_type") + tuple(
                                                                                 for k in range(1, 8))
 
 
-def _mmmu_sample(row: dict, subject: str, where: str, source: str, options_prompt: str = "\n") -> EvalSample:
+def _mmmu_sample(row: dict, subject: str, where: str, source: str) -> EvalSample:
     qtype = _text(row, "question_type", where)
     if qtype not in ("multiple-choice", "open"):
         raise DataError(f"{where}: field 'question_type' must be 'multiple-choice' or 'open', got {qtype!r}")
