@@ -8,6 +8,7 @@
 - :mod:`.caption`: BLEU-1..4, METEOR, ROUGE-L, CIDEr with pycocoevalcap (the eval extra; needs Java);
 - :mod:`.text`: TextVQA accuracy (mmf), ANLS (DocVQA / InfographicVQA), ChartQA's relaxed accuracy, OCRBench;
 - :mod:`.mme`: MME's yes/no parsing, acc and acc+ per subtask, perception / cognition scores;
+- :mod:`.mmmu`: MMMU's and MMMU-Pro's official parsing (the seeded random pick included), open answers, MMStar;
 - :mod:`.mmbench`: MMBench CircularEval over the TSV's copies, SEED-Bench's letter, MME-RealWorld's extraction;
 - :mod:`.hallusion`: HallusionBench's yes/no extraction, aAcc, fAcc, qAcc;
 - :mod:`.stats`: percentile-bootstrap confidence intervals.
@@ -21,6 +22,8 @@ from vlmkit.eval.metrics.choice import (choice_accuracy, circular_accuracy, circ
 from vlmkit.eval.metrics.hallusion import extract_yes_no, hallusion_metrics, score_hallusion
 from vlmkit.eval.metrics.mmbench import (MMBENCH_COPY_STRIDE, mmbench_circular, mme_realworld_category,
                                          mme_realworld_extract, mme_realworld_summary, seedbench_choice)
+from vlmkit.eval.metrics.mmmu import (DOMAIN_SUBJECTS, MMMU_SEED, MMMUScore, eval_open, mmmu_metrics, mmstar_match,
+                                      parse_mmmu_choice, parse_open_response, score_mmmu)
 from vlmkit.eval.metrics.mme import MME_SUBTASKS, mme_metrics, parse_mme_answer, score_mme
 from vlmkit.eval.metrics.text import (anls, ocrbench_match, ocrbench_summary, relaxed_correctness, textvqa_accuracy,
                                       textvqa_normalize_answer)
@@ -31,7 +34,8 @@ from vlmkit.eval.metrics.stats import bootstrap_ci
 from vlmkit.eval.metrics.vqa import exact_match, gqa_accuracy, vqa_accuracy, vqa_aggregate, vqa_normalize_answer
 
 __all__ = [
-    "MMBENCH_COPY_STRIDE", "MME_SUBTASKS", "anls", "mmbench_circular", "mme_realworld_category",
+    "DOMAIN_SUBJECTS", "MMMU_SEED", "MMMUScore", "eval_open", "mmmu_metrics", "mmstar_match", "parse_mmmu_choice",
+    "parse_open_response", "score_mmmu", "MMBENCH_COPY_STRIDE", "MME_SUBTASKS", "anls", "mmbench_circular", "mme_realworld_category",
     "mme_realworld_extract", "mme_realworld_summary", "seedbench_choice", "extract_yes_no", "hallusion_metrics", "mme_metrics", "ocrbench_match",
     "ocrbench_summary", "parse_mme_answer", "relaxed_correctness", "score_hallusion", "score_mme",
     "textvqa_accuracy", "textvqa_normalize_answer",
