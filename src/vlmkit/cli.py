@@ -120,6 +120,7 @@ def cmd_eval(args) -> None:
                    backoff=args.backoff, timeout=args.timeout)
     print(json.dumps({name: {r["metric"]: r["metrics"].get(r["metric"]), "n": r["n"]}
                       | ({"n_errors": r["n_errors"]} if r.get("n_errors") else {})
+                      | ({"answers_from_cache": r["answers_from_cache"]} if r.get("answers_from_cache") else {})
                       for name, r in res["tasks"].items()}))
     failed = {name: r["n_errors"] for name, r in res["tasks"].items() if r["n_errors"]}
     if failed and not args.allow_errors:

@@ -347,6 +347,7 @@ def test_an_interrupted_eval_resumes_from_its_cache(fake, shapes, tmp_path, monk
     assert task["seconds"] >= 3 * 0.15 and task["seconds"] > task["seconds_this_run"]
     assert task["seconds"] <= first_run + task["seconds_this_run"] + 0.5
     assert task["samples_per_second"] == pytest.approx(task["n"] / task["seconds"], rel=0.01)
+    assert "shapes_vqa 3 of 4 answers from the cache, 2 runs" in (tmp_path / "results.md").read_text()
 
 
 def test_eval_leaves_failed_samples_out_of_the_metrics_and_exits_non_zero(fake, shapes, tmp_path, monkeypatch,

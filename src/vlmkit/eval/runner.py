@@ -242,6 +242,11 @@ def write_report(results: dict, path: Path) -> None:
         value, ci = r["metrics"].get(r["metric"]), r["ci95"][r["metric"]]
         shown = (f"{value:.4f} | [{ci[0]:.4f}, {ci[1]:.4f}]" if value is not None and ci else "n/a | n/a")
         lines.append(f"| {name} | {r['metric']} | {shown} | {r['n']} | {r['samples_per_second']:.1f} |")
+    resumed = {name: r for name, r in results["tasks"].items() if r.get("runs", 1) > 1 or r.get("answers_from_cache")}
+    if resumed:
+        lines += ["", "Resumed or repeated against the answer cache (times are of the whole evaluation): " + ", ".join(
+            f"{name} {r['answers_from_cache']} of {r['n'] + r['n_errors'] + r['n_excluded']} answers from the cache, "
+            f"{r['runs']} runs, {r['seconds_this_run']:.1f} s this run" for name, r in resumed.items())]
     failed = {name: r for name, r in results["tasks"].items() if r.get("n_errors")}
     if failed:
         lines += ["", "**Incomplete**: samples the endpoint failed on are left out of every metric (their `error` is "
