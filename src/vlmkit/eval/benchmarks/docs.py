@@ -54,7 +54,7 @@ from vlmkit.errors import DataError
 from vlmkit.eval.benchmarks.layouts import shapes_writer
 from vlmkit.eval.metrics.text import (OCRBENCH_TYPES, anls, ocrbench_match, ocrbench_summary, relaxed_correctness,
                                       textvqa_accuracy)
-from vlmkit.eval.readers import EvalSample, _field, _image, _load_json, benchmark_root
+from vlmkit.eval.readers import EvalSample, _field, _image, _load_json, _load_list, benchmark_root
 from vlmkit.eval.registry import Task, register_task
 from vlmkit.utils import atomic_write_json
 
@@ -233,11 +233,8 @@ def read_ocrbench(root: Path, split: str, limit: int | None = None) -> list[Eval
     root = benchmark_root(root, "ocrbench", split)
     path = _find(root, ["OCRBench/OCRBench.json", "OCRBench.json", "OCRBench/json_files/OCRBench.json"],
                  "OCRBench.json")
-    rows = _load_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected OCRBench's JSON list of rows")
     out = []
-    for i, row in enumerate(rows[:limit] if limit else rows):
+    for i, row in enumerate(_load_list(path, "OCRBench rows", limit)):
         where = f"{path} row {i}"
         answers = _field(row, "answers", (str, list), where)
         answers = [answers] if isinstance(answers, str) else answers

@@ -59,7 +59,7 @@ from vlmkit.eval.metrics.mmbench import (
     mme_realworld_summary,
     seedbench_choice,
 )
-from vlmkit.eval.readers import EmbeddedImage, EvalSample, _field, _image, _load_json, benchmark_root
+from vlmkit.eval.readers import EmbeddedImage, EvalSample, _field, _image, _load_json, _load_list, benchmark_root
 from vlmkit.eval.registry import Task, register_task
 
 # pandas' default NA strings (pandas/_libs/parsers.pyx STR_NA_VALUES): what VLMEvalKit's pd.read_csv reads as NaN
@@ -321,11 +321,8 @@ MME_RW_FIELDS = ("Question_id", "Image", "Text", "Ground truth", "Task", "Subtas
 def read_mme_realworld(path: str | Path, image_dir: str | Path, limit: int | None = None) -> list[EvalSample]:
     """MME-RealWorld's JSON list -> samples with the answer choices, Task, Subtask and Category in ``meta``."""
     path, image_dir = Path(path), Path(image_dir)
-    rows = _load_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected MME-RealWorld's JSON list of questions")
     out = []
-    for i, row in enumerate(rows[:limit] if limit else rows):
+    for i, row in enumerate(_load_list(path, "MME-RealWorld questions", limit)):
         where = f"{path} row {i}"
         fields = {k: _field(row, k, str, where) for k in MME_RW_FIELDS}
         choices = _field(row, "Answer choices", list, where)

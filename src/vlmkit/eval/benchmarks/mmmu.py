@@ -62,9 +62,9 @@ MAX_SHAPES_ROWS = 200
 
 
 # ------------------------------------------------------------------------------------------ parquet reading
-# ShapesWorld writes the parquet layouts only where pyarrow is installed (the eval extra; `vlmkit demo` needs none)
-_SHAPES_HINT = ("; a ShapesWorld folder holds {task}_{split}/ only if pyarrow was installed when it was generated: "
-                "pip install 'vlmkit[eval]' and generate it again")
+# ShapesWorld writes the parquet layouts only where pyarrow is installed (the eval extra; the demo needs none)
+_SHAPES_HINT = ("; a ShapesWorld folder holds {task}_{split}/ only if pyarrow was installed when it was "
+                "generated: pip install 'vlmkit[eval]' and generate it again")
 
 
 def _have_pyarrow() -> bool:
@@ -222,14 +222,20 @@ def read_mmmu(root: Path, split: str, limit: int | None) -> list[EvalSample]:
         raise DataError(f"{root}: no <subject>/{split}-*.parquet files (MMMU/MMMU's layout, e.g. "
                         f"Accounting/validation-00000-of-00001.parquet); splits: dev, validation, test"
                         + _SHAPES_HINT.format(task="mmmu", split=split))
+    return _read_files(files, MMMU_COLUMNS, limit, lambda row, path, where, rel: _mmmu_sample(
+        row, path.parent.name, where, f"{path.parent.name}/{rel}"))
+
+
+def _read_files(files: list[Path], columns: tuple[str, ...], limit: int | None, make) -> list[EvalSample]:
+    """``make(row, path, "<path> row i", "<file name> row i")`` for the rows of ``files`` in order, at most
+    ``limit`` in all (``--limit`` counts the task's questions, whichever files they are in)."""
     samples: list[EvalSample] = []
     for path in files:
         left = None if limit is None else limit - len(samples)
         if left == 0:
             break
-        rel = f"{path.parent.name}/{path.name}"
-        for i, row in _rows(path, MMMU_COLUMNS, left):
-            samples.append(_mmmu_sample(row, path.parent.name, f"{path} row {i}", f"{rel} row {i}"))
+        samples += [make(row, path, f"{path} row {i}", f"{path.name} row {i}")
+                    for i, row in _rows(path, columns, left)]
     return samples
 
 
@@ -275,15 +281,8 @@ def _pro_reader(task: str):
             raise DataError(f"{folder}: no {split}-*.parquet files (MMMU/MMMU_Pro's layout: '{setting}/"
                             f"test-00000-of-00001.parquet'; the release's split is test)"
                             + _SHAPES_HINT.format(task="mmmu_pro", split=split))
-        samples: list[EvalSample] = []
-        for path in files:
-            left = None if limit is None else limit - len(samples)
-            if left == 0:
-                break
-            rel = f"{setting}/{path.name}"
-            for i, row in _rows(path, _pro_columns(setting), left):
-                samples.append(_pro_sample(row, setting, f"{path} row {i}", f"{rel} row {i}"))
-        return samples
+        return _read_files(files, _pro_columns(setting), limit, lambda row, path, where, rel: _pro_sample(
+            row, setting, where, f"{setting}/{rel}"))
 
     return read
 
