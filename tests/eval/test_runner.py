@@ -106,6 +106,15 @@ def test_unknown_tasks_and_missing_files_are_named(trained, tmp_path):
                                         r"found"):
         run_eval(ckpt, ["vqav2"], data, tmp_path / "r.json", split="val2014")
     assert not (tmp_path / "r.json").exists()
+    # every task's files are checked before the model loads (here: a model folder that does not exist): the last
+    # task's missing file is named at once, not after the others ran
+    only_vqa = tmp_path / "only_vqa"
+    only_vqa.mkdir()
+    for name in ("vqav2_test_questions.json", "vqav2_test_annotations.json", "images"):
+        (only_vqa / name).symlink_to(data / name)
+    with pytest.raises(DataError, match=r"MMBench_TEST\.tsv"):
+        run_eval(tmp_path / "no_model", ["shapes_vqa", "mmbench"], only_vqa, tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_repeated_images_are_encoded_once_and_answer_the_same(trained, tmp_path, monkeypatch):

@@ -46,14 +46,16 @@ def fingerprint(path: str | Path) -> str:
 
 
 def run_task(pipe, task: Task, data: Path, split: str, limit: int | None, batch_size: int, post_prompt: str = "",
-             seed: int = 0, progress: bool = True, ledger: RunLedger | None = None) -> tuple[dict, list[dict]]:
+             seed: int = 0, progress: bool = True, ledger: RunLedger | None = None,
+             samples: list[EvalSample] | None = None) -> tuple[dict, list[dict]]:
     """(the task's results, its per-sample records). Answers are stripped of surrounding whitespace before they
     are scored, as LLaVA's and lmms-eval's evaluation scripts do; ``post_prompt`` is appended to every prompt
     (e.g. LLaVA-1.5's "\nAnswer the question using a single word or phrase."). A sample the model failed on (an
     endpoint's request that failed after its retries) is left out of every metric, with the samples scored
     together with it (``Task.failure_unit``), and recorded with its ``error``; ``n_errors`` counts them.
-    ``ledger`` (an endpoint's) adds the seconds of earlier, interrupted runs of the task to this one's."""
-    samples = task.read(data, split, limit)
+    ``ledger`` (an endpoint's) adds the seconds of earlier, interrupted runs of the task to this one's.
+    ``samples``: the task's samples if they were read already (else they are read here)."""
+    samples = task.read(data, split, limit) if samples is None else samples
     t0 = time.perf_counter()
     if task.evaluate is not None:  # a ranking task: no generation
         return _run_ranking(pipe, task, samples, data, seed, progress, t0)
@@ -186,6 +188,9 @@ def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | P
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     out, data = Path(out), Path(data)
+    # every task's data read and checked before the model loads: a missing or malformed file of the last task is
+    # named at once, not after the others ran (results.json is written only when all tasks have run)
+    read = {task.name: task.read(data, split, limit) for task in resolved}
     config = {"tasks": tasks, "data": str(data), "split": split, "limit": limit, "batch_size": batch_size,
               "post_prompt": post_prompt, "generation": "greedy"}
     if is_endpoint_spec(model):
@@ -206,7 +211,8 @@ def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | P
         if isinstance(pipe, backends.OpenAIBackend):
             ledger = RunLedger(cache, {"url": pipe.url, "model": pipe.model, "task": task.name, "data": str(
                 data.resolve()), "split": split, "limit": limit, "post_prompt": post_prompt})
-        result, records = run_task(pipe, task, data, split, limit, batch_size, post_prompt, seed, progress, ledger)
+        result, records = run_task(pipe, task, data, split, limit, batch_size, post_prompt, seed, progress, ledger,
+                                   read[task.name])
         results["tasks"][task.name] = result
         atomic_write_text(out.parent / f"predictions_{task.name}.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
