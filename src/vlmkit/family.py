@@ -31,6 +31,7 @@ class Capabilities:
 
     generate: bool = True  # chat / generate / score / rank: a generative model
     embed: bool = False  # embed_images / embed_texts: a dual encoder
+    generate_images: bool = False  # generate_image(prompt, n=, seed=, ...) -> PIL images: a text-to-image model
     # train.precompute_frozen_vision: an image's tower output depends on the image alone (fixed size, nothing read
     # with it) and the model takes it precomputed (MediaInputs.tower)
     tower_cache: bool = False

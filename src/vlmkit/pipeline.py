@@ -58,6 +58,11 @@ class Pipeline:
         return self.family.capabilities.embed
 
     @property
+    def can_generate_images(self) -> bool:
+        """Draws images for a text prompt (``generate_image``): a text-to-image family."""
+        return self.family.capabilities.generate_images
+
+    @property
     def can_score(self) -> bool:
         """Scores and ranks texts by their likelihood (a generative model)."""
         return self.family.capabilities.generate

@@ -149,6 +149,7 @@ class OpenAIBackend:
     """
 
     can_generate, can_embed, can_score = True, False, False  # it answers chats; it neither embeds nor scores
+    can_generate_images = False  # nor draws images
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, concurrency: int = 4,
                  retries: int = 3, timeout: float = 60.0, backoff: float = 1.0,
