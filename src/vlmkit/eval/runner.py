@@ -6,6 +6,11 @@ confidence interval of its headline metric, wall time and samples/s, with the re
 the model's files and the seed; ``predictions_<task>.jsonl`` holds every sample's prompt, prediction, references
 and scores; ``<results>.md`` is a report with a plot of the grouped scores. Everything is written atomically.
 
+A task's ``evaluate`` may return, among its extra metrics, a PIL image under the reserved key ``"_grid"`` (e.g.
+``shapes_t2i``'s generated images with their verdicts): it is not a metric; the runner saves it as
+``<results>_<task>_grid.png`` beside results.json, records the file's name as the task's ``"grid"`` and shows it in
+the report.
+
 ``model`` may also be ``openai:BASE_URL#MODEL``, an OpenAI-compatible endpoint (:mod:`vlmkit.eval.backends`):
 its requests run concurrently, its answers are cached on disk so an interrupted run resumes (and reports the time
 of the whole evaluation and how many answers came from the cache), and the fingerprint is the sha256 of the spec.
@@ -30,7 +35,9 @@ from vlmkit.eval.backends import Answer, OpenAIBackend, is_endpoint_spec, parse_
 from vlmkit.eval.metrics.stats import bootstrap_ci
 from vlmkit.eval.readers import EvalSample, load_media
 from vlmkit.eval.tasks import TASKS, Task, aggregate, get_task
-from vlmkit.utils import atomic_write_json, atomic_write_text
+from vlmkit.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+GRID_KEY = "_grid"  # a task's extra metric that is an image to save, not a metric (module docstring)
 
 
 def fingerprint(path: str | Path) -> str:
@@ -137,6 +144,7 @@ def _run_ranking(pipe, task: Task, samples: list[EvalSample], data: Path, seed: 
         raise ConfigError(f"task {task.name!r} ranks candidates by the model's likelihoods; an endpoint only "
                           f"generates text: evaluate a checkpoint or folder")
     predictions, scores, extra = task.evaluate(pipe, samples, data, progress)
+    figure = extra.pop(GRID_KEY, None)
     records = [{"id": s.id, "images": [str(p) for p in s.images], "prompt": task.prompt(s), "prediction": p,
                 "answers": s.answers, **sc, "meta": {k: v for k, v in s.meta.items() if k != "classes"}}
                for s, p, sc in zip(samples, predictions, scores)]
@@ -145,7 +153,24 @@ def _run_ranking(pipe, task: Task, samples: list[EvalSample], data: Path, seed: 
     result = {"metric": task.metric, "metrics": metrics, "n": len(samples), "n_errors": 0, "n_excluded": 0,
               "ci95": {task.metric: list(bootstrap_ci([s[task.metric] for s in scores], seed=seed))},
               "seconds": round(seconds, 3), "samples_per_second": round(len(samples) / max(seconds, 1e-9), 3)}
+    if figure is not None:
+        result[GRID_KEY] = figure  # saved by run_eval (save_grid), which knows where results go
     return result, records
+
+
+def save_grid(result: dict, out: Path, task: str) -> None:
+    """Save a task's ``"_grid"`` image (popped from ``result``) as ``<out stem>_<task>_grid.png`` and record the
+    file's name as ``result["grid"]``."""
+    import io
+
+    figure = result.pop(GRID_KEY, None)
+    if figure is None:
+        return
+    path = out.with_name(f"{out.stem}_{task}_grid.png")
+    buffer = io.BytesIO()
+    figure.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    result["grid"] = path.name
 
 
 class RunLedger:
@@ -213,6 +238,7 @@ def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | P
                 data.resolve()), "split": split, "limit": limit, "post_prompt": post_prompt})
         result, records = run_task(pipe, task, data, split, limit, batch_size, post_prompt, seed, progress, ledger,
                                    read[task.name])
+        save_grid(result, out, task.name)
         results["tasks"][task.name] = result
         atomic_write_text(out.parent / f"predictions_{task.name}.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -268,6 +294,9 @@ def write_report(results: dict, path: Path) -> None:
         lines += ["", f"## {name}", "", "| group | " + r["metric"] + " |", "|---|---|"]
         lines += [f"| {g} | {v:.4f} |" for g, v in groups.items()]
         lines += ["", f"![{name}]({plot.name})"]
+    for name, r in results["tasks"].items():
+        if r.get("grid"):
+            lines += ["", f"## {name}: samples", "", f"![{name} samples]({r['grid']})"]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
