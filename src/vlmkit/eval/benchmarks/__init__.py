@@ -18,3 +18,4 @@ from vlmkit.eval.benchmarks.layouts import SHAPES_WRITERS, shapes_writer, write_
 
 # the modules register their tasks (vlmkit.eval.registry) and ShapesWorld writers (.layouts) on import
 from vlmkit.eval.benchmarks import docs, mmbench, mme, mmmu  # noqa: E402,F401
+from vlmkit.eval.judge import task as _shapes_t2i  # noqa: E402,F401  (shapes_t2i: GenEval on ShapesWorld)
