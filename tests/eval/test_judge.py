@@ -80,6 +80,15 @@ def test_a_few_training_steps_reduce_the_parser_loss():
     assert loss() < 0.7 * before
 
 
+
+def test_training_is_deterministic_given_its_arguments():
+    a, losses_a = train_parser(steps=3, batch_size=8, seed=5, width=16, progress=False)
+    b, losses_b = train_parser(steps=3, batch_size=8, seed=5, width=16, progress=False)
+    c, _ = train_parser(steps=3, batch_size=8, seed=6, width=16, progress=False)
+    assert losses_a == losses_b
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not torch.equal(a.state_dict()["net.0.0.weight"], c.state_dict()["net.0.0.weight"])
+
 # ---------------------------------------------------------------------------------------------- the checker
 
 
@@ -155,15 +164,17 @@ def test_prompts_are_fixed_per_split_and_the_oracle_satisfies_every_spec():
 
 def test_shapesworld_writes_the_t2i_file_deterministically(tmp_path):
     from vlmkit.data.shapes import generate_shapes
+    from vlmkit.eval.judge.task import read_t2i
 
     for name in ("a", "b"):
         generate_shapes(tmp_path / name, n=12, seed=0, size=32, progress=False)
     for split in ("val", "test"):
-        a, b = (tmp_path / name / f"t2i_{split}.json" for name in ("a", "b"))
+        a, b = (tmp_path / name / f"shapes_t2i_{split}" / f"t2i_{split}.json" for name in ("a", "b"))
         assert a.read_bytes() == b.read_bytes()
         rows = json.loads(a.read_text())
         assert rows == make_prompts(split) and set(rows[0]) == {"id", "prompt", "type", "spec"}
-    assert not (tmp_path / "a" / "t2i_train.json").exists()
+    assert not list((tmp_path / "a").glob("shapes_t2i_train*"))
+    assert len(read_t2i(tmp_path / "a", "val", 7)) == 7  # the task finds them there
 
 
 def test_a_malformed_prompts_file_is_named_with_its_row_and_field(tmp_path):

@@ -16,7 +16,7 @@ from vlmkit.data.shapes.scenes import COLORS, SHAPES
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.benchmarks.layouts import shapes_writer
 from vlmkit.eval.judge.specs import PROMPT_TYPES, RELATIONS, make_prompts
-from vlmkit.eval.readers import EvalSample
+from vlmkit.eval.readers import EvalSample, benchmark_root
 from vlmkit.eval.registry import Task, register_task
 from vlmkit.utils import atomic_write_text
 
@@ -27,10 +27,13 @@ GRID_KEY = "_grid"  # the reserved extra-metrics key of an image the runner save
 
 @shapes_writer
 def write_t2i_shapes(folder: Path, split: str, items: list) -> None:
-    """``t2i_{split}.json``: the split's fixed text-to-image prompts with their specs (one row per line)."""
+    """``shapes_t2i_{split}/t2i_{split}.json``: the split's fixed text-to-image prompts with their specs (one
+    row per line), in the task's own folder as every benchmark layout ShapesWorld writes."""
     rows = make_prompts(split)
     body = ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
-    atomic_write_text(Path(folder) / f"t2i_{split}.json", "[\n" + body + "\n]\n")
+    out = Path(folder) / f"shapes_t2i_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"t2i_{split}.json", "[\n" + body + "\n]\n")
 
 
 def _check_row(path: Path, n: int, row) -> None:
@@ -68,11 +71,14 @@ def _check_row(path: Path, n: int, row) -> None:
 
 
 def read_t2i(root: Path, split: str, limit: int | None) -> list[EvalSample]:
-    """The prompts of ``root/t2i_{split}.json`` as samples (no images; meta: type, spec), checked row by
-    row."""
-    path = Path(root) / f"t2i_{split}.json"
+    """The prompts of ``t2i_{split}.json`` as samples (no images; meta: type, spec), checked row by row: in
+    ``root/shapes_t2i_{split}/`` (ShapesWorld's), else in ``root`` itself (your own prompts file)."""
+    path = benchmark_root(root, "shapes_t2i", split) / f"t2i_{split}.json"
     if not path.is_file():
-        raise DataError(f"{path}: not found; `vlmkit data shapes` writes it for the val and test splits")
+        raise DataError(
+            f"{path}: not found; `vlmkit data shapes` writes it (in shapes_t2i_{{val,test}}/) for "
+            f"the val and test splits"
+        )
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
@@ -151,7 +157,7 @@ register_task(
         f"counting, relation, colour binding), judged by a fixed scene parser; {IMAGES_PER_PROMPT} images "
         "per prompt",
         "accuracy",
-        "t2i_{split}.json (ShapesWorld)",
+        "shapes_t2i_{split}/t2i_{split}.json (ShapesWorld), or t2i_{split}.json in --data",
         read_t2i,
         lambda s: s.question,
         lambda p, s: {},
