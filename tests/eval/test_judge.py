@@ -144,7 +144,7 @@ def test_counting_is_exact():
     assert _judge(spec, _scene(*three))[0]
     assert _judge(spec, _scene(*three, ("red", "triangle", 50, 50)))[0]  # another colour is another object
     ok, why = _judge(spec, _scene(*three, ("green", "triangle", 50, 50)))
-    assert not ok and "exactly 3 green triangle, found 4" in why
+    assert not ok and "exactly 3 green triangles, found 4" in why
     assert not _judge(spec, _scene(*three[:2]))[0]
 
 

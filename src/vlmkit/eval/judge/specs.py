@@ -108,7 +108,7 @@ def check(spec: dict, objects: list, width: float, height: float) -> tuple[bool,
     matched = []
     for want in spec["objects"]:
         found = [o for o in objects if o.color == want["color"] and o.shape == want["shape"]]
-        n, name = want["count"], f"{want['color']} {want['shape']}"
+        n, name = want["count"], f"{want['color']} {want['shape']}{'s' if want['count'] != 1 else ''}"
         if len(found) < n or (spec.get("exact") and len(found) != n):
             return (
                 False,
