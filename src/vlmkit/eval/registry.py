@@ -39,6 +39,9 @@ class Task:
     # the model failed on a sample (an endpoint's failed request), every sample sharing a group with it is left
     # out of the metrics too, not only the failed one; "" = each sample on its own
     failure_unit: str | Callable[[EvalSample], tuple] = ""
+    # (the model or endpoint) -> why the task cannot run on it, or "": asked for every task of a run right after
+    # the model loads, before any task runs (so that a task the model cannot do never costs the others' results)
+    refuse: Callable[[object], str] | None = None
 
     def units(self, sample: EvalSample) -> tuple:
         """The groups ``sample`` is scored in (see ``failure_unit``), as hashable keys."""

@@ -230,6 +230,9 @@ def run_eval(model: str | Path, tasks: list[str], data: str | Path, out: str | P
                    "timeout": timeout}
     else:
         pipe, model_info = _load_checkpoint(model, resolved)
+    refusals = [f"task {t.name!r}: {why}" for t in resolved if t.refuse is not None and (why := t.refuse(pipe))]
+    if refusals:
+        raise ConfigError("; ".join(refusals))
     results = {"vlmkit_version": __version__, "model": model_info, "config": config, "seed": seed, "tasks": {}}
     for task in resolved:
         ledger = None

@@ -97,13 +97,19 @@ def prompt_seed(sample_id: str) -> int:
     return zlib.crc32(sample_id.encode("utf-8"))
 
 
+def _refuse(pipe) -> str:
+    """Why ``pipe`` cannot run shapes_t2i ("" when it can): it must draw images."""
+    if pipe.can_generate_images:
+        return ""
+    return ("it judges generated images; this model does not generate images (Pipeline.can_generate_images is "
+            "False): evaluate a model that does")
+
+
 def _evaluate(pipe, samples: list[EvalSample], root: Path, progress: bool = False):
     """(predictions: per prompt its verdicts, per-sample accuracy, extra metrics with the grid image)."""
-    if not pipe.can_generate_images:
-        raise ConfigError(
-            "task 'shapes_t2i' judges generated images; this model does not generate images "
-            "(Pipeline.can_generate_images is False): evaluate a model that does"
-        )
+    why = _refuse(pipe)
+    if why:  # run_eval asks first (Task.refuse); this guards a direct run_task
+        raise ConfigError(f"task 'shapes_t2i': {why}")
     from tqdm.auto import tqdm
 
     from vlmkit.eval.judge.parser import parse_images
@@ -163,6 +169,7 @@ register_task(
         lambda p, s: {},
         group_by="type",
         evaluate=_evaluate,
+        refuse=_refuse,
     )
 )
 
