@@ -47,7 +47,7 @@ class VQConfig(ModelConfig):
     channels: int = 32  # the first level's width; level i has channels * channel_mult[i]
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # one entry per resolution: f = 2 ** (len - 1)
     res_blocks: int = 1  # residual blocks per encoder level (the decoder has one more, as taming's)
-    norm_groups: int = 8  # GroupNorm groups (taming: 32)
+    norm_groups: int = 8  # GroupNorm groups (taming: 32); 0: no normalisation
     code_dim: int = 64  # the codebook vectors' size (taming's embed_dim)
     z_channels: int = 64  # the encoder's output channels, before quant_conv maps them to code_dim
     codebook_size: int = 512
@@ -71,7 +71,7 @@ class VQConfig(ModelConfig):
             raise ConfigError(f"model.image_size {list(self.image_size)} is not a multiple of the downsampling "
                               f"factor {f} (2 ** (len(channel_mult) - 1))")
         widths = [self.channels * m for m in self.channel_mult]
-        if any(w % self.norm_groups for w in widths):
+        if self.norm_groups and any(w % self.norm_groups for w in widths):
             raise ConfigError(f"model.norm_groups {self.norm_groups} does not divide the widths {widths}")
         if self.codebook_size < 2 or self.code_dim < 1:
             raise ConfigError(f"model.codebook_size must be >= 2 and code_dim >= 1, got {self.codebook_size}, "
@@ -86,8 +86,8 @@ class VQConfig(ModelConfig):
         return self.image_size[0] // self.factor, self.image_size[1] // self.factor
 
 
-def _norm(cfg: VQConfig, ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(cfg.norm_groups, ch, eps=1e-6)
+def _norm(cfg: VQConfig, ch: int) -> nn.Module:
+    return nn.GroupNorm(cfg.norm_groups, ch, eps=1e-6) if cfg.norm_groups else nn.Identity()
 
 
 class ResnetBlock(nn.Module):
