@@ -357,6 +357,8 @@ class VQModel(nn.Module):
         return self.cfg.codebook_size
 
     def module_groups(self) -> dict[str, nn.Module]:
+        """What a stage trains or freezes, as the run's table shows it (a vq stage trains them all: ``train:
+        [all]``; recipes name only train/recipe.py's MODULE_GROUPS)."""
         return {"encoder": nn.ModuleList([self.encoder, self.quant_conv]), "quantizer": self.quantize,
                 "decoder": nn.ModuleList([self.post_quant_conv, self.decoder])}
 

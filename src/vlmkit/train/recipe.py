@@ -19,10 +19,9 @@ from vlmkit.config import apply_overrides, from_dict, parse_value
 from vlmkit.errors import ConfigError
 from vlmkit.nn.lora import LoRAConfig
 
-# vision-language models: vision, connector, lm; dual encoders: vision, text, logits (temperature and bias); VQ image
-# tokenizers: encoder, quantizer, decoder; lora: the LoRA adapters of the recipe's lora section (wherever they sit;
-# the weights they adapt stay frozen)
-MODULE_GROUPS = ("vision", "connector", "lm", "text", "logits", "encoder", "quantizer", "decoder", "lora")
+# vision-language models: vision, connector, lm; dual encoders: vision, text, logits (temperature and bias); lora:
+# the LoRA adapters of the recipe's lora section (wherever they sit; the weights they adapt stay frozen)
+MODULE_GROUPS = ("vision", "connector", "lm", "text", "logits", "lora")
 
 
 @dataclass
