@@ -71,10 +71,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------ generation
     def _need_generative(self, what: str) -> None:
-        if not self.can_generate:
-            does = "embeds images and texts: use embed_images() / embed_texts()" if self.can_embed else \
-                "turns images into codes and back: use encode_codes() / decode_codes()"
-            raise DataError(f"{what} needs a generative model; this is a {self.family.name} model, which {does}")
+        if self.can_generate:
+            return
+        if self.can_embed:
+            raise DataError(f"{what} needs a generative model; this is a dual encoder ({self.family.name}), which "
+                            f"embeds images and texts: use embed_images() / embed_texts()")
+        codes = ": it turns images into codes and back (encode_codes() / decode_codes())" if self.has_image_codes else ""
+        raise DataError(f"{what} needs a generative model; this {self.family.name} model does not generate text{codes}")
 
     def _run(self, items: list[Encoded], gen: GenerationConfig, image_keys: list[list] | None = None) -> list[str]:
         tok = self.processor.tokenizer

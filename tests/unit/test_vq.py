@@ -173,7 +173,7 @@ def test_pipeline_refuses_bad_codes(vq_pipe):
         vq_pipe.decode_codes([[1, 2], [3]])
     with pytest.raises(DataError, match="integer code ids"):
         vq_pipe.decode_codes(torch.zeros(2, 2))
-    with pytest.raises(DataError, match="this is a vq model, which turns images into codes"):
+    with pytest.raises(DataError, match="this vq model does not generate text: it turns images into codes and back"):
         vq_pipe.chat([], "what is this?")
     with pytest.raises(DataError, match="VQ image tokenizer"):
         vq_pipe.processor.prompt("hello", None)
