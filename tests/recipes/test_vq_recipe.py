@@ -116,5 +116,5 @@ def test_tiny_vq_recipe_reaches_the_bar(tmp_path):
     finally:
         torch.set_num_threads(threads)
     val = [r for r in rows(tmp_path / "run") if "val_psnr" in r][-1]
-    assert val["val_psnr"] >= 26.0 and val["val_codebook_usage"] >= 0.5, val
+    assert val["val_psnr"] >= 25.0 and val["val_codebook_usage"] >= 0.9, val  # measured: 26.59 dB, 1.0
     assert res.checkpoint.is_dir()
