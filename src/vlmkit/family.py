@@ -38,6 +38,9 @@ class Capabilities:
     # data.group_turns: questions about one image may share one prompt prefix, at plain positions with a causal
     # segment mask (not with M-RoPE positions or prefix-LM attention)
     shared_prefix: bool = True
+    # encode_codes / decode_codes: images <-> a grid of discrete codes through the model's VQ codebook (a VQ image
+    # tokenizer; an early-fusion family that generates image codes)
+    image_codes: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Pipeline = load(path): chat, generate and score with one model and its Processor; embed with a dual encoder.
+"""Pipeline = load(path): chat, generate and score with one model and its Processor; embed with a dual encoder;
+images <-> codes with a model that has a VQ codebook.
 
 The evaluation tasks, the server and the CLI all go through these methods, so a model answers the same
 way everywhere. What a model can do is its family's (``Capabilities``): ``can_generate`` models chat, generate,
-score and rank; ``can_embed`` models embed images and texts.
+score and rank; ``can_embed`` models embed images and texts; ``has_image_codes`` models turn images into code grids
+and code grids into pixels (``encode_codes`` / ``decode_codes``).
 """
 
 from __future__ import annotations
@@ -67,11 +69,20 @@ class Pipeline:
         """Scores and ranks texts by their likelihood (a generative model)."""
         return self.family.capabilities.generate
 
+    @property
+    def has_image_codes(self) -> bool:
+        """Turns images into grids of discrete codes and back (a VQ codebook)."""
+        return self.family.capabilities.image_codes
+
     # ------------------------------------------------------------------ generation
     def _need_generative(self, what: str) -> None:
-        if not self.can_generate:
+        if self.can_generate:
+            return
+        if self.can_embed:
             raise DataError(f"{what} needs a generative model; this is a dual encoder ({self.family.name}), which "
                             f"embeds images and texts: use embed_images() / embed_texts()")
+        codes = ": it turns images into codes and back (encode_codes() / decode_codes())" if self.has_image_codes else ""
+        raise DataError(f"{what} needs a generative model; this {self.family.name} model does not generate text{codes}")
 
     def _run(self, items: list[Encoded], gen: GenerationConfig, image_keys: list[list] | None = None) -> list[str]:
         tok = self.processor.tokenizer
@@ -178,6 +189,38 @@ class Pipeline:
         texts = [t.format(c) for c in class_names for t in templates]
         z = self.embed_texts(texts).view(len(class_names), len(templates), -1).mean(dim=1)
         return torch.nn.functional.normalize(z, dim=-1)
+
+    # ------------------------------------------------------------------ image codes (a VQ codebook)
+    def _need_codes(self, what: str) -> None:
+        if not self.has_image_codes:
+            raise DataError(f"{what} needs a model with an image codebook (a VQ image tokenizer, family vq); this "
+                            f"{self.family.name} model has none")
+
+    @torch.no_grad()
+    def encode_codes(self, images, batch_size: int = 64) -> torch.Tensor:
+        """Images (paths or PIL images) -> their code grids, LongTensor [n, h, w], prepared as the processor
+        prepares them (resized to the model's size, normalised)."""
+        self._need_codes("encode_codes()")
+        images = _as_list(images)
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            media = self.processor.prepare_images(chunk, f"images[{start}:{start + len(chunk)}]").to(self.device)
+            out.append(self.model.encode_codes(media.pixel_values).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 0, 0, dtype=torch.long)
+
+    @torch.no_grad()
+    def decode_codes(self, codes) -> torch.Tensor:
+        """A code grid [h, w] (rows of code ids: a tensor or nested lists) -> the decoder's output [3, H, W], before
+        clamping or de-normalisation; a batch of grids [n, h, w] -> [n, 3, H, W]."""
+        self._need_codes("decode_codes()")
+        if not isinstance(codes, torch.Tensor):
+            try:
+                codes = torch.tensor(codes)
+            except (TypeError, ValueError) as e:
+                raise DataError(f"decode_codes(): codes must be a grid of code ids (rows of equal length): {e}") \
+                    from None
+        return self.model.decode_codes(codes.to(self.device)).float().cpu()
 
     # ------------------------------------------------------------------ scoring
     def rank(self, images, question: str, candidates: list[str], normalize: bool = True) -> list[float]:

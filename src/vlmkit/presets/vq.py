@@ -1,0 +1,18 @@
+"""Presets of the VQ image tokenizers (family ``vq``, models/vq.py)."""
+
+from __future__ import annotations
+
+from vlmkit.models.vq import VQConfig
+from vlmkit.presets import PRESETS, Preset
+from vlmkit.processing.vq import VQProcessorConfig
+
+
+@PRESETS.register("tiny-vq", "from-scratch VQ image tokenizer for ShapesWorld's 64x64 images: f 8 (an 8x8 grid of "
+                             "codes), 512 EMA codes of 64 dims, L2 reconstruction")
+def tiny_vq() -> Preset:
+    model = VQConfig(image_size=(64, 64), channels=16, channel_mult=(1, 2, 4, 4), res_blocks=1, norm_groups=8,
+                     code_dim=64, z_channels=64, codebook_size=512, quantizer="ema", beta=0.25, ema_decay=0.99,
+                     restart_after=20, recon_loss="l2")
+    proc = VQProcessorConfig(image_size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return Preset(model, proc, source="van den Oord et al. 2017 (VQ-VAE), Razavi et al. 2019 (VQ-VAE-2: EMA "
+                                      "codebook), Esser et al. 2021 (VQGAN: taming's layout and module names)")

@@ -1,0 +1,59 @@
+"""A VQ image tokenizer's processing: images only, resized to the model's size and normalised to [-1, 1] (mean and
+std 0.5, as taming's and Chameleon's VQ read them); no text.
+
+The checkpoint format keeps a tokenizer.json beside every model, and the Processor holds one; a VQ tokenizer has
+no text, so its tokenizer is the smallest one the format takes (:func:`empty_tokenizer`: the pad and end tokens,
+nothing else), and its layout refuses every prompt by name (:class:`ImageOnlyLayout`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer, models
+
+from vlmkit.config import ProcessorConfig
+from vlmkit.errors import DataError
+from vlmkit.processing.tokenizer import TextTokenizer
+
+
+@dataclass
+class VQProcessorConfig(ProcessorConfig):
+    """Images at one size, normalised to [-1, 1]; no image placeholder (no text)."""
+
+    family: str = "vq"
+    image_size: tuple[int, int] = (64, 64)
+    image_token: str = ""
+
+
+def empty_tokenizer(pad_token: str = "<pad>", eos_token: str = "<|end|>") -> TextTokenizer:
+    """A tokenizer of two special tokens and no text: what a checkpoint of a model without text keeps."""
+    tok = Tokenizer(models.WordLevel({pad_token: 0, eos_token: 1}, unk_token=pad_token))
+    tok.add_special_tokens([pad_token, eos_token])
+    return TextTokenizer(tok, pad_token=pad_token, eos_token=eos_token)
+
+
+class ImageOnlyLayout:
+    """The prompt layout of a model that reads no text: every prompt is refused naming what the model does."""
+
+    def __init__(self, cfg: VQProcessorConfig, tokenizer: TextTokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    def _refuse(self, what: str):
+        raise DataError(f"{what} needs a model that reads text; this is a VQ image tokenizer ({self.cfg.family}), "
+                        f"which turns images into codes and back (encode_codes / decode_codes)")
+
+    def prompt(self, text, media, where="prompt"):
+        self._refuse("a prompt")
+
+    def chat(self, messages, media, where="prompt"):
+        self._refuse("chat")
+
+    def supervised(self, messages, media, where="sample"):
+        self._refuse("a supervised conversation")
+
+    def continuation(self, prompt, text, media, where="score"):
+        self._refuse("score")
+
+
+__all__ = ["ImageOnlyLayout", "VQProcessorConfig", "empty_tokenizer"]
