@@ -267,3 +267,29 @@ class TemplateLayout(PromptLayout):
 
 
 __all__ = ["PromptLayout", "SegmentLayout", "TemplateLayout", "check_messages", "first_label"]
+
+
+class RefusingLayout:
+    """The prompt layout of a model that answers no prompt (a dual encoder, a VQ image tokenizer): each of the four
+    calls is refused by name, with ``why`` saying what the model does instead."""
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    def why(self, what: str) -> str:
+        raise NotImplementedError
+
+    def _refuse(self, what: str):
+        raise DataError(self.why(what))
+
+    def prompt(self, text, media, where="prompt"):
+        self._refuse("a prompt")
+
+    def chat(self, messages, media, where="prompt"):
+        self._refuse("chat")
+
+    def supervised(self, messages, media, where="sample"):
+        self._refuse("a supervised conversation")
+
+    def continuation(self, prompt, text, media, where="score"):
+        self._refuse("score")

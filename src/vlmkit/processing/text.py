@@ -13,6 +13,7 @@ import torch
 
 from vlmkit.config import ProcessorConfig
 from vlmkit.errors import ConfigError, DataError
+from vlmkit.processing.layouts import RefusingLayout
 from vlmkit.processing.tokenizer import TextTokenizer
 
 
@@ -30,28 +31,16 @@ class TextProcessorConfig(ProcessorConfig):
             raise ConfigError(f"processor text_padding must be 'longest' or 'max_length', got {self.text_padding!r}")
 
 
-class TextLayout:
-    """Texts -> padded ids for a dual encoder's text tower (module docstring)."""
+class TextLayout(RefusingLayout):
+    """Texts -> padded ids for a dual encoder's text tower (module docstring); prompts are refused."""
 
     def __init__(self, cfg: TextProcessorConfig, tokenizer: TextTokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
+        super().__init__(cfg, tokenizer)
         self._truncating = None  # a copy of the tokenizer that truncates to max_length
 
-    def _refuse(self, what: str):
-        raise DataError(f"{what} needs a generative model; this is a dual encoder ({self.cfg.family}), which embeds "
-                        f"images and texts (embed_images / embed_texts)")
-
-    def prompt(self, text, media, where="prompt"):
-        self._refuse("a prompt")
-
-    def chat(self, messages, media, where="prompt"):
-        self._refuse("chat")
-
-    def supervised(self, messages, media, where="sample"):
-        self._refuse("a supervised conversation")
-
-    def continuation(self, prompt, text, media, where="score"):
-        self._refuse("score")
+    def why(self, what: str) -> str:
+        return (f"{what} needs a generative model; this is a dual encoder ({self.cfg.family}), which embeds "
+                f"images and texts (embed_images / embed_texts)")
 
     def encode_texts(self, texts: list[str], where: str = "texts") -> tuple[torch.Tensor, int]:
         """Texts -> (ids [B, T] padded with the pad token, how many texts were truncated): :meth:`tokenize_texts`,

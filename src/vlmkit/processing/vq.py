@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer, models
 
 from vlmkit.config import ProcessorConfig
-from vlmkit.errors import DataError
+from vlmkit.processing.layouts import RefusingLayout
 from vlmkit.processing.tokenizer import TextTokenizer
 
 
@@ -33,27 +33,12 @@ def empty_tokenizer(pad_token: str = "<pad>", eos_token: str = "<|end|>") -> Tex
     return TextTokenizer(tok, pad_token=pad_token, eos_token=eos_token)
 
 
-class ImageOnlyLayout:
+class ImageOnlyLayout(RefusingLayout):
     """The prompt layout of a model that reads no text: every prompt is refused naming what the model does."""
 
-    def __init__(self, cfg: VQProcessorConfig, tokenizer: TextTokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
-
-    def _refuse(self, what: str):
-        raise DataError(f"{what} needs a model that reads text; this is a VQ image tokenizer ({self.cfg.family}), "
-                        f"which turns images into codes and back (encode_codes / decode_codes)")
-
-    def prompt(self, text, media, where="prompt"):
-        self._refuse("a prompt")
-
-    def chat(self, messages, media, where="prompt"):
-        self._refuse("chat")
-
-    def supervised(self, messages, media, where="sample"):
-        self._refuse("a supervised conversation")
-
-    def continuation(self, prompt, text, media, where="score"):
-        self._refuse("score")
+    def why(self, what: str) -> str:
+        return (f"{what} needs a model that reads text; this is a VQ image tokenizer ({self.cfg.family}), which "
+                f"turns images into codes and back (encode_codes / decode_codes)")
 
 
 __all__ = ["ImageOnlyLayout", "VQProcessorConfig", "empty_tokenizer"]
