@@ -111,14 +111,15 @@ class Pipeline:
 
     def chat_batch(self, requests: list[tuple[object, str]], **gen) -> list[str]:
         """[(images, question), ...] -> answers, generated as one batch with the chat template. An image given
-        by the same path in several requests is read and encoded once."""
+        by the same path (or as the same image object) in several requests is read and encoded once."""
         self._need_generative("chat()")
         cfg = GenerationConfig(**gen)
         items, keys, prepared = [], [], {}
         for images, question in requests:
             images = _as_list(images)
-            ks = [str(Path(im).resolve()) if isinstance(im, (str, Path)) else id(im) for im in images]
-            if all(isinstance(k, str) for k in ks) and images:
+            # the same path, or the same image object (all alive during this call), is the same image
+            ks = [str(Path(im).resolve()) if isinstance(im, (str, Path)) else f"object:{id(im)}" for im in images]
+            if images:
                 key = tuple(ks)  # a prompt's images are prepared together (a family may lay several out jointly)
                 if key not in prepared:
                     prepared[key] = self.processor.prepare_images(images)

@@ -203,3 +203,22 @@ def test_a_failed_sample_takes_the_samples_scored_with_it_out_of_the_metrics(nam
     assert [("excluded" in r) for r in records] == [sh and i != failed for i, sh in enumerate(shares)]
     assert result["n_errors"] == 1 and result["n_excluded"] == sum(shares) - 1
     assert result["n"] == len(samples) - sum(shares)
+
+
+def test_an_image_shared_inside_a_benchmark_file_is_decoded_and_prepared_once(trained, monkeypatch):
+    """MMBench's circular copies share their question's embedded image: one batch decodes it once and the Pipeline
+    prepares (and encodes) it once, as it does for an image asked about by path."""
+    import vlmkit
+    from vlmkit.eval import runner
+    from vlmkit.eval.readers import EmbeddedImage
+    from vlmkit.eval.tasks import get_task
+
+    ckpt, data = trained
+    pipe = vlmkit.load(ckpt)
+    decodes, prepares = [], []
+    real_open, real_prepare = EmbeddedImage.open, pipe.processor.prepare_images
+    monkeypatch.setattr(EmbeddedImage, "open", lambda self: decodes.append(1) or real_open(self))
+    monkeypatch.setattr(pipe.processor, "prepare_images", lambda *a, **k: prepares.append(1) or real_prepare(*a, **k))
+    result, _ = runner.run_task(pipe, get_task("mmbench"), data, "test", 2, batch_size=8, progress=False)
+    assert result["n"] == 8  # 2 questions x 4 copies, one batch
+    assert len(decodes) == len(prepares) == 2

@@ -102,7 +102,11 @@ def _answers(pipe, samples: list[EvalSample], prompts: list[str], max_new_tokens
         return
     for start in range(0, len(samples), batch_size):
         chunk = range(start, min(start + batch_size, len(samples)))
-        out = pipe.chat_batch([([load_media(im) for im in samples[i].images], prompts[i]) for i in chunk],
+        decoded: dict[int, object] = {}  # an embedded image several samples share (MMBench's copies): decoded
+        for im in (im for i in chunk for im in samples[i].images):  # once, so the Pipeline encodes it once
+            if id(im) not in decoded:
+                decoded[id(im)] = load_media(im)
+        out = pipe.chat_batch([([decoded[id(im)] for im in samples[i].images], prompts[i]) for i in chunk],
                               max_new_tokens=max_new_tokens)
         yield from (Answer(i, answer) for i, answer in zip(chunk, out))
 
