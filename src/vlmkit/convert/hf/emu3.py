@@ -179,20 +179,26 @@ def load_emu3_folder(folder: Path):
 # ---------------------------------------------------------------------------------------------- export
 
 
-def emu3_config_to_hf(cfg: Emu3Config, processor: Processor) -> dict:
+def emu3_vocabulary_map(cfg: Emu3Config, image_token_id: int) -> dict[str, int]:
+    """The named tokens of an Emu3 model's vocabulary, from its config: what config.json's vocabulary_map must
+    hold (an export writes the tokenizer's whole vocabulary)."""
+    named = {"<image>": image_token_id, **{t: getattr(cfg, k) for k, t in MARKUP.items()}}
+    return named | {f"{VISUAL}{c:06d}|>": cfg.visual_token_offset + c for c in range(cfg.vq.codebook_size)}
+
+
+def emu3_config_to_hf(cfg: Emu3Config, vocabulary_map: dict[str, int], special: dict[str, int | None]) -> dict:
+    """Emu3Config -> Emu3ForConditionalGeneration's config.json; ``special``: the tokenizer's bos / pad ids."""
     lm = cfg.lm
     if lm.qkv_bias or lm.bias or lm.norm != "rmsnorm" or lm.mlp != "gated" or lm.norm_offset or lm.embed_scale:
         raise ConfigError("lm: Emu3's LM is a Llama decoder (rmsnorm, gated MLP, no biases, no Gemma options)")
     text = lm_config_to_hf(lm, "lm")
-    tok = processor.tokenizer
-    text |= {"model_type": "emu3_text_model", "bos_token_id": tok.bos_id, "eos_token_id": cfg.eos_token_id,
-             "pad_token_id": tok.pad_id, "attention_dropout": 0.0}
+    text |= {"model_type": "emu3_text_model", "eos_token_id": cfg.eos_token_id, "attention_dropout": 0.0,
+             **{k: special[k] for k in ("bos_token_id", "pad_token_id") if special.get(k) is not None}}
     for key in ("architectures", "torch_dtype", "tie_word_embeddings"):
         text.pop(key, None)
-    vocab = tok.tok.get_vocab()
     return {"model_type": "emu3", "architectures": ["Emu3ForConditionalGeneration"], "text_config": text,
-            "vq_config": {"model_type": "emu3_vqgan", **to_dict(cfg.vq)}, "vocabulary_map": vocab,
-            "image_token_id": vocab.get(processor.cfg.image_token), "tie_word_embeddings": lm.tie_embeddings}
+            "vq_config": {"model_type": "emu3_vqgan", **to_dict(cfg.vq)}, "vocabulary_map": vocabulary_map,
+            "image_token_id": vocabulary_map.get("<image>"), "tie_word_embeddings": lm.tie_embeddings}
 
 
 def emu3_processor_to_hf(pcfg: Emu3ProcessorConfig) -> dict:
@@ -207,7 +213,15 @@ def emu3_processor_to_hf(pcfg: Emu3ProcessorConfig) -> dict:
 def export_emu3(model: Emu3Model, cfg: Emu3Config, processor: Processor, folder: Path) -> None:
     """An Emu3 vlmkit model -> a folder transformers' Emu3ForConditionalGeneration and Emu3Processor load."""
     folder = Path(folder)
-    config = emu3_config_to_hf(cfg, processor)
+    tok = processor.tokenizer
+    special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id}
+    vocab = tok.tok.get_vocab()
+    named = emu3_vocabulary_map(cfg, model.image_token_id)
+    wrong = [name for name, i in named.items() if vocab.get(name) != i]
+    if wrong:
+        raise ConfigError(f"processor tokenizer: {wrong[0]!r} is not at the model's id {named[wrong[0]]} (Emu3's "
+                          f"config.json maps the tokenizer's names to the ids the model reads)")
+    config = emu3_config_to_hf(cfg, vocab, special)
     if config["image_token_id"] != model.image_token_id:
         raise ConfigError(f"processor image_token {processor.cfg.image_token!r} is not the model's placeholder id "
                           f"{model.image_token_id}")
@@ -216,8 +230,6 @@ def export_emu3(model: Emu3Model, cfg: Emu3Config, processor: Processor, folder:
     tensors |= {theirs: model.vq.state_dict()[ours].detach().clone().contiguous() for ours, theirs in vq_table.items()}
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
-    tok = processor.tokenizer
-    special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id}
     write_json(folder / "generation_config.json", generation_settings(special, processor))
     write_json(folder / "processor_config.json", emu3_processor_to_hf(processor.cfg))
     export_tokenizer(processor, folder)
@@ -228,4 +240,4 @@ def export_emu3(model: Emu3Model, cfg: Emu3Config, processor: Processor, folder:
     path.write_text(json.dumps({**json.loads(path.read_text()), **names}, indent=2) + "\n")
 
 
-__all__ = ["emu3_config_from_hf", "export_emu3", "load_emu3", "load_emu3_folder"]
+__all__ = ["emu3_config_from_hf", "emu3_config_to_hf", "emu3_vocabulary_map", "export_emu3", "load_emu3", "load_emu3_folder"]
