@@ -223,3 +223,49 @@ def test_refusals_name_what_is_wrong(emu3, tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="spatial_factor 4 is not the VQ-VAE's 8"):
         vlmkit.load(out)
+
+
+def hf_constraint(tok, height: int, width: int, visual: list[int]):
+    """The prefix_allowed_tokens_fn of transformers' Emu3 image-generation example (docs/source/en/model_doc/emu3.md):
+    visual tokens, the row end after each row, then <|extra_201|>, <|image end|>, EOS, padding."""
+    wrapper, eol, eof, eoi = tok.convert_tokens_to_ids(["<|image token|>", "<|extra_200|>", "<|extra_201|>",
+                                                        "<|image end|>"])
+
+    def allowed(batch_id, input_ids):
+        offset = input_ids.shape[0] - int(torch.nonzero(input_ids == wrapper)[0, 0])
+        if offset % (width + 1) == 0:
+            return [eol]
+        if offset == (width + 1) * height + 1:
+            return [eof]
+        if offset == (width + 1) * height + 2:
+            return [eoi]
+        if offset == (width + 1) * height + 3:
+            return [tok.eos_token_id]
+        if offset > (width + 1) * height + 3:
+            return [tok.pad_token_id]
+        return visual
+
+    return allowed
+
+
+def test_greedy_image_following_the_plan_equals_transformers_constrained_generation(emu3):
+    """Greedy decoding that writes a code (the best visual token) at each of the plan's None and the plan's token
+    elsewhere gives transformers' greedy generate under Emu3's documented constraint, token for token."""
+    _, ref, hf_proc, pipe = emu3
+    model = pipe.model
+    prompt, (h, w) = generation_inputs(hf_proc, "a red circle left of a blue square.", "4:3", 2304)
+    visual = model.code_ids(torch.arange(model.cfg.vq.codebook_size)).tolist()
+    column = {int(v): j for j, v in enumerate(model.image_vocab.tolist())}
+    columns = torch.tensor([column[v] for v in visual])  # the image head's columns of the visual tokens
+    ids = list(prompt)
+    for slot in model.image_plan(h, w):
+        if slot is None:
+            with torch.no_grad():
+                logits = model(Batch(input_ids=torch.tensor([ids])), logits_to_keep=1, head="image").logits[0, -1]
+            slot = visual[int(logits[columns].argmax())]
+        ids.append(slot)
+    with torch.no_grad():
+        out = ref.generate(input_ids=torch.tensor([prompt]), max_new_tokens=len(ids) - len(prompt), do_sample=False,
+                           prefix_allowed_tokens_fn=hf_constraint(hf_proc.tokenizer, h, w, visual))
+    assert out[0].tolist() == ids
+    assert len(set(ids[len(prompt):])) > 4  # not one code over and over
