@@ -18,6 +18,7 @@ import vlmkit
 from vlmkit.batch import Batch
 from vlmkit.data.shapes import render_scene, sample_scene
 from vlmkit.errors import ConfigError, DataError
+from vlmkit.image_generation import ImageGenerationConfig, generate_codes
 
 from hf_fixtures import real_images
 
@@ -141,17 +142,6 @@ def image_sequence(model, prompt: list[int], codes: torch.Tensor) -> list[int]:
     return ids
 
 
-def image_logprobs(model, ids: list[int], start: int) -> torch.Tensor:
-    """Teacher-forced log-probabilities of ids[start:] through forward(head="image"): log-softmax over the image
-    vocabulary's columns, gathered at each target's column (what Pipeline.image_code_logprobs computes)."""
-    vocab = model.image_vocab
-    column = {int(v): j for j, v in enumerate(vocab.tolist())}
-    with torch.no_grad():
-        logits = model(Batch(input_ids=torch.tensor([ids])), head="image").logits[0]
-    logp = torch.log_softmax(logits[start - 1:-1].float(), -1)
-    return logp.gather(-1, torch.tensor([[column[t]] for t in ids[start:]])).squeeze(-1)
-
-
 def test_teacher_forced_image_token_logprobs_equal_transformers(emu3):
     _, ref, hf_proc, pipe = emu3
     g = torch.Generator().manual_seed(1)
@@ -164,7 +154,7 @@ def test_teacher_forced_image_token_logprobs_equal_transformers(emu3):
             logits = ref(input_ids=torch.tensor([ids])).logits[0]
         theirs = torch.log_softmax(logits[len(prompt) - 1:-1].float(), -1).gather(
             -1, torch.tensor(ids[len(prompt):])[:, None]).squeeze(-1)
-        ours = image_logprobs(pipe.model, ids, len(prompt))
+        ours = torch.tensor(pipe.image_code_logprobs(text, codes))
         assert len(ours) == grid[0] * (grid[1] + 1) + 3
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
         # text head and image head are one head
@@ -250,7 +240,8 @@ def hf_constraint(tok, height: int, width: int, visual: list[int]):
 
 def test_greedy_image_following_the_plan_equals_transformers_constrained_generation(emu3):
     """Greedy decoding that writes a code (the best visual token) at each of the plan's None and the plan's token
-    elsewhere gives transformers' greedy generate under Emu3's documented constraint, token for token."""
+    elsewhere gives transformers' greedy generate under Emu3's documented constraint, token for token; so does the
+    shared sampler (image_generation.generate_codes, KV cache) at temperature 0 without guidance."""
     _, ref, hf_proc, pipe = emu3
     model = pipe.model
     prompt, (h, w) = generation_inputs(hf_proc, "a red circle left of a blue square.", "4:3", 2304)
@@ -269,3 +260,26 @@ def test_greedy_image_following_the_plan_equals_transformers_constrained_generat
                            prefix_allowed_tokens_fn=hf_constraint(hf_proc.tokenizer, h, w, visual))
     assert out[0].tolist() == ids
     assert len(set(ids[len(prompt):])) > 4  # not one code over and over
+    codes = generate_codes(model, prompt, [], ImageGenerationConfig(cfg_scale=1.0, temperature=0), (h, w))
+    assert image_sequence(model, prompt, codes[0]) == ids
+
+
+def test_generate_image_and_codes_through_the_pipeline(emu3):
+    """Pipeline.generate_image on a small grid (the tiny model's 90x90 default would outrun its positions): images of
+    the grid times the VQ factor, the same for a seed; encode_codes of images of one size."""
+    _, _, _, pipe = emu3
+    model = pipe.model
+    grid, model.cfg.image_grid = model.cfg.image_grid, (3, 4)
+    try:
+        a = pipe.generate_image("a red circle", n=2, cfg_scale=3.0, top_k=8, seed=1)
+        b = pipe.generate_image("a red circle", n=2, cfg_scale=3.0, top_k=8, seed=1)
+    finally:
+        model.cfg.image_grid = grid
+    assert [im.size for im in a] == [(32, 24)] * 2
+    assert [im.tobytes() for im in a] == [im.tobytes() for im in b]
+    ims = sized_images()
+    media = pipe.processor.prepare_images([ims[0], ims[0]])
+    codes = model.encode_codes(media)
+    assert codes.shape == (2, 4, 7) and torch.equal(codes[0], model.encode_codes(one_image(media))[0])
+    with pytest.raises(DataError, match="resized to different sizes"):
+        model.encode_codes(pipe.processor.prepare_images(ims[:2]))

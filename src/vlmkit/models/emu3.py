@@ -138,8 +138,25 @@ class Emu3Model(GenerativeModel):
     def image_vocab(self) -> torch.Tensor:
         return torch.arange(self.cfg.lm.vocab_size)
 
-    def encode_codes(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Images [n, 3, H, W] (H, W multiples of the VQ's factor) -> codes [n, H / f, W / f]."""
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.vq.codebook_size
+
+    def encode_codes(self, pixels: torch.Tensor | MediaInputs) -> torch.Tensor:
+        """Images [n, 3, H, W] (H, W multiples of the VQ's factor) -> codes [n, H / f, W / f]; or the processor's
+        MediaInputs of images of one size (its pixels are flat per image: images of several sizes have grids of
+        several shapes, which one tensor cannot hold)."""
+        if isinstance(pixels, MediaInputs):
+            sizes = pixels.extra.get("image_sizes")
+            if sizes is None or len(sizes) and bool((sizes != sizes[0]).any()):
+                raise DataError("emu3 encode_codes: the images were resized to different sizes "
+                                f"({[tuple(s) for s in (sizes.tolist() if sizes is not None else [])]}), whose code "
+                                "grids have different shapes; encode them one at a time")
+            h, w = sizes[0].tolist() if len(sizes) else (0, 0)
+            pixels = pixels.pixel_values.reshape(len(sizes), h * w, 3).transpose(1, 2).reshape(len(sizes), 3, h, w)
+        elif pixels.ndim == 2:
+            raise DataError("emu3 encode_codes takes images [n, 3, H, W] or its processor's MediaInputs; a flat "
+                            f"pixel tensor {tuple(pixels.shape)} (the processor's layout) does not say their sizes")
         return self.vq.encode_codes(pixels)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
