@@ -23,6 +23,7 @@ def emu3_8b() -> Preset:
     model = Emu3Config(lm=lm, vq=Emu3VQConfig(), visual_token_offset=VISUAL0, eol_token_id=QWEN_EXTRA0 + 200,
                        eof_token_id=QWEN_EXTRA0 + 201, eoi_token_id=VISUAL0 - 2, eos_token_id=QWEN_EXTRA0 + 204)
     # the released image processor (BAAI/Emu3-VisionTokenizer): mean and std 0.5, 512^2 to 1024^2 pixels, factor 8
-    proc = whole(Emu3ProcessorConfig, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_length=9216, eos_token="<|extra_204|>", bos_token="<|extra_203|>",
-                 pad_token="<|endoftext|>")
+    proc = whole(Emu3ProcessorConfig, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_length=9216,
+                 image_size=(720, 720),  # a generated image: 90 x 90 codes of 8 px
+                 eos_token="<|extra_204|>", bos_token="<|extra_203|>", pad_token="<|endoftext|>")
     return Preset(model, proc, source="BAAI/Emu3-Chat-hf, BAAI/Emu3-Gen-hf")

@@ -37,7 +37,9 @@ from vlmkit.processing.qwen2_vl import MAX_ASPECT_RATIO, smart_resize
 
 @dataclass
 class Emu3ProcessorConfig(ProcessorConfig):
-    """Emu3's processor: Emu3ImageProcessor's settings and Emu3Processor's tokens."""
+    """Emu3's processor: Emu3ImageProcessor's settings and Emu3Processor's tokens. ``image_size`` is not read
+    (images keep about their own size): it is the size of a generated image, the model's image_grid of codes times
+    ``spatial_factor``, which shared code takes for the model's native size."""
 
     family: str = "emu3"
     image_token: str = "<image>"

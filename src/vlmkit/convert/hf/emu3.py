@@ -7,9 +7,9 @@ placeholder ``<image>``, the row end ``<|extra_200|>``, ``<|extra_201|>``, ``<|i
 vocabulary; another map is refused by name). Weights, in the Hub's names that transformers saves
 (``text_model.model.``, ``text_model.lm_head.weight``, ``vqmodel.``) or in its module names (``model.text_model.``,
 ``lm_head.weight``, ``model.vqmodel.``): the LM through the shared Llama table, the VQ-VAE key for key (its modules
-keep transformers' names), BatchNorm running statistics included. The processor: Emu3ImageProcessor's settings (processor_config.json's ``image_processor``
-or preprocessor_config.json) and the tokenizer's named tokens (``boi_token``, ``eoi_token``,
-``image_wrapper_token``, ``eof_token``, ``image_token`` in tokenizer_config.json).
+keep transformers' names), BatchNorm running statistics included. The processor: Emu3ImageProcessor's settings
+(processor_config.json's ``image_processor`` or preprocessor_config.json) and the tokenizer's named tokens
+(``boi_token``, ``eoi_token``, ``image_wrapper_token``, ``eof_token``, ``image_token`` in tokenizer_config.json).
 
 The export writes the same layout back (config.json with the vocabulary map of the tokenizer, processor_config.json
 naming Emu3Processor, tokenizer_config.json with the named tokens), which transformers' Emu3 classes load.
@@ -170,6 +170,9 @@ def load_emu3_folder(folder: Path):
     model, cfg = load_emu3(folder)
     settings = emu3_processor_settings(folder, cfg.vq.factor) | named_tokens(folder)
     settings.pop("image_token", None)  # the placeholder comes from config.json's vocabulary_map
+    # the size of a generated image (the model's image_grid of codes): what shared code takes for the model's
+    # native image size (the images API's "auto"); Emu3 reads images at their own size
+    settings["image_size"] = tuple(n * cfg.vq.factor for n in cfg.image_grid)
     most = 2 * (settings["max_pixels"] // cfg.vq.factor ** 2)  # h * (w + 1) <= 2 h w
     processor = load_hf_processor(folder, "emu3", model.image_token_id, most, cfg.lm.max_seq_len,
                                   Emu3ProcessorConfig, fixed_images=False, **settings)
@@ -240,4 +243,5 @@ def export_emu3(model: Emu3Model, cfg: Emu3Config, processor: Processor, folder:
     path.write_text(json.dumps({**json.loads(path.read_text()), **names}, indent=2) + "\n")
 
 
-__all__ = ["emu3_config_from_hf", "emu3_config_to_hf", "emu3_vocabulary_map", "export_emu3", "load_emu3", "load_emu3_folder"]
+__all__ = ["emu3_config_from_hf", "emu3_config_to_hf", "emu3_vocabulary_map", "export_emu3", "load_emu3",
+           "load_emu3_folder"]
