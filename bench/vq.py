@@ -2,7 +2,7 @@
 PSNR and codebook usage it logged, and how much of the originals' scene the fixed ShapesWorld parser of
 ``shapes_t2i`` reads in the reconstructions (the issue's bar: >= 0.95 of the judged attributes). One JSON line.
 
-    python bench/vq.py [--n 2000] [--threads 2] [--steps N] [--images 200]
+    python bench/vq.py [--n 2000] [--threads 2] [--steps N] [--images 200] [--out DIR]
 
 About 18 minutes on one free core of these machines (docs/generation.md quotes a run).
 """
@@ -31,10 +31,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, help="override the recipe's steps (stages.0.steps)")
     ap.add_argument("--images", type=int, default=200, help="test images the judge compares")
+    ap.add_argument("--out", help="keep the data and the run here (the trained tokenizer: OUT/run/final), e.g. for "
+                                  "a tiny-janus recipe's model.vq_from; default: a temporary folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = Path(args.out or tmp)
         generate_shapes(root / "shapes", n=args.n, seed=0, size=64, progress=False)
         overrides = [f"data.path={root / 'shapes'}"] + ([f"stages.0.steps={args.steps}"] if args.steps else [])
         t0 = time.perf_counter()

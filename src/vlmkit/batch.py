@@ -211,6 +211,9 @@ class ModelOutput:
     logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     n_tokens: int = 0  # supervised tokens behind ``loss``
+    # a model that predicts two kinds of token (text and image codes: models/janus.py) gives each kind's summed
+    # loss and count, {"text": (sum, n), "image": (sum, n)}, for an objective to weight (objectives/unified.py)
+    parts: dict[str, tuple[torch.Tensor, int]] | None = None
 
 
 __all__ = ["IGNORE", "Batch", "Encoded", "Features", "MediaInputs", "ModelOutput", "item_key"]

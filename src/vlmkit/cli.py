@@ -97,6 +97,12 @@ def cmd_data_shapes(args) -> None:
     summary = generate_shapes(args.out, n=args.n, seed=args.seed, size=parse_size(args.size),
                               min_objects=args.min_objects, max_objects=args.max_objects,
                               allow_overlap=args.allow_overlap, overwrite=args.overwrite, progress=not args.quiet)
+    if args.t2i:
+        from vlmkit.eval.judge.pairs import write_t2i_pairs
+
+        path = write_t2i_pairs(args.out, args.t2i, seed=args.seed, size=parse_size(args.size),
+                               progress=not args.quiet)
+        summary["t2i_pairs"] = {"file": path.name, "pairs": args.t2i}
     print(json.dumps(summary, indent=2))
 
 
@@ -292,6 +298,9 @@ def _add_data(sub) -> None:
     s.add_argument("--min-objects", type=int, default=1)
     s.add_argument("--max-objects", type=int, default=6)
     s.add_argument("--allow-overlap", action="store_true", help="let objects overlap partially")
+    s.add_argument("--t2i", type=int, default=0, metavar="N",
+                   help="also N text-to-image training pairs (t2i_pairs_train.csv: shapes_t2i's prompt types, "
+                        "held-out prompts excluded), for tiny-janus")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_data_shapes)

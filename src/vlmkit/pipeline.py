@@ -1,5 +1,5 @@
 """Pipeline = load(path): chat, generate and score with one model and its Processor; embed with a dual encoder;
-images <-> codes with a model that has a VQ codebook.
+images <-> codes with a model that has a VQ codebook; images drawn for a text prompt by a model that generates them.
 
 The evaluation tasks, the server and the CLI all go through these methods, so a model answers the same
 way everywhere. What a model can do is its family's (``Capabilities``): ``can_generate`` models chat, generate,
@@ -17,6 +17,7 @@ from vlmkit.batch import Batch, Encoded, Features, MediaInputs, item_key
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.errors import DataError
 from vlmkit.generation import GenerationConfig, generate
+from vlmkit.image_generation import ImageGenerationConfig, check_codes, generate_codes, image_code_logprobs, to_images
 
 
 def _as_list(images) -> list:
@@ -222,6 +223,38 @@ class Pipeline:
                 raise DataError(f"decode_codes(): codes must be a grid of code ids (rows of equal length): {e}") \
                     from None
         return self.model.decode_codes(codes.to(self.device)).float().cpu()
+
+    # ------------------------------------------------------------------ image generation
+    def _need_image_generation(self, what: str) -> None:
+        if not self.can_generate_images:
+            raise DataError(f"{what} needs a model that generates images (Pipeline.can_generate_images); this "
+                            f"{self.family.name} model does not")
+
+    @torch.no_grad()
+    def generate_image(self, prompt: str, n: int = 1, cfg_scale: float = 5.0, temperature: float = 1.0,
+                       top_k: int = 0, seed: int | None = None, progress: bool = False) -> list:
+        """``n`` PIL images drawn for the text ``prompt``: the model's image codes sampled token by token with a KV
+        cache and classifier-free guidance (``cfg_scale`` 1: none; the conditional and unconditional prompts run
+        as one batch), then decoded by its VQ decoder. The same ``seed`` gives the same images."""
+        self._need_image_generation("generate_image()")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError("generate_image(): prompt must be a non-empty string")
+        gen = ImageGenerationConfig(n=n, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, seed=seed)
+        gen.validate()
+        grid = self.model.image_grid
+        cond = self.processor.image_prompt(prompt, grid, where="generate_image()")
+        uncond = self.processor.image_prompt(prompt, grid, unconditional=True) if cfg_scale != 1 else []
+        codes = generate_codes(self.model, cond, uncond, gen, grid, progress)
+        return to_images(self.model.decode_codes(codes))
+
+    def image_code_logprobs(self, prompt: str, codes) -> list[float]:
+        """The log-probability of every token of the image ``codes`` (a grid of code ids, rows of a list or a tensor
+        [h, w]) after the text ``prompt`` in image-generation mode (the family adds its image-start layout), under
+        teacher forcing, guidance off: the codes row by row, plus the family's row-end and image-end tokens."""
+        self._need_image_generation("image_code_logprobs()")
+        codes = check_codes(self.model, codes)
+        prefix = self.processor.image_prompt(prompt, tuple(codes.shape), where="image_code_logprobs()")
+        return image_code_logprobs(self.model, prefix, codes.to(self.device))
 
     # ------------------------------------------------------------------ scoring
     def rank(self, images, question: str, candidates: list[str], normalize: bool = True) -> list[float]:

@@ -6,7 +6,8 @@ step's forward and backward, over micro-batches and ranks as it needs), what it 
 - ``lm`` (objectives/lm.py): next-token loss on the assistant replies of conversations;
 - ``contrastive`` (objectives/contrastive.py): a dual encoder's CLIP / SigLIP loss on image-caption pairs;
 - ``cell_labels`` (objectives/cell_labels.py): the image tower alone, on ShapesWorld's object annotations;
-- ``qformer`` (objectives/qformer.py): BLIP-2's stage 1 on the Q-Former (ITC, ITM, ITG).
+- ``qformer`` (objectives/qformer.py): BLIP-2's stage 1 on the Q-Former (ITC, ITM, ITG);
+- ``unified`` (objectives/unified.py): text-to-image and image-to-text in one model (Janus, Chameleon, Emu3).
 
 A family names the objectives its models train with (``Family.objectives``).
 """
@@ -24,9 +25,9 @@ from torch import nn
 from vlmkit.errors import ConfigError
 from vlmkit.registry import Registry
 
-# stage settings (train/recipe.py StageConfig) that only some objectives read: qformer's image-caption pairs,
-# cell_labels' rows and columns
-STAGE_OPTIONS = ("pairs", "where")
+# stage settings (train/recipe.py StageConfig) that only some objectives read: qformer's and unified's
+# image-caption pairs, cell_labels' rows and columns, unified's loss weights and condition dropout
+STAGE_OPTIONS = ("pairs", "where", "text_weight", "image_weight", "cond_dropout")
 
 
 @dataclass

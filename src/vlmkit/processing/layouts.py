@@ -77,6 +77,13 @@ class PromptLayout:
     def continuation(self, prompt: str, text: str, media: MediaInputs, where: str = "score") -> Encoded:
         raise NotImplementedError
 
+    def image_prompt(self, text: str, grid: tuple[int, int], unconditional: bool = False,
+                     where: str = "prompt") -> list[int]:
+        """The ids of ``text`` in image-generation mode, ending with the image-start layout of a ``grid`` (h, w) of
+        codes; ``unconditional``: the prompt classifier-free guidance compares with. Layouts of families that
+        generate images implement it."""
+        raise DataError(f"{where}: this model's prompts do not ask for images (its family does not generate them)")
+
     # -------------------------------------------------------------------------------------------- shared parts
     @property
     def placeholders(self) -> tuple[str, ...]:
@@ -293,3 +300,6 @@ class RefusingLayout:
 
     def continuation(self, prompt, text, media, where="score"):
         self._refuse("score")
+
+    def image_prompt(self, text, grid, unconditional=False, where="prompt"):
+        self._refuse("an image-generation prompt")

@@ -110,6 +110,12 @@ class Processor:
             raise DataError(f"{where}: the continuation must not contain image placeholders")
         return self.layout.continuation(prompt, text, media, where)
 
+    def image_prompt(self, text: str, grid: tuple[int, int], unconditional: bool = False,
+                     where: str = "prompt") -> list[int]:
+        """The ids of ``text`` in image-generation mode, ending with the family's image-start layout for a code
+        grid ``grid`` (h, w); ``unconditional``: the family's unconditional prompt (classifier-free guidance)."""
+        return self.layout.image_prompt(text, grid, unconditional, where)
+
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
 

@@ -21,7 +21,7 @@ from vlmkit.nn.lora import LoRAConfig
 
 # vision-language models: vision, connector, lm; dual encoders: vision, text, logits (temperature and bias); lora:
 # the LoRA adapters of the recipe's lora section (wherever they sit; the weights they adapt stay frozen)
-MODULE_GROUPS = ("vision", "connector", "lm", "text", "logits", "lora")
+MODULE_GROUPS = ("vision", "connector", "lm", "text", "logits", "lora", "generation", "vq")
 
 
 @dataclass
@@ -41,10 +41,15 @@ class StageConfig:
     # qformer: BLIP-2's stage 1 (ITC + ITM + ITG of a Q-Former connector on a frozen tower, objectives/qformer.py)
     objective: str = "lm"
     batch_size: int = 0  # cell_labels and qformer stages only; 0 = train.batch_size
-    pairs: str = "pairs_train.csv"  # qformer stages: the image-caption pairs (CSV/TSV/COCO JSON) under data.path
+    pairs: str = "pairs_train.csv"  # qformer and unified stages: the image-caption pairs (CSV/TSV/COCO JSON) under data.path
     # cell_labels stages: also each cell's row and column, for a model whose image states do not carry where they
     # were computed (Fuyu: its LM reads the patches with 1-D rotary positions alone; recipes/tiny-fuyu.yaml)
     where: bool = False
+    # unified stages (objectives/unified.py): the weights of the text and image-code losses (each the mean over its
+    # tokens of the global batch), and how often a caption is replaced by the unconditional prompt (guidance)
+    text_weight: float = 1.0
+    image_weight: float = 1.0
+    cond_dropout: float = 0.1
     optimizer: str = "adamw"  # adamw, or muon: Muon on the hidden weight matrices, AdamW on the rest
 
 
