@@ -12,7 +12,7 @@ as tokens of its one vocabulary.
 - Text logits (``head="text"``): the image-code tokens are suppressed (set to the dtype's minimum, as
   transformers' ChameleonForConditionalGeneration does for every forward), so text generation and scoring never
   see them; ``head="image"`` gives the full vocabulary's logits, whose column j is token j (``image_vocab``).
-- Image generation's interface: ``image_grid`` (the VQ grid), ``image_plan`` (the codes, then ``<eoss>``),
+- Image generation's interface: ``image_grid`` (the VQ grid), ``codebook_size``, ``image_plan`` (the codes, then ``<eoss>``),
   ``code_ids`` (the vocabulary map), ``encode_codes``; ``decode_codes`` needs a VQ decoder, which an imported
   model does not have (a ConfigError says so).
 
@@ -133,6 +133,10 @@ class ChameleonModel(GenerativeModel):
     @property
     def image_grid(self) -> tuple[int, int]:
         return self.vq.grid
+
+    @property
+    def codebook_size(self) -> int:
+        return self.vq.codebook_size
 
     def image_plan(self, h: int, w: int) -> list[int | None]:
         """An image's tokens after ``<racm3:break>``: h * w codes, then ``<eoss>``."""
