@@ -56,6 +56,17 @@ def wake_vq_(model, seed: int = 3) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p[0].numel() ** 0.5))
 
 
+def fit_images() -> list:
+    """The real test images and a few ShapesWorld scenes, whose encoder outputs the codebook is set near."""
+    import random
+
+    from vlmkit.data.shapes import render_scene, sample_scene
+
+    rng = random.Random(1)
+    return real_images() + [render_scene(sample_scene(rng, w, h, min_objects=1, max_objects=2))
+                            for w, h in ((96, 32), (48, 40), (64, 64))]
+
+
 def build_chameleon(folder: Path, swin: bool = False):
     tok = chameleon_tokenizer()
     vq = transformers.ChameleonVQVAEConfig(embed_dim=16, num_embeddings=CODES, latent_channels=32, resolution=16,
@@ -74,9 +85,7 @@ def build_chameleon(folder: Path, swin: bool = False):
     images = transformers.ChameleonImageProcessorPil(size={"shortest_edge": 18},
                                                      crop_size={"height": 16, "width": 16})
     processor = transformers.ChameleonProcessor(image_processor=images, tokenizer=tok, image_seq_length=16)
-    from cases import images as test_images
-
-    fit_codebook_(model, images(test_images() + real_images(), return_tensors="pt")["pixel_values"])
+    fit_codebook_(model, images(fit_images(), return_tensors="pt")["pixel_values"])
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, transformers.AutoProcessor.from_pretrained(folder)
