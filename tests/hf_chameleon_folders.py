@@ -22,6 +22,13 @@ from hf_fixtures import perturb_, real_images, sentencepiece_tokenizer
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 CODES = 48
+# the form of facebook/chameleon-7b's processor template: ROLE: , the turn's images first, then its text
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% if message['role'] == "
+    "'assistant' %}{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}{% else %}{{ content['text'] + ' ' }}"
+    "{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 SPECIAL = ["<image>", "<racm3:break>", "<eoss>", "<reserved08706>"]
 
 
@@ -85,6 +92,7 @@ def build_chameleon(folder: Path, swin: bool = False):
     images = transformers.ChameleonImageProcessorPil(size={"shortest_edge": 18},
                                                      crop_size={"height": 16, "width": 16})
     processor = transformers.ChameleonProcessor(image_processor=images, tokenizer=tok, image_seq_length=16)
+    processor.chat_template = CHAT_TEMPLATE  # ChameleonProcessor's __init__ takes none
     fit_codebook_(model, images(fit_images(), return_tensors="pt")["pixel_values"])
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
