@@ -133,6 +133,8 @@ def test_decoding_codes_is_refused_by_name(chameleon):
         pipe.model.decode_codes(torch.zeros(1, 4, 4, dtype=torch.long))
     with pytest.raises(ConfigError, match="no decoder"):
         pipe.decode_codes(torch.zeros(4, 4, dtype=torch.long))
+    with pytest.raises(ConfigError, match="no decoder"):  # the codes are sampled, then refused at decoding
+        pipe.generate_image("a red circle", seed=0)
 
 
 def _edited(folder, tmp_path, name: str, edit) -> object:
@@ -164,3 +166,26 @@ def test_unreadable_folders_are_refused_by_name(chameleon, tmp_path):
 
     with pytest.raises(ConfigError, match="attention_bias"):
         vlmkit.load(_edited(folder, tmp_path / "c", "config.json", bias))
+
+
+def test_greedy_image_codes_equal_transformers_and_sampling_is_seeded(chameleon):
+    """Guidance off, temperature 0: each code is the argmax of transformers' (unsuppressed) LM head over the code
+    tokens, fed back as its token; with guidance and sampling the same seed gives the same grids."""
+    from vlmkit.image_generation import ImageGenerationConfig, generate_codes
+
+    _, ref, _, pipe = chameleon
+    cond = pipe.processor.image_prompt("a red circle", (4, 4))
+    uncond = pipe.processor.image_prompt("a red circle", (4, 4), unconditional=True)
+    ours = generate_codes(pipe.model, cond, [], ImageGenerationConfig(cfg_scale=1.0, temperature=0.0))
+    tokens = torch.tensor(ref.model.vocabulary_mapping.img2bpe_mapping_tensor[:48].tolist())
+    ids, theirs = list(cond), []
+    with torch.no_grad():
+        for _ in range(16):
+            logits = ref.lm_head(ref.model(input_ids=torch.tensor([ids])).last_hidden_state)[0, -1]
+            k = int(logits[tokens].argmax())
+            theirs.append(k)
+            ids.append(int(tokens[k]))
+    assert ours.shape == (1, 4, 4) and ours.flatten().tolist() == theirs and len(set(theirs)) > 2
+    gen = ImageGenerationConfig(n=2, cfg_scale=3.0, temperature=1.0, top_k=10, seed=7)
+    a, b = generate_codes(pipe.model, cond, uncond, gen), generate_codes(pipe.model, cond, uncond, gen)
+    assert torch.equal(a, b) and a.shape == (2, 4, 4) and int(a.max()) < 48
