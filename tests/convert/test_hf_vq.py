@@ -134,3 +134,17 @@ def test_refusals():
         vq_config_from_hf({}, "vqgan")
     with pytest.raises(ConfigError, match="attn_levels"):
         VQConfig(attn_levels=(7,))
+
+
+def test_decode_l2_norm_training_forward_decodes_what_decode_codes_decodes():
+    """With decode_l2_norm the training forward's reconstruction is decode_codes(its codes): the decoder reads the
+    normalised codes either way."""
+    cfg = VQConfig(image_size=(16, 16), channels=8, channel_mult=(1, 2), code_dim=4, z_channels=4, codebook_size=8,
+                   quantizer="ste", restart_after=0, decode_l2_norm=True, mid_attn=True, attn_levels=(1,))
+    torch.manual_seed(0)
+    model = build_vq(cfg).eval()
+    with torch.no_grad():
+        model.quantize.embedding.weight.mul_(50)  # far from unit length: normalising matters
+        pixels = torch.randn(2, 3, 16, 16)
+        out = model(pixels)
+        torch.testing.assert_close(out.reconstruction, model.decode_codes(out.codes), rtol=0, atol=1e-5)

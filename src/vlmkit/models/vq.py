@@ -322,7 +322,8 @@ class VectorQuantizer(nn.Module):
         e = F.embedding(ids, self.codebook())
         commit = self.beta * F.mse_loss(flat, e.detach())
         codebook_loss = F.mse_loss(e, flat.detach()) if self.kind == "ste" else flat.new_zeros(())
-        q = flat + (e - flat).detach()  # straight-through: the codes forward, the gradient to z
+        read = F.normalize(e, dim=-1) if self.decode_l2_norm else e  # what the decoder reads (as lookup())
+        q = flat + (read - flat).detach()  # straight-through: the codes forward, the gradient to z
         _, usage, perplexity = code_statistics(ids, self.size)
         return Quantized(q.view(n, h, w, d).permute(0, 3, 1, 2).contiguous(), ids.view(n, h, w), commit,
                          codebook_loss, usage, perplexity)
