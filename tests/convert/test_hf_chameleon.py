@@ -189,3 +189,23 @@ def test_greedy_image_codes_equal_transformers_and_sampling_is_seeded(chameleon)
     gen = ImageGenerationConfig(n=2, cfg_scale=3.0, temperature=1.0, top_k=10, seed=7)
     a, b = generate_codes(pipe.model, cond, uncond, gen), generate_codes(pipe.model, cond, uncond, gen)
     assert torch.equal(a, b) and a.shape == (2, 4, 4) and int(a.max()) < 48
+
+
+def test_export_loads_in_chameleon_processor_with_the_same_inputs(chameleon, tmp_path):
+    """convert --to hf writes ChameleonProcessor's files: its input_ids (with images, in both text modes), pixels and
+    chat template are the original folder's (the model's logits: the conformance row's conversion check)."""
+    from vlmkit.convert.hf import convert_from_hf, convert_to_hf
+
+    folder, _, hf_proc, _ = chameleon
+    convert_from_hf(folder, tmp_path / "vlmkit")
+    convert_to_hf(tmp_path / "vlmkit", tmp_path / "hf")
+    back = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert type(back).__name__ == "ChameleonProcessor"
+    imgs = real_images()[:2]
+    prompt = "Compare <image> and <image>: how many squares?"
+    for completion in (True, False):
+        a = back(text=prompt, images=imgs, return_tensors="pt", return_for_text_completion=completion)
+        b = hf_proc(text=prompt, images=imgs, return_tensors="pt", return_for_text_completion=completion)
+        assert a["input_ids"].tolist() == b["input_ids"].tolist()
+        torch.testing.assert_close(a["pixel_values"], b["pixel_values"], rtol=0, atol=0)
+    assert back.chat_template == hf_proc.chat_template
