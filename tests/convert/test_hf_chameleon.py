@@ -209,3 +209,31 @@ def test_export_loads_in_chameleon_processor_with_the_same_inputs(chameleon, tmp
         assert a["input_ids"].tolist() == b["input_ids"].tolist()
         torch.testing.assert_close(a["pixel_values"], b["pixel_values"], rtol=0, atol=0)
     assert back.chat_template == hf_proc.chat_template
+
+
+def test_loss_parts_text_through_the_text_head_image_through_the_full_head(chameleon):
+    """A text-to-image sample (the image prompt, the codes' tokens, <eoss>) supervised on its prompt text and image:
+    ModelOutput.parts holds the text targets' cross-entropy under transformers' suppressed logits and the image
+    targets' under its full LM head, and the loss is their mean over every target."""
+    import torch.nn.functional as F
+
+    _, ref, hf_proc, pipe = chameleon
+    tok = hf_proc.tokenizer
+    prompt = pipe.processor.image_prompt("a red circle", (4, 4))
+    codes = torch.tensor([c * 5 % 48 for c in range(16)])
+    image = ref.model.vocabulary_mapping.convert_img2bpe(codes).tolist() + [tok.convert_tokens_to_ids("<eoss>")]
+    ids = torch.tensor([prompt + image])
+    labels = ids.clone()
+    labels[0, 0] = -100
+    out = pipe.model(Batch(ids, labels=labels))
+    with torch.no_grad():
+        full = ref.lm_head(ref.model(input_ids=ids).last_hidden_state)[0, :-1]
+        suppressed = ref(input_ids=ids).logits[0, :-1]
+    t = ids[0, 1:]
+    n_text = len(prompt) - 1
+    text = F.cross_entropy(suppressed[:n_text], t[:n_text], reduction="sum")
+    img = F.cross_entropy(full[n_text:], t[n_text:], reduction="sum")
+    assert out.parts["text"][1] == n_text and out.parts["image"][1] == 17 and out.n_tokens == n_text + 17
+    assert abs(float(out.parts["text"][0]) - float(text)) <= 1e-3 and abs(float(out.parts["image"][0]) - float(img)) <= 1e-3
+    assert abs(float(out.loss) - float(text + img) / (n_text + 17)) <= 1e-5
+    assert "unified" in pipe.family.objectives

@@ -10,7 +10,8 @@ What the family decides:
   needs a VQ decoder, which the released checkpoints lack: ``decode_codes`` refuses it by name;
   no ``tower_cache`` (the codes are the features; they are cheap and exact), ``shared_prefix`` (plain causal
   attention at plain positions);
-- objectives: ``lm`` (the codes are discrete: no gradient reaches the VQ encoder);
+- objectives: ``lm`` and ``unified`` (text-to-image pairs: the caption's image prompt, then the image's code tokens
+  and ``<eoss>``); the codes are discrete: no gradient reaches the VQ encoder;
 - models come from transformers' folders (``ChameleonForConditionalGeneration``); there is no from-scratch preset.
 """
 
@@ -31,7 +32,7 @@ class Chameleon(Family):
     ProcessorConfig = ChameleonProcessorConfig
     capabilities = Capabilities(generate=True, generate_images=True, image_codes=True, tower_cache=False,
                                 shared_prefix=True)
-    objectives = ("lm",)
+    objectives = ("lm", "unified")
     image_groups = ("vision",)
     hf = HFMapping(("chameleon",), load_chameleon_folder, export_chameleon, "ChameleonForConditionalGeneration")
 

@@ -12,6 +12,9 @@ as tokens of its one vocabulary.
 - Text logits (``head="text"``): the image-code tokens are suppressed (set to the dtype's minimum, as
   transformers' ChameleonForConditionalGeneration does for every forward), so text generation and scoring never
   see them; ``head="image"`` gives the full vocabulary's logits, whose column j is token j (``image_vocab``).
+- Loss: image targets (code tokens, ``<eoss>``) over the full vocabulary, text targets through the text head, each
+  kind's sum reported apart (``ModelOutput.parts``): the ``lm`` objective on conversations and the ``unified``
+  objective (text-to-image pairs too) both train it.
 - Image generation's interface: ``image_grid`` (the VQ grid), ``codebook_size``, ``image_plan`` (the codes, then ``<eoss>``),
   ``code_ids`` (the vocabulary map), ``encode_codes``; ``decode_codes`` needs a VQ decoder, which an imported
   model does not have (a ConfigError says so).
@@ -25,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.batch import Batch, Features, MediaInputs, ModelOutput
@@ -117,8 +121,32 @@ class ChameleonModel(GenerativeModel):
         embeds = self.embed(batch.input_ids, self.media_features(batch))
         hidden = self.lm(embeds, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
                          mask=self.attention(batch, cache), cache=cache)
+        if batch.labels is not None and head == "text":
+            return self.loss(hidden, batch.labels)
         return lm_output(self.lm.lm_head if head == "image" else self.text_head, hidden, batch.labels,
                          logits_to_keep)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
+        """Next-token cross-entropy: image targets (code tokens and ``<eoss>``, as ``image_plan`` writes them) over
+        the full vocabulary, text targets through the text head (code tokens suppressed, as transformers); the mean
+        over all supervised tokens, and each kind's sum and count (``ModelOutput.parts``, the unified objective's)."""
+        targets = labels[:, 1:]
+        keep = targets != -100
+        h, t = hidden[:, :-1][keep], targets[keep]
+        is_image = torch.isin(t, self.image_targets.to(t.device))
+        parts = {}
+        for name, sel, head in (("text", ~is_image, self.text_head), ("image", is_image, self.lm.lm_head)):
+            n = int(sel.sum())
+            total = F.cross_entropy(head(h[sel]).float(), t[sel], reduction="sum") if n else h.sum() * 0.0
+            parts[name] = (total, n)
+        n = int(keep.sum())
+        loss = (parts["text"][0] + parts["image"][0]) / n if n else hidden.sum() * float("nan")
+        return ModelOutput(loss=loss, n_tokens=n, parts=parts)
+
+    @property
+    def image_targets(self) -> torch.Tensor:
+        end = [] if self.image_end_token_id is None else [self.image_end_token_id]
+        return torch.cat([self.suppressed, torch.tensor(end, dtype=torch.long, device=self.suppressed.device)])
 
     def text_head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm.lm_head(hidden)
