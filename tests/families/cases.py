@@ -269,6 +269,10 @@ PRESET_CASES = [
     Case("tiny-llava-cabs", "llava", preset="tiny-llava-cabs"),
     Case("tiny-llava-avgpool", "llava", preset="tiny-llava-avgpool"),
     Case("tiny-llava-attnpool", "llava", preset="tiny-llava-attnpool"),
+    Case("tiny-janus", "janus", preset="tiny-janus",
+         no_gradient={"vqmodel": "the VQ tokenizer only turns images into codes and back (no loss reaches it)",
+                      "generation_": "the generation path is trained by image-code targets, and a conversation has "
+                                     "none (tests/unit/test_janus.py trains it)"}),
 ]
 
 CASES = HF_CASES + PRESET_CASES
