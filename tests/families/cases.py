@@ -275,4 +275,24 @@ PRESET_CASES = [
                                      "none (tests/unit/test_janus.py trains it)"}),
 ]
 
+
+
+def emu3_rows() -> list[Case]:
+    """Emu3 (tests/hf_emu3_folders.py registers its folder). transformers pads a call's images to the largest and
+    encodes them together, so an image's codes there depend on the others; vlmkit encodes each alone (models/emu3.py):
+    the prompts with two images read the same image twice (test_hf_emu3.py checks different sizes one by one)."""
+    import pytest
+
+    try:
+        import hf_emu3_folders  # noqa: F401
+    except pytest.skip.Exception:
+        return []
+    frozen = "Emu3's VQ-VAE is frozen: images reach the LM as discrete tokens, no loss reaches it"
+    return [Case("emu3", "emu3", "emu3", no_gradient={"vq.": frozen},
+                 prompts=(("USER: <image>What colour is the small circle? ASSISTANT:", (0,)),
+                          ("Compare <image> and <image>: how many squares?", (2, 2)), ("<image> caption en", (3,)),
+                          ("the quick brown fox", ())))]
+
+
+HF_CASES += emu3_rows()
 CASES = HF_CASES + PRESET_CASES

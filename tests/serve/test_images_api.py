@@ -9,15 +9,11 @@ import io
 
 import numpy as np
 import pytest
-import torch
 
 import vlmkit
-from vlmkit.checkpoint import write_model_files
-from vlmkit.family import get_family
-from vlmkit.presets import get_preset
 from vlmkit.serve.engine import Engine
 
-from conftest import API_KEY, serve, started
+from conftest import API_KEY, JANUS_PROMPT as PROMPT, serve, started
 
 pytest.importorskip("fastapi", reason="the API tests need the serve extra: pip install 'vlmkit[serve]'")
 openai = pytest.importorskip("openai", reason="the API tests use the official openai client (test extra)")
@@ -26,21 +22,6 @@ httpx = pytest.importorskip("httpx", reason="the API tests need httpx (test extr
 from PIL import Image  # noqa: E402
 
 from vlmkit.serve.api import create_app  # noqa: E402
-
-PROMPT = "a red circle left of a blue square"
-
-
-@pytest.fixture(scope="module")
-def janus_checkpoint(tmp_path_factory):
-    """An untrained tiny-janus saved as a checkpoint: its images are noise, which is all the API needs (they are
-    compared pixel for pixel with the Pipeline's)."""
-    torch.manual_seed(0)
-    p, fam = get_preset("tiny-janus"), get_family("janus")
-    cfg, model, processor = fam.new_model(p.model, p.processor, fam.new_tokenizer([PROMPT, "what colour"] * 40, 300))
-    folder = tmp_path_factory.mktemp("janus")
-    write_model_files(folder, model, cfg, processor)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def janus_server(janus_checkpoint):

@@ -500,7 +500,10 @@ def _encode_vector(v: list[float], fmt: str):
 
 
 def _model_card(engine) -> dict:
-    return {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "vlmkit"}
+    """OpenAI's model object, and what the model answers (the chat page shows its Draw button from it)."""
+    return {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "vlmkit",
+            "capabilities": {"chat": engine.can_generate, "embeddings": engine.can_embed,
+                             "image_generation": engine.can_generate_images}}
 
 
 __all__ = ["ApiError", "ImageDecoder", "create_app", "parse_chat", "parse_embeddings", "parse_messages"]
