@@ -239,7 +239,11 @@ class LanguageConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
     local_rope_theta: float | None = None
-    qk_norm_kind: str = "layernorm"  # layernorm | rmsnorm
+    qk_norm_kind: str = "layernorm"  # layernorm | rmsnorm | head_layernorm
+    # Chameleon: qk_norm_kind head_layernorm (a LayerNorm over each head's queries and keys, eps 1e-5, whose
+    # weight and bias are per head: [heads, head_dim], ChameleonLayerNorm) and ``swin_norm``, each block's norms on
+    # the attention's and the MLP's outputs before the residual adds instead of on their inputs (no pre-norm)
+    swin_norm: bool = False
 
     def __post_init__(self):
         for name, valid in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("gated", "plain")),
@@ -267,8 +271,11 @@ class LanguageConfig:
                                 ("qk_norm_kind", self.qk_norm_kind != "layernorm")) if v]
         if self.parallel_block and gemma:
             raise ConfigError(f"lm.parallel_block (Phi's block) takes none of Gemma's {', '.join(gemma)}")
-        if self.qk_norm_kind not in ("layernorm", "rmsnorm"):
-            raise ConfigError(f"lm.qk_norm_kind {self.qk_norm_kind!r}; valid: layernorm, rmsnorm")
+        if self.qk_norm_kind not in ("layernorm", "rmsnorm", "head_layernorm"):
+            raise ConfigError(f"lm.qk_norm_kind {self.qk_norm_kind!r}; valid: layernorm, rmsnorm, head_layernorm")
+        if self.swin_norm and (self.post_norms or self.parallel_block):
+            raise ConfigError("lm.swin_norm (Chameleon's norms after attention and MLP) takes neither post_norms nor "
+                              "parallel_block")
         bad = [t for t in self.layer_types if t not in ("full", "sliding")]
         if bad or (self.layer_types and len(self.layer_types) != self.depth):
             raise ConfigError(f"lm.layer_types {list(self.layer_types)}: one of full, sliding per layer "

@@ -226,6 +226,30 @@ def text_rows() -> list[Case]:
 
 HF_CASES += text_rows()
 
+
+def chameleon_inputs(processor, prompt: str, imgs: list, **kwargs) -> dict:
+    """ChameleonProcessor in text-completion mode (its default chat mode appends the sep token to the text)."""
+    return processor(text=prompt, images=imgs or None, return_tensors="pt", return_for_text_completion=True, **kwargs)
+
+
+def chameleon_rows() -> list[Case]:
+    """Chameleon (tests/hf_chameleon_folders.py adds its folders to hf_folders.BUILDERS): 16 code tokens per image
+    between <racm3:break> and <eoss>, several images per prompt."""
+    import pytest
+
+    try:
+        import hf_chameleon_folders  # noqa: F401
+    except pytest.skip.Exception:
+        return []
+    return [Case("chameleon", "chameleon", "chameleon", hf_inputs=chameleon_inputs,
+                 prompts=(("<image>What colour is the small circle?", (0,)),
+                          ("Compare <image> and <image>: how many squares?", (2, 3)), ("the quick brown fox", ()),
+                          ("a <image> b <image> c <image>", (1, 4, 0))),
+                 no_gradient={"vq.": "the VQ encoder's codes are an argmin: no loss reaches it"})]
+
+
+HF_CASES += chameleon_rows()
+
 STAGE_ONE = "BLIP-2's stage-1 heads (ITC, ITM, ITG) train in the qformer stage, not through the LM"
 BLIP2_TEXT = "BLIP-2's Q-Former reads text only in stage 1; with the LM it reads the image alone"
 PRESET_CASES = [

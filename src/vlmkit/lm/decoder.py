@@ -14,6 +14,9 @@ queries and keys (``qk_norm`` with ``qk_norm_kind`` rmsnorm) and a rotary table 
 (``local_rope_theta``). Each layer takes its kind's mask and rotary table from :meth:`DecoderLM.attention_inputs`.
 Phi-1.5 / Phi-2 is Persimmon's kind with a parallel block (``parallel_block``: :class:`ParallelBlock`, one norm
 feeding attention and MLP side by side) and a biased LM head (``head_bias``).
+Chameleon is Llama's block with a LayerNorm over each head's queries and keys whose weights are per head
+(``qk_norm`` with ``qk_norm_kind`` head_layernorm) and, in its larger model, the norms moved onto the outputs of
+attention and MLP before the residual adds (``swin_norm``).
 The model takes embeddings, not ids, so that fusion modules can splice images into the sequence.
 """
 
@@ -84,6 +87,7 @@ class DecoderBlock(nn.Module):
         self.mlp = mlp(cfg.width, cfg.mlp_dim, act=cfg.act, bias=cfg.bias)
         self.attn_out_norm = _norm(cfg) if cfg.post_norms else nn.Identity()
         self.mlp_out_norm = _norm(cfg) if cfg.post_norms else nn.Identity()
+        self.swin = cfg.swin_norm
 
     def residual_outputs(self) -> tuple[nn.Linear, ...]:
         """The projections that write into the residual stream (scaled by depth at a from-scratch init)."""
@@ -92,6 +96,9 @@ class DecoderBlock(nn.Module):
     def forward(self, x, mask, is_causal, rope, cache, layer):
         mask = mask[self.kind] if isinstance(mask, dict) else mask
         rope = rope[self.kind] if isinstance(rope, dict) else rope
+        if self.swin:  # Chameleon's swin_norm: input_norm / post_attn_norm norm the outputs, not the inputs
+            x = x + self.input_norm(self.attn(x, mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer))
+            return x + self.post_attn_norm(self.mlp(x))
         h = self.attn(self.input_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
         x = x + self.attn_out_norm(h)
         return x + self.mlp_out_norm(self.mlp(self.post_attn_norm(x)))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.nn.cache import KVCache
-from vlmkit.nn.norm import RMSNorm
+from vlmkit.nn.norm import HeadLayerNorm, RMSNorm
 from vlmkit.nn.rope import apply_rope
 
 
@@ -20,7 +20,8 @@ class Attention(nn.Module):
 
     ``qk_norm`` adds a LayerNorm (with bias, eps ``norm_eps``) over each head's queries and keys, applied
     before the rotary embedding (Persimmon's ``qk_layernorm``; one norm shared by all heads); with
-    ``qk_norm_kind`` "rmsnorm" an RMSNorm instead (Gemma 3's, scaled by 1 + weight with ``norm_offset``).
+    ``qk_norm_kind`` "rmsnorm" an RMSNorm instead (Gemma 3's, scaled by 1 + weight with ``norm_offset``), with
+    "head_layernorm" a LayerNorm whose weight and bias are per head (Chameleon's, nn/norm.py HeadLayerNorm).
     ``scale`` replaces 1 / sqrt(head_dim) (Gemma's query_pre_attn_scalar ** -0.5); ``softcap`` caps the scores
     at +-softcap through tanh before the softmax (Gemma 2's attn_logit_softcapping), which SDPA cannot."""
 
@@ -38,16 +39,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=out_bias)
-        if qk_norm_kind not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"qk_norm_kind {qk_norm_kind!r}; valid: layernorm, rmsnorm")
+        if qk_norm_kind not in ("layernorm", "rmsnorm", "head_layernorm"):
+            raise ValueError(f"qk_norm_kind {qk_norm_kind!r}; valid: layernorm, rmsnorm, head_layernorm")
 
-        def qk():
+        def qk(n_heads: int):
             if qk_norm_kind == "rmsnorm":
                 return RMSNorm(self.head_dim, norm_eps, norm_offset)
+            if qk_norm_kind == "head_layernorm":
+                return HeadLayerNorm(n_heads, self.head_dim)
             return nn.LayerNorm(self.head_dim, eps=norm_eps)
 
-        self.q_norm = qk() if qk_norm else None
-        self.k_norm = qk() if qk_norm else None
+        self.q_norm = qk(heads) if qk_norm else None
+        self.k_norm = qk(self.kv_heads) if qk_norm else None
         self.scale, self.softcap = scale, softcap
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,

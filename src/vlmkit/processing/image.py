@@ -63,6 +63,12 @@ class ImageTransform:
         self.resample = RESAMPLE[resample]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = self.resized(image)
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        return (x - self.mean) / self.std  # [3, H, W]
+
+    def resized(self, image: Image.Image) -> Image.Image:
+        """The image resized (and cropped) to (height, width), before rescaling."""
         h, w = self.size
         if self.shortest_edge:
             iw, ih = image.size
@@ -75,8 +81,7 @@ class ImageTransform:
             image = image.crop((left, top, left + w, top + h))
         elif image.size != (w, h):
             image = image.resize((w, h), self.resample)
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-        return (x - self.mean) / self.std  # [3, H, W]
+        return image
 
 
 class ImageProcessor:

@@ -311,9 +311,10 @@ def lm_key_map(cfg: LanguageConfig, prefix: str = "model.", head: str = "lm_head
             table[ours + "mlp_out_norm.weight"] = theirs + "post_feedforward_layernorm.weight"
         else:
             table[ours + "post_attn_norm.weight"] = theirs + "post_attention_layernorm.weight"
-        if cfg.qk_norm:  # Gemma 3: an RMSNorm over each head's queries and keys
-            table[ours + "attn.q_norm.weight"] = theirs + "self_attn.q_norm.weight"
-            table[ours + "attn.k_norm.weight"] = theirs + "self_attn.k_norm.weight"
+        if cfg.qk_norm:  # Gemma 3: an RMSNorm over each head's queries and keys (Chameleon: a LayerNorm per head)
+            for w in ("weight", "bias") if cfg.qk_norm_kind == "head_layernorm" else ("weight",):
+                table[f"{ours}attn.q_norm.{w}"] = f"{theirs}self_attn.q_norm.{w}"
+                table[f"{ours}attn.k_norm.{w}"] = f"{theirs}self_attn.k_norm.{w}"
         for p in ("q", "k", "v", "o"):
             table[f"{ours}attn.{p}_proj.weight"] = f"{theirs}self_attn.{p}_proj.weight"
             if cfg.qkv_bias and p != "o":
@@ -373,7 +374,8 @@ def lm_config_to_hf(cfg: LanguageConfig, where: str = "lm") -> dict:
                                                 ("qk_norm", cfg.qk_norm and not cfg.post_norms, False),
                                                 ("rotary_fraction", cfg.rotary_fraction, 1.0),
                                                 ("parallel_block", cfg.parallel_block, False),
-                                                ("head_bias", cfg.head_bias, False)) if v != ok]
+                                                ("head_bias", cfg.head_bias, False),
+                                                ("swin_norm", cfg.swin_norm, False)) if v != ok]
     if not_llama:
         raise ConfigError(f"{where}: {', '.join(not_llama)}: with RMSNorms no transformers family computes this LM "
                           f"(a plain-MLP / biased LM exports as OPT with pos_embed: learned, or as Persimmon with "
