@@ -15,7 +15,7 @@ import torch
 
 from vlmkit.batch import Batch, Encoded, Features, MediaInputs, item_key
 from vlmkit.checkpoint import load_checkpoint
-from vlmkit.errors import DataError
+from vlmkit.errors import ConfigError, DataError
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.image_generation import ImageGenerationConfig, check_codes, generate_codes, image_code_logprobs, to_images
 
@@ -62,8 +62,9 @@ class Pipeline:
 
     @property
     def can_generate_images(self) -> bool:
-        """Draws images for a text prompt (``generate_image``): a text-to-image family."""
-        return self.family.capabilities.generate_images
+        """Draws images for a text prompt (``generate_image``): a text-to-image family whose model can turn codes
+        into pixels (an imported Chameleon has no VQ decoder)."""
+        return self.family.capabilities.generate_images and self.model.can_decode_codes
 
     @property
     def can_score(self) -> bool:
@@ -208,7 +209,7 @@ class Pipeline:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             media = self.processor.prepare_images(chunk, f"images[{start}:{start + len(chunk)}]").to(self.device)
-            out.append(self.model.encode_codes(media.pixel_values).cpu())
+            out.append(self.model.encode_codes(media).cpu())
         return torch.cat(out) if out else torch.zeros(0, 0, 0, dtype=torch.long)
 
     @torch.no_grad()
@@ -225,10 +226,14 @@ class Pipeline:
         return self.model.decode_codes(codes.to(self.device)).float().cpu()
 
     # ------------------------------------------------------------------ image generation
-    def _need_image_generation(self, what: str) -> None:
-        if not self.can_generate_images:
+    def _need_image_generation(self, what: str, pixels: bool = True) -> None:
+        """Refuse ``what`` unless the family draws images and, when ``pixels``, the model can decode codes."""
+        if not self.family.capabilities.generate_images:
             raise DataError(f"{what} needs a model that generates images (Pipeline.can_generate_images); this "
                             f"{self.family.name} model does not")
+        if pixels and not self.model.can_decode_codes:
+            raise ConfigError(f"{what}: this {self.family.name} model writes image codes but its VQ tokenizer has no "
+                              f"decoder to turn them into pixels (image_code_logprobs() still scores codes)")
 
     @torch.no_grad()
     def generate_image(self, prompt: str, n: int = 1, cfg_scale: float = 5.0, temperature: float = 1.0,
@@ -251,7 +256,7 @@ class Pipeline:
         """The log-probability of every token of the image ``codes`` (a grid of code ids, rows of a list or a tensor
         [h, w]) after the text ``prompt`` in image-generation mode (the family adds its image-start layout), under
         teacher forcing, guidance off: the codes row by row, plus the family's row-end and image-end tokens."""
-        self._need_image_generation("image_code_logprobs()")
+        self._need_image_generation("image_code_logprobs()", pixels=False)
         codes = check_codes(self.model, codes)
         prefix = self.processor.image_prompt(prompt, tuple(codes.shape), where="image_code_logprobs()")
         return image_code_logprobs(self.model, prefix, codes.to(self.device))

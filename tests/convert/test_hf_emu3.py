@@ -283,3 +283,5 @@ def test_generate_image_and_codes_through_the_pipeline(emu3):
     assert codes.shape == (2, 4, 7) and torch.equal(codes[0], model.encode_codes(one_image(media))[0])
     with pytest.raises(DataError, match="resized to different sizes"):
         model.encode_codes(pipe.processor.prepare_images(ims[:2]))
+    # the Pipeline passes the processor's MediaInputs: images of one size encode together
+    assert torch.equal(pipe.encode_codes([ims[0], ims[0]]), codes)

@@ -172,8 +172,13 @@ class ChameleonModel(GenerativeModel):
             raise ConfigError("this chameleon model's config has no image_end_token_id (the tokenizer's <eoss>)")
         return [None] * (h * w) + [self.image_end_token_id]
 
-    def encode_codes(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_codes(self, pixels) -> torch.Tensor:
+        """Images [n, 3, H, W], or the processor's MediaInputs of them -> code ids [n, h, w]."""
         return self.vq.encode_codes(pixels)
+
+    @property
+    def can_decode_codes(self) -> bool:
+        return self.vq.decoder is not None
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes -> pixels through the VQ decoder; Chameleon's released VQ has none (ConfigError, models/vq.py)."""

@@ -124,7 +124,8 @@ class JanusModel(VisionLanguageModel):
     def image_vocab(self) -> torch.Tensor:
         return torch.arange(self.vqmodel.codebook_size) + self.vocab_size
 
-    def encode_codes(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_codes(self, pixels) -> torch.Tensor:
+        """Images [n, 3, H, W], or the processor's MediaInputs of them -> code ids [n, h, w]."""
         return self.vqmodel.encode_codes(pixels)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:

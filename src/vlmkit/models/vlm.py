@@ -72,6 +72,12 @@ class GenerativeModel(nn.Module):
     def reserved_token_ids(self) -> tuple[int, ...]:
         return (self.image_token_id,)
 
+    @property
+    def can_decode_codes(self) -> bool:
+        """A model that draws (``Capabilities.generate_images``) can turn codes into pixels: False where its VQ has
+        no decoder (an imported Chameleon)."""
+        return True
+
     def media_features(self, batch: Batch) -> Features | None:
         """The batch's encoded media: given, or encoded from ``batch.media`` (None without images)."""
         if batch.features is not None:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmkit.batch import MediaInputs
 from vlmkit.config import ModelConfig
 from vlmkit.errors import ConfigError, DataError
 
@@ -437,8 +438,11 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
     @torch.no_grad()
-    def encode_codes(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels [n, 3, H, W] -> code ids [n, H/f, W/f] (no codebook update)."""
+    def encode_codes(self, pixels: torch.Tensor | MediaInputs) -> torch.Tensor:
+        """Normalised pixels [n, 3, H, W] (or the processor's MediaInputs of them) -> code ids [n, H/f, W/f] (no
+        codebook update)."""
+        if isinstance(pixels, MediaInputs):
+            pixels = pixels.pixel_values
         z = self.encode(pixels).permute(0, 2, 3, 1)
         flat = z.reshape(-1, z.shape[-1])
         if self.cfg.l2_norm:

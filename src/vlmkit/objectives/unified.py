@@ -51,8 +51,8 @@ class CodePairs:
         for start in tqdm(range(0, len(paths), batch_size), desc="image codes", unit="batch",
                           disable=not progress, dynamic_ncols=True):
             chunk = paths[start:start + batch_size]
-            pixels = processor.prepare_images(chunk, where).pixel_values
-            codes.update(zip(chunk, model.encode_codes(pixels.to(device)).cpu()))
+            media = processor.prepare_images(chunk, where).to(device)
+            codes.update(zip(chunk, model.encode_codes(media).cpu()))
         self.tokens = [image_tokens(model, codes[p.image]) for p in pairs]
         self.cond = [processor.image_prompt(p.caption, grid, where=p.source) for p in pairs]
         self.uncond = [processor.image_prompt(p.caption, grid, unconditional=True, where=p.source) for p in pairs]
