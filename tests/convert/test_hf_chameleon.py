@@ -134,7 +134,7 @@ def test_decoding_codes_is_refused_by_name(chameleon):
         pipe.model.decode_codes(torch.zeros(1, 4, 4, dtype=torch.long))
     with pytest.raises(ConfigError, match="no decoder"):
         pipe.decode_codes(torch.zeros(4, 4, dtype=torch.long))
-    with pytest.raises(ConfigError, match="no\ndecoder|no decoder"):  # refused before any code is sampled
+    with pytest.raises(ConfigError, match="no decoder"):  # refused before any code is sampled
         pipe.generate_image("a red circle", seed=0)
 
 
