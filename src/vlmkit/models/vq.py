@@ -7,8 +7,11 @@ early-fusion models (Chameleon, Emu3, Janus) read and generate.
 The modules are named as taming-transformers' VQModel (``encoder.conv_in``, ``encoder.down[i].block[j].conv1``,
 ``encoder.down[i].downsample.conv``, ``encoder.mid.block_1``, ``encoder.norm_out``, ``encoder.conv_out``,
 ``quant_conv``, ``quantize.embedding``, ``post_quant_conv``, ``decoder.up[i].block[j]``, ``decoder.up[i].upsample``,
-...), which Chameleon's and Janus' (LlamaGen's) VQ keep, so that such a checkpoint maps onto this model key by key
-(their attention blocks in ``mid`` and at the lowest resolution are a later option).
+...), which Chameleon's and Janus' (LlamaGen's) VQ keep, so that such a checkpoint maps onto this model key by key.
+Their attention blocks (taming's ``AttnBlock``: GroupNorm, 1x1-conv q/k/v, single-head softmax attention over the
+grid, 1x1-conv ``proj_out``, residual) are options: ``mid_attn`` puts one between ``mid.block_1`` and
+``mid.block_2`` (``mid.attn_1``), ``attn_levels`` one after every residual block of those resolution levels
+(``down[i].attn[j]``, ``up[i].attn[j]``; taming's ``attn_resolutions`` in pixels, as levels).
 
 The quantiser (:class:`VectorQuantizer`):
 
@@ -17,6 +20,9 @@ The quantiser (:class:`VectorQuantizer`):
 - ``quantizer: ste``: the codebook is a parameter trained by the codebook loss ``||sg[z] - e||^2``;
 - either way the encoder gets the straight-through gradient and the commitment loss ``beta * ||z - sg[e]||^2``;
 - ``l2_norm``: codes and encoder outputs are compared (and decoded) L2-normalised (ViT-VQGAN, LlamaGen / Janus);
+  ``decode_l2_norm``: only the decoder reads L2-normalised codes, the encoder's outputs are compared with the raw
+  codebook (transformers' ``JanusVQVAE``: ``quantize.forward`` uses the raw codebook, ``get_codebook_entry`` the
+  normalised one);
 - dead-code restarts: a code unused for ``restart_after`` training steps is re-initialised from an encoder output
   of the current batch (Dhariwal et al. 2020, Jukebox);
 - each training forward reports the batch's codebook usage (the fraction of codes used) and perplexity.
@@ -59,6 +65,10 @@ class VQConfig(ModelConfig):
     restart_after: int = 100  # training steps a code may go unused before it is re-initialised; 0: never
     recon_loss: str = "l1"  # l1 | l2
     upsample: str = "nearest"  # nearest (then a 3x3 conv, taming) | transpose (a 4x4 stride-2 transposed conv)
+    mid_attn: bool = False  # an attention block between mid.block_1 and mid.block_2 (taming, Chameleon, Janus)
+    attn_levels: tuple[int, ...] = ()  # resolution levels (0 = full size) with an attention block after each block
+    decode_l2_norm: bool = False  # the decoder reads L2-normalised codes, the encoder compares raw ones
+    decoder: bool = True  # False: an encoder alone (Chameleon's released VQ: no decoder weights); no decode_codes
 
     def __post_init__(self):
         for name, value, valid in (("quantizer", self.quantizer, QUANTIZERS),
@@ -73,6 +83,9 @@ class VQConfig(ModelConfig):
         widths = [self.channels * m for m in self.channel_mult]
         if self.norm_groups and any(w % self.norm_groups for w in widths):
             raise ConfigError(f"model.norm_groups {self.norm_groups} does not divide the widths {widths}")
+        if any(not 0 <= i < len(self.channel_mult) for i in self.attn_levels):
+            raise ConfigError(f"model.attn_levels {list(self.attn_levels)} must be resolution levels 0.."
+                              f"{len(self.channel_mult) - 1} (one per channel_mult entry)")
         if self.codebook_size < 2 or self.code_dim < 1:
             raise ConfigError(f"model.codebook_size must be >= 2 and code_dim >= 1, got {self.codebook_size}, "
                               f"{self.code_dim}")
@@ -129,29 +142,62 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.kind == "nearest" else x)
 
 
-class Level(nn.Module):
-    """One resolution: its residual blocks and the resampling after them (taming's ``down[i]`` / ``up[i]``)."""
+class AttnBlock(nn.Module):
+    """taming's AttnBlock: norm, 1x1-conv q, k, v, one softmax attention head over the h*w positions (scaled by
+    channels ** -0.5), a 1x1-conv ``proj_out``, plus the input."""
 
-    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None, name: str):
+    def __init__(self, cfg: VQConfig, ch: int):
+        super().__init__()
+        self.norm = _norm(cfg, ch)
+        self.q, self.k, self.v = nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        y = self.norm(x)
+        q = self.q(y).reshape(n, c, h * w).transpose(1, 2)  # [n, hw, c]
+        k = self.k(y).reshape(n, c, h * w)  # [n, c, hw]
+        v = self.v(y).reshape(n, c, h * w)
+        attn = torch.softmax(torch.bmm(q, k) * (int(c) ** -0.5), dim=2)  # [n, hw (query), hw (key)]
+        return x + self.proj_out(torch.bmm(v, attn.transpose(1, 2)).reshape(n, c, h, w))
+
+
+class Level(nn.Module):
+    """One resolution: its residual blocks (each followed by an attention block when ``attn``), then the
+    resampling after them (taming's ``down[i]`` / ``up[i]``)."""
+
+    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None, name: str,
+                 attn: list[nn.Module] | None = None):
         super().__init__()
         self.block = nn.ModuleList(blocks)
+        if attn:
+            self.attn = nn.ModuleList(attn)
         if resample is not None:
             self.add_module(name, resample)
         self.resample = name if resample is not None else None
 
     def forward(self, x):
-        for b in self.block:
+        attn = self.attn if "attn" in self._modules else None
+        for j, b in enumerate(self.block):
             x = b(x)
+            if attn is not None:
+                x = attn[j](x)
         return getattr(self, self.resample)(x) if self.resample else x
 
 
 class Mid(nn.Module):
     def __init__(self, cfg: VQConfig, ch: int):
         super().__init__()
-        self.block_1, self.block_2 = ResnetBlock(cfg, ch, ch), ResnetBlock(cfg, ch, ch)
+        self.block_1 = ResnetBlock(cfg, ch, ch)
+        if cfg.mid_attn:
+            self.attn_1 = AttnBlock(cfg, ch)
+        self.block_2 = ResnetBlock(cfg, ch, ch)
 
     def forward(self, x):
-        return self.block_2(self.block_1(x))
+        x = self.block_1(x)
+        if "attn_1" in self._modules:
+            x = self.attn_1(x)
+        return self.block_2(x)
 
 
 class Encoder(nn.Module):
@@ -164,7 +210,8 @@ class Encoder(nn.Module):
         levels, cin = [], cfg.channels
         for i, w in enumerate(widths):
             blocks = [ResnetBlock(cfg, cin if j == 0 else w, w) for j in range(cfg.res_blocks)]
-            levels.append(Level(blocks, Downsample(w) if i < len(widths) - 1 else None, "downsample"))
+            attn = [AttnBlock(cfg, w) for _ in blocks] if i in cfg.attn_levels else None
+            levels.append(Level(blocks, Downsample(w) if i < len(widths) - 1 else None, "downsample", attn))
             cin = w
         self.down = nn.ModuleList(levels)
         self.mid = Mid(cfg, cin)
@@ -192,7 +239,8 @@ class Decoder(nn.Module):
         for i in reversed(range(len(widths))):
             w = widths[i]
             blocks = [ResnetBlock(cfg, cin if j == 0 else w, w) for j in range(cfg.res_blocks + 1)]
-            up.insert(0, Level(blocks, Upsample(w, cfg.upsample) if i > 0 else None, "upsample"))
+            attn = [AttnBlock(cfg, w) for _ in blocks] if i in cfg.attn_levels else None
+            up.insert(0, Level(blocks, Upsample(w, cfg.upsample) if i > 0 else None, "upsample", attn))
             cin = w
         self.up = nn.ModuleList(up)
         self.norm_out = _norm(cfg, cin)
@@ -235,6 +283,7 @@ class VectorQuantizer(nn.Module):
         self.size, self.dim, self.kind = cfg.codebook_size, cfg.code_dim, cfg.quantizer
         self.beta, self.decay, self.eps = cfg.beta, cfg.ema_decay, cfg.ema_eps
         self.l2_norm, self.restart_after = cfg.l2_norm, cfg.restart_after
+        self.decode_l2_norm = cfg.decode_l2_norm
         self.embedding = nn.Embedding(self.size, self.dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / self.size, 1.0 / self.size)
         if self.kind == "ema":
@@ -256,8 +305,11 @@ class VectorQuantizer(nn.Module):
         return d.argmin(dim=1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """Code ids [n, h, w] -> code vectors [n, D, h, w]."""
-        return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2).contiguous()
+        """Code ids [n, h, w] -> the code vectors the decoder reads [n, D, h, w]."""
+        e = self.codebook()
+        if self.decode_l2_norm:
+            e = F.normalize(e, dim=-1)
+        return F.embedding(codes, e).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, z: torch.Tensor) -> Quantized:
         n, d, h, w = z.shape
@@ -346,7 +398,7 @@ class VQModel(nn.Module):
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
         self.quantize = VectorQuantizer(cfg)
         self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
-        self.decoder = Decoder(cfg)
+        self.decoder = Decoder(cfg) if cfg.decoder else None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -359,8 +411,10 @@ class VQModel(nn.Module):
     def module_groups(self) -> dict[str, nn.Module]:
         """What a stage trains or freezes, as the run's table shows it (a vq stage trains them all: ``train:
         [all]``; recipes name only train/recipe.py's MODULE_GROUPS)."""
-        return {"encoder": nn.ModuleList([self.encoder, self.quant_conv]), "quantizer": self.quantize,
-                "decoder": nn.ModuleList([self.post_quant_conv, self.decoder])}
+        groups = {"encoder": nn.ModuleList([self.encoder, self.quant_conv]), "quantizer": self.quantize}
+        if self.decoder is not None:
+            groups["decoder"] = nn.ModuleList([self.post_quant_conv, self.decoder])
+        return groups
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
         f = self.cfg.factor
@@ -375,6 +429,10 @@ class VQModel(nn.Module):
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """Code vectors [n, code_dim, h, w] -> pixels [n, 3, h*f, w*f] (normalised, unclamped)."""
+        if self.decoder is None:
+            raise ConfigError("this VQ tokenizer has no decoder (model.decoder: false): it maps images to codes "
+                              "but not codes to images (Chameleon's released VQ-GAN and transformers' "
+                              "ChameleonVQVAE ship the encoder alone)")
         return self.decoder(self.post_quant_conv(z_q))
 
     @torch.no_grad()
