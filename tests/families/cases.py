@@ -248,3 +248,14 @@ PRESET_CASES = [
 ]
 
 CASES = HF_CASES + PRESET_CASES
+
+JANUS_VQ = "Janus' VQ tokenizer turns images into codes and back outside any loss (a separate, frozen model)"
+JANUS_GEN = "the generation embeddings, aligner and head read and predict image codes; a text sample has none"
+# Janus: each <image_placeholder> becomes <begin_of_image>, 16 placeholders and <end_of_image> (JanusProcessor);
+# images padded to a square of the mean colour (JanusImageProcessor); the generation path is test_hf_janus.py's
+HF_CASES.append(Case("janus", "janus", "janus",
+                     prompts=(("<|User|>: <image_placeholder>\nWhat colour is the small circle?\n\n<|Assistant|>:",
+                               (0,)), ("Compare <image_placeholder> and <image_placeholder>: how many squares?", (3, 1)),
+                              ("the quick brown fox", ())),
+                     no_gradient={"vqmodel.": JANUS_VQ, "generation_": JANUS_GEN}))
+CASES = HF_CASES + PRESET_CASES
