@@ -5,8 +5,8 @@ Non-default on purpose: a SigLIP-style tower whose images are padded to a square
 understanding aligner and a generation aligner of two layers, a Llama LM with grouped-query attention, rope theta
 and an untied head, a VQ whose 4x4 code grid is the tower's patch grid (32-pixel images, 3 downsamplings), a
 tokenizer whose post-processor adds BOS (as Janus-Pro's) and ``<image_placeholder>``, ``<begin_of_image>``,
-``<end_of_image>`` as special tokens. The VQ's weights are spread (:func:`spread_`) so that its blocks are no
-identity and the codebook is not one code's neighbourhood.
+``<end_of_image>`` as special tokens. The VQ's and the generation path's weights are spread (:func:`spread_`) so
+that the VQ's blocks are no identity and greedy image generation does not write one code throughout.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def build_janus(folder: Path):
                                        image_token_embed_dim=width, num_hidden_layers=2)
     text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=96,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                    rms_norm_eps=1e-6, rope_theta=50000.0, max_position_embeddings=256,
+                                    rms_norm_eps=1e-6, rope_theta=50000.0, max_position_embeddings=256, initializer_range=0.1,
                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                     pad_token_id=tok.pad_token_id)
     cfg = transformers.JanusConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
@@ -77,6 +77,11 @@ def build_janus(folder: Path):
     model = transformers.JanusForConditionalGeneration(cfg).eval()
     perturb_(model)
     spread_(model.model.vqmodel, 1)
+    for part in (model.model.generation_embeddings, model.model.generation_aligner, model.model.generation_head):
+        spread_(part, 3)  # at 0.02 the head's bias would pick one code whatever the LM says
+    with torch.no_grad():
+        bias = model.model.generation_head.vision_head.bias
+        bias.copy_(0.05 * torch.randn(bias.shape, generator=torch.Generator().manual_seed(4)))
     with torch.no_grad():
         g = torch.Generator().manual_seed(2)
         pos = model.model.vision_model.embeddings.position_embedding.weight
