@@ -12,8 +12,10 @@ import shutil
 import pytest
 import torch
 from hf_fixtures import real_images
+from safetensors.torch import load_file, save_file
 
 import vlmkit
+from vlmkit.batch import Batch
 from vlmkit.convert.hf import convert_from_hf, convert_to_hf
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.image_generation import ImageGenerationConfig, generate_codes, to_images
@@ -173,3 +175,33 @@ def test_unsupported_configs_are_refused_by_name(janus, tmp_path, changes, match
     folder = edited(janus[0], tmp_path / "edited", **changes)
     with pytest.raises(ConfigError, match=match):
         vlmkit.load(folder)
+
+
+@pytest.mark.parametrize("head", ["kept", "dropped"])
+def test_tie_word_embeddings_is_read_as_transformers_reads_it(janus, tmp_path, head):
+    """JanusConfig ties the LM head to the embeddings by default (top-level tie_word_embeddings); transformers 5 ties
+    them only when the checkpoint holds no head of its own (else it keeps the stored one): vlmkit too."""
+    folder = edited(janus[0], tmp_path / "tied", tie_word_embeddings=True)
+    if head == "dropped":
+        tensors = load_file(folder / "model.safetensors")
+        del tensors["lm_head.weight"]
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    ref = transformers.JanusForConditionalGeneration.from_pretrained(folder).eval()
+    tied = torch.equal(ref.lm_head.weight, ref.model.language_model.embed_tokens.weight)
+    assert tied == (head == "dropped")
+    pipe = vlmkit.load(folder)
+    assert (pipe.model.lm.lm_head.weight is pipe.model.lm.embed_tokens.weight) == tied
+    prompt, imgs = "Compare <image_placeholder> and <image_placeholder>: how many squares?", real_images()[:2]
+    inputs = janus[2](text=prompt, images=imgs, return_tensors="pt")
+    batch = pipe.processor.prompt(prompt, pipe.processor.prepare_images(imgs))
+    assert batch.ids == inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        theirs = ref(**inputs).logits[0, -1]
+        ours = pipe.model(Batch(torch.tensor([batch.ids]), media=batch.media)).logits[0, -1]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    convert_from_hf(folder, tmp_path / "vlmkit")
+    convert_to_hf(tmp_path / "vlmkit", tmp_path / "hf")
+    back = transformers.JanusForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(back.lm_head.weight, back.model.language_model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).logits[0, -1], theirs, rtol=0, atol=1e-4)

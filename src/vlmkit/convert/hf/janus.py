@@ -16,7 +16,10 @@ The processor is JanusProcessor's (processing/janus.py: ``JanusImageTransform``,
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+import torch
 
 from vlmkit.config import ConnectorConfig, VisionConfig
 from vlmkit.convert.hf.io import export_table, load_state, read_checkpoint, read_json, write_hf_weights, write_json
@@ -120,12 +123,15 @@ def load_janus(folder: str | Path) -> tuple[JanusModel, JanusConfig]:
     ckpt = read_checkpoint(folder)
     where = str(ckpt.folder / "config.json")
     cfg, image_token = janus_config_from_hf(ckpt.config, where)
+    head, embed = ckpt.tensors.get("lm_head.weight"), ckpt.tensors.get("model.language_model.embed_tokens.weight")
+    if cfg.lm.tie_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
+        # transformers 5 ties only a head the checkpoint does not hold apart (JanusConfig ties by default, so a
+        # folder that never says tie_word_embeddings may still carry its own head, which transformers then uses)
+        cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, tie_embeddings=False))
     model = build_janus(cfg, image_token, init=False)
     table, tensors = _tower(ckpt.tensors, cfg.vision)
     table |= janus_key_map(model, cfg)
-    ignore = ("lm_head.weight",) if cfg.lm.tie_embeddings else ()
-    if cfg.lm.tie_embeddings:
-        del table["lm.lm_head.weight"]
+    ignore = ("lm_head.weight",) if cfg.lm.tie_embeddings else ()  # lm_key_map has no head when it is tied
     load_state(model, tensors, table, str(ckpt.folder), ignore)
     if cfg.lm.tie_embeddings:
         model.lm.lm_head.weight = model.lm.embed_tokens.weight
@@ -232,10 +238,7 @@ def export_janus(model: JanusModel, cfg: JanusConfig, processor: Processor, fold
     config["text_config"] |= special
     tensors = export_vision_tensors(model.encoder, cfg.vision, TOWER)
     tensors = {k.replace(".self_attn.out_proj.", ".self_attn.projection_layer."): t for k, t in tensors.items()}
-    table = janus_key_map(model, cfg)
-    if cfg.lm.tie_embeddings:
-        del table["lm.lm_head.weight"]
-    tensors |= export_table(model, table)
+    tensors |= export_table(model, janus_key_map(model, cfg))
     write_hf_weights(folder, tensors)
     write_json(folder / "config.json", config)
     boi = tok.token_id(pcfg.boi_token)
