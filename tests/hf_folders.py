@@ -1268,8 +1268,3 @@ BUILDERS = {
 }
 #: folders built from others: their builder takes the (folder, model, processor) of each of these after its folder
 BASES = {"idefics3_nosplit": ("idefics3",), "idefics2_nosplit": ("idefics2",)}
-
-# families whose builders live in their own modules (tests/hf_<family>_folders.py)
-from hf_janus_folders import build_janus  # noqa: E402
-
-BUILDERS["janus"] = build_janus

@@ -1,5 +1,5 @@
 """The tiny Hugging Face Janus folder (``JanusForConditionalGeneration``) the Janus parity tests hold vlmkit
-against; tests/hf_folders.py lists it in its BUILDERS as "janus".
+against, registered in :data:`hf_folders.BUILDERS` as "janus" on import.
 
 Non-default on purpose: a SigLIP-style tower whose images are padded to a square (JanusImageProcessor), an
 understanding aligner and a generation aligner of two layers, a Llama LM with grouped-query attention, rope theta
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf_folders
 from hf_fixtures import perturb_, sentencepiece_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
@@ -68,7 +69,8 @@ def build_janus(folder: Path):
                                        image_token_embed_dim=width, num_hidden_layers=2)
     text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=96,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                    rms_norm_eps=1e-6, rope_theta=50000.0, max_position_embeddings=256, initializer_range=0.1,
+                                    rms_norm_eps=1e-6, rope_theta=50000.0, max_position_embeddings=256,
+                                    initializer_range=0.1,
                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                     pad_token_id=tok.pad_token_id)
     cfg = transformers.JanusConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
@@ -97,5 +99,7 @@ def build_janus(folder: Path):
     processor.save_pretrained(folder)
     return model, transformers.AutoProcessor.from_pretrained(folder)
 
+
+hf_folders.BUILDERS.setdefault("janus", build_janus)
 
 __all__ = ["JANUS_SPECIAL", "JANUS_TEMPLATE", "build_janus", "janus_tokenizer", "spread_"]

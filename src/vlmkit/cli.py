@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -100,9 +101,11 @@ def cmd_data_shapes(args) -> None:
     if args.t2i:
         from vlmkit.eval.judge.pairs import write_t2i_pairs
 
-        path = write_t2i_pairs(args.out, args.t2i, seed=args.seed, size=parse_size(args.size),
-                               progress=not args.quiet)
-        summary["t2i_pairs"] = {"file": path.name, "pairs": args.t2i}
+        n_val = max(16, args.t2i // 20)
+        for split, n in (("train", args.t2i), ("val", n_val)):
+            path = write_t2i_pairs(args.out, n, seed=args.seed, size=parse_size(args.size), split=split,
+                                   progress=not args.quiet)
+            summary[f"t2i_pairs_{split}"] = {"file": path.name, "pairs": n}
     print(json.dumps(summary, indent=2))
 
 
@@ -193,6 +196,28 @@ def cmd_embed(args) -> None:
     if args.texts is not None:
         summary["truncated"] = pipe.last_truncated
     print(json.dumps(summary))
+
+
+def cmd_generate_image(args) -> None:
+    """Draw images for a text prompt with a model that generates them (tiny-janus): PNGs written into --out, the
+    same images for the same --seed."""
+    import vlmkit
+    from vlmkit.utils import atomic_write_bytes
+
+    pipe = vlmkit.load(args.model)
+    images = pipe.generate_image(args.prompt, n=args.n, cfg_scale=args.cfg_scale, temperature=args.temperature,
+                                 top_k=args.top_k, seed=args.seed, progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60] or "image"
+    files = []
+    for i, image in enumerate(images):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        path = out / f"{stem}-{args.seed if args.seed is not None else 'x'}-{i}.png"
+        atomic_write_bytes(path, buf.getvalue())
+        files.append(str(path))
+    print(json.dumps({"prompt": args.prompt, "images": files, "size": list(images[0].size), "seed": args.seed}))
 
 
 def cmd_tasks(args) -> None:
@@ -300,7 +325,7 @@ def _add_data(sub) -> None:
     s.add_argument("--allow-overlap", action="store_true", help="let objects overlap partially")
     s.add_argument("--t2i", type=int, default=0, metavar="N",
                    help="also N text-to-image training pairs (t2i_pairs_train.csv: shapes_t2i's prompt types, "
-                        "held-out prompts excluded), for tiny-janus")
+                        "held-out prompts excluded) and N/20 validation pairs, for tiny-janus")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_data_shapes)
@@ -407,6 +432,21 @@ def _add_embed(sub) -> None:
     em.set_defaults(fn=cmd_embed)
 
 
+def _add_generate_image(sub) -> None:
+    """``vlmkit generate-image``: a model that draws, a prompt, where the PNGs go and the sampling options."""
+    g = sub.add_parser("generate-image", help=cmd_generate_image.__doc__, description=cmd_generate_image.__doc__)
+    g.add_argument("prompt", help='what to draw, e.g. "a red circle left of a blue square"')
+    g.add_argument("--model", required=True, help="a checkpoint that generates images (e.g. runs/tiny-janus/checkpoint)")
+    g.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
+    g.add_argument("--n", type=int, default=4, help="images to draw (default 4)")
+    g.add_argument("--seed", type=int, help="the same seed draws the same images")
+    g.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance (1: none; default 5)")
+    g.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(fn=cmd_generate_image)
+
+
 def _add_convert(sub) -> None:
     """``vlmkit convert``: the direction (--from hf or --to hf), the source and the output folder."""
     cv = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
@@ -431,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_eval(sub)  # and `tasks`, listed right after it
     _add_embed(sub)
+    _add_generate_image(sub)
     _add_convert(sub)
     sub.add_parser("presets", help=cmd_presets.__doc__).set_defaults(fn=cmd_presets)
     sub.add_parser("recipes", help=cmd_recipes.__doc__).set_defaults(fn=cmd_recipes)

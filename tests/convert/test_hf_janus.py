@@ -21,6 +21,7 @@ from vlmkit.errors import ConfigError, DataError
 from vlmkit.image_generation import ImageGenerationConfig, generate_codes, to_images
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
+import hf_janus_folders  # noqa: E402,F401  (registers the "janus" folder)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,6 +10,7 @@ import torch
 
 from vlmkit.convert.hf.blip2 import blip2_config_to_hf
 from vlmkit.convert.hf.dual_encoder import dual_encoder_config_to_hf
+from vlmkit.convert.hf.emu3 import emu3_config_to_hf, emu3_vocabulary_map
 from vlmkit.convert.hf.fuyu import fuyu_config_to_hf
 from vlmkit.convert.hf.gemma3 import gemma3_config_to_hf
 from vlmkit.convert.hf.idefics import idefics_config_to_hf
@@ -68,6 +69,8 @@ def hf_config(preset) -> dict:
         return text_config_to_hf(cfg)
     if cfg.family == "gemma3":
         return gemma3_config_to_hf(cfg, 262144, 255999, 256000)
+    if cfg.family == "emu3":
+        return emu3_config_to_hf(cfg, emu3_vocabulary_map(cfg, 151646), {"bos_token_id": 151849, "pad_token_id": 151643})
     raise AssertionError(cfg.family)
 
 
@@ -119,6 +122,7 @@ PRESETS = [
     ("phi-2", 2_779_683_840, 0),
     ("phi-3-mini-4k", 3_821_079_552, 0),
     ("gemma-3-4b-it", 4_300_079_472, 0),
+    ("emu3-8b", None, 0),
 ]
 
 

@@ -245,17 +245,51 @@ PRESET_CASES = [
     Case("tiny-llava-cabs", "llava", preset="tiny-llava-cabs"),
     Case("tiny-llava-avgpool", "llava", preset="tiny-llava-avgpool"),
     Case("tiny-llava-attnpool", "llava", preset="tiny-llava-attnpool"),
+    Case("tiny-janus", "janus", preset="tiny-janus",
+         no_gradient={"vqmodel": "the VQ tokenizer only turns images into codes and back (no loss reaches it)",
+                      "generation_": "the generation path is trained by image-code targets, and a conversation has "
+                                     "none (tests/unit/test_janus.py trains it)"}),
 ]
 
-CASES = HF_CASES + PRESET_CASES
 
-JANUS_VQ = "Janus' VQ tokenizer turns images into codes and back outside any loss (a separate, frozen model)"
-JANUS_GEN = "the generation embeddings, aligner and head read and predict image codes; a text sample has none"
-# Janus: each <image_placeholder> becomes <begin_of_image>, 16 placeholders and <end_of_image> (JanusProcessor);
-# images padded to a square of the mean colour (JanusImageProcessor); the generation path is test_hf_janus.py's
-HF_CASES.append(Case("janus", "janus", "janus",
-                     prompts=(("<|User|>: <image_placeholder>\nWhat colour is the small circle?\n\n<|Assistant|>:",
-                               (0,)), ("Compare <image_placeholder> and <image_placeholder>: how many squares?", (3, 1)),
-                              ("the quick brown fox", ())),
-                     no_gradient={"vqmodel.": JANUS_VQ, "generation_": JANUS_GEN}))
+
+def emu3_rows() -> list[Case]:
+    """Emu3 (tests/hf_emu3_folders.py registers its folder). transformers pads a call's images to the largest and
+    encodes them together, so an image's codes there depend on the others; vlmkit encodes each alone (models/emu3.py):
+    the prompts with two images read the same image twice (test_hf_emu3.py checks different sizes one by one)."""
+    import pytest
+
+    try:
+        import hf_emu3_folders  # noqa: F401
+    except pytest.skip.Exception:
+        return []
+    frozen = "Emu3's VQ-VAE is frozen: images reach the LM as discrete tokens, no loss reaches it"
+    return [Case("emu3", "emu3", "emu3", no_gradient={"vq.": frozen},
+                 prompts=(("USER: <image>What colour is the small circle? ASSISTANT:", (0,)),
+                          ("Compare <image> and <image>: how many squares?", (2, 2)), ("<image> caption en", (3,)),
+                          ("the quick brown fox", ())))]
+
+
+HF_CASES += emu3_rows()
+
+
+def janus_rows() -> list[Case]:
+    """Janus (tests/hf_janus_folders.py registers its folder): each <image_placeholder> becomes <begin_of_image>, 16
+    placeholders and <end_of_image> (JanusProcessor); images padded to a square of the mean colour
+    (JanusImageProcessor); the generation path is test_hf_janus.py's."""
+    import pytest
+
+    try:
+        import hf_janus_folders  # noqa: F401
+    except pytest.skip.Exception:
+        return []
+    vq = "Janus' VQ tokenizer turns images into codes and back outside any loss (a separate, frozen model)"
+    gen = "the generation embeddings, aligner and head read and predict image codes; a text sample has none"
+    return [Case("janus", "janus", "janus", no_gradient={"vqmodel.": vq, "generation_": gen},
+                 prompts=(("<|User|>: <image_placeholder>\nWhat colour is the small circle?\n\n<|Assistant|>:",
+                           (0,)), ("Compare <image_placeholder> and <image_placeholder>: how many squares?", (3, 1)),
+                          ("the quick brown fox", ())))]
+
+
+HF_CASES += janus_rows()
 CASES = HF_CASES + PRESET_CASES

@@ -98,6 +98,26 @@ def clip_checkpoint(shapes, tmp_path_factory) -> Path:
     return train(recipe, run, **QUIET).checkpoint
 
 
+JANUS_PROMPT = "a red circle left of a blue square"
+
+
+@pytest.fixture(scope="session")
+def janus_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny-janus saved as a checkpoint (it reads and draws): its images are noise, which is all the
+    API needs (they are compared pixel for pixel with the Pipeline's)."""
+    from vlmkit.checkpoint import write_model_files
+    from vlmkit.family import get_family
+    from vlmkit.presets import get_preset
+
+    torch.manual_seed(0)
+    p, fam = get_preset("tiny-janus"), get_family("janus")
+    tok = fam.new_tokenizer([JANUS_PROMPT, "what colour"] * 40, 300)
+    cfg, model, processor = fam.new_model(p.model, p.processor, tok)
+    folder = tmp_path_factory.mktemp("janus")
+    write_model_files(folder, model, cfg, processor)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def llava_pipe(llava_checkpoint):
     """The reference: the checkpoint loaded on its own (not the engine's copy)."""

@@ -185,3 +185,51 @@ def test_wrong_api_key_shows_an_error_and_the_key_is_remembered(server, browser)
     assert browser.find_element(By.ID, "api-key").get_attribute("value") == "not-the-key"
     set_field(browser, "api-key", API_KEY)
     wait(browser, lambda d: d.find_element(By.ID, "model").text != "model unavailable", "the model's name")
+
+
+@pytest.fixture(scope="module")
+def janus_server(janus_checkpoint):
+    """A server over a model that reads and draws (an untrained tiny-janus), without an API key: URL."""
+    engine = Engine(vlmkit.load(janus_checkpoint)).start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        engine.stop()
+
+
+def test_draw_shows_the_generated_images(janus_server, browser, server):
+    open_page(browser, janus_server)
+    set_field(browser, "api-key", "")  # the earlier tests left a key in local storage; this server needs none
+    wait(browser, lambda d: d.find_element(By.ID, "draw").is_displayed(), "the Draw button of a model that draws")
+    set_field(browser, "n-images", "3")
+    browser.find_element(By.ID, "prompt").send_keys("a red circle")
+    browser.find_element(By.ID, "draw").click()
+    wait(browser, lambda d: css(d, '.drawing[data-done="true"]'), "the drawn images")
+    assert not css(browser, ".error"), [e.text for e in css(browser, ".error")]
+    images = css(browser, ".drawing img.generated")
+    assert len(images) == 3
+    for img in images:
+        assert img.get_attribute("src").startswith("data:image/png;base64,")
+        wait(browser, lambda d, i=img: d.execute_script("return arguments[0].complete", i), "an image to load")
+        assert browser.execute_script("return arguments[0].naturalWidth", img) == 64
+    assert "a red circle" in css(browser, ".user")[-1].text
+    # a model that does not draw has no Draw button
+    base, _ = server
+    open_page(browser, base)
+    set_field(browser, "api-key", API_KEY)
+    wait(browser, lambda d: d.find_element(By.ID, "model").text not in ("loading model…", "model unavailable"),
+         "the model's name")
+    assert not browser.find_element(By.ID, "draw").is_displayed()

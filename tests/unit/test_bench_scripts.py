@@ -18,6 +18,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 @pytest.mark.parametrize("script, args, keys", [
     ("train.py", ["--steps", "1", "--images", "24", "--batch-size", "8"], {"grouped", "mixed_packed"}),
     ("contrastive.py", ["--steps", "1", "--warmup", "1", "--batch-size", "8"], {"train", "embed"}),
+    ("t2i.py", ["--n", "40", "--pairs", "32", "--vq-steps", "2", "--steps", "2", "--set", "stages.0.steps=1",
+                "--set", "train.batch_size=8", "--limit", "2"], {"janus", "train_seconds"}),
 ])
 def test_a_bench_script_prints_its_json_line(script, args, keys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -155,7 +155,7 @@ def test_unknown_recipe_lists_builtins():
     ("stages.1.optimizer=sgd", r"stages\[1\]\.optimizer: 'sgd'; valid: adamw, muon"),
     ("stages.0.optimizer=muon", r"stages\[0\]\.optimizer: muon does not train cell_labels stages; valid: adamw"),
     ("stages.1.where=true", r"stages\[1\]\.where: lm stages do not read it \(only cell_labels stages do\)"),
-    ("stages.0.pairs=p.csv", r"stages\[0\]\.pairs: cell_labels stages do not read it \(only qformer stages do\)"),
+    ("stages.0.pairs=p.csv", r"stages\[0\]\.pairs: cell_labels stages do not read it \(only qformer, unified stages do\)"),
     ("train.batch_size=0", "batch_size"),
 ])
 def test_recipe_validation_rejects_bad_stages(override, match):

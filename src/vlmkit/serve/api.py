@@ -8,6 +8,9 @@ against it unchanged:
   ``chat.completion.chunk`` events ending in ``data: [DONE]``. Each image part becomes an ``<image>``
   placeholder where it stands in the message's text.
 - ``POST /v1/embeddings`` (dual encoders): texts, and images given as base64 ``data:image/...`` URLs.
+- ``POST /v1/images/generations`` (models that draw: ``Pipeline.can_generate_images``): OpenAI's images request
+  (``prompt``, ``n``, ``size``, ``response_format`` b64_json; vlmkit's ``seed``, ``cfg_scale``, ``temperature``,
+  ``top_k`` as extra fields), answered with base64 PNGs. A model that both reads and draws answers both APIs.
 - ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format), ``GET /`` (the chat page).
 
 Bodies are parsed and checked in :mod:`vlmkit.serve.parsing`, field by field, rather than by pydantic
@@ -50,6 +53,7 @@ from vlmkit.serve.parsing import (
     error_body,
     parse_chat,
     parse_embeddings,
+    parse_image_generation,
     parse_messages,
     read_json,
 )
@@ -60,7 +64,8 @@ STATIC = Path(__file__).parent / "static" / "index.html"
 # the engine ends a request at its deadline (at a token boundary); the API ends it itself this much later,
 # when the engine could not (a request still waiting in the queue, a forward that does not return)
 TIMEOUT_GRACE = 1.0
-ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics", "/")
+ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/images/generations", "/v1/models", "/health",
+             "/metrics", "/")
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -92,6 +97,8 @@ class _Metrics:
                     fn=lambda: stats().image_cache_hits),
             Counter("vlmkit_image_cache_misses_total", "Images encoded by the tower",
                     fn=lambda: stats().image_cache_misses),
+            Counter("vlmkit_image_generation_requests_total", "Image generation requests drawn",
+                    fn=lambda: stats().image_requests_total),
         ]
 
 
@@ -163,6 +170,7 @@ def create_app(engine, *, api_key: str | None = None, allow_local_files: bool = 
     _add_error_handlers(app)
     _add_chat_route(app, server)
     _add_embeddings_route(app, server)
+    _add_images_route(app, server)
     _add_model_routes(app, server)
     _add_open_routes(app, server)
     return app
@@ -273,6 +281,48 @@ def _add_embeddings_route(app: FastAPI, s: _Server) -> None:
                 for i, v in enumerate(rows)]
         return {"object": "list", "data": data, "model": engine.model_name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _add_images_route(app: FastAPI, s: _Server) -> None:
+    @app.post("/v1/images/generations")
+    async def images(request: Request):
+        s.check_key(request)
+        body = await s.read_json(request)
+        engine = s.engine
+        if not engine.can_generate_images:
+            what = "answers POST /v1/chat/completions" if engine.can_generate else "embeds (POST /v1/embeddings)"
+            raise ApiError(400, f"{engine.model_name} does not generate images: it {what}", "model",
+                           "model_not_image_generation")
+        h, w = engine.pipe.model.image_grid
+        native = tuple(engine.processor.cfg.image_size)[::-1]  # (width, height)
+        req = parse_image_generation(body, native)
+        size = req.pop("size")
+        created = int(time.time())
+        try:
+            pictures = await asyncio.wait_for(run_in_threadpool(engine.generate_image, **req),
+                                              s.request_timeout + TIMEOUT_GRACE if s.request_timeout else None)
+        except (DataError, ConfigError) as e:
+            raise ApiError(400, str(e)) from None
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the images took longer than this server allows ({s.request_timeout} s)", None,
+                           "timeout") from None
+        data = [{"b64_json": _png_base64(im, size), "revised_prompt": None} for im in pictures]
+        return {"created": created, "data": data, "output_format": "png", "size": f"{size[0]}x{size[1]}",
+                "usage": {"input_tokens": 0, "output_tokens": h * w * len(pictures),
+                          "total_tokens": h * w * len(pictures)}}
+
+
+def _png_base64(image, size: tuple[int, int]) -> str:
+    """A PIL image as base64 PNG, resized (nearest: the model's pixels kept) to ``size`` when it differs."""
+    import io
+
+    from PIL import Image
+
+    if image.size != size:
+        image = image.resize(size, Image.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _add_model_routes(app: FastAPI, s: _Server) -> None:
@@ -450,7 +500,10 @@ def _encode_vector(v: list[float], fmt: str):
 
 
 def _model_card(engine) -> dict:
-    return {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "vlmkit"}
+    """OpenAI's model object, and what the model answers (the chat page shows its Draw button from it)."""
+    return {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "vlmkit",
+            "capabilities": {"chat": engine.can_generate, "embeddings": engine.can_embed,
+                             "image_generation": engine.can_generate_images}}
 
 
 __all__ = ["ApiError", "ImageDecoder", "create_app", "parse_chat", "parse_embeddings", "parse_messages"]

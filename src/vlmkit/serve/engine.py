@@ -64,6 +64,7 @@ class EngineStats:
     batch_size_sum: int = 0
     image_cache_hits: int = 0
     image_cache_misses: int = 0
+    image_requests_total: int = 0  # POST /v1/images/generations requests drawn
 
 
 class Stream:
@@ -164,6 +165,10 @@ class Engine:
     def can_embed(self) -> bool:
         return self.pipe.can_embed
 
+    @property
+    def can_generate_images(self) -> bool:
+        return self.pipe.can_generate_images
+
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> Engine:
         if self._thread is None and self.can_generate:
@@ -220,6 +225,13 @@ class Engine:
     def embed_images(self, images: list) -> torch.Tensor:
         with self._lock:
             return self.pipe.embed_images(images)
+
+    def generate_image(self, prompt: str, **options) -> list:
+        """Pipeline.generate_image under the model's lock: the images of one request, drawn between the chat
+        batch's decoding steps (a request's whole grid at once; the chat batch waits meanwhile)."""
+        with self._lock, torch.inference_mode():
+            self.stats.image_requests_total += 1
+            return self.pipe.generate_image(prompt, **options)
 
     # ------------------------------------------------------------------------------------------ the loop
     def _loop(self) -> None:

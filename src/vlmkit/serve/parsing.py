@@ -411,6 +411,59 @@ def parse_embeddings(body) -> tuple[list[str], str]:
 
 
 
+MAX_IMAGES_PER_REQUEST = 8
+MAX_IMAGE_SIDE = 1024
+IMAGE_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+
+
+def parse_image_generation(body, native: tuple[int, int]) -> dict:
+    """An images request body (OpenAI's ``POST /v1/images/generations``) -> the Pipeline.generate_image arguments
+    and the answer's ``size`` (width, height) and format. ``native`` (width, height): the size the model draws at;
+    ``size`` is "auto" (that size) or WxH of the same aspect ratio, up to 1024 a side (resized, nearest). vlmkit's
+    sampling options (``seed``, ``cfg_scale``, ``temperature``, ``top_k``) ride along as extra fields."""
+    _object(body)
+    for key in ("model", "user", "quality", "style"):
+        if body.get(key) is not None:
+            _text(body[key], key)
+    prompt = _text(body.get("prompt"), "prompt", empty=False)
+    if not prompt.strip():
+        raise _bad("prompt must not be blank", "prompt")
+    n = _integer(body, "n")
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_IMAGES_PER_REQUEST:
+        raise _bad(f"n must be in [1, {MAX_IMAGES_PER_REQUEST}], got {n}", "n")
+    fmt = body.get("response_format") or "b64_json"
+    if fmt != "b64_json":
+        raise _bad(f"response_format must be 'b64_json' (this server hosts no image URLs), got "
+                   f"{fmt if isinstance(fmt, str) else _kind(fmt)!r}", "response_format")
+    out_fmt = body.get("output_format") or "png"
+    if out_fmt != "png":
+        raise _bad(f"output_format must be 'png', got {out_fmt if isinstance(out_fmt, str) else _kind(out_fmt)!r}",
+                   "output_format")
+    seed = _integer(body, "seed")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise _bad(f"seed must be in [0, 2**63), got {seed}", "seed")
+    top_k = _integer(body, "top_k")
+    if top_k is not None and top_k < 0:
+        raise _bad(f"top_k must be >= 0 (0: every code), got {top_k}", "top_k")
+    return {"prompt": prompt, "n": n, "size": _image_size(body.get("size"), native), "seed": seed,
+            "cfg_scale": _number(body, "cfg_scale", 5.0, 0.0, 50.0),
+            "temperature": _number(body, "temperature", 1.0, 0.0, 2.0), "top_k": top_k or 0}
+
+
+def _image_size(size, native: tuple[int, int]) -> tuple[int, int]:
+    if size is None or size == "auto":
+        return native
+    match = IMAGE_SIZE.fullmatch(size) if isinstance(size, str) else None
+    valid = f"'auto' or WxH with the model's aspect ratio ({native[0]}x{native[1]}), at most {MAX_IMAGE_SIDE} a side"
+    if match is None:
+        raise _bad(f"size must be {valid}, got {size if isinstance(size, str) else _kind(size)!r}", "size")
+    w, h = int(match.group(1)), int(match.group(2))
+    if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE) or w * native[1] != h * native[0]:
+        raise _bad(f"size must be {valid}, got {size!r}", "size")
+    return w, h
+
+
 def embedding_inputs(items: list[str], listed: bool) -> tuple[list[bool], list[str], list[tuple[str, str]]]:
     """An embedding request's items (``parse_embeddings``) -> (which are images, the texts, the image refs as
     [(field path, url)]). ``listed``: the request's input was an array (the paths are then ``input[i]``)."""
@@ -473,4 +526,4 @@ async def _drain(body, limit: int) -> None:
 
 
 __all__ = ["ApiError", "ImageDecoder", "embedding_inputs", "error_body", "parse_chat", "parse_embeddings",
-           "parse_messages", "read_json"]
+           "parse_image_generation", "parse_messages", "read_json"]

@@ -1,7 +1,8 @@
 """Text-to-image training pairs for ShapesWorld: prompts drawn as ``shapes_t2i``'s are (every prompt type in equal
 shares, :func:`~vlmkit.eval.judge.specs.make_prompt`), each with an image of a scene that satisfies it
-(:func:`~vlmkit.eval.judge.specs.render_spec`), written as ``t2i_pairs_train.csv`` (``image``, ``caption``: the
-pairs format every objective reads) and the images under ``t2i/``.
+(:func:`~vlmkit.eval.judge.specs.render_spec`), written as ``t2i_pairs_{split}.csv`` (``image``, ``caption``: the
+pairs format every objective reads) and the images under ``t2i_{split}/``: ``vlmkit data shapes --t2i N`` writes N
+training pairs and N/20 (at least 16) validation pairs, drawn apart.
 
 The held-out prompts of ``shapes_t2i`` (its val and test splits) are never training prompts, except single objects:
 their 30 colour-shape pairs are all there are, so a model meets each in training (as GenEval's single-object
@@ -28,30 +29,31 @@ def held_out_prompts() -> set[str]:
 
 
 def write_t2i_pairs(folder: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (64, 64),
-                    progress: bool = False) -> Path:
-    """``n`` prompt-image pairs into ``folder`` (module docstring); returns the CSV's path. The CSV is written last
-    and atomically, so a folder without it holds no finished pairs."""
+                    split: str = "train", progress: bool = False) -> Path:
+    """``n`` prompt-image pairs of ``split`` into ``folder`` (module docstring): ``t2i_pairs_{split}.csv`` and the
+    images under ``t2i_{split}/``; returns the CSV's path. The CSV is written last and atomically, so a folder
+    without it holds no finished pairs."""
     from tqdm.auto import tqdm
 
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"--t2i must be an int >= 1 (prompt-image pairs), got {n!r}")
     folder = Path(folder)
-    (folder / "t2i").mkdir(parents=True, exist_ok=True)
-    rng, banned = random.Random(f"t2i-pairs:{seed}"), held_out_prompts()
+    (folder / f"t2i_{split}").mkdir(parents=True, exist_ok=True)
+    rng, banned = random.Random(f"t2i-pairs:{split}:{seed}"), held_out_prompts()
     rows = []
     for i in tqdm(range(n), desc="t2i pairs", unit="pair", disable=not progress, dynamic_ncols=True):
         ptype = PROMPT_TYPES[i % len(PROMPT_TYPES)]
         prompt, spec = make_prompt(rng, ptype)
         while prompt in banned:
             prompt, spec = make_prompt(rng, ptype)
-        name = f"t2i/{i:06d}.png"
+        name = f"t2i_{split}/{i:06d}.png"
         render_spec(spec, seed=rng.randrange(2**31), width=size[0], height=size[1]).save(folder / name)
         rows.append((name, prompt))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["image", "caption"])
     writer.writerows(rows)
-    path = folder / "t2i_pairs_train.csv"
+    path = folder / f"t2i_pairs_{split}.csv"
     atomic_write_text(path, out.getvalue())
     return path
 
