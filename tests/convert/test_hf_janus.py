@@ -124,6 +124,28 @@ def test_greedy_image_generation_equals_transformers(janus):
     assert grids[0] != grids[1]
 
 
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.8, 8)])
+def test_sampled_image_generation_equals_transformers_for_a_seed(janus, temperature, top_k):
+    """Sampling with guidance, temperature and top-k: transformers' generate seeded through torch.manual_seed and
+    vlmkit's seeded generator draw from the same CPU generator stream (one multinomial per code), so equal logits
+    give equal codes."""
+    _, ref, hf_proc, pipe = janus
+    prompt, grid = "two green triangles", pipe.model.image_grid
+    inputs = hf_proc(text=prompt, generation_mode="image", return_tensors="pt")
+    cond = pipe.processor.image_prompt(prompt, grid)
+    uncond = pipe.processor.image_prompt(prompt, grid, unconditional=True)
+    grids = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            theirs = ref.generate(**inputs, generation_mode="image", do_sample=True, temperature=temperature,
+                                  top_k=top_k, guidance_scale=2.0)
+        gen = ImageGenerationConfig(cfg_scale=2.0, temperature=temperature, top_k=top_k, seed=seed)
+        assert generate_codes(pipe.model, cond, uncond, gen).reshape(1, -1).tolist() == theirs.tolist()
+        grids.append(theirs.tolist())
+    assert grids[0] != grids[1]
+
+
 def test_export_keeps_the_generation_path(janus, tmp_path):
     folder, ref, hf_proc, pipe = janus
     convert_from_hf(folder, tmp_path / "vlmkit")
