@@ -2,7 +2,8 @@
 tall, square, small and very thin images; image-generation prompts (and Janus' unconditional ones) equal
 JanusProcessor's in generation_mode="image"; the image path against transformers: the generation head's
 log-probabilities of a code grid under teacher forcing, the VQ's codes and decoded pixels, greedy image generation
-with classifier-free guidance; the export keeps the generation path; refusals by name."""
+with classifier-free guidance, sampled generation for a seed; the export keeps the generation path and processor;
+tie_word_embeddings read as transformers 5 reads it; refusals by name."""
 
 from __future__ import annotations
 
