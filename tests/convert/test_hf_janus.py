@@ -229,3 +229,14 @@ def test_tie_word_embeddings_is_read_as_transformers_reads_it(janus, tmp_path, h
     assert torch.equal(back.lm_head.weight, back.model.language_model.embed_tokens.weight) == tied
     with torch.no_grad():
         torch.testing.assert_close(back(**inputs).logits[0, -1], theirs, rtol=0, atol=1e-4)
+
+
+def test_janus_processor_settings_are_checked_by_name():
+    from vlmkit.processing.janus import JanusProcessorConfig
+
+    with pytest.raises(ConfigError, match="pad_square"):
+        JanusProcessorConfig(pad_square=True, image_size=(32, 48))
+    with pytest.raises(ConfigError, match="background"):
+        JanusProcessorConfig(background=(0, 300, 0))
+    with pytest.raises(ConfigError, match="min_size 0"):
+        JanusProcessorConfig(min_size=0)

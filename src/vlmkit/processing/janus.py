@@ -47,6 +47,8 @@ class JanusProcessorConfig(ProcessorConfig):
                               f"makes square images; give equal height and width")
         if len(self.background) != 3 or any(not 0 <= int(c) <= 255 for c in self.background):
             raise ConfigError(f"processor background {list(self.background)}: three values in 0..255")
+        if self.min_size < 1:
+            raise ConfigError(f"processor min_size {self.min_size}: the shorter side's floor must be >= 1")
 
 
 def unconditional_ids(ids: list[int], keep: set[int], pad_id: int) -> list[int]:
