@@ -36,7 +36,7 @@ def janus_pro_1b() -> Preset:
 
 
 @PRESETS.register("tiny-janus", "from-scratch Janus for ShapesWorld: tiny-llava's understanding parts (CNN tower, "
-                                "pixel-shuffle aligner, 3-layer LM) and generation of tiny-vq's 8x8 codes through "
+                                "pixel-shuffle aligner, 3-layer LM) and generation of tiny-vq's 16x16 codes through "
                                 "their own embeddings, aligner and head")
 def tiny_janus() -> Preset:
     # understanding is tiny-llava's, so that its VQA can be compared with tiny-llava's at equal parts; the codes
