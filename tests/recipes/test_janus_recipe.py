@@ -110,3 +110,45 @@ def test_refusals_name_what_to_change(shapes, tmp_path):
         quiet(train, recipe(shapes, f"model.gen.vq_from={tmp_path / 'nowhere'}"), tmp_path / "d")
     with pytest.raises(ConfigError, match="cell_labels stages do not read it"):
         quiet(train, recipe(shapes, "stages.0.cond_dropout=0.2"), tmp_path / "e")
+
+
+def test_packed_rows_give_the_padded_loss(shapes, tmp_path):
+    """A unified step whose conversations and text-to-image samples are packed into rows has the loss (text and
+    image parts) of the same samples one per padded row."""
+    padded = quiet(train, recipe(shapes, "stages.1.steps=2"), tmp_path / "padded")
+    packed = quiet(train, recipe(shapes, "stages.1.steps=2", "train.packing=true"), tmp_path / "packed")
+    a = [r for r in rows(tmp_path / "padded") if r.get("stage") == "unified" and "image_loss" in r]
+    b = [r for r in rows(tmp_path / "packed") if r.get("stage") == "unified" and "image_loss" in r]
+    assert padded.steps == packed.steps and len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for key in ("loss", "text_loss", "image_loss"):
+            assert y[key] == pytest.approx(x[key], abs=1e-4), key
+    assert b[0]["padding_fraction"] < a[0]["padding_fraction"]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_single_process_curve(shapes, tmp_path):
+    """torchrun, 2 processes under DDP at the same global batch: the unified losses of 1 process (the text and
+    image token counts are all-reduced before each backward, so each part is the mean over the global batch)."""
+    import os
+    import subprocess
+    import sys
+
+    data, vq = shapes
+    sets = [f"data.path={data}", f"model.gen.vq_from={vq}", *TINY, "stages.1.steps=4", "train.threads=1",
+            "train.precompute_frozen_vision=false"]
+    curves = []
+    for nproc in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(29600 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+        out = tmp_path / f"run{nproc}"
+        proc = subprocess.run([*launcher, "-m", "vlmkit", "train", "tiny-janus", "--out", str(out), "--quiet",
+                               *[x for s in sets for x in ("--set", s)]], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        curves.append([r for r in rows(out) if r.get("stage") == "unified" and "image_loss" in r])
+    one, two = curves
+    assert len(one) == len(two) == 4
+    for x, y in zip(one, two):
+        for key in ("loss", "text_loss", "image_loss"):
+            assert y[key] == pytest.approx(x[key], abs=1e-4), (key, x["step"])

@@ -148,10 +148,9 @@ class JanusModel(VisionLanguageModel):
         generation embeddings and aligner."""
         is_code = input_ids >= self.vocab_size
         embeds = super().embed(input_ids.masked_fill(is_code, 0), features)
-        if bool(is_code.any()):
-            codes = self.generation_aligner(self.generation_embeddings(input_ids[is_code] - self.vocab_size))
-            embeds = embeds.masked_scatter(is_code[..., None], codes.to(embeds.dtype))
-        return embeds
+        # run on an empty selection too (no host sync to ask whether there are codes)
+        codes = self.generation_aligner(self.generation_embeddings(input_ids[is_code] - self.vocab_size))
+        return embeds.masked_scatter(is_code[..., None], codes.to(embeds.dtype))
 
     def forward(self, batch: Batch, cache: KVCache | None = None, logits_to_keep: int = 0,
                 head: str = "text") -> ModelOutput:
@@ -180,7 +179,8 @@ def two_head_loss(hidden: torch.Tensor, labels: torch.Tensor, vocab: int, text_h
     parts = {}
     for name, sel, head, offset in (("text", ~is_code, text_head, 0), ("image", is_code, image_head, vocab)):
         n = int(sel.sum())
-        total = F.cross_entropy(head(h[sel]).float(), t[sel] - offset, reduction="sum") if n else h.sum() * 0.0
+        logits = head(h[sel]).float()
+        total = F.cross_entropy(logits, t[sel] - offset, reduction="sum") if n else logits.sum() * 0.0
         parts[name] = (total, n)
     n = int(keep.sum())
     loss = (parts["text"][0] + parts["image"][0]) / n if n else hidden.sum() * float("nan")

@@ -53,6 +53,9 @@ class Objective:
     # the model runs wrapped for several processes (DDP / FSDP); False: every rank runs the stage whole, the same
     # seeded computation, so the replicas stay equal
     distributed: ClassVar[bool] = True
+    # a step may leave trained parameters out of one rank's graph (its samples hold no image to read, or none to
+    # write): DDP looks for them before it reduces
+    unused_parameters: ClassVar[bool] = False
     log_every: ClassVar[int | None] = None  # None: the recipe's train.log_every
     optimizers: ClassVar[tuple[str, ...]] = ("adamw", "muon")  # the stage optimizers it trains with
     # the modules a stage of it must train (None: any); a stage's own batch_size is read (False: train.batch_size)

@@ -120,6 +120,7 @@ class UnifiedObjective(LMObjective):
 
     name = "unified"
     stage_options = ("pairs", "text_weight", "image_weight", "cond_dropout")
+    unused_parameters = True  # a rank's samples may all be conversations, or all text-to-image pairs
 
     @classmethod
     def check_recipe(cls, recipe) -> None:

@@ -105,13 +105,16 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
+def wrap_model(model: nn.Module, info: DistInfo, unused_parameters: bool = False) -> nn.Module:
     """DDP or FSDP2 around ``model`` for a stage (parameters' requires_grad already set). FSDP2 shards in place
-    once (re-wrapping is a no-op); DDP is rebuilt per stage, as it registers the trained parameters."""
+    once (re-wrapping is a no-op); DDP is rebuilt per stage, as it registers the trained parameters.
+    ``unused_parameters``: a step may leave trained parameters out of one rank's graph (a rank whose samples hold
+    no image to read, or none to write), which DDP then finds before it reduces (find_unused_parameters)."""
     if info.strategy == "ddp":
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("nothing to train in this stage")
-        return DistributedDataParallel(model, device_ids=[info.local_rank] if torch.cuda.is_available() else None)
+        return DistributedDataParallel(model, device_ids=[info.local_rank] if torch.cuda.is_available() else None,
+                                       find_unused_parameters=unused_parameters)
     if info.strategy == "fsdp":
         from torch.distributed.fsdp import FSDPModule, fully_shard
 

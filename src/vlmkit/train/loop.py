@@ -94,7 +94,7 @@ def run_stage(run: Run, objective: Objective, si: int, all_objectives: list[Obje
     set_train_mode(model, stage)
     _log_stage(run, si, stage, table)
     objective.start(stage, si, model)
-    run.net = wrap_model(model, run.info) if objective.distributed else model
+    run.net = wrap_model(model, run.info, objective.unused_parameters) if objective.distributed else model
     if objective.distributed and (note := batchnorm_note(model, run.info)):
         run.log(note)
     opt = make_optimizer(model, stage, objective.parameters())
