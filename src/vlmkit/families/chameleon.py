@@ -95,6 +95,11 @@ class Chameleon(Family):
             load_vq_weights(model.vq, cfg.vq_from)
         return cfg, model, processor
 
+    def export_class(self, cfg) -> str:
+        """A model with a VQ decoder (a from-scratch one that draws) does not export: transformers' ChameleonVQVAE
+        has no decoder to hold it."""
+        return "" if cfg.vq.decoder else super().export_class(cfg)
+
     def image_tokens(self, model) -> str:
         h, w = model.image_grid
         return f"{h * w} ({h}x{w} codes) + 2"
