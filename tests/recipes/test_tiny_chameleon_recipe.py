@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import vlmkit
 from vlmkit.data.shapes import generate_shapes
@@ -103,6 +104,19 @@ def test_layout_of_images_and_image_prompts(trained):
     assert set(uncond[:-1]) == {tok.pad_id}
     assert model.image_plan(*model.image_grid) == [None] * 64 + [end]
     assert model.code_ids(torch.arange(3)).tolist() == [tok.token_id(f"<img{j:04d}>") for j in range(3)]
+
+
+def test_resume_equals_uninterrupted(shapes, tmp_path):
+    """A resumed run reads its tokenizer (code tokens included) from its checkpoint and ends where an uninterrupted
+    one does."""
+    r = recipe(shapes, "stages.0.steps=8", "train.save_every=4")
+    quiet(train, r, tmp_path / "full")
+    quiet(train, r, tmp_path / "cut", stop_at_step=5)  # the last checkpoint is at step 4
+    quiet(train, r, tmp_path / "cut", resume=True)
+    a = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def pipe_image():

@@ -38,7 +38,7 @@ def code_token(j: int) -> str:
     return f"<img{j:04d}>"
 
 
-def code_token_ids(tokenizer, n: int) -> tuple[int, ...]:
+def add_code_tokens(tokenizer, n: int) -> tuple[int, ...]:
     """The ids of the tokens of codes 0..n-1, added to ``tokenizer`` as special tokens where it lacks them (the
     codebook's size is known once the VQ tokenizer is: ``model.vq_from``'s)."""
     missing = [code_token(j) for j in range(n) if tokenizer.tok.token_to_id(code_token(j)) is None]
@@ -78,10 +78,10 @@ class Chameleon(Family):
 
     def configure(self, cfg, pcfg, tokenizer):
         """The VQ tokenizer ``model.vq_from``'s (its processor must read images as this one), one vocabulary token
-        per code (:func:`code_token_ids`), the LM's vocabulary the tokenizer's; the processor's images the VQ's
+        per code (:func:`add_code_tokens`), the LM's vocabulary the tokenizer's; the processor's images the VQ's
         size, each filling its grid of codes."""
         vq = vq_config_from(cfg.vq_from, pcfg, "model.vq_from") if cfg.vq_from else cfg.vq
-        codes = code_token_ids(tokenizer, vq.codebook_size)
+        codes = add_code_tokens(tokenizer, vq.codebook_size)
         cfg = dataclasses.replace(cfg, vq=vq, lm=dataclasses.replace(cfg.lm, vocab_size=tokenizer.vocab_size),
                                   code_token_ids=codes, image_end_token_id=tokenizer.token_id(pcfg.image_end))
         h, w = vq.grid
