@@ -18,6 +18,7 @@ from vlmkit.convert.hf.idefics import idefics_config_to_hf
 from vlmkit.convert.hf.idefics2 import idefics2_config_to_hf
 from vlmkit.convert.hf.idefics3 import idefics3_config_to_hf
 from vlmkit.convert.hf.internvl import internvl_config_to_hf
+from vlmkit.convert.hf.janus import janus_config_to_hf
 from vlmkit.convert.hf.llava import llava_config_to_hf
 from vlmkit.convert.hf.llava_next import llava_next_config_to_hf
 from vlmkit.convert.hf.mistral3 import mistral3_config_to_hf
@@ -74,6 +75,8 @@ def hf_config(preset) -> dict:
         return chameleon_config_to_hf(cfg, image_vocabulary(cfg.code_token_ids, 8711), {})
     if cfg.family == "emu3":
         return emu3_config_to_hf(cfg, emu3_vocabulary_map(cfg, 151646), {"bos_token_id": 151849, "pad_token_id": 151643})
+    if cfg.family == "janus":
+        return janus_config_to_hf(cfg, 100581)
     raise AssertionError(cfg.family)
 
 
@@ -127,6 +130,7 @@ PRESETS = [
     ("gemma-3-4b-it", 4_300_079_472, 0),
     ("chameleon-7b", None, 0),
     ("emu3-8b", None, 0),
+    ("janus-pro-1b", None, 0),
 ]
 
 

@@ -297,4 +297,25 @@ def emu3_rows() -> list[Case]:
 
 
 HF_CASES += emu3_rows()
+
+
+def janus_rows() -> list[Case]:
+    """Janus (tests/hf_janus_folders.py registers its folder): each <image_placeholder> becomes <begin_of_image>, 16
+    placeholders and <end_of_image> (JanusProcessor); images padded to a square of the mean colour
+    (JanusImageProcessor); the generation path is test_hf_janus.py's."""
+    import pytest
+
+    try:
+        import hf_janus_folders  # noqa: F401
+    except pytest.skip.Exception:
+        return []
+    vq = "Janus' VQ tokenizer turns images into codes and back outside any loss (a separate, frozen model)"
+    gen = "the generation embeddings, aligner and head read and predict image codes; a text sample has none"
+    return [Case("janus", "janus", "janus", no_gradient={"vqmodel.": vq, "generation_": gen},
+                 prompts=(("<|User|>: <image_placeholder>\nWhat colour is the small circle?\n\n<|Assistant|>:",
+                           (0,)), ("Compare <image_placeholder> and <image_placeholder>: how many squares?", (3, 1)),
+                          ("the quick brown fox", ())))]
+
+
+HF_CASES += janus_rows()
 CASES = HF_CASES + PRESET_CASES

@@ -96,13 +96,13 @@ def test_layout_of_images_and_image_prompts(trained):
     start, end = tok.token_id("<racm3:break>"), tok.token_id("<eoss>")
     ids = proc.chat([{"role": "user", "content": "<image>\nWhat colour?"}],
                     proc.prepare_images([pipe_image()])).ids
-    k = ids.index(start)
-    assert ids[k + 1:k + 65] == [tok.token_id("<image>")] * 64 and ids[k + 65] == end
+    k, n = ids.index(start), model.image_grid[0] * model.image_grid[1]
+    assert ids[k + 1:k + 1 + n] == [tok.token_id("<image>")] * n and ids[k + 1 + n] == end
     cond = proc.image_prompt("a red circle", model.image_grid)
     uncond = proc.image_prompt("a red circle", model.image_grid, unconditional=True)
     assert cond[-1] == start and len(uncond) == len(cond) and uncond[-1] == start
     assert set(uncond[:-1]) == {tok.pad_id}
-    assert model.image_plan(*model.image_grid) == [None] * 64 + [end]
+    assert model.image_plan(*model.image_grid) == [None] * n + [end]
     assert model.code_ids(torch.arange(3)).tolist() == [tok.token_id(f"<img{j:04d}>") for j in range(3)]
 
 

@@ -78,7 +78,8 @@ def test_checkpoint_loads_and_codes_round_trip_equals_the_model(trained, shapes)
     assert pipe.has_image_codes and not pipe.can_generate and not pipe.can_embed
     images = sorted((shapes / "images").glob("*.png"))[:3]
     codes = pipe.encode_codes(images)
-    assert codes.shape == (3, 4, 4) and codes.dtype == torch.long
+    f = pipe.model.cfg.factor  # 32 px images at the preset's factor
+    assert codes.shape == (3, 32 // f, 32 // f) and codes.dtype == torch.long
     pixels = pipe.processor.prepare_images(images).pixel_values
     with torch.no_grad():
         out = pipe.model(pixels)  # eval mode: no codebook update

@@ -19,11 +19,11 @@ import dataclasses
 
 import torch
 
+from vlmkit.convert.hf.janus import export_janus, load_janus_folder
 from vlmkit.families.vq import load_vq_weights, vq_config_from
-from vlmkit.family import Capabilities, VLMFamily, register
+from vlmkit.family import Capabilities, HFMapping, VLMFamily, register
 from vlmkit.models.janus import JanusConfig, build_janus
-from vlmkit.processing.janus import JanusProcessorConfig, JanusSegmentLayout
-from vlmkit.processing.layouts import TemplateLayout
+from vlmkit.processing.janus import JanusImageProcessor, JanusLayout, JanusProcessorConfig, JanusSegmentLayout
 from vlmkit.processing.tokenizer import SPECIAL_TOKENS
 
 
@@ -36,14 +36,18 @@ class Janus(VLMFamily):
     ProcessorConfig = JanusProcessorConfig
     capabilities = Capabilities(generate_images=True, image_codes=True, tower_cache=True)
     objectives = ("lm", "cell_labels", "unified")
+    hf = HFMapping(("janus",), load_janus_folder, export_janus, "JanusForConditionalGeneration")
 
     def build(self, cfg, image_token_id, init=True):
         return build_janus(cfg, image_token_id, init)
 
+    def image_processor(self, pcfg):
+        return JanusImageProcessor(pcfg)
+
     def layout(self, pcfg, tokenizer, files):
         if pcfg.text_mode == "segments":
             return JanusSegmentLayout(pcfg, tokenizer)
-        return TemplateLayout(pcfg, tokenizer)
+        return JanusLayout(pcfg, tokenizer)
 
     def new_tokenizer(self, texts, vocab_size):
         from vlmkit.processing.tokenizer import TextTokenizer, train_bpe

@@ -24,9 +24,9 @@ def chameleon_7b() -> Preset:
                   notes=["code token ids 4..8195 assumed for the shape; imports read the folder's vocabulary_map"])
 
 
-@PRESETS.register("tiny-chameleon", "from-scratch Chameleon for ShapesWorld: tiny-vq's 8x8 codes (512) as vocabulary "
-                                    "tokens of tiny-llava's 3-layer LM with per-head QK LayerNorm; reads and draws "
-                                    "64x64 images")
+@PRESETS.register("tiny-chameleon", "from-scratch Chameleon for ShapesWorld: tiny-vq's codes (16x16 of 512) as "
+                                    "vocabulary tokens of tiny-llava's 3-layer LM with per-head QK LayerNorm; reads "
+                                    "and draws 64x64 images")
 def tiny_chameleon() -> Preset:
     # tiny-llava's LM shape (untied head initialised large) with Chameleon's per-head QK LayerNorm; the VQ is
     # tiny-vq's (decoder kept: the model draws); a recipe points model.vq_from at a trained one. The vocabulary and
@@ -39,6 +39,6 @@ def tiny_chameleon() -> Preset:
     # tiny-vq's processor: 64 px, [-1, 1] (rescale 1/255 as vlmkit's ImageTransform: the same floats)
     proc = ChameleonProcessorConfig(family="chameleon", image_size=(64, 64), shortest_edge=0, resample="bicubic",
                                     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale_factor=1 / 255,
-                                    text_mode="segments", image_seq_len=64)
+                                    text_mode="segments", image_seq_len=vq.model.grid[0] * vq.model.grid[1])
     return Preset(model, proc, source="Chameleon Team 2024 (architecture only: early fusion, QK-norm); tiny-llava's "
                                       "LM scale, tiny-vq's codes")
