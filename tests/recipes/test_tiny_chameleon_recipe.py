@@ -19,7 +19,7 @@ from vlmkit.train.recipe import load_recipe, override_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = ["data.val_samples=16", "train.batch_size=16", "train.log_every=1", "train.eval_every=1000",
+TINY = ["data.val_samples=16", "train.batch_size=8", "train.log_every=1", "train.eval_every=1000",
         "train.save_every=1000", "stages.0.lr=3e-3", "stages.0.cond_dropout=0.3", "data.group_turns=4"]
 
 
@@ -109,9 +109,9 @@ def test_layout_of_images_and_image_prompts(trained):
 def test_resume_equals_uninterrupted(shapes, tmp_path):
     """A resumed run reads its tokenizer (code tokens included) from its checkpoint and ends where an uninterrupted
     one does."""
-    r = recipe(shapes, "stages.0.steps=8", "train.save_every=4")
+    r = recipe(shapes, "stages.0.steps=6", "train.save_every=3")
     quiet(train, r, tmp_path / "full")
-    quiet(train, r, tmp_path / "cut", stop_at_step=5)  # the last checkpoint is at step 4
+    quiet(train, r, tmp_path / "cut", stop_at_step=4)  # the last checkpoint is at step 3
     quiet(train, r, tmp_path / "cut", resume=True)
     a = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "checkpoint" / "model.safetensors"))
