@@ -273,6 +273,8 @@ PRESET_CASES = [
          no_gradient={"vqmodel": "the VQ tokenizer only turns images into codes and back (no loss reaches it)",
                       "generation_": "the generation path is trained by image-code targets, and a conversation has "
                                      "none (tests/unit/test_janus.py trains it)"}),
+    Case("tiny-chameleon", "chameleon", preset="tiny-chameleon",
+         no_gradient={"vq.": "the VQ tokenizer's codes are an argmin and its decoder only draws: no loss reaches it"}),
 ]
 
 

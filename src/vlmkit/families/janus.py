@@ -16,12 +16,11 @@ Decisions in the family interface's terms:
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
 from vlmkit.convert.hf.janus import export_janus, load_janus_folder
-from vlmkit.errors import ConfigError
+from vlmkit.families.vq import load_vq_weights, vq_config_from
 from vlmkit.family import Capabilities, HFMapping, VLMFamily, register
 from vlmkit.models.janus import JanusConfig, build_janus
 from vlmkit.processing.janus import JanusImageProcessor, JanusLayout, JanusProcessorConfig, JanusSegmentLayout
@@ -61,22 +60,7 @@ class Janus(VLMFamily):
         cfg, pcfg = super().configure(cfg, pcfg, tokenizer)
         if not cfg.gen.vq_from:
             return cfg, pcfg
-        from vlmkit.checkpoint import read_config
-        from vlmkit.processing import Processor
-
-        if not Path(cfg.gen.vq_from).is_dir():
-            raise ConfigError(f"model.gen.vq_from: {cfg.gen.vq_from!r} is not a folder; point it at a trained VQ "
-                              f"tokenizer's checkpoint (vlmkit train tiny-vq writes runs/tiny-vq/checkpoint)")
-        vq_cfg, _ = read_config(cfg.gen.vq_from)
-        if vq_cfg.family != "vq":
-            raise ConfigError(f"model.gen.vq_from {cfg.gen.vq_from!r} is a {vq_cfg.family} model; give a VQ "
-                              f"tokenizer's checkpoint (vlmkit train tiny-vq)")
-        vq_proc = Processor.from_pretrained(cfg.gen.vq_from).cfg
-        for key in ("image_size", "mean", "std"):
-            if tuple(getattr(vq_proc, key)) != tuple(getattr(pcfg, key)):
-                raise ConfigError(f"model.gen.vq_from {cfg.gen.vq_from!r} reads images with {key} "
-                                  f"{list(getattr(vq_proc, key))}, this model's processor with "
-                                  f"{list(getattr(pcfg, key))}; set processor.{key} to match")
+        vq_cfg = vq_config_from(cfg.gen.vq_from, pcfg, "model.gen.vq_from")
         return dataclasses.replace(cfg, gen=dataclasses.replace(cfg.gen, vq=vq_cfg)), pcfg
 
     def new_model(self, cfg, pcfg, tokenizer):
@@ -84,12 +68,7 @@ class Janus(VLMFamily):
         starting at its codebook."""
         cfg, model, processor = super().new_model(cfg, pcfg, tokenizer)
         if cfg.gen.vq_from:
-            from safetensors.torch import load_file
-
-            from vlmkit.checkpoint import check_folder
-
-            state = load_file(str(check_folder(cfg.gen.vq_from) / "model.safetensors"))
-            model.vqmodel.load_state_dict(state)
+            load_vq_weights(model.vqmodel, cfg.gen.vq_from)
             book = model.vqmodel.quantize.codebook().detach()
             if model.generation_embeddings.weight.shape == book.shape:
                 with torch.no_grad():

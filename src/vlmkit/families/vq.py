@@ -11,11 +11,18 @@ Decisions such a model forces, in the family interface's terms:
   (the pad and end tokens: processing/vq.py ``empty_tokenizer``), trained on nothing, and the layout refuses every
   prompt by name;
 - images: the base ``ImageProcessor`` (resize to the model's size, normalise to [-1, 1]).
+
+A from-scratch early-fusion model takes a trained VQ tokenizer's config and weights from its checkpoint
+(tiny-janus' ``model.gen.vq_from``, tiny-chameleon's ``model.vq_from``): :func:`vq_config_from` and
+:func:`load_vq_weights`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vlmkit.config import apply_overrides
+from vlmkit.errors import ConfigError
 from vlmkit.family import Capabilities, Family, register
 from vlmkit.models.vq import VQConfig, build_vq
 from vlmkit.processing.image import ImageProcessor
@@ -54,3 +61,36 @@ class VQ(Family):
     def image_tokens(self, model) -> str:
         h, w = model.grid
         return f"{h * w} ({h}x{w} codes)"
+
+
+def vq_config_from(folder: str, pcfg, key: str) -> VQConfig:
+    """The config of the trained VQ tokenizer checkpoint ``folder`` (recipe option ``key``), whose processor must
+    read images as ``pcfg`` does (image_size, mean, std); ConfigError naming ``key`` otherwise."""
+    from vlmkit.checkpoint import read_config
+    from vlmkit.processing import Processor
+
+    if not Path(folder).is_dir():
+        raise ConfigError(f"{key}: {folder!r} is not a folder; point it at a trained VQ "
+                          f"tokenizer's checkpoint (vlmkit train tiny-vq writes runs/tiny-vq/checkpoint)")
+    vq_cfg, _ = read_config(folder)
+    if vq_cfg.family != "vq":
+        raise ConfigError(f"{key} {folder!r} is a {vq_cfg.family} model; give a VQ "
+                          f"tokenizer's checkpoint (vlmkit train tiny-vq)")
+    vq_proc = Processor.from_pretrained(folder).cfg
+    for name in ("image_size", "mean", "std"):
+        if tuple(getattr(vq_proc, name)) != tuple(getattr(pcfg, name)):
+            raise ConfigError(f"{key} {folder!r} reads images with {name} {list(getattr(vq_proc, name))}, this "
+                              f"model's processor with {list(getattr(pcfg, name))}; set processor.{name} to match")
+    return vq_cfg
+
+
+def load_vq_weights(module, folder: str) -> None:
+    """The weights of the VQ tokenizer checkpoint ``folder`` into ``module`` (a VQModel of its config)."""
+    from safetensors.torch import load_file
+
+    from vlmkit.checkpoint import check_folder
+
+    module.load_state_dict(load_file(str(check_folder(folder) / "model.safetensors")))
+
+
+__all__ = ["VQ", "load_vq_weights", "vq_config_from"]

@@ -67,6 +67,8 @@ class ChameleonConfig(ModelConfig):
     code_token_ids: tuple[int, ...] = ()  # code j -> its token id (img2bpe); one per codebook entry
     image_token: str = IMAGE_TOKEN
     image_end_token_id: int | None = None  # <eoss>, written after an image's codes
+    # a from-scratch model's VQ tokenizer: a trained vlmkit VQ checkpoint (config and weights, families/vq.py)
+    vq_from: str = ""
 
     def __post_init__(self):
         self.code_token_ids = tuple(int(i) for i in self.code_token_ids)

@@ -17,6 +17,12 @@ Text (:class:`ChameleonLayout`, ``input_ids`` of ChameleonProcessor):
   to the text, which ``chat`` does after the folder's chat template;
 - ``image_prompt``: a prompt for image generation: the text's ids (BOS as a raw prompt's) followed by
   ``<racm3:break>``, where the image's codes begin.
+
+Models trained in vlmkit (``text_mode: segments``, :class:`ChameleonSegmentLayout`): vlmkit's segment layout and
+chat template, each ``<image>`` expanding to ``<racm3:break>``, the grid's image slots and ``<eoss>`` (the image
+processor's text, as above); image-generation prompts as Janus' segment layout writes them (the text as a user
+turn, the generation prompt, then ``<racm3:break>``; unconditional: every token but BOS and ``<racm3:break>`` ->
+pad).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from vlmkit.batch import MediaInputs
 from vlmkit.config import ProcessorConfig
 from vlmkit.errors import DataError
 from vlmkit.processing.image import ImageProcessor
+from vlmkit.processing.janus import JanusSegmentLayout
 from vlmkit.processing.layouts import TemplateLayout
 
 
@@ -104,4 +111,12 @@ class ChameleonLayout(TemplateLayout):
         return list(ids) + [start]
 
 
-__all__ = ["ChameleonImageProcessor", "ChameleonLayout", "ChameleonProcessorConfig"]
+class ChameleonSegmentLayout(JanusSegmentLayout):
+    """vlmkit's segment layout with image-generation prompts ending in ``image_start`` (module docstring)."""
+
+    @property
+    def boi_id(self) -> int:
+        return self.tokenizer.token_id(self.cfg.image_start)
+
+
+__all__ = ["ChameleonImageProcessor", "ChameleonLayout", "ChameleonProcessorConfig", "ChameleonSegmentLayout"]
