@@ -19,6 +19,7 @@ guidance (the unconditional rows are not run).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +40,9 @@ class ImageGenerationConfig:
     def validate(self, max_n: int = 64) -> None:
         if not 1 <= self.n <= max_n:
             raise ConfigError(f"n must be in 1..{max_n}, got {self.n}")
-        if self.cfg_scale < 0:
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
             raise ConfigError(f"cfg_scale must be >= 0 (1: no guidance), got {self.cfg_scale}")
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0: every code), got {self.top_k}")

@@ -106,6 +106,8 @@ def test_bad_requests_are_refused_by_name(pipe):
         pipe.generate_image("a red circle", n=0)
     with pytest.raises(ConfigError, match="cfg_scale"):
         pipe.generate_image("a red circle", cfg_scale=-1)
+    with pytest.raises(ConfigError, match="temperature"):
+        pipe.generate_image("a red circle", temperature=float("nan"))
     with pytest.raises(DataError, match="non-empty"):
         pipe.generate_image("   ")
     with pytest.raises(DataError, match="reads no image"):
