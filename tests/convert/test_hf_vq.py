@@ -14,23 +14,13 @@ from vlmkit.convert.hf.vq import vq_config_from_hf, vq_key_map
 from vlmkit.errors import ConfigError
 from vlmkit.models.vq import VQConfig, build_vq
 
+from hf_janus_folders import spread_
+
 transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is needed for parity")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (norm weights near 1, biases and convs small), so that no block is an identity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif "embedding" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise * (0.5 / max(1, p[0].numel()) ** 0.5))
+randomise = spread_  # every parameter random, no block an identity (the Janus folder's own)
 
 
 def fit_codebook(model, pixels: torch.Tensor, seed: int) -> None:

@@ -10,6 +10,7 @@ without them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -59,11 +60,17 @@ def checkpoint(llava_checkpoint, image_path):
 def server(checkpoint):
     """The real server (Engine + create_app, with an API key) under uvicorn in a thread: (URL, engine)."""
     engine = Engine(vlmkit.load(checkpoint[0])).start()
-    app = create_app(engine, api_key=API_KEY)
+    with uvicorn_serving(create_app(engine, api_key=API_KEY)) as url:
+        yield url, engine
+    engine.stop()
+
+
+@contextlib.contextmanager
+def uvicorn_serving(app):
+    """``app`` under uvicorn in a thread on a free port of 127.0.0.1: its URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -72,12 +79,11 @@ def server(checkpoint):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", engine
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
         sock.close()
-        engine.stop()
 
 
 @pytest.fixture(scope="module")
@@ -191,23 +197,9 @@ def test_wrong_api_key_shows_an_error_and_the_key_is_remembered(server, browser)
 def janus_server(janus_checkpoint):
     """A server over a model that reads and draws (an untrained tiny-janus), without an API key: URL."""
     engine = Engine(vlmkit.load(janus_checkpoint)).start()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-        engine.stop()
+    with uvicorn_serving(create_app(engine)) as url:
+        yield url
+    engine.stop()
 
 
 def test_draw_shows_the_generated_images(janus_server, browser, server):

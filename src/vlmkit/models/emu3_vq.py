@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.errors import ConfigError, DataError
+from vlmkit.models.vq import Downsample, Upsample
 
 GROUPS, EPS = 32, 1e-6  # every GroupNorm of Emu3's VQ-VAE
 
@@ -195,24 +196,6 @@ class Middle(nn.Module):
         return self.block_2(x, q)
 
 
-class Downsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class Stack(nn.Module):
     """``down`` (encoder) or ``up`` (decoder): the levels, finest first, each but the coarsest with its resampler."""
 
@@ -232,7 +215,7 @@ class Stack(nn.Module):
                     norms.append(norm(ch, q_ch))
             level = Level(blocks, attn, norms)
             if decoder and i != 0:
-                level.upsample = Upsample(ch)
+                level.upsample = Upsample(ch, "nearest")
             if not decoder and i != n - 1:
                 level.downsample = Downsample(ch)
             levels.insert(0, level) if decoder else levels.append(level)
