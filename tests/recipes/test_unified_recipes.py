@@ -225,3 +225,16 @@ def test_chameleon_refusals_name_what_to_change(shapes, chameleon_checkpoint, tm
     with pytest.raises(ConfigError, match="is a chameleon model; give a VQ"):
         quiet(train, recipe(shapes, CHAMELEON, f"model.vq_from={chameleon_checkpoint}"),
               tmp_path / "c")
+
+
+def test_unified_recipe_checks_refuse_before_any_data_is_read():
+    """The unified stages' recipe refusals (UnifiedObjective.check_recipe), by the setting to change."""
+    from vlmkit.objectives.unified import UnifiedObjective
+
+    base = load_recipe("tiny-janus")
+    with pytest.raises(ConfigError, match="data.shards"):
+        UnifiedObjective.check_recipe(override_recipe(base, ["data.shards=shards/index.json"]))
+    two = override_recipe(base, ["stages.0.objective=unified", "stages.0.batch_size=0", "stages.0.pairs=other.csv"])
+    with pytest.raises(ConfigError, match="one pairs file"):
+        UnifiedObjective.check_recipe(two)
+    UnifiedObjective.check_recipe(base)  # the shipped recipe passes
