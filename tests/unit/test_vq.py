@@ -130,9 +130,32 @@ def test_encode_decode_shapes(size, mult):
     assert torch.equal(out.codes, codes) and out.reconstruction.shape == x.shape
 
 
+@pytest.mark.parametrize("encoder", ["patch", "conv"])
+def test_a_patch_encoders_codes_depend_on_their_own_patch_only(encoder):
+    """Changing one 4x4 patch changes the patch encoder's output at that cell alone (and a flat image's cells are
+    all equal); taming's conv encoder spreads the change and the borders over many cells."""
+    torch.manual_seed(0)
+    cfg = VQConfig(image_size=(32, 32), channels=8, channel_mult=(1, 2, 4), norm_groups=0, code_dim=4,
+                   z_channels=8, codebook_size=16, encoder=encoder)
+    model = build_vq(cfg).eval()
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[:, :, 12:16, 20:24] += 1.0  # the patch of cell (3, 5)
+    with torch.no_grad():
+        changed = (model.encode(x) - model.encode(y)).abs().sum(1)[0] > 0
+        flat = model.encode(torch.full((1, 3, 32, 32), 0.3))[0].flatten(1)
+    if encoder == "patch":
+        assert changed.nonzero().tolist() == [[3, 5]]
+        assert torch.equal(flat, flat[:, :1].expand_as(flat))
+    else:
+        assert changed.sum() > 9 and not torch.equal(flat, flat[:, :1].expand_as(flat))
+
+
 def test_config_refusals():
     with pytest.raises(ConfigError, match="quantizer must be one of ema, ste"):
         VQConfig(quantizer="gumbel")
+    with pytest.raises(ConfigError, match="encoder must be one of conv, patch"):
+        VQConfig(encoder="vit")
     with pytest.raises(ConfigError, match="not a multiple of the downsampling factor 8"):
         VQConfig(image_size=(60, 64))
     with pytest.raises(ConfigError, match="norm_groups 8 does not divide"):

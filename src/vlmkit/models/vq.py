@@ -43,6 +43,7 @@ from vlmkit.errors import ConfigError, DataError
 QUANTIZERS = ("ema", "ste")
 RECON_LOSSES = ("l1", "l2")
 UPSAMPLES = ("nearest", "transpose")
+ENCODERS = ("conv", "patch")
 
 
 @dataclass
@@ -69,12 +70,18 @@ class VQConfig(ModelConfig):
     mid_attn: bool = False  # an attention block between mid.block_1 and mid.block_2 (taming, Chameleon, Janus)
     attn_levels: tuple[int, ...] = ()  # resolution levels (0 = full size) with an attention block after each block
     decode_l2_norm: bool = False  # the decoder reads L2-normalised codes, the encoder compares raw ones
+    # conv: taming's encoder (each code sees about +-40 px through its stacked 3x3 convs and GroupNorm's image-wide
+    # statistics); patch: each code is a function of its own f x f pixels alone (a stride-f conv and 1x1 convs), so
+    # that a flat background is one code per colour and an object's codes do not depend on what else is in the image:
+    # the codes an autoregressive LM must write are compositional (docs/generation.md measures the difference)
+    encoder: str = "conv"
     decoder: bool = True  # False: an encoder alone (Chameleon's released VQ: no decoder weights); no decode_codes
 
     def __post_init__(self):
         for name, value, valid in (("quantizer", self.quantizer, QUANTIZERS),
                                    ("recon_loss", self.recon_loss, RECON_LOSSES),
-                                   ("upsample", self.upsample, UPSAMPLES)):
+                                   ("upsample", self.upsample, UPSAMPLES),
+                              ("encoder", self.encoder, ENCODERS)):
             if value not in valid:
                 raise ConfigError(f"model.{name} must be one of {', '.join(valid)}, got {value!r}")
         f = self.factor
@@ -224,6 +231,25 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class PatchEncoder(nn.Module):
+    """Pixels [n, 3, H, W] -> [n, z_channels, H/f, W/f], each output from its own f x f patch only: a stride-f conv
+    (``proj``), then ``res_blocks + 1`` (SiLU, 1x1 conv) layers at the last level's width (``mlp``), then
+    ``conv_out`` (1x1)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        width = cfg.channels * cfg.channel_mult[-1]
+        self.proj = nn.Conv2d(3, width, cfg.factor, stride=cfg.factor)
+        self.mlp = nn.ModuleList([nn.Conv2d(width, width, 1) for _ in range(cfg.res_blocks + 1)])
+        self.conv_out = nn.Conv2d(width, cfg.z_channels, 1)
+
+    def forward(self, x):
+        h = self.proj(x)
+        for layer in self.mlp:
+            h = h + layer(F.silu(h))
+        return self.conv_out(F.silu(h))
 
 
 class Decoder(nn.Module):
@@ -396,7 +422,7 @@ class VQModel(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = PatchEncoder(cfg) if cfg.encoder == "patch" else Encoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
         self.quantize = VectorQuantizer(cfg)
         self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)

@@ -146,8 +146,10 @@ def chameleon_config_to_hf(cfg: ChameleonConfig, vocab: dict, special: dict) -> 
           "base_channels": v.channels, "channel_multiplier": list(mult), "num_res_blocks": v.res_blocks,
           "attn_resolutions": [v.image_size[0] // 2 ** i for i in v.attn_levels], "dropout": 0.0,
           "attn_type": "vanilla" if v.mid_attn else "none"}
-    if v.norm_groups != 32 or v.image_size[0] != v.image_size[1] or v.decode_l2_norm or v.l2_norm:
-        raise ConfigError("model.vq: Chameleon's VQ has norm_groups 32, square images and no L2-normalised codes")
+    if v.norm_groups != 32 or v.image_size[0] != v.image_size[1] or v.decode_l2_norm or v.l2_norm or \
+            v.encoder != "conv":
+        raise ConfigError("model.vq: Chameleon's VQ has norm_groups 32, square images, no L2-normalised codes and "
+                          "taming's conv encoder")
     if not v.mid_attn and v.attn_levels:
         raise ConfigError("model.vq.attn_levels without mid_attn: ChameleonVQVAE puts attention at both or neither")
     drop = ("head_dim", "architectures", "torch_dtype", "model_type")
