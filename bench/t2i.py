@@ -2,7 +2,7 @@
 by ``shapes_t2i`` (accuracy per prompt type, GenEval's rules) and asked ``shapes_vqa``; tiny-llava trained on the same
 data in the same run gives the VQA it is compared with. One JSON line.
 
-    python bench/t2i.py --vq runs/tiny-vq/checkpoint [--n 2000] [--pairs 8000] [--threads 2] [--steps N]
+    python bench/t2i.py --vq runs/tiny-vq/checkpoint [--n 2000] [--pairs 8000] [--threads 2] [--recipe R] [--steps N]
                         [--llava] [--out DIR]
 
 The VQ tokenizer is a separate pretrained model (as Janus takes LlamaGen's): ``python bench/vq.py --out DIR``
@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="ShapesWorld scenes (80/10/10 train/val/test)")
     ap.add_argument("--pairs", type=int, default=8000, help="text-to-image training pairs")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, help="override the unified stage's steps (stages.1.steps)")
+    ap.add_argument("--recipe", default="tiny-janus", help="the recipe (a built-in name or a YAML path)")
+    ap.add_argument("--steps", type=int, help="override the unified stage's steps")
     ap.add_argument("--set", action="append", default=[], help="more recipe overrides, KEY=VALUE")
     ap.add_argument("--llava", action="store_true", help="also train tiny-llava on the same data (VQA baseline)")
     ap.add_argument("--limit", type=int, help="samples per evaluation task")
@@ -50,9 +51,11 @@ def main() -> None:
         vq_set = [f"data.path={data}"] + ([f"stages.0.steps={args.vq_steps}"] if args.vq_steps else [])
         vq = args.vq or str(train(load_recipe("tiny-vq", vq_set), root / "vq", **QUIET).checkpoint)
         overrides = [f"data.path={data}", f"model.gen.vq_from={vq}", *args.set]
-        overrides += [f"stages.1.steps={args.steps}"] if args.steps else []
+        if args.steps:
+            unified = [i for i, s in enumerate(load_recipe(args.recipe).stages) if s.objective == "unified"][0]
+            overrides.append(f"stages.{unified}.steps={args.steps}")
         t0 = time.perf_counter()
-        janus = train(load_recipe("tiny-janus", overrides), root / "janus", progress=True, log=lambda m: None)
+        janus = train(load_recipe(args.recipe, overrides), root / "janus", progress=True, log=lambda m: None)
         seconds = time.perf_counter() - t0
         result = {"bench": "t2i", "config": vars(args), "threads": torch.get_num_threads(),
                   "train_seconds": round(seconds, 1), "janus": _evaluate(janus.checkpoint, data, root / "eval-janus",

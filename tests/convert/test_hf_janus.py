@@ -240,3 +240,15 @@ def test_janus_processor_settings_are_checked_by_name():
         JanusProcessorConfig(background=(0, 300, 0))
     with pytest.raises(ConfigError, match="min_size 0"):
         JanusProcessorConfig(min_size=0)
+
+
+@pytest.mark.parametrize("option, value", [("pos_embed", "grid"), ("vq.encoder", "patch")])
+def test_vlmkit_only_generation_options_do_not_export(janus, option, value):
+    """tiny-janus's code row/column embeddings and patch tokenizer have no place in transformers' Janus: refused."""
+    from vlmkit.convert.hf.janus import janus_config_to_hf, load_janus
+
+    _, cfg = load_janus(janus[0])
+    owner, _, name = f"gen.{option}".rpartition(".")
+    setattr(cfg.gen.vq if owner == "gen.vq" else cfg.gen, name, value)
+    with pytest.raises(ConfigError, match=f"{option} {value!r}"):
+        janus_config_to_hf(cfg, 5)

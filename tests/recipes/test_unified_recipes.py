@@ -42,11 +42,12 @@ class Early:
         return self.name
 
 
-JANUS = Early("tiny-janus", "model.gen.vq_from", 1, ("train.batch_size=16", "stages.0.steps=4", "stages.1.lr=3e-3",
-                                                     "stages.1.cond_dropout=0.3"), (8, 6, 9))
+JANUS = Early("tiny-janus", "model.gen.vq_from", 2, ("train.batch_size=16", "stages.0.steps=4", "stages.1.steps=4",
+                                                     "stages.2.lr=3e-3", "stages.2.cond_dropout=0.3"), (8, 6, 13))
 CHAMELEON = Early("tiny-chameleon", "model.vq_from", 0, ("train.batch_size=8", "stages.0.lr=3e-3",
                                                         "stages.0.cond_dropout=0.3"), (6, 3, 4))
 EARLY = [JANUS, CHAMELEON]
+UNI = f"stages.{JANUS.stage}"  # tiny-janus's unified stage
 
 
 def quiet(fn, *args, **kw):
@@ -137,11 +138,11 @@ def test_resume_equals_uninterrupted(shapes, tmp_path, early):
 
 def test_janus_refusals_name_what_to_change(shapes, tmp_path):
     with pytest.raises(ConfigError, match="cond_dropout must be in"):
-        quiet(train, recipe(shapes, JANUS, "stages.1.cond_dropout=1.0"), tmp_path / "a")
+        quiet(train, recipe(shapes, JANUS, f"{UNI}.cond_dropout=1.0"), tmp_path / "a")
     with pytest.raises(ConfigError, match="text_weight and image_weight"):
-        quiet(train, recipe(shapes, JANUS, "stages.1.text_weight=0", "stages.1.image_weight=0"), tmp_path / "b")
+        quiet(train, recipe(shapes, JANUS, f"{UNI}.text_weight=0", f"{UNI}.image_weight=0"), tmp_path / "b")
     with pytest.raises(ConfigError, match="--t2i"):
-        quiet(train, recipe(shapes, JANUS, "stages.1.pairs=missing.csv"), tmp_path / "c")
+        quiet(train, recipe(shapes, JANUS, f"{UNI}.pairs=missing.csv"), tmp_path / "c")
     with pytest.raises(ConfigError, match="gen.vq_from"):
         quiet(train, recipe(shapes, JANUS, f"model.gen.vq_from={tmp_path / 'nowhere'}"), tmp_path / "d")
     with pytest.raises(ConfigError, match="cell_labels stages do not read it"):
@@ -151,8 +152,8 @@ def test_janus_refusals_name_what_to_change(shapes, tmp_path):
 def test_packed_rows_give_the_padded_loss(shapes, tmp_path):
     """A unified step whose conversations and text-to-image samples are packed into rows has the loss (text and
     image parts) of the same samples one per padded row."""
-    padded = quiet(train, recipe(shapes, JANUS, "stages.1.steps=2"), tmp_path / "padded")
-    packed = quiet(train, recipe(shapes, JANUS, "stages.1.steps=2", "train.packing=true"), tmp_path / "packed")
+    padded = quiet(train, recipe(shapes, JANUS, f"{UNI}.steps=2"), tmp_path / "padded")
+    packed = quiet(train, recipe(shapes, JANUS, f"{UNI}.steps=2", "train.packing=true"), tmp_path / "packed")
     a, b = unified_rows(tmp_path / "padded"), unified_rows(tmp_path / "packed")
     assert padded.steps == packed.steps and len(a) == len(b) == 2
     for x, y in zip(a, b):
@@ -170,7 +171,7 @@ def test_two_processes_follow_the_single_process_curve(shapes, tmp_path):
     import sys
 
     data, vq = shapes
-    sets = [f"data.path={data}", f"model.gen.vq_from={vq}", *COMMON, *JANUS.tiny, "stages.1.steps=4", "train.threads=1",
+    sets = [f"data.path={data}", f"model.gen.vq_from={vq}", *COMMON, *JANUS.tiny, f"{UNI}.steps=4", "train.threads=1",
             "train.precompute_frozen_vision=false"]
     curves = []
     for nproc in (1, 2):

@@ -13,7 +13,7 @@ from vlmkit.batch import Batch
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.family import get_family
 from vlmkit.image_generation import ImageGenerationConfig, generate_codes, image_tokens
-from vlmkit.models.janus import two_head_loss
+from vlmkit.models.janus import code_runs, two_head_loss
 from vlmkit.pipeline import Pipeline
 from vlmkit.presets import get_preset
 
@@ -22,13 +22,21 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 TEXTS = ["a red circle left of a blue square", "what colour is the circle", "two green triangles", "a star"] * 30
 
 
-@pytest.fixture(scope="module")
-def pipe() -> Pipeline:
+def _pipe(pos_embed: str) -> Pipeline:
     torch.manual_seed(0)
     p = get_preset("tiny-janus")
+    p.model.gen.pos_embed = pos_embed
     fam = get_family("janus")
     cfg, model, processor = fam.new_model(p.model, p.processor, fam.new_tokenizer(TEXTS, 300))
+    if pos_embed == "grid":  # large enough that a wrong place changes the greedy codes
+        for table in (model.generation_rows, model.generation_cols):
+            torch.nn.init.normal_(table.weight, std=1.0)
     return Pipeline(model.eval(), processor, cfg)
+
+
+@pytest.fixture(scope="module", params=["none", "grid"])
+def pipe(request) -> Pipeline:
+    return _pipe(request.param)
 
 
 def test_two_head_loss_sums_each_modality_through_its_own_head():
@@ -73,6 +81,36 @@ def test_cached_guided_greedy_codes_equal_a_recomputation_without_cache(pipe):
     h, w = model.image_grid
     assert codes.shape == (2, h, w) and torch.equal(codes[0], codes[1])
     assert codes[0].flatten().tolist() == _recomputed_codes(model, cond, uncond, h * w, 3.0)
+    if model._grid_pos:  # the places matter: without them the codes differ
+        rows = model.generation_rows.weight.data.clone()
+        model.generation_rows.weight.data.zero_()
+        try:
+            assert generate_codes(model, cond, uncond, gen)[0].tolist() != codes[0].tolist()
+        finally:
+            model.generation_rows.weight.data.copy_(rows)
+
+
+def test_code_runs_index_each_code_in_its_run_across_packing_padding_and_cached_steps():
+    is_code = torch.tensor([[0, 1, 1, 1, 0, 1, 1], [1, 1, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+
+    def reference(row, carry):
+        out, run = [], carry
+        for c in row:
+            run = run + 1 if c else 0
+            out.append(run - 1 if c else 0)
+        return out, run
+
+    for carried in (None, torch.tensor([0, 5, 3])):
+        index, end = code_runs(is_code, carried)
+        for b in range(3):
+            want, run = reference(is_code[b].tolist(), 0 if carried is None else int(carried[b]))
+            assert index[b].tolist() == want and int(end[b]) == run
+    # a decode step at a time continues the run: one token per call equals the whole sequence at once
+    carried, steps = torch.zeros(3, dtype=torch.long), []
+    for t in range(is_code.shape[1]):
+        index, carried = code_runs(is_code[:, t:t + 1], carried)
+        steps.append(index)
+    assert torch.equal(torch.cat(steps, 1), code_runs(is_code)[0])
 
 
 def test_seeded_images_are_reproducible_and_the_seed_matters(pipe):

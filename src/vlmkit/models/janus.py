@@ -34,6 +34,7 @@ from vlmkit.models.vq import VQConfig, VQModel, build_vq
 from vlmkit.nn import KVCache, activation, init_linear_
 
 HEADS = ("text", "image")
+POS_EMBEDS = ("none", "grid")
 
 
 @dataclass
@@ -48,6 +49,10 @@ class JanusGenConfig:
     aligner_depth: int = 2  # Linear layers of the generation aligner (vq_config.num_hidden_layers)
     projection_dim: int = 0  # the aligner's and the head's hidden width (vq_config.projection_dim); 0 = the LM's
     act: str = "gelu"  # vq_config.hidden_act
+    # "grid": learned row and column embeddings added to each code's input, at its place in the image (DALL-E's
+    # row and column embeddings), so that a small LM knows where in the image it writes; "none": Janus' own (the
+    # LM's RoPE positions only)
+    pos_embed: str = "none"
 
 
 @dataclass
@@ -58,6 +63,8 @@ class JanusConfig(VLMConfig):
     gen: JanusGenConfig = field(default_factory=JanusGenConfig)
 
     def __post_init__(self):
+        if self.gen.pos_embed not in POS_EMBEDS:
+            raise ConfigError(f"model.gen.pos_embed must be one of {', '.join(POS_EMBEDS)}, got {self.gen.pos_embed!r}")
         if self.gen.aligner_depth < 1:
             raise ConfigError(f"model.gen.aligner_depth must be >= 1, got {self.gen.aligner_depth}")
 
@@ -103,6 +110,9 @@ class JanusModel(VisionLanguageModel):
         self.generation_embeddings = nn.Embedding(vq.codebook_size, g.embed_dim or vq.cfg.code_dim)
         self.generation_aligner = GenerationAligner(g.embed_dim or vq.cfg.code_dim, hidden, g.aligner_depth, g.act)
         self.generation_head = GenerationHead(width, hidden, vq.codebook_size, g.act)
+        if g.pos_embed == "grid":
+            h, w = vq.grid
+            self.generation_rows, self.generation_cols = nn.Embedding(h, width), nn.Embedding(w, width)
 
     # ------------------------------------------------------------------------------ the image-generation interface
     @property
@@ -139,17 +149,31 @@ class JanusModel(VisionLanguageModel):
     def module_groups(self) -> dict[str, nn.Module]:
         """Understanding's groups, the generation path (``generation``: embeddings, aligner, head) and the VQ
         tokenizer (``vq``, frozen by the recipes: it is a separate pretrained model, as Janus' LlamaGen VQ)."""
-        gen = nn.ModuleList([self.generation_embeddings, self.generation_aligner, self.generation_head])
+        gen = nn.ModuleList([self.generation_embeddings, self.generation_aligner, self.generation_head,
+                             *([self.generation_rows, self.generation_cols] if self._grid_pos else [])])
         return {**super().module_groups(), "generation": gen, "vq": self.vqmodel}
 
     # ------------------------------------------------------------------------------------------------ the model
-    def embed(self, input_ids: torch.Tensor, features) -> torch.Tensor:
+    @property
+    def _grid_pos(self) -> bool:
+        return "generation_rows" in self._modules
+
+    def embed(self, input_ids: torch.Tensor, features, cache: KVCache | None = None) -> torch.Tensor:
         """Text ids and image placeholders as VisionLanguageModel embeds them; ids >= V (codes) through the
-        generation embeddings and aligner."""
+        generation embeddings and aligner (plus their row and column embeddings with ``gen.pos_embed`` "grid": a
+        code's place is its index in its run of consecutive codes, continued across ``cache``'s decoding steps)."""
         is_code = input_ids >= self.vocab_size
         embeds = super().embed(input_ids.masked_fill(is_code, 0), features)
         # run on an empty selection too (no host sync to ask whether there are codes)
         codes = self.generation_aligner(self.generation_embeddings(input_ids[is_code] - self.vocab_size))
+        if self._grid_pos:
+            carried = cache.extra.get("code_run") if cache is not None and cache.length else None
+            index, run = code_runs(is_code, carried)
+            if cache is not None:
+                cache.extra["code_run"] = run
+            h, w = self.image_grid
+            index = index[is_code]
+            codes = codes + self.generation_rows((index // w).clamp_max(h - 1)) + self.generation_cols(index % w)
         return embeds.masked_scatter(is_code[..., None], codes.to(embeds.dtype))
 
     def forward(self, batch: Batch, cache: KVCache | None = None, logits_to_keep: int = 0,
@@ -157,7 +181,7 @@ class JanusModel(VisionLanguageModel):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         features = self.media_features(batch)
-        embeds = self.embed(batch.input_ids, features)
+        embeds = self.embed(batch.input_ids, features, cache)
         hidden = self.lm(embeds, position_ids=self.positions(batch, features, cache),
                          attention_mask=batch.attention_mask, mask=self.attention(batch, cache), cache=cache)
         if batch.labels is not None:
@@ -165,6 +189,19 @@ class JanusModel(VisionLanguageModel):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return ModelOutput(logits=(self.lm.lm_head if head == "text" else self.generation_head)(hidden))
+
+
+def code_runs(is_code: torch.Tensor, carried: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's index in its run of consecutive codes ([B, T], 0 for other tokens), a run at the start
+    continuing the ``carried`` [B] codes of the previous call (a cached decoding step), and the length of the run
+    each row ends in [B] (0 when it ends in another token). Packed samples and padding break runs."""
+    counted = is_code.long().cumsum(1)
+    before = torch.where(is_code, torch.zeros_like(counted), counted).cummax(1).values  # codes before the run
+    index = counted - before - 1
+    if carried is not None:
+        index = index + torch.where((~is_code).long().cumsum(1) == 0, carried[:, None], 0)
+    index = index.clamp_min(0) * is_code
+    return index, torch.where(is_code[:, -1], index[:, -1] + 1, 0)
 
 
 def two_head_loss(hidden: torch.Tensor, labels: torch.Tensor, vocab: int, text_head: nn.Module,
@@ -198,7 +235,10 @@ def build_janus(cfg: JanusConfig, image_token_id: int, init: bool = True) -> Jan
         init_from_scratch(model, cfg)
         init_linear_(nn.ModuleList([model.generation_aligner, model.generation_head]))
         nn.init.normal_(model.generation_embeddings.weight, std=1.0)
+        if model._grid_pos:
+            for table in (model.generation_rows, model.generation_cols):
+                nn.init.normal_(table.weight, std=0.02)
     return model
 
 
-__all__ = ["JanusConfig", "JanusGenConfig", "JanusModel", "build_janus", "two_head_loss"]
+__all__ = ["JanusConfig", "JanusGenConfig", "JanusModel", "build_janus", "code_runs", "two_head_loss"]

@@ -44,7 +44,9 @@ def tiny_janus() -> Preset:
     # Janus' shape (2 Linear layers, GELU) at the LM's width
     base = tiny_llava()
     parts = {f.name: getattr(base.model, f.name) for f in dataclasses.fields(VLMConfig)}
-    model = JanusConfig(**{**parts, "family": "janus"}, gen=JanusGenConfig(vq=tiny_vq().model))
+    # the codes' row and column embeddings (gen.pos_embed "grid"): a 3-layer LM writing 256 codes in raster order
+    # otherwise has only RoPE's relative offsets to know which column it is in (docs/generation.md)
+    model = JanusConfig(**{**parts, "family": "janus"}, gen=JanusGenConfig(vq=tiny_vq().model, pos_embed="grid"))
     pcfg = JanusProcessorConfig(**{f.name: getattr(base.processor, f.name)
                                    for f in dataclasses.fields(base.processor)}, )
     pcfg.family = "janus"

@@ -208,6 +208,8 @@ def janus_config_to_hf(cfg: JanusConfig, image_token_id: int) -> dict:
                         f"connector's is the tower's)")
     if (g.projection_dim or cfg.lm.width) != cfg.lm.width or not q.decode_l2_norm or not q.mid_attn:
         problems.append("gen.projection_dim must be the LM's width and the VQ Janus' (mid_attn, decode_l2_norm)")
+    if g.pos_embed != "none" or q.encoder != "conv":
+        problems.append(f"gen.pos_embed {g.pos_embed!r} / gen.vq.encoder {q.encoder!r} (Janus: 'none', 'conv')")
     if problems:
         raise ConfigError(f"not expressible as a transformers Janus checkpoint: {'; '.join(problems)}")
     acts = {b: a for a, b in GEN_ACTS.items()}
