@@ -11,7 +11,9 @@ The modules are named as taming-transformers' VQModel (``encoder.conv_in``, ``en
 Their attention blocks (taming's ``AttnBlock``: GroupNorm, 1x1-conv q/k/v, single-head softmax attention over the
 grid, 1x1-conv ``proj_out``, residual) are options: ``mid_attn`` puts one between ``mid.block_1`` and
 ``mid.block_2`` (``mid.attn_1``), ``attn_levels`` one after every residual block of those resolution levels
-(``down[i].attn[j]``, ``up[i].attn[j]``; taming's ``attn_resolutions`` in pixels, as levels).
+(``down[i].attn[j]``, ``up[i].attn[j]``; taming's ``attn_resolutions`` in pixels, as levels). ``encoder: patch``
+(vlmkit's, tiny-vq's) replaces the encoder by :class:`PatchEncoder`, whose every code is a function of its own
+f x f patch: codes an LM learns to write far sooner than taming's, each of which sees most of a small image.
 
 The quantiser (:class:`VectorQuantizer`):
 
@@ -81,7 +83,7 @@ class VQConfig(ModelConfig):
         for name, value, valid in (("quantizer", self.quantizer, QUANTIZERS),
                                    ("recon_loss", self.recon_loss, RECON_LOSSES),
                                    ("upsample", self.upsample, UPSAMPLES),
-                              ("encoder", self.encoder, ENCODERS)):
+                                   ("encoder", self.encoder, ENCODERS)):
             if value not in valid:
                 raise ConfigError(f"model.{name} must be one of {', '.join(valid)}, got {value!r}")
         f = self.factor
@@ -235,7 +237,7 @@ class Encoder(nn.Module):
 
 class PatchEncoder(nn.Module):
     """Pixels [n, 3, H, W] -> [n, z_channels, H/f, W/f], each output from its own f x f patch only: a stride-f conv
-    (``proj``), then ``res_blocks + 1`` (SiLU, 1x1 conv) layers at the last level's width (``mlp``), then
+    (``proj``), then ``res_blocks + 1`` residual (SiLU, 1x1 conv) layers at the last level's width (``mlp``), then
     ``conv_out`` (1x1)."""
 
     def __init__(self, cfg: VQConfig):
