@@ -22,6 +22,7 @@ import torch
 
 from vlmkit.data.shapes import generate_shapes
 from vlmkit.eval.judge.pairs import write_t2i_pairs
+from vlmkit.eval.judge.task import IMAGES_PER_PROMPT
 from vlmkit.eval.runner import run_eval
 from vlmkit.train.loop import train
 from vlmkit.train.recipe import load_recipe
@@ -78,8 +79,12 @@ def _data(out: Path, n: int, pairs: int) -> Path:
 
 def _evaluate(checkpoint, data: Path, out: Path, tasks: list[str], limit: int | None) -> dict:
     res = run_eval(checkpoint, tasks, data, out / "results.json", limit=limit, progress=False)
-    return {name: {k: round(v, 4) for k, v in r["metrics"].items() if isinstance(v, float)}
-            for name, r in res["tasks"].items()}
+    out = {name: {k: round(v, 4) for k, v in r["metrics"].items() if isinstance(v, float)}
+           for name, r in res["tasks"].items()}
+    if "shapes_t2i" in res["tasks"]:  # 4 guided images per prompt, on this run's threads
+        t2i = res["tasks"]["shapes_t2i"]
+        out["shapes_t2i"]["seconds_per_image"] = round(t2i["seconds"] / (t2i["n"] * IMAGES_PER_PROMPT), 3)
+    return out
 
 
 if __name__ == "__main__":

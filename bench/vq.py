@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="more recipe overrides, KEY=VALUE")
     ap.add_argument("--figure", help="write the first 8 test images (top) and their reconstructions (bottom) here")
     ap.add_argument("--images", type=int, default=200, help="test images the judge compares")
-    ap.add_argument("--out", help="keep the data and the run here (the trained tokenizer: OUT/run/final), e.g. for "
+    ap.add_argument("--out", help="keep the data and the run here (the trained tokenizer: OUT/run/checkpoint), e.g. for "
                                   "a tiny-janus recipe's model.vq_from; default: a temporary folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -12,10 +12,10 @@ import collections
 import json
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 import vlmkit
-from vlmkit.eval.judge.parser import parse_images
-from vlmkit.eval.judge.specs import check
-from vlmkit.eval.judge.task import IMAGES_PER_PROMPT, prompt_seed, read_t2i
+from vlmkit.eval.judge.task import judge_prompt, read_t2i
 
 
 def main() -> None:
@@ -29,12 +29,11 @@ def main() -> None:
     samples = read_t2i(Path(args.data), "test", None)
     for setting in map(json.loads, args.settings):
         scores = collections.defaultdict(list)
-        for s in samples:
+        for s in tqdm(samples, desc=json.dumps(setting), unit="prompt"):
             if len(scores[s.meta["type"]]) >= args.per_type:
                 continue
-            images = pipe.generate_image(s.question, n=IMAGES_PER_PROMPT, seed=prompt_seed(s.id), **setting)
-            ok = [check(s.meta["spec"], objs, *im.size)[0] for im, objs in zip(images, parse_images(images))]
-            scores[s.meta["type"]].append(sum(ok) / len(ok))
+            _, verdicts = judge_prompt(pipe, s, **setting)
+            scores[s.meta["type"]].append(sum(ok for ok, _ in verdicts) / len(verdicts))
         print("RESULT", json.dumps({"model": args.model, "setting": setting,
                                     **{t: round(sum(v) / len(v), 3) for t, v in scores.items()}}), flush=True)
 

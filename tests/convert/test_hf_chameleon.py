@@ -238,3 +238,13 @@ def test_loss_parts_text_through_the_text_head_image_through_the_full_head(chame
     assert abs(float(out.parts["text"][0]) - float(text)) <= 1e-3 and abs(float(out.parts["image"][0]) - float(img)) <= 1e-3
     assert abs(float(out.loss) - float(text + img) / (n_text + 17)) <= 1e-5
     assert "unified" in pipe.family.objectives
+
+
+def test_a_patch_tokenizer_does_not_export(chameleon):
+    """tiny-vq's patch encoder has no place in transformers' ChameleonVQVAE (taming's encoder): refused by name."""
+    from vlmkit.convert.hf.chameleon import chameleon_config_to_hf, load_chameleon_folder
+
+    _, cfg, processor = load_chameleon_folder(chameleon[0])
+    cfg.vq.encoder = "patch"
+    with pytest.raises(ConfigError, match="taming's conv encoder"):
+        chameleon_config_to_hf(cfg, processor.tokenizer.tok.get_vocab(), {})

@@ -139,6 +139,13 @@ def test_teacher_forced_logprobs_equal_the_sampler_step_distributions(pipe):
     assert pipe.decode_codes(codes).shape == (3, 64, 64)
 
 
+def test_an_unknown_code_position_embedding_is_refused_by_name():
+    p = get_preset("tiny-janus")
+    p.model.gen.pos_embed = "rope2d"
+    with pytest.raises(ConfigError, match="gen.pos_embed must be one of none, grid"):
+        p.model.__post_init__()
+
+
 def test_bad_requests_are_refused_by_name(pipe):
     with pytest.raises(ConfigError, match="n must be"):
         pipe.generate_image("a red circle", n=0)

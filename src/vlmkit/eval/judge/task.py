@@ -105,6 +105,16 @@ def _refuse(pipe) -> str:
             "False): evaluate a model that does")
 
 
+def judge_prompt(pipe, sample: EvalSample, **sampling) -> tuple[list, list[tuple[bool, str]]]:
+    """The ``IMAGES_PER_PROMPT`` images ``pipe`` draws for one shapes_t2i prompt (its fixed seed; ``sampling``: more
+    ``generate_image`` keywords) and each one's verdict (judged right, why not)."""
+    from vlmkit.eval.judge.parser import parse_images
+    from vlmkit.eval.judge.specs import check
+
+    images = pipe.generate_image(sample.question, n=IMAGES_PER_PROMPT, seed=prompt_seed(sample.id), **sampling)
+    return images, [check(sample.meta["spec"], objs, *im.size) for im, objs in zip(images, parse_images(images))]
+
+
 def _evaluate(pipe, samples: list[EvalSample], root: Path, progress: bool = False):
     """(predictions: per prompt its verdicts, per-sample accuracy, extra metrics with the grid image)."""
     why = _refuse(pipe)
@@ -112,16 +122,10 @@ def _evaluate(pipe, samples: list[EvalSample], root: Path, progress: bool = Fals
         raise ConfigError(f"task 'shapes_t2i': {why}")
     from tqdm.auto import tqdm
 
-    from vlmkit.eval.judge.parser import parse_images
-    from vlmkit.eval.judge.specs import check
-
     predictions, scores, shown = [], [], []
     per_type: dict[str, int] = {}
     for s in tqdm(samples, desc="shapes_t2i", unit="prompt", disable=not progress, dynamic_ncols=True):
-        images = pipe.generate_image(s.question, n=IMAGES_PER_PROMPT, seed=prompt_seed(s.id))
-        verdicts = [
-            check(s.meta["spec"], objects, *im.size) for im, objects in zip(images, parse_images(images))
-        ]
+        images, verdicts = judge_prompt(pipe, s)
         ok = [v for v, _ in verdicts]
         predictions.append(" | ".join("correct" if v else why for v, why in verdicts))
         scores.append({"accuracy": sum(ok) / max(1, len(ok))})
@@ -173,4 +177,4 @@ register_task(
     )
 )
 
-__all__ = ["PROMPT_TYPES", "grid", "read_t2i", "write_t2i_shapes"]
+__all__ = ["PROMPT_TYPES", "grid", "judge_prompt", "read_t2i", "write_t2i_shapes"]
