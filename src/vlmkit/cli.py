@@ -206,7 +206,7 @@ def cmd_generate_image(args) -> None:
 
     pipe = vlmkit.load(args.model)
     images = pipe.generate_image(args.prompt, n=args.n, cfg_scale=args.cfg_scale, temperature=args.temperature,
-                                 top_k=args.top_k, seed=args.seed, progress=not args.quiet)
+                                 top_k=args.top_k, seed=args.seed, steps=args.steps, progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60] or "image"
@@ -443,6 +443,8 @@ def _add_generate_image(sub) -> None:
     g.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance (1: none; default 5)")
     g.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
+    g.add_argument("--steps", type=int, default=0,
+                   help="denoising / unmasking steps of a diffusion or mask-predict model (0: its default)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(fn=cmd_generate_image)
 

@@ -105,6 +105,22 @@ class Family:
 
         return TextTokenizer(train_bpe(texts, vocab_size))
 
+    def can_draw(self, model) -> bool:
+        """Whether ``model`` (of a family with ``generate_images``) can turn what it samples into pixels: by default
+        whether it has a VQ decoder (an imported Chameleon has none)."""
+        return bool(model.can_decode_codes)
+
+    def draw_images(self, model, cond: list[int], uncond: list[int], gen, progress: bool = False):
+        """Pixels [n, 3, H, W] in [-1, 1] drawn for the prompt ids ``cond`` (``uncond``: the unconditional prompt's,
+        for classifier-free guidance; empty when ``gen.cfg_scale`` is 1) with the sampling options ``gen``
+        (image_generation.ImageGenerationConfig). By default an autoregressive family's drawing: codes sampled one by
+        one with a KV cache, decoded by the VQ decoder. A family that draws otherwise (mask-predict over codes,
+        diffusion over continuous latents) overrides this; Pipeline.generate_image, the images API and
+        ``shapes_t2i`` all draw through it."""
+        from vlmkit.image_generation import draw_autoregressive
+
+        return draw_autoregressive(model, cond, uncond, gen, progress)
+
     def describe(self) -> str:
         return self.doc or (type(self).__doc__ or "").strip().splitlines()[0]
 

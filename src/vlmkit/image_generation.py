@@ -36,6 +36,9 @@ class ImageGenerationConfig:
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # sample among the k most likely codes; 0: all
     seed: int | None = None
+    # the denoising or unmasking steps of an iterative sampler (continuous or discrete diffusion); 0: the model's
+    # default. An autoregressive family writes one code per step and takes only 0
+    steps: int = 0
 
     def validate(self, max_n: int = 64) -> None:
         if not 1 <= self.n <= max_n:
@@ -46,6 +49,8 @@ class ImageGenerationConfig:
             raise ConfigError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0: every code), got {self.top_k}")
+        if not 0 <= self.steps <= 1000:
+            raise ConfigError(f"steps must be in 0..1000 (0: the model's default), got {self.steps}")
 
 
 def columns_of(model, ids: torch.Tensor) -> torch.Tensor:
@@ -150,6 +155,16 @@ def generate_codes(model, cond: list[int], uncond: list[int], gen: ImageGenerati
     return torch.stack(codes, dim=1).view(gen.n, h, w)
 
 
+def draw_autoregressive(model, cond: list[int], uncond: list[int], gen: ImageGenerationConfig,
+                        progress: bool = False) -> torch.Tensor:
+    """Pixels [n, 3, H, W] in [-1, 1]: codes sampled token by token (:func:`generate_codes`), decoded by the model's
+    VQ decoder. ``gen.steps`` other than 0 is refused: such a model writes one code per step."""
+    if gen.steps:
+        raise ConfigError(f"steps={gen.steps}: this model draws its codes one at a time (autoregressively), so it "
+                          f"takes no step count; leave steps at 0 (steps is for diffusion and mask-predict samplers)")
+    return model.decode_codes(generate_codes(model, cond, uncond, gen, model.image_grid, progress))
+
+
 def to_images(pixels: torch.Tensor) -> list:
     """VQ decoder outputs [n, 3, H, W] in [-1, 1] (VQGAN's convention, which Janus, Emu3 and vlmkit's VQ keep) ->
     PIL images."""
@@ -159,5 +174,5 @@ def to_images(pixels: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-__all__ = ["ImageGenerationConfig", "check_codes", "columns_of", "generate_codes", "image_code_logprobs", "image_tokens",
+__all__ = ["ImageGenerationConfig", "check_codes", "columns_of", "draw_autoregressive", "generate_codes", "image_code_logprobs", "image_tokens",
            "sample_top_k", "to_images"]

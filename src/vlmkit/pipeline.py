@@ -17,7 +17,7 @@ from vlmkit.batch import Batch, Encoded, Features, MediaInputs, item_key
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.generation import GenerationConfig, generate
-from vlmkit.image_generation import ImageGenerationConfig, check_codes, generate_codes, image_code_logprobs, to_images
+from vlmkit.image_generation import ImageGenerationConfig, check_codes, image_code_logprobs, to_images
 
 
 def _as_list(images) -> list:
@@ -62,9 +62,9 @@ class Pipeline:
 
     @property
     def can_generate_images(self) -> bool:
-        """Draws images for a text prompt (``generate_image``): a text-to-image family whose model can turn codes
-        into pixels (an imported Chameleon has no VQ decoder)."""
-        return self.family.capabilities.generate_images and self.model.can_decode_codes
+        """Draws images for a text prompt (``generate_image``): a text-to-image family whose model can turn what it
+        samples into pixels (Family.can_draw: an imported Chameleon has no VQ decoder)."""
+        return self.family.capabilities.generate_images and self.family.can_draw(self.model)
 
     @property
     def can_score(self) -> bool:
@@ -227,30 +227,32 @@ class Pipeline:
 
     # ------------------------------------------------------------------ image generation
     def _need_image_generation(self, what: str, pixels: bool = True) -> None:
-        """Refuse ``what`` unless the family draws images and, when ``pixels``, the model can decode codes."""
+        """Refuse ``what`` unless the family draws images and, when ``pixels``, the model can make pixels."""
         if not self.family.capabilities.generate_images:
             raise DataError(f"{what} needs a model that generates images (Pipeline.can_generate_images); this "
                             f"{self.family.name} model does not")
-        if pixels and not self.model.can_decode_codes:
+        if pixels and not self.family.can_draw(self.model):
             raise ConfigError(f"{what}: this {self.family.name} model writes image codes but its VQ tokenizer has no "
                               f"decoder to turn them into pixels (image_code_logprobs() still scores codes)")
 
     @torch.no_grad()
     def generate_image(self, prompt: str, n: int = 1, cfg_scale: float = 5.0, temperature: float = 1.0,
-                       top_k: int = 0, seed: int | None = None, progress: bool = False) -> list:
-        """``n`` PIL images drawn for the text ``prompt``: the model's image codes sampled token by token with a KV
-        cache and classifier-free guidance (``cfg_scale`` 1: none; the conditional and unconditional prompts run
-        as one batch), then decoded by its VQ decoder. The same ``seed`` gives the same images."""
+                       top_k: int = 0, seed: int | None = None, steps: int = 0, progress: bool = False) -> list:
+        """``n`` PIL images drawn for the text ``prompt`` with classifier-free guidance (``cfg_scale`` 1: none; the
+        conditional and unconditional prompts run as one batch), as the family draws (Family.draw_images): an
+        autoregressive model samples its image codes token by token with a KV cache (``temperature``, ``top_k``)
+        and decodes them with its VQ decoder; an iterative sampler takes ``steps`` (0: the model's default). The
+        same ``seed`` gives the same images."""
         self._need_image_generation("generate_image()")
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError("generate_image(): prompt must be a non-empty string")
-        gen = ImageGenerationConfig(n=n, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, seed=seed)
+        gen = ImageGenerationConfig(n=n, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, seed=seed,
+                                    steps=steps)
         gen.validate()
         grid = self.model.image_grid
         cond = self.processor.image_prompt(prompt, grid, where="generate_image()")
         uncond = self.processor.image_prompt(prompt, grid, unconditional=True) if cfg_scale != 1 else []
-        codes = generate_codes(self.model, cond, uncond, gen, grid, progress)
-        return to_images(self.model.decode_codes(codes))
+        return to_images(self.family.draw_images(self.model, cond, uncond, gen, progress))
 
     def image_code_logprobs(self, prompt: str, codes) -> list[float]:
         """The log-probability of every token of the image ``codes`` (a grid of code ids, rows of a list or a tensor

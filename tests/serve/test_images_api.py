@@ -70,12 +70,19 @@ def test_the_model_that_draws_also_chats(client):
     ({"size": 64}, "size"), ({"response_format": "url"}, "response_format"), ({"prompt": ""}, "prompt"),
     ({"prompt": None}, "prompt"), ({"cfg_scale": -1}, "cfg_scale"), ({"temperature": 3}, "temperature"),
     ({"top_k": -2}, "top_k"), ({"seed": "x"}, "seed"), ({"output_format": "webp"}, "output_format"),
+    ({"steps": 1001}, "steps"), ({"steps": 2.5}, "steps"),
 ])
 def test_bad_fields_are_400s_naming_them(janus_server, body, param):
     with httpx.Client(base_url=janus_server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         r = http.post("/v1/images/generations", json={"prompt": PROMPT, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_steps_for_an_autoregressive_model_is_a_400_saying_why(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt=PROMPT, extra_body={"steps": 8})
+    assert "draws its codes one at a time" in str(e.value)
 
 
 def test_a_prompt_holding_an_image_placeholder_is_a_400(client):

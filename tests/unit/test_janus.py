@@ -155,6 +155,10 @@ def test_bad_requests_are_refused_by_name(pipe):
         pipe.generate_image("a red circle", temperature=float("nan"))
     with pytest.raises(DataError, match="non-empty"):
         pipe.generate_image("   ")
+    with pytest.raises(ConfigError, match="steps must be in 0..1000"):
+        pipe.generate_image("a red circle", steps=-1)
+    with pytest.raises(ConfigError, match="steps=4: this model draws its codes one at a time"):
+        pipe.generate_image("a red circle", steps=4)
     with pytest.raises(DataError, match="reads no image"):
         pipe.generate_image("<image> a red circle")
     size = pipe.model.codebook_size

@@ -5,6 +5,9 @@
   share a prefix see the prefix and themselves);
 - :func:`with_prompt`: any of these with the prompt tokens of each row (or sample) attending to each other both
   ways: the prefix-LM pattern (PaliGemma);
+- :func:`with_blocks`: any of these with the tokens of each block (an image's latents or codes) attending to each
+  other both ways: bidirectional attention within an image, causal elsewhere (Transfusion; Show-o's omni-attention);
+  :func:`block_ids` numbers the blocks of a row;
 - :func:`sliding_window`: any of these restricted to the keys within a window before each query (Gemma 2 / 3's
   sliding layers);
 - :func:`document_starts`, :func:`per_document_cumsum`: helpers over ``document_ids``.
@@ -65,6 +68,28 @@ def with_prompt(mask: torch.Tensor, prompt_mask: torch.Tensor, document_ids: tor
     return mask | both[:, None]
 
 
+def block_ids(in_block: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] ids of the blocks of ``in_block`` [B, T] (True: a token of a block, e.g. an image's latent patches):
+    each maximal run of True gets its own id, unique in its row (0, 1, ...), -1 elsewhere. A packed sample's start
+    (``document_ids``) also starts a new block, so two samples' adjacent images stay apart."""
+    prev = torch.nn.functional.pad(in_block, (1, 0), value=False)[:, :-1]
+    starts = in_block & ~prev
+    if document_ids is not None:
+        starts = in_block & (starts | document_starts(document_ids))
+    return (starts.long().cumsum(-1) - 1).masked_fill(~in_block, -1)
+
+
+def with_blocks(mask: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``mask`` [B or 1, 1, Tq, Tk] plus every pair of tokens of one block seeing each other both ways: ``blocks``
+    [B, Tk] are the keys' block ids (:func:`block_ids`; -1: in none) and the queries are the last Tq keys (after a
+    cache, the tokens just read). Within an image every latent sees every other, before and after it; a token
+    outside the block sees it only as ``mask`` allows (causally: text never sees a later image). Padded tokens are
+    in no block, so padded keys stay masked."""
+    Tq = mask.shape[-2]
+    q, k = blocks[:, -Tq:, None], blocks[:, None, :]
+    return mask | ((q == k) & (k >= 0))[:, None]
+
+
 def sliding_window(mask: torch.Tensor, window: int, positions: torch.Tensor | None = None) -> torch.Tensor:
     """``mask`` [B or 1, 1, Tq, Tk] minus the keys ``window`` or more positions before their query: a key k stays
     where k > q - window (transformers' ``sliding_window_overlay``, ANDed after any bidirectional block, so keys
@@ -96,4 +121,5 @@ def per_document_cumsum(x: torch.Tensor, document_ids: torch.Tensor) -> torch.Te
     return total - before.cummax(-1).values
 
 
-__all__ = ["causal_mask", "document_mask", "document_starts", "per_document_cumsum", "sliding_window", "with_prompt"]
+__all__ = ["block_ids", "causal_mask", "document_mask", "document_starts", "per_document_cumsum", "sliding_window",
+           "with_blocks", "with_prompt"]

@@ -420,7 +420,7 @@ def parse_image_generation(body, native: tuple[int, int]) -> dict:
     """An images request body (OpenAI's ``POST /v1/images/generations``) -> the Pipeline.generate_image arguments
     and the answer's ``size`` (width, height) and format. ``native`` (width, height): the size the model draws at;
     ``size`` is "auto" (that size) or WxH of the same aspect ratio, up to 1024 a side (resized, nearest). vlmkit's
-    sampling options (``seed``, ``cfg_scale``, ``temperature``, ``top_k``) ride along as extra fields."""
+    sampling options (``seed``, ``cfg_scale``, ``temperature``, ``top_k``, ``steps``) ride along as extra fields."""
     _object(body)
     for key in ("model", "user", "quality", "style"):
         if body.get(key) is not None:
@@ -446,9 +446,12 @@ def parse_image_generation(body, native: tuple[int, int]) -> dict:
     top_k = _integer(body, "top_k")
     if top_k is not None and top_k < 0:
         raise _bad(f"top_k must be >= 0 (0: every code), got {top_k}", "top_k")
+    steps = _integer(body, "steps")
+    if steps is not None and not 0 <= steps <= 1000:
+        raise _bad(f"steps must be in [0, 1000] (0: the model's default), got {steps}", "steps")
     return {"prompt": prompt, "n": n, "size": _image_size(body.get("size"), native), "seed": seed,
             "cfg_scale": _number(body, "cfg_scale", 5.0, 0.0, 50.0),
-            "temperature": _number(body, "temperature", 1.0, 0.0, 2.0), "top_k": top_k or 0}
+            "temperature": _number(body, "temperature", 1.0, 0.0, 2.0), "top_k": top_k or 0, "steps": steps or 0}
 
 
 def _image_size(size, native: tuple[int, int]) -> tuple[int, int]:
