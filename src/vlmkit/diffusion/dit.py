@@ -19,7 +19,8 @@ vlmkit's latent-diffusion baseline, whose blocks Transfusion-style models may re
   ``torch.nn.functional.scaled_dot_product_attention`` (vlmkit.nn.Attention), and DiT's MLP (GELU, tanh form).
 - **Cross-attention to text** (``cross_attention_dim``; PixArt-alpha, Chen et al. 2023, which conditions a DiT on
   T5's token states this way): between the two, ``x + cross_attn(norm(x), text_states)``, the text's padding keys
-  masked out (``text_mask`` [n, S], True = a real token). As PixArt's, its output projection is zero-initialised, so
+  masked out (``text_mask`` [n, S], True = a real token); the layer is vlmkit.fusion's CrossAttention (Flamingo's,
+  no biases, where PixArt's has them). As PixArt's, its output projection is zero-initialised, so
   the block stays the identity at initialisation; unlike PixArt's there is a LayerNorm (with affine parameters)
   before it, as Stable Diffusion's transformer blocks have. A sample whose mask has no real token gets no
   cross-attention output at all (an all-padding text is "no text": the unconditional input for guidance, and no
@@ -94,12 +95,14 @@ class DiTConfig:
 
 
 def sincos_2d(width: int, h: int, w: int) -> torch.Tensor:
-    """DiT's fixed 2D sine-cosine position embedding [h * w, width] of an h x w patch grid (row-major): a quarter
-    of the channels each for the sin and cos of the row and of the column, periods up to 10000 (MAE's / DiT's
-    ``get_2d_sincos_pos_embed``, channel blocks in vlmkit.nn.sincos_2d's order, which the ViT towers share)."""
+    """DiT's fixed 2D sine-cosine position embedding [h * w, width] of an h x w patch grid (row-major), in DiT's
+    (MAE's ``get_2d_sincos_pos_embed``) channel order: the first half encodes the column (its ``meshgrid(grid_w,
+    grid_h)`` puts w first), the second the row, each half sin then cos at periods up to 10000. vlmkit.nn.sincos_2d
+    (the ViT towers') is the same with the halves swapped; it computes both here."""
     if width % 4:
         raise ConfigError(f"a 2D sine-cosine position embedding needs a width divisible by 4, got {width}")
-    return _sincos_2d(h, w, width)
+    rows_then_cols = _sincos_2d(h, w, width)
+    return torch.cat([rows_then_cols[:, width // 2:], rows_then_cols[:, :width // 2]], dim=1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ __all__ = [
     "add_noise",
     "euler_sample",
     "flow_loss",
+    "guided",
     "sample_timesteps",
     "shift_timesteps",
     "velocity_target",
