@@ -98,7 +98,7 @@ def sincos_2d(width: int, h: int, w: int) -> torch.Tensor:
     """DiT's fixed 2D sine-cosine position embedding [h * w, width] of an h x w patch grid (row-major), in DiT's
     (MAE's ``get_2d_sincos_pos_embed``) channel order: the first half encodes the column (its ``meshgrid(grid_w,
     grid_h)`` puts w first), the second the row, each half sin then cos at periods up to 10000. vlmkit.nn.sincos_2d
-    (the ViT towers') is the same with the halves swapped; it computes both here."""
+    (the ViT towers') has the halves the other way round; this reorders its output."""
     if width % 4:
         raise ConfigError(f"a 2D sine-cosine position embedding needs a width divisible by 4, got {width}")
     rows_then_cols = _sincos_2d(h, w, width)
