@@ -13,6 +13,7 @@ package). docs/adding-a-family.md walks through adding one.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -120,6 +121,15 @@ class Family:
         from vlmkit.image_generation import draw_autoregressive
 
         return draw_autoregressive(model, cond, uncond, gen, progress)
+
+    def t2i_training_tokens(self, model, tokens: list[int], rng: random.Random) -> tuple[list[int], list[int]]:
+        """(inputs, labels) of a text-to-image sample's image ``tokens`` (its code ids and the family's forced ids, as
+        ``image_generation.image_tokens`` writes them) after the prompt: what the model reads and what it is trained
+        to predict there. ``rng`` is seeded per sample and step from the run's seed (objectives/unified.py), so a
+        resumed run draws the same. By default an autoregressive family's: the tokens read as they are, each
+        supervised as the next token (the model's loss shifts). A mask-predict family replaces some codes by its
+        mask id and supervises those positions with the original codes (families/showo.py)."""
+        return list(tokens), list(tokens)
 
     def describe(self) -> str:
         return self.doc or (type(self).__doc__ or "").strip().splitlines()[0]

@@ -275,6 +275,8 @@ PRESET_CASES = [
                                      "none (tests/unit/test_janus.py trains it)"}),
     Case("tiny-chameleon", "chameleon", preset="tiny-chameleon",
          no_gradient={"vq.": "the VQ tokenizer's codes are an argmin and its decoder only draws: no loss reaches it"}),
+    Case("tiny-showo", "showo", preset="tiny-showo",
+         no_gradient={"vq.": "the VQ tokenizer's codes are an argmin and its decoder only draws: no loss reaches it"}),
 ]
 
 

@@ -12,7 +12,10 @@ The loss is ``text_weight * (mean loss over the text targets) + image_weight * (
 targets)``, each mean over the whole global batch (micro-batches and ranks), so the two weights say how much each
 task counts whatever their token counts. ``cond_dropout``: the share of text-to-image samples whose prompt is the
 family's unconditional one, which classifier-free guidance compares with at sampling time (drawn per sample and
-step from the run's seed, so a resumed run drops the same ones). Validation: the text loss on ``data.val``'s
+step from the run's seed, so a resumed run drops the same ones). The image tokens are what the family trains on
+(``Family.t2i_training_tokens``, from the same per-sample, per-step generator): an autoregressive family reads them
+as they are and predicts each from the ones before; a mask-predict family (Show-o) reads some codes replaced by its
+mask id and predicts the originals there. Validation: the text loss on ``data.val``'s
 conversations and the image loss on up to ``data.val_samples`` held-out pairs (``t2i_pairs_val.csv`` beside the
 training pairs, when there is one).
 """
@@ -53,6 +56,7 @@ class CodePairs:
             chunk = paths[start:start + batch_size]
             media = processor.prepare_images(chunk, where).to(device)
             codes.update(zip(chunk, model.encode_codes(media).cpu()))
+        self.model, self.family = model, processor.family
         self.tokens = [image_tokens(model, codes[p.image]) for p in pairs]
         self.cond = [processor.image_prompt(p.caption, grid, where=p.source) for p in pairs]
         self.uncond = [processor.image_prompt(p.caption, grid, unconditional=True, where=p.source) for p in pairs]
@@ -64,10 +68,14 @@ class CodePairs:
     def length(self, i: int) -> int:
         return max(len(self.cond[i]), len(self.uncond[i])) + len(self.tokens[i])
 
-    def item(self, i: int, unconditional: bool) -> Item:
+    def item(self, i: int, unconditional: bool, rng: random.Random) -> Item:
+        """Sample ``i`` with its conditional or unconditional prompt; its image tokens as the family trains them
+        (``Family.t2i_training_tokens``: as they are for an autoregressive family, some codes masked for a
+        mask-predict one, drawn from ``rng``)."""
         prompt = self.uncond[i] if unconditional else self.cond[i]
-        ids = prompt + self.tokens[i]
-        labels = [IGNORE] * len(prompt) + self.tokens[i]
+        inputs, targets = self.family.t2i_training_tokens(self.model, self.tokens[i], rng)
+        ids = prompt + inputs
+        labels = [IGNORE] * len(prompt) + targets
         n = len(ids)
         return Item(torch.tensor(ids), torch.tensor(labels), torch.arange(n), torch.zeros(n, dtype=torch.long),
                     len(prompt), self.empty, [])
@@ -101,8 +109,9 @@ class MixedDataset:
         if i < self.n_conv:
             return self.conv[i]
         k = i - self.n_conv
-        drop = random.Random(f"{self.seed}:{self.step}:{k}").random() < self.dropout
-        return self.pairs.item(k, drop)
+        rng = random.Random(f"{self.seed}:{self.step}:{k}")
+        drop = rng.random() < self.dropout
+        return self.pairs.item(k, drop, rng)
 
 
 def split_counts(batch, image_ids: torch.Tensor) -> tuple[int, int]:
@@ -219,14 +228,16 @@ class UnifiedObjective(LMObjective):
 
 @torch.no_grad()
 def image_loss(model, pairs: CodePairs, pad_id: int, batch_size: int = 64) -> float:
-    """The mean loss over the image tokens of held-out pairs (conditional prompts)."""
+    """The mean loss over the image tokens of held-out pairs (conditional prompts; a mask-predict family's masks
+    drawn from a fixed per-pair seed, so every validation masks the same codes)."""
     from vlmkit.data.collate import collate
 
     modes = {m: m.training for m in model.modules()}
     model.eval()
     total, n = 0.0, 0
     for start in range(0, len(pairs), batch_size):
-        batch = collate([pairs.item(i, False) for i in range(start, min(len(pairs), start + batch_size))], pad_id)
+        batch = collate([pairs.item(i, False, random.Random(f"val:{i}"))
+                         for i in range(start, min(len(pairs), start + batch_size))], pad_id)
         out = model(batch)
         total += float(out.parts["image"][0])
         n += out.parts["image"][1]
