@@ -1,8 +1,9 @@
 """The KL-VAE (models/vae.py, families/vae.py): forward and encode -> decode shapes through models/vq.py's encoder
 and decoder, the KL against a hand computation, the loss as its parts, the log-variance clamp, the scaling factor
 (encode multiplies by it, decode divides; the running estimate of 1 / std against a hand computation; a configured
-factor overrides it), seeded posterior samples, vae_config_from's and the config's refusals, and the Pipeline's
-refusals of text for a model that reads none. Training it is tests/recipes/test_vae_recipe.py."""
+factor overrides it), seeded posterior samples, vae_config_from's and the config's refusals, the Pipeline's
+encode_latents / decode_latents and the refusals of text for a model that reads none. Training it is
+tests/recipes/test_vae_recipe.py."""
 
 from __future__ import annotations
 
@@ -203,13 +204,48 @@ def test_vae_config_from_refusals(tmp_path):
         vae_config_from(folder, VQProcessorConfig(family="vae", image_size=(64, 64)), "model.vae_from")
 
 
-def test_a_vae_pipeline_refuses_text_and_codes_naming_what_it_does():
+def test_pipeline_latents_round_trip_equals_the_model():
+    from PIL import Image
+
+    torch.manual_seed(0)
+    pipe = new_pipe(small(scaling_factor=0.5))
+    assert pipe.has_image_latents and not pipe.has_image_codes and not pipe.can_generate and not pipe.can_embed
+    images = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (32, 32), (0, 0, 255))]
+    z = pipe.encode_latents(images)
+    pixels = pipe.processor.prepare_images(images).pixel_values
+    assert z.shape == (2, 4, 8, 8) and torch.equal(z, pipe.model.encode_latents(pixels))
+    one = pipe.decode_latents(z[0])
+    assert one.shape == (3, 32, 32) and torch.allclose(one, pipe.model.decode(z[:1] / 0.5)[0], atol=1e-6)
+    assert torch.allclose(pipe.decode_latents(z)[1], pipe.decode_latents(z[1]), atol=1e-5)
+    a, b = (pipe.encode_latents(images, sample=True, seed=3) for _ in range(2))
+    assert torch.equal(a, b) and not torch.equal(a, z)  # seeded posterior samples
+
+
+def test_a_vae_pipeline_refuses_text_and_bad_latents_naming_what_it_does():
     pipe = new_pipe(small())
-    assert not pipe.can_generate and not pipe.can_embed and not pipe.has_image_codes
-    with pytest.raises(DataError, match="chat\\(\\) needs a generative model; this vae model does not generate text"):
+    with pytest.raises(DataError, match="chat\\(\\) needs a generative model; this vae model does not generate text: "
+                                        "it turns images into latents and back \\(encode_latents / decode_latents"):
         pipe.chat([], "what is this?")
     with pytest.raises(DataError, match="this is an image autoencoder \\(vae\\), which turns images into continuous "
                                         "latents and back \\(encode_latents / decode_latents\\)"):
         pipe.processor.prompt("hello", None)
     with pytest.raises(DataError, match="encode_codes\\(\\) needs a model with an image codebook .* this vae model"):
         pipe.encode_codes([torch.zeros(3, 32, 32)])
+    with pytest.raises(DataError, match=r"decode_latents\(\): latents must be a float tensor \[C, h, w\] or "
+                                        r"\[n, C, h, w\], got list"):
+        pipe.decode_latents([[0.0]])
+    with pytest.raises(DataError, match=r"latents must be a float tensor \[n, 4, h, w\], got torch.float32 \[1, 2, 8, 8\]"):
+        pipe.decode_latents(torch.zeros(2, 8, 8))
+
+
+def test_a_chat_model_is_refused_latents(tiny_config, make_processor, tokenizer):
+    from vlmkit.models import build_model
+
+    model = build_model(tiny_config(), tokenizer.token_id("<image>"))
+    pipe = Pipeline(model, make_processor(image_seq_len=model.image_seq_len))
+    with pytest.raises(DataError, match="encode_latents\\(\\) needs a model with continuous image latents \\(an image "
+                                        "autoencoder, family vae\\); this llava model has none"):
+        pipe.encode_latents([torch.zeros(3, 16, 16)])
+    with pytest.raises(DataError, match="decode_latents\\(\\) needs a model with continuous image latents"):
+        pipe.decode_latents(torch.zeros(4, 2, 2))
+    assert not pipe.has_image_latents

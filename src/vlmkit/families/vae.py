@@ -5,8 +5,9 @@ Decisions such a model forces, in the family interface's terms (the ``vq`` famil
 codebook):
 
 - capabilities: it neither generates text nor embeds (``generate=False``, ``embed=False``) and has no codebook
-  (``image_codes=False``); a latent-diffusion family calls the model's ``encode_latents`` / ``decode_latents``
-  (no flag is added: no shared code asks yet);
+  (``image_codes=False``); it has continuous latents (``image_latents=True``), so ``Pipeline.encode_latents`` /
+  ``decode_latents`` call the model's ``encode_latents`` / ``decode_latents`` (what a latent-diffusion family
+  calls on the model it holds);
 - objectives: ``vae`` alone (reconstruction + KL, objectives/vae.py);
 - text: none; as the VQ tokenizer's, its checkpoint keeps the smallest tokenizer (processing/vq.py
   ``empty_tokenizer``) and its layout refuses every prompt by name (:class:`LatentLayout`);
@@ -43,7 +44,7 @@ class VAE(Family):
     name = "vae"
     Config = VAEConfig
     ProcessorConfig = VQProcessorConfig
-    capabilities = Capabilities(generate=False, embed=False, shared_prefix=False)
+    capabilities = Capabilities(generate=False, embed=False, shared_prefix=False, image_latents=True)
     objectives = ("vae",)
     image_groups = ("encoder",)
 
