@@ -21,7 +21,7 @@ from vlmkit.train.recipe import load_recipe, override_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = ["model.image_size=[32, 32]", "data.val_samples=12", "train.batch_size=16", "train.log_every=1",
+TINY = ["model.image_size=[32, 32]", "data.val_samples=12", "train.batch_size=8", "train.log_every=1",
         "train.eval_every=1000", "train.save_every=1000", "stages.0.lr=3e-3", "stages.0.warmup=0.05"]
 
 
