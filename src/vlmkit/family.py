@@ -42,6 +42,9 @@ class Capabilities:
     # encode_codes / decode_codes: images <-> a grid of discrete codes through the model's VQ codebook (a VQ image
     # tokenizer; an early-fusion family that generates image codes)
     image_codes: bool = False
+    # encode_latents / decode_latents: images <-> grids of continuous latents (a KL-VAE: what latent diffusion
+    # denoises)
+    image_latents: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Pipeline = load(path): chat, generate and score with one model and its Processor; embed with a dual encoder;
-images <-> codes with a model that has a VQ codebook; images drawn for a text prompt by a model that generates them.
+images <-> codes with a model that has a VQ codebook; images <-> continuous latents with an image autoencoder;
+images drawn for a text prompt by a model that generates them.
 
 The evaluation tasks, the server and the CLI all go through these methods, so a model answers the same
 way everywhere. What a model can do is its family's (``Capabilities``): ``can_generate`` models chat, generate,
 score and rank; ``can_embed`` models embed images and texts; ``has_image_codes`` models turn images into code grids
-and code grids into pixels (``encode_codes`` / ``decode_codes``).
+and code grids into pixels (``encode_codes`` / ``decode_codes``); ``has_image_latents`` models turn images into
+grids of continuous latents and back (``encode_latents`` / ``decode_latents``).
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ class Pipeline:
         """Turns images into grids of discrete codes and back (a VQ codebook)."""
         return self.family.capabilities.image_codes
 
+    @property
+    def has_image_latents(self) -> bool:
+        """Turns images into grids of continuous latents and back (an image autoencoder: a KL-VAE)."""
+        return self.family.capabilities.image_latents
+
     # ------------------------------------------------------------------ generation
     def _need_generative(self, what: str) -> None:
         if self.can_generate:
@@ -84,6 +91,8 @@ class Pipeline:
             raise DataError(f"{what} needs a generative model; this is a dual encoder ({self.family.name}), which "
                             f"embeds images and texts: use embed_images() / embed_texts()")
         codes = ": it turns images into codes and back (encode_codes() / decode_codes())" if self.has_image_codes else ""
+        if self.has_image_latents:
+            codes = ": it turns images into latents and back (encode_latents / decode_latents)"
         raise DataError(f"{what} needs a generative model; this {self.family.name} model does not generate text{codes}")
 
     def _run(self, items: list[Encoded], gen: GenerationConfig, image_keys: list[list] | None = None) -> list[str]:
@@ -224,6 +233,40 @@ class Pipeline:
                 raise DataError(f"decode_codes(): codes must be a grid of code ids (rows of equal length): {e}") \
                     from None
         return self.model.decode_codes(codes.to(self.device)).float().cpu()
+
+    # ------------------------------------------------------------------ image latents (an image autoencoder)
+    def _need_latents(self, what: str) -> None:
+        if not self.has_image_latents:
+            raise DataError(f"{what} needs a model with continuous image latents (an image autoencoder, family "
+                            f"vae); this {self.family.name} model has none")
+
+    @torch.no_grad()
+    def encode_latents(self, images, sample: bool = False, seed: int | None = None,
+                       batch_size: int = 64) -> torch.Tensor:
+        """Images (paths or PIL images) -> their latents [n, C, h, w], prepared as the processor prepares them:
+        the posterior means (``sample``: posterior samples, drawn from ``seed``) times the model's scaling factor."""
+        self._need_latents("encode_latents()")
+        images = _as_list(images)
+        gen = torch.Generator(self.device).manual_seed(seed) if sample and seed is not None else None
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            media = self.processor.prepare_images(chunk, f"images[{start}:{start + len(chunk)}]").to(self.device)
+            out.append(self.model.encode_latents(media, sample=sample, generator=gen).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, 0, 0, 0)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [C, h, w] (as encode_latents gives them) -> the decoder's output [3, H, W] in [-1, 1], before
+        clamping or de-normalisation; a batch [n, C, h, w] -> [n, 3, H, W]."""
+        self._need_latents("decode_latents()")
+        if not isinstance(latents, torch.Tensor):
+            raise DataError(f"decode_latents(): latents must be a float tensor [C, h, w] or [n, C, h, w], got "
+                            f"{type(latents).__name__}")
+        one = latents.dim() == 3
+        z = (latents[None] if one else latents).to(self.device)
+        out = self.model.decode_latents(z).float().cpu()
+        return out[0] if one else out
 
     # ------------------------------------------------------------------ image generation
     def _need_image_generation(self, what: str, pixels: bool = True) -> None:
