@@ -66,26 +66,35 @@ class VQ(Family):
 def vq_config_from(folder: str, pcfg, key: str) -> VQConfig:
     """The config of the trained VQ tokenizer checkpoint ``folder`` (recipe option ``key``), whose processor must
     read images as ``pcfg`` does (image_size, mean, std); ConfigError naming ``key`` otherwise."""
+    return pretrained_image_config(folder, pcfg, key, "vq", "VQ tokenizer's", "tiny-vq")
+
+
+def pretrained_image_config(folder: str, pcfg, key: str, family: str, what: str, recipe: str):
+    """The config of the trained ``family`` checkpoint ``folder`` that another model takes as its image tokenizer
+    or autoencoder (recipe option ``key``): ConfigError naming ``key`` when it is not a folder, is another family's
+    (``what``: "VQ tokenizer's", "VAE's"; ``recipe``: the recipe that trains one), or its processor reads images
+    otherwise than ``pcfg`` (image_size, mean, std)."""
     from vlmkit.checkpoint import read_config
     from vlmkit.processing import Processor
 
     if not Path(folder).is_dir():
-        raise ConfigError(f"{key}: {folder!r} is not a folder; point it at a trained VQ "
-                          f"tokenizer's checkpoint (vlmkit train tiny-vq writes runs/tiny-vq/checkpoint)")
-    vq_cfg, _ = read_config(folder)
-    if vq_cfg.family != "vq":
-        raise ConfigError(f"{key} {folder!r} is a {vq_cfg.family} model; give a VQ "
-                          f"tokenizer's checkpoint (vlmkit train tiny-vq)")
-    vq_proc = Processor.from_pretrained(folder).cfg
+        raise ConfigError(f"{key}: {folder!r} is not a folder; point it at a trained {what} checkpoint "
+                          f"(vlmkit train {recipe} writes runs/{recipe}/checkpoint)")
+    cfg, _ = read_config(folder)
+    if cfg.family != family:
+        raise ConfigError(f"{key} {folder!r} is a {cfg.family} model; give a {what} checkpoint "
+                          f"(vlmkit train {recipe})")
+    proc = Processor.from_pretrained(folder).cfg
     for name in ("image_size", "mean", "std"):
-        if tuple(getattr(vq_proc, name)) != tuple(getattr(pcfg, name)):
-            raise ConfigError(f"{key} {folder!r} reads images with {name} {list(getattr(vq_proc, name))}, this "
+        if tuple(getattr(proc, name)) != tuple(getattr(pcfg, name)):
+            raise ConfigError(f"{key} {folder!r} reads images with {name} {list(getattr(proc, name))}, this "
                               f"model's processor with {list(getattr(pcfg, name))}; set processor.{name} to match")
-    return vq_cfg
+    return cfg
 
 
 def load_vq_weights(module, folder: str) -> None:
-    """The weights of the VQ tokenizer checkpoint ``folder`` into ``module`` (a VQModel of its config)."""
+    """The weights of the checkpoint ``folder`` (a VQ tokenizer's, or a VAE's with its estimated latent_scale) into
+    ``module`` (a model of its config)."""
     from safetensors.torch import load_file
 
     from vlmkit.checkpoint import check_folder
@@ -93,4 +102,4 @@ def load_vq_weights(module, folder: str) -> None:
     module.load_state_dict(load_file(str(check_folder(folder) / "model.safetensors")))
 
 
-__all__ = ["VQ", "load_vq_weights", "vq_config_from"]
+__all__ = ["VQ", "load_vq_weights", "pretrained_image_config", "vq_config_from"]
