@@ -45,14 +45,14 @@ from torch import nn
 from vlmkit.batch import MediaInputs
 from vlmkit.config import ModelConfig
 from vlmkit.errors import ConfigError, DataError
-from vlmkit.models.vq import ENCODERS, RECON_LOSSES, UPSAMPLES, Decoder, Encoder, PatchEncoder
+from vlmkit.models.vq import ConvAutoencoderShape, Decoder, Encoder, PatchEncoder
 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamp
 SCALE_MOMENTUM = 0.1  # the running moments' momentum (BatchNorm's), after a cumulative average over 1 / it forwards
 
 
 @dataclass
-class VAEConfig(ModelConfig):
+class VAEConfig(ModelConfig, ConvAutoencoderShape):
     """A KL-VAE (module docstring). The encoder / decoder fields are models/vq.py VQConfig's, same names and
     meaning."""
 
@@ -73,19 +73,7 @@ class VAEConfig(ModelConfig):
     encoder: str = "conv"  # conv: taming's; patch: each latent from its own f x f pixels (models/vq.py)
 
     def __post_init__(self):
-        for name, value, valid in (("recon_loss", self.recon_loss, RECON_LOSSES),
-                                   ("upsample", self.upsample, UPSAMPLES), ("encoder", self.encoder, ENCODERS)):
-            if value not in valid:
-                raise ConfigError(f"model.{name} must be one of {', '.join(valid)}, got {value!r}")
-        if any(s % self.factor for s in self.image_size):
-            raise ConfigError(f"model.image_size {list(self.image_size)} is not a multiple of the downsampling "
-                              f"factor {self.factor} (2 ** (len(channel_mult) - 1))")
-        widths = [self.channels * m for m in self.channel_mult]
-        if self.norm_groups and any(w % self.norm_groups for w in widths):
-            raise ConfigError(f"model.norm_groups {self.norm_groups} does not divide the widths {widths}")
-        if any(not 0 <= i < len(self.channel_mult) for i in self.attn_levels):
-            raise ConfigError(f"model.attn_levels {list(self.attn_levels)} must be resolution levels 0.."
-                              f"{len(self.channel_mult) - 1} (one per channel_mult entry)")
+        self.check_shape()
         if self.latent_channels < 1:
             raise ConfigError(f"model.latent_channels must be >= 1, got {self.latent_channels}")
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
@@ -93,14 +81,6 @@ class VAEConfig(ModelConfig):
         if not (math.isfinite(self.scaling_factor) and self.scaling_factor >= 0):
             raise ConfigError(f"model.scaling_factor must be > 0 (used as given, e.g. Stable Diffusion's 0.18215) "
                               f"or 0 (estimated in training), got {self.scaling_factor}")
-
-    @property
-    def factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.image_size[0] // self.factor, self.image_size[1] // self.factor
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,37 @@ UPSAMPLES = ("nearest", "transpose")
 ENCODERS = ("conv", "patch")
 
 
+class ConvAutoencoderShape:
+    """What the encoder and decoder below read of a config (VQConfig's, and the KL-VAE's of models/vae.py, with
+    the same field names): the downsampling factor, the grid, and the checks of the fields that shape them."""
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size[0] // self.factor, self.image_size[1] // self.factor
+
+    def check_shape(self) -> None:
+        """ConfigError naming the option: unknown recon_loss, upsample or encoder; an image size the factor does
+        not divide; GroupNorm groups that do not divide a level's width; attention at a level that does not exist."""
+        for name, valid in (("recon_loss", RECON_LOSSES), ("upsample", UPSAMPLES), ("encoder", ENCODERS)):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"model.{name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
+        if any(s % self.factor for s in self.image_size):
+            raise ConfigError(f"model.image_size {list(self.image_size)} is not a multiple of the downsampling "
+                              f"factor {self.factor} (2 ** (len(channel_mult) - 1))")
+        widths = [self.channels * m for m in self.channel_mult]
+        if self.norm_groups and any(w % self.norm_groups for w in widths):
+            raise ConfigError(f"model.norm_groups {self.norm_groups} does not divide the widths {widths}")
+        if any(not 0 <= i < len(self.channel_mult) for i in self.attn_levels):
+            raise ConfigError(f"model.attn_levels {list(self.attn_levels)} must be resolution levels 0.."
+                              f"{len(self.channel_mult) - 1} (one per channel_mult entry)")
+
+
 @dataclass
-class VQConfig(ModelConfig):
+class VQConfig(ModelConfig, ConvAutoencoderShape):
     """A VQ image tokenizer (module docstring)."""
 
     family: str = "vq"
@@ -80,34 +109,12 @@ class VQConfig(ModelConfig):
     decoder: bool = True  # False: an encoder alone (Chameleon's released VQ: no decoder weights); no decode_codes
 
     def __post_init__(self):
-        for name, value, valid in (("quantizer", self.quantizer, QUANTIZERS),
-                                   ("recon_loss", self.recon_loss, RECON_LOSSES),
-                                   ("upsample", self.upsample, UPSAMPLES),
-                                   ("encoder", self.encoder, ENCODERS)):
-            if value not in valid:
-                raise ConfigError(f"model.{name} must be one of {', '.join(valid)}, got {value!r}")
-        f = self.factor
-        if any(s % f for s in self.image_size):
-            raise ConfigError(f"model.image_size {list(self.image_size)} is not a multiple of the downsampling "
-                              f"factor {f} (2 ** (len(channel_mult) - 1))")
-        widths = [self.channels * m for m in self.channel_mult]
-        if self.norm_groups and any(w % self.norm_groups for w in widths):
-            raise ConfigError(f"model.norm_groups {self.norm_groups} does not divide the widths {widths}")
-        if any(not 0 <= i < len(self.channel_mult) for i in self.attn_levels):
-            raise ConfigError(f"model.attn_levels {list(self.attn_levels)} must be resolution levels 0.."
-                              f"{len(self.channel_mult) - 1} (one per channel_mult entry)")
+        if self.quantizer not in QUANTIZERS:
+            raise ConfigError(f"model.quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
+        self.check_shape()
         if self.codebook_size < 2 or self.code_dim < 1:
             raise ConfigError(f"model.codebook_size must be >= 2 and code_dim >= 1, got {self.codebook_size}, "
                               f"{self.code_dim}")
-
-    @property
-    def factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.image_size[0] // self.factor, self.image_size[1] // self.factor
-
 
 def _norm(cfg: VQConfig, ch: int) -> nn.Module:
     return nn.GroupNorm(cfg.norm_groups, ch, eps=1e-6) if cfg.norm_groups else nn.Identity()
