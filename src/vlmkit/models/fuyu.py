@@ -31,8 +31,9 @@ from vlmkit.config import LanguageConfig, ModelConfig
 from vlmkit.errors import ConfigError
 from vlmkit.fusion.splice import splice_image_features
 from vlmkit.lm.decoder import DecoderLM
+from vlmkit.models.init import init_lm_from_scratch
 from vlmkit.models.vlm import GenerativeModel, lm_output
-from vlmkit.nn import KVCache, init_linear_
+from vlmkit.nn import KVCache
 
 IMAGE_TOKEN = "|SPEAKER|"  # FuyuProcessor's image token: each patch's place in the text
 NEWLINE_TOKEN = "|NEWLINE|"  # the end of a row of patches
@@ -170,12 +171,7 @@ def build_fuyu(cfg: FuyuConfig, image_token_id: int, init: bool = True) -> FuyuM
         with torch.no_grad():
             nn.init.normal_(model.patch_embed.weight, std=cfg.patch_dim ** -0.5)
             nn.init.zeros_(model.patch_embed.bias)
-            init_linear_(model.lm)
-            if cfg.lm.head_init_std is not None:
-                nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
-            for block in model.lm.layers:
-                for lin in block.residual_outputs():
-                    lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
+            init_lm_from_scratch(model.lm, cfg.lm)
     return model
 
 

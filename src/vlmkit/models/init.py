@@ -48,10 +48,24 @@ def init_from_scratch(model, cfg: VLMConfig) -> None:
         return
     init_linear_(model.encoder)
     _init_connector_fan_in(model.connector)
-    init_linear_(model.lm)
-    if cfg.lm.head_init_std is not None:
-        torch.nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
-    _scale_residual_outputs(model, cfg)
+    init_lm_from_scratch(model.lm, cfg.lm)
+    with torch.no_grad():
+        for block in model.image_tower().blocks:  # a tiled tower's: those of the tower it runs on each tile
+            for lin in block.residual_outputs():
+                lin.weight.mul_((2 * cfg.vision.depth) ** -0.5)
+
+
+def init_lm_from_scratch(lm: DecoderLM, cfg) -> None:
+    """A decoder LM's from-scratch initialisation (``cfg``: its LanguageConfig): GPT-2's std 0.02, the head at
+    ``head_init_std`` when set, and GPT-2's 1/sqrt(2 * depth) scaling of the projections that write into the
+    residual stream."""
+    with torch.no_grad():
+        init_linear_(lm)
+        if cfg.head_init_std is not None:
+            torch.nn.init.normal_(lm.lm_head.weight, std=cfg.head_init_std)
+        for block in lm.layers:
+            for lin in block.residual_outputs():
+                lin.weight.mul_((2 * cfg.depth) ** -0.5)
 
 
 def _init_connector_fan_in(connector: torch.nn.Module) -> None:
@@ -70,15 +84,4 @@ def _init_connector_fan_in(connector: torch.nn.Module) -> None:
                     torch.nn.init.zeros_(m.bias)
 
 
-def _scale_residual_outputs(model, cfg: VLMConfig) -> None:
-    """GPT-2's 1/sqrt(2*depth) scaling of the projections that write into the residual stream."""
-    with torch.no_grad():
-        for block in model.lm.layers:
-            for lin in block.residual_outputs():
-                lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
-        for block in model.image_tower().blocks:  # a tiled tower's: those of the tower it runs on each tile
-            for lin in block.residual_outputs():
-                lin.weight.mul_((2 * cfg.vision.depth) ** -0.5)
-
-
-__all__ = ["build_tower", "build_vlm", "check_head_init", "init_from_scratch"]
+__all__ = ["build_tower", "build_vlm", "check_head_init", "init_from_scratch", "init_lm_from_scratch"]

@@ -41,9 +41,10 @@ from vlmkit.config import LanguageConfig, ModelConfig
 from vlmkit.errors import ConfigError
 from vlmkit.fusion.splice import splice_image_features
 from vlmkit.lm.decoder import DecoderLM
+from vlmkit.models.init import init_lm_from_scratch
 from vlmkit.models.vlm import GenerativeModel
 from vlmkit.models.vq import VQConfig, VQModel, build_vq
-from vlmkit.nn import KVCache, block_ids, causal_mask, document_mask, init_linear_, with_blocks
+from vlmkit.nn import KVCache, block_ids, causal_mask, document_mask, with_blocks
 
 HEADS = ("text", "image")
 MAX_STEPS = 1000  # ImageGenerationConfig's bound on gen.steps
@@ -233,12 +234,7 @@ def build_showo(cfg: ShowoConfig, image_token_id: int | None, init: bool = True)
     model = ShowoModel(cfg, build_vq(cfg.gen.vq, init), DecoderLM(cfg.lm), image_token_id)
     if init and not any(p.is_meta for p in model.parameters()):
         with torch.no_grad():
-            init_linear_(model.lm)
-            if cfg.lm.head_init_std is not None:
-                nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
-            for block in model.lm.layers:
-                for lin in block.residual_outputs():
-                    lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
+            init_lm_from_scratch(model.lm, cfg.lm)
     return model
 
 

@@ -22,8 +22,9 @@ from vlmkit.batch import Batch, Features, MediaInputs
 from vlmkit.config import LanguageConfig, ModelConfig
 from vlmkit.errors import DataError
 from vlmkit.lm.decoder import DecoderLM
+from vlmkit.models.init import init_lm_from_scratch
 from vlmkit.models.vlm import GenerativeModel, lm_output
-from vlmkit.nn import KVCache, init_linear_
+from vlmkit.nn import KVCache
 
 
 @dataclass
@@ -76,12 +77,7 @@ def build_text_lm(cfg: TextLMConfig, init: bool = True) -> TextLM:
     model = TextLM(DecoderLM(cfg.lm), cfg.hf_model_type or "text")
     if init and not any(p.is_meta for p in model.parameters()):
         with torch.no_grad():
-            init_linear_(model.lm)
-            if cfg.lm.head_init_std is not None:
-                nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
-            for block in model.lm.layers:
-                for lin in block.residual_outputs():
-                    lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
+            init_lm_from_scratch(model.lm, cfg.lm)
     return model
 
 
