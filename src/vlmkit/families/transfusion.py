@@ -55,7 +55,7 @@ class Transfusion(Family):
     capabilities = Capabilities(generate=True, generate_images=True, image_latents=True, tower_cache=False,
                                 shared_prefix=True)
     objectives = ("lm", "unified")
-    image_groups = ("image", "lm")
+    image_groups = ("connector", "lm")
     hf = None
 
     def build(self, cfg, image_token_id, init=True):

@@ -249,10 +249,11 @@ class TransfusionModel(GenerativeModel):
 
     # ------------------------------------------------------------------ training
     def module_groups(self) -> dict[str, nn.Module]:
-        """``lm`` (embeddings, blocks, head), ``image`` (patch_in, the timestep embedding, patch_out: the LM's
-        image input and output layers) and ``vae`` (frozen by the recipes: a separate pretrained autoencoder)."""
-        image = nn.ModuleDict({"patch_in": self.patch_in, "t_embed": self.t_embed, "patch_out": self.patch_out})
-        return {"lm": self.lm, "image": image, "vae": self.vae}
+        """``lm`` (embeddings, blocks, head), ``connector`` (patch_in, the timestep embedding, patch_out: the layers
+        between the latent space and the LM's width, both ways, in the role of a connector) and ``vae`` (a separate
+        pretrained autoencoder: no recipe trains it, and no gradient reaches it)."""
+        connector = nn.ModuleDict({"patch_in": self.patch_in, "t_embed": self.t_embed, "patch_out": self.patch_out})
+        return {"lm": self.lm, "connector": connector, "vae": self.vae}
 
     def image_tower(self) -> nn.Module:
         raise ConfigError("transfusion reads images as VAE latent patches through a linear patch_in: there is no "
