@@ -60,11 +60,13 @@ def pipe(vae_folder) -> Pipeline:
     return new_pipe(vae_folder)
 
 
-def image_item(pipe, prompt: list[int], seed: int, t: float, write: bool = True, tail: list[int] = ()) -> Item:
-    """``prompt <image block> tail`` with one random image noised at ``t`` with seeded noise."""
+def image_item(pipe, prompt: list[int], seed: int, t: float, write: bool = True, tail: list[int] = (),
+               eoi: bool = True) -> Item:
+    """``prompt <image block> <|eoi|> tail`` with one random image noised at ``t`` with seeded noise (``eoi``
+    False: the sample ends with its patches, as a truncated one would)."""
     model = pipe.model
     g = torch.Generator().manual_seed(seed)
-    ids = prompt + [model.image_token_id] * model.image_seq_len + [model.eoi_token_id] + list(tail)
+    ids = prompt + [model.image_token_id] * model.image_seq_len + [model.eoi_token_id] * eoi + list(tail)
     media = MediaInputs(torch.rand(1, 3, 64, 64, generator=g) * 2 - 1, [model.image_seq_len],
                         {"t": torch.tensor([t]), "noise": torch.randn(1, *model.latent_shape, generator=g),
                          "write": torch.tensor([1.0 if write else 0.0])})
@@ -123,17 +125,19 @@ def test_every_patch_sees_its_whole_image(pipe):
 
 def test_packed_equals_each_sample_alone(pipe):
     model = pipe.model
-    a = image_item(pipe, [10, 11, 12], seed=3, t=0.3, tail=[14, 15])
-    b = image_item(pipe, [], seed=4, t=0.8)  # starts with its image block: adjacent to a's tail, then b's
+    # a ends with its patches and b starts with its own: two image blocks side by side in the packed row, which
+    # must stay two blocks (nn.block_ids splits the run at b's start), each seeing only its own sample
+    a = image_item(pipe, [10, 11, 12], seed=3, t=0.3, eoi=False)
+    b = image_item(pipe, [], seed=4, t=0.8, tail=[14, 15])
     c = image_item(pipe, [16], seed=5, t=0.1)
     with torch.no_grad():
-        packed = collate_packed([a, c, b], 0, pack_length=400)
-        assert packed.input_ids.shape[0] == 1  # one row: a, b and c side by side
+        packed = collate_packed([a, b, c], 0, pack_length=400)
+        assert packed.input_ids.shape[0] == 1  # one row: a, b and c side by side, in that order
         out = model(packed)
-        alone = [model(collate([x], 0)) for x in (a, c, b)]
+        alone = [model(collate([x], 0)) for x in (a, b, c)]
         h_packed = hidden_of(model, packed)[0]
         t = 0
-        for x in (a, c, b):
+        for x in (a, b, c):
             h = hidden_of(model, collate([x], 0))[0]
             torch.testing.assert_close(h_packed[t:t + len(x)], h, atol=1e-5, rtol=1e-5)
             t += len(x)
