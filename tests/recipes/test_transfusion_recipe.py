@@ -174,11 +174,11 @@ def test_resume_equals_uninterrupted(shapes, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_refusals_name_what_to_change(shapes, tmp_path):
+def test_refusals_name_what_to_change(shapes, trained, tmp_path):
     with pytest.raises(ConfigError, match="model.gen.vae_from: '.*nowhere' is not a folder"):
         quiet(train, recipe(shapes, f"model.gen.vae_from={tmp_path / 'nowhere'}"), tmp_path / "a")
-    with pytest.raises(ConfigError, match="model.gen.vae_from must name a trained VAE checkpoint"):
-        quiet(train, recipe(shapes, "model.gen.vae_from=''"), tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"model.gen.vae_from '.*' is a transfusion model; give a VAE's"):
+        quiet(train, recipe(shapes, f"model.gen.vae_from={trained[0].checkpoint}"), tmp_path / "b")
     with pytest.raises(ConfigError, match="model.gen.patch_size 3 does not divide"):
         quiet(train, recipe(shapes, "model.gen.patch_size=3"), tmp_path / "c")
     with pytest.raises(ConfigError, match="model.foo"):

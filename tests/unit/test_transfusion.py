@@ -263,11 +263,21 @@ def test_latent_pairs_draw_t_and_noise_per_sample_from_the_generator(pipe, tmp_p
 # ------------------------------------------------------------------------------------------------ refusals
 
 
+def transfusion_folder(vae_folder, tmp_path) -> str:
+    """A saved transfusion checkpoint: a folder that is not a VAE's."""
+    pipe = new_pipe(vae_folder)
+    folder = tmp_path / "transfusion"
+    folder.mkdir()
+    write_model_files(folder, pipe.model, pipe.model.cfg, pipe.processor)
+    return str(folder)
+
+
 def test_refusals(vae_folder, tmp_path):
     p, fam = get_preset("tiny-transfusion"), get_family("transfusion")
     tok = fam.new_tokenizer(TEXTS, 300)
-    with pytest.raises(ConfigError, match="model.gen.vae_from must name a trained VAE checkpoint"):
-        fam.new_model(p.model, p.processor, tok)
+    with pytest.raises(ConfigError, match=r"model.gen.vae_from '.*' is a transfusion model; give a VAE's checkpoint"):
+        fam.new_model(dataclasses.replace(p.model, gen=dataclasses.replace(p.model.gen, vae_from=transfusion_folder(
+            vae_folder, tmp_path))), p.processor, tok)
     with pytest.raises(ConfigError, match=r"model.gen.vae_from: '.*nowhere' is not a folder"):
         fam.new_model(dataclasses.replace(p.model, gen=dataclasses.replace(p.model.gen, vae_from=str(
             tmp_path / "nowhere"))), p.processor, tok)

@@ -24,7 +24,8 @@ Decisions in the family interface's terms:
 - text: vlmkit's segment layout; a from-scratch tokenizer gets ``<|boi|>`` and ``<|eoi|>`` among its special
   tokens; the model's vocabulary is the tokenizer's;
 - ``gen.vae_from``: a from-scratch model takes a trained VAE's config and weights (as tiny-janus and tiny-showo
-  take a VQ through ``gen.vq_from``); it is required: latents of an untrained autoencoder carry nothing to learn;
+  take a VQ through ``gen.vq_from``); "" builds the ``gen.vae`` config untrained (as an empty ``gen.vq_from``
+  does: a checkpoint fills it, and the conformance suite builds one so); the recipe names tiny-vae's;
 - no Hugging Face mapping: Transfusion's weights were not released and it is not in transformers (``hf=None``).
 """
 
@@ -77,12 +78,9 @@ class Transfusion(Family):
         return TextTokenizer(train_bpe(texts, vocab_size, SPECIAL_TOKENS + [pcfg.boi_token, pcfg.eoi_token]))
 
     def configure(self, cfg, pcfg, tokenizer):
-        """The VAE ``gen.vae_from``'s (required; its processor must read images as this one), the LM's vocabulary
-        the tokenizer's; the processor's images the VAE's size, each filling the patch grid."""
-        if not cfg.gen.vae_from:
-            raise ConfigError("model.gen.vae_from must name a trained VAE checkpoint (vlmkit train tiny-vae writes "
-                              "runs/tiny-vae/checkpoint): a from-scratch Transfusion diffuses that VAE's latents")
-        vae = vae_config_from(cfg.gen.vae_from, pcfg, "model.gen.vae_from")
+        """The VAE ``gen.vae_from``'s (its processor must read images as this one; "": the ``gen.vae`` config), the
+        LM's vocabulary the tokenizer's; the processor's images the VAE's size, each filling the patch grid."""
+        vae = vae_config_from(cfg.gen.vae_from, pcfg, "model.gen.vae_from") if cfg.gen.vae_from else cfg.gen.vae
         cfg = dataclasses.replace(cfg, gen=dataclasses.replace(cfg.gen, vae=vae),
                                   lm=dataclasses.replace(cfg.lm, vocab_size=tokenizer.vocab_size),
                                   boi_token_id=tokenizer.token_id(pcfg.boi_token),
@@ -95,7 +93,8 @@ class Transfusion(Family):
     def new_model(self, cfg, pcfg, tokenizer):
         """A from-scratch model whose VAE is ``gen.vae_from``'s trained one (weights included)."""
         cfg, model, processor = super().new_model(cfg, pcfg, tokenizer)
-        load_vae_weights(model.vae, cfg.gen.vae_from)
+        if cfg.gen.vae_from:
+            load_vae_weights(model.vae, cfg.gen.vae_from)
         return cfg, model, processor
 
     def can_draw(self, model) -> bool:

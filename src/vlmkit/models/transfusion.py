@@ -5,7 +5,8 @@ a diffusion loss on the image patches it writes.
 Decisions, at vlmkit's tiny scale:
 
 - **Images are blocks of latent patches.** Each image is ``<|boi|>``, ``N`` image placeholders and ``<|eoi|>``
-  (processing/transfusion.py). The frozen KL-VAE (models/vae.py, ``gen.vae`` / ``gen.vae_from``) maps a 64x64
+  (processing/transfusion.py). The frozen KL-VAE (models/vae.py, ``gen.vae`` / ``gen.vae_from``; a model without
+  a VAE is not built: the latent grid and the patch size are checked together here) maps a 64x64
   image to a 16x16x4 latent grid; ``patch_size`` p (default 2) cuts it into ``(16/p)^2`` patches of ``4 p p``
   values (64 patches at p = 2: as many LM positions as tiny-janus' 8x8 generation grid, and each patch 8x8 pixels,
   the size of ShapesWorld's smallest objects). ``patch_in`` (a Linear, Transfusion's "linear" patchifier; a
