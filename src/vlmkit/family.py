@@ -134,6 +134,13 @@ class Family:
         mask id and supervises those positions with the original codes (families/showo.py)."""
         return list(tokens), list(tokens)
 
+    def t2i_pairs(self, pairs: list, processor, model, where: str, progress: bool = False):
+        """The unified objective's text-to-image samples of ``pairs`` (data/pairs.py rows) for ``model``, or None for
+        the default: the images' VQ codes (objectives/unified.py ``CodePairs``). A family that writes something else
+        than codes (continuous latents: families/transfusion.py) returns its own, with CodePairs' interface
+        (``len``, ``length(i)``, ``item(i, unconditional, rng)``, ``counts(batch)``)."""
+        return None
+
     def describe(self) -> str:
         return self.doc or (type(self).__doc__ or "").strip().splitlines()[0]
 

@@ -277,6 +277,10 @@ PRESET_CASES = [
          no_gradient={"vq.": "the VQ tokenizer's codes are an argmin and its decoder only draws: no loss reaches it"}),
     Case("tiny-showo", "showo", preset="tiny-showo",
          no_gradient={"vq.": "the VQ tokenizer's codes are an argmin and its decoder only draws: no loss reaches it"}),
+    Case("tiny-transfusion", "transfusion", preset="tiny-transfusion",
+         no_gradient={"vae.": "the VAE is frozen: its posterior mean is read without gradient and its decoder only draws",
+                      "patch_out": "the velocity head is trained by written images' flow loss, and a conversation "
+                                   "only reads images (tests/unit/test_transfusion.py trains it)"}),
 ]
 
 

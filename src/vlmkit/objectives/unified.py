@@ -61,6 +61,14 @@ class CodePairs:
         self.cond = [processor.image_prompt(p.caption, grid, where=p.source) for p in pairs]
         self.uncond = [processor.image_prompt(p.caption, grid, unconditional=True, where=p.source) for p in pairs]
         self.empty = processor.prepare_images([], "text-to-image sample")
+        h, w = grid
+        forced = [t for t in model.image_plan(h, w) if t is not None]
+        self.image_ids = torch.cat([model.code_ids(torch.arange(model.codebook_size)),
+                                    torch.tensor(forced, dtype=torch.long)])
+
+    def counts(self, batch) -> tuple[int, int]:
+        """(text targets, image targets) of a collated batch (:func:`split_counts`)."""
+        return split_counts(batch, self.image_ids)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -112,6 +120,13 @@ class MixedDataset:
         rng = random.Random(f"{self.seed}:{self.step}:{k}")
         drop = rng.random() < self.dropout
         return self.pairs.item(k, drop, rng)
+
+
+def t2i_pairs(pairs, processor, model, where: str, progress: bool = False):
+    """The text-to-image samples of ``pairs`` as the family trains on them (``Family.t2i_pairs``; by default
+    :class:`CodePairs`, a VQ family's codes)."""
+    made = processor.family.t2i_pairs(pairs, processor, model, where, progress)
+    return made if made is not None else CodePairs(pairs, processor, model, where, progress)
 
 
 def split_counts(batch, image_ids: torch.Tensor) -> tuple[int, int]:
@@ -171,17 +186,13 @@ class UnifiedObjective(LMObjective):
             raise ConfigError(f"objective unified trains a model that generates images; the {processor.family.name} "
                               f"family does not (train it with: {', '.join(processor.family.objectives)})")
         t0 = time.perf_counter()
-        self.code_pairs = CodePairs(self.pair_rows, processor, model, str(self.pairs_path), self.run.progress)
-        self.val_pairs = CodePairs(self.val_pair_rows, processor, model, "val pairs") if self.val_pair_rows else None
+        self.code_pairs = t2i_pairs(self.pair_rows, processor, model, str(self.pairs_path), self.run.progress)
+        self.val_pairs = t2i_pairs(self.val_pair_rows, processor, model, "val pairs") if self.val_pair_rows else None
         self.run.log(f"  image codes of {len(self.code_pairs):,} pairs in {time.perf_counter() - t0:.1f} s")
         t = self.run.recipe.train
         self.mixed = MixedDataset(self.train_ds, self.code_pairs, t.seed, self.stage_cfg.cond_dropout)
         self.batches = LocalBatches(self.mixed, self.run.recipe, self.run.info, self.run.state)
         self.pack_length = t.pack_length or (max(self.batches.lengths) if t.packing else 0)
-        h, w = model.image_grid
-        forced = [t for t in model.image_plan(h, w) if t is not None]
-        self.image_ids = torch.cat([model.code_ids(torch.arange(model.codebook_size)), torch.tensor(forced,
-                                                                                                      dtype=torch.long)])
 
     def describe(self) -> str:
         return (f"{self.mixed.n_conv} conversations and {len(self.code_pairs)} text-to-image pairs "
@@ -197,7 +208,7 @@ class UnifiedObjective(LMObjective):
         info, st = self.run.info, self.stage_cfg
         self.mixed.step = self.run.step
         micro = [self.collate(items) for items in self.batches.next_step()]
-        counts = [split_counts(b, self.image_ids) for b in micro]
+        counts = [self.code_pairs.counts(b) for b in micro]
         n_text, n_image, samples, tokens, slots = info.all_sum([
             float(sum(c[0] for c in counts)), float(sum(c[1] for c in counts)), float(sum(b.n_samples for b in micro)),
             float(sum(b.real_tokens for b in micro)), float(sum(b.input_ids.numel() for b in micro))])
@@ -246,4 +257,4 @@ def image_loss(model, pairs: CodePairs, pad_id: int, batch_size: int = 64) -> fl
     return total / max(n, 1)
 
 
-__all__ = ["CodePairs", "MixedDataset", "UnifiedObjective", "split_counts"]
+__all__ = ["CodePairs", "MixedDataset", "UnifiedObjective", "split_counts", "t2i_pairs"]
