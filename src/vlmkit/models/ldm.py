@@ -18,7 +18,8 @@ Decisions:
   unconditional prompt: no ids) gets an all-False mask and a zero pooled vector: the DiT's exact "no text".
   CLIP's tower is causal, so padding after the end of a text changes none of its states.
 - **Frozen parts**: the VAE and the text tower never receive gradients (they run under ``no_grad``) and a recipe
-  trains the DiT alone (``train: [generation]``); their weights are saved with the model, so a checkpoint draws on its own.
+  trains the DiT alone (``train: [generation]``); their weights are saved with the model, so a checkpoint draws
+  on its own.
 - **Training forward** (:meth:`LDMModel.forward`): given clean latents, t, noise and the text condition, the flow
   loss ``mean((dit(x_t, t, text) - (noise - x0))^2)`` with ``x_t = (1 - t) x0 + t noise`` (flow.flow_loss), and the
   per-sample losses. The draws (t, noise, condition dropout) are the objective's (objectives/diffusion.py), so a
