@@ -166,7 +166,7 @@ class LDM(Family):
     def image_tokens(self, model) -> str:
         h, w = model.image_grid
         p = model.cfg.patch_size
-        return f"{(h // p) * (w // p)} DiT tokens ({h}x{w}x{model.latent_channels} latents, patch {p})"
+        return f"{(h // p) * (w // p)} ({h}x{w}x{model.latent_channels} latents in {p}x{p} patches)"
 
 
 def text_batch(rows: list[list[int]], pad_id: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from vlmkit.processing.text import TextProcessorConfig
 
 
 @PRESETS.register("tiny-dit", "from-scratch latent diffusion for ShapesWorld: a DiT (width 128, 4 blocks, patch 2: "
-                              "64 tokens, 1.57M parameters) over tiny-vae's 16x16x4 latents, cross-attending to a "
+                              "64 tokens, 1.57M trained parameters) over tiny-vae's 16x16x4 latents, cross-attending to a "
                               "frozen tiny-clip text tower; rectified flow, 20 Euler steps")
 def tiny_dit() -> Preset:
     # 16x16x4 latents in 2x2 patches: 64 DiT tokens (tiny-showo and tiny-janus sequence 256 codes). Width 128 and
