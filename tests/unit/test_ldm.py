@@ -125,3 +125,18 @@ def test_the_layout_reads_captions_and_refuses_chat():
     assert proc.image_prompt("a red circle", (16, 16), unconditional=True) == []
     with pytest.raises(DataError, match="latent-diffusion text-to-image model .* draws images"):
         proc.chat([{"role": "user", "content": "hi"}], proc.prepare_images([], "x"))
+
+
+@pytest.mark.parametrize("siglip", [False, True])
+def test_a_texts_condition_does_not_depend_on_its_batch(siglip):
+    """CLIP's causal tower: padding after a text changes none of its states; SigLIP's bidirectional one reads texts
+    padded to its context (as trained), so a short text's states and pooled vector are the same alone or batched
+    with a longer one."""
+    text = TextConfig(**{**TEXT, "causal": not siglip, "pool": "last" if siglip else "eos"})
+    torch.manual_seed(0)
+    m = build_ldm(tiny_cfg(text=text, text_projection="siglip" if siglip else "clip")).eval()
+    alone = m.encode_text(torch.tensor([[2, 5, 1]]))
+    batched = m.encode_text(torch.tensor([[2, 5, 1, 0, 0, 0], [2, 5, 7, 8, 9, 1]]))
+    torch.testing.assert_close(batched[2][:1], alone[2])
+    torch.testing.assert_close(batched[0][:1, :3], alone[0][:, :3])
+    assert batched[0].shape[1] == (12 if siglip else 6)

@@ -16,7 +16,8 @@ Decisions:
   CLIP's last hidden states; the tower's pooled, projected vector (its CLIP embedding) is added to the timestep
   embedding (``pooled_dim``), as SD-XL and SD3 add their pooled CLIP vectors. A text with no real token (the
   unconditional prompt: no ids) gets an all-False mask and a zero pooled vector: the DiT's exact "no text".
-  CLIP's tower is causal, so padding after the end of a text changes none of its states.
+  CLIP's tower is causal, so padding after the end of a text changes none of its states; SigLIP's attends both ways
+  and pools the last position, as it was trained on texts padded to its context, so its texts are padded so.
 - **Frozen parts**: the VAE and the text tower never receive gradients (they run under ``no_grad``) and a recipe
   trains the DiT alone (``train: [generation]``); their weights are saved with the model, so a checkpoint draws
   on its own.
@@ -31,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.config import ModelConfig
@@ -154,6 +156,8 @@ class LDMModel(nn.Module):
         text_embed_dim]: the tower's embedding, zero for a row without text)."""
         tower = self.text_encoder
         ids = ids.to(tower.token_embed.weight.device)
+        if tower.cfg.pool == "last" and ids.shape[1] < tower.cfg.context_length:  # SigLIP's: padded to its context
+            ids = F.pad(ids, (0, tower.cfg.context_length - ids.shape[1]), value=self.cfg.pad_token_id)
         mask = ids != self.cfg.pad_token_id
         x = tower.token_embed(ids) + tower.pos_embed[:ids.shape[1]]
         for block in tower.blocks:
