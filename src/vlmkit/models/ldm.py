@@ -55,8 +55,9 @@ class LDMConfig(DiTConfig, ModelConfig):
     vae: VAEConfig = field(default_factory=VAEConfig)
     # a trained VAE checkpoint (vlmkit train tiny-vae) whose config and weights a from-scratch model takes
     vae_from: str = ""
+    cross_attention_dim: int = 512  # the text tower's width (the defaults: CLIP's text tower)
     text: TextConfig = field(default_factory=TextConfig)
-    text_embed_dim: int = 128  # the text tower's projection (its dual encoder's contrastive.embed_dim)
+    text_embed_dim: int = 512  # the text tower's projection (its dual encoder's contrastive.embed_dim)
     text_projection: str = "clip"  # clip: bias-free projection; siglip: with a bias (the dual encoder's)
     # a trained dual encoder checkpoint (vlmkit train tiny-clip) whose text tower and tokenizer a from-scratch
     # model takes
