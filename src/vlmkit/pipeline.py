@@ -93,6 +93,8 @@ class Pipeline:
         codes = ": it turns images into codes and back (encode_codes() / decode_codes())" if self.has_image_codes else ""
         if self.has_image_latents:
             codes = ": it turns images into latents and back (encode_latents / decode_latents)"
+        if self.family.capabilities.generate_images:
+            codes = ": it draws images from text (generate_image())"
         raise DataError(f"{what} needs a generative model; this {self.family.name} model does not generate text{codes}")
 
     def _run(self, items: list[Encoded], gen: GenerationConfig, image_keys: list[list] | None = None) -> list[str]:

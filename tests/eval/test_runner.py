@@ -170,7 +170,7 @@ def test_ranking_tasks_refuse_a_model_that_only_generates(trained):
     from vlmkit.eval.tasks import get_task
 
     class Endpoint:  # what an OpenAI-compatible backend offers: generation only
-        can_generate, can_embed, can_score = True, False, False
+        can_generate, can_embed, can_score, can_generate_images = True, False, False, False
 
         def chat_batch(self, requests, **gen):
             return ["1"] * len(requests)

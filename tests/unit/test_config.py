@@ -150,12 +150,12 @@ def test_unknown_recipe_lists_builtins():
     ("stages.1.train=[]", r"stages\[1\]\.train"),
     ("stages.1.lr_scale={vison: 0.5}", r"stages\[1\]\.lr_scale: unknown module 'vison'"),
     ("stages.0.steps=0", r"stages\[0\]\.steps must be >= 1"),
-    ("stages.1.objective=vqa", r"stages\[1\]\.objective: Unknown objective 'vqa'\. Available: cell_labels, contrastive, lm, qformer"),
+    ("stages.1.objective=vqa", r"stages\[1\]\.objective: Unknown objective 'vqa'\. Available: cell_labels, contrastive, diffusion, lm, qformer"),
     ("stages.1.batch_size=16", r"stages\[1\]\.batch_size: 16; lm stages use train.batch_size \(only cell_labels, qformer stages take their own"),
     ("stages.1.optimizer=sgd", r"stages\[1\]\.optimizer: 'sgd'; valid: adamw, muon"),
     ("stages.0.optimizer=muon", r"stages\[0\]\.optimizer: muon does not train cell_labels stages; valid: adamw"),
     ("stages.1.where=true", r"stages\[1\]\.where: lm stages do not read it \(only cell_labels stages do\)"),
-    ("stages.0.pairs=p.csv", r"stages\[0\]\.pairs: cell_labels stages do not read it \(only qformer, unified stages do\)"),
+    ("stages.0.pairs=p.csv", r"stages\[0\]\.pairs: cell_labels stages do not read it \(only diffusion, qformer, unified stages do\)"),
     ("train.batch_size=0", "batch_size"),
 ])
 def test_recipe_validation_rejects_bad_stages(override, match):

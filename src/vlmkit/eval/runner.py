@@ -144,7 +144,7 @@ def _score(task: Task, samples: list[EvalSample], prompts: list[str], answers: l
 def _run_ranking(pipe, task: Task, samples: list[EvalSample], data: Path, seed: int, progress: bool,
                  t0: float) -> tuple[dict, list[dict]]:
     """A task that ranks candidates by the model's likelihoods or embeddings (no generation)."""
-    if not pipe.can_score and not pipe.can_embed:
+    if not (pipe.can_score or pipe.can_embed or pipe.can_generate_images):  # a model that draws but does not chat
         raise ConfigError(f"task {task.name!r} ranks candidates by the model's likelihoods; an endpoint only "
                           f"generates text: evaluate a checkpoint or folder")
     predictions, scores, extra = task.evaluate(pipe, samples, data, progress)

@@ -7,7 +7,8 @@ step's forward and backward, over micro-batches and ranks as it needs), what it 
 - ``contrastive`` (objectives/contrastive.py): a dual encoder's CLIP / SigLIP loss on image-caption pairs;
 - ``cell_labels`` (objectives/cell_labels.py): the image tower alone, on ShapesWorld's object annotations;
 - ``qformer`` (objectives/qformer.py): BLIP-2's stage 1 on the Q-Former (ITC, ITM, ITG);
-- ``unified`` (objectives/unified.py): text-to-image and image-to-text in one model (Janus, Chameleon, Emu3).
+- ``unified`` (objectives/unified.py): text-to-image and image-to-text in one model (Janus, Chameleon, Emu3);
+- ``diffusion`` (objectives/diffusion.py): a latent-diffusion model's flow-matching loss on text-to-image pairs.
 
 A family names the objectives its models train with (``Family.objectives``).
 """

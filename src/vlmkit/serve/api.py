@@ -215,8 +215,9 @@ def _add_chat_route(app: FastAPI, s: _Server) -> None:
         limit = engine.max_new_tokens
         messages, refs, gen, stream, include_usage = parse_chat(body, limit)
         if not engine.can_generate:
-            raise ApiError(400, f"{engine.model_name} is a dual encoder: it embeds texts and images "
-                           f"(POST /v1/embeddings); it does not chat", "model", "model_not_chat")
+            what = ("draws images (POST /v1/images/generations)" if engine.can_generate_images else
+                    "is a dual encoder: it embeds texts and images (POST /v1/embeddings)")
+            raise ApiError(400, f"{engine.model_name} {what}; it does not chat", "model", "model_not_chat")
         pictures = await run_in_threadpool(s.images.decode_all, refs) if refs else []
         events = await _submit_chat(s, messages, pictures, gen)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
