@@ -44,7 +44,7 @@ from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models.init import init_lm_from_scratch
 from vlmkit.models.vlm import GenerativeModel
 from vlmkit.models.vq import VQConfig, VQModel, build_vq
-from vlmkit.nn import KVCache, block_ids, causal_mask, document_mask, with_blocks
+from vlmkit.nn import KVCache, block_attention
 
 HEADS = ("text", "image")
 MAX_STEPS = 1000  # ImageGenerationConfig's bound on gen.steps
@@ -162,16 +162,8 @@ class ShowoModel(GenerativeModel):
     # ------------------------------------------------------------------ the model
     def attention(self, batch: Batch, cache: KVCache | None = None) -> torch.Tensor:
         """Omni-attention (module docstring): causal or packed documents, plus each image block both ways."""
-        offset = cache.length if cache is not None else 0
-        T = batch.input_ids.shape[1]
-        if batch.document_ids is not None:
-            base = document_mask(batch.document_ids, batch.segment_ids)
-        else:
-            base = causal_mask(T, batch.attention_mask, offset, device=batch.input_ids.device)
-        blocks = block_ids(self.in_block(batch.input_ids), batch.document_ids)
-        if offset:
-            blocks = F.pad(blocks, (offset, 0), value=-1)
-        return with_blocks(base, blocks)
+        return block_attention(self.in_block(batch.input_ids), batch.attention_mask, batch.document_ids, batch.segment_ids,
+                               cache.length if cache is not None else 0)
 
     def forward(self, batch: Batch, cache: KVCache | None = None, logits_to_keep: int = 0,
                 head: str = "text") -> ModelOutput:

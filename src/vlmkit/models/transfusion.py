@@ -52,7 +52,7 @@ from vlmkit.fusion.splice import splice_image_features
 from vlmkit.lm.decoder import DecoderLM
 from vlmkit.models.vae import VAEConfig, VAEModel, build_vae
 from vlmkit.models.vlm import GenerativeModel
-from vlmkit.nn import KVCache, block_ids, causal_mask, document_mask, init_linear_, with_blocks
+from vlmkit.nn import KVCache, block_attention, init_linear_
 
 MAX_STEPS = 1000  # ImageGenerationConfig's bound on gen.steps
 
@@ -191,16 +191,8 @@ class TransfusionModel(GenerativeModel):
     # ------------------------------------------------------------------ the model
     def attention(self, batch: Batch, cache: KVCache | None = None) -> torch.Tensor:
         """Causal or packed documents, plus each image block both ways (module docstring)."""
-        offset = cache.length if cache is not None else 0
-        T = batch.input_ids.shape[1]
-        if batch.document_ids is not None:
-            base = document_mask(batch.document_ids, batch.segment_ids)
-        else:
-            base = causal_mask(T, batch.attention_mask, offset, device=batch.input_ids.device)
-        blocks = block_ids(batch.input_ids == self.image_token_id, batch.document_ids)
-        if offset:
-            blocks = F.pad(blocks, (offset, 0), value=-1)
-        return with_blocks(base, blocks)
+        return block_attention(batch.input_ids == self.image_token_id, batch.attention_mask, batch.document_ids, batch.segment_ids,
+                               cache.length if cache is not None else 0)
 
     def hidden(self, batch: Batch, features: Features | None, cache: KVCache | None = None) -> torch.Tensor:
         embeds = self.embed(batch.input_ids, features)

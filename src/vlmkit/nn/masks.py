@@ -7,7 +7,7 @@
   ways: the prefix-LM pattern (PaliGemma);
 - :func:`with_blocks`: any of these with the tokens of each block (an image's latents or codes) attending to each
   other both ways: bidirectional attention within an image, causal elsewhere (Transfusion; Show-o's omni-attention);
-  :func:`block_ids` numbers the blocks of a row;
+  :func:`block_ids` numbers the blocks of a row, :func:`block_attention` builds the whole mask of such a model;
 - :func:`sliding_window`: any of these restricted to the keys within a window before each query (Gemma 2 / 3's
   sliding layers);
 - :func:`document_starts`, :func:`per_document_cumsum`: helpers over ``document_ids``.
@@ -90,6 +90,23 @@ def with_blocks(mask: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return mask | ((q == k) & (k >= 0))[:, None]
 
 
+def block_attention(in_block: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    document_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                    offset: int = 0) -> torch.Tensor:
+    """The mask of a model that reads text causally and each image both ways (Show-o's omni-attention,
+    Transfusion's): a packed batch's :func:`document_mask` (with ``document_ids``) or :func:`causal_mask` after a
+    cache of ``offset`` tokens, plus :func:`with_blocks` over the blocks of ``in_block`` [B, T] (the tokens just
+    read; the cached ones are in no block: a cache holds a prompt, whose images were read whole)."""
+    if document_ids is not None:
+        base = document_mask(document_ids, segment_ids)
+    else:
+        base = causal_mask(in_block.shape[1], attention_mask, offset, device=in_block.device)
+    blocks = block_ids(in_block, document_ids)
+    if offset:
+        blocks = torch.nn.functional.pad(blocks, (offset, 0), value=-1)
+    return with_blocks(base, blocks)
+
+
 def sliding_window(mask: torch.Tensor, window: int, positions: torch.Tensor | None = None) -> torch.Tensor:
     """``mask`` [B or 1, 1, Tq, Tk] minus the keys ``window`` or more positions before their query: a key k stays
     where k > q - window (transformers' ``sliding_window_overlay``, ANDed after any bidirectional block, so keys
@@ -121,5 +138,5 @@ def per_document_cumsum(x: torch.Tensor, document_ids: torch.Tensor) -> torch.Te
     return total - before.cummax(-1).values
 
 
-__all__ = ["block_ids", "causal_mask", "document_mask", "document_starts", "per_document_cumsum", "sliding_window",
+__all__ = ["block_attention", "block_ids", "causal_mask", "document_mask", "document_starts", "per_document_cumsum", "sliding_window",
            "with_blocks", "with_prompt"]

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.data.pairs import read_pairs
 from vlmkit.diffusion.flow import sample_timesteps
 from vlmkit.errors import ConfigError
 from vlmkit.objectives import Objective, StepResult, register
+from vlmkit.objectives.unified import check_pair_stages, read_stage_pairs
 from vlmkit.train.precision import autocast
 from vlmkit.train.stream import BatchStream
 
@@ -122,26 +122,12 @@ class DiffusionObjective(Objective):
         if recipe.train.grad_accum != 1:
             raise ConfigError(f"train.grad_accum {recipe.train.grad_accum}: a diffusion stage takes one batch per "
                               f"step; set grad_accum: 1 and the batch you want as train.batch_size")
-        stages = [s for s in recipe.stages if s.objective == cls.name]
-        if len({s.pairs for s in stages}) > 1:
-            raise ConfigError(f"diffusion stages read one pairs file; got {sorted({s.pairs for s in stages})}")
-        for i, s in enumerate(recipe.stages):
-            if s.objective == cls.name and not 0 <= s.cond_dropout < 1:
-                raise ConfigError(f"stages[{i}].cond_dropout must be in [0, 1), got {s.cond_dropout}")
+        check_pair_stages(recipe, cls.name)
 
     def __init__(self, run):
         super().__init__(run)
-        recipe = run.recipe
-        self.stage_cfg = next(s for s in recipe.stages if s.objective == self.name)
-        root = Path(recipe.data.path) if recipe.data.path else Path(".")
-        path = self.pairs_path = root / self.stage_cfg.pairs
-        if not path.is_file():
-            raise ConfigError(f"stages.pairs: {path} does not exist (text-to-image pairs: image,caption CSV; "
-                              f"ShapesWorld's: vlmkit data shapes --t2i N)")
-        self.pair_rows = read_pairs(path, recipe.data.csv_image_key, recipe.data.csv_caption_key,
-                                    recipe.data.csv_separator, recipe.data.image_root or None)
-        val = path.with_name(path.name.replace("_train", "_val"))
-        self.val_rows = read_pairs(val)[:recipe.data.val_samples] if val != path and val.is_file() else []
+        self.stage_cfg = next(s for s in run.recipe.stages if s.objective == self.name)
+        self.pairs_path, self.pair_rows, self.val_rows = read_stage_pairs(run.recipe, self.stage_cfg)
 
     def bind(self, model, processor) -> None:
         if not processor.family.capabilities.generate_images or "diffusion" not in processor.family.objectives:

@@ -129,6 +129,32 @@ def t2i_pairs(pairs, processor, model, where: str, progress: bool = False):
     return made if made is not None else CodePairs(pairs, processor, model, where, progress)
 
 
+def check_pair_stages(recipe, objective: str) -> None:
+    """The checks every stage of ``objective`` that reads text-to-image pairs shares: one pairs file for all of them
+    and ``cond_dropout`` in [0, 1)."""
+    stages = [s for s in recipe.stages if s.objective == objective]
+    if len({s.pairs for s in stages}) > 1:
+        raise ConfigError(f"{objective} stages read one pairs file; got {sorted({s.pairs for s in stages})}")
+    for i, s in enumerate(recipe.stages):
+        if s.objective == objective and not 0 <= s.cond_dropout < 1:
+            raise ConfigError(f"stages[{i}].cond_dropout must be in [0, 1), got {s.cond_dropout}")
+
+
+def read_stage_pairs(recipe, stage) -> tuple[Path, list, list]:
+    """(path, rows, held-out rows) of a stage's text-to-image pairs: ``stage.pairs`` under ``data.path`` (the data
+    section's CSV keys and image root), and up to ``data.val_samples`` pairs of its ``_val`` twin when there is
+    one; ConfigError naming the file when it is missing."""
+    root = Path(recipe.data.path) if recipe.data.path else Path(".")
+    path = root / stage.pairs
+    if not path.is_file():
+        raise ConfigError(f"stages.pairs: {path} does not exist (text-to-image pairs: image,caption CSV; "
+                          f"ShapesWorld's: vlmkit data shapes --t2i N)")
+    rows = read_pairs(path, recipe.data.csv_image_key, recipe.data.csv_caption_key, recipe.data.csv_separator,
+                      recipe.data.image_root or None)
+    val = path.with_name(path.name.replace("_train", "_val"))
+    return path, rows, read_pairs(val)[:recipe.data.val_samples] if val != path and val.is_file() else []
+
+
 def split_counts(batch, image_ids: torch.Tensor) -> tuple[int, int]:
     """(text targets, image targets) of a collated batch: a target is an image token when its id is one the family
     writes in images (codes, row and image ends)."""
@@ -151,31 +177,17 @@ class UnifiedObjective(LMObjective):
         if recipe.data.shards:
             raise ConfigError("unified stages read data.train's conversations and the stage's pairs from files; "
                               "data.shards (streamed) is not supported for them")
-        stages = [s for s in recipe.stages if s.objective == cls.name]
-        if len({s.pairs for s in stages}) > 1:
-            raise ConfigError(f"unified stages read one pairs file; got {sorted({s.pairs for s in stages})}")
+        check_pair_stages(recipe, cls.name)
         for i, s in enumerate(recipe.stages):
-            if s.objective != cls.name:
-                continue
-            if s.text_weight < 0 or s.image_weight < 0 or s.text_weight + s.image_weight == 0:
+            if s.objective == cls.name and (s.text_weight < 0 or s.image_weight < 0
+                                            or s.text_weight + s.image_weight == 0):
                 raise ConfigError(f"stages[{i}]: text_weight and image_weight must be >= 0, not both 0; got "
                                   f"{s.text_weight}, {s.image_weight}")
-            if not 0 <= s.cond_dropout < 1:
-                raise ConfigError(f"stages[{i}].cond_dropout must be in [0, 1), got {s.cond_dropout}")
 
     def __init__(self, run):
         super().__init__(run)
-        recipe = run.recipe
-        self.stage_cfg = next(s for s in recipe.stages if s.objective == self.name)
-        root = Path(recipe.data.path) if recipe.data.path else Path(".")
-        path = self.pairs_path = root / self.stage_cfg.pairs
-        if not path.is_file():
-            raise ConfigError(f"stages.pairs: {path} does not exist (text-to-image pairs: image,caption CSV; "
-                              f"ShapesWorld's: vlmkit data shapes --t2i N)")
-        self.pair_rows = read_pairs(path, recipe.data.csv_image_key, recipe.data.csv_caption_key,
-                                    recipe.data.csv_separator, recipe.data.image_root or None)
-        val = path.with_name(path.name.replace("_train", "_val"))
-        self.val_pair_rows = read_pairs(val)[:recipe.data.val_samples] if val != path and val.is_file() else []
+        self.stage_cfg = next(s for s in run.recipe.stages if s.objective == self.name)
+        self.pairs_path, self.pair_rows, self.val_pair_rows = read_stage_pairs(run.recipe, self.stage_cfg)
 
     def texts(self) -> list[str]:
         return super().texts() + [p.caption for p in self.pair_rows]
@@ -257,4 +269,5 @@ def image_loss(model, pairs: CodePairs, pad_id: int, batch_size: int = 64) -> fl
     return total / max(n, 1)
 
 
-__all__ = ["CodePairs", "MixedDataset", "UnifiedObjective", "split_counts", "t2i_pairs"]
+__all__ = ["CodePairs", "MixedDataset", "UnifiedObjective", "check_pair_stages", "read_stage_pairs", "split_counts",
+           "t2i_pairs"]
