@@ -174,5 +174,6 @@ def to_images(pixels: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-__all__ = ["ImageGenerationConfig", "check_codes", "columns_of", "draw_autoregressive", "generate_codes", "image_code_logprobs", "image_tokens",
+__all__ = ["ImageGenerationConfig", "check_codes", "columns_of", "draw_autoregressive", "generate_codes",
+           "image_code_logprobs", "image_tokens",
            "sample_top_k", "to_images"]

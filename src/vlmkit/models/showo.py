@@ -162,8 +162,9 @@ class ShowoModel(GenerativeModel):
     # ------------------------------------------------------------------ the model
     def attention(self, batch: Batch, cache: KVCache | None = None) -> torch.Tensor:
         """Omni-attention (module docstring): causal or packed documents, plus each image block both ways."""
-        return block_attention(self.in_block(batch.input_ids), batch.attention_mask, batch.document_ids, batch.segment_ids,
-                               cache.length if cache is not None else 0)
+        offset = cache.length if cache is not None else 0
+        return block_attention(self.in_block(batch.input_ids), batch.attention_mask, batch.document_ids,
+                               batch.segment_ids, offset)
 
     def forward(self, batch: Batch, cache: KVCache | None = None, logits_to_keep: int = 0,
                 head: str = "text") -> ModelOutput:

@@ -191,8 +191,9 @@ class TransfusionModel(GenerativeModel):
     # ------------------------------------------------------------------ the model
     def attention(self, batch: Batch, cache: KVCache | None = None) -> torch.Tensor:
         """Causal or packed documents, plus each image block both ways (module docstring)."""
-        return block_attention(batch.input_ids == self.image_token_id, batch.attention_mask, batch.document_ids, batch.segment_ids,
-                               cache.length if cache is not None else 0)
+        offset = cache.length if cache is not None else 0
+        return block_attention(batch.input_ids == self.image_token_id, batch.attention_mask, batch.document_ids,
+                               batch.segment_ids, offset)
 
     def hidden(self, batch: Batch, features: Features | None, cache: KVCache | None = None) -> torch.Tensor:
         embeds = self.embed(batch.input_ids, features)

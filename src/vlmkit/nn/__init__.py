@@ -2,7 +2,8 @@
 
 from vlmkit.nn.attention import Attention
 from vlmkit.nn.cache import KVCache
-from vlmkit.nn.masks import block_attention, block_ids, causal_mask, document_mask, sliding_window, with_blocks, with_prompt
+from vlmkit.nn.masks import (block_attention, block_ids, causal_mask, document_mask, sliding_window, with_blocks,
+                             with_prompt)
 from vlmkit.nn.mlp import MLP, SwiGLU, activation, init_linear_
 from vlmkit.nn.norm import RMSNorm, make_norm
 from vlmkit.nn.rope import Rotary2D, RotaryEmbedding, apply_rope, sincos_2d

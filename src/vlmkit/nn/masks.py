@@ -138,5 +138,6 @@ def per_document_cumsum(x: torch.Tensor, document_ids: torch.Tensor) -> torch.Te
     return total - before.cummax(-1).values
 
 
-__all__ = ["block_attention", "block_ids", "causal_mask", "document_mask", "document_starts", "per_document_cumsum", "sliding_window",
+__all__ = ["block_attention", "block_ids", "causal_mask", "document_mask", "document_starts", "per_document_cumsum",
+           "sliding_window",
            "with_blocks", "with_prompt"]

@@ -200,7 +200,7 @@ class UnifiedObjective(LMObjective):
         t0 = time.perf_counter()
         self.code_pairs = t2i_pairs(self.pair_rows, processor, model, str(self.pairs_path), self.run.progress)
         self.val_pairs = t2i_pairs(self.val_pair_rows, processor, model, "val pairs") if self.val_pair_rows else None
-        self.run.log(f"  image codes of {len(self.code_pairs):,} pairs in {time.perf_counter() - t0:.1f} s")
+        self.run.log(f"  {len(self.code_pairs):,} text-to-image pairs prepared in {time.perf_counter() - t0:.1f} s")
         t = self.run.recipe.train
         self.mixed = MixedDataset(self.train_ds, self.code_pairs, t.seed, self.stage_cfg.cond_dropout)
         self.batches = LocalBatches(self.mixed, self.run.recipe, self.run.info, self.run.state)

@@ -10,7 +10,8 @@ against it unchanged:
 - ``POST /v1/embeddings`` (dual encoders): texts, and images given as base64 ``data:image/...`` URLs.
 - ``POST /v1/images/generations`` (models that draw: ``Pipeline.can_generate_images``): OpenAI's images request
   (``prompt``, ``n``, ``size``, ``response_format`` b64_json; vlmkit's ``seed``, ``cfg_scale``, ``temperature``,
-  ``top_k``, ``steps`` as extra fields), answered with base64 PNGs. A model that both reads and draws answers both APIs.
+  ``top_k``, ``steps`` as extra fields), answered with base64 PNGs. A model that both reads and draws answers both
+  APIs.
 - ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format), ``GET /`` (the chat page).
 
 Bodies are parsed and checked in :mod:`vlmkit.serve.parsing`, field by field, rather than by pydantic
