@@ -22,6 +22,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
                 "--set", "train.batch_size=8", "--limit", "2"], {"janus", "train_seconds"}),
     ("vae.py", ["--n", "40", "--steps", "2", "--images", "4", "--set", "data.val_samples=4", "--set",
                 "train.batch_size=8"], {"val_psnr", "scaling_factor", "exact_inverse_std", "judge_agreement"}),
+    ("generation.py", ["--n", "40", "--pairs", "32", "--steps", "2", "--set", "train.batch_size=8", "--set",
+                       "data.val_samples=4", "--limit", "2"], {"models", "parts"}),
 ])
 def test_a_bench_script_prints_its_json_line(script, args, keys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
