@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from vlmkit.batch import IGNORE, Batch, MediaInputs
 from vlmkit.checkpoint import write_model_files
+from vlmkit.config import LanguageConfig
 from vlmkit.data.collate import Item, collate, collate_packed
 from vlmkit.diffusion.embed import patchify
 from vlmkit.errors import ConfigError
@@ -291,3 +292,5 @@ def test_refusals(vae_folder, tmp_path):
         TransfusionConfig(gen=TransfusionGenConfig(timesteps="cosine"))
     with pytest.raises(ConfigError, match="model.eoi_token_id must be a token id"):
         TransfusionConfig(eoi_token_id=10**6)
+    with pytest.raises(ConfigError, match="model.lm.width must be a multiple of 4"):
+        TransfusionConfig(lm=LanguageConfig(width=130, heads=2, kv_heads=2))

@@ -50,9 +50,10 @@ from vlmkit.diffusion.flow import add_noise, velocity_target
 from vlmkit.errors import ConfigError
 from vlmkit.fusion.splice import splice_image_features
 from vlmkit.lm.decoder import DecoderLM
+from vlmkit.models.init import init_lm_from_scratch
 from vlmkit.models.vae import VAEConfig, VAEModel, build_vae
 from vlmkit.models.vlm import GenerativeModel
-from vlmkit.nn import KVCache, block_attention, init_linear_
+from vlmkit.nn import KVCache, block_attention, init_linear_, sincos_2d
 
 MAX_STEPS = 1000  # ImageGenerationConfig's bound on gen.steps
 
@@ -91,6 +92,9 @@ class TransfusionConfig(ModelConfig):
         if h % g.patch_size or w % g.patch_size:
             raise ConfigError(f"model.gen.patch_size {g.patch_size} does not divide the VAE's {h}x{w} latent grid; "
                               f"give a divisor of {h} and {w} (e.g. 1, 2 or 4 for 16x16)")
+        if self.lm.width % 4:
+            raise ConfigError(f"model.lm.width must be a multiple of 4 (the patches' 2-D sin-cos positions give a "
+                              f"quarter of it to each of row sin/cos and column sin/cos), got {self.lm.width}")
         if not 1 <= g.steps <= MAX_STEPS:
             raise ConfigError(f"model.gen.steps must be in 1..{MAX_STEPS} (the default Euler steps), got {g.steps}")
         if g.timesteps not in TIMESTEP_KINDS:
@@ -106,18 +110,6 @@ class TransfusionConfig(ModelConfig):
         return h // self.gen.patch_size, w // self.gen.patch_size
 
 
-def sincos_2d(gh: int, gw: int, dim: int) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos positions [gh * gw, dim] (row-major): half the width for the row, half for the
-    column, each cos/sin at geometric frequencies (dim padded with zeros when not a multiple of 4)."""
-    q = dim // 4
-    freqs = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / max(q, 1))
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32),
-                                indexing="ij")
-    parts = [f(x.reshape(-1, 1) * freqs) for x in (rows, cols) for f in (torch.sin, torch.cos)]
-    emb = torch.cat(parts, dim=1)
-    return F.pad(emb, (0, dim - emb.shape[1]))
-
-
 class TransfusionModel(GenerativeModel):
     """Text tokens and latent patches in one DecoderLM (module docstring)."""
 
@@ -130,7 +122,7 @@ class TransfusionModel(GenerativeModel):
         self.patch_in = nn.Linear(values, width)
         self.t_embed = TimestepEmbedding(width)
         self.patch_out = nn.Linear(width, values)
-        self.register_buffer("patch_pos", sincos_2d(*cfg.patch_grid, width), persistent=False)
+        self.register_buffer("patch_pos", sincos_2d(*cfg.patch_grid, width), persistent=False)  # MAE's 2-D sin-cos
         self.boi_token_id, self.eoi_token_id = cfg.boi_token_id, cfg.eoi_token_id
 
     # ------------------------------------------------------------------ shapes
@@ -261,17 +253,12 @@ def build_transfusion(cfg: TransfusionConfig, image_token_id: int | None, init: 
     model = TransfusionModel(cfg, build_vae(cfg.gen.vae, init), DecoderLM(cfg.lm), image_token_id)
     if init and not any(p.is_meta for p in model.parameters()):
         with torch.no_grad():
-            init_linear_(model.lm)
+            init_lm_from_scratch(model.lm, cfg.lm)
             init_linear_(model.patch_in)
             init_linear_(model.t_embed)
-            if cfg.lm.head_init_std is not None:
-                nn.init.normal_(model.lm.lm_head.weight, std=cfg.lm.head_init_std)
-            for block in model.lm.layers:
-                for lin in block.residual_outputs():
-                    lin.weight.mul_((2 * cfg.lm.depth) ** -0.5)
             nn.init.zeros_(model.patch_out.weight)
             nn.init.zeros_(model.patch_out.bias)
     return model
 
 
-__all__ = ["TransfusionConfig", "TransfusionGenConfig", "TransfusionModel", "build_transfusion", "sincos_2d"]
+__all__ = ["TransfusionConfig", "TransfusionGenConfig", "TransfusionModel", "build_transfusion"]
