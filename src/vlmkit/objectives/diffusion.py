@@ -44,7 +44,7 @@ from vlmkit.train.precision import autocast
 from vlmkit.train.stream import BatchStream
 
 
-class LatentPairs:
+class EncodedPairs:
     """Pairs as the frozen parts see them: latents [N, C, h, w], text states [N, S, D], mask [N, S], pooled
     [N, E] (module docstring)."""
 
@@ -93,7 +93,7 @@ def draws(seed: int, step: int, n: int, shape, cond_dropout: float, kind: str = 
 
 
 @torch.no_grad()
-def validation_loss(model, pairs: LatentPairs, t: torch.Tensor, noise: torch.Tensor, batch_size: int = 64) -> float:
+def validation_loss(model, pairs: EncodedPairs, t: torch.Tensor, noise: torch.Tensor, batch_size: int = 64) -> float:
     """The mean flow loss over ``pairs`` at fixed ``t`` and ``noise``, conditional texts, the model in eval mode."""
     training = model.training
     model.eval()
@@ -135,8 +135,8 @@ class DiffusionObjective(Objective):
                               f"family is not one (train it with: {', '.join(processor.family.objectives)})")
         recipe, t0 = self.run.recipe, time.perf_counter()
         self.model_cfg = model.cfg
-        self.pairs = LatentPairs(self.pair_rows, processor, model, str(self.pairs_path), self.run.progress)
-        self.val = LatentPairs(self.val_rows, processor, model, "val pairs") if self.val_rows else None
+        self.pairs = EncodedPairs(self.pair_rows, processor, model, str(self.pairs_path), self.run.progress)
+        self.val = EncodedPairs(self.val_rows, processor, model, "val pairs") if self.val_rows else None
         self.run.log(f"  latents and text states of {len(self.pairs):,} pairs in {time.perf_counter() - t0:.1f} s")
         if recipe.train.batch_size > len(self.pairs):
             raise ConfigError(f"train.batch_size {recipe.train.batch_size} is larger than the {len(self.pairs)} "
@@ -182,4 +182,4 @@ class DiffusionObjective(Objective):
         return {"diffusion_position": self.stream.position}
 
 
-__all__ = ["DiffusionObjective", "LatentPairs", "draws", "validation_loss"]
+__all__ = ["DiffusionObjective", "EncodedPairs", "draws", "validation_loss"]
