@@ -165,6 +165,16 @@ def draw_autoregressive(model, cond: list[int], uncond: list[int], gen: ImageGen
     return model.decode_codes(generate_codes(model, cond, uncond, gen, model.image_grid, progress))
 
 
+def check_ode_sampling(gen: ImageGenerationConfig, family: str) -> None:
+    """Refuse ``temperature`` and ``top_k`` for a family that draws by integrating a flow ODE (Transfusion, latent
+    diffusion): they mean nothing to deterministic Euler steps from the seed's noise, and a user who set them would
+    believe they changed the images."""
+    if gen.temperature != 1.0 or gen.top_k != 0:
+        raise ConfigError(f"temperature and top_k do not apply to {family}'s sampler (deterministic Euler steps "
+                          f"of the flow ODE from the seed's noise); leave them at 1.0 and 0, got {gen.temperature} "
+                          f"and {gen.top_k} (steps, cfg_scale and seed are what it reads)")
+
+
 def to_images(pixels: torch.Tensor) -> list:
     """VQ decoder outputs [n, 3, H, W] in [-1, 1] (VQGAN's convention, which Janus, Emu3 and vlmkit's VQ keep) ->
     PIL images."""
@@ -174,6 +184,6 @@ def to_images(pixels: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-__all__ = ["ImageGenerationConfig", "check_codes", "columns_of", "draw_autoregressive", "generate_codes",
+__all__ = ["ImageGenerationConfig", "check_codes", "check_ode_sampling", "columns_of", "draw_autoregressive", "generate_codes",
            "image_code_logprobs", "image_tokens",
            "sample_top_k", "to_images"]

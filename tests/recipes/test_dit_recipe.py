@@ -104,6 +104,8 @@ def test_checkpoint_draws_seeded_images_and_does_not_chat(trained, shapes):
     assert np.asarray(images[0]).tobytes() != np.asarray(images[1]).tobytes()
     with pytest.raises(DataError, match="does not generate text: it draws images from text"):
         pipe.chat(images[0], "What colour is the circle?")
+    with pytest.raises(ConfigError, match="temperature and top_k do not apply to ldm's sampler"):
+        pipe.generate_image(PROMPT, temperature=0.7)
     vae = vlmkit.load(shapes[1])
     some = sorted((shapes[0] / "t2i_train").glob("*.png"))[:3]
     assert torch.equal(pipe.encode_latents(some), vae.encode_latents(some))  # its VAE is the checkpoint's

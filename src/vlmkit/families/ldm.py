@@ -17,7 +17,7 @@ Decisions in the family interface's terms:
 - drawing (:meth:`LDM.draw_images`): Euler steps of the flow ODE from noise (flow.euler_sample; ``gen.steps``, 0:
   ``model.steps``, 20), the conditional and unconditional texts as one batch for classifier-free guidance
   (``gen.cfg_scale``), noise from ``gen.seed``; the latents decoded by the VAE. ``temperature`` and ``top_k`` have
-  no meaning for an ODE sampler and are ignored;
+  no meaning for an ODE sampler and are refused (as Transfusion's);
 - no Hugging Face mapping (``hf=None``).
 """
 
@@ -140,7 +140,9 @@ class LDM(Family):
         """Pixels [n, 3, H, W] in [-1, 1]: Euler steps of the flow ODE, guided, decoded by the VAE (module
         docstring)."""
         from vlmkit.diffusion.flow import euler_sample
+        from vlmkit.image_generation import check_ode_sampling
 
+        check_ode_sampling(gen, "ldm")
         steps = gen.steps or model.default_steps
         if not 1 <= steps <= MAX_STEPS:
             raise ConfigError(f"steps must be in 0..{MAX_STEPS} (0: this model's default {model.default_steps} "

@@ -110,8 +110,9 @@ class Transfusion(Family):
         decoder (module docstring)."""
         from vlmkit.diffusion.embed import unpatchify
         from vlmkit.diffusion.flow import euler_sample
+        from vlmkit.image_generation import check_ode_sampling
 
-        check_sampling(gen)
+        check_ode_sampling(gen, "transfusion")
         steps = gen.steps or model.default_steps
         guided = gen.cfg_scale != 1.0
         batch = block_batch(model, [cond] * gen.n + ([uncond] * gen.n if guided else []))
@@ -133,14 +134,6 @@ class Transfusion(Family):
         return f"{gh * gw} ({gh}x{gw} patches of {h}x{w}x{c} latents) + 2"
 
 
-def check_sampling(gen) -> None:
-    """Refuse the options an ODE sampler has no use for (module docstring) and steps beyond the bound."""
-    if gen.temperature != 1.0 or gen.top_k != 0:
-        raise ConfigError(f"temperature and top_k do not apply to transfusion's sampler (deterministic Euler steps "
-                          f"of the flow ODE from the seed's noise); leave them at 1.0 and 0, got {gen.temperature} "
-                          f"and {gen.top_k} (steps, cfg_scale and seed are what it reads)")
-
-
 def block_batch(model, prompts: list[list[int]]) -> Batch:
     """``prompt + N placeholders + <|eoi|>`` for each prompt, left-padded into one batch."""
     from vlmkit.generation import left_pad
@@ -151,4 +144,4 @@ def block_batch(model, prompts: list[list[int]]) -> Batch:
     return Batch(ids.to(device), attention_mask=attn.to(device))
 
 
-__all__ = ["Transfusion", "block_batch", "check_sampling"]
+__all__ = ["Transfusion", "block_batch"]
