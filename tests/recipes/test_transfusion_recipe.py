@@ -7,19 +7,16 @@ the noise are drawn per sample and step from the run's seed)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import assert_api_images_equal_pipelines, images_api, quiet, t2i_shapes
 from safetensors.torch import load_file
 
 import vlmkit
-from vlmkit.data.shapes import generate_shapes
 from vlmkit.errors import ConfigError
-from vlmkit.eval.judge.pairs import write_t2i_pairs
 from vlmkit.train.loop import train
 from vlmkit.train.recipe import load_recipe, override_recipe
 
@@ -31,23 +28,13 @@ TINY = ["data.val_samples=16", "train.log_every=1", "train.eval_every=1000", "tr
         "stages.1.cond_dropout=0.3"]
 
 
-def quiet(fn, *args, **kw):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures come before the function-scoped single_thread
-    try:
-        return fn(*args, **kw, progress=False, log=lambda m: None)
-    finally:
-        torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """40 ShapesWorld scenes at 64 px with 160 text-to-image training pairs and 16 held-out ones, and a VAE trained
     for a few steps on them (its latents need not be good: the flow loss is measured on whatever they are)."""
     out = tmp_path_factory.mktemp("data") / "shapes"
-    generate_shapes(out, n=40, seed=3, size=64, progress=False)
-    write_t2i_pairs(out, 160, seed=3)
-    write_t2i_pairs(out, 16, seed=3, split="val")
+    t2i_shapes(out, n=40, pairs=160)
     vae = quiet(train, override_recipe(load_recipe("tiny-vae"), [
         f"data.path={out}", "stages.0.steps=8", "train.batch_size=16", "train.eval_every=1000",
         "train.save_every=1000", "data.val_samples=8"]), out.parent / "vae")
@@ -124,33 +111,15 @@ def test_checkpoint_draws_seeded_images_and_reads_them(trained, shapes):
 
 
 def test_it_serves_through_the_images_api_and_chats(trained):
-    openai = pytest.importorskip("openai", reason="the API test uses the official openai client (test extra)")
-    pytest.importorskip("fastapi", reason="the API test needs the serve extra")
-    from PIL import Image
-    from starlette.testclient import TestClient
-
-    from vlmkit.serve.api import create_app
-    from vlmkit.serve.engine import Engine
-
     res, _ = trained
-    engine = Engine(vlmkit.load(res.checkpoint), max_new_tokens=8)
-    engine.start()
-    try:
-        with TestClient(create_app(engine, api_key="k", request_timeout=60)) as http:
-            client = openai.OpenAI(base_url="http://testserver/v1", api_key="k", http_client=http, max_retries=0)
-            out = client.images.generate(model="tiny-transfusion", prompt=PROMPT, n=2, response_format="b64_json",
-                                         extra_body={"seed": 3, "steps": 4, "cfg_scale": 2.0})
-            want = vlmkit.load(res.checkpoint).generate_image(PROMPT, n=2, seed=3, steps=4, cfg_scale=2.0)
-            for got, ref in zip(out.data, want):
-                image = Image.open(io.BytesIO(base64.b64decode(got.b64_json))).convert("RGB")
-                assert image.size == (64, 64) and np.array_equal(np.asarray(image), np.asarray(ref))
-            with pytest.raises(openai.BadRequestError, match="temperature and top_k do not apply"):
-                client.images.generate(prompt=PROMPT, extra_body={"temperature": 0.5, "steps": 2})
-            answer = client.chat.completions.create(model="tiny-transfusion", max_tokens=4, temperature=0,
-                                                    messages=[{"role": "user", "content": "what colour"}])
-            assert answer.choices[0].finish_reason in ("stop", "length")
-    finally:
-        engine.stop()
+    with images_api(res.checkpoint) as (openai, client):
+        assert_api_images_equal_pipelines(client, "tiny-transfusion", res.checkpoint, PROMPT, seed=3, steps=4,
+                                          cfg_scale=2.0)
+        with pytest.raises(openai.BadRequestError, match="temperature and top_k do not apply"):
+            client.images.generate(prompt=PROMPT, extra_body={"temperature": 0.5, "steps": 2})
+        answer = client.chat.completions.create(model="tiny-transfusion", max_tokens=4, temperature=0,
+                                                messages=[{"role": "user", "content": "what colour"}])
+        assert answer.choices[0].finish_reason in ("stop", "length")
 
 
 def test_the_judge_runs_on_it(trained, shapes, tmp_path):

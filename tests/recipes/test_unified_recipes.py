@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import quiet, t2i_shapes
 from safetensors.torch import load_file
 
 import vlmkit
-from vlmkit.data.shapes import generate_shapes
 from vlmkit.errors import ConfigError
-from vlmkit.eval.judge.pairs import write_t2i_pairs
 from vlmkit.train.loop import train
 from vlmkit.train.recipe import load_recipe, override_recipe
 
@@ -50,23 +49,13 @@ EARLY = [JANUS, CHAMELEON]
 UNI = f"stages.{JANUS.stage}"  # tiny-janus's unified stage
 
 
-def quiet(fn, *args, **kw):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures come before the function-scoped single_thread
-    try:
-        return fn(*args, **kw, progress=False, log=lambda m: None)
-    finally:
-        torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """60 ShapesWorld scenes at 64 px with 240 text-to-image training pairs and 16 held-out ones, and a VQ
     tokenizer trained for a few steps on them."""
     out = tmp_path_factory.mktemp("data") / "shapes"
-    generate_shapes(out, n=60, seed=3, size=64, progress=False)
-    write_t2i_pairs(out, 240, seed=3)
-    write_t2i_pairs(out, 16, seed=3, split="val")
+    t2i_shapes(out, n=60, pairs=240)
     vq = quiet(train, override_recipe(load_recipe("tiny-vq"), [
         f"data.path={out}", "stages.0.steps=12", "train.batch_size=16", "train.eval_every=1000",
         "train.save_every=1000", "data.val_samples=8", "model.recon_loss=l1"]), out.parent / "vq")
