@@ -36,10 +36,13 @@ class LatentPairs:
     """Text-to-image samples whose images a latent-diffusion LM writes (module docstring)."""
 
     def __init__(self, pairs, processor, model, where: str, progress: bool = False, batch_size: int = 128):
+        from tqdm.auto import tqdm
+
         self.pairs, grid = pairs, model.image_grid
         paths = sorted({p.image for p in pairs})
         pixels: dict[Path, torch.Tensor] = {}
-        for start in range(0, len(paths), batch_size):
+        for start in tqdm(range(0, len(paths), batch_size), desc="pair images", unit="batch", disable=not progress,
+                          dynamic_ncols=True):
             chunk = paths[start:start + batch_size]
             pixels.update(zip(chunk, processor.prepare_images(chunk, where).pixel_values))
         self.pixels = [pixels[p.image] for p in pairs]
